@@ -1,0 +1,32 @@
+# Everything runs from the repository's own virtual environment (.venv), created on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODEL ?= models/zoo/mnist-fcn-dr
+PYTEST_ARGS ?=
+
+.PHONY: install run test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	# torchattacks pins an old `requests`; it is a test-only cross-check, so install it without deps.
+	$(PY) -m pip install -q --no-deps torchattacks
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m service --model $(MODEL)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/purifier.py --json benchmarks/results/purifier.json
+	$(PY) benchmarks/service_load.py --json benchmarks/results/service_load.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache

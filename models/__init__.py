@@ -1,0 +1,16 @@
+"""SOAP core: networks, self-supervised tasks, the purifier and the checkpoint format.
+
+This package must not import `training` or `service`.
+"""
+
+from .checkpoint import CheckpointError, CheckpointMeta, LoadedModel, load_checkpoint, save_checkpoint
+from .networks import SoapNetwork
+from .purifier import MODES, PurifierConfig, PurifyResult, oracle_select, purify, purify_naive
+from .registry import ModelSpec, create_model, get_spec, list_models, register_model
+from .tasks import aux_loss, training_losses
+
+__all__ = [
+    "CheckpointError", "CheckpointMeta", "LoadedModel", "load_checkpoint", "save_checkpoint",
+    "SoapNetwork", "MODES", "PurifierConfig", "PurifyResult", "oracle_select", "purify", "purify_naive",
+    "ModelSpec", "create_model", "get_spec", "list_models", "register_model", "aux_loss", "training_losses",
+]

@@ -1,0 +1,224 @@
+"""Checkpoint format: a folder with `model.safetensors` (weights) and `model.json` (metadata).
+
+Loading never unpickles anything: weights are safetensors, metadata is JSON validated by pydantic.
+Every way a checkpoint can be wrong raises `CheckpointError` with a message naming the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .networks import SoapNetwork
+from .purifier import PurifierConfig
+from .registry import create_model, get_spec
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or inconsistent with its metadata."""
+
+
+class Normalization(BaseModel):
+    mean: list[float]
+    std: list[float]
+
+
+class PurifierSettings(BaseModel):
+    step_size: float = Field(gt=0)
+    steps: int = Field(ge=1)
+    budget_step: float = Field(ge=0)
+    num_budgets: int = Field(ge=1)
+
+    def config(self) -> PurifierConfig:
+        return PurifierConfig(**self.model_dump())
+
+    @classmethod
+    def of(cls, config: PurifierConfig) -> PurifierSettings:
+        return cls(step_size=config.step_size, steps=config.steps, budget_step=config.budget_step, num_budgets=config.num_budgets)
+
+
+class Calibration(BaseModel):
+    """Test-time auxiliary loss on clean held-out images: quantiles (keys like "0.99") and the mean per budget."""
+
+    n: int
+    aux_loss_quantiles: dict[str, float]
+    mean_aux_loss_per_budget: list[float] = []
+    suspicious_quantile: str = "0.99"
+
+    @property
+    def suspicious_threshold(self) -> float:
+        return self.aux_loss_quantiles[self.suspicious_quantile]
+
+
+class CheckpointMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    network: str
+    dataset: str
+    class_names: list[str]
+    input_shape: list[int] = Field(min_length=3, max_length=3)
+    normalization: Normalization
+    aux_task: str
+    purifier: PurifierSettings
+    training: dict[str, Any] = {}
+    metrics: dict[str, float] = {}
+    calibration: Calibration | None = None
+    weights_sha256: str = ""
+
+
+@dataclass
+class LoadedModel:
+    """A network in eval mode with its metadata and where it came from."""
+
+    network: SoapNetwork
+    meta: CheckpointMeta
+    path: Path
+
+    @property
+    def purifier(self) -> PurifierConfig:
+        return self.meta.purifier.config()
+
+
+def meta_for(model: SoapNetwork, network: str, dataset: str, class_names: list[str], **fields: Any) -> CheckpointMeta:
+    """Metadata describing `model` (built from registry entry `network`); purifier defaults from the registry."""
+    fields.setdefault("purifier", PurifierSettings.of(get_spec(network).purifier))
+    return CheckpointMeta(
+        network=network,
+        dataset=dataset,
+        class_names=class_names,
+        input_shape=list(model.input_shape),
+        normalization=Normalization(mean=model.mean.flatten().tolist(), std=model.std.flatten().tolist()),
+        aux_task=model.aux_task,
+        **fields,
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(model: SoapNetwork, meta: CheckpointMeta, directory: str | Path) -> Path:
+    """Write weights and metadata (with the weights' sha256) into `directory`; returns it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = directory / WEIGHTS_FILE
+    tmp = weights.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "network": meta.network})
+    tmp.replace(weights)
+    meta = meta.model_copy(update={"weights_sha256": _sha256(weights)})
+    (directory / META_FILE).write_text(json.dumps(meta.model_dump(mode="json"), indent=2) + "\n")
+    return directory
+
+
+def _resolve(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_file() and path.name in (WEIGHTS_FILE, META_FILE):
+        path = path.parent
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint at {path}: expected a folder holding {WEIGHTS_FILE} and {META_FILE}")
+    for name in (WEIGHTS_FILE, META_FILE):
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path} has no {name}")
+    return path
+
+
+def read_meta(path: str | Path) -> CheckpointMeta:
+    """Parse and validate a checkpoint's metadata without touching the weights."""
+    directory = _resolve(path)
+    try:
+        raw = json.loads((directory / META_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{directory / META_FILE} is not valid JSON: {exc}") from None
+    try:
+        meta = CheckpointMeta.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise CheckpointError(f"{directory / META_FILE} has invalid metadata: {problems}") from None
+    if meta.format_version != FORMAT_VERSION:
+        raise CheckpointError(f"{directory} has format version {meta.format_version}; this build reads {FORMAT_VERSION}")
+    return meta
+
+
+def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights} is corrupt or truncated: {exc}") from None
+
+
+def build_network(meta: CheckpointMeta) -> SoapNetwork:
+    """A randomly initialised network shaped as the metadata describes."""
+    try:
+        spec = get_spec(meta.network)
+    except KeyError as exc:
+        raise CheckpointError(str(exc.args[0])) from None
+    if meta.aux_task != spec.aux_task:
+        raise CheckpointError(f"metadata says task {meta.aux_task!r} but network {meta.network!r} uses {spec.aux_task!r}")
+    try:
+        return create_model(
+            meta.network,
+            num_classes=len(meta.class_names),
+            input_shape=tuple(meta.input_shape),
+            mean=tuple(meta.normalization.mean),
+            std=tuple(meta.normalization.std),
+        )
+    except (ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot build {meta.network!r} from its metadata: {exc}") from None
+
+
+def check_state_dict(network: SoapNetwork, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError naming missing or unexpected tensors and shape mismatches."""
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if extra:
+            parts.append(f"unexpected tensors {extra[:8]}{' ...' if len(extra) > 8 else ''}")
+        raise CheckpointError(f"{source} does not match the network: {'; '.join(parts)}")
+    wrong = [f"{k}: file {tuple(tensors[k].shape)} vs network {tuple(v.shape)}" for k, v in expected.items() if tensors[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"{source} has tensors of the wrong shape: {'; '.join(wrong[:8])}")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify_hash: bool = True) -> LoadedModel:
+    """Load a checkpoint folder (or the path of either of its files) onto `device`, in eval mode."""
+    directory = _resolve(path)
+    meta = read_meta(directory)
+    weights = directory / WEIGHTS_FILE
+    if verify_hash and meta.weights_sha256 and _sha256(weights) != meta.weights_sha256:
+        raise CheckpointError(f"{weights} does not match the sha256 recorded in {META_FILE}: the weights were changed or damaged")
+    tensors = _read_tensors(weights)
+    network = build_network(meta)
+    check_state_dict(network, tensors, str(weights))
+    saved_mean, saved_std = tensors["mean"].flatten().tolist(), tensors["std"].flatten().tolist()
+    if not (_close(saved_mean, meta.normalization.mean) and _close(saved_std, meta.normalization.std)):
+        raise CheckpointError(f"normalisation in {META_FILE} {meta.normalization} differs from the weights' buffers")
+    network.load_state_dict(tensors)
+    network.requires_grad_(False)
+    return LoadedModel(network.to(device).eval(), meta, directory)
+
+
+def _close(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= 1e-6 for x, y in zip(a, b))

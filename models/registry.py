@@ -1,0 +1,95 @@
+"""Model registry: one place that maps a network name to its architecture and defaults.
+
+Modelled on timm: `@register_model` adds a builder, `create_model(name)` builds it. No other module
+switches on architecture strings; everything else reads the `ModelSpec`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .networks import SoapNetwork, cnn_dr, fcn_dr, resnet18_thin, wrn28_10
+from .purifier import PurifierConfig
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+MNIST_MEAN, MNIST_STD = (0.0,), (1.0,)
+
+MNIST_PURIFIER = PurifierConfig(step_size=0.1, steps=5, budget_step=0.05, num_budgets=11)
+CIFAR_PURIFIER = PurifierConfig(step_size=4 / 255, steps=5, budget_step=4 / 255, num_budgets=11)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build a network and the defaults that go with it."""
+
+    name: str
+    builder: Callable[..., SoapNetwork]
+    dataset: str
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    aux_task: str
+    purifier: PurifierConfig
+    builder_kwargs: dict = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown network {name!r}; known networks: {', '.join(list_models())}") from None
+
+
+def create_model(
+    name: str,
+    num_classes: int | None = None,
+    input_shape: tuple[int, int, int] | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+) -> SoapNetwork:
+    """Build network `name` with random weights; any default of its spec can be overridden."""
+    spec = get_spec(name)
+    shape = tuple(input_shape or spec.input_shape)
+    channels = shape[0]
+    if mean is None:
+        mean = spec.mean if len(spec.mean) == channels else (0.0,) * channels
+    if std is None:
+        std = spec.std if len(spec.std) == channels else (1.0,) * channels
+    return spec.builder(
+        num_classes=num_classes or spec.num_classes, input_shape=shape, mean=mean, std=std, **spec.builder_kwargs
+    )
+
+
+def _register_defaults() -> None:
+    for arch, builder in (("fcn-dr", fcn_dr), ("cnn-dr", cnn_dr)):
+        register_model(ModelSpec(
+            f"mnist-{arch}", builder, "mnist", 10, (1, 28, 28), MNIST_MEAN, MNIST_STD, "reconstruction", MNIST_PURIFIER,
+        ))
+    for dataset, classes, mean, std in (("cifar10", 10, CIFAR10_MEAN, CIFAR10_STD), ("cifar100", 100, CIFAR100_MEAN, CIFAR100_STD)):
+        for arch, builder in (("resnet18", resnet18_thin), ("wrn28", wrn28_10)):
+            for suffix, task in (("rp", "rotation"), ("lc", "label_consistency")):
+                register_model(ModelSpec(
+                    f"{dataset}-{arch}-{suffix}", builder, dataset, classes, (3, 32, 32), mean, std, task,
+                    CIFAR_PURIFIER, {"aux_task": task},
+                ))
+
+
+_register_defaults()
+

@@ -1,0 +1,32 @@
+"""`python -m training COMMAND ...`: train, evaluate, import-reference.
+
+Each command lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("training.train", "train a SOAP model or a baseline from a preset"),
+    "evaluate": ("training.evaluate", "attack and evaluate a checkpoint; write tables and figures"),
+    "import-reference": ("training.import_reference", "convert the authors' checkpoint into our format"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        modules[name] = module
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    return modules[args.command].run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
