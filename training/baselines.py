@@ -1,0 +1,71 @@
+"""The objectives a training step minimises: SOAP's joint loss (paper Eq. 2) and the paper's baselines.
+
+- soap:    L_cls + α·L_aux of the network's own self-supervised task (models.training_losses).
+- vanilla: cross-entropy only (no defence).
+- fgsm-at: ½·CE(x) + ½·CE(FGSM(x)) (Goodfellow et al.'s mix of clean and adversarial examples).
+- pgd-at:  CE(PGD(x)) with a random start (Madry et al.); MNIST ε 0.3, 40 steps of 0.01; CIFAR ε 8/255, 7 of 2/255.
+
+Adversarial examples are generated with the network in eval mode (BatchNorm statistics and dropout must not
+see the attack's probing forwards) and with the attacks of `training.attacks`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from models import SoapNetwork, training_losses
+
+from .presets import TrainConfig
+
+
+@dataclass
+class StepLosses:
+    """Batch-mean losses of one step; `logits` are on the images whose accuracy is reported."""
+
+    total: torch.Tensor
+    cls_loss: torch.Tensor
+    aux_loss: torch.Tensor
+    logits: torch.Tensor
+
+
+def adversarial_inputs(model: SoapNetwork, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """The attack of the recipe on the current weights (eval mode); `x` itself for soap/vanilla."""
+    if config.recipe not in ("fgsm-at", "pgd-at"):
+        return x
+    from .attacks import fgsm, pgd
+
+    was_training = model.training
+    model.eval()
+    try:
+        if config.recipe == "fgsm-at":
+            x_adv = fgsm(model, x, y, config.attack_eps)
+        else:
+            x_adv = pgd(model, x, y, config.attack_eps, config.attack_step_size, config.attack_steps, random_start=True)
+    finally:
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    return x_adv.detach()
+
+
+def step_losses(model: SoapNetwork, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> StepLosses:
+    """The recipe's loss on a batch (`x_adv` from `adversarial_inputs`)."""
+    zero = x.new_zeros(())
+    if config.recipe == "soap":
+        losses = training_losses(model, x, y)
+        return StepLosses(losses.cls_loss + config.alpha * losses.aux_loss, losses.cls_loss, losses.aux_loss, losses.logits)
+    if config.recipe == "vanilla":
+        logits = model(x)
+        cls = F.cross_entropy(logits, y)
+        return StepLosses(cls, cls, zero, logits)
+    if config.recipe == "fgsm-at":
+        logits = model(torch.cat([x, x_adv]))
+        cls = 0.5 * F.cross_entropy(logits[: len(x)], y) + 0.5 * F.cross_entropy(logits[len(x):], y)
+        return StepLosses(cls, cls, zero, logits[len(x):])
+    if config.recipe == "pgd-at":
+        logits = model(x_adv)
+        cls = F.cross_entropy(logits, y)
+        return StepLosses(cls, cls, zero, logits)
+    raise ValueError(f"unknown recipe {config.recipe!r}")

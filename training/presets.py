@@ -1,0 +1,80 @@
+"""Named training presets with the paper's settings (soap-reference §2) as defaults.
+
+A preset is a `TrainConfig`; every field can be overridden from the command line. SOAP presets are named after
+their network (`mnist-fcn-dr`, `cifar10-resnet18-lc`, ...). Baseline presets apply a baseline recipe to the same
+backbone: `<dataset>-<arch>-{vanilla,fgsm-at,pgd-at}` (e.g. `cifar10-resnet18-pgd-at`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from models import get_spec, list_models
+
+RECIPES = ("soap", "vanilla", "fgsm-at", "pgd-at")
+ALPHA = {"reconstruction": 100.0, "rotation": 0.5, "label_consistency": 1.0}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run (the exact command is recorded next to it)."""
+
+    preset: str
+    network: str  # registry name (models.list_models())
+    dataset: str  # mnist | cifar10 | cifar100
+    recipe: str = "soap"  # soap | vanilla | fgsm-at | pgd-at
+    epochs: int = 100
+    lr: float = 0.01
+    lr_milestones: tuple[float, ...] = (0.5,)  # fractions of `epochs` where lr is divided by 10
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    alpha: float = 100.0  # weight of the auxiliary loss (paper Eq. 2)
+    crop_flip: bool = False  # random crop (pad 4) + horizontal flip of the training images
+    attack_eps: float = 0.3  # adversarial-training baselines
+    attack_step_size: float = 0.01
+    attack_steps: int = 40
+    seed: int = 0
+
+    def milestones(self) -> list[int]:
+        """Epoch indices where lr drops ÷10 (at least epoch 1, so short runs still follow the schedule's shape)."""
+        return sorted({max(1, round(f * self.epochs)) for f in self.lr_milestones if round(f * self.epochs) < self.epochs})
+
+
+def _soap_preset(network: str) -> TrainConfig:
+    spec = get_spec(network)
+    if spec.dataset == "mnist":
+        cnn = "cnn" in network
+        return TrainConfig(
+            preset=network, network=network, dataset="mnist", epochs=200 if cnn else 100, lr=0.1 if cnn else 0.01,
+            lr_milestones=(0.5,), alpha=ALPHA[spec.aux_task], attack_eps=0.3, attack_step_size=0.01, attack_steps=40,
+        )
+    return TrainConfig(
+        preset=network, network=network, dataset=spec.dataset, epochs=200, lr=0.1, lr_milestones=(0.5, 0.75),
+        alpha=ALPHA[spec.aux_task], crop_flip=spec.aux_task != "label_consistency",  # LC makes its own views
+        attack_eps=8 / 255, attack_step_size=2 / 255, attack_steps=7,
+    )
+
+
+def _baseline_presets() -> dict[str, TrainConfig]:
+    """Baselines on the SOAP backbones: the MNIST DR networks, and the CIFAR LC networks (no extra head)."""
+    out = {}
+    for network in list_models():
+        if network.endswith("-rp"):
+            continue
+        base = _soap_preset(network)
+        stem = network.removesuffix("-dr").removesuffix("-lc")
+        for recipe in RECIPES[1:]:
+            name = f"{stem}-{recipe}"
+            out[name] = replace(base, preset=name, recipe=recipe, crop_flip=base.dataset != "mnist")
+    return out
+
+
+PRESETS: dict[str, TrainConfig] = {name: _soap_preset(name) for name in list_models()} | _baseline_presets()
+
+
+def get_preset(name: str) -> TrainConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None

@@ -1,0 +1,234 @@
+"""`python -m training train --preset NAME`: joint SOAP training (paper Eq. 2) or a baseline, top to bottom.
+
+Per epoch: shuffle (seeded by seed and epoch), train with SGD, evaluate clean test accuracy, append a line to
+`metrics.jsonl`, write the checkpoint (core format) and the resumable state `train_state.pt`. At the end: the
+calibration block and MODEL_CARD.md. Every epoch re-seeds all randomness from (seed, epoch, rank), so
+`--resume` after an interruption ends with exactly the weights of an uninterrupted run on CPU.
+
+Several processes: `torchrun --nproc_per_node N -m training train ...` (DistributedDataParallel; NCCL on CUDA,
+Gloo on CPU). The global batch stays `--batch-size`; each process takes its share of every batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models import SoapNetwork, create_model, get_spec, save_checkpoint
+from models.checkpoint import meta_for
+
+from . import distributed, model_card, provenance
+from .baselines import adversarial_inputs, step_losses
+from .calibration import calibrate, clean_accuracy
+from .data import DatasetError, ImageData, load_splits, random_crop_flip
+from .presets import PRESETS, RECIPES, TrainConfig, get_preset
+
+STATE_FILE = "train_state.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+# ----------------------------------------------------------------------------- command line
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", required=True, help=f"one of: {', '.join(sorted(PRESETS))}")
+    parser.add_argument("--recipe", choices=RECIPES, help="override the preset's recipe (soap or a baseline)")
+    parser.add_argument("--epochs", type=int, help="override the preset's epochs (the lr schedule scales with it)")
+    parser.add_argument("--lr", type=float, help="override the initial learning rate")
+    parser.add_argument("--batch-size", type=int, help="global batch size (split over processes)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-root", help="dataset folder: torchvision layout, or an ImageFolder tree (train/ + test/, or one tree split 90/10)")
+    parser.add_argument("--download", action="store_true", help="let torchvision download MNIST/CIFAR into --data-root")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--out", help="output folder (default runs/<preset>)")
+    parser.add_argument("--resume", action="store_true", help="continue from --out/train_state.pt")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per process")
+    parser.add_argument("--max-steps-per-epoch", type=int, help="cap the steps of each epoch (smoke tests)")
+    parser.add_argument("--calibration-images", type=int, default=1000, help="images for the per-budget purification curve")
+    parser.add_argument("--no-calibration", action="store_true", help="skip the calibration block at the end")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    config = get_preset(args.preset)
+    overrides = {k: getattr(args, k) for k in ("recipe", "epochs", "lr", "batch_size") if getattr(args, k, None) is not None}
+    return replace(config, seed=args.seed, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        config = config_from_args(args)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    process = distributed.start(args.device)
+    try:
+        train(config, args, process)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.stop(process)
+    return 0
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def lr_at(config: TrainConfig, epoch: int) -> float:
+    """Step schedule: ÷10 at every milestone already passed."""
+    return config.lr * 0.1 ** sum(epoch >= m for m in config.milestones())
+
+
+def seed_epoch(config: TrainConfig, epoch: int, rank: int) -> tuple[torch.Generator, torch.Generator]:
+    """Re-seed everything for one epoch: (order generator shared by all ranks, augmentation generator of this rank).
+
+    The global RNG (training noise of the tasks, attacks' random starts) is seeded per (seed, epoch, rank) too.
+    """
+    torch.manual_seed(config.seed * 1_000_003 + epoch * 1009 + rank)
+    order = torch.Generator().manual_seed(config.seed * 7919 + epoch)
+    augment = torch.Generator().manual_seed(config.seed * 104_729 + epoch * 31 + rank)
+    return order, augment
+
+
+class Objective(nn.Module):
+    """The loss as a module, so DistributedDataParallel sees one forward per step."""
+
+    def __init__(self, network: SoapNetwork, config: TrainConfig) -> None:
+        super().__init__()
+        self.network, self.config = network, config
+
+    def forward(self, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor):
+        losses = step_losses(self.network, x, x_adv, y, self.config)
+        return losses.total, losses.cls_loss.detach(), losses.aux_loss.detach(), losses.logits.detach()
+
+
+def train_one_epoch(
+    objective: nn.Module, network: SoapNetwork, optimizer: torch.optim.Optimizer, data: ImageData, config: TrainConfig,
+    epoch: int, process: distributed.Process, max_steps: int | None,
+) -> dict[str, float]:
+    order, augment = seed_epoch(config, epoch, process.rank)
+    perm = torch.randperm(len(data), generator=order)
+    steps = len(data) // config.batch_size  # drop the last partial batch: every step has the same global batch
+    if steps == 0:
+        raise DatasetError(f"{len(data)} training images are fewer than one batch of {config.batch_size}; lower --batch-size")
+    steps = min(steps, max_steps or steps)
+    local_batch = config.batch_size // process.world_size
+    network.train()
+    totals = torch.zeros(5, dtype=torch.float64)  # loss, cls, aux, correct, seen
+    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not process.is_main,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+    for step in bar:
+        batch = perm[step * config.batch_size : (step + 1) * config.batch_size]
+        x, y = data.batch(batch[process.rank * local_batch : (process.rank + 1) * local_batch], process.device)
+        if config.crop_flip:
+            x = random_crop_flip(x, augment)
+        x_adv = adversarial_inputs(network, x, y, config)
+        loss, cls, aux, logits = objective(x, x_adv, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {step}; lower --lr")
+        n = len(y)
+        totals += torch.tensor([loss.item() * n, cls.item() * n, aux.item() * n, (logits.argmax(1) == y).sum().item(), n],
+                               dtype=torch.float64)
+        bar.set_postfix(loss=f"{totals[0] / totals[4]:.4f}", acc=f"{totals[3] / totals[4]:.3f}", aux=f"{totals[2] / totals[4]:.4f}", refresh=False)
+    bar.close()
+    totals = distributed.all_reduce_sum(totals, process)
+    seen = totals[4].item()
+    return {"train_loss": totals[0].item() / seen, "train_cls_loss": totals[1].item() / seen,
+            "train_aux_loss": totals[2].item() / seen, "train_acc": totals[3].item() / seen, "train_steps": steps}
+
+
+def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Process) -> Path:
+    out = Path(args.out or Path("runs") / config.preset)
+    if config.batch_size % process.world_size:
+        raise SystemExit(f"--batch-size {config.batch_size} is not divisible by {process.world_size} processes")
+    spec = get_spec(config.network)
+    splits = load_splits(config.dataset, args.data_root, spec.input_shape, download=args.download)
+
+    torch.manual_seed(config.seed)
+    network = create_model(config.network, num_classes=len(splits.train.class_names)).to(process.device)
+    optimizer = torch.optim.SGD(network.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    start_epoch, elapsed = 0, 0.0
+    state_file = out / STATE_FILE
+    if args.resume and state_file.is_file():
+        state = torch.load(state_file, map_location=process.device, weights_only=True)
+        if state["config"] != asdict(config):
+            raise SystemExit(f"{state_file} was written with a different configuration; resume with the same options")
+        network.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, elapsed = state["epoch"], state["elapsed_seconds"]
+        if process.is_main:
+            print(f"resuming {out} after epoch {start_epoch}", file=sys.stderr)
+    elif process.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / METRICS_FILE).unlink(missing_ok=True)
+
+    objective: nn.Module = Objective(network, config)
+    if process.distributed:
+        ids = [process.device.index] if process.device.type == "cuda" else None
+        objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids, find_unused_parameters=config.recipe != "soap")
+
+    record_base = _provenance(config, splits.source, process)
+    test_acc = float("nan")
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(config, epoch)
+        stats = train_one_epoch(objective, network, optimizer, splits.train, config, epoch, process, args.max_steps_per_epoch)
+        epoch_seconds = time.perf_counter() - t0
+        elapsed += epoch_seconds
+        if process.is_main:
+            test_acc = clean_accuracy(network, splits.test, process.device)
+            record = {"epoch": epoch + 1, "lr": lr_at(config, epoch), **stats, "test_acc": test_acc,
+                      "epoch_seconds": round(epoch_seconds, 2), "time_utc": provenance.now_utc()}
+            with (out / METRICS_FILE).open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(json.dumps(record), file=sys.stderr)
+            training = record_base | {"epochs": epoch + 1, "duration_seconds": round(elapsed, 1), "finished_utc": provenance.now_utc()}
+            _save(network, config, splits, out, training, {"clean_accuracy": test_acc, "test_images": len(splits.test)})
+            torch.save({"model": network.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                        "elapsed_seconds": elapsed, "config": asdict(config)}, state_file.with_suffix(".tmp"))
+            state_file.with_suffix(".tmp").replace(state_file)
+        distributed.barrier(process)
+
+    if process.is_main:
+        if math.isnan(test_acc):
+            test_acc = clean_accuracy(network, splits.test, process.device)
+        calibration = None
+        if not args.no_calibration:
+            calibration = calibrate(network, splits.test, spec.purifier, process.device, curve_images=args.calibration_images)
+        training = record_base | {"epochs": config.epochs, "duration_seconds": round(elapsed, 1), "finished_utc": provenance.now_utc(),
+                                 "calibration_curve_images": min(args.calibration_images, len(splits.test))}
+        meta = _save(network, config, splits, out, training, {"clean_accuracy": test_acc, "test_images": len(splits.test)}, calibration)
+        model_card.write(out, meta)
+        print(f"done: {out} clean test accuracy {100 * test_acc:.2f} %", file=sys.stderr)
+    return out
+
+
+# ----------------------------------------------------------------------------- records
+
+def _provenance(config: TrainConfig, data_source: str, process: distributed.Process) -> dict:
+    return {
+        "command": provenance.command("train", process), "preset": config.preset, "recipe": config.recipe, "epochs_planned": config.epochs,
+        "lr": config.lr, "lr_milestones": config.milestones(), "batch_size": config.batch_size, "alpha": config.alpha,
+        "seed": config.seed, "data": data_source, "world_size": process.world_size, "hardware": provenance.hardware(process),
+        "git_commit": provenance.git_commit(), "started_utc": provenance.now_utc(), "torch": torch.__version__, "config": asdict(config),
+    }
+
+
+def _save(network, config, splits, out, training, metrics, calibration=None):
+    meta = meta_for(network, network=config.network, dataset=config.dataset, class_names=splits.train.class_names,
+                    training=training, metrics=metrics, calibration=calibration)
+    save_checkpoint(network, meta, out)
+    return meta
