@@ -98,7 +98,7 @@ def random_view(x: torch.Tensor, noise_std: float = 0.1, min_scale: float = 0.75
     device, dtype = x.device, x.dtype
     scale = min_scale + (1 - min_scale) * torch.rand(b, device=device, dtype=dtype)
     flip = torch.where(torch.rand(b, device=device) < 0.5, -1.0, 1.0).to(dtype)
-    shift = (1 - scale) * (2 * torch.rand(b, 2, device=device, dtype=dtype) - 1)
+    shift = (1 - scale)[:, None] * (2 * torch.rand(b, 2, device=device, dtype=dtype) - 1)
     theta = torch.zeros(b, 2, 3, device=device, dtype=dtype)
     theta[:, 0, 0] = scale * flip
     theta[:, 1, 1] = scale
