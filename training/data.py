@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,7 +163,8 @@ def load_image_folder(root: str | Path, shape: tuple[int, int, int], use_cache: 
     images = np.empty((total, *shape), dtype=np.uint8)
     labels = np.empty(total, dtype=np.int64)
     i = 0
-    with tqdm(total=total, desc=f"decoding {root}", unit="img", leave=False, disable=total < 2000) as bar:
+    with tqdm(total=total, desc=f"decoding {root}", unit="img", leave=False, disable=total < 2000,
+              mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:
         for label, paths in enumerate(files):
             for p in paths:
                 images[i], labels[i] = _decode(p, shape), label
@@ -219,10 +221,12 @@ def load_splits(
 
 
 def load_test_data(dataset: str, root: str | Path, shape: tuple[int, int, int], download: bool = False) -> tuple[ImageData, str]:
-    """Only the test split (root/test ImageFolder, or torchvision's test set), without decoding the training set."""
+    """Only the test split (root/test or root itself as ImageFolder, or torchvision's test set); no training set decoded."""
     root = Path(root)
     if is_image_folder(root / "test"):
         return load_image_folder(root / "test", shape), f"ImageFolder {root}/test"
+    if is_image_folder(root):
+        return load_image_folder(root, shape), f"ImageFolder {root} (all images)"
     if dataset in ("mnist", "cifar10", "cifar100"):
         splits = _torchvision_splits(dataset, root, download, train_split=False)
         return splits.test, splits.source

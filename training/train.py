@@ -51,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output folder (default runs/<preset>)")
     parser.add_argument("--resume", action="store_true", help="continue from --out/train_state.pt")
     parser.add_argument("--threads", type=int, help="torch CPU threads per process")
+    parser.add_argument("--stop-after", type=int, metavar="N", help="stop after N epochs of this invocation (time-sliced jobs); continue with --resume")
     parser.add_argument("--max-steps-per-epoch", type=int, help="cap the steps of each epoch (smoke tests)")
     parser.add_argument("--calibration-images", type=int, default=1000, help="images for the per-budget purification curve")
     parser.add_argument("--no-calibration", action="store_true", help="skip the calibration block at the end")
@@ -181,7 +182,8 @@ def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Pr
 
     record_base = _provenance(config, splits.source, process)
     test_acc = float("nan")
-    for epoch in range(start_epoch, config.epochs):
+    last_epoch = min(config.epochs, start_epoch + args.stop_after) if args.stop_after else config.epochs
+    for epoch in range(start_epoch, last_epoch):
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(config, epoch)
@@ -202,6 +204,10 @@ def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Pr
             state_file.with_suffix(".tmp").replace(state_file)
         distributed.barrier(process)
 
+    if last_epoch < config.epochs:
+        if process.is_main:
+            print(f"stopped after epoch {last_epoch} of {config.epochs}; continue with --resume", file=sys.stderr)
+        return out
     if process.is_main:
         if math.isnan(test_acc):
             test_acc = clean_accuracy(network, splits.test, process.device)
