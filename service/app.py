@@ -1,0 +1,342 @@
+"""The FastAPI app: POST /classify as small steps (read -> decode -> batch -> predict -> encode), model info,
+health, readiness and Prometheus metrics.
+
+`create_app(settings)` loads every checkpoint onto the device (errors surface here, before serving), puts the
+ServiceRuntime on `app.state.runtime` (see service/runtime.py for what the demo page can use) and the settings on
+`app.state.settings`; the lifespan starts the batchers, which warm the models up; /readyz says 200 after that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from .auth import require_api_key
+from .batcher import ItemResult, QueueFull, ShuttingDown, WorkItem
+from .config import ServiceSettings
+from .decode import DecodeLimits, ImageRejected, decode_image, declared_pixels, encode_png
+from .errors import ServiceError, error_response, install_error_handlers
+from .ingest import ACCEPTED_TYPES, check_media_type, media_type, parse_upload, read_body
+from .metrics import ServiceMetrics
+from .predict import PurifyRequest
+from .runtime import ModelRuntime, ServiceRuntime
+from .schemas import (BatchingInfo, ClassifyJSON, ClassifyOptions, ClassifyResponse, ErrorResponse, Health,
+                      ModelInfo, ModelList, PurifierInfo)
+
+log = logging.getLogger("service.app")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Images up to this many pixels decode on the event loop (tens of microseconds); larger ones in a thread,
+# at most _DECODE_THREADS at once, which bounds the memory a burst of huge images can take.
+_INLINE_DECODE_PIXELS = 256 * 256
+_DECODE_THREADS = 4
+
+
+class RequestContext:
+    """Pure ASGI middleware: request id (X-Request-ID, echoed or made), request-duration metric by model,
+    route template and status, and a JSON 500 (no traceback) for anything unhandled."""
+
+    def __init__(self, app, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        incoming = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope["soap.request_id"] = request_id
+        status = 500
+        started = False
+
+        async def send_with_id(message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started, status = True, message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:  # noqa: BLE001 - last line of defence; the log has the traceback, the client does not
+            log.exception("unhandled error in %s %s (request %s)", scope.get("method"), scope.get("path"), request_id)
+            if not started:
+                response = error_response(500, "internal_error", f"unexpected server error; request id {request_id}")
+                await response(scope, receive, send_with_id)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.request_duration.labels(scope.get("soap.model", ""), route, str(status)).observe(
+                time.perf_counter() - start)
+
+
+def create_app(settings: ServiceSettings) -> FastAPI:
+    runtime = ServiceRuntime(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(
+        title="SOAP serving",
+        summary="Self-supervised online adversarial purification (SOAP, ICLR 2021) in front of an image classifier.",
+        version="0.1.0",
+        lifespan=lifespan,
+        responses={422: {"model": ErrorResponse}},
+    )
+    app.state.runtime = runtime
+    app.state.settings = settings
+    app.add_middleware(RequestContext, metrics=runtime.metrics)
+    install_error_handlers(app)
+    _add_routes(app, runtime)
+
+    from service.demo import register_demo
+
+    register_demo(app)
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- /classify steps
+
+
+def _options(raw: dict[str, Any], query_model: str | None) -> ClassifyOptions:
+    try:
+        return ClassifyOptions.model_validate(raw)
+    except ValidationError as exc:
+        problems = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors(include_url=False)]
+        raise ServiceError(422, "bad_options", problems, reason="bad_options", model=query_model) from None
+
+
+def _check_for_model(options: ClassifyOptions, model: ModelRuntime) -> None:
+    max_budget = model.loaded.purifier.max_budget
+    if options.epsilon is not None and options.epsilon > max_budget + 1e-9:
+        raise ServiceError(422, "bad_options", f"epsilon {options.epsilon} exceeds model {model.name}'s largest budget "
+                           f"{max_budget:g}", reason="bad_options", model=model.name)
+
+
+async def _decode_all(payloads: list[bytes], model: ModelRuntime, limits: DecodeLimits,
+                      limiter: anyio.CapacityLimiter):
+    images = []
+    for index, data in enumerate(payloads):
+        try:
+            if declared_pixels(data) <= _INLINE_DECODE_PIXELS:
+                images.append(decode_image(data, model.input_shape, limits))
+            else:
+                images.append(await anyio.to_thread.run_sync(decode_image, data, model.input_shape, limits,
+                                                             limiter=limiter))
+        except ImageRejected as exc:
+            where = f"image {index}: " if len(payloads) > 1 else ""
+            raise ServiceError(exc.status, exc.error, where + exc.detail, reason=exc.error, model=model.name) from None
+    return images
+
+
+async def _client_gone(receive) -> None:
+    """Returns when the client disconnects (the body has been read, so only http.disconnect can come)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _await_result(request: Request, model: ModelRuntime, item: WorkItem) -> ItemResult:
+    """Wait for the batch result. While the item is still queued: past its deadline -> 504; client gone -> drop
+    it before compute. Once its batch runs, wait for it whatever happens."""
+    watcher: asyncio.Future | None = asyncio.ensure_future(_client_gone(request.receive))
+    try:
+        while True:
+            waiting = {item.future} if watcher is None else {item.future, watcher}
+            timeout = max(0.0, item.deadline - time.monotonic()) if item.state == "queued" else None
+            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if item.future in done:
+                return item.future.result()
+            if watcher is not None and watcher in done:
+                watcher = None
+                if model.batcher.cancel(item):
+                    raise ServiceError(499, "client_gone", "the client went away before compute started",
+                                       reason="client_gone", model=model.name)
+            elif not done and model.batcher.cancel(item):
+                raise ServiceError(504, "deadline_exceeded", "the request waited longer than "
+                                   f"{request.app.state.settings.request_timeout_s:g} s for compute to start",
+                                   reason="deadline", model=model.name)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+
+
+def _results(model: ModelRuntime, result: ItemResult, options: ClassifyOptions) -> list[dict[str, Any]]:
+    """The encode step: one JSON object per image."""
+    p = result.predictions
+    names = model.class_names
+    k = min(options.top_k, len(names))
+    top_p, top_i = p.probs.topk(k, dim=1)
+    threshold = model.suspicious_threshold
+    rows = []
+    for j, (probs, labels, eps, after, before) in enumerate(
+        zip(top_p.tolist(), top_i.tolist(), p.epsilon.tolist(), p.aux_after.tolist(), p.aux_before.tolist())
+    ):
+        rows.append({
+            "label": labels[0],
+            "class_name": names[labels[0]],
+            "confidence": probs[0],
+            "top_k": [{"label": c, "class_name": names[c], "probability": q} for c, q in zip(labels, probs)],
+            "epsilon": round(eps, 7),  # float32 of a grid value: 0.05 rather than 0.05000000074505806
+            "aux_loss": after,
+            "aux_loss_before": before,
+            "suspicious": before > threshold,
+            "purified_png": base64.b64encode(encode_png(p.purified[j])).decode() if options.return_purified else None,
+            "aux_curve": p.curve[j].tolist() if options.return_curve else None,
+        })
+    return rows
+
+
+def _queue_full(model: ModelRuntime, retry_after_s: int) -> ServiceError:
+    return ServiceError(503, "queue_full", f"model {model.name} has {model.batcher.depth} images queued (limit "
+                        f"{model.batcher.max_queue}); retry later", reason="queue_full", model=model.name,
+                        headers={"Retry-After": str(retry_after_s)})
+
+
+def _shutting_down() -> ServiceError:
+    return ServiceError(503, "shutting_down", "the service is shutting down; retry on another replica",
+                        headers={"Retry-After": "1"})
+
+
+_CLASSIFY_OPENAPI = {
+    "parameters": [
+        {"name": name, "in": "query", "required": False, "description": field.description,
+         "schema": {"type": {bool: "boolean", int: "integer"}.get(field.annotation, "string")}}
+        for name, field in ClassifyOptions.model_fields.items()
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": ClassifyJSON.model_json_schema()},
+        },
+    },
+}
+
+_ERRORS = {
+    status: {"model": ErrorResponse, "description": text} for status, text in {
+        401: "missing or wrong API key", 404: "unknown model", 413: "body or image count over the limit",
+        415: f"Content-Type is not {ACCEPTED_TYPES}", 422: "bad image or bad options",
+        500: "the batch holding this request failed", 503: "queue full (see Retry-After) or shutting down",
+        504: "compute did not start before the request's deadline",
+    }.items()
+}
+
+
+def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
+    settings = runtime.settings
+    limits = DecodeLimits(settings.max_image_pixels, settings.max_image_side)
+    decode_limiter = anyio.CapacityLimiter(_DECODE_THREADS)
+    protected = [Depends(require_api_key)]
+
+    @app.post("/classify", response_model=ClassifyResponse, responses=_ERRORS, dependencies=protected,
+              openapi_extra=_CLASSIFY_OPENAPI, summary="Purify each image with SOAP, then classify it")
+    async def classify(request: Request) -> Response:
+        started = time.perf_counter()
+        query = dict(request.query_params)
+        query_model = query.get("model")
+        if runtime.draining:
+            raise _shutting_down()
+        kind = media_type(request)
+        check_media_type(kind)
+        early = runtime.models.get(query_model or runtime.default)
+        if early is not None and not early.batcher.has_room(1):  # shed load before reading the body
+            raise _queue_full(early, early.batcher.retry_after_s())
+        body = await read_body(request, settings.max_body_bytes, query_model)
+        upload = await parse_upload(request, kind, body, settings.max_images_per_request, query_model)
+        options = _options({**query, **upload.options}, query_model)
+        model = runtime.get(options.model)
+        request.scope["soap.model"] = model.name
+        _check_for_model(options, model)
+        images = await _decode_all(upload.payloads, model, limits, decode_limiter)
+        batch = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
+        try:
+            item = model.batcher.submit(batch, PurifyRequest(options.mode, options.epsilon),
+                                        time.monotonic() + settings.request_timeout_s)
+        except QueueFull as exc:
+            raise _queue_full(model, exc.retry_after_s) from None
+        except ShuttingDown:
+            raise _shutting_down() from None
+        try:
+            result = await _await_result(request, model, item)
+        except ServiceError:
+            raise
+        except Exception as exc:  # BatchFailed: this batch only; the message names no internals
+            raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
+        body_out = {
+            "request_id": request.scope["soap.request_id"],
+            "model": model.name,
+            "results": _results(model, result, options),
+            "timing_ms": {"queue": result.queue_s * 1000, "compute": result.compute_s * 1000,
+                          "total": (time.perf_counter() - started) * 1000},
+        }
+        return Response(json.dumps(body_out), media_type="application/json")
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=protected, summary="Loaded models")
+    async def list_models() -> ModelList:
+        return ModelList(default=runtime.default, models=[_model_info(runtime, m) for m in runtime.models.values()])
+
+    @app.get("/v1/models/{name}", response_model=ModelInfo, responses={404: {"model": ErrorResponse}},
+             dependencies=protected, summary="One model: classes, input shape, task, purifier, calibration, metrics")
+    async def model_info(name: str) -> ModelInfo:
+        return _model_info(runtime, runtime.get(name))
+
+    @app.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+    async def healthz() -> Health:
+        return Health(status="ok")
+
+    @app.get("/readyz", response_model=Health, responses={503: {"model": ErrorResponse}},
+             summary="Readiness: models loaded and warmed up, not shutting down")
+    async def readyz() -> Response:
+        if runtime.ready:
+            return JSONResponse({"status": "ready", "detail": None})
+        reason = "shutting down" if runtime.draining else "models are loading or warming up"
+        return error_response(503, "not_ready", reason)
+
+    metrics_deps = protected if settings.protect_metrics else []
+
+    @app.get("/metrics", dependencies=metrics_deps, summary="Prometheus metrics",
+             response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+    async def metrics() -> Response:
+        return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _model_info(runtime: ServiceRuntime, model: ModelRuntime) -> ModelInfo:
+    meta = model.loaded.meta
+    purifier = model.loaded.purifier
+    calibration = None
+    if meta.calibration is not None:
+        calibration = {**meta.calibration.model_dump(), "suspicious_threshold": meta.calibration.suspicious_threshold}
+    s = runtime.settings
+    return ModelInfo(
+        name=model.name, default=model.name == runtime.default, network=meta.network, dataset=meta.dataset,
+        aux_task=meta.aux_task, num_classes=len(meta.class_names), class_names=meta.class_names,
+        input_shape=list(meta.input_shape), device=str(model.device), ready=model.ready,
+        purifier=PurifierInfo(step_size=purifier.step_size, steps=purifier.steps, budget_step=purifier.budget_step,
+                              num_budgets=purifier.num_budgets, budgets=purifier.budgets(),
+                              max_budget=purifier.max_budget),
+        calibration=calibration, metrics=meta.metrics, training=meta.training,
+        batching=BatchingInfo(max_batch_size=s.max_batch_size, max_delay_ms=s.max_delay_ms, max_queue=s.max_queue,
+                              queue_depth=model.batcher.depth),
+    )

@@ -1,0 +1,153 @@
+"""Read a /classify request body (bounded while streaming) and split it into image payloads and options.
+
+Three body shapes: multipart/form-data (`file` parts; other text fields are options), a raw image
+(`Content-Type: image/*`), or JSON {"images": [base64, ...], ...options}. Query parameters are options too;
+the body's options override the query's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.requests import Request as StarletteRequest
+
+from .errors import ServiceError
+from .schemas import ClassifyJSON
+
+ACCEPTED_TYPES = "multipart/form-data, image/* or application/json"
+
+
+@dataclass
+class Upload:
+    payloads: list[bytes]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def check_media_type(kind: str) -> None:
+    if kind in ("multipart/form-data", "application/json") or kind.startswith("image/"):
+        return
+    shown = kind or "none"
+    raise ServiceError(415, "unsupported_media_type", f"Content-Type {shown} is not accepted; send {ACCEPTED_TYPES}",
+                       reason="unsupported_media_type")
+
+
+def _too_large(limit: int, model: str | None) -> ServiceError:
+    return ServiceError(413, "payload_too_large", f"the request body is larger than the limit of {limit} bytes",
+                        reason="payload_too_large", model=model)
+
+
+async def read_body(request: Request, limit: int, model: str | None = None) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` (Content-Length, or while streaming)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit, model)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit, model)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _bad_image(detail: str, model: str | None) -> ServiceError:
+    return ServiceError(422, "bad_image", detail, reason="bad_image", model=model)
+
+
+def _bad_options(detail: Any, model: str | None) -> ServiceError:
+    return ServiceError(422, "bad_options", detail, reason="bad_options", model=model)
+
+
+async def _parse_multipart(request: Request, body: bytes, max_images: int, model: str | None) -> Upload:
+    """Parse with Starlette's multipart parser from the already-bounded body."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    replayed = StarletteRequest(request.scope, replay)
+    try:
+        form = await replayed.form(max_files=max_images, max_fields=64, max_part_size=len(body) + 1)
+    except Exception as exc:  # noqa: BLE001 - python-multipart raises several types for malformed bodies
+        detail = str(getattr(exc, "detail", None) or exc or type(exc).__name__)
+        if "too many files" in detail.lower():
+            raise _too_many(max_images, max_images + 1, model) from None
+        raise _bad_image(f"malformed multipart body: {detail}", model) from None
+    try:
+        payloads: list[bytes] = []
+        options: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if key == "file":
+                if not isinstance(value, UploadFile):
+                    raise _bad_image("a 'file' part must be a file upload, not a text field", model)
+                payloads.append(await value.read())
+            elif isinstance(value, UploadFile):
+                raise _bad_options(f"unexpected file part {key!r}; images go in parts named 'file'", model)
+            else:
+                options[key] = value
+    finally:
+        await form.close()
+    if not payloads:
+        raise _bad_image("the multipart body has no 'file' part", model)
+    return Upload(payloads, options)
+
+
+def _decode_base64(text: str, index: int, model: str | None) -> bytes:
+    if text.startswith("data:"):
+        _, _, text = text.partition(",")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad_image(f"images[{index}] is not valid base64", model) from None
+
+
+def _parse_json(body: bytes, model: str | None) -> Upload:
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _bad_options(f"the body is not valid JSON: {exc}", model) from None
+    if not isinstance(data, dict):
+        raise _bad_options('the JSON body must be an object {"images": [...], ...options}', model)
+    try:
+        parsed = ClassifyJSON.model_validate(data)
+    except ValidationError as exc:
+        problems = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors(include_url=False)]
+        raise _bad_options(problems, model) from None
+    options = dict(parsed.model_extra or {})
+    return Upload([_decode_base64(t, i, model) for i, t in enumerate(parsed.images)], options)
+
+
+async def parse_upload(request: Request, kind: str, body: bytes, max_images: int, model: str | None = None) -> Upload:
+    """Split the body into image payloads and body options. Raises ServiceError (413 for too many images)."""
+    if kind == "multipart/form-data":
+        upload = await _parse_multipart(request, body, max_images, model)
+    elif kind == "application/json":
+        upload = _parse_json(body, model)
+    else:
+        if not body:
+            raise _bad_image("the request body is empty", model)
+        upload = Upload([body])
+    if len(upload.payloads) > max_images:
+        raise _too_many(max_images, len(upload.payloads), model)
+    return upload
+
+
+def _too_many(limit: int, count: int, model: str | None) -> ServiceError:
+    return ServiceError(413, "payload_too_large", f"at least {count} images in one request; the limit is {limit}",
+                        reason="payload_too_large", model=model)

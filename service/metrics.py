@@ -1,0 +1,69 @@
+"""Prometheus metrics of the service. Names and labels are a contract (CORE_API.md) with the deployment's
+dashboards and the demo page: change them only together.
+
+Each app gets its own CollectorRegistry, so several apps (tests) can live in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+disable_created_metrics()  # the *_created series double the exposition and nobody reads them
+
+# ~1 ms (MNIST on a GPU) to ~30 s (CIFAR WRN on CPU, large batches).
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+EPSILON_BUCKETS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
+AUX_LOSS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+REJECTION_REASONS = (
+    "queue_full", "deadline", "client_gone", "payload_too_large", "bad_image", "unsupported_media_type",
+    "bad_options", "unauthorized",
+)
+
+
+class ServiceMetrics:
+    """The metric objects; the request path calls them directly (a handful of microseconds per request)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.request_duration = Histogram(
+            "soap_request_duration_seconds", "Time from request start to response, by model, route and HTTP status.",
+            ["model", "route", "status"], buckets=DURATION_BUCKETS, registry=r)
+        self.queue_wait = Histogram(
+            "soap_queue_wait_seconds", "Time an accepted request waited in the queue before its batch started.",
+            ["model"], buckets=DURATION_BUCKETS, registry=r)
+        self.batch_compute = Histogram(
+            "soap_batch_compute_seconds", "Wall time of one batch: purification plus classification.",
+            ["model"], buckets=DURATION_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "soap_batch_size_images", "Images per executed batch.", ["model"], buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.epsilon = Histogram(
+            "soap_purification_epsilon", "Purification budget chosen per image (L-infinity, pixel scale [0, 1]).",
+            ["model"], buckets=EPSILON_BUCKETS, registry=r)
+        self.aux_before = Histogram(
+            "soap_aux_loss_before", "Auxiliary (self-supervised) loss of each image before purification.",
+            ["model"], buckets=AUX_LOSS_BUCKETS, registry=r)
+        self.aux_after = Histogram(
+            "soap_aux_loss_after", "Auxiliary loss of each image after purification.",
+            ["model"], buckets=AUX_LOSS_BUCKETS, registry=r)
+        self.rejections = Counter(
+            "soap_rejections", "Requests refused, by reason.", ["model", "reason"], registry=r)
+        self.queue_depth = Gauge(
+            "soap_queue_depth_images", "Images waiting in the model's queue.", ["model"], registry=r)
+        self.suspicious = Counter(
+            "soap_suspicious_inputs", "Images whose auxiliary loss before purification exceeded the calibrated "
+            "clean quantile.", ["model"], registry=r)
+        self.images = Counter(
+            "soap_images", "Images classified, by purification mode.", ["model", "mode"], registry=r)
+        self.model_info = Gauge(
+            "soap_model_info", "Loaded models (value 1).", ["model", "network", "dataset", "aux_task", "device"],
+            registry=r)
+        self.ready = Gauge("soap_ready", "1 when every model is loaded and warmed up and the service is not "
+                           "shutting down.", registry=r)
+
+    def reject(self, model: str, reason: str) -> None:
+        if reason not in REJECTION_REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}")
+        self.rejections.labels(model, reason).inc()

@@ -1,0 +1,97 @@
+"""The predict step: purify a batch with SOAP, then classify the purified images. Runs in a worker thread.
+
+`predict` is a plain function of a loaded model and a CPU tensor, so the batcher, the tests and the demo page
+all use the same code; `predict_in_chunks` adds the CUDA out-of-memory policy (halve the chunk and retry).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from models import LoadedModel, purify
+
+log = logging.getLogger("service.predict")
+
+
+@dataclass(frozen=True)
+class PurifyRequest:
+    """What every image of one batch shares: the purification mode and, for "fixed", the budget."""
+
+    mode: str = "min-aux"
+    epsilon: float | None = None
+
+
+@dataclass
+class Predictions:
+    """One row per image, on the CPU. `curve` is the auxiliary loss at each budget the mode evaluated."""
+
+    probs: torch.Tensor        # [n, classes]
+    epsilon: torch.Tensor      # [n]
+    aux_before: torch.Tensor   # [n]
+    aux_after: torch.Tensor    # [n]
+    curve: torch.Tensor        # [n, budgets]
+    purified: torch.Tensor     # [n, C, H, W] in [0, 1]
+
+    def __len__(self) -> int:
+        return self.probs.shape[0]
+
+    def rows(self, start: int, stop: int) -> Predictions:
+        return Predictions(*(t[start:stop] for t in self._tensors()))
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.probs, self.epsilon, self.aux_before, self.aux_after, self.curve, self.purified
+
+    @staticmethod
+    def concat(parts: list[Predictions]) -> Predictions:
+        if len(parts) == 1:
+            return parts[0]
+        return Predictions(*(torch.cat(ts) for ts in zip(*(p._tensors() for p in parts))))
+
+
+def predict(model: LoadedModel, images: torch.Tensor, request: PurifyRequest) -> Predictions:
+    """Purify `images` ([n, C, H, W] in [0, 1], any device) and classify the purified images."""
+    device = next(model.network.buffers()).device
+    x = images.to(device, non_blocking=True)
+    result = purify(model.network, x, model.purifier, mode=request.mode, epsilon=request.epsilon, return_curve=True)
+    with torch.no_grad():
+        probs = model.network(result.images).softmax(dim=1)
+    return Predictions(
+        probs=probs.float().cpu(),
+        epsilon=result.epsilon.float().cpu(),
+        aux_before=result.aux_before.float().cpu(),
+        aux_after=result.aux_after.float().cpu(),
+        curve=result.curve.float().cpu(),
+        purified=result.images.float().cpu(),
+    )
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def predict_in_chunks(
+    fn: Callable[[torch.Tensor], Predictions], images: torch.Tensor, chunk: int
+) -> tuple[Predictions, int]:
+    """Run `fn` on slices of at most `chunk` images. On out-of-memory, halve the chunk and retry the slice;
+    give up (re-raise) only when one image alone does not fit. Returns the predictions and the chunk size
+    that worked, which the caller keeps for later batches."""
+    parts: list[Predictions] = []
+    start = 0
+    chunk = max(1, chunk)
+    while start < images.shape[0]:
+        try:
+            parts.append(fn(images[start:start + chunk]))
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc) or chunk == 1:
+                raise
+            chunk //= 2
+            log.warning("out of memory on %d images; retrying in chunks of %d", chunk * 2, chunk)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        start += chunk
+    return Predictions.concat(parts), chunk

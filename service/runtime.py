@@ -1,0 +1,174 @@
+"""What a running service holds: its settings, metrics and, per model, the loaded network and its batcher.
+
+`create_app` puts one ServiceRuntime on `app.state.runtime`. Other parts of the app (the demo page) reach the
+models through it:
+
+    runtime = request.app.state.runtime
+    model = runtime.get(name)          # ModelRuntime; name None -> the default model; unknown -> 404 ServiceError
+    model.loaded                       # models.LoadedModel (network in eval mode, meta, path)
+    model.batcher                      # service.batcher.Batcher (submit work like POST /classify does)
+    runtime.settings                   # service.config.ServiceSettings (e.g. enable_attack)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from models import LoadedModel, load_checkpoint
+
+from .batcher import Batcher, BatchStats
+from .config import ServiceSettings
+from .errors import ServiceError
+from .metrics import ServiceMetrics
+from .predict import Predictions, PurifyRequest, predict
+
+log = logging.getLogger("service.runtime")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} asked for CUDA, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+@dataclass
+class ModelRuntime:
+    """One served model: the checkpoint on its device, its batcher, and whether it is warmed up."""
+
+    name: str
+    loaded: LoadedModel
+    device: torch.device
+    batcher: Batcher = field(init=False)
+    ready: bool = False
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.loaded.meta.input_shape
+        return c, h, w
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.loaded.meta.class_names
+
+    @property
+    def suspicious_threshold(self) -> float:
+        calibration = self.loaded.meta.calibration
+        return calibration.suspicious_threshold if calibration is not None else math.inf
+
+    def compute(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
+        """The predict step for one batch (runs in the batcher's thread)."""
+        return predict(self.loaded, images, request)
+
+    def warmup(self) -> None:
+        """One min-aux batch of zeros, so the first real request pays no allocation or kernel-selection cost."""
+        zeros = torch.zeros((2, *self.input_shape))
+        self.compute(zeros, PurifyRequest())
+        self.ready = True
+        log.info("model %s warmed up on %s", self.name, self.device)
+
+
+class ServiceRuntime:
+    """Settings, metrics and the served models; lifecycle of their batchers; readiness and draining."""
+
+    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or ServiceMetrics()
+        self.api_key = settings.api_key  # raises now if --api-key-env names an empty variable
+        self.device = resolve_device(settings.device)
+        self.models: dict[str, ModelRuntime] = {}
+        for path in settings.models:
+            loaded = load_checkpoint(path, self.device)
+            self.models[path.name] = ModelRuntime(path.name, loaded, self.device)
+        self.default = settings.model_names[0]
+        self.draining = False
+        self._started = False
+        for model in self.models.values():
+            model.batcher = self._make_batcher(model)
+            meta = model.loaded.meta
+            self.metrics.model_info.labels(model.name, meta.network, meta.dataset, meta.aux_task, str(self.device)).set(1)
+            self.metrics.queue_depth.labels(model.name).set(0)
+        self.metrics.ready.set(0)
+
+    def _make_batcher(self, model: ModelRuntime) -> Batcher:
+        s = self.settings
+        depth = self.metrics.queue_depth.labels(model.name)
+        return Batcher(
+            model.name, model.compute, s.max_batch_size, s.max_delay_ms / 1000.0, s.max_queue,
+            on_batch=lambda stats: self._record_batch(model, stats), on_depth=depth.set,
+        )
+
+    # ------------------------------------------------------------------ lookups
+
+    def get(self, name: str | None) -> ModelRuntime:
+        """The model called `name` (the default one for None); 404 ServiceError if there is none."""
+        key = self.default if name is None else name
+        try:
+            return self.models[key]
+        except KeyError:
+            raise ServiceError(404, "unknown_model", f"no model named {name!r}; loaded: {sorted(self.models)}") from None
+
+    def metrics_label(self, name: str | None) -> str:
+        """A bounded label for metrics: a loaded model's name, else 'unknown'."""
+        key = self.default if name is None else name
+        return key if key in self.models else "unknown"
+
+    @property
+    def ready(self) -> bool:
+        return self._started and not self.draining and all(m.ready and m.batcher.running for m in self.models.values())
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start every batcher; each warms its model up in its own thread before taking work."""
+        for model in self.models.values():
+            model.batcher.start(self._warmup_then_report(model))
+        self._started = True
+
+    def _warmup_then_report(self, model: ModelRuntime):
+        def run() -> None:
+            model.warmup()
+            self.metrics.ready.set(1 if self.ready else 0)
+        return run
+
+    def begin_drain(self) -> bool:
+        """Stop being ready and refuse new requests; accepted ones still finish. True on the first call."""
+        first = not self.draining
+        self.draining = True
+        self.metrics.ready.set(0)
+        return first
+
+    async def stop(self) -> None:
+        """Finish everything queued, then stop the workers."""
+        self.begin_drain()
+        await asyncio.gather(*(m.batcher.close() for m in self.models.values()))
+
+    # ------------------------------------------------------------------ metrics
+
+    def _record_batch(self, model: ModelRuntime, stats: BatchStats) -> None:
+        m, name = self.metrics, model.name
+        m.batch_size.labels(name).observe(stats.size)
+        m.batch_compute.labels(name).observe(stats.compute_s)
+        wait = m.queue_wait.labels(name)
+        for seconds in stats.queue_waits:
+            wait.observe(seconds)
+        p = stats.predictions
+        if p is None:
+            return
+        m.images.labels(name, stats.request.mode).inc(len(p))
+        eps, before, after = m.epsilon.labels(name), m.aux_before.labels(name), m.aux_after.labels(name)
+        threshold = model.suspicious_threshold
+        suspicious = 0
+        for e, b, a in zip(p.epsilon.tolist(), p.aux_before.tolist(), p.aux_after.tolist()):
+            eps.observe(e)
+            before.observe(b)
+            after.observe(a)
+            suspicious += b > threshold
+        if suspicious:
+            m.suspicious.labels(name).inc(suspicious)

@@ -1,0 +1,121 @@
+"""Typed request options and response bodies of the HTTP API (these are what /docs shows)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ClassifyOptions(BaseModel):
+    """Options of POST /classify, from the query string, multipart text fields or the JSON body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="model name (checkpoint folder name); default: the first model")
+    mode: Literal["min-aux", "fixed", "none"] = Field(
+        "min-aux", description="min-aux: per-image budget search (SOAP); fixed: purify at `epsilon`; none: no purification")
+    epsilon: float | None = Field(None, ge=0, description="L-inf budget for mode=fixed, at most the model's largest budget")
+    top_k: int = Field(5, ge=1, le=1000, description="how many classes to list per image (capped at the number of classes)")
+    return_purified: bool = Field(False, description="include the purified image as base64 PNG")
+    return_curve: bool = Field(False, description="include the auxiliary loss at every evaluated budget")
+
+    @model_validator(mode="after")
+    def _epsilon_goes_with_fixed(self) -> ClassifyOptions:
+        if self.mode == "fixed" and self.epsilon is None:
+            raise ValueError("mode=fixed needs epsilon")
+        if self.mode != "fixed" and self.epsilon is not None:
+            raise ValueError(f"epsilon is only used with mode=fixed (mode is {self.mode})")
+        return self
+
+
+class ClassifyJSON(BaseModel):
+    """JSON body of POST /classify: base64 images (optionally as data: URLs) plus any option."""
+
+    model_config = ConfigDict(extra="allow")
+
+    images: list[str] = Field(min_length=1, description="base64-encoded image files")
+
+
+class TopKEntry(BaseModel):
+    label: int
+    class_name: str
+    probability: float
+
+
+class ImageResult(BaseModel):
+    label: int = Field(description="predicted class of the purified image")
+    class_name: str
+    confidence: float = Field(description="softmax probability of `label`")
+    top_k: list[TopKEntry]
+    epsilon: float = Field(description="purification budget used (L-inf, pixels in [0, 1])")
+    aux_loss: float = Field(description="auxiliary loss after purification")
+    aux_loss_before: float = Field(description="auxiliary loss of the input as received")
+    suspicious: bool = Field(description="aux_loss_before above the model's calibrated clean quantile "
+                                         "(always false for a model without calibration)")
+    purified_png: str | None = Field(None, description="purified image, base64 PNG (return_purified=true)")
+    aux_curve: list[float] | None = Field(None, description="auxiliary loss at each evaluated budget (return_curve=true): "
+                                          "the model's budget grid for min-aux, [0, epsilon] for fixed, [0] for none")
+
+
+class Timing(BaseModel):
+    queue: float = Field(description="ms waiting for a batch")
+    compute: float = Field(description="ms of the batch's purification and classification")
+    total: float = Field(description="ms from request start to response")
+
+
+class ClassifyResponse(BaseModel):
+    request_id: str
+    model: str
+    results: list[ImageResult]
+    timing_ms: Timing
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="machine-readable code, e.g. bad_image, queue_full")
+    detail: Any = Field(description="human-readable explanation (or a list of validation problems)")
+
+
+class PurifierInfo(BaseModel):
+    step_size: float
+    steps: int
+    budget_step: float
+    num_budgets: int
+    budgets: list[float]
+    max_budget: float
+
+
+class BatchingInfo(BaseModel):
+    max_batch_size: int
+    max_delay_ms: float
+    max_queue: int
+    queue_depth: int
+
+
+class ModelInfo(BaseModel):
+    name: str
+    default: bool
+    network: str
+    dataset: str
+    aux_task: str
+    num_classes: int
+    class_names: list[str]
+    input_shape: list[int]
+    device: str
+    ready: bool
+    purifier: PurifierInfo
+    calibration: dict[str, Any] | None = Field(description="clean-data auxiliary-loss quantiles and the "
+                                                           "suspicious threshold, if the checkpoint has them")
+    metrics: dict[str, float]
+    training: dict[str, Any]
+    batching: BatchingInfo
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: str
+    detail: str | None = None
