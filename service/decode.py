@@ -30,7 +30,10 @@ SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 # Camera JPEGs with an embedded preview are MPO files whose first frame is the photo itself.
 _FIRST_FRAME_FORMATS = {"MPO"}
 # Pillow plugins allowed to identify a file: the supported ones, so that nothing else is even parsed.
-_PLUGINS = [*SUPPORTED_FORMATS, "MPO"]
+# (Pillow >= 13 has no separate MPO opener: its JPEG plugin opens MPO files; asking for an unregistered
+# format raises KeyError for any non-image, so only registered plugins are listed.)
+Image.init()
+_PLUGINS = [f for f in (*SUPPORTED_FORMATS, "MPO") if f in Image.OPEN]
 
 
 @dataclass
