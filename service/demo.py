@@ -179,6 +179,7 @@ def register_demo(app: FastAPI) -> None:
         upload = await parse_upload(request, kind, body, max_images=1, model=query_model)
         options = _options(dict(request.query_params), upload.options, query_model)
         model = runtime.get(options.model)
+        request.scope["soap.model"] = model.name
         settings = attack_defaults(model.loaded.meta.dataset).model_copy(
             update={k: v for k, v in options.model_dump().items() if k != "model" and v is not None})
         limits = DecodeLimits(max_pixels=min(MAX_ATTACK_PIXELS, runtime.settings.max_image_pixels),
@@ -186,7 +187,7 @@ def register_demo(app: FastAPI) -> None:
         try:
             x = decode_image(upload.payloads[0], model.input_shape, limits)
         except ImageRejected as exc:
-            raise ServiceError(exc.status, exc.error, exc.detail, reason="bad_image", model=model.name) from None
+            raise ServiceError(exc.status, exc.error, exc.detail, reason=exc.error, model=model.name) from None
         if busy.held:
             raise ServiceError(503, "attack_busy", "another attack is running; try again in a moment",
                                headers={"Retry-After": "1"})

@@ -415,15 +415,15 @@
   function showResult(body, {inputUrl, attack = null, adversarialUrl = null}) {
     const r = body.results[0];
     $("pred-label").textContent = labelText(r.label, r.class_name);
-    $("pred-confidence").textContent = `${(100 * r.confidence).toFixed(1)} %`;
+    $("pred-confidence").textContent = `with probability ${(100 * r.confidence).toFixed(1)} %`;
     $("pred-eps").textContent = fmt(r.epsilon);
     $("pred-aux-before").textContent = fmtLoss(r.aux_loss_before);
     $("pred-aux-after").textContent = fmtLoss(r.aux_loss);
     const thr = suspiciousThreshold();
     const sus = $("pred-suspicious");
     sus.textContent = r.suspicious
-      ? `yes${thr != null ? ` (aux loss before > ${fmtLoss(thr)}, the clean calibration threshold)` : ""}`
-      : `no${thr != null ? ` (threshold ${fmtLoss(thr)})` : ""}`;
+      ? `yes (aux loss before > ${fmtLoss(thr)}, the clean-data threshold)`
+      : (thr != null ? `no (threshold ${fmtLoss(thr)})` : "no (this model has no calibration, so nothing is flagged)");
     sus.className = r.suspicious ? "suspicious-yes" : "suspicious-no";
 
     $("img-input").src = inputUrl;
@@ -576,7 +576,7 @@
     }
     $("attack-note").textContent = state.attack.enabled
       ? `The attack endpoint is on (at most ${state.attack.max_steps} steps and ε ≤ ${fmt(state.attack.max_epsilon)}). ` +
-        "Classify an image first; the attack starts from it."
+        "It attacks the image last classified."
       : "The attack endpoint is switched off on this server (it costs compute). Start the service with " +
         "--enable-attack or SOAP_ENABLE_ATTACK=1 to use it.";
     applyAttackDefaults();
@@ -623,6 +623,7 @@
   $("attack").addEventListener("click", attack);
   $("api-key-apply").addEventListener("click", () => {
     state.apiKey = $("api-key").value.trim();
+    loadAttackSettings();
     loadModels();
   });
 

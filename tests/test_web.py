@@ -1,0 +1,301 @@
+"""The demo page in a real headless Chromium against real uvicorn servers (issue 7).
+
+Two servers on loopback with the shipped model models/zoo/mnist-fcn-dr: one as shipped (attack endpoint
+off), one with --enable-attack. Playwright drives Debian's /usr/bin/chromium (never a downloaded browser).
+Screenshots go to test-artifacts/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "zoo" / "mnist-fcn-dr"
+MNIST = ROOT / "tests" / "data" / "mnist"
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+TIMEOUT_MS = 20_000
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)"),
+]
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+# ----------------------------------------------------------------------------- servers and browser
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *extra: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SOAP_")}
+        env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.log = ARTIFACTS / f"server-{self.port}.log"
+        self._log_file = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "--model", str(MODEL), "--host", "127.0.0.1", "--port", str(self.port),
+             "--device", "cpu", *extra],
+            cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log_file.close()
+
+
+@pytest.fixture(scope="module")
+def servers():
+    assert (MODEL / "model.safetensors").is_file(), f"the shipped model {MODEL} is missing"
+    ARTIFACTS.mkdir(exist_ok=True)
+    off, on = Server(), Server("--enable-attack")
+    try:
+        off.wait_ready()
+        on.wait_ready()
+        yield {"off": off, "on": on}
+    finally:
+        off.stop()
+        on.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1200, "height": 1000})
+    pg = context.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    external: list[str] = []
+    pg.on("request", lambda r: None if r.url.startswith(("http://127.0.0.1", "data:", "blob:")) else external.append(r.url))
+    yield pg
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not external, f"the page reached outside the service: {external}"
+
+
+def open_page(page, server: Server) -> None:
+    page.goto(server.url + "/")
+    page.wait_for_selector("body[data-ready='true']")
+    assert page.locator("#model").input_value() == "mnist-fcn-dr"
+
+
+def wait_for_result(page) -> None:
+    page.wait_for_function(
+        "() => !document.getElementById('result').hidden || !document.getElementById('error').hidden")
+    assert page.locator("#error").is_hidden(), page.locator("#error").inner_text()
+
+
+def shown(page) -> dict:
+    return {k: page.locator(f"#pred-{k}").inner_text() for k in ("label", "eps", "aux-before", "aux-after", "suspicious")}
+
+
+def direct_classify(server: Server, png: bytes) -> dict:
+    params = {"model": "mnist-fcn-dr", "top_k": 10, "return_purified": "true", "return_curve": "true"}
+    r = httpx.post(f"{server.url}/classify", params=params, files={"file": ("x.png", png, "image/png")}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["results"][0]
+
+
+def assert_matches(page, result: dict) -> None:
+    """The page shows what /classify answers for the same bytes (rounded as the page rounds)."""
+    s = shown(page)
+    assert s["label"] == str(result["label"])
+    assert float(s["eps"]) == pytest.approx(result["epsilon"], abs=1e-3)
+    assert float(s["aux-before"]) == pytest.approx(result["aux_loss_before"], rel=1e-3)
+    assert float(s["aux-after"]) == pytest.approx(result["aux_loss"], rel=1e-3)
+    assert s["suspicious"].startswith("yes" if result["suspicious"] else "no")
+    # Bars: one per class, the first is the prediction; the curve has a point per budget and marks the choice.
+    bars = page.locator("#bars li")
+    assert bars.count() == 10
+    assert bars.first.locator(".name").inner_text() == str(result["label"])
+    assert page.locator("#curve svg circle").count() == len(result["aux_curve"]) == 11
+    assert page.locator("#curve svg circle.chosen-point").count() == 1
+    assert f"chosen ε = {s['eps']}" in page.locator("#curve svg").inner_html()
+    assert page.evaluate("document.getElementById('img-purified').naturalWidth") == 28
+
+
+def shown_input_png(page) -> bytes:
+    """The bytes behind the page's "Input" image: the very blob it sent to /classify."""
+    b64 = page.evaluate("""async () => {
+        const blob = await (await fetch(document.getElementById('img-input').src)).blob();
+        const bytes = new Uint8Array(await blob.arrayBuffer());
+        let s = ''; for (const b of bytes) s += String.fromCharCode(b);
+        return btoa(s);
+    }""")
+    return base64.b64decode(b64)
+
+
+def mnist_png(digit: int) -> Path:
+    return sorted((MNIST / str(digit)).glob("*.png"))[0]
+
+
+# ----------------------------------------------------------------------------- tests
+
+def test_draw_stroke_shows_prediction_consistent_with_api(page, servers):
+    server = servers["off"]
+    open_page(page, server)
+    box = page.locator("#draw").bounding_box()
+    x, y, w, h = box["x"], box["y"], box["width"], box["height"]
+    page.mouse.move(x + 0.3 * w, y + 0.25 * h)
+    page.mouse.down()
+    for fx, fy in ((0.5, 0.25), (0.72, 0.25), (0.6, 0.5), (0.5, 0.8)):  # a "7"
+        page.mouse.move(x + fx * w, y + fy * h, steps=8)
+    page.mouse.up()
+    with page.expect_request(lambda r: "/classify" in r.url) as req:
+        page.click("#classify-drawing")
+    wait_for_result(page)
+    assert req.value.method == "POST"
+    png = shown_input_png(page)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # The drawing was downscaled to the model's 28x28 input before it was sent.
+    assert page.evaluate("document.getElementById('img-input').naturalWidth") == 28
+    assert_matches(page, direct_classify(server, png))
+    assert "Classified" in page.locator("#status").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "web-draw.png"), full_page=True)
+
+
+def test_upload_real_mnist_png_matches_direct_classify(page, servers):
+    server = servers["off"]
+    open_page(page, server)
+    path = mnist_png(3)
+    page.set_input_files("#file", str(path))
+    wait_for_result(page)
+    result = direct_classify(server, path.read_bytes())
+    assert_matches(page, result)
+    assert result["epsilon"] in [pytest.approx(0.05 * e) for e in range(11)]
+    page.screenshot(path=str(ARTIFACTS / "web-upload.png"), full_page=True)
+
+
+def test_non_image_upload_shows_plain_error(page, servers, tmp_path):
+    server = servers["off"]
+    open_page(page, server)
+    bogus = tmp_path / "notes.png"
+    bogus.write_text("this is a text file, not a picture\n")
+    page.set_input_files("#file", str(bogus))
+    page.wait_for_selector("#error:not([hidden])")
+    message = page.locator("#error").inner_text()
+    assert "could not use this input (HTTP 422)" in message
+    assert "not an image" in message
+    assert page.locator("#result").is_hidden()
+    assert page.locator("#error").get_attribute("role") == "alert"
+    page.screenshot(path=str(ARTIFACTS / "web-error.png"), full_page=True)
+    # A good upload afterwards clears the error.
+    page.set_input_files("#file", str(mnist_png(1)))
+    wait_for_result(page)
+
+
+def test_attack_button_disabled_and_endpoint_403_when_off(page, servers):
+    server = servers["off"]
+    open_page(page, server)
+    page.set_input_files("#file", str(mnist_png(2)))
+    wait_for_result(page)
+    assert page.locator("#attack").is_disabled()
+    assert "switched off" in page.locator("#attack-note").inner_text()
+    r = httpx.post(f"{server.url}/v1/attack", files={"file": ("x.png", mnist_png(2).read_bytes(), "image/png")})
+    assert r.status_code == 403
+    assert r.json()["error"] == "attack_disabled"
+    assert "--enable-attack" in r.json()["detail"]
+
+
+def test_attack_then_purify_when_enabled(page, servers):
+    server = servers["on"]
+    open_page(page, server)
+    path = mnist_png(7)
+    page.set_input_files("#file", str(path))
+    wait_for_result(page)
+    clean_label = shown(page)["label"]
+    assert page.locator("#attack").is_enabled()
+    with page.expect_response(lambda r: "/v1/attack" in r.url) as resp:
+        page.click("#attack")
+    attack = resp.value.json()
+    page.wait_for_selector("#attack-summary:not([hidden])")
+    wait_for_result(page)
+    assert resp.value.status == 200
+    assert attack["epsilon"] == pytest.approx(0.3) and attack["steps"] == 40
+    assert 0 < attack["linf"] <= 0.3 + 1e-6
+    summary = page.locator("#attack-summary").inner_text()
+    assert f"the undefended classifier says {attack['clean_label']} on the input" in summary
+    assert f"{attack['adversarial_label']} on the adversarial image" in summary
+    assert str(attack["clean_label"]) == clean_label
+    assert page.locator("#fig-adversarial").is_visible()
+    assert page.evaluate("document.getElementById('img-adversarial').naturalWidth") == 28
+    # What the page shows after the attack is /classify's answer for the adversarial PNG.
+    assert_matches(page, direct_classify(server, base64.b64decode(attack["adversarial_png"])))
+    assert f"After purification the service says {shown(page)['label']}" in summary
+    page.screenshot(path=str(ARTIFACTS / "web-attack.png"), full_page=True)
+
+
+def test_keyboard_only_drawing_and_labels(page, servers):
+    server = servers["off"]
+    open_page(page, server)
+    # Every form control has a label (or an accessible name); the result region is announced.
+    unlabeled = page.evaluate("""() => [...document.querySelectorAll('input, select, button, canvas')]
+        .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
+                      && !el.getAttribute('aria-labelledby') && !el.textContent.trim())
+        .map(el => el.id)""")
+    assert unlabeled == []
+    assert page.locator("#result").get_attribute("aria-live") == "polite"
+    assert page.locator("#status").get_attribute("aria-live") == "polite"
+    # Tab order reaches the controls in reading order.
+    order = []
+    page.locator("#model").focus()
+    for _ in range(5):
+        order.append(page.evaluate("document.activeElement.id"))
+        page.keyboard.press("Tab")
+    assert order[:4] == ["model", "draw", "classify-drawing", "clear-drawing"]
+    # Draw a vertical bar (a "1") with Shift+arrows on the focused canvas, then Enter to classify.
+    page.locator("#draw").focus()
+    for _ in range(4):
+        page.keyboard.press("ArrowUp")
+    for _ in range(9):
+        page.keyboard.press("Shift+ArrowDown")
+    page.keyboard.press("Enter")
+    wait_for_result(page)
+    assert re.fullmatch(r"\d", shown(page)["label"])
+    page.screenshot(path=str(ARTIFACTS / "web-keyboard.png"), full_page=True)
