@@ -1,0 +1,697 @@
+"""Deployment checks: the compose stacks, Prometheus configuration and alert rules, the Grafana dashboard, the
+Kubernetes manifests and the image definition, each validated by the real tool where one exists
+(docker-compose 1.29, promtool, kubectl kustomize + kubernetes-validate), and checked against the REAL service:
+a `python -m service` process configured the way the container is, whose /metrics must export every series the
+dashboard and the alert rules read, on the port and path Prometheus scrapes.
+
+Tools: .ci/run installs docker-compose and promtool (Debian packages docker-compose, prometheus); kubectl is on
+the machine; kubernetes-validate is in the dev extra. A test skips, saying which, only when its tool is absent.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE = REPO / "docker-compose.yml"
+COMPOSE_CPU = REPO / "docker" / "compose.cpu.yml"
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
+HEALTHCHECK = REPO / "docker" / "healthcheck.py"
+PROMETHEUS = REPO / "docker" / "prometheus" / "prometheus.yml"
+RULES = REPO / "docker" / "prometheus" / "rules" / "soap-alerts.yml"
+RULE_TESTS = REPO / "docker" / "prometheus" / "tests" / "soap-alerts.test.yml"
+GRAFANA = REPO / "docker" / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "soap-serving.json"
+NGINX = REPO / "docker" / "nginx" / "soap-lb.conf"
+K8S = REPO / "deploy" / "k8s"
+DOCS = REPO / "docs" / "deploy.md"
+DEFAULT_MODEL = REPO / "models" / "zoo" / "mnist-fcn-dr"
+MNIST_DIGIT = sorted((REPO / "tests" / "data" / "mnist" / "7").glob("*.png"))[0]
+
+SERVICE_PORT = 8000  # the contract: the service listens on 8000 in every deployment
+# Series Prometheus itself attaches to every scraped sample; dashboards and rules may select on them.
+TARGET_LABELS = {"job", "instance"}
+# dcgm-exporter's default counters the dashboard's GPU row reads (exporter profile gpu-metrics).
+DCGM_DEFAULT_COUNTERS = {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE",
+                         "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_SM_CLOCK",
+                         "DCGM_FI_DEV_MEM_COPY_UTIL"}
+# The metric families of the contract (CORE_API.md); the dashboard shows every one of them.
+CONTRACT_METRICS = {
+    "soap_request_duration_seconds", "soap_queue_wait_seconds", "soap_batch_compute_seconds",
+    "soap_batch_size_images", "soap_purification_epsilon", "soap_aux_loss_before", "soap_aux_loss_after",
+    "soap_rejections_total", "soap_queue_depth_images", "soap_suspicious_inputs_total", "soap_images_total",
+    "soap_model_info", "soap_ready",
+}
+
+
+def require(tool: str, how: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"`{tool}` is not installed ({how})")
+    return path
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------- compose
+
+def compose_env() -> dict[str, str]:
+    """A clean environment: no SOAP_* or COMPOSE_* of the developer's shell leaks into the rendered config."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")}
+
+
+def compose_config(files: list[Path], profiles: list[str]) -> dict:
+    exe = require("docker-compose", "apt-get install docker-compose; .ci/run does")
+    cmd = [exe, "--project-directory", str(REPO)]
+    for f in files:
+        cmd += ["-f", str(f)]
+    for p in profiles:
+        cmd += ["--profile", p]
+    result = run(cmd + ["config"], cwd=REPO, env=compose_env())
+    assert result.returncode == 0, f"docker-compose config failed for {files} {profiles}:\n{result.stderr}"
+    return yaml.safe_load(result.stdout)
+
+
+def active_services(config: dict, profiles: list[str]) -> dict[str, dict]:
+    """Services `up` starts: those without profiles, or with an enabled one (compose spec; 1.29's `config`
+    prints every service whatever the profile, so the rule is applied here)."""
+    return {name: svc for name, svc in config["services"].items()
+            if not svc.get("profiles") or set(svc["profiles"]) & set(profiles)}
+
+
+def dns_names(name: str, svc: dict) -> set[str]:
+    names = {name}
+    for net in (svc.get("networks") or {}).values():
+        names |= set((net or {}).get("aliases") or [])
+    return names
+
+
+def gpu_requests(svc: dict) -> list[dict]:
+    devices = (((svc.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
+    return [d for d in devices if d.get("driver") == "nvidia" or "gpu" in (d.get("capabilities") or [])]
+
+
+def serving(services: dict[str, dict]) -> dict[str, dict]:
+    """The SOAP containers of a stack: those that answer to the DNS name Prometheus and nginx use."""
+    return {n: s for n, s in services.items() if "soap" in dns_names(n, s)}
+
+
+def seconds(duration: str) -> float:
+    """Compose/Go duration ("3m", "1m30s", "90s") in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+STACKS = {
+    # name: (compose files, profiles, serving services, other services)
+    "gpu": ([COMPOSE], [], {"soap"}, {"prometheus", "grafana"}),
+    "gpu+gpu-metrics": ([COMPOSE], ["gpu-metrics"], {"soap"}, {"prometheus", "grafana", "dcgm-exporter"}),
+    "gpu+scale": ([COMPOSE], ["scale"], {"soap", "soap-gpu1"}, {"prometheus", "grafana", "lb"}),
+    "cpu": ([COMPOSE, COMPOSE_CPU], ["cpu"], {"soap-cpu"}, {"prometheus", "grafana"}),
+    "cpu+lb": ([COMPOSE, COMPOSE_CPU], ["cpu", "lb"], {"soap-cpu"}, {"prometheus", "grafana", "lb"}),
+}
+
+
+@pytest.mark.parametrize("stack", list(STACKS))
+def test_compose_stack_validates_and_is_wired(stack):
+    files, profiles, want_serving, want_others = STACKS[stack]
+    config = compose_config(files, profiles)
+    active = active_services(config, profiles)
+    soap = serving(active)
+    assert set(soap) == want_serving, f"{stack}: serving containers {sorted(soap)}"
+    assert set(active) - set(soap) == want_others, f"{stack}: other services {sorted(set(active) - set(soap))}"
+
+    for name, svc in soap.items():
+        health = svc["healthcheck"]
+        assert health["test"][-1] == "/app/docker/healthcheck.py", f"{name}: healthcheck {health['test']}"
+        start = seconds(health["start_period"])
+        assert start >= 60, f"{name}: start_period {start} s is too short for loading and warm-up"
+        assert svc["restart"] in ("unless-stopped", "always", "on-failure"), name
+        env = svc["environment"]
+        assert env["SOAP_PORT"] == str(SERVICE_PORT) and env["SOAP_HOST"] == "0.0.0.0", name
+        assert {"SOAP_MODELS", "SOAP_MAX_BATCH_SIZE", "SOAP_MAX_DELAY_MS", "SOAP_MAX_QUEUE"} <= set(env), name
+        assert str(SERVICE_PORT) in [str(p) for p in svc.get("expose", [])], name
+
+    # Exactly one serving container publishes the service port on the host (replicas go through the balancer).
+    published = {n: [p["published"] for p in s.get("ports", []) if int(p["target"]) == SERVICE_PORT]
+                 for n, s in soap.items()}
+    assert sorted(int(p) for ps in published.values() for p in ps) == [SERVICE_PORT], published
+
+    gpu_ids = []
+    for name, svc in soap.items():
+        requests = gpu_requests(svc)
+        if stack.startswith("cpu"):
+            assert not requests, f"{stack}: {name} reserves a GPU on a CPU-only host"
+            assert svc["build"]["args"]["VARIANT"] == "cpu", name
+            continue
+        assert len(requests) == 1 and requests[0]["driver"] == "nvidia" and requests[0]["capabilities"] == ["gpu"], name
+        req = requests[0]
+        if name == "soap":
+            assert req.get("count") == 1, "the default service reserves exactly one GPU"
+        # Docker hands `count: 1` the first GPU, so count 1 means GPU 0; replicas name their GPU.
+        gpu_ids += ["0"] if req.get("count") == 1 else req["device_ids"]
+    assert len(gpu_ids) == len(set(gpu_ids)), f"{stack}: replicas share a GPU: {gpu_ids}"
+    if stack.startswith("cpu"):
+        assert not any(gpu_requests(s) for s in active.values()), f"{stack}: something still reserves a GPU"
+
+    # Prometheus and Grafana read their configuration from this repository.
+    mounts = {v.split(":")[1]: Path(v.split(":")[0]) for v in active["prometheus"]["volumes"] if v.startswith("/")}
+    assert mounts["/etc/prometheus"] == PROMETHEUS.parent
+    grafana_mounts = {v.split(":")[1]: Path(v.split(":")[0]) for v in active["grafana"]["volumes"] if v.startswith("/")}
+    assert grafana_mounts["/etc/grafana/provisioning"] == GRAFANA / "provisioning"
+    dashboards_dir = grafana_mounts["/var/lib/grafana/dashboards"]
+    assert dashboards_dir == DASHBOARD.parent
+    home = active["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (dashboards_dir / Path(home).name).is_file() and home.startswith("/var/lib/grafana/dashboards/")
+    if "lb" in active:
+        lb_mounts = {v.split(":")[1]: Path(v.split(":")[0]) for v in active["lb"]["volumes"]}
+        assert lb_mounts["/etc/nginx/conf.d/default.conf"] == NGINX
+        assert "depends_on" not in active["lb"], "nginx resolves `soap` per request; a depends_on breaks the CPU stack"
+
+
+def test_compose_validator_rejects_a_broken_file(tmp_path):
+    """docker-compose config really validates: a misspelt key in the soap service is an error."""
+    exe = require("docker-compose", "apt-get install docker-compose; .ci/run does")
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE.read_text().replace("    deploy:\n      resources:", "    deploy:\n      resourcez:", 1))
+    result = run([exe, "-f", str(broken), "config", "-q"], cwd=tmp_path, env=compose_env())
+    assert result.returncode != 0 and "resourcez" in result.stderr
+
+
+def test_compose_environment_is_accepted_by_the_service():
+    """Every SOAP_* variable the stacks set is a real service setting, and the values parse."""
+    from service.config import ServiceSettings, _env_name, load_settings
+
+    known = {_env_name(f) for f in ServiceSettings.model_fields}
+    for files, profiles in (([COMPOSE], ["scale"]), ([COMPOSE, COMPOSE_CPU], ["cpu"])):
+        config = compose_config(files, profiles)
+        for name, svc in serving(active_services(config, profiles)).items():
+            env = {k: ("" if v is None else str(v)) for k, v in svc["environment"].items()}
+            secrets = {"SOAP_API_KEY"}  # the key itself, read through SOAP_API_KEY_ENV
+            unknown = {k for k in env if k.startswith("SOAP_")} - known - secrets
+            assert not unknown, f"{name}: not service settings: {sorted(unknown)}"
+            settings = load_settings([], environ={k: v for k, v in env.items() if k in known})
+            assert settings.port == SERVICE_PORT and settings.host == "0.0.0.0"
+            assert settings.model_names == ["mnist-fcn-dr"]
+            assert settings.api_key_env in (None, "") and settings.enable_attack is False
+            # The image's model path is the repository's shipped model (WORKDIR /app).
+            assert settings.models[0] == Path("/app/models/zoo/mnist-fcn-dr")
+
+
+# ------------------------------------------------------------------------------------------------ Dockerfile
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """.dockerignore semantics, enough for these patterns: last match wins, `!` re-includes, `**` any depth,
+    and a match on a parent folder excludes what is inside."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for raw in patterns:
+        negate = raw.startswith("!")
+        pattern = raw[1:] if negate else raw
+        regex = fnmatch.translate(pattern).replace(".*.*/", "(.*/)?")
+        if any(re.match(regex, c) for c in candidates):
+            ignored = not negate
+    return ignored
+
+
+def test_dockerfile_is_a_cuda_nonroot_image_with_models_and_healthcheck():
+    instr = dockerfile_instructions()
+    args = dict(rest.split("=", 1) for word, rest in instr if word == "ARG" and "=" in rest)
+    assert args["VARIANT"] == "gpu"
+    assert "pytorch/pytorch" in args["GPU_BASE"] and "cuda" in args["GPU_BASE"] and "runtime" in args["GPU_BASE"]
+    froms = [rest for word, rest in instr if word == "FROM"]
+    assert "${GPU_BASE} AS base-gpu" in froms and "${CPU_BASE} AS base-cpu" in froms
+    assert froms[-1].startswith("base-${VARIANT}"), "the final stage must build on the base VARIANT picks"
+
+    user = [rest for word, rest in instr if word == "USER"][-1]
+    assert user.split(":")[0] not in ("root", "0") and int(user.split(":")[0]) > 0
+
+    health = [rest for word, rest in instr if word == "HEALTHCHECK"]
+    assert len(health) == 1 and "/app/docker/healthcheck.py" in health[0] and "--start-period=" in health[0]
+    assert "curl" not in health[0] and "wget" not in health[0]
+    assert [rest for word, rest in instr if word == "EXPOSE"] == [str(SERVICE_PORT)]
+    assert json.loads([rest for word, rest in instr if word == "CMD"][-1]) == ["python", "-m", "service"]
+
+    env = {}
+    for word, rest in instr:
+        if word == "ENV":
+            env.update(dict(re.findall(r"(\w+)=(\S+)", rest)))
+    assert env["SOAP_PORT"] == str(SERVICE_PORT) and env["SOAP_HOST"] == "0.0.0.0"
+    model_in_image = Path(env["SOAP_MODELS"])
+    assert model_in_image.parts[:2] == ("/", "app") and [w for w, _ in instr if w == "WORKDIR"]
+    shipped = REPO.joinpath(*model_in_image.parts[2:])
+    assert shipped == DEFAULT_MODEL and (shipped / "model.json").is_file()
+
+    # Everything COPY takes is in the repository and not excluded from the build context.
+    patterns = [p.strip() for p in DOCKERIGNORE.read_text().splitlines() if p.strip() and not p.startswith("#")]
+    for word, rest in instr:
+        if word == "COPY" and "--from" not in rest:
+            for src in rest.split()[:-1]:
+                assert (REPO / src).exists(), f"COPY source {src} missing"
+                assert not dockerignored(src, patterns), f"COPY source {src} is excluded by .dockerignore"
+    for kept in ("models/zoo/mnist-fcn-dr/model.safetensors", "models/zoo/mnist-fcn-dr/model.json",
+                 "service/app.py", "pyproject.toml"):
+        assert not dockerignored(kept, patterns), kept
+    for dropped in (".venv/bin/python", ".git/HEAD", "service/__pycache__/app.cpython-311.pyc", "data/mnist/x.png",
+                    "runs/exp/model.safetensors", ".pytest_cache/v", "tests/data/mnist/7/a.png",
+                    "models/zoo/mnist-fcn-dr/train_state.pt", "benchmarks/results/purifier.json"):
+        assert dockerignored(dropped, patterns), dropped
+
+
+# ------------------------------------------------------------------------------------------------ Prometheus
+
+def promtool() -> str:
+    return require("promtool", "apt-get install prometheus; .ci/run does")
+
+
+def load_yaml(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def alert_rules() -> list[dict]:
+    return [r for g in load_yaml(RULES)["groups"] for r in g["rules"] if "alert" in r]
+
+
+def test_promtool_checks_prometheus_config():
+    result = run([promtool(), "check", "config", str(PROMETHEUS)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 rule files found" in result.stdout + result.stderr
+
+
+def test_promtool_checks_alert_rules():
+    result = run([promtool(), "check", "rules", str(RULES)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    names = {r["alert"] for r in alert_rules()}
+    # The four the deployment promises: slow, backed up, failing, under attack.
+    assert {"SoapHighP99Latency", "SoapQueueGrowing", "SoapServerErrors", "SoapSuspiciousInputSpike"} <= names
+
+
+def test_alert_rules_fire_on_their_patterns_only():
+    """promtool's rule unit tests: each alert fires on synthetic series showing its problem and not otherwise."""
+    result = run([promtool(), "test", "rules", str(RULE_TESTS)], cwd=RULE_TESTS.parent)
+    assert result.returncode == 0, result.stdout + result.stderr
+    tested = {case["alertname"] for t in load_yaml(RULE_TESTS)["tests"] for case in t.get("alert_rule_test", [])}
+    assert tested == {r["alert"] for r in alert_rules()}, "every alert rule needs a unit test"
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_panels() -> list[dict]:
+    out = []
+    for panel in dashboard()["panels"]:
+        out.append(panel)
+        out.extend(panel.get("panels", []))
+    return out
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    return [(p["title"], t["expr"]) for p in dashboard_panels() for t in p.get("targets", [])]
+
+
+def grafana_to_promql(expr: str) -> str:
+    """What Grafana sends: template variables substituted."""
+    return (expr.replace("$__rate_interval", "1m").replace("$__interval", "15s")
+            .replace("$model", ".*").replace("$instance", ".*"))
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path):
+    """promtool parses every dashboard query (as a recording rule), with Grafana's variables substituted."""
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query_{i}", "expr": grafana_to_promql(expr)}
+        for i, (_, expr) in enumerate(dashboard_exprs())]}]}
+    path = tmp_path / "dashboard-queries.yml"
+    path.write_text(yaml.safe_dump(rules))
+    result = run([promtool(), "check", "rules", str(path)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_is_provisioned_and_covers_the_service():
+    dash = dashboard()
+    panels = dashboard_panels()
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    cells = set()
+    for p in panels:  # no two panels overlap on the 24-column grid
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not cells & mine, f"panel {p['title']!r} overlaps another"
+        cells |= mine
+
+    datasource = load_yaml(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")["datasources"][0]
+    assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
+    for p in panels:
+        if p["type"] != "row":
+            assert p["datasource"]["uid"] == datasource["uid"], p["title"]
+            assert all(t["datasource"]["uid"] == datasource["uid"] for t in p["targets"]), p["title"]
+    provider = load_yaml(GRAFANA / "provisioning" / "dashboards" / "soap.yml")["providers"][0]
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+
+    used = metric_names(" ".join(e for _, e in dashboard_exprs()))
+    missing = {m for m in CONTRACT_METRICS if not any(u == m or u.startswith(m + "_") for u in used)}
+    assert not missing, f"dashboard shows nothing of {sorted(missing)}"
+    gpu = {u for u in used if u.startswith("DCGM_")}
+    assert gpu and gpu <= DCGM_DEFAULT_COUNTERS, f"GPU panels read {sorted(gpu)}"
+    assert {v["name"] for v in dash["templating"]["list"]} == {"model", "instance"}
+    titles = " ".join(p["title"].lower() for p in panels)
+    for topic in ("request rate", "p50, p90, p99", "queue wait", "batch size", "queue depth", "rejections",
+                  "ε distribution", "auxiliary loss", "suspicious", "gpu utilisation"):
+        assert topic in titles, f"no panel about {topic}"
+
+
+# --------------------------------------------------------------------------------------------------- PromQL
+
+PROMQL_WORDS = {
+    "sum", "min", "max", "avg", "count", "stddev", "stdvar", "topk", "bottomk", "quantile", "count_values", "group",
+    "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool", "offset",
+    "rate", "irate", "increase", "delta", "idelta", "deriv", "predict_linear", "histogram_quantile", "abs",
+    "ceil", "floor", "round", "clamp_min", "clamp_max", "label_replace", "label_join", "vector", "scalar", "time",
+    "min_over_time", "max_over_time", "avg_over_time", "sum_over_time", "count_over_time", "last_over_time",
+    "absent", "absent_over_time", "changes", "resets", "sort", "sort_desc", "inf", "nan", "le",
+}
+
+
+def strip_strings(expr: str) -> str:
+    return re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names in PromQL: identifiers that are not functions, keywords, label names in {...} or by (...),
+    durations or numbers."""
+    text = strip_strings(expr)
+    text = re.sub(r"\{[^}]*\}", "{}", text)                      # label matchers
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    text = re.sub(r"\[[^\]]*\]", "[]", text)                      # ranges
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
+        word = m.group(0)
+        follows = text[m.end():].lstrip()[:1]
+        if word in PROMQL_WORDS or follows == "(":
+            continue
+        names.add(word)
+    return names
+
+
+def selectors(expr: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """(metric, [(label, op, value)]) for every `metric{...}` selector."""
+    out = []
+    for m in re.finditer(r"([A-Za-z_:][A-Za-z0-9_:]*)\s*\{([^}]*)\}", expr):
+        matchers = re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"', m.group(2))
+        out.append((m.group(1), matchers))
+    return out
+
+
+def grouping_labels(expr: str) -> list[tuple[set[str], set[str]]]:
+    """(labels, metrics aggregated) for every `agg by (labels) (...)`."""
+    out = []
+    text = strip_strings(expr)
+    for m in re.finditer(r"\bby\s*\(([^)]*)\)\s*\(", text):
+        depth, i = 1, m.end()
+        while depth and i < len(text):
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            i += 1
+        labels = {x.strip() for x in m.group(1).split(",") if x.strip()}
+        out.append((labels, metric_names(text[m.end(): i - 1])))
+    return out
+
+
+def test_promql_helpers_find_names_and_labels():
+    expr = ('histogram_quantile(0.99, sum by (le, model) (rate(soap_request_duration_seconds_bucket'
+            '{route="/classify",model=~"$model"}[5m]))) > 2 and on (model) up{job="soap"} == 0')
+    assert metric_names(expr) == {"soap_request_duration_seconds_bucket", "up"}
+    assert selectors(expr)[0] == ("soap_request_duration_seconds_bucket", [("route", "=", "/classify"),
+                                                                          ("model", "=~", "$model")])
+    assert grouping_labels(expr) == [({"le", "model"}, {"soap_request_duration_seconds_bucket"})]
+
+
+# ------------------------------------------------------------------------------------------------ Kubernetes
+
+def kustomize(path: Path) -> list[dict]:
+    exe = require("kubectl", "kubectl client with kustomize")
+    result = run([exe, "kustomize", str(path)])
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+def test_kubernetes_manifests_build_and_validate(overlay):
+    docs = kustomize(K8S if overlay == "gpu" else K8S / overlay)
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (dev extra) validates the schemas")
+    for doc in docs:  # schema of the Kubernetes API, unknown fields rejected (kubeconform-style, offline)
+        kv.validate(doc, kv.latest_version(), strict=True)
+    by_kind = {d["kind"]: d for d in docs}
+    assert {"Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget"} <= set(by_kind)
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"soap"}
+
+    deploy = by_kind["Deployment"]
+    pod = deploy["spec"]["template"]
+    assert deploy["spec"]["replicas"] >= 2
+    assert deploy["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (container,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": SERVICE_PORT}
+    probe_port = lambda probe: ports.get(probe["httpGet"]["port"], probe["httpGet"]["port"])  # noqa: E731
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert probe_port(container[probe]) == SERVICE_PORT, probe
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "allow loading and warm-up"
+    limits = container["resources"]["limits"]
+    if overlay == "gpu":
+        assert limits["nvidia.com/gpu"] == 1 and container["image"].endswith(":gpu")
+    else:
+        assert "nvidia.com/gpu" not in limits and container["image"].endswith(":cpu")
+        assert "tolerations" not in pod["spec"]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert pod["spec"]["securityContext"]["runAsUser"] != 0
+
+    for annotated in (pod, by_kind["Service"]):
+        notes = annotated["metadata"]["annotations"]
+        assert notes["prometheus.io/scrape"] == "true"
+        assert int(notes["prometheus.io/port"]) == SERVICE_PORT and notes["prometheus.io/path"] == "/metrics"
+    service = by_kind["Service"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (sport,) = service["spec"]["ports"]
+    assert ports.get(sport["targetPort"], sport["targetPort"]) == SERVICE_PORT
+
+    # Graceful shutdown fits: not-ready delay plus the drain of accepted requests end before SIGKILL.
+    from service.config import ServiceSettings, _env_name, load_settings
+
+    config = {k: str(v) for k, v in by_kind["ConfigMap"]["data"].items()}
+    assert container["envFrom"][0]["configMapRef"]["name"] == by_kind["ConfigMap"]["metadata"]["name"]
+    known = {_env_name(f) for f in ServiceSettings.model_fields}
+    assert set(config) <= known, f"not service settings: {sorted(set(config) - known)}"
+    settings = load_settings([], environ=config)
+    assert settings.port == SERVICE_PORT and settings.device == ("auto" if overlay == "gpu" else "cpu")
+    assert pod["spec"]["terminationGracePeriodSeconds"] > settings.shutdown_delay_s + settings.graceful_timeout_s
+
+
+def test_kubernetes_validator_rejects_a_broken_manifest():
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (dev extra) validates the schemas")
+    deploy = next(d for d in kustomize(K8S) if d["kind"] == "Deployment")
+    deploy["spec"]["template"]["spec"]["containers"][0]["readinessProbez"] = {}
+    with pytest.raises(kv.ValidationError):
+        kv.validate(deploy, kv.latest_version(), strict=True)
+
+
+# ------------------------------------------------------------------------------------ the real service process
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_service():
+    """`python -m service` (the image's CMD) configured by the compose stack's environment, the model path mapped
+    from /app to this checkout, on CPU and a free port. Yields (base_url, port)."""
+    if not (DEFAULT_MODEL / "model.json").is_file():
+        pytest.fail(f"the shipped default model {DEFAULT_MODEL} is missing")
+    config = compose_config([COMPOSE], [])
+    env = {k: ("" if v is None else str(v)) for k, v in config["services"]["soap"]["environment"].items()}
+    env = {k: v for k, v in env.items() if k.startswith("SOAP_") and k != "SOAP_API_KEY"}
+    port = free_port()
+    env.update(SOAP_MODELS=str(DEFAULT_MODEL), SOAP_HOST="127.0.0.1", SOAP_PORT=str(port), SOAP_DEVICE="cpu",
+               SOAP_MAX_DELAY_MS="1")
+    proc_env = {**{k: v for k, v in os.environ.items() if not k.startswith("SOAP_")}, **env}
+    log = open(REPO / ".pytest_cache" / "deploy-service.log", "w") if (REPO / ".pytest_cache").is_dir() \
+        else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=proc_env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, f"service exited with {proc.returncode} (log: .pytest_cache/deploy-service.log)"
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "service not ready within 90 s"
+            time.sleep(0.25)
+        yield base, port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if log is not subprocess.DEVNULL:
+            log.close()
+
+
+@pytest.fixture(scope="module")
+def scraped(live_service):
+    """Classify real digits, a noise image (a candidate for `suspicious`) and a broken file, so labelled series
+    exist; then scrape /metrics like Prometheus. Returns (samples {sample name: [labels]}, declared sample names:
+    what the exposition's TYPE lines promise, including labelled series that have not been observed yet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    base, _ = live_service
+    png = base64.b64encode(MNIST_DIGIT.read_bytes()).decode()
+    ok = httpx.post(f"{base}/classify", json={"images": [png, png, noise_png()]}, timeout=60)
+    assert ok.status_code == 200, ok.text
+    assert len(ok.json()["results"]) == 3
+    bad = httpx.post(f"{base}/classify", json={"images": [base64.b64encode(b"not an image").decode()]}, timeout=60)
+    assert bad.status_code in (400, 415, 422) and "error" in bad.json()
+    job = next(j for j in load_yaml(PROMETHEUS)["scrape_configs"] if j["job_name"] == "soap")
+    response = httpx.get(base + job["metrics_path"], timeout=10)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples: dict[str, list[dict]] = {}
+    declared: set[str] = set()
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "gauge": [""], "info": ["_info"]}
+    for family in text_string_to_metric_families(response.text):
+        declared |= {family.name + suffix for suffix in suffixes.get(family.type, [""])}
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(dict(sample.labels))
+    return samples, declared
+
+
+def noise_png() -> str:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(28, 28), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def rule_and_dashboard_exprs() -> list[tuple[str, str]]:
+    return [(f"alert {r['alert']}", r["expr"]) for r in alert_rules()] + \
+           [(f"panel {t}", grafana_to_promql(e)) for t, e in dashboard_exprs()]
+
+
+def test_dashboard_and_alerts_read_only_exported_series(scraped):
+    """Every soap_* series a panel or an alert reads is exported by the running service, with the labels the
+    query selects and groups by, and the label values it matches exactly (checked on the observed series)."""
+    scraped, exported = scraped
+    assert set(scraped) <= exported
+    problems = []
+    for where, expr in rule_and_dashboard_exprs():
+        for name in metric_names(expr):
+            if name.startswith("soap_") and name not in exported:
+                problems.append(f"{where}: {name} is not exported")
+            elif not name.startswith("soap_") and name != "up" and name not in DCGM_DEFAULT_COUNTERS:
+                problems.append(f"{where}: unknown series {name}")
+        for name, matchers in selectors(expr):
+            if name not in scraped:
+                continue
+            have = set().union(*(s.keys() for s in scraped[name])) | TARGET_LABELS
+            for label, op, value in matchers:
+                if label not in have:
+                    problems.append(f"{where}: {name} has no label {label!r}")
+                elif op == "=" and label not in TARGET_LABELS and value not in {s.get(label) for s in scraped[name]}:
+                    problems.append(f"{where}: {name}{{{label}={value!r}}} matches no exported series")
+        for labels, names in grouping_labels(expr):
+            for name in names & set(scraped):
+                have = set().union(*(s.keys() for s in scraped[name])) | TARGET_LABELS
+                if labels - have:
+                    problems.append(f"{where}: {name} has no label(s) {sorted(labels - have)} to group by")
+    assert not problems, "\n".join(problems)
+    # The exported families are the contract's.
+    families = {n for n in exported if n.startswith("soap_")}
+    for metric in CONTRACT_METRICS:
+        assert metric in families or f"{metric}_count" in families, f"service does not export {metric}"
+
+
+def test_scrape_targets_match_the_service(live_service, scraped):
+    """Prometheus scrapes the port and path the service serves its metrics on, in compose and Kubernetes."""
+    from service.config import ServiceSettings
+
+    scraped, _ = scraped
+    assert ServiceSettings.model_fields["port"].default == SERVICE_PORT
+    job = next(j for j in load_yaml(PROMETHEUS)["scrape_configs"] if j["job_name"] == "soap")
+    assert job.get("scheme", "http") == "http" and job["metrics_path"] == "/metrics"
+    (sd,) = job["dns_sd_configs"]
+    assert sd["names"] == ["soap"] and sd["type"] == "A" and sd["port"] == SERVICE_PORT
+    assert "soap_ready" in scraped and scraped["soap_ready"] and "soap_model_info" in scraped
+    info = scraped["soap_model_info"][0]
+    assert info["model"] == "mnist-fcn-dr" and info["device"] == "cpu"
+    # The balancer never serves /metrics (each replica is scraped on its own) and proxies to the same port.
+    nginx = NGINX.read_text()
+    assert f"http://soap:{SERVICE_PORT}" in nginx and re.search(r"location = /metrics\s*\{\s*return 404;", nginx)
+
+
+def test_container_healthcheck_follows_readiness(live_service, tmp_path):
+    """docker/healthcheck.py (the image's HEALTHCHECK) exits 0 on the ready service and 1 where nothing listens."""
+    _, port = live_service
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("SOAP_")}
+    ready = run([sys.executable, str(HEALTHCHECK)], env={**base_env, "SOAP_PORT": str(port)})
+    assert ready.returncode == 0, ready.stderr
+    down = run([sys.executable, str(HEALTHCHECK)], env={**base_env, "SOAP_PORT": str(free_port())})
+    assert down.returncode == 1 and "/readyz" in down.stderr
+
+
+# ------------------------------------------------------------------------------------------------------ docs
+
+def test_deploy_docs_list_every_setting():
+    from service.config import ServiceSettings, _env_name
+
+    text = DOCS.read_text()
+    table = set(re.findall(r"^\|\s*`(SOAP_[A-Z_]+)`", text, flags=re.M))
+    settings = {_env_name(f) for f in ServiceSettings.model_fields}
+    assert settings - table == set(), f"docs/deploy.md does not describe {sorted(settings - table)}"
+    assert table - settings <= {"SOAP_API_KEY"}, f"docs/deploy.md describes unknown {sorted(table - settings)}"
+    for command in ("docker compose up", "docker/compose.cpu.yml", "--profile scale", "--profile gpu-metrics",
+                    "kubectl apply -k deploy/k8s", "nvidia-ctk"):
+        assert command in text, f"docs/deploy.md does not show {command!r}"
