@@ -256,6 +256,7 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         started = time.perf_counter()
         query = dict(request.query_params)
         query_model = query.get("model")
+        request.scope["soap.model"] = runtime.metrics_label(query_model)
         if runtime.draining:
             raise _shutting_down()
         kind = media_type(request)

@@ -61,7 +61,7 @@ def _mnist_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def train_tiny_checkpoint(directory: Path, steps: int = 60) -> Path:
+def train_tiny_checkpoint(directory: Path, steps: int = 30) -> Path:
     """A freshly trained mnist-fcn-dr (a few SGD steps on the 300 test-data digits), saved with a calibration."""
     torch.manual_seed(0)
     model = create_model("mnist-fcn-dr")
@@ -81,7 +81,7 @@ def train_tiny_checkpoint(directory: Path, steps: int = 60) -> Path:
         accuracy = (model(x).argmax(1) == y).float().mean().item()
     quantiles = {q: torch.quantile(aux, float(q)).item() for q in ("0.5", "0.9", "0.95", "0.99")}
     meta = meta_for(model, network="mnist-fcn-dr", dataset="mnist", class_names=[str(i) for i in range(10)],
-                    training={"note": "test fixture: 60 SGD steps on tests/data/mnist"},
+                    training={"note": "test fixture: 30 SGD steps on tests/data/mnist"},
                     metrics={"clean_accuracy": accuracy},
                     calibration=Calibration(n=len(x), aux_loss_quantiles=quantiles, suspicious_quantile="0.99"))
     return save_checkpoint(model, meta, directory)
