@@ -68,9 +68,9 @@
     if (err instanceof ApiError) {
       const words = STATUS_WORDS[err.status] || "The request failed";
       const body = err.body || {};
-      const parts = [body.error, detailText(body.detail)].filter((s) => s && String(s).trim());
-      const unique = parts.filter((p, i) => parts.indexOf(p) === i);
-      return `${words} (HTTP ${err.status})${unique.length ? ": " + unique.join(" — ") : "."}`;
+      // The human-readable detail when there is one; the machine code (e.g. bad_image) only as a fallback.
+      const text = detailText(body.detail) || (body.error ? String(body.error).replace(/_/g, " ") : "");
+      return `${words} (HTTP ${err.status})${text ? ": " + text : "."}`;
     }
     if (err instanceof TypeError) return "Could not reach the service. Is it still running?";
     return String(err && err.message ? err.message : err);
