@@ -175,6 +175,9 @@ async def _await_result(request: Request, model: ModelRuntime, item: WorkItem) -
                 raise ServiceError(504, "deadline_exceeded", "the request waited longer than "
                                    f"{request.app.state.settings.request_timeout_s:g} s for compute to start",
                                    reason="deadline", model=model.name)
+    except asyncio.CancelledError:  # the server cancelled the handler: do not compute for nobody
+        model.batcher.cancel(item)
+        raise
     finally:
         if watcher is not None:
             watcher.cancel()
