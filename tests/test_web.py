@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,6 +30,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 TIMEOUT_MS = 20_000
+SECOND = "mnist-second"
 
 pytestmark = [
     pytest.mark.browser,
@@ -83,10 +85,15 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def servers():
+def servers(tmp_path_factory):
     assert (MODEL / "model.safetensors").is_file(), f"the shipped model {MODEL} is missing"
     ARTIFACTS.mkdir(exist_ok=True)
-    off, on = Server(), Server("--enable-attack")
+    # A second model for the picker: the same checkpoint under another folder name (= model name).
+    second = tmp_path_factory.mktemp("zoo") / SECOND
+    second.mkdir()
+    for name in ("model.safetensors", "model.json"):
+        shutil.copy(MODEL / name, second / name)
+    off, on = Server(), Server("--enable-attack", "--model", str(second))
     try:
         off.wait_ready()
         on.wait_ready()
@@ -299,3 +306,25 @@ def test_keyboard_only_drawing_and_labels(page, servers):
     wait_for_result(page)
     assert re.fullmatch(r"\d", shown(page)["label"])
     page.screenshot(path=str(ARTIFACTS / "web-keyboard.png"), full_page=True)
+
+
+def test_drag_and_drop_and_model_picker(page, servers):
+    server = servers["on"]
+    open_page(page, server)
+    assert page.locator("#model option").all_inner_texts() == ["mnist-fcn-dr (mnist)", f"{SECOND} (mnist)"]
+    png = mnist_png(9).read_bytes()
+    page.evaluate("""(b64) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], 'dropped.png', {type: 'image/png'}));
+        document.getElementById('drop-zone').dispatchEvent(
+            new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+    }""", base64.b64encode(png).decode())
+    wait_for_result(page)
+    assert "model mnist-fcn-dr" in page.locator("#timing").inner_text()
+    assert_matches(page, direct_classify(server, png))
+    # Picking another model classifies the current image again with that model.
+    with page.expect_request(lambda r: "/classify" in r.url and f"model={SECOND}" in r.url):
+        page.select_option("#model", SECOND)
+    page.wait_for_function(f"() => document.getElementById('timing').textContent.includes('model {SECOND}')")
+    assert shown(page)["label"] == str(direct_classify(server, png)["label"])
