@@ -256,7 +256,6 @@ def test_attack_then_purify_when_enabled(page, servers):
     path = mnist_png(7)
     page.set_input_files("#file", str(path))
     wait_for_result(page)
-    clean_label = shown(page)["label"]
     assert page.locator("#attack").is_enabled()
     with page.expect_response(lambda r: "/v1/attack" in r.url) as resp:
         page.click("#attack")
@@ -269,7 +268,10 @@ def test_attack_then_purify_when_enabled(page, servers):
     summary = page.locator("#attack-summary").inner_text()
     assert f"the undefended classifier says {attack['clean_label']} on the input" in summary
     assert f"{attack['adversarial_label']} on the adversarial image" in summary
-    assert str(attack["clean_label"]) == clean_label
+    # The attacked label is the undefended classifier's own prediction (/classify with mode=none).
+    undefended = httpx.post(f"{server.url}/classify", params={"mode": "none"},
+                            files={"file": ("x.png", path.read_bytes(), "image/png")}).json()["results"][0]
+    assert attack["clean_label"] == undefended["label"]
     assert page.locator("#fig-adversarial").is_visible()
     assert page.evaluate("document.getElementById('img-adversarial').naturalWidth") == 28
     # What the page shows after the attack is /classify's answer for the adversarial PNG.
