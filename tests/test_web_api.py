@@ -5,11 +5,13 @@ The real app (service.app.create_app) with the shipped model models/zoo/mnist-fc
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import re
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -152,3 +154,21 @@ def test_attack_needs_the_api_key_when_one_is_set(monkeypatch):
         assert client.post("/v1/attack", files=files).status_code == 401
         assert client.post("/v1/attack", files=files, headers={"X-API-Key": "s3cret"}).status_code == 200
         assert client.get("/").status_code == 200  # the page itself is public; it asks for the key
+
+
+def test_one_attack_at_a_time():
+    """A second attack while one is computing gets 503 + Retry-After at once (it costs compute)."""
+    app = create_app(ServiceSettings(models=[MODEL], device="cpu", enable_attack=True))
+
+    async def both():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            def one():
+                return client.post("/v1/attack", params={"steps": MAX_ATTACK_STEPS},
+                                   files={"file": ("x.png", _png(6), "image/png")})
+            return await asyncio.gather(one(), one())
+
+    first, second = asyncio.run(both())
+    assert sorted([first.status_code, second.status_code]) == [200, 503]
+    busy = first if first.status_code == 503 else second
+    assert busy.json()["error"] == "attack_busy" and busy.headers["retry-after"] == "1"
