@@ -672,6 +672,130 @@ def test_scrape_targets_match_the_service(live_service, scraped):
     assert f"http://soap:{SERVICE_PORT}" in nginx and re.search(r"location = /metrics\s*\{\s*return 404;", nginx)
 
 
+def test_prometheus_scrapes_the_service_and_every_panel_has_data(live_service, scraped, tmp_path):
+    """The real Prometheus, with this repository's scrape job and alert rules, scrapes the running service; every
+    dashboard query then returns data, unless it reads a series this traffic cannot create (no 5xx, no suspicious
+    input, no GPU), and every alert rule evaluates without error."""
+    exe = require("prometheus", "apt-get install prometheus; .ci/run does")
+    _, port = live_service
+    samples, _ = scraped
+    config = load_yaml(PROMETHEUS)
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "soap"]
+    del job["dns_sd_configs"]  # Docker's DNS name `soap`; here the service is this process
+    job.update(static_configs=[{"targets": [f"127.0.0.1:{port}"]}], scrape_interval="1s")
+    config["scrape_configs"] = [job]
+    config["global"]["evaluation_interval"] = "1s"
+    shutil.copytree(RULES.parent, tmp_path / "rules")
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    prom = f"http://127.0.0.1:{free_port()}"
+    log = open(tmp_path / "prometheus.log", "w")
+    proc = subprocess.Popen([exe, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address={prom[7:]}"],
+                            stdout=log, stderr=subprocess.STDOUT)
+
+    def query(expr: str) -> list:
+        body = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10).json()
+        assert body["status"] == "success", f"{expr}: {body}"
+        return body["data"]["result"]
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # two scrapes of the service: enough for rate() over the panels' window
+            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+            try:
+                if query('count_over_time(soap_ready{job="soap"}[1m]) >= 2'):
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "Prometheus did not scrape the service twice in 30 s"
+            time.sleep(0.3)
+        assert [r["value"][1] for r in query('up{job="soap"}')] == ["1"]
+
+        empty = []
+        for title, expr in dashboard_exprs():
+            promql = grafana_to_promql(expr)
+            unobservable = (any(n not in samples for n in metric_names(promql) if n != "up")
+                            or 'status=~"5.."' in promql)
+            if not query(promql) and not unobservable:
+                empty.append(f"{title}: {promql}")
+        assert not empty, "panels without data:\n" + "\n".join(empty)
+
+        deadline = time.monotonic() + 10
+        while True:  # each rule evaluated at least once, without error
+            groups = httpx.get(f"{prom}/api/v1/rules", timeout=10).json()["data"]["groups"]
+            rules = [r for g in groups for r in g["rules"]]
+            if rules and all(not r["lastEvaluation"].startswith("0001") for r in rules):
+                break
+            assert time.monotonic() < deadline, "rules not evaluated"
+            time.sleep(0.3)
+        assert {r["name"] for r in rules} == {r["alert"] for r in alert_rules()}
+        assert [r["name"] for r in rules if r["health"] != "ok"] == []
+        # A healthy, idle replica with a well-behaved input mix raises no alert.
+        assert [r["name"] for r in rules if r["state"] != "inactive"] == []
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+
+
+def nginx_main_config(tmp_path: Path, server_block: str) -> Path:
+    """nginx.conf around the compose stack's server block (which nginx's image includes in its http block)."""
+    for d in ("body", "proxy"):
+        (tmp_path / d).mkdir(exist_ok=True)
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"""daemon off;
+master_process off;
+pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp_path}/body;
+  proxy_temp_path {tmp_path}/proxy;
+  fastcgi_temp_path {tmp_path}/proxy; uwsgi_temp_path {tmp_path}/proxy; scgi_temp_path {tmp_path}/proxy;
+{server_block}
+}}
+""")
+    return conf
+
+
+def test_load_balancer_proxies_to_the_service(live_service, tmp_path):
+    """nginx accepts docker/nginx/soap-lb.conf as is (`nginx -t`), and, pointed at the running service instead of
+    Docker's DNS name, forwards /classify and health checks while keeping /metrics per replica."""
+    exe = require("nginx", "apt-get install nginx-light; .ci/run does")
+    _, port = live_service
+    server = NGINX.read_text()
+    checked = run([exe, "-t", "-p", str(tmp_path), "-c", str(nginx_main_config(tmp_path, server))])
+    assert checked.returncode == 0, checked.stderr
+
+    lb_port = free_port()
+    upstream = f"http://soap:{SERVICE_PORT}"
+    assert upstream in server and "listen 8080;" in server
+    local = server.replace(upstream, f"http://127.0.0.1:{port}").replace("listen 8080;", f"listen 127.0.0.1:{lb_port};")
+    proc = subprocess.Popen([exe, "-p", str(tmp_path), "-c", str(nginx_main_config(tmp_path, local))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lb = f"http://127.0.0.1:{lb_port}"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            assert proc.poll() is None, (tmp_path / "error.log").read_text()
+            try:
+                ready = httpx.get(f"{lb}/readyz", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "nginx did not start"
+                time.sleep(0.1)
+        assert ready.status_code == 200
+        png = base64.b64encode(MNIST_DIGIT.read_bytes()).decode()
+        answer = httpx.post(f"{lb}/classify", json={"images": [png]}, headers={"X-Request-ID": "via-lb"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-request-id"] == "via-lb" and len(answer.json()["results"]) == 1
+        assert httpx.get(f"{lb}/metrics", timeout=5).status_code == 404
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def test_container_healthcheck_follows_readiness(live_service, tmp_path):
     """docker/healthcheck.py (the image's HEALTHCHECK) exits 0 on the ready service and 1 where nothing listens."""
     _, port = live_service
