@@ -178,10 +178,10 @@ def test_compose_stack_validates_and_is_wired(stack):
     assert mounts["/etc/prometheus"] == PROMETHEUS.parent
     grafana_mounts = {v.split(":")[1]: Path(v.split(":")[0]) for v in active["grafana"]["volumes"] if v.startswith("/")}
     assert grafana_mounts["/etc/grafana/provisioning"] == GRAFANA / "provisioning"
-    dashboards_dir = grafana_mounts["/var/lib/grafana/dashboards"]
+    dashboards_dir = grafana_mounts["/etc/grafana/dashboards"]
     assert dashboards_dir == DASHBOARD.parent
     home = active["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
-    assert (dashboards_dir / Path(home).name).is_file() and home.startswith("/var/lib/grafana/dashboards/")
+    assert (dashboards_dir / Path(home).name).is_file() and home.startswith("/etc/grafana/dashboards/")
     if "lb" in active:
         lb_mounts = {v.split(":")[1]: Path(v.split(":")[0]) for v in active["lb"]["volumes"]}
         assert lb_mounts["/etc/nginx/conf.d/default.conf"] == NGINX
@@ -387,7 +387,7 @@ def test_dashboard_is_provisioned_and_covers_the_service():
             assert p["datasource"]["uid"] == datasource["uid"], p["title"]
             assert all(t["datasource"]["uid"] == datasource["uid"] for t in p["targets"]), p["title"]
     provider = load_yaml(GRAFANA / "provisioning" / "dashboards" / "soap.yml")["providers"][0]
-    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    assert provider["options"]["path"] == "/etc/grafana/dashboards"
 
     used = metric_names(" ".join(e for _, e in dashboard_exprs()))
     missing = {m for m in CONTRACT_METRICS if not any(u == m or u.startswith(m + "_") for u in used)}
