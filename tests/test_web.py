@@ -19,10 +19,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
+
+from models import create_model, save_checkpoint
+from models.checkpoint import meta_for
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "zoo" / "mnist-fcn-dr"
 MNIST = ROOT / "tests" / "data" / "mnist"
+CIFAR10 = ROOT / "tests" / "data" / "cifar10"
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -31,6 +36,7 @@ CHROMIUM_ARGS = [
 ]
 TIMEOUT_MS = 20_000
 SECOND = "mnist-second"
+CIFAR = "cifar10-untrained"
 
 pytestmark = [
     pytest.mark.browser,
@@ -93,7 +99,13 @@ def servers(tmp_path_factory):
     second.mkdir()
     for name in ("model.safetensors", "model.json"):
         shutil.copy(MODEL / name, second / name)
-    off, on = Server(), Server("--enable-attack", "--model", str(second))
+    # A three-channel model for the colour path: a real checkpoint of an untrained (seeded) CIFAR-10 network.
+    torch.manual_seed(0)
+    cifar = tmp_path_factory.mktemp("zoo") / CIFAR
+    network = create_model("cifar10-resnet18-rp")
+    classes = sorted(p.name for p in CIFAR10.iterdir())
+    save_checkpoint(network, meta_for(network, network="cifar10-resnet18-rp", dataset="cifar10", class_names=classes), cifar)
+    off, on = Server("--model", str(cifar)), Server("--enable-attack", "--model", str(second))
     try:
         off.wait_ready()
         on.wait_ready()
@@ -142,17 +154,22 @@ def shown(page) -> dict:
     return {k: page.locator(f"#pred-{k}").inner_text() for k in ("label", "eps", "aux-before", "aux-after", "suspicious")}
 
 
-def direct_classify(server: Server, png: bytes) -> dict:
-    params = {"model": "mnist-fcn-dr", "top_k": 10, "return_purified": "true", "return_curve": "true"}
+def direct_classify(server: Server, png: bytes, model: str = "mnist-fcn-dr") -> dict:
+    params = {"model": model, "top_k": 10, "return_purified": "true", "return_curve": "true"}
     r = httpx.post(f"{server.url}/classify", params=params, files={"file": ("x.png", png, "image/png")}, timeout=30)
     assert r.status_code == 200, r.text
     return r.json()["results"][0]
 
 
-def assert_matches(page, result: dict) -> None:
+def label_text(result: dict) -> str:
+    label, name = str(result["label"]), result["class_name"]
+    return label if name == label else f"{name} (class {label})"
+
+
+def assert_matches(page, result: dict, side: int = 28) -> None:
     """The page shows what /classify answers for the same bytes (rounded as the page rounds)."""
     s = shown(page)
-    assert s["label"] == str(result["label"])
+    assert s["label"] == label_text(result)
     assert float(s["eps"]) == pytest.approx(result["epsilon"], abs=1e-3)
     assert float(s["aux-before"]) == pytest.approx(result["aux_loss_before"], rel=1e-3)
     assert float(s["aux-after"]) == pytest.approx(result["aux_loss"], rel=1e-3)
@@ -160,11 +177,11 @@ def assert_matches(page, result: dict) -> None:
     # Bars: one per class, the first is the prediction; the curve has a point per budget and marks the choice.
     bars = page.locator("#bars li")
     assert bars.count() == 10
-    assert bars.first.locator(".name").inner_text() == str(result["label"])
+    assert bars.first.locator(".name").inner_text() == result["class_name"]
     assert page.locator("#curve svg circle").count() == len(result["aux_curve"]) == 11
     assert page.locator("#curve svg circle.chosen-point").count() == 1
     assert f"chosen ε = {s['eps']}" in page.locator("#curve svg").inner_html()
-    assert page.evaluate("document.getElementById('img-purified').naturalWidth") == 28
+    assert page.evaluate("document.getElementById('img-purified').naturalWidth") == side
 
 
 def shown_input_png(page) -> bytes:
@@ -330,3 +347,20 @@ def test_drag_and_drop_and_model_picker(page, servers):
         page.select_option("#model", SECOND)
     page.wait_for_function(f"() => document.getElementById('timing').textContent.includes('model {SECOND}')")
     assert shown(page)["label"] == str(direct_classify(server, png)["label"])
+
+
+def test_colour_model_hides_canvas_and_classifies_upload(page, servers):
+    server = servers["off"]
+    open_page(page, server)
+    assert page.locator("#draw-panel").is_visible()
+    page.select_option("#model", CIFAR)
+    page.wait_for_function("() => document.getElementById('model-info').textContent.includes('3×32×32')")
+    assert page.locator("#draw-panel").is_hidden()  # drawing is for one-channel (MNIST) models
+    path = sorted((CIFAR10 / "cat").glob("*.jpg"))[0]
+    page.set_input_files("#file", str(path))
+    wait_for_result(page)
+    result = direct_classify(server, path.read_bytes(), model=CIFAR)
+    assert_matches(page, result, side=32)
+    assert " (class " in shown(page)["label"]  # class names are shown with their index
+    assert page.locator("#pred-eps-255").inner_text() == f" (= {round(result['epsilon'] * 255)}/255)"
+    page.screenshot(path=str(ARTIFACTS / "web-colour.png"), full_page=True)

@@ -404,6 +404,12 @@
     return Number(v.toFixed(digits)).toString();
   }
 
+  /** " (= k/255)" for a budget on the 8-bit grid of a colour model (how CIFAR budgets are usually quoted). */
+  function in255(v) {
+    const k = v * 255;
+    return !isDrawable() && v > 0 && Math.abs(k - Math.round(k)) < 1e-3 ? ` (= ${Math.round(k)}/255)` : "";
+  }
+
   function fmtLoss(v) {
     return v == null ? "—" : Number(v).toPrecision(4);
   }
@@ -417,6 +423,7 @@
     $("pred-label").textContent = labelText(r.label, r.class_name);
     $("pred-confidence").textContent = `with probability ${(100 * r.confidence).toFixed(1)} %`;
     $("pred-eps").textContent = fmt(r.epsilon);
+    $("pred-eps-255").textContent = in255(r.epsilon);
     $("pred-aux-before").textContent = fmtLoss(r.aux_loss_before);
     $("pred-aux-after").textContent = fmtLoss(r.aux_loss);
     const thr = suspiciousThreshold();
@@ -462,7 +469,8 @@
       const pct = (100 * item.probability).toFixed(1);
       const name = document.createElement("span");
       name.className = "name";
-      name.textContent = labelText(item.label, item.class_name);
+      name.textContent = item.class_name != null ? String(item.class_name) : String(item.label);
+      name.title = labelText(item.label, item.class_name);
       const track = document.createElement("span");
       track.className = "track";
       track.setAttribute("aria-hidden", "true");
