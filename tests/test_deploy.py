@@ -545,34 +545,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def compose_soap_environment() -> dict[str, str]:
+    """The `soap` service's environment as docker-compose.yml writes it, `${NAME:-default}` taken at its default
+    (no compose tool needed; test_compose_environment_is_accepted_by_the_service checks compose's own rendering)."""
+    env = load_yaml(COMPOSE)["services"]["soap"]["environment"]
+    default = lambda v: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v))  # noqa: E731
+    return {k: default(v) for k, v in env.items()}
+
+
+def test_compose_soap_environment_reads_defaults():
+    env = compose_soap_environment()
+    assert env["SOAP_MODELS"] == "/app/models/zoo/mnist-fcn-dr" and env["SOAP_PORT"] == "8000"
+    assert env["SOAP_API_KEY_ENV"] == "" and "$" not in "".join(env.values())
+
+
 @pytest.fixture(scope="module")
-def live_service():
+def live_service(tmp_path_factory):
     """`python -m service` (the image's CMD) configured by the compose stack's environment, the model path mapped
     from /app to this checkout, on CPU and a free port. Yields (base_url, port)."""
     if not (DEFAULT_MODEL / "model.json").is_file():
         pytest.fail(f"the shipped default model {DEFAULT_MODEL} is missing")
-    config = compose_config([COMPOSE], [])
-    env = {k: ("" if v is None else str(v)) for k, v in config["services"]["soap"]["environment"].items()}
-    env = {k: v for k, v in env.items() if k.startswith("SOAP_") and k != "SOAP_API_KEY"}
+    env = {k: v for k, v in compose_soap_environment().items() if k.startswith("SOAP_") and k != "SOAP_API_KEY"}
     port = free_port()
     env.update(SOAP_MODELS=str(DEFAULT_MODEL), SOAP_HOST="127.0.0.1", SOAP_PORT=str(port), SOAP_DEVICE="cpu",
                SOAP_MAX_DELAY_MS="1")
     proc_env = {**{k: v for k, v in os.environ.items() if not k.startswith("SOAP_")}, **env}
-    log = open(REPO / ".pytest_cache" / "deploy-service.log", "w") if (REPO / ".pytest_cache").is_dir() \
-        else subprocess.DEVNULL
+    log_path = tmp_path_factory.mktemp("service") / "service.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=proc_env, stdout=log,
                             stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
         while True:
-            assert proc.poll() is None, f"service exited with {proc.returncode} (log: .pytest_cache/deploy-service.log)"
+            if proc.poll() is not None:
+                pytest.fail(f"service exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
             try:
                 if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline, "service not ready within 90 s"
+            if time.monotonic() > deadline:
+                pytest.fail(f"service not ready within 90 s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.25)
         yield base, port
     finally:
@@ -582,8 +596,7 @@ def live_service():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if log is not subprocess.DEVNULL:
-            log.close()
+        log.close()
 
 
 @pytest.fixture(scope="module")
