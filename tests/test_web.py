@@ -54,11 +54,16 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, *extra: str) -> None:
+    def __init__(self, *extra: str, api_key: str | None = None) -> None:
+        self.api_key = api_key
+        self.headers = {"X-API-Key": api_key} if api_key else {}
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("SOAP_")}
         env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        if api_key:
+            env["WEB_TEST_API_KEY"] = api_key
+            extra = (*extra, "--api-key-env", "WEB_TEST_API_KEY")
         self.log = ARTIFACTS / f"server-{self.port}.log"
         self._log_file = self.log.open("wb")
         self.proc = subprocess.Popen(
@@ -105,7 +110,9 @@ def servers(tmp_path_factory):
     network = create_model("cifar10-resnet18-rp")
     classes = sorted(p.name for p in CIFAR10.iterdir())
     save_checkpoint(network, meta_for(network, network="cifar10-resnet18-rp", dataset="cifar10", class_names=classes), cifar)
-    off, on = Server("--model", str(cifar)), Server("--enable-attack", "--model", str(second))
+    # The attack-enabled server also requires an API key, which the page asks for.
+    off = Server("--model", str(cifar))
+    on = Server("--enable-attack", "--model", str(second), api_key="web-test-key")
     try:
         off.wait_ready()
         on.wait_ready()
@@ -141,6 +148,13 @@ def page(browser):
 def open_page(page, server: Server) -> None:
     page.goto(server.url + "/")
     page.wait_for_selector("body[data-ready='true']")
+    if server.api_key:
+        # Without the key the page cannot list models: it says so and asks for the key.
+        assert "HTTP 401" in page.locator("#error").inner_text()
+        page.fill("#api-key", server.api_key)
+        page.click("#api-key-apply")
+        page.wait_for_selector("#model:not([disabled])")
+        page.wait_for_selector("#error[hidden]", state="attached")
     assert page.locator("#model").input_value() == "mnist-fcn-dr"
 
 
@@ -156,7 +170,8 @@ def shown(page) -> dict:
 
 def direct_classify(server: Server, png: bytes, model: str = "mnist-fcn-dr") -> dict:
     params = {"model": model, "top_k": 10, "return_purified": "true", "return_curve": "true"}
-    r = httpx.post(f"{server.url}/classify", params=params, files={"file": ("x.png", png, "image/png")}, timeout=30)
+    r = httpx.post(f"{server.url}/classify", params=params, files={"file": ("x.png", png, "image/png")},
+                   headers=server.headers, timeout=30)
     assert r.status_code == 200, r.text
     return r.json()["results"][0]
 
@@ -273,7 +288,7 @@ def test_attack_then_purify_when_enabled(page, servers):
     path = mnist_png(7)
     page.set_input_files("#file", str(path))
     wait_for_result(page)
-    assert page.locator("#attack").is_enabled()
+    sync_api.expect(page.locator("#attack")).to_be_enabled()
     with page.expect_response(lambda r: "/v1/attack" in r.url) as resp:
         page.click("#attack")
     attack = resp.value.json()
@@ -286,7 +301,7 @@ def test_attack_then_purify_when_enabled(page, servers):
     assert f"the undefended classifier says {attack['clean_label']} on the input" in summary
     assert f"{attack['adversarial_label']} on the adversarial image" in summary
     # The attacked label is the undefended classifier's own prediction (/classify with mode=none).
-    undefended = httpx.post(f"{server.url}/classify", params={"mode": "none"},
+    undefended = httpx.post(f"{server.url}/classify", params={"mode": "none"}, headers=server.headers,
                             files={"file": ("x.png", path.read_bytes(), "image/png")}).json()["results"][0]
     assert attack["clean_label"] == undefended["label"]
     assert page.locator("#fig-adversarial").is_visible()
