@@ -29,7 +29,7 @@ from training.attacks import pgd
 from .auth import require_api_key
 from .decode import DecodeLimits, ImageRejected, decode_image, encode_png
 from .errors import ServiceError
-from .ingest import check_media_type, media_type, parse_upload, read_body
+from .ingest import media_type, parse_upload, read_body
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -171,9 +171,10 @@ def register_demo(app: FastAPI) -> None:
                                "the demo attack endpoint is off; start the service with --enable-attack "
                                "(or SOAP_ENABLE_ATTACK=1) to use it")
         kind = media_type(request)
-        if kind == "application/json":
-            kind = "unsupported"
-        check_media_type(kind)
+        if kind != "multipart/form-data" and not kind.startswith("image/"):
+            raise ServiceError(415, "unsupported_media_type",
+                               f"Content-Type {kind or 'none'} is not accepted; send multipart/form-data (one 'file' "
+                               "part) or a raw image/*", reason="unsupported_media_type", model=query_model)
         limit = _byte_limit(runtime)
         body = await read_body(request, limit, query_model)
         upload = await parse_upload(request, kind, body, max_images=1, model=query_model)
