@@ -11,6 +11,7 @@ attack at a time (503 when busy).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from dataclasses import dataclass
@@ -152,7 +153,7 @@ def register_demo(app: FastAPI) -> None:
             defaults={name: attack_defaults(m.loaded.meta.dataset) for name, m in runtime.models.items()},
         )
 
-    busy = _Busy()
+    one_at_a_time = asyncio.Lock()
 
     @app.post(
         "/v1/attack", response_model=AttackResponse, dependencies=[Depends(require_api_key)], tags=["demo"],
@@ -185,15 +186,15 @@ def register_demo(app: FastAPI) -> None:
             update={k: v for k, v in options.model_dump().items() if k != "model" and v is not None})
         limits = DecodeLimits(max_pixels=min(MAX_ATTACK_PIXELS, runtime.settings.max_image_pixels),
                               max_side=runtime.settings.max_image_side)
-        try:
-            x = decode_image(upload.payloads[0], model.input_shape, limits)
+        try:  # up to MAX_ATTACK_PIXELS: decode off the event loop
+            x = await run_in_threadpool(decode_image, upload.payloads[0], model.input_shape, limits)
         except ImageRejected as exc:
             raise ServiceError(exc.status, exc.error, exc.detail, reason=exc.error, model=model.name) from None
-        if busy.held:
+        if one_at_a_time.locked():  # checked and taken on the event loop with no await between: no race
             raise ServiceError(503, "attack_busy", "another attack is running; try again in a moment",
                                headers={"Retry-After": "1"})
         start = time.perf_counter()
-        with busy:
+        async with one_at_a_time:
             result = await run_in_threadpool(adversarial_example, model.loaded.network, x, settings)
         names = model.class_names
         return AttackResponse(
@@ -213,16 +214,3 @@ def register_demo(app: FastAPI) -> None:
 
 def _byte_limit(runtime: Any) -> int:
     return min(MAX_ATTACK_BYTES, runtime.settings.max_body_bytes)
-
-
-class _Busy:
-    """At most one attack at a time per app (checked and taken on the event loop, so no race)."""
-
-    def __init__(self) -> None:
-        self.held = False
-
-    def __enter__(self) -> None:
-        self.held = True
-
-    def __exit__(self, *exc: object) -> None:
-        self.held = False
