@@ -102,6 +102,7 @@ class Batcher:
         self._depth = 0
         self._wakeup: asyncio.Event | None = None
         self._closing = False
+        self._draining = False
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"soap-{name}")
         self._seconds_per_image = 0.0  # moving average, for Retry-After
@@ -122,7 +123,7 @@ class Batcher:
 
     def submit(self, images: torch.Tensor, request: PurifyRequest, deadline: float) -> WorkItem:
         """Queue a request's images, or raise QueueFull / ShuttingDown at once."""
-        if self._closing:
+        if self._closing or self._draining:
             raise ShuttingDown("the service is shutting down")
         if not self.has_room(images.shape[0]):
             raise QueueFull(self.retry_after_s())
@@ -149,6 +150,11 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(warmup), name=f"batcher-{self.name}")
         return self._task
+
+    def drain(self) -> None:
+        """Refuse new work and stop waiting for batch-mates: nothing more is coming, run what is queued now."""
+        self._draining = True
+        self._wake()
 
     async def close(self) -> None:
         """Refuse new work, finish everything already queued, then stop the worker and its thread."""
@@ -191,7 +197,8 @@ class Batcher:
                 continue
             head = self._queue[0]
             due = head.enqueued_at + self.max_delay_s
-            while not self._closing and head.state == "queued" and self._pending(head.request) < self.max_batch_size:
+            while (not self._closing and not self._draining and head.state == "queued"
+                   and self._pending(head.request) < self.max_batch_size):
                 remaining = due - time.monotonic()
                 if remaining <= 0:
                     break

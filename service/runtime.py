@@ -142,6 +142,8 @@ class ServiceRuntime:
         first = not self.draining
         self.draining = True
         self.metrics.ready.set(0)
+        for model in self.models.values():
+            model.batcher.drain()
         return first
 
     async def stop(self) -> None:
