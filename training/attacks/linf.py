@@ -43,7 +43,8 @@ def fgsm(
 
 def uniform_noise(x: Tensor, eps: float, generator: torch.Generator | None = None) -> Tensor:
     """Uniform noise in the L∞ ball: the control every gradient attack must beat."""
-    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
+    device = generator.device if generator is not None else x.device
+    noise = (torch.rand(x.shape, generator=generator, device=device, dtype=x.dtype) * 2 - 1).to(x.device)
     return (x.detach() + eps * noise).clamp(0.0, 1.0)
 
 
