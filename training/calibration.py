@@ -6,6 +6,8 @@ one of them as suspicious) and the mean auxiliary loss after purification at eve
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from models import PurifierConfig, SoapNetwork, aux_loss, purify
@@ -42,6 +44,15 @@ def aux_losses(model: SoapNetwork, data: ImageData, device: torch.device | str =
     return torch.cat(out)
 
 
+@dataclass
+class CalibrationReport:
+    """The calibration block, and the accuracy of min-aux purified images on the curve images (a by-product)."""
+
+    calibration: Calibration
+    min_aux_accuracy: float
+    curve_images: int
+
+
 def calibrate(
     model: SoapNetwork,
     data: ImageData,
@@ -50,16 +61,21 @@ def calibrate(
     curve_images: int = 1000,
     batch_size: int = 250,
     suspicious_quantile: str = "0.99",
-) -> Calibration:
+) -> CalibrationReport:
     """Aux-loss quantiles over all of `data`; mean aux loss per budget over its first `curve_images` images."""
     losses = aux_losses(model, data, device)
     quantiles = {q: float(torch.quantile(losses.double(), float(q))) for q in QUANTILES}
-    curve_sum, n_curve = None, min(curve_images, len(data))
+    n_curve = min(curve_images, len(data))
+    curve_sum = torch.zeros(purifier.num_budgets, dtype=torch.float64)
+    correct = 0
     for idx in _batches(n_curve, batch_size):
-        x, _ = data.batch(idx, device)
-        curve = purify(model, x, purifier, mode="min-aux", return_curve=True).curve.double().sum(0).cpu()
-        curve_sum = curve if curve_sum is None else curve_sum + curve
-    per_budget = (curve_sum / n_curve).tolist() if n_curve else []
-    return Calibration(
-        n=len(data), aux_loss_quantiles=quantiles, mean_aux_loss_per_budget=per_budget, suspicious_quantile=suspicious_quantile
+        x, y = data.batch(idx, device)
+        result = purify(model, x, purifier, mode="min-aux", return_curve=True)
+        curve_sum += result.curve.double().sum(0).cpu()
+        with torch.no_grad():
+            correct += (model(result.images).argmax(1) == y).sum().item()
+    calibration = Calibration(
+        n=len(data), aux_loss_quantiles=quantiles, mean_aux_loss_per_budget=(curve_sum / max(1, n_curve)).tolist(),
+        suspicious_quantile=suspicious_quantile,
     )
+    return CalibrationReport(calibration, correct / max(1, n_curve), n_curve)

@@ -70,8 +70,10 @@ def import_reference(args: argparse.Namespace) -> Path:
             f"clean_accuracy_first_{len(first)}": clean_accuracy(network, first, device),
         }
         training |= {"test_data": source, "eval_order": "(per-class index NNNN, class): first N = N/10 of every class"}
-        calibration = calibrate(network, ordered, spec.purifier, device, curve_images=args.calibration_images)
-        training["calibration_curve_images"] = min(args.calibration_images, len(ordered))
+        report = calibrate(network, ordered, spec.purifier, device, curve_images=args.calibration_images)
+        calibration = report.calibration
+        metrics |= {"min_aux_accuracy": report.min_aux_accuracy, "min_aux_images": float(report.curve_images)}
+        training["calibration_curve_images"] = report.curve_images
         print(f"clean accuracy: {100 * metrics['clean_accuracy']:.2f} % on {len(test)} test images; "
               f"{100 * metrics[f'clean_accuracy_first_{len(first)}']:.2f} % on the first {len(first)} ({source})", file=sys.stderr)
     meta = meta_for(network, network=args.network, dataset="cifar10", class_names=CIFAR10_CLASSES,

@@ -27,8 +27,11 @@ def render(meta: CheckpointMeta, name: str, notes: str = "") -> str:
     if "clean_accuracy" in m:
         lines.append(f"- Clean test accuracy: **{100 * m['clean_accuracy']:.2f} %** on {int(m.get('test_images', 0))} "
                      f"test images ({t.get('test_data', t.get('data', '?'))}), no purification.")
+    if "min_aux_accuracy" in m:
+        lines.append(f"- Accuracy after min-aux purification (no attack): **{100 * m['min_aux_accuracy']:.2f} %** on the first "
+                     f"{int(m.get('min_aux_images', 0))} of those test images.")
     for key, value in m.items():
-        if key not in ("clean_accuracy", "test_images"):
+        if key not in ("clean_accuracy", "test_images", "min_aux_accuracy", "min_aux_images"):
             lines.append(f"- {key}: {_fmt(value)}")
     if c is not None:
         q = ", ".join(f"q{k} = {v:.4g}" for k, v in c.aux_loss_quantiles.items())

@@ -112,6 +112,25 @@ class Objective(nn.Module):
         return losses.total, losses.cls_loss.detach(), losses.aux_loss.detach(), losses.logits.detach()
 
 
+def train_step(
+    objective: nn.Module, network: SoapNetwork, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+    config: TrainConfig, augment: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One SGD step on a batch: augmentation, the recipe's attack (baselines), loss, update. Returns detached stats."""
+    if config.crop_flip:
+        x = random_crop_flip(x, augment)
+    x_adv = adversarial_inputs(network, x, y, config)
+    loss, cls, aux, logits = objective(x, x_adv, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), cls, aux, logits
+
+
+def make_optimizer(network: SoapNetwork, config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(network.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
 def train_one_epoch(
     objective: nn.Module, network: SoapNetwork, optimizer: torch.optim.Optimizer, data: ImageData, config: TrainConfig,
     epoch: int, process: distributed.Process, max_steps: int | None,
@@ -130,13 +149,7 @@ def train_one_epoch(
     for step in bar:
         batch = perm[step * config.batch_size : (step + 1) * config.batch_size]
         x, y = data.batch(batch[process.rank * local_batch : (process.rank + 1) * local_batch], process.device)
-        if config.crop_flip:
-            x = random_crop_flip(x, augment)
-        x_adv = adversarial_inputs(network, x, y, config)
-        loss, cls, aux, logits = objective(x, x_adv, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, cls, aux, logits = train_step(objective, network, optimizer, x, y, config, augment)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {step}; lower --lr")
         n = len(y)
@@ -159,7 +172,7 @@ def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Pr
 
     torch.manual_seed(config.seed)
     network = create_model(config.network, num_classes=len(splits.train.class_names)).to(process.device)
-    optimizer = torch.optim.SGD(network.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(network, config)
     start_epoch, elapsed = 0, 0.0
     state_file = out / STATE_FILE
     if args.resume and state_file.is_file():
@@ -211,14 +224,17 @@ def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Pr
     if process.is_main:
         if math.isnan(test_acc):
             test_acc = clean_accuracy(network, splits.test, process.device)
-        calibration = None
+        training = record_base | {"epochs": config.epochs, "duration_seconds": round(elapsed, 1), "finished_utc": provenance.now_utc()}
+        metrics, calibration = {"clean_accuracy": test_acc, "test_images": len(splits.test)}, None
         if not args.no_calibration:
-            calibration = calibrate(network, splits.test, spec.purifier, process.device, curve_images=args.calibration_images)
-        training = record_base | {"epochs": config.epochs, "duration_seconds": round(elapsed, 1), "finished_utc": provenance.now_utc(),
-                                 "calibration_curve_images": min(args.calibration_images, len(splits.test))}
-        meta = _save(network, config, splits, out, training, {"clean_accuracy": test_acc, "test_images": len(splits.test)}, calibration)
+            report = calibrate(network, splits.test, spec.purifier, process.device, curve_images=args.calibration_images)
+            calibration = report.calibration
+            metrics |= {"min_aux_accuracy": report.min_aux_accuracy, "min_aux_images": report.curve_images}
+            training["calibration_curve_images"] = report.curve_images
+        meta = _save(network, config, splits, out, training, metrics, calibration)
         model_card.write(out, meta)
         print(f"done: {out} clean test accuracy {100 * test_acc:.2f} %", file=sys.stderr)
+    distributed.barrier(process)  # every rank leaves together: no rank tears the group down under another
     return out
 
 

@@ -38,6 +38,7 @@ class AttackContext:
     beta: float = 0.5
     substitute_seed: Tensor | None = None      # images the black-box attacker may label (never scored)
     substitute_factory: Callable[[], torch.nn.Module] | None = None
+    substitute_config: SubstituteConfig = field(default_factory=SubstituteConfig)
     cache: dict = field(default_factory=dict)  # e.g. the trained substitute, reused across batches
 
 
@@ -59,7 +60,7 @@ def _substitute(ctx: AttackContext) -> torch.nn.Module:
             raise ValueError("the black-box attack needs seed images and a substitute architecture")
         oracle = lambda x: defended_logits(ctx.model, ctx.purifier)(x).argmax(1)  # noqa: E731
         ctx.cache["substitute"] = train_substitute(
-            ctx.substitute_factory(), oracle, ctx.substitute_seed, SubstituteConfig(), ctx.generator
+            ctx.substitute_factory(), oracle, ctx.substitute_seed, ctx.substitute_config, ctx.generator
         )
     return ctx.cache["substitute"]
 
