@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,8 +20,8 @@ import httpx
 import pytest
 import torch
 
-from models import create_model, save_checkpoint
-from models.checkpoint import meta_for
+from models import create_model, load_checkpoint, save_checkpoint
+from models.checkpoint import Calibration, meta_for
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "zoo" / "mnist-fcn-dr"
@@ -36,6 +35,7 @@ CHROMIUM_ARGS = [
 ]
 TIMEOUT_MS = 20_000
 SECOND = "mnist-second"
+TINY_THRESHOLD = 1e-6
 CIFAR = "cifar10-untrained"
 
 pytestmark = [
@@ -99,20 +99,21 @@ class Server:
 def servers(tmp_path_factory):
     assert (MODEL / "model.safetensors").is_file(), f"the shipped model {MODEL} is missing"
     ARTIFACTS.mkdir(exist_ok=True)
-    # A second model for the picker: the same checkpoint under another folder name (= model name).
-    second = tmp_path_factory.mktemp("zoo") / SECOND
-    second.mkdir()
-    for name in ("model.safetensors", "model.json"):
-        shutil.copy(MODEL / name, second / name)
+    zoo = tmp_path_factory.mktemp("zoo")
+    # A second model for the picker: the shipped weights under another name (= folder name), with a calibration
+    # whose threshold is so low that every image is flagged suspicious (the page's "yes" path).
+    shipped = load_checkpoint(MODEL)
+    calibration = Calibration(n=1, aux_loss_quantiles={"0.99": TINY_THRESHOLD})
+    save_checkpoint(shipped.network, shipped.meta.model_copy(update={"calibration": calibration}), zoo / SECOND)
     # A three-channel model for the colour path: a real checkpoint of an untrained (seeded) CIFAR-10 network.
     torch.manual_seed(0)
-    cifar = tmp_path_factory.mktemp("zoo") / CIFAR
+    cifar = zoo / CIFAR
     network = create_model("cifar10-resnet18-rp")
     classes = sorted(p.name for p in CIFAR10.iterdir())
     save_checkpoint(network, meta_for(network, network="cifar10-resnet18-rp", dataset="cifar10", class_names=classes), cifar)
     # The attack-enabled server also requires an API key, which the page asks for.
     off = Server("--model", str(cifar))
-    on = Server("--enable-attack", "--model", str(second), api_key="web-test-key")
+    on = Server("--enable-attack", "--model", str(zoo / SECOND), api_key="web-test-key")
     try:
         off.wait_ready()
         on.wait_ready()
@@ -362,6 +363,9 @@ def test_drag_and_drop_and_model_picker(page, servers):
         page.select_option("#model", SECOND)
     page.wait_for_function(f"() => document.getElementById('timing').textContent.includes('model {SECOND}')")
     assert shown(page)["label"] == str(direct_classify(server, png)["label"])
+    flagged = direct_classify(server, png, model=SECOND)
+    assert flagged["suspicious"] and not direct_classify(server, png)["suspicious"]
+    assert shown(page)["suspicious"] == "yes (aux loss before > 1.000e-6, the clean-data threshold)"
 
 
 def test_colour_model_hides_canvas_and_classifies_upload(page, servers):

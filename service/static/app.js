@@ -411,7 +411,9 @@
   }
 
   function fmtLoss(v) {
-    return v == null ? "—" : Number(v).toPrecision(4);
+    if (v == null) return "—";
+    const a = Math.abs(v);
+    return a !== 0 && (a < 1e-3 || a >= 1e5) ? Number(v).toExponential(3) : Number(v).toPrecision(4);
   }
 
   function labelText(label, className) {
