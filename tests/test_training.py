@@ -1,0 +1,232 @@
+"""Training: every preset and baseline runs on small real data, losses fall, --resume and seeds are exact on CPU,
+DDP on two Gloo processes matches one process, checkpoints load in the core and the service, shipped models hold up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from models import create_model, load_checkpoint
+from training import train
+from training.calibration import clean_accuracy
+from training.data import load_image_folder
+from training.presets import PRESETS, get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests" / "data"
+ZOO = ROOT / "models" / "zoo"
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SOAP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "soap-cache"))
+
+
+@pytest.fixture(scope="module")
+def cifar100_folder(tmp_path_factory) -> Path:
+    """Synthetic 100-class ImageFolder (CIFAR-100 is not available offline): 2 random 32x32 PNGs per class."""
+    root = tmp_path_factory.mktemp("cifar100")
+    rng = np.random.default_rng(0)
+    for c in range(100):
+        (root / f"class{c:03d}").mkdir()
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"class{c:03d}" / f"{i}.png")
+    return root
+
+
+def train_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    return train.run(parser.parse_args([str(a) for a in argv]))
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def data_root(preset: str, cifar100: Path) -> Path:
+    dataset = get_preset(preset).dataset
+    return {"mnist": TESTS / "mnist", "cifar10": TESTS / "cifar10", "cifar100": cifar100}[dataset]
+
+
+FULL_RUN_PRESETS = sorted(p for p in PRESETS if "wrn28" not in p)
+STEP_ONLY_PRESETS = sorted(p for p in PRESETS if p not in FULL_RUN_PRESETS)
+
+
+@pytest.mark.parametrize("preset", FULL_RUN_PRESETS)
+def test_every_preset_and_baseline_trains_and_writes_a_loadable_checkpoint(preset, tmp_path, cifar100_folder):
+    config = get_preset(preset)
+    out = tmp_path / preset
+    rc = train_cli("--preset", preset, "--data-root", data_root(preset, cifar100_folder), "--out", out, "--epochs", 1,
+                   "--batch-size", 16, "--max-steps-per-epoch", 1, "--no-calibration", "--device", "cpu")
+    assert rc == 0
+    loaded = load_checkpoint(out)
+    assert loaded.meta.network == config.network and loaded.meta.training["recipe"] == config.recipe
+    assert len(loaded.meta.class_names) == (100 if config.dataset == "cifar100" else 10)
+    (record,) = metrics(out)
+    assert math.isfinite(record["train_loss"]) and record["train_steps"] == 1
+    if config.recipe == "soap":
+        assert record["train_aux_loss"] > 0
+        assert record["train_loss"] == pytest.approx(record["train_cls_loss"] + config.alpha * record["train_aux_loss"], rel=1e-4)
+    else:
+        assert record["train_aux_loss"] == 0
+
+
+@pytest.mark.parametrize("preset", STEP_ONLY_PRESETS)
+def test_wide_resnet_presets_take_a_training_step(preset, cifar100_folder):
+    """The 36M-parameter WRN presets: one real step of the training loop on one image (the CLI path is covered above)."""
+    config = replace(get_preset(preset), batch_size=1)
+    folder = data_root(preset, cifar100_folder)
+    data = load_image_folder(folder, (3, 32, 32))
+    torch.manual_seed(0)
+    network = create_model(config.network, num_classes=len(data.class_names))
+    optimizer = train.make_optimizer(network, config)
+    before = network.classifier.weight.detach().clone()
+    x, y = data.batch(torch.tensor([len(data) - 1]))
+    loss, cls, aux, logits = train.train_step(train.Objective(network, config), network, optimizer, x, y, config,
+                                              torch.Generator().manual_seed(0))
+    assert math.isfinite(loss.item()) and logits.shape == (1, len(data.class_names))
+    assert (aux.item() > 0) == (config.recipe == "soap")
+    assert not torch.equal(before, network.classifier.weight)
+
+
+@pytest.mark.parametrize("preset,epochs,batch", [("mnist-fcn-dr", 6, 30), ("mnist-cnn-dr", 4, 30), ("mnist-fcn-pgd-at", 6, 30),
+                                                 ("cifar10-resnet18-rp", 5, 24), ("cifar10-resnet18-lc", 5, 24)])
+def test_losses_go_down(preset, epochs, batch, tmp_path, cifar100_folder):
+    out = tmp_path / "run"
+    assert train_cli("--preset", preset, "--data-root", data_root(preset, cifar100_folder), "--out", out, "--epochs", epochs,
+                     "--batch-size", batch, "--no-calibration", "--device", "cpu") == 0
+    first, last = metrics(out)[0], metrics(out)[-1]
+    assert last["train_cls_loss"] < first["train_cls_loss"]
+    if get_preset(preset).recipe == "soap" and "-lc" not in preset:  # LC's consistency loss starts near 0 and grows as logits do
+        assert last["train_aux_loss"] < first["train_aux_loss"]
+
+
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    """BatchNorm buffers, momentum, augmentation and training noise all continue exactly."""
+    common = ["--preset", "cifar10-resnet18-rp", "--data-root", TESTS / "cifar10", "--epochs", 3, "--batch-size", 12,
+              "--max-steps-per-epoch", 2, "--no-calibration", "--device", "cpu"]
+    assert train_cli(*common, "--out", tmp_path / "straight") == 0
+    assert train_cli(*common, "--out", tmp_path / "split", "--stop-after", 1) == 0
+    assert len(metrics(tmp_path / "split")) == 1
+    assert train_cli(*common, "--out", tmp_path / "split", "--resume") == 0
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["train_loss"] for m in metrics(tmp_path / "straight")] == [m["train_loss"] for m in metrics(tmp_path / "split")]
+    assert json.loads((tmp_path / "split" / "model.json").read_text())["training"]["epochs"] == 3
+
+
+def test_training_is_deterministic_per_seed(tmp_path):
+    def weights(seed: int, name: str) -> dict[str, torch.Tensor]:
+        out = tmp_path / name
+        assert train_cli("--preset", "mnist-fcn-dr", "--data-root", TESTS / "mnist", "--out", out, "--epochs", 2,
+                         "--batch-size", 30, "--max-steps-per-epoch", 3, "--seed", seed, "--no-calibration", "--device", "cpu") == 0
+        return load_file(out / "model.safetensors")
+
+    a, b, c = weights(0, "a"), weights(0, "b"), weights(1, "c")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["classifier.weight"], c["classifier.weight"])
+
+
+def test_ddp_on_two_gloo_processes_matches_one_process(tmp_path):
+    """Vanilla recipe on the FCN (no noise, no BatchNorm): averaged half-batch gradients = full-batch gradient."""
+    args = ["train", "--preset", "mnist-fcn-vanilla", "--data-root", str(TESTS / "mnist"), "--epochs", "2", "--batch-size", "32",
+            "--max-steps-per-epoch", "3", "--no-calibration", "--device", "cpu", "--threads", "1"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training",
+                           *args, "--out", str(tmp_path / "ddp")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert train_cli(*args[1:], "--out", tmp_path / "single") == 0
+    ddp, single = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "single" / "model.safetensors")
+    assert not torch.equal(ddp["classifier.weight"], torch.zeros_like(ddp["classifier.weight"]))
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], atol=2e-6, rtol=1e-4)
+    meta = json.loads((tmp_path / "ddp" / "model.json").read_text())
+    assert meta["training"]["world_size"] == 2 and meta["training"]["command"].startswith("torchrun --nproc_per_node 2")
+    assert [m["train_steps"] for m in metrics(tmp_path / "ddp")] == [3, 3]
+
+
+def test_checkpoint_from_training_loads_in_core_and_service(tmp_path):
+    out = tmp_path / "fcn"
+    assert train_cli("--preset", "mnist-fcn-dr", "--data-root", TESTS / "mnist", "--out", out, "--epochs", 3,
+                     "--batch-size", 30, "--calibration-images", 20, "--device", "cpu") == 0
+    loaded = load_checkpoint(out)
+    cal = loaded.meta.calibration
+    q = [cal.aux_loss_quantiles[k] for k in ("0.5", "0.9", "0.95", "0.99")]
+    assert cal.n == 30 and q == sorted(q) and q[0] > 0
+    assert len(cal.mean_aux_loss_per_budget) == loaded.purifier.num_budgets
+    assert cal.mean_aux_loss_per_budget[-1] < cal.mean_aux_loss_per_budget[0]  # purification lowers the aux loss
+    training = loaded.meta.training
+    assert training["command"].startswith("python -m training train --preset mnist-fcn-dr")
+    assert training["epochs"] == 3 and training["seed"] == 0 and training["git_commit"] and training["hardware"]
+    card = (out / "MODEL_CARD.md").read_text()
+    assert training["command"] in card and "Clean test accuracy" in card
+
+    from service.config import ServiceSettings
+    from service.predict import PurifyRequest
+    from service.runtime import ServiceRuntime
+
+    runtime = ServiceRuntime(ServiceSettings(models=[out], device="cpu"))
+    model = runtime.models["fcn"]
+    assert model.suspicious_threshold == pytest.approx(cal.aux_loss_quantiles["0.99"])
+    images = load_image_folder(TESTS / "mnist", (1, 28, 28)).batch(torch.arange(4))[0]
+    predictions = model.compute(images, PurifyRequest())
+    assert predictions.probs.shape == (4, 10) and torch.allclose(predictions.probs.sum(1), torch.ones(4), atol=1e-5)
+
+
+def test_corrupted_dataset_folder_gives_the_clear_error(tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "digits"
+    shutil.copytree(TESTS / "mnist", folder)
+    bad = next((folder / "1").iterdir())
+    bad.write_bytes(b"\x89PNG broken")
+    rc = train_cli("--preset", "mnist-fcn-dr", "--data-root", folder, "--out", tmp_path / "out", "--epochs", 1)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "not a readable image" in err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_unknown_preset_lists_the_known_ones(capsys):
+    assert train_cli("--preset", "mnist-mlp") == 2
+    assert "mnist-fcn-dr" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- shipped models
+
+SHIPPED = sorted(p for p in ZOO.iterdir() if (p / "model.json").is_file()) if ZOO.is_dir() else []
+PAPER_MIN_ACCURACY = {"mnist-fcn-dr": 0.975, "mnist-cnn-dr": 0.989}
+
+
+def test_the_default_model_is_shipped():
+    assert (ZOO / "mnist-fcn-dr" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_model_loads_with_calibration_metrics_card_and_claimed_accuracy(path):
+    loaded = load_checkpoint(path)
+    meta = loaded.meta
+    assert meta.calibration is not None and len(meta.calibration.mean_aux_loss_per_budget) == loaded.purifier.num_budgets
+    assert meta.calibration.n >= 1000
+    assert meta.metrics["clean_accuracy"] > 0.3 and meta.metrics["test_images"] >= 1000
+    assert meta.training["command"].startswith("python -m training ")
+    assert "Reproduce with" in (path / "MODEL_CARD.md").read_text()
+    assert meta.metrics["clean_accuracy"] >= PAPER_MIN_ACCURACY.get(path.name, 0.0)
+    # The weights do what the metadata says: accuracy on the committed real test images is close to the claim.
+    folder, shape = (TESTS / "mnist", (1, 28, 28)) if meta.dataset == "mnist" else (TESTS / "cifar10", (3, 32, 32))
+    measured = clean_accuracy(loaded.network, load_image_folder(folder, shape))
+    assert measured >= meta.metrics["clean_accuracy"] - 0.15
