@@ -6,19 +6,26 @@ On SIGTERM the service drains: /readyz turns 503 and new /classify requests get 
 
 from __future__ import annotations
 
-import logging
+import os
+
+# Before torch loads OpenMP: idle worker threads sleep instead of spinning, which on a small shared CPU would
+# steal the cores the event loop needs (measured: 10x slower batches on a busy 2-core host with spinning).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import logging  # noqa: E402
 import signal
 import sys
 import threading
 from types import FrameType
 
-import uvicorn
+import torch  # noqa: E402
+import uvicorn  # noqa: E402
 
-from models import CheckpointError
+from models import CheckpointError  # noqa: E402
 
-from .app import create_app
-from .config import ServiceSettings, load_settings
-from .runtime import ServiceRuntime
+from .app import create_app  # noqa: E402
+from .config import ServiceSettings, load_settings  # noqa: E402
+from .runtime import ServiceRuntime  # noqa: E402
 
 log = logging.getLogger("service")
 
@@ -56,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # uvicorn re-raises the shutdown signal after a graceful exit; make that a clean exit status 0.
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
     try:

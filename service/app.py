@@ -12,11 +12,12 @@ import asyncio
 import base64
 import json
 import logging
+import random
 import re
 import time
-import uuid
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import parse_qs
 
 import anyio
 import torch
@@ -28,10 +29,9 @@ from pydantic import ValidationError
 from .auth import require_api_key
 from .batcher import ItemResult, QueueFull, ShuttingDown, WorkItem
 from .config import ServiceSettings
-from .decode import DecodeLimits, ImageRejected, decode_image, declared_pixels, encode_png
+from .decode import DecodeLimits, ImageRejected, decode_opened, encode_png, open_image
 from .errors import ServiceError, error_response, install_error_handlers
 from .ingest import ACCEPTED_TYPES, check_media_type, media_type, parse_upload, read_body
-from .metrics import ServiceMetrics
 from .predict import PurifyRequest
 from .runtime import ModelRuntime, ServiceRuntime
 from .schemas import (BatchingInfo, ClassifyJSON, ClassifyOptions, ClassifyResponse, ErrorResponse, Health,
@@ -47,12 +47,16 @@ _DECODE_THREADS = 4
 
 
 class RequestContext:
-    """Pure ASGI middleware: request id (X-Request-ID, echoed or made), request-duration metric by model,
-    route template and status, and a JSON 500 (no traceback) for anything unhandled."""
+    """Pure ASGI middleware: request id (X-Request-ID, echoed or made), load shedding, request-duration metric by
+    model, route template and status, and a JSON 500 (no traceback) for anything unhandled.
 
-    def __init__(self, app, metrics: ServiceMetrics) -> None:
+    Shedding happens here, before routing, parsing or reading the body: under overload a refusal must cost far
+    less than a served request, or the refusals themselves become the overload.
+    """
+
+    def __init__(self, app, runtime: ServiceRuntime) -> None:
         self.app = app
-        self.metrics = metrics
+        self.runtime = runtime
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -60,7 +64,7 @@ class RequestContext:
             return
         start = time.perf_counter()
         incoming = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if _REQUEST_ID.match(incoming) else f"{random.getrandbits(128):032x}"
         scope["soap.request_id"] = request_id
         status = 500
         started = False
@@ -73,16 +77,40 @@ class RequestContext:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            refusal = self._shed(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
         except Exception:  # noqa: BLE001 - last line of defence; the log has the traceback, the client does not
             log.exception("unhandled error in %s %s (request %s)", scope.get("method"), scope.get("path"), request_id)
             if not started:
                 response = error_response(500, "internal_error", f"unexpected server error; request id {request_id}")
                 await response(scope, receive, send_with_id)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.request_duration.labels(scope.get("soap.model", ""), route, str(status)).observe(
+            route = getattr(scope.get("route"), "path", None) or ("/classify" if scope["path"] == "/classify" else "unmatched")
+            self.runtime.metrics.request_duration.labels(scope.get("soap.model", ""), route, str(status)).observe(
                 time.perf_counter() - start)
+
+    def _shed(self, scope) -> Response | None:
+        """A 503 for POST /classify when the service drains or the target model's queue is full; else None."""
+        if scope["method"] != "POST" or scope["path"] != "/classify":
+            return None
+        runtime = self.runtime
+        if runtime.draining:
+            error = _shutting_down()
+        else:
+            name = None
+            if b"model=" in scope.get("query_string", b""):
+                name = parse_qs(scope["query_string"].decode("latin-1")).get("model", [None])[-1]
+            model = runtime.models.get(name or runtime.default)
+            if model is None or model.batcher.has_room(1):
+                return None
+            error = _queue_full(model, model.batcher.retry_after_s())
+        scope["soap.model"] = runtime.metrics_label(error.model)
+        if error.reason:
+            runtime.metrics.reject(scope["soap.model"], error.reason)
+        return error_response(error.status, error.error, error.detail, error.headers)
 
 
 def create_app(settings: ServiceSettings) -> FastAPI:
@@ -105,7 +133,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     )
     app.state.runtime = runtime
     app.state.settings = settings
-    app.add_middleware(RequestContext, metrics=runtime.metrics)
+    app.add_middleware(RequestContext, runtime=runtime)
     install_error_handlers(app)
     _add_routes(app, runtime)
 
@@ -138,10 +166,11 @@ async def _decode_all(payloads: list[bytes], model: ModelRuntime, limits: Decode
     images = []
     for index, data in enumerate(payloads):
         try:
-            if declared_pixels(data) <= _INLINE_DECODE_PIXELS:
-                images.append(decode_image(data, model.input_shape, limits))
+            source = open_image(data, limits)
+            if source.width * source.height <= _INLINE_DECODE_PIXELS:
+                images.append(decode_opened(source, model.input_shape))
             else:
-                images.append(await anyio.to_thread.run_sync(decode_image, data, model.input_shape, limits,
+                images.append(await anyio.to_thread.run_sync(decode_opened, source, model.input_shape,
                                                              limiter=limiter))
         except ImageRejected as exc:
             where = f"image {index}: " if len(payloads) > 1 else ""
@@ -260,13 +289,8 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         query = dict(request.query_params)
         query_model = query.get("model")
         request.scope["soap.model"] = runtime.metrics_label(query_model)
-        if runtime.draining:
-            raise _shutting_down()
-        kind = media_type(request)
+        kind = media_type(request)  # (draining and full queues were refused by RequestContext already)
         check_media_type(kind)
-        early = runtime.models.get(query_model or runtime.default)
-        if early is not None and not early.batcher.has_room(1):  # shed load before reading the body
-            raise _queue_full(early, early.batcher.retry_after_s())
         body = await read_body(request, settings.max_body_bytes, query_model)
         upload = await parse_upload(request, kind, body, settings.max_images_per_request, query_model)
         options = _options({**query, **upload.options}, query_model)

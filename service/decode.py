@@ -82,16 +82,6 @@ def _open(data: bytes, limits: DecodeLimits) -> Image.Image:
     return image
 
 
-def declared_pixels(data: bytes) -> int:
-    """Pixel count from the header alone (0 when the header cannot be read); decides where to decode."""
-    try:
-        with Image.open(io.BytesIO(data), formats=_PLUGINS) as image:
-            width, height = image.size
-            return width * height
-    except Exception:  # noqa: BLE001 - any failure is reported properly by decode_image
-        return 0
-
-
 def _to_channels(image: Image.Image, channels: int) -> Image.Image:
     """Convert to L (1 channel) or RGB (3 channels), compositing transparency onto black."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -130,8 +120,18 @@ def _resize(image: Image.Image, height: int, width: int) -> Image.Image:
 
 def decode_image(data: bytes, input_shape: tuple[int, int, int] | list[int], limits: DecodeLimits = DecodeLimits()) -> torch.Tensor:
     """Bytes of one uploaded file -> float32 tensor [C, H, W] in [0, 1]. Raises ImageRejected."""
+    return decode_opened(open_image(data, limits), input_shape)
+
+
+def open_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
+    """Step 1, cheap: read and check the header only (format, size, frames). Raises ImageRejected.
+    `image.size` then tells the caller how expensive `decode_opened` will be."""
+    return _open(data, limits)
+
+
+def decode_opened(source: Image.Image, input_shape: tuple[int, int, int] | list[int]) -> torch.Tensor:
+    """Step 2: decode the pixels of an `open_image` result and apply the policy; closes `source`."""
     channels, height, width = input_shape
-    source = _open(data, limits)
     try:
         source.seek(0)
         if source.format in ("JPEG", "MPO"):  # let libjpeg downscale by 2/4/8 while decoding a large photo

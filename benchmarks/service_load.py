@@ -1,0 +1,386 @@
+"""Load benchmark of the SOAP service: a real uvicorn server on loopback driven by an aiohttp load generator.
+
+    python benchmarks/service_load.py --json benchmarks/results/service_load.json
+
+In one run it measures:
+1. the generator's own ceiling against a trivial FastAPI endpoint (same uvicorn stack), so a slow client cannot
+   pass for a slow server;
+2. closed-loop load at concurrency 1, 8, 64 and 256 on the service with the default batching settings
+   (single-image PNG requests, real MNIST test digits): throughput, p50/p90/p99 latency, errors, mean batch size;
+3. the same at concurrency 64 on a server with --max-batch-size 1, and the batching gain (ratio of throughputs);
+4. overload: open-loop arrivals at 4x the throughput measured at concurrency 64, against a server with a small
+   queue: every request must be answered (200, or a fast 503), and the server must still serve afterwards.
+
+Each level is bounded in time (--duration) and in count (--max-requests). Numbers depend on the machine and on
+whatever else runs on it; the JSON records the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- servers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_trivial(port: int) -> None:
+    """A FastAPI app that reads the body and answers a small JSON: the generator-ceiling target."""
+    import uvicorn
+
+    app = FastAPI()
+
+    @app.post("/echo")
+    async def echo(request: Request) -> JSONResponse:
+        body = await request.body()
+        return JSONResponse({"bytes": len(body)})
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+class Server:
+    def __init__(self, args: list[str], ready_path: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(os.devnull, "wb")
+        self.proc = subprocess.Popen([sys.executable, *args, "--port", str(self.port)], cwd=ROOT,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.ready_path = ready_path
+
+    async def wait_ready(self, session, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
+            try:
+                async with session.get(self.url + self.ready_path) as r:
+                    if r.status == 200:
+                        return
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            await asyncio.sleep(0.2)
+        raise TimeoutError("server did not become ready")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def service_server(model: str, **options) -> Server:
+    args = ["-m", "service", "--model", model, "--host", "127.0.0.1"]
+    for key, value in options.items():
+        if value is not None:
+            args += ["--" + key.replace("_", "-"), str(value)]
+    return Server(args, "/readyz")
+
+
+# ---------------------------------------------------------------------------------------------- load generation
+
+
+@dataclass
+class LevelResult:
+    name: str
+    concurrency: int | None
+    duration_s: float
+    requests: int
+    ok: int
+    status_counts: dict[str, int]
+    errors: int
+    throughput_images_s: float
+    requests_s: float
+    p50_ms: float | None
+    p90_ms: float | None
+    p99_ms: float | None
+    mean_batch_size: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 2)
+
+
+async def _metric_sums(session, url: str, name: str) -> tuple[float, float]:
+    """(sum, count) of a histogram on the server's /metrics."""
+    total = count = 0.0
+    async with session.get(url + "/metrics") as r:
+        for line in (await r.text()).splitlines():
+            if line.startswith(name + "_sum"):
+                total += float(line.rsplit(" ", 1)[1])
+            elif line.startswith(name + "_count"):
+                count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+async def closed_loop(session, url: str, path: str, payloads: list[bytes], concurrency: int, duration: float,
+                      max_requests: int, warmup: float, name: str) -> LevelResult:
+    """`concurrency` clients, each sending its next request as soon as the previous one is answered."""
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    errors = 0
+    sent = 0
+    measuring = False
+    stop_at = time.monotonic() + warmup + duration
+
+    async def client(k: int) -> None:
+        nonlocal errors, sent
+        i = k
+        while time.monotonic() < stop_at and sent < max_requests:
+            body = payloads[i % len(payloads)]
+            i += concurrency
+            start = time.perf_counter()
+            try:
+                async with session.post(url + path, data=body, headers={"Content-Type": "image/png"}) as r:
+                    await r.read()
+                    status = r.status
+            except Exception:  # noqa: BLE001 - counted, reported
+                if measuring:
+                    errors += 1
+                continue
+            if measuring:
+                sent += 1
+                latencies.append(time.perf_counter() - start)
+                statuses[str(status)] = statuses.get(str(status), 0) + 1
+
+    tasks = [asyncio.create_task(client(k)) for k in range(concurrency)]
+    await asyncio.sleep(warmup)
+    before = await _metric_sums(session, url, "soap_batch_size_images") if path == "/classify" else None
+    measuring = True
+    began = time.monotonic()
+    await asyncio.gather(*tasks)
+    elapsed = time.monotonic() - began
+    mean_batch = None
+    if before is not None:
+        after = await _metric_sums(session, url, "soap_batch_size_images")
+        batches = after[1] - before[1]
+        mean_batch = round((after[0] - before[0]) / batches, 2) if batches else None
+    ok = statuses.get("200", 0)
+    ok_latencies = latencies  # every request is a single image; report all answered requests
+    return LevelResult(name, concurrency, round(elapsed, 2), sent, ok, statuses, errors, round(ok / elapsed, 1),
+                       round(sent / elapsed, 1), _pct(ok_latencies, 0.5), _pct(ok_latencies, 0.9),
+                       _pct(ok_latencies, 0.99), mean_batch)
+
+
+async def open_loop(session, url: str, payloads: list[bytes], rate: float, duration: float, max_requests: int,
+                    seed: int = 0) -> LevelResult:
+    """Poisson arrivals at `rate` requests/s, whatever the server does: the overload test."""
+    rng = random.Random(seed)
+    by_status: dict[str, list[float]] = {}
+    errors = 0
+    tasks = []
+
+    async def one(body: bytes) -> None:
+        nonlocal errors
+        start = time.perf_counter()
+        try:
+            async with session.post(url + "/classify", data=body, headers={"Content-Type": "image/png"}) as r:
+                await r.read()
+                by_status.setdefault(str(r.status), []).append(time.perf_counter() - start)
+        except Exception:  # noqa: BLE001
+            errors += 1
+
+    began = time.monotonic()
+    next_at = began
+    i = 0
+    while next_at < began + duration and i < max_requests:
+        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        tasks.append(asyncio.create_task(one(payloads[i % len(payloads)])))
+        i += 1
+        next_at += rng.expovariate(rate)
+    offered_s = time.monotonic() - began
+    await asyncio.gather(*tasks)
+    elapsed = time.monotonic() - began
+    ok = len(by_status.get("200", []))
+    all_lat = [x for v in by_status.values() for x in v]
+    shed = by_status.get("503", [])
+    return LevelResult(
+        "overload", None, round(elapsed, 2), i, ok, {k: len(v) for k, v in by_status.items()}, errors,
+        round(ok / elapsed, 1), round(i / offered_s, 1), _pct(all_lat, 0.5), _pct(all_lat, 0.9), _pct(all_lat, 0.99),
+        extra={"offered_rate_target": round(rate, 1), "offered_rate_achieved": round(i / offered_s, 1),
+               "answered": sum(len(v) for v in by_status.values()), "unanswered": errors,
+               "p99_ms_200": _pct(by_status.get("200", []), 0.99), "p50_ms_503": _pct(shed, 0.5),
+               "p99_ms_503": _pct(shed, 0.99)},
+    )
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def _payloads(images: Path) -> list[bytes]:
+    files = sorted(images.glob("*/*.png"))
+    if not files:
+        raise SystemExit(f"no PNG images under {images}/<class>/")
+    return [f.read_bytes() for f in files]
+
+
+def _row(r: LevelResult, batch: int | str) -> str:
+    return (f"| {r.name} | {r.concurrency if r.concurrency is not None else '-'} | {batch} | {r.requests} | "
+            f"{r.throughput_images_s} | {r.p50_ms} | {r.p90_ms} | {r.p99_ms} | "
+            f"{sum(v for k, v in r.status_counts.items() if k != '200') + r.errors} | {r.mean_batch_size or '-'} |")
+
+
+async def run(args) -> dict:
+    import aiohttp
+
+    payloads = _payloads(Path(args.images))
+    connector = aiohttp.TCPConnector(limit=2048, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=120)
+    report: dict = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                 "loadavg_before": os.getloadavg()},
+        "model": args.model,
+        "request": "POST /classify, one PNG per request (raw body, image/png), real MNIST test digits, mode min-aux",
+        "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "max_requests": args.max_requests,
+                     "max_batch_size": args.max_batch_size, "max_delay_ms": args.max_delay_ms,
+                     "max_queue": args.max_queue, "overload_queue": args.overload_queue,
+                     "torch_threads": args.torch_threads},
+    }
+    rows = []
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        # 1. generator ceiling
+        trivial = Server([str(Path(__file__).resolve()), "--serve-trivial"], "/healthz")
+        try:
+            await trivial.wait_ready(session)
+            ceiling = await closed_loop(session, trivial.url, "/echo", payloads, 64, args.duration, args.max_requests,
+                                        args.warmup, "generator ceiling (trivial endpoint)")
+        finally:
+            trivial.stop()
+        report["generator_ceiling"] = asdict(ceiling)
+        rows.append(_row(ceiling, "-"))
+        print(rows[-1], flush=True)
+
+        # 2. the service at each concurrency
+        server = service_server(args.model, max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
+                                max_queue=args.max_queue, torch_threads=args.torch_threads)
+        levels = []
+        try:
+            await server.wait_ready(session)
+            for c in args.concurrency:
+                level = await closed_loop(session, server.url, "/classify", payloads, c, args.duration,
+                                          args.max_requests, args.warmup, "service")
+                levels.append(level)
+                rows.append(_row(level, args.max_batch_size))
+                print(rows[-1], flush=True)
+        finally:
+            server.stop()
+        report["levels"] = [asdict(x) for x in levels]
+
+        # 3. no batching, concurrency 64
+        server = service_server(args.model, max_batch_size=1, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue, torch_threads=args.torch_threads)
+        try:
+            await server.wait_ready(session)
+            single = await closed_loop(session, server.url, "/classify", payloads, 64, args.duration,
+                                       args.max_requests, args.warmup, "service, no batching")
+        finally:
+            server.stop()
+        rows.append(_row(single, 1))
+        print(rows[-1], flush=True)
+        report["no_batching_at_64"] = asdict(single)
+        at64 = next((x for x in levels if x.concurrency == 64), None)
+        gain = round(at64.throughput_images_s / single.throughput_images_s, 2) if at64 and single.throughput_images_s else None
+        report["batching_gain_at_64"] = gain
+
+        # 4. overload
+        capacity = at64.throughput_images_s if at64 else 100.0
+        server = service_server(args.model, max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
+                                max_queue=args.overload_queue, torch_threads=args.torch_threads)
+        try:
+            await server.wait_ready(session)
+            over = await open_loop(session, server.url, payloads, 4 * capacity, args.duration, args.max_requests * 4)
+            after = await closed_loop(session, server.url, "/classify", payloads, 8, 2.0, 10_000, 0.2,
+                                      "after overload")
+            async with session.get(server.url + "/readyz") as r:
+                ready_after = r.status
+        finally:
+            server.stop()
+        over.extra.update({"queue": args.overload_queue, "after_ok": after.ok, "after_errors":
+                           after.requests - after.ok + after.errors, "readyz_after": ready_after})
+        rows.append(_row(over, args.max_batch_size))
+        print(rows[-1], flush=True)
+        report["overload"] = asdict(over)
+
+    report["host"]["loadavg_after"] = os.getloadavg()
+    report["targets"] = {
+        "throughput_at_64_ge_400": bool(at64 and at64.throughput_images_s >= 400),
+        "p99_at_64_le_300ms": bool(at64 and at64.p99_ms is not None and at64.p99_ms <= 300),
+        "no_errors_at_64": bool(at64 and at64.ok == at64.requests and at64.errors == 0),
+        "batching_gain_ge_5": bool(gain and gain >= 5),
+        "overload_all_answered": over.errors == 0 and set(over.status_counts) <= {"200", "503"},
+        "overload_p99_503_le_50ms": over.extra["p99_ms_503"] is None or over.extra["p99_ms_503"] <= 50,
+        "serves_after_overload": over.extra["after_errors"] == 0 and ready_after == 200,
+    }
+    header = ("| run | concurrency | max batch | requests | images/s | p50 ms | p90 ms | p99 ms | non-200 | mean batch |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    report["table_markdown"] = "\n".join([header, *rows])
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--model", default=str(ROOT / "models" / "zoo" / "mnist-fcn-dr"))
+    parser.add_argument("--images", default=str(ROOT / "tests" / "data" / "mnist"), help="folder of <class>/*.png")
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 64, 256])
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per level")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each level")
+    parser.add_argument("--max-requests", type=int, default=50_000, help="count bound per level")
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--max-delay-ms", type=float, default=5.0)
+    parser.add_argument("--max-queue", type=int, default=1024)
+    parser.add_argument("--overload-queue", type=int, default=32, help="the small queue of the overload test")
+    parser.add_argument("--torch-threads", type=int, help="passed to the service (default: the service's default)")
+    parser.add_argument("--serve-trivial", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_trivial:
+        serve_trivial(args.port)
+        return 0
+    report = asyncio.run(run(args))
+    print()
+    print(report["table_markdown"])
+    print(f"batching gain at concurrency 64: {report['batching_gain_at_64']}x")
+    print("overload:", json.dumps(report["overload"]["extra"]))
+    print("targets:", json.dumps(report["targets"]))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
