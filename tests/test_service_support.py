@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models import CheckpointError, aux_loss, create_model, load_checkpoint, save_checkpoint, training_losses
+from models import aux_loss, create_model, load_checkpoint, save_checkpoint, training_losses
 from models.checkpoint import Calibration, meta_for
 from service.app import create_app
 from service.config import ServiceSettings
@@ -87,28 +86,11 @@ def train_tiny_checkpoint(directory: Path, steps: int = 30) -> Path:
     return save_checkpoint(model, meta, directory)
 
 
-def shipped_model_copy(directory: Path) -> Path:
-    """A stable copy of the shipped default model (training may rewrite the zoo while tests run);
-    a freshly trained one if the zoo has none yet."""
-    target = directory / "mnist-fcn-dr"
-    if not (SHIPPED / "model.json").exists():
-        return train_tiny_checkpoint(target)
-    for _ in range(20):
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir(parents=True)
-        for name in ("model.json", "model.safetensors"):
-            shutil.copy2(SHIPPED / name, target / name)
-        try:
-            load_checkpoint(target)
-            return target
-        except CheckpointError:  # copied mid-rewrite; try again
-            time.sleep(0.5)
-    raise RuntimeError(f"could not copy a consistent checkpoint from {SHIPPED}")
-
-
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> Path:
-    return shipped_model_copy(tmp_path_factory.mktemp("zoo"))
+def model_dir() -> Path:
+    """The shipped default model, models/zoo/mnist-fcn-dr."""
+    load_checkpoint(SHIPPED)  # fails loudly (CheckpointError) if the zoo copy is missing or damaged
+    return SHIPPED
 
 
 @pytest.fixture(scope="session")
