@@ -15,7 +15,7 @@ class AttackSettings:
     pgd_step: float
     pgd_steps: int
     l2_eps: float              # CW, DeepFool results are projected onto this L2 ball
-    cw_binary_steps: int = 6
+    cw_binary_steps: int = 5
     cw_steps: int = 100
     cw_lr: float = 0.01
     cw_initial_const: float = 0.1
@@ -36,7 +36,7 @@ class AttackSettings:
 
 
 PAPER_SETTINGS: dict[str, AttackSettings] = {
-    "mnist": AttackSettings(linf_eps=0.3, pgd_step=0.01, pgd_steps=40, l2_eps=4.0),
+    "mnist": AttackSettings(linf_eps=0.3, pgd_step=0.01, pgd_steps=40, l2_eps=4.0, cw_lr=0.1),
     "cifar10": AttackSettings(linf_eps=8 / 255, pgd_step=2 / 255, pgd_steps=20, l2_eps=2.0, adaptive_steps=20),
     "cifar100": AttackSettings(linf_eps=8 / 255, pgd_step=2 / 255, pgd_steps=20, l2_eps=2.0, adaptive_steps=20),
 }
