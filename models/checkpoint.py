@@ -210,6 +210,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify
     if verify_hash and meta.weights_sha256 and _sha256(weights) != meta.weights_sha256:
         raise CheckpointError(f"{weights} does not match the sha256 recorded in {META_FILE}: the weights were changed or damaged")
     tensors = _read_tensors(weights)
+    classifier = tensors.get("classifier.weight")
+    if classifier is not None and classifier.ndim == 2 and classifier.shape[0] != len(meta.class_names):
+        raise CheckpointError(
+            f"{META_FILE} lists {len(meta.class_names)} class names but the classifier in {weights} has {classifier.shape[0]} outputs"
+        )
     network = build_network(meta)
     check_state_dict(network, tensors, str(weights))
     saved_mean, saved_std = tensors["mean"].flatten().tolist(), tensors["std"].flatten().tolist()
