@@ -30,7 +30,7 @@ def aux_loss_curve(result: dict, loaded: LoadedModel, clean: torch.Tensor, adv: 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     budgets = cfg.budgets()
     for images, label, colour in ((clean, "clean", "tab:blue"), (adv, "PGD adversarial", "tab:red")):
-        curve = purify(model, images, cfg, return_curve=True).curve.mean(0).cpu()
+        curve = purify(model, images, cfg, return_curve=True).curve.mean(0).cpu().numpy()
         ax.plot(budgets, curve, marker="o", color=colour, label=f"{label}, purified at ε_pfy")
         ax.axhline(float(curve[0]), color=colour, linestyle="--", linewidth=0.8)
     ax.set_xlabel("purification budget ε_pfy")
@@ -55,8 +55,8 @@ def examples(result: dict, loaded: LoadedModel, clean: torch.Tensor, y: torch.Te
     for r, (label, images) in enumerate(rows):
         for c in range(k):
             ax = axes[r, c]
-            img = images[c].detach().cpu()
-            ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray" if img.shape[0] == 1 else None,
+            img = images[c].detach().cpu().numpy()
+            ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray" if img.shape[0] == 1 else None,
                       vmin=0, vmax=1)
             ok = int(preds[r][c]) == int(y[c])
             extra = f"\nε={float(purified.epsilon[c]):.2f}" if label == "purified" else ""

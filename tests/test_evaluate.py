@@ -1,0 +1,117 @@
+"""`python -m training evaluate` end to end on the shipped MNIST checkpoint and real test digits."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from models import create_model, load_checkpoint, purify, save_checkpoint
+from models.checkpoint import meta_for
+from training.__main__ import main
+from training.evaluate import ROWS, evaluation_order, load_test_data
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "zoo" / "mnist-fcn-dr"
+DIGITS = ROOT / "tests" / "data" / "mnist"
+FAST = ["--pgd-steps", "10", "--adaptive-steps", "3", "--apgd-steps", "4", "--cw-steps", "10",
+        "--cw-binary-steps", "2", "--df-steps", "10", "--sanity-n", "16", "--beta-n", "16", "--batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def evaluation(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    code = main(["evaluate", "--model", str(MODEL), "--data-root", str(DIGITS), "--n", "24", "--seed", "3",
+                 "--attacks", "noise,fgsm,pgd,cw,aux-pgd,bpda,full-grad", "--device", "cpu", "--out", str(out), *FAST])
+    return code, out, json.loads((out / "results.json").read_text())
+
+
+def test_writes_markdown_json_csv_and_figures(evaluation):
+    code, out, result = evaluation
+    assert code == 0
+    assert result["n"] == 24 and result["seed"] == 3 and result["rows"] == list(ROWS)
+    assert list(result["attacks"]) == ["noise", "fgsm", "pgd", "cw", "aux-pgd", "bpda", "full-grad"]
+    for name, attack in result["attacks"].items():
+        for row in ROWS:
+            acc = attack["rows"][row]
+            assert acc["n"] == 24 and 0 <= acc["correct"] <= 24
+            lo, hi = acc["ci95"]
+            assert lo <= acc["accuracy"] <= hi
+        assert attack["seconds_per_image"] > 0
+    with open(out / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(ROWS) * (1 + len(result["attacks"]))
+    md = (out / "results.md").read_text()
+    assert "| row | no attack | noise | fgsm |" in md and "## Sanity checks" in md and "worst case over adaptive" in md
+    for fig in ("aux_loss_vs_budget.png", "examples.png", "accuracy_vs_beta.png", "accuracy_vs_budget.png"):
+        with Image.open(out / fig) as img:
+            assert img.size[0] > 200 and img.size[1] > 200
+        assert f"({fig})" in md
+
+
+def test_numbers_match_the_real_pipeline(evaluation):
+    """The clean min-aux cell is what models.purify + classification gives on the same images."""
+    _, _, result = evaluation
+    loaded = load_checkpoint(MODEL, "cpu")
+    data, source = load_test_data("mnist", DIGITS, (1, 28, 28))
+    order, _ = evaluation_order(data, source)
+    x, y = data.batch(order[:24])
+    with torch.no_grad():
+        plain = int((loaded.network(x).argmax(1) == y).sum())
+        purified = int((loaded.network(purify(loaded.network, x, loaded.purifier).images).argmax(1) == y).sum())
+    assert result["clean"]["none"]["correct"] == plain
+    assert result["clean"]["min-aux"]["correct"] == purified
+    # the bare network falls to PGD; the oracle row is an upper bound of min-aux
+    assert result["attacks"]["pgd"]["rows"]["none"]["accuracy"] < result["clean"]["none"]["accuracy"]
+    for attack in result["attacks"].values():
+        assert attack["rows"]["oracle"]["correct"] >= attack["rows"]["min-aux"]["correct"] or attack["kind"] == "adaptive"
+
+
+def test_sanity_checks_are_reported(evaluation):
+    _, _, result = evaluation
+    names = {c["name"] for c in result["sanity_checks"]}
+    assert {"epsilon-zero-identity", "within-budget-and-range", "iterative-at-least-fgsm",
+            "adaptive-at-least-blind", "noise-weaker-than-gradient (none)"} <= names
+    byname = {c["name"]: c for c in result["sanity_checks"]}
+    assert byname["epsilon-zero-identity"]["passed"] and byname["within-budget-and-range"]["passed"]
+    worst = result["worst_case"]["adaptive"]["min-aux"]["correct"]
+    assert worst <= min(result["attacks"][a]["rows"]["min-aux"]["correct"] for a in ("bpda", "full-grad"))
+
+
+def test_failed_sanity_check_is_a_warning_in_the_report():
+    from training.report import sanity_lines
+    from training.sanity import Extras, run_checks
+
+    result = {"rows": ["none"], "attacks": {
+        "fgsm": {"kind": "blind", "norm": "linf", "budget": 0.3, "max_linf": 0.5, "max_l2": 1.0, "out_of_range_images": 0,
+                 "rows": {"none": {"accuracy": 0.2}}},
+        "pgd": {"kind": "blind", "norm": "linf", "budget": 0.3, "max_linf": 0.3, "max_l2": 1.0, "out_of_range_images": 0,
+                "rows": {"none": {"accuracy": 0.4}}}}}
+    checks = run_checks(result, Extras())
+    failed = {c.name for c in checks if not c.passed}
+    assert failed == {"within-budget-and-range", "iterative-at-least-fgsm"}
+    lines = sanity_lines({"sanity_checks": [c.__dict__ for c in checks]})
+    assert sum("WARNING" in line for line in lines) == 2
+
+
+def test_baseline_checkpoint_gets_only_the_unpurified_row(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("mnist-fcn-dr")
+    meta = meta_for(model, network="mnist-fcn-dr", dataset="mnist", class_names=[str(d) for d in range(10)],
+                    training={"recipe": "vanilla"})
+    save_checkpoint(model, meta, tmp_path / "vanilla")
+    code = main(["evaluate", "--model", str(tmp_path / "vanilla"), "--data-root", str(DIGITS), "--n", "8",
+                 "--attacks", "fgsm,bpda", "--out", str(tmp_path / "out"), "--no-figures", *FAST])
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert code == 0 and result["rows"] == ["none"] and list(result["attacks"]) == ["fgsm"]
+
+
+def test_unknown_attack_is_a_clear_error(tmp_path, capsys):
+    code = main(["evaluate", "--model", str(MODEL), "--data-root", str(DIGITS), "--attacks", "pgd,nonsense",
+                 "--out", str(tmp_path)])
+    assert code == 2
+    assert "unknown attack 'nonsense'" in capsys.readouterr().err
