@@ -47,12 +47,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def reproducing_options(args: argparse.Namespace) -> list[str]:
+    options = [str(args.path), "--out", str(args.out), "--network", args.network]
+    if args.data_root:
+        options += ["--data-root", str(args.data_root), "--eval-images", str(args.eval_images),
+                    "--calibration-images", str(args.calibration_images)]
+    return options
+
+
 def import_reference(args: argparse.Namespace) -> Path:
     device = resolve_device(args.device)
     network = convert_reference_state_dict(load_reference_state_dict(args.path), args.network).to(device)
     spec = get_spec(args.network)
     training = {
-        "command": provenance.command("import-reference"),
+        "command": provenance.command("import-reference", reproducing_options(args)),
         "recipe": "imported: authors' released checkpoint (GitHub Mishne-Lab/SOAP, commit 0953512)",
         "source": str(args.path),
         "git_commit": provenance.git_commit(),

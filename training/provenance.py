@@ -6,7 +6,6 @@ import os
 import platform
 import shlex
 import subprocess
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,10 +38,9 @@ def hardware(process: Process) -> str:
     return f"{process.world_size} x {what}" if process.distributed else what
 
 
-def command(subcommand: str, process: Process | None = None) -> str:
-    """The command line that reproduces this run (`python -m training SUBCOMMAND ...`, or torchrun)."""
-    argv = sys.argv[1:]
-    args = shlex.join(argv if argv[:1] == [subcommand] else [subcommand, *argv])
+def command(subcommand: str, options: list[str], process: Process | None = None) -> str:
+    """The command line that reproduces a run: `python -m training SUBCOMMAND OPTIONS` (or torchrun with P processes)."""
+    args = shlex.join([subcommand, *options])
     if process is not None and process.distributed:
         return f"torchrun --nproc_per_node {process.world_size} -m training {args}"
     return f"python -m training {args}"

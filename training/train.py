@@ -193,7 +193,7 @@ def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Pr
         ids = [process.device.index] if process.device.type == "cuda" else None
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids, find_unused_parameters=config.recipe != "soap")
 
-    record_base = _provenance(config, splits.source, process)
+    record_base = _provenance(config, args, splits.source, process)
     test_acc = float("nan")
     last_epoch = min(config.epochs, start_epoch + args.stop_after) if args.stop_after else config.epochs
     for epoch in range(start_epoch, last_epoch):
@@ -240,9 +240,31 @@ def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Pr
 
 # ----------------------------------------------------------------------------- records
 
-def _provenance(config: TrainConfig, data_source: str, process: distributed.Process) -> dict:
+def reproducing_options(config: TrainConfig, args: argparse.Namespace) -> list[str]:
+    """Options that reproduce this run, with the preset's values spelled out (options that do not change the result left out)."""
+    options = ["--preset", config.preset]
+    if config.recipe != get_preset(config.preset).recipe:
+        options += ["--recipe", config.recipe]
+    options += ["--epochs", str(config.epochs), "--lr", f"{config.lr:g}", "--batch-size", str(config.batch_size),
+                "--seed", str(config.seed)]
+    if args.data_root:
+        options += ["--data-root", str(args.data_root)]
+    if args.download:
+        options.append("--download")
+    if args.out:
+        options += ["--out", str(args.out)]
+    if args.max_steps_per_epoch:
+        options += ["--max-steps-per-epoch", str(args.max_steps_per_epoch)]
+    if args.no_calibration:
+        options.append("--no-calibration")
+    elif args.calibration_images != 1000:
+        options += ["--calibration-images", str(args.calibration_images)]
+    return options
+
+
+def _provenance(config: TrainConfig, args: argparse.Namespace, data_source: str, process: distributed.Process) -> dict:
     return {
-        "command": provenance.command("train", process), "preset": config.preset, "recipe": config.recipe, "epochs_planned": config.epochs,
+        "command": provenance.command("train", reproducing_options(config, args), process), "preset": config.preset, "recipe": config.recipe, "epochs_planned": config.epochs,
         "lr": config.lr, "lr_milestones": config.milestones(), "batch_size": config.batch_size, "alpha": config.alpha,
         "seed": config.seed, "data": data_source, "world_size": process.world_size, "hardware": provenance.hardware(process),
         "git_commit": provenance.git_commit(), "started_utc": provenance.now_utc(), "torch": torch.__version__, "config": asdict(config),
