@@ -50,6 +50,7 @@ class EvalConfig:
     figures: bool = True
     sanity_n: int = 100
     beta_n: int = 500
+    adaptive_n: int | None = None  # adaptive attacks on the first adaptive_n images only (CPU budget)
 
 
 @dataclass
@@ -193,7 +194,8 @@ def evaluate(config: EvalConfig) -> dict:
     kept: dict[str, torch.Tensor] = {}
     for name in tqdm(attacks, desc="attacks", unit="attack"):
         torch.manual_seed(config.seed)
-        columns[name] = run_attack(get_attack(name), ctx, scorer, x, y, config.batch_size, keep=kept)
+        m = n if get_attack(name).kind != "adaptive" or not config.adaptive_n else min(n, config.adaptive_n)
+        columns[name] = run_attack(get_attack(name), ctx, scorer, x[:m], y[:m], config.batch_size, keep=kept)
 
     result = {
         "model": str(config.model),
@@ -223,11 +225,12 @@ def evaluate(config: EvalConfig) -> dict:
             "norm": spec.norm,
             "budget": spec.budget(settings),
             "description": spec.description(settings) + (f" (β = {config.beta})" if name == "aux-pgd" else ""),
-            "seconds_per_image": col.seconds / n,
+            "n": len(col.correct["none"]),
+            "seconds_per_image": col.seconds / len(col.correct["none"]),
             "max_linf": col.max_linf,
             "max_l2": col.max_l2,
             "out_of_range_images": col.out_of_range,
-            "rows": {row: Accuracy.of(c, clean[row]).to_dict() for row, c in col.correct.items()},
+            "rows": {row: Accuracy.of(c, clean[row][: len(c)]).to_dict() for row, c in col.correct.items()},
         }
     result["worst_case"] = _worst_cases(columns, clean)
 
@@ -261,10 +264,11 @@ def _worst_cases(columns: dict[str, Batchwise], clean: dict[str, torch.Tensor]) 
         if not cols:
             continue
         out[group] = {}
+        m = min(len(c.correct["none"]) for c in cols)  # the images every attack of the group saw
         for row in clean:
-            survived = clean[row].clone()
+            survived = clean[row][:m].clone()
             for c in cols:
-                survived &= c.correct[row]
+                survived &= c.correct[row][:m]
             out[group][row] = Accuracy.of(survived, clean[row]).to_dict()
         out[group]["attacks"] = [n for n, c in columns.items() if any(c is x for x in cols)]
     return out
@@ -302,6 +306,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta", type=float, default=0.5, help="β of the aux-aware PGD column (paper scale)")
     parser.add_argument("--sanity-n", type=int, default=100, help="images for the budget sweep and ε = 0 checks")
     parser.add_argument("--beta-n", type=int, default=500, help="images for the β sweep (Fig. 5)")
+    parser.add_argument("--adaptive-n", type=int, default=None,
+                        help="run adaptive attacks on the first N of the n images only (they cost ~T·K gradients per step)")
     parser.add_argument("--no-figures", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     group = parser.add_argument_group("attack settings (defaults: the paper's for the checkpoint's dataset)")
@@ -314,7 +320,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(
         model=args.model, data_root=args.data_root, n=args.n, attacks=attacks, seed=args.seed, device=args.device,
         out=args.out, batch_size=args.batch_size, beta=args.beta, figures=not args.no_figures,
-        sanity_n=args.sanity_n, beta_n=args.beta_n,
+        sanity_n=args.sanity_n, beta_n=args.beta_n, adaptive_n=args.adaptive_n,
         settings={name: getattr(args, flag) for flag, (name, _) in _OVERRIDES.items()},
     )
 

@@ -41,7 +41,8 @@ def provenance(result: dict) -> str:
 
 def accuracy_table(result: dict, attacks: list[str] | None = None, success: bool = False) -> str:
     attacks = attacks if attacks is not None else list(result["attacks"])
-    head = ["row", "no attack"] + attacks
+    head = ["row", "no attack"] + [a if result["attacks"][a].get("n", result["n"]) == result["n"]
+                                   else f"{a} (n={result['attacks'][a]['n']})" for a in attacks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["rows"]:
         cells = [ROW_TITLES[row], "–" if success else cell(result["clean"][row])]
@@ -53,9 +54,9 @@ def accuracy_table(result: dict, attacks: list[str] | None = None, success: bool
 
 
 def attacks_table(result: dict) -> str:
-    lines = ["| attack | kind | settings | s / image | max L∞ | max L2 |", "|---|---|---|---|---|---|"]
+    lines = ["| attack | kind | settings | n | s / image | max L∞ | max L2 |", "|---|---|---|---|---|---|---|"]
     for name, a in result["attacks"].items():
-        lines.append(f"| {name} | {a['kind']} | {a['description']} | {a['seconds_per_image']:.4f} | "
+        lines.append(f"| {name} | {a['kind']} | {a['description']} | {a.get('n', result['n'])} | {a['seconds_per_image']:.4f} | "
                      f"{a['max_linf']:.4g} | {a['max_l2']:.4g} |")
     return "\n".join(lines)
 
@@ -65,7 +66,8 @@ def worst_case_lines(result: dict) -> list[str]:
     for group, by_row in result.get("worst_case", {}).items():
         names = ", ".join(by_row["attacks"])
         for row in result["rows"]:
-            lines.append(f"- worst case over {group} attacks ({names}), {ROW_TITLES[row]}: {cell(by_row[row])} %")
+            lines.append(f"- worst case over {group} attacks ({names}), {ROW_TITLES[row]}: {cell(by_row[row])} % "
+                         f"(n = {by_row[row]['n']})")
     return lines
 
 
