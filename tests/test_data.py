@@ -71,6 +71,8 @@ def test_missing_or_empty_data_root_says_how_to_get_data(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match=r"empty.*MNIST/raw"):
         load_splits("mnist", tmp_path / "empty", (1, 28, 28))
+    with pytest.raises(DatasetError, match=r"cifar100.*cifar-100-python.*--download"):
+        load_splits("cifar100", tmp_path / "empty", (3, 32, 32))
     (tmp_path / "tree" / "cat").mkdir(parents=True)
     with pytest.raises(DatasetError, match="not an ImageFolder tree"):
         load_image_folder(tmp_path / "tree", (3, 32, 32))
