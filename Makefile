@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= models/zoo/mnist-fcn-dr
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench results clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/purifier.py --json benchmarks/results/purifier.json
 	$(PY) benchmarks/service_load.py --json benchmarks/results/service_load.json
+
+# Evaluate the shipped models (long; CPU) and rewrite docs/results.md. Point the roots at your data, e.g.
+# make results MNIST_ROOT=../shared/data CIFAR10_ROOT=../shared/data/cifar10-jpeg
+results: $(STAMP)
+	$(PY) -m training.results_page --run $(if $(MNIST_ROOT),--mnist-root $(MNIST_ROOT)) \
+		$(if $(CIFAR10_ROOT),--cifar10-root $(CIFAR10_ROOT)) --notes docs/results-notes.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -115,3 +115,19 @@ def test_unknown_attack_is_a_clear_error(tmp_path, capsys):
                  "--out", str(tmp_path)])
     assert code == 2
     assert "unknown attack 'nonsense'" in capsys.readouterr().err
+
+
+def test_results_page_puts_paper_numbers_beside_ours(evaluation, tmp_path):
+    import shutil
+
+    from training.results_page import main as page_main
+
+    _, out, result = evaluation
+    shutil.copytree(out, tmp_path / "results" / "mnist-fcn-dr")
+    page = tmp_path / "results.md"
+    assert page_main(["--results", str(tmp_path / "results"), "--page", str(page)]) == 0
+    text = page.read_text()
+    assert "## Table 1: MNIST" in text and "## Adaptive attacks" in text
+    assert "(97.56" in text and "(61.88" in text  # the paper's min-aux clean and PGD numbers
+    assert "results/mnist-fcn-dr/examples.png" in text
+    assert f"n = {result['n']}; seed {result['seed']}" in text

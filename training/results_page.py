@@ -1,0 +1,253 @@
+"""Build docs/results.md from evaluation folders, optionally running the evaluations first.
+
+    python -m training.results_page --mnist-root DIR --cifar10-root DIR --run   # evaluate, then write the page
+    python -m training.results_page                                              # rewrite the page from results.json
+
+`make results MNIST_ROOT=... CIFAR10_ROOT=...` runs the first form. The PLAN below is the single place
+where the sample sizes and attack iterations of the published numbers are chosen (CPU budget: 2 shared
+cores); every number on the page also carries them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .report import ROW_TITLES, cell, pct
+
+PAPER_COLUMNS = ("fgsm", "pgd", "cw", "df")
+
+# Paper Tables 1-2 (soap-reference §5): No attack, FGSM, PGD, CW, DeepFool.
+PAPER: dict[tuple[str, str, str], tuple[float, ...]] = {
+    ("mnist-fcn", "vanilla", "none"): (98.10, 16.87, 0.49, 0.01, 1.40),
+    ("mnist-fcn", "fgsm-at", "none"): (79.76, 80.57, 2.95, 6.22, 17.24),
+    ("mnist-fcn", "pgd-at", "none"): (76.82, 60.70, 57.07, 31.68, 13.82),
+    ("mnist-fcn", "soap", "none"): (97.57, 29.15, 0.58, 0.25, 2.32),
+    ("mnist-fcn", "soap", "min-aux"): (97.56, 66.85, 61.88, 86.81, 87.02),
+    ("mnist-fcn", "soap", "oracle"): (98.93, 69.21, 64.76, 97.88, 97.97),
+    ("mnist-cnn", "vanilla", "none"): (99.15, 1.49, 0.00, 0.00, 0.69),
+    ("mnist-cnn", "fgsm-at", "none"): (98.78, 99.50, 33.70, 0.02, 6.16),
+    ("mnist-cnn", "pgd-at", "none"): (98.97, 96.38, 93.22, 90.31, 75.55),
+    ("mnist-cnn", "soap", "none"): (99.04, 65.35, 27.54, 0.35, 0.69),
+    ("mnist-cnn", "soap", "min-aux"): (98.94, 87.78, 84.92, 74.61, 81.27),
+    ("mnist-cnn", "soap", "oracle"): (99.42, 89.40, 86.62, 98.44, 98.47),
+    ("cifar10-resnet18", "vanilla", "none"): (90.54, 15.42, 0.00, 0.00, 6.26),
+    ("cifar10-resnet18", "fgsm-at", "none"): (72.73, 44.16, 37.40, 2.69, 24.58),
+    ("cifar10-resnet18", "pgd-at", "none"): (74.23, 47.43, 42.11, 3.14, 25.84),
+    ("cifar10-resnet18-rp", "soap", "none"): (73.64, 5.77, 0.47, 0.00, 13.65),
+    ("cifar10-resnet18-rp", "soap", "min-aux"): (71.97, 35.80, 38.53, 68.22, 68.44),
+    ("cifar10-resnet18-rp", "soap", "oracle"): (87.57, 37.60, 39.40, 79.80, 84.34),
+    ("cifar10-resnet18-lc", "soap", "none"): (86.36, 22.81, 0.15, 0.00, 8.52),
+    ("cifar10-resnet18-lc", "soap", "min-aux"): (84.07, 51.02, 51.42, 73.95, 74.79),
+    ("cifar10-resnet18-lc", "soap", "oracle"): (94.06, 59.45, 62.29, 86.94, 88.88),
+}
+
+
+def paper_key(network: str, recipe: str) -> str:
+    """Table key of a network: MNIST rows are per architecture; CIFAR SOAP rows per auxiliary task."""
+    if network.startswith("mnist"):
+        return network.rsplit("-", 1)[0]  # mnist-fcn-dr -> mnist-fcn
+    if recipe != "soap":
+        return network.rsplit("-", 1)[0]  # cifar10-resnet18-lc -> cifar10-resnet18
+    return network
+
+
+@dataclass(frozen=True)
+class Run:
+    """One evaluation of the published page."""
+
+    model: str
+    dataset: str
+    n: int
+    attacks: str
+    adaptive_n: int | None = None
+    extra: tuple[str, ...] = field(default_factory=tuple)
+
+
+BLIND = "noise,fgsm,pgd,cw,df,aux-pgd,blackbox,apgd-ce"
+ADAPTIVE = "bpda,bpda-traj,full-grad,apgd-bpda,apgd-dlr-bpda,apgd-full"
+PLAN = (
+    Run("models/zoo/mnist-fcn-dr", "mnist", 1000, f"{BLIND},{ADAPTIVE}"),
+    Run("models/zoo/mnist-cnn-dr", "mnist", 1000, f"{BLIND},{ADAPTIVE}", adaptive_n=200,
+        extra=("--apgd-steps", "50")),
+    *(Run(f"models/zoo/{name}", "cifar10", 200, "noise,fgsm,pgd,df,bpda,apgd-bpda", adaptive_n=50,
+          extra=("--apgd-steps", "20", "--adaptive-steps", "10", "--sanity-n", "20", "--beta-n", "50"))
+      for name in ("cifar10-resnet18-lc-official", "cifar10-resnet18-lc", "cifar10-resnet18-rp")),
+)
+BASELINE_SUFFIXES = ("vanilla", "fgsm-at", "pgd-at")
+
+
+def run_plan(args: argparse.Namespace) -> None:
+    from .__main__ import main  # noqa: PLC0415
+
+    roots = {"mnist": args.mnist_root, "cifar10": args.cifar10_root}
+    plan = list(PLAN)
+    for run in PLAN:  # the trained baselines of each SOAP network, when they exist
+        for suffix in BASELINE_SUFFIXES:
+            path = Path(run.model.removesuffix("-official") + f"-{suffix}")
+            if path.is_dir():
+                plan.append(Run(str(path), run.dataset, run.n, "fgsm,pgd,cw,df", extra=run.extra))
+    for run in plan:
+        if not Path(run.model).is_dir() or roots.get(run.dataset) is None:
+            print(f"skipping {run.model}: checkpoint or --{run.dataset}-root missing", file=sys.stderr)
+            continue
+        argv = ["evaluate", "--model", run.model, "--data-root", str(roots[run.dataset]), "--n", str(run.n),
+                "--attacks", run.attacks, "--seed", str(args.seed), "--out", str(args.results / Path(run.model).name),
+                "--threads", str(args.threads), *run.extra]
+        if run.adaptive_n:
+            argv += ["--adaptive-n", str(run.adaptive_n)]
+        print("python -m training " + " ".join(argv), file=sys.stderr)
+        main(argv)
+
+
+# ----------------------------------------------------------------------------- the page
+
+def _load(results: Path) -> list[dict]:
+    found = []
+    for path in sorted(results.glob("*/results.json")):
+        result = json.loads(path.read_text())
+        result["_dir"] = path.parent
+        found.append(result)
+    return found
+
+
+def _with_paper(acc: dict | None, paper: float | None) -> str:
+    if acc is None:
+        return "–"
+    text = cell(acc)
+    if paper is None:
+        return text
+    lo, hi = acc["ci95"]
+    flag = "" if lo * 100 - 0.05 <= paper <= hi * 100 + 0.05 else " ≠"
+    return f"{text} ({paper:.2f}{flag})"
+
+
+def paper_table(results: list[dict]) -> str:
+    head = ["model", "row", "n", "no attack"] + [c.upper() if c != "df" else "DeepFool" for c in PAPER_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        key = paper_key(r["network"], r["recipe"])
+        for row in r["rows"]:
+            paper = PAPER.get((key, r["recipe"], row))
+            label = r["recipe"] if r["recipe"] != "soap" else ROW_TITLES[row]
+            cells = [f"`{Path(r['model']).name}`", label, str(r["n"]), _with_paper(r["clean"][row], paper and paper[0])]
+            for i, col in enumerate(PAPER_COLUMNS, start=1):
+                acc = r["attacks"].get(col, {}).get("rows", {}).get(row)
+                cells.append(_with_paper(acc, paper and paper[i]))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def adaptive_table(results: list[dict]) -> str:
+    names = []
+    for r in results:
+        for name, a in r["attacks"].items():
+            if a["kind"] == "adaptive" and name not in names:
+                names.append(name)
+    head = ["model", "clean (min-aux)", "PGD → min-aux (blind)", *names, "worst case adaptive",
+            "undefended network: PGD", "undefended: APGD-CE"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        if "min-aux" not in r["rows"]:
+            continue
+        a = r["attacks"]
+        get = lambda name, row: a.get(name, {}).get("rows", {}).get(row)  # noqa: E731
+        worst = r.get("worst_case", {}).get("adaptive", {}).get("min-aux")
+        cells = [f"`{Path(r['model']).name}`", cell(r["clean"]["min-aux"]), cell(get("pgd", "min-aux"))]
+        cells += [cell(get(n, "min-aux")) + (f" (n={a[n]['n']})" if n in a and a[n].get("n", r["n"]) != r["n"] else "")
+                  for n in names]
+        cells += [cell(worst) + (f" (n={worst['n']})" if worst and worst["n"] != r["n"] else ""),
+                  cell(get("pgd", "none")), cell(get("apgd-ce", "none"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def settings_lines(r: dict) -> list[str]:
+    out = [f"- **`{Path(r['model']).name}`** — data: {r['data']}; n = {r['n']}; seed {r['seed']}; device {r['device']} "
+           f"({r['host']}); git {str(r.get('git_commit'))[:10]}; wall time {r.get('wall_seconds', 0) / 60:.1f} min"]
+    for name, a in r["attacks"].items():
+        out.append(f"  - {name}: {a['description']}; n = {a.get('n', r['n'])}; {a['seconds_per_image']:.3f} s/image")
+    if r.get("purification_seconds_per_image") is not None:
+        out.append(f"  - purification (min-aux): {1000 * r['purification_seconds_per_image']:.1f} ms/image")
+    return out
+
+
+def sanity_block(r: dict) -> list[str]:
+    failed = [c for c in r["sanity_checks"] if not c["passed"]]
+    if not failed:
+        return [f"- `{Path(r['model']).name}`: all {len(r['sanity_checks'])} sanity checks passed"]
+    return [f"- `{Path(r['model']).name}`: **WARNING** {c['name']} failed — {c['detail']}" for c in failed]
+
+
+def figures_block(r: dict, page_dir: Path) -> list[str]:
+    out = []
+    for fig in r.get("figures") or []:
+        path = r["_dir"] / Path(fig).name
+        if path.exists():
+            out.append(f"![{Path(r['model']).name}: {path.stem}]({path.relative_to(page_dir).as_posix()})")
+    return out
+
+
+def build_page(results: list[dict], page: Path, notes: str = "") -> str:
+    page_dir = page.parent
+    mnist = [r for r in results if r["dataset"] == "mnist"]
+    cifar = [r for r in results if r["dataset"].startswith("cifar")]
+    parts = [
+        "# Results",
+        "",
+        "Generated by `python -m training.results_page` from the `results.json` files under `docs/results/` "
+        "(regenerate everything with `make results MNIST_ROOT=... CIFAR10_ROOT=...`; see docs/evaluation.md). "
+        "Accuracies in %, Wilson 95 % interval in brackets; the paper's number in parentheses, marked ≠ when it "
+        "lies outside our interval. Purifier-blind attacks (the paper's FGSM/PGD/CW/DeepFool) attack the bare "
+        "network; the adaptive table attacks purify-then-classify.",
+        "",
+    ]
+    if notes:
+        parts += [notes.strip(), ""]
+    if mnist:
+        parts += ["## Table 1: MNIST (paper Table 1)", "", paper_table(mnist), ""]
+    if cifar:
+        parts += ["## CIFAR-10 (paper Table 2)", "",
+                  "The CIFAR-10 test images here are JPEG re-encodings (quality ≈ 75) of the originals; accuracies on "
+                  "them are a little below those on the lossless test set.", "", paper_table(cifar), ""]
+    parts += ["## Adaptive attacks (min-aux row), next to the undefended network", "", adaptive_table(results), "",
+              "## Sanity checks", ""]
+    for r in results:
+        parts += sanity_block(r)
+    parts += ["", "## Settings of every number", ""]
+    for r in results:
+        parts += settings_lines(r)
+    parts += ["", "## Figures", ""]
+    for r in results:
+        parts += figures_block(r, page_dir)
+    return "\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.results_page", description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=Path("docs/results"), help="folder of evaluation outputs")
+    parser.add_argument("--page", type=Path, default=Path("docs/results.md"))
+    parser.add_argument("--notes", type=Path, default=None, help="Markdown inserted below the introduction")
+    parser.add_argument("--run", action="store_true", help="run the evaluations of PLAN first")
+    parser.add_argument("--mnist-root", type=Path, default=None)
+    parser.add_argument("--cifar10-root", type=Path, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.run:
+        run_plan(args)
+    results = _load(args.results)
+    if not results:
+        print(f"no results.json under {args.results}", file=sys.stderr)
+        return 1
+    notes = args.notes.read_text() if args.notes and args.notes.exists() else ""
+    args.page.write_text(build_page(results, args.page, notes))
+    print(f"wrote {args.page} from {len(results)} evaluation(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
