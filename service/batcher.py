@@ -100,6 +100,7 @@ class Batcher:
         self._on_depth = on_depth or (lambda depth: None)
         self._queue: collections.deque[WorkItem] = collections.deque()
         self._depth = 0
+        self._pending: collections.Counter[PurifyRequest] = collections.Counter()  # queued images per settings
         self._wakeup: asyncio.Event | None = None
         self._closing = False
         self._draining = False
@@ -129,6 +130,7 @@ class Batcher:
             raise QueueFull(self.retry_after_s())
         item = WorkItem(images, request, deadline, asyncio.get_running_loop().create_future())
         self._queue.append(item)
+        self._pending[request] += item.size
         self._set_depth(self._depth + item.size)
         self._wake()
         return item
@@ -139,6 +141,7 @@ class Batcher:
             return False
         item.state = "cancelled"
         self._queue.remove(item)
+        self._pending[item.request] -= item.size
         self._set_depth(self._depth - item.size)
         self._wake()
         return True
@@ -181,9 +184,6 @@ class Batcher:
         self._depth = depth
         self._on_depth(depth)
 
-    def _pending(self, request: PurifyRequest) -> int:
-        return sum(it.size for it in self._queue if it.request == request)
-
     async def _run(self, warmup: Callable[[], None] | None) -> None:
         loop = asyncio.get_running_loop()
         if warmup is not None:
@@ -198,7 +198,7 @@ class Batcher:
             head = self._queue[0]
             due = head.enqueued_at + self.max_delay_s
             while (not self._closing and not self._draining and head.state == "queued"
-                   and self._pending(head.request) < self.max_batch_size):
+                   and self._pending[head.request] < self.max_batch_size):
                 remaining = due - time.monotonic()
                 if remaining <= 0:
                     break
@@ -212,21 +212,22 @@ class Batcher:
             await self._execute(self._take(head.request))
 
     def _take(self, request: PurifyRequest) -> list[WorkItem]:
-        """Remove up to max_batch_size images of requests sharing `request`, oldest first."""
+        """Remove up to max_batch_size images of requests sharing `request`, oldest first (one pass)."""
         batch: list[WorkItem] = []
+        rest: collections.deque[WorkItem] = collections.deque()
         total = 0
-        for item in list(self._queue):
-            if item.request != request:
+        full = False
+        for item in self._queue:
+            if full or item.request != request or (batch and total + item.size > self.max_batch_size):
+                full = full or (item.request == request and bool(batch))
+                rest.append(item)
                 continue
-            if batch and total + item.size > self.max_batch_size:
-                break
             batch.append(item)
-            total += item.size
-            if total >= self.max_batch_size:
-                break
-        for item in batch:
-            self._queue.remove(item)
             item.state = "running"
+            total += item.size
+            full = total >= self.max_batch_size
+        self._queue = rest
+        self._pending[request] -= total
         self._set_depth(self._depth - total)
         return batch
 

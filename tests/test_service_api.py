@@ -98,6 +98,13 @@ async def test_batched_results_equal_one_at_a_time_results(model_dir):
         assert one["purified_png"] == many["purified_png"]
 
 
+async def test_a_large_photo_is_decoded_off_the_event_loop_and_classified(model_dir):
+    big = mnist_image(4).resize((1024, 1024), Image.Resampling.BICUBIC).convert("RGB")  # 1 M pixels: thread path
+    async with serve_app(settings_for(model_dir)) as (app, client):
+        r = await client.post("/classify", content=encode(big, "JPEG", quality=90), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 200 and r.json()["results"][0]["label"] == 4
+
+
 @pytest.mark.parametrize("name", list(bad_images()))
 async def test_bad_images_get_422_and_a_reason(model_dir, name):
     payload, word = bad_images()[name]

@@ -198,3 +198,22 @@ async def test_stopping_the_runtime_finishes_the_queue_first(model_dir):
     assert all(isinstance(it.future.result().predictions, Predictions) for it in items)
     assert [it.future.result().batch_images for it in items] == [3, 3, 3]
     assert not batcher.running
+
+
+async def test_requests_with_different_settings_never_share_a_batch(model_dir):
+    async with serve_app(settings_for(model_dir, max_batch_size=64, max_delay_ms=200)) as (app, client):
+        batcher = app.state.runtime.models["mnist-fcn-dr"].batcher
+        real, seen = batcher.compute, []
+
+        def spy(images, request):
+            seen.append((request.mode, request.epsilon, images.shape[0]))
+            return real(images, request)
+
+        batcher.compute = spy
+        queries = ["", "?mode=none", "", "?mode=fixed&epsilon=0.2", "?mode=none", ""]
+        rs = await asyncio.gather(*(client.post("/classify" + q, content=mnist_png(i), headers=PNG)
+                                    for i, q in enumerate(queries)))
+    assert [r.status_code for r in rs] == [200] * 6
+    assert sorted(seen) == sorted([("min-aux", None, 3), ("none", None, 2), ("fixed", 0.2, 1)])
+    assert [r.json()["results"][0]["epsilon"] for r in rs][1::3] == [0, 0]
+    assert rs[3].json()["results"][0]["epsilon"] == pytest.approx(0.2)
