@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from .auth import require_api_key
-from .batcher import ItemResult, QueueFull, ShuttingDown, WorkItem
+from .batcher import BatchFailed, ItemResult, QueueFull, ShuttingDown, WorkItem
 from .config import ServiceSettings
 from .decode import DecodeLimits, ImageRejected, decode_opened, encode_png, open_image
 from .errors import ServiceError, error_response, install_error_handlers
@@ -249,10 +249,11 @@ def _shutting_down() -> ServiceError:
                         headers={"Retry-After": "1"})
 
 
+_OPTION_SCHEMAS = ClassifyOptions.model_json_schema()["properties"]
 _CLASSIFY_OPENAPI = {
     "parameters": [
         {"name": name, "in": "query", "required": False, "description": field.description,
-         "schema": {"type": {bool: "boolean", int: "integer"}.get(field.annotation, "string")}}
+         "schema": {k: v for k, v in _OPTION_SCHEMAS[name].items() if k != "description"}}
         for name, field in ClassifyOptions.model_fields.items()
     ],
     "requestBody": {
@@ -308,9 +309,7 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
             raise _shutting_down() from None
         try:
             result = await _await_result(request, model, item)
-        except ServiceError:
-            raise
-        except Exception as exc:  # BatchFailed: this batch only; the message names no internals
+        except BatchFailed as exc:  # this batch only; the message names the exception type, no internals
             raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
         body_out = {
             "request_id": request.scope["soap.request_id"],
