@@ -4,6 +4,7 @@ failure isolation, out-of-memory halving and draining."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -217,3 +218,32 @@ async def test_requests_with_different_settings_never_share_a_batch(model_dir):
     assert sorted(seen) == sorted([("min-aux", None, 3), ("none", None, 2), ("fixed", 0.2, 1)])
     assert [r.json()["results"][0]["epsilon"] for r in rs][1::3] == [0, 0]
     assert rs[3].json()["results"][0]["epsilon"] == pytest.approx(0.2)
+
+
+async def test_readyz_is_503_until_the_models_are_warmed_up(model_dir):
+    import httpx
+
+    app = create_app(settings_for(model_dir))
+    model = app.state.runtime.models["mnist-fcn-dr"]
+    release = threading.Event()
+    real_warmup = model.warmup
+
+    def slow_warmup():
+        release.wait(10)
+        real_warmup()
+
+    model.warmup = slow_warmup
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            before = await client.get("/readyz")
+            alive = await client.get("/healthz")
+            release.set()
+            for _ in range(500):
+                if app.state.runtime.ready:
+                    break
+                await asyncio.sleep(0.01)
+            after = await client.get("/readyz")
+            metrics = (await client.get("/metrics")).text
+    assert before.status_code == 503 and before.json()["error"] == "not_ready"
+    assert alive.status_code == 200
+    assert after.status_code == 200 and metric_value(metrics, "soap_ready") == 1
