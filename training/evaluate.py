@@ -211,7 +211,7 @@ def evaluate(config: EvalConfig) -> dict:
         "device": str(device),
         "rows": list(rows),
         "settings": asdict(settings),
-        "command": "python -m training evaluate " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["evaluate"] else None,
+        "command": command_line(config),
         "git_commit": _git_commit(),
         "host": f"{platform.machine()} {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "clean": {row: Accuracy.of(c).to_dict() for row, c in clean.items()},
@@ -272,6 +272,21 @@ def _worst_cases(columns: dict[str, Batchwise], clean: dict[str, torch.Tensor]) 
             out[group][row] = Accuracy.of(survived, clean[row]).to_dict()
         out[group]["attacks"] = [n for n, c in columns.items() if any(c is x for x in cols)]
     return out
+
+
+def command_line(config: EvalConfig) -> str:
+    """The command that reproduces this evaluation."""
+    parts = ["python -m training evaluate", f"--model {config.model}"]
+    if config.data_root is not None:
+        parts.append(f"--data-root {config.data_root}")
+    parts += [f"--n {config.n}", f"--attacks {','.join(config.attacks)}", f"--seed {config.seed}",
+              f"--out {config.out}", f"--batch-size {config.batch_size}", f"--beta {config.beta}",
+              f"--sanity-n {config.sanity_n}", f"--beta-n {config.beta_n}"]
+    if config.adaptive_n:
+        parts.append(f"--adaptive-n {config.adaptive_n}")
+    flags = {name: flag for flag, (name, _) in _OVERRIDES.items()}
+    parts += [f"--{flags[k].replace('_', '-')} {v}" for k, v in config.settings.items() if v is not None]
+    return " ".join(parts)
 
 
 def _git_commit() -> str | None:

@@ -168,6 +168,8 @@ def adaptive_table(results: list[dict]) -> str:
 def settings_lines(r: dict) -> list[str]:
     out = [f"- **`{Path(r['model']).name}`** — data: {r['data']}; n = {r['n']}; seed {r['seed']}; device {r['device']} "
            f"({r['host']}); git {str(r.get('git_commit'))[:10]}; wall time {r.get('wall_seconds', 0) / 60:.1f} min"]
+    if r.get("command"):
+        out.append(f"  - command: `{r['command']}`")
     for name, a in r["attacks"].items():
         out.append(f"  - {name}: {a['description']}; n = {a.get('n', r['n'])}; {a['seconds_per_image']:.3f} s/image")
     if r.get("purification_seconds_per_image") is not None:
