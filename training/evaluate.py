@@ -193,7 +193,8 @@ def evaluate(config: EvalConfig) -> dict:
     columns: dict[str, Batchwise] = {}
     kept: dict[str, torch.Tensor] = {}
     for name in tqdm(attacks, desc="attacks", unit="attack"):
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # each column is reproducible on its own, whatever the attack list
+        ctx.generator.manual_seed(config.seed)
         m = n if get_attack(name).kind != "adaptive" or not config.adaptive_n else min(n, config.adaptive_n)
         columns[name] = run_attack(get_attack(name), ctx, scorer, x[:m], y[:m], config.batch_size, keep=kept)
 
