@@ -12,7 +12,9 @@ In one run it measures:
    queue: every request must be answered (200, or a fast 503), and the server must still serve afterwards.
 
 Each level is bounded in time (--duration) and in count (--max-requests). Numbers depend on the machine and on
-whatever else runs on it; the JSON records the load average before and after.
+whatever else runs on it; the JSON records the load average before and after, and, per level, the CPU the server
+process used (from /proc): cores used on average, and CPU microseconds per request in the event-loop thread and in
+all other threads (compute) — figures that let one project throughput onto a machine with idle cores.
 """
 
 from __future__ import annotations
@@ -126,6 +128,13 @@ class LevelResult:
     extra: dict = field(default_factory=dict)
 
 
+def _cpu_ticks(pid: int, tid: int | None = None) -> int:
+    """utime + stime of a process (or one of its threads) in clock ticks, from /proc."""
+    stat = Path(f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def _pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -146,7 +155,7 @@ async def _metric_sums(session, url: str, name: str) -> tuple[float, float]:
 
 
 async def closed_loop(session, url: str, path: str, payloads: list[bytes], concurrency: int, duration: float,
-                      max_requests: int, warmup: float, name: str) -> LevelResult:
+                      max_requests: int, warmup: float, name: str, server_pid: int | None = None) -> LevelResult:
     """`concurrency` clients, each sending its next request as soon as the previous one is answered."""
     latencies: list[float] = []
     statuses: dict[str, int] = {}
@@ -178,10 +187,19 @@ async def closed_loop(session, url: str, path: str, payloads: list[bytes], concu
     tasks = [asyncio.create_task(client(k)) for k in range(concurrency)]
     await asyncio.sleep(warmup)
     before = await _metric_sums(session, url, "soap_batch_size_images") if path == "/classify" else None
+    cpu_before = (_cpu_ticks(server_pid, server_pid), _cpu_ticks(server_pid)) if server_pid else None
     measuring = True
     began = time.monotonic()
     await asyncio.gather(*tasks)
     elapsed = time.monotonic() - began
+    extra = {}
+    if cpu_before is not None and sent:
+        hz = os.sysconf("SC_CLK_TCK")
+        loop_s = (_cpu_ticks(server_pid, server_pid) - cpu_before[0]) / hz  # the main thread runs the event loop
+        total_s = (_cpu_ticks(server_pid) - cpu_before[1]) / hz
+        extra = {"server_cpu_cores_used": round(total_s / elapsed, 2),
+                 "event_loop_cpu_us_per_request": round(loop_s / sent * 1e6),
+                 "other_threads_cpu_us_per_request": round((total_s - loop_s) / sent * 1e6)}
     mean_batch = None
     if before is not None:
         after = await _metric_sums(session, url, "soap_batch_size_images")
@@ -191,7 +209,7 @@ async def closed_loop(session, url: str, path: str, payloads: list[bytes], concu
     ok_latencies = latencies  # every request is a single image; report all answered requests
     return LevelResult(name, concurrency, round(elapsed, 2), sent, ok, statuses, errors, round(ok / elapsed, 1),
                        round(sent / elapsed, 1), _pct(ok_latencies, 0.5), _pct(ok_latencies, 0.9),
-                       _pct(ok_latencies, 0.99), mean_batch)
+                       _pct(ok_latencies, 0.99), mean_batch, extra)
 
 
 async def open_loop(session, url: str, payloads: list[bytes], rate: float, duration: float, max_requests: int,
@@ -249,7 +267,9 @@ def _payloads(images: Path) -> list[bytes]:
 def _row(r: LevelResult, batch: int | str) -> str:
     return (f"| {r.name} | {r.concurrency if r.concurrency is not None else '-'} | {batch} | {r.requests} | "
             f"{r.throughput_images_s} | {r.p50_ms} | {r.p90_ms} | {r.p99_ms} | "
-            f"{sum(v for k, v in r.status_counts.items() if k != '200') + r.errors} | {r.mean_batch_size or '-'} |")
+            f"{sum(v for k, v in r.status_counts.items() if k != '200') + r.errors} | {r.mean_batch_size or '-'} | "
+            f"{r.extra.get('server_cpu_cores_used', '-')} | {r.extra.get('event_loop_cpu_us_per_request', '-')} | "
+            f"{r.extra.get('other_threads_cpu_us_per_request', '-')} |")
 
 
 async def run(args) -> dict:
@@ -277,7 +297,7 @@ async def run(args) -> dict:
         try:
             await trivial.wait_ready(session)
             ceiling = await closed_loop(session, trivial.url, "/echo", payloads, 64, args.duration, args.max_requests,
-                                        args.warmup, "generator ceiling (trivial endpoint)")
+                                        args.warmup, "generator ceiling (trivial endpoint)", trivial.proc.pid)
         finally:
             trivial.stop()
         report["generator_ceiling"] = asdict(ceiling)
@@ -292,7 +312,7 @@ async def run(args) -> dict:
             await server.wait_ready(session)
             for c in args.concurrency:
                 level = await closed_loop(session, server.url, "/classify", payloads, c, args.duration,
-                                          args.max_requests, args.warmup, "service")
+                                          args.max_requests, args.warmup, "service", server.proc.pid)
                 levels.append(level)
                 rows.append(_row(level, args.max_batch_size))
                 print(rows[-1], flush=True)
@@ -305,7 +325,7 @@ async def run(args) -> dict:
         try:
             await server.wait_ready(session)
             single = await closed_loop(session, server.url, "/classify", payloads, 64, args.duration,
-                                       args.max_requests, args.warmup, "service, no batching")
+                                       args.max_requests, args.warmup, "service, no batching", server.proc.pid)
         finally:
             server.stop()
         rows.append(_row(single, 1))
@@ -344,8 +364,9 @@ async def run(args) -> dict:
         "overload_p99_503_le_50ms": over.extra["p99_ms_503"] is None or over.extra["p99_ms_503"] <= 50,
         "serves_after_overload": over.extra["after_errors"] == 0 and ready_after == 200,
     }
-    header = ("| run | concurrency | max batch | requests | images/s | p50 ms | p90 ms | p99 ms | non-200 | mean batch |\n"
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    header = ("| run | concurrency | max batch | requests | images/s | p50 ms | p90 ms | p99 ms | non-200 | mean batch "
+              "| server CPU cores | loop CPU µs/req | compute CPU µs/req |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     report["table_markdown"] = "\n".join([header, *rows])
     return report
 
