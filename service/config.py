@@ -113,6 +113,8 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
         elif _env_name(name) in environ:
             raw = environ[_env_name(name)]
             values[name] = [p.strip() for p in raw.split(",") if p.strip()] if name == "models" else raw
+    if not values.get("models"):
+        parser.error(f"no model: give --model PATH (repeatable) or set {ENV_PREFIX}MODELS")
     try:
         return ServiceSettings(**values)
     except ValidationError as exc:
