@@ -98,6 +98,18 @@ async def test_batched_results_equal_one_at_a_time_results(model_dir):
         assert one["purified_png"] == many["purified_png"]
 
 
+async def test_every_supported_format_is_classified_through_http(model_dir):
+    digit = mnist_image(2, 1)
+    formats = {"png": ("PNG", {}), "jpeg": ("JPEG", {"quality": 95}), "webp": ("WEBP", {"lossless": True}),
+               "bmp": ("BMP", {}), "tiff": ("TIFF", {}), "gif": ("GIF", {})}
+    async with serve_app(settings_for(model_dir)) as (app, client):
+        rs = {name: await client.post("/classify", content=encode(digit, fmt, **kw), headers={"Content-Type": f"image/{name}"})
+              for name, (fmt, kw) in formats.items()}
+    for name, r in rs.items():
+        assert r.status_code == 200, (name, r.text)
+        assert r.json()["results"][0]["label"] == 2, name
+
+
 async def test_a_large_photo_is_decoded_off_the_event_loop_and_classified(model_dir):
     big = mnist_image(4).resize((1024, 1024), Image.Resampling.BICUBIC).convert("RGB")  # 1 M pixels: thread path
     async with serve_app(settings_for(model_dir)) as (app, client):
