@@ -67,7 +67,7 @@ def train_tiny_checkpoint(directory: Path, steps: int = 30) -> Path:
     x, y = _mnist_tensors()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, len(x), (64,))
         losses = training_losses(model, x[idx], y[idx])
         loss = losses.cls_loss + 100.0 * losses.aux_loss
