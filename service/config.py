@@ -1,7 +1,7 @@
 """Service settings: one typed object, filled from the command line, then environment variables, then defaults.
 
 Every option `--some-option` has the environment variable `SOAP_SOME_OPTION`; `--model` (repeatable) maps to
-`SOAP_MODELS` (comma-separated). The first model is the default one.
+`SOAP_MODELS` (comma-separated). The first model is the default one. An empty variable counts as unset.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     for name in ServiceSettings.model_fields:
         if args.get(name) is not None:
             values[name] = args[name]
-        elif _env_name(name) in environ:
+        elif environ.get(_env_name(name), "").strip():  # an empty variable counts as unset (compose's ${X:-})
             raw = environ[_env_name(name)]
             values[name] = [p.strip() for p in raw.split(",") if p.strip()] if name == "models" else raw
     if not values.get("models"):

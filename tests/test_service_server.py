@@ -149,6 +149,8 @@ def test_settings_come_from_cli_then_environment_then_defaults(tmp_path):
     assert [p.name for p in s.models] == ["m1", "m2"] and s.model_names[0] == "m1"
     assert s.max_batch_size == 8 and s.max_delay_ms == 2.5 and s.enable_attack is False and s.device == "cpu"
     assert s.max_body_bytes == 2048 and s.port == 8000 and s.max_queue == 512
+    blank = load_settings([], {"SOAP_MODELS": "m", "SOAP_MAX_QUEUE": "", "SOAP_API_KEY_ENV": " "})
+    assert blank.max_queue == 512 and blank.api_key_env is None  # empty variables count as unset
     cli = load_settings(["--model", "x/first", "--model", "y/second", "--port", "9000"], env)
     assert cli.model_names == ["first", "second"] and cli.port == 9000
     for argv in (["--max-batch-size", "0"], ["--device", "tpu"], ["--model", "a/m", "--model", "b/m"], []):
