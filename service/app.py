@@ -307,7 +307,10 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         except QueueFull as exc:
             raise _queue_full(model, exc.retry_after_s) from None
         except ShuttingDown:
-            raise _shutting_down() from None
+            if runtime.draining:
+                raise _shutting_down() from None
+            raise ServiceError(503, "model_unavailable", f"model {model.name} is not serving (see the server log)",
+                               model=model.name, headers={"Retry-After": "5"}) from None
         try:
             result = await _await_result(request, model, item)
         except BatchFailed as exc:  # this batch only; the message names the exception type, no internals

@@ -152,7 +152,24 @@ class Batcher:
         """Start the worker; `warmup` runs first, in the compute thread."""
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(warmup), name=f"batcher-{self.name}")
+        self._task.add_done_callback(self._on_worker_exit)
         return self._task
+
+    def _on_worker_exit(self, task: asyncio.Task) -> None:
+        """If the worker died (warm-up failed, or a bug), fail what is queued instead of leaving it hanging;
+        `running` turns False, so /readyz reports the service not ready."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("batcher %s stopped", self.name, exc_info=task.exception())
+        self._closing = True
+        error = BatchFailed(f"model {self.name} is not serving ({type(task.exception()).__name__})")
+        while self._queue:
+            item = self._queue.popleft()
+            item.state = "cancelled"
+            if not item.future.done():
+                item.future.set_exception(error)
+        self._pending.clear()
+        self._set_depth(0)
 
     def drain(self) -> None:
         """Refuse new work and stop waiting for batch-mates: nothing more is coming, run what is queued now."""
@@ -167,6 +184,8 @@ class Batcher:
             try:
                 await self._task
             except asyncio.CancelledError:
+                pass
+            except Exception:  # noqa: BLE001 - the worker already died and was logged by _on_worker_exit
                 pass
         self._executor.shutdown(wait=True)
 

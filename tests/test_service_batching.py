@@ -247,3 +247,29 @@ async def test_readyz_is_503_until_the_models_are_warmed_up(model_dir):
     assert before.status_code == 503 and before.json()["error"] == "not_ready"
     assert alive.status_code == 200
     assert after.status_code == 200 and metric_value(metrics, "soap_ready") == 1
+
+
+async def test_a_failed_warm_up_fails_queued_requests_and_readiness(model_dir):
+    import httpx
+
+    app = create_app(settings_for(model_dir, max_delay_ms=1))
+    model = app.state.runtime.models["mnist-fcn-dr"]
+    release = threading.Event()
+
+    def broken_warmup():
+        release.wait(10)
+        raise RuntimeError("device lost")
+
+    model.warmup = broken_warmup
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            pending = asyncio.create_task(client.post("/classify", content=mnist_png(1), headers=PNG))
+            while model.batcher.depth == 0:
+                await asyncio.sleep(0.01)
+            release.set()
+            failed = await asyncio.wait_for(pending, 10)
+            ready = await client.get("/readyz")
+            refused = await client.post("/classify", content=mnist_png(1), headers=PNG)
+    assert failed.status_code == 500 and failed.json()["error"] == "batch_failed"
+    assert ready.status_code == 503
+    assert refused.status_code == 503 and refused.json()["error"] == "model_unavailable"
