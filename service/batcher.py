@@ -141,7 +141,7 @@ class Batcher:
             return False
         item.state = "cancelled"
         self._queue.remove(item)
-        self._pending[item.request] -= item.size
+        self._unpend(item.request, item.size)
         self._set_depth(self._depth - item.size)
         self._wake()
         return True
@@ -199,6 +199,13 @@ class Batcher:
         if self._wakeup is not None:
             self._wakeup.set()
 
+    def _unpend(self, request: PurifyRequest, images: int) -> None:
+        left = self._pending[request] - images
+        if left > 0:
+            self._pending[request] = left
+        else:  # drop the key: clients choose epsilon freely, so keys must not accumulate
+            del self._pending[request]
+
     def _set_depth(self, depth: int) -> None:
         self._depth = depth
         self._on_depth(depth)
@@ -246,7 +253,7 @@ class Batcher:
             total += item.size
             full = total >= self.max_batch_size
         self._queue = rest
-        self._pending[request] -= total
+        self._unpend(request, total)
         self._set_depth(self._depth - total)
         return batch
 
