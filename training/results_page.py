@@ -73,8 +73,9 @@ PLAN = (
     Run("models/zoo/mnist-fcn-dr", "mnist", 1000, f"{BLIND},{ADAPTIVE}"),
     Run("models/zoo/mnist-cnn-dr", "mnist", 1000, f"{BLIND},{ADAPTIVE}", adaptive_n=200,
         extra=("--apgd-steps", "50")),
-    *(Run(f"models/zoo/{name}", "cifar10", 200, "noise,fgsm,pgd,df,bpda,apgd-bpda", adaptive_n=50,
-          extra=("--apgd-steps", "20", "--adaptive-steps", "10", "--sanity-n", "20", "--beta-n", "50"))
+    *(Run(f"models/zoo/{name}", "cifar10", 200, "noise,fgsm,pgd,cw,df,aux-pgd,bpda,apgd-bpda", adaptive_n=50,
+          extra=("--cw-steps", "30", "--cw-binary-steps", "4", "--apgd-steps", "20", "--adaptive-steps", "10",
+                 "--sanity-n", "20", "--beta-n", "50"))
       for name in ("cifar10-resnet18-lc-official", "cifar10-resnet18-lc", "cifar10-resnet18-rp")),
 )
 BASELINE_SUFFIXES = ("vanilla", "fgsm-at", "pgd-at")
@@ -90,6 +91,8 @@ def run_plan(args: argparse.Namespace) -> None:
             path = Path(run.model.removesuffix("-official") + f"-{suffix}")
             if path.is_dir():
                 plan.append(Run(str(path), run.dataset, run.n, "fgsm,pgd,cw,df", extra=run.extra))
+    if args.only:
+        plan = [run for run in plan if Path(run.model).name in args.only]
     for run in plan:
         if not Path(run.model).is_dir() or roots.get(run.dataset) is None:
             print(f"skipping {run.model}: checkpoint or --{run.dataset}-root missing", file=sys.stderr)
@@ -236,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", action="store_true", help="run the evaluations of PLAN first")
     parser.add_argument("--mnist-root", type=Path, default=None)
     parser.add_argument("--cifar10-root", type=Path, default=None)
+    parser.add_argument("--only", nargs="+", default=None, help="with --run: evaluate only these model folder names")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
