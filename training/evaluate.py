@@ -33,6 +33,7 @@ from .stats import Accuracy
 ROWS = ("none", "min-aux", "oracle")
 ROW_TITLES = {"none": "no purification (ε_pfy = 0)", "min-aux": "SOAP min-aux", "oracle": "oracle ε_pfy (upper bound)"}
 BLACKBOX_SEED_IMAGES = 150
+BASELINE_RECIPES = ("vanilla", "fgsm-at", "pgd-at")
 
 
 @dataclass
@@ -92,7 +93,7 @@ def evaluation_order(data: ImageData, source: str) -> tuple[torch.Tensor, str]:
 
 def is_soap(loaded: LoadedModel) -> bool:
     """Baselines (vanilla / FGSM-AT / PGD-AT) have no trained auxiliary head to purify with."""
-    return loaded.meta.training.get("recipe", "soap") == "soap"
+    return loaded.meta.training.get("recipe", "soap") not in BASELINE_RECIPES
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -202,7 +203,8 @@ def evaluate(config: EvalConfig) -> dict:
         "model": str(config.model),
         "network": meta.network,
         "dataset": meta.dataset,
-        "recipe": meta.training.get("recipe", "soap"),
+        "recipe": "soap" if soap else meta.training["recipe"],
+        "provenance": str(meta.training.get("recipe", "soap")),
         "aux_task": meta.aux_task,
         "purifier": asdict(loaded.purifier) | {"budgets": loaded.purifier.budgets()},
         "data": data_source,

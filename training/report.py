@@ -23,8 +23,8 @@ def cell(acc: dict | None) -> str:
 def provenance(result: dict) -> str:
     s = result["settings"]
     lines = [
-        f"- model `{result['model']}`: {result['network']} ({result['recipe']}, auxiliary task {result['aux_task']}), "
-        f"dataset {result['dataset']}",
+        f"- model `{result['model']}`: {result['network']} ({result.get('provenance', result['recipe'])}, "
+        f"auxiliary task {result['aux_task']}), dataset {result['dataset']}",
         f"- data: {result['data']}; n = {result['n']} test images; attack seed {result['seed']}; "
         f"device {result['device']}; {result['host']}; git {result.get('git_commit') or '?'}",
         f"- purifier: γ = {result['purifier']['step_size']:.4g}, T = {result['purifier']['steps']}, "
