@@ -26,7 +26,8 @@ FAST = ["--pgd-steps", "10", "--adaptive-steps", "3", "--apgd-steps", "4", "--cw
 def evaluation(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     code = main(["evaluate", "--model", str(MODEL), "--data-root", str(DIGITS), "--n", "24", "--seed", "3",
-                 "--attacks", "noise,fgsm,pgd,cw,aux-pgd,bpda,full-grad", "--device", "cpu", "--out", str(out), *FAST])
+                 "--attacks", "noise,fgsm,pgd,cw,aux-pgd,bpda,full-grad", "--device", "cpu", "--out", str(out),
+                 "--adaptive-n", "12", *FAST])
     return code, out, json.loads((out / "results.json").read_text())
 
 
@@ -36,9 +37,11 @@ def test_writes_markdown_json_csv_and_figures(evaluation):
     assert result["n"] == 24 and result["seed"] == 3 and result["rows"] == list(ROWS)
     assert list(result["attacks"]) == ["noise", "fgsm", "pgd", "cw", "aux-pgd", "bpda", "full-grad"]
     for name, attack in result["attacks"].items():
+        expected_n = 12 if attack["kind"] == "adaptive" else 24
+        assert attack["n"] == expected_n
         for row in ROWS:
             acc = attack["rows"][row]
-            assert acc["n"] == 24 and 0 <= acc["correct"] <= 24
+            assert acc["n"] == expected_n and 0 <= acc["correct"] <= expected_n
             lo, hi = acc["ci95"]
             assert lo <= acc["accuracy"] <= hi
         assert attack["seconds_per_image"] > 0
@@ -78,6 +81,7 @@ def test_sanity_checks_are_reported(evaluation):
             "adaptive-at-least-blind", "noise-weaker-than-gradient (none)"} <= names
     byname = {c["name"]: c for c in result["sanity_checks"]}
     assert byname["epsilon-zero-identity"]["passed"] and byname["within-budget-and-range"]["passed"]
+    assert result["worst_case"]["adaptive"]["min-aux"]["n"] == 12
     worst = result["worst_case"]["adaptive"]["min-aux"]["correct"]
     assert worst <= min(result["attacks"][a]["rows"]["min-aux"]["correct"] for a in ("bpda", "full-grad"))
 

@@ -272,7 +272,7 @@ def _worst_cases(columns: dict[str, Batchwise], clean: dict[str, torch.Tensor]) 
             survived = clean[row][:m].clone()
             for c in cols:
                 survived &= c.correct[row][:m]
-            out[group][row] = Accuracy.of(survived, clean[row]).to_dict()
+            out[group][row] = Accuracy.of(survived, clean[row][:m]).to_dict()
         out[group]["attacks"] = [n for n, c in columns.items() if any(c is x for x in cols)]
     return out
 

@@ -73,8 +73,8 @@ PLAN = (
     Run("models/zoo/mnist-fcn-dr", "mnist", 1000, f"{BLIND},{ADAPTIVE}"),
     Run("models/zoo/mnist-cnn-dr", "mnist", 1000, f"{BLIND},{ADAPTIVE}", adaptive_n=200,
         extra=("--apgd-steps", "50")),
-    *(Run(f"models/zoo/{name}", "cifar10", 200, "noise,fgsm,pgd,cw,df,aux-pgd,bpda,apgd-bpda", adaptive_n=50,
-          extra=("--cw-steps", "30", "--cw-binary-steps", "4", "--apgd-steps", "20", "--adaptive-steps", "10",
+    *(Run(f"models/zoo/{name}", "cifar10", 500, "noise,fgsm,pgd,cw,df,aux-pgd,bpda,apgd-bpda", adaptive_n=100,
+          extra=("--cw-steps", "30", "--cw-binary-steps", "4", "--apgd-steps", "30", "--adaptive-steps", "10",
                  "--sanity-n", "20", "--beta-n", "50"))
       for name in ("cifar10-resnet18-lc-official", "cifar10-resnet18-lc", "cifar10-resnet18-rp")),
 )
