@@ -71,8 +71,8 @@ BLIND = "noise,fgsm,pgd,cw,df,aux-pgd,blackbox,apgd-ce"
 ADAPTIVE = "bpda,bpda-traj,full-grad,apgd-bpda,apgd-dlr-bpda,apgd-full"
 PLAN = (
     Run("models/zoo/mnist-fcn-dr", "mnist", 1000, f"{BLIND},{ADAPTIVE}"),
-    Run("models/zoo/mnist-cnn-dr", "mnist", 1000, f"{BLIND},{ADAPTIVE}", adaptive_n=200,
-        extra=("--apgd-steps", "50")),
+    Run("models/zoo/mnist-cnn-dr", "mnist", 1000, f"{BLIND},{ADAPTIVE}", adaptive_n=100,
+        extra=("--apgd-steps", "30")),
     *(Run(f"models/zoo/{name}", "cifar10", 500, "noise,fgsm,pgd,cw,df,aux-pgd,bpda,apgd-bpda", adaptive_n=100,
           extra=("--cw-steps", "30", "--cw-binary-steps", "4", "--apgd-steps", "30", "--adaptive-steps", "10",
                  "--sanity-n", "20", "--beta-n", "50"))
