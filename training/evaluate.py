@@ -244,6 +244,7 @@ def evaluate(config: EvalConfig) -> dict:
     extras.epsilon_zero = sanity.epsilon_zero(ctx, scorer, x[: config.sanity_n], y[: config.sanity_n])
     result["beta_sweep"] = extras.beta_sweep
     result["budget_sweep"] = extras.budget_sweep
+    result["epsilon_zero"] = extras.epsilon_zero
     result["sanity_checks"] = [asdict(c) for c in sanity.run_checks(result, extras)]
     result["wall_seconds"] = time.time() - started
 

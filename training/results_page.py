@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,7 +181,19 @@ def settings_lines(r: dict) -> list[str]:
     return out
 
 
+def refresh_checks(r: dict) -> None:
+    """Add checks newer than the stored result (they only need its numbers); stored outcomes are kept."""
+    from dataclasses import asdict  # noqa: PLC0415
+
+    from .sanity import Extras, run_checks  # noqa: PLC0415
+
+    extras = Extras(r.get("beta_sweep"), r.get("budget_sweep"), r.get("epsilon_zero") or {})
+    known = {c["name"] for c in r["sanity_checks"]}
+    r["sanity_checks"] += [asdict(c) for c in run_checks(r, extras) if c.name not in known]
+
+
 def sanity_block(r: dict) -> list[str]:
+    refresh_checks(r)
     failed = [c for c in r["sanity_checks"] if not c["passed"]]
     if not failed:
         return [f"- `{Path(r['model']).name}`: all {len(r['sanity_checks'])} sanity checks passed"]
@@ -192,7 +205,8 @@ def figures_block(r: dict, page_dir: Path) -> list[str]:
     for fig in r.get("figures") or []:
         path = r["_dir"] / Path(fig).name
         if path.exists():
-            out.append(f"![{Path(r['model']).name}: {path.stem}]({path.relative_to(page_dir).as_posix()})")
+            link = os.path.relpath(path.resolve(), page_dir.resolve())
+            out.append(f"![{Path(r['model']).name}: {path.stem}]({Path(link).as_posix()})")
     return out
 
 
