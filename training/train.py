@@ -169,6 +169,8 @@ def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Pr
         raise SystemExit(f"--batch-size {config.batch_size} is not divisible by {process.world_size} processes")
     spec = get_spec(config.network)
     splits = load_splits(config.dataset, args.data_root, spec.input_shape, download=args.download)
+    if process.device.type == "cuda":
+        splits = replace(splits, train=splits.train.to(process.device), test=splits.test.to(process.device))
 
     torch.manual_seed(config.seed)
     network = create_model(config.network, num_classes=len(splits.train.class_names)).to(process.device)
