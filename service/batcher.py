@@ -132,7 +132,9 @@ class Batcher:
         self._queue.append(item)
         self._pending[request] += item.size
         self._set_depth(self._depth + item.size)
-        self._wake()
+        # Wake the worker only when it has something new to decide: a first item, or a full batch.
+        if len(self._queue) == 1 or self._pending[request] >= self.max_batch_size:
+            self._wake()
         return item
 
     def cancel(self, item: WorkItem) -> bool:
