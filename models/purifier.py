@@ -59,6 +59,11 @@ class PurifyResult:
     candidates: torch.Tensor | None = None
 
 
+def _require_autograd() -> None:
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("purification needs input gradients: call it outside torch.inference_mode() (torch.no_grad() is fine)")
+
+
 def _aux_gradient(model: SoapNetwork, x: torch.Tensor) -> torch.Tensor:
     """∇_x of the per-example auxiliary loss (the sum decouples examples), without parameter grads."""
     x = x.detach().requires_grad_(True)
@@ -135,6 +140,8 @@ def purify(
         raise ValueError(f"unknown purification mode {mode!r}; expected one of {MODES}")
     if mode == "fixed" and (epsilon is None or epsilon < 0):
         raise ValueError("mode 'fixed' needs a non-negative epsilon")
+    if mode != "none":
+        _require_autograd()
     model.eval()
     x = x.detach()
     if mode == "none":
@@ -191,6 +198,7 @@ def purify_naive(model: SoapNetwork, x: torch.Tensor, config: PurifierConfig) ->
 
     Kept as the baseline that tests and the benchmark compare the shared-trajectory purifier against.
     """
+    _require_autograd()
     model.eval()
     x = x.detach()
     budgets = config.budgets()

@@ -336,6 +336,21 @@ def test_works_under_no_grad_context() -> None:
     assert (result.images - case.result.images).abs().max() <= TOL
 
 
+def test_inference_mode_is_a_clear_error() -> None:
+    case = get_case("mnist-fcn-dr")
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="outside torch.inference_mode"):
+            purify(case.model, case.x, case.config)
+        with pytest.raises(RuntimeError, match="outside torch.inference_mode"):
+            purify_naive(case.model, case.x, case.config)
+        # Measuring the loss needs no gradient, so mode "none" works there.
+        assert torch.equal(purify(case.model, case.x, case.config, mode="none").images, case.x)
+    # Inference tensors made earlier are fine inputs outside it.
+    with torch.inference_mode():
+        frozen = case.x.clone()
+    assert torch.equal(purify(case.model, frozen, case.config).epsilon, case.result.epsilon)
+
+
 def test_budget_grid_of_the_registry() -> None:
     assert get_spec("mnist-fcn-dr").purifier.budgets() == pytest.approx([0.05 * e for e in range(11)])
     assert get_spec("mnist-fcn-dr").purifier.max_budget == pytest.approx(0.5)
