@@ -413,6 +413,17 @@ def test_purify_on_cuda(name: str, monkeypatch) -> None:
     config = get_spec(name).purifier
     x = _inputs(model.input_shape, 8, seed=6).cuda()
     x_before = x.clone()
+    # No host synchronisation (.item(), data-dependent shapes...) inside the step loop.
+    trajectories = purifier_module._trajectories
+
+    def no_sync(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return trajectories(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(purifier_module, "_trajectories", no_sync)
     result = purify(model, x, config, return_curve=True)
     assert result.images.device.type == "cuda" and result.epsilon.device.type == "cuda"
     assert torch.equal(x, x_before)
