@@ -146,6 +146,13 @@ def _inputs(shape, batch: int, seed: int) -> torch.Tensor:
 _CASES: dict[str, Case] = {}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def forget_cases():
+    """Free the cached models (WRN-28-10 is 146 MB each) when this module is done."""
+    yield
+    _CASES.clear()
+
+
 def get_case(name: str) -> Case:
     if name not in _CASES:
         batch, config, shape = KINDS[name]
