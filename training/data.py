@@ -244,6 +244,7 @@ def interleaved_order(labels: torch.Tensor) -> torch.Tensor:
     For an ImageFolder of files numbered per class (test/<class>/NNNN.jpg) this is a deterministic, class-balanced
     order; its first N images hold N / num_classes of each class.
     """
+    labels = labels.cpu()
     num_classes = int(labels.max()) + 1 if len(labels) else 1
     rank = torch.zeros_like(labels)
     for c in range(num_classes):

@@ -29,7 +29,7 @@ from models.checkpoint import meta_for
 from . import distributed, model_card, provenance
 from .baselines import adversarial_inputs, step_losses
 from .calibration import calibrate, clean_accuracy
-from .data import DatasetError, ImageData, load_splits, random_crop_flip
+from .data import DatasetError, ImageData, interleaved_order, load_splits, random_crop_flip
 from .presets import PRESETS, RECIPES, TrainConfig, get_preset
 
 STATE_FILE = "train_state.pt"
@@ -229,7 +229,9 @@ def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Pr
         training = record_base | {"epochs": config.epochs, "duration_seconds": round(elapsed, 1), "finished_utc": provenance.now_utc()}
         metrics, calibration = {"clean_accuracy": test_acc, "test_images": len(splits.test)}, None
         if not args.no_calibration:
-            report = calibrate(network, splits.test, spec.purifier, process.device, curve_images=args.calibration_images)
+            # Class-balanced order, so the curve's first N images are not all of one class (ImageFolder sorts by class).
+            balanced = splits.test.subset(interleaved_order(splits.test.labels))
+            report = calibrate(network, balanced, spec.purifier, process.device, curve_images=args.calibration_images)
             calibration = report.calibration
             metrics |= {"min_aux_accuracy": report.min_aux_accuracy, "min_aux_images": report.curve_images}
             training["calibration_curve_images"] = report.curve_images
