@@ -118,7 +118,7 @@ def _load(results: Path) -> list[dict]:
         result = json.loads(path.read_text())
         result["_dir"] = path.parent
         found.append(result)
-    return found
+    return sorted(found, key=lambda r: (r["dataset"] != "mnist", r["dataset"], Path(r["model"]).name))
 
 
 def _with_paper(acc: dict | None, paper: float | None) -> str:
@@ -149,11 +149,10 @@ def paper_table(results: list[dict]) -> str:
 
 
 def adaptive_table(results: list[dict]) -> str:
-    names = []
-    for r in results:
-        for name, a in r["attacks"].items():
-            if a["kind"] == "adaptive" and name not in names:
-                names.append(name)
+    from .attacks.registry import ATTACKS  # noqa: PLC0415
+
+    present = {name for r in results for name, a in r["attacks"].items() if a["kind"] == "adaptive"}
+    names = [name for name in ATTACKS if name in present]
     head = ["model", "clean (min-aux)", "PGD → min-aux (blind)", *names, "worst case adaptive",
             "undefended network: PGD", "undefended: APGD-CE"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
