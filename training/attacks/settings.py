@@ -21,7 +21,7 @@ class AttackSettings:
     cw_initial_const: float = 0.1
     df_steps: int = 50
     df_overshoot: float = 0.02
-    aux_betas: tuple[float, ...] = (-1.0, -0.5, -0.1, 0.0, 0.1, 0.5, 1.0)
+    aux_betas: tuple[float, ...] = (-1.0, -0.1, -0.01, -0.001, 0.0, 0.001, 0.01, 0.1, 1.0)
     adaptive_steps: int = 40   # BPDA / full-gradient PGD iterations (step = pgd_step scaled to reach ε)
     apgd_steps: int = 100
     eot_samples: int = 1       # SOAP's purifier is deterministic: one sample is exact
