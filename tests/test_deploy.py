@@ -727,7 +727,7 @@ def test_prometheus_scrapes_the_service_and_every_panel_has_data(live_service, s
             try:
                 if query('count_over_time(soap_ready{job="soap"}[1m]) >= 2'):
                     break
-            except httpx.TransportError:
+            except (httpx.TransportError, ValueError):  # not listening yet, or 503 text while its TSDB starts
                 pass
             assert time.monotonic() < deadline, "Prometheus did not scrape the service twice in 30 s"
             time.sleep(0.3)
