@@ -20,14 +20,7 @@ PARAMETER_COUNTS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small batches: on 2 shared cores one torch thread beats two spinning OpenMP threads (the same
-    fixture as in test_purifier.py). Restored afterwards for the rest of the suite."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def n_params(model: torch.nn.Module) -> int:

@@ -30,14 +30,7 @@ KINDS = {
 TOL = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These are many tiny batches: on 2 (shared) cores, one torch thread runs them faster than two
-    threads handing work back and forth. Restored afterwards for the rest of the suite."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class GradCounter:

@@ -31,14 +31,7 @@ STD = torch.tensor([0.2023, 0.1994, 0.2010]).view(1, 3, 1, 1)
 needs_reference = pytest.mark.skipif(not REFERENCE.is_file(), reason=f"reference checkpoint not found at {REFERENCE}")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small batches: on 2 shared cores one torch thread beats two spinning OpenMP threads (the same
-    fixture as in test_purifier.py). Restored afterwards for the rest of the suite."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def load_cifar_images() -> tuple[torch.Tensor, torch.Tensor]:
