@@ -232,3 +232,24 @@ def test_shipped_model_loads_with_calibration_metrics_card_and_claimed_accuracy(
     folder, shape = (TESTS / "mnist", (1, 28, 28)) if meta.dataset == "mnist" else (TESTS / "cifar10", (3, 32, 32))
     measured = clean_accuracy(loaded.network, load_image_folder(folder, shape))
     assert measured >= meta.metrics["clean_accuracy"] - 0.15
+
+
+def test_warmup_and_eps_ramp_follow_their_schedules(tmp_path):
+    """--warmup-epochs raises lr linearly within the first epochs; --attack-eps-ramp-epochs grows the training
+    attack's ε to its preset value; both are recorded and are part of the reproducing command."""
+    config = replace(get_preset("mnist-cnn-dr"), epochs=10, warmup_epochs=2, lr_milestones=(0.5,))
+    assert train.lr_at(config, 0, 0.5) == pytest.approx(0.025)
+    assert train.lr_at(config, 1, 1.0) == pytest.approx(0.1)
+    assert train.lr_at(config, 2) == pytest.approx(0.1) and train.lr_at(config, 5) == pytest.approx(0.01)
+    ramp = replace(get_preset("mnist-fcn-pgd-at"), attack_eps_ramp_epochs=2)
+    assert [ramp.attack_eps_at(e) for e in range(4)] == pytest.approx([0.1, 0.2, 0.3, 0.3])
+
+    out = tmp_path / "pgd"
+    assert train_cli("--preset", "mnist-fcn-pgd-at", "--data-root", TESTS / "mnist", "--out", out, "--epochs", 3,
+                     "--batch-size", 50, "--warmup-epochs", 1, "--attack-eps-ramp-epochs", 2, "--no-calibration",
+                     "--device", "cpu") == 0
+    rows = metrics(out)
+    assert [r["attack_eps"] for r in rows] == pytest.approx([0.1, 0.2, 0.3])
+    assert [r["lr"] for r in rows] == pytest.approx([0.01, 0.01, 0.001])  # in force at the end of each epoch
+    command = load_checkpoint(out).meta.training["command"]
+    assert "--warmup-epochs 1" in command and "--attack-eps-ramp-epochs 2" in command

@@ -26,6 +26,7 @@ class TrainConfig:
     epochs: int = 100
     lr: float = 0.01
     lr_milestones: tuple[float, ...] = (0.5,)  # fractions of `epochs` where lr is divided by 10
+    warmup_epochs: int = 0  # lr rises linearly from lr/steps to lr over these first epochs (not in the paper)
     batch_size: int = 128
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -34,7 +35,14 @@ class TrainConfig:
     attack_eps: float = 0.3  # adversarial-training baselines
     attack_step_size: float = 0.01
     attack_steps: int = 40
+    attack_eps_ramp_epochs: int = 0  # adversarial training: ε grows linearly to attack_eps over these epochs (not in the paper)
     seed: int = 0
+
+    def attack_eps_at(self, epoch: int) -> float:
+        """ε of the adversarial-training attack in `epoch` (0-based): a linear ramp, then `attack_eps`."""
+        if epoch >= self.attack_eps_ramp_epochs:
+            return self.attack_eps
+        return self.attack_eps * (epoch + 1) / (self.attack_eps_ramp_epochs + 1)
 
     def milestones(self) -> list[int]:
         """Epoch indices where lr drops ÷10 (at least epoch 1, so short runs still follow the schedule's shape)."""

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="override the preset's epochs (the lr schedule scales with it)")
     parser.add_argument("--lr", type=float, help="override the initial learning rate")
     parser.add_argument("--batch-size", type=int, help="global batch size (split over processes)")
+    parser.add_argument("--warmup-epochs", type=int, help="raise lr linearly over these first epochs (default 0, as the paper)")
+    parser.add_argument("--attack-eps-ramp-epochs", type=int,
+                        help="adversarial-training baselines: grow ε linearly to its preset value over these epochs (default 0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-root", help="dataset folder: torchvision layout, or an ImageFolder tree (train/ + test/, or one tree split 90/10)")
     parser.add_argument("--download", action="store_true", help="let torchvision download MNIST/CIFAR into --data-root")
@@ -59,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config = get_preset(args.preset)
-    overrides = {k: getattr(args, k) for k in ("recipe", "epochs", "lr", "batch_size") if getattr(args, k, None) is not None}
+    overrides = {k: getattr(args, k) for k in ("recipe", "epochs", "lr", "batch_size", "warmup_epochs",
+                                                          "attack_eps_ramp_epochs") if getattr(args, k, None) is not None}
     return replace(config, seed=args.seed, **overrides)
 
 
@@ -84,9 +88,13 @@ def run(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- the loop
 
-def lr_at(config: TrainConfig, epoch: int) -> float:
-    """Step schedule: ÷10 at every milestone already passed."""
-    return config.lr * 0.1 ** sum(epoch >= m for m in config.milestones())
+def lr_at(config: TrainConfig, epoch: int, progress: float = 1.0) -> float:
+    """Step schedule: ÷10 at every milestone already passed; during warm-up a linear rise (progress = the
+    fraction of the epoch done after this step)."""
+    lr = config.lr * 0.1 ** sum(epoch >= m for m in config.milestones())
+    if epoch < config.warmup_epochs:
+        lr *= (epoch + progress) / config.warmup_epochs
+    return lr
 
 
 def seed_epoch(config: TrainConfig, epoch: int, rank: int) -> tuple[torch.Generator, torch.Generator]:
@@ -147,6 +155,9 @@ def train_one_epoch(
     bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not process.is_main,
                mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
     for step in bar:
+        if epoch < config.warmup_epochs:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(config, epoch, (step + 1) / steps)
         batch = perm[step * config.batch_size : (step + 1) * config.batch_size]
         x, y = data.batch(batch[process.rank * local_batch : (process.rank + 1) * local_batch], process.device)
         loss, cls, aux, logits = train_step(objective, network, optimizer, x, y, config, augment)
@@ -202,7 +213,10 @@ def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Pr
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(config, epoch)
-        stats = train_one_epoch(objective, network, optimizer, splits.train, config, epoch, process, args.max_steps_per_epoch)
+        epoch_config = replace(config, attack_eps=config.attack_eps_at(epoch))  # the ε ramp, when one is set
+        stats = train_one_epoch(objective, network, optimizer, splits.train, epoch_config, epoch, process, args.max_steps_per_epoch)
+        if config.recipe in ("fgsm-at", "pgd-at"):
+            stats["attack_eps"] = epoch_config.attack_eps
         epoch_seconds = time.perf_counter() - t0
         elapsed += epoch_seconds
         if process.is_main:
@@ -251,6 +265,10 @@ def reproducing_options(config: TrainConfig, args: argparse.Namespace) -> list[s
         options += ["--recipe", config.recipe]
     options += ["--epochs", str(config.epochs), "--lr", f"{config.lr:g}", "--batch-size", str(config.batch_size),
                 "--seed", str(config.seed)]
+    if config.warmup_epochs:
+        options += ["--warmup-epochs", str(config.warmup_epochs)]
+    if config.attack_eps_ramp_epochs:
+        options += ["--attack-eps-ramp-epochs", str(config.attack_eps_ramp_epochs)]
     if args.data_root:
         options += ["--data-root", str(args.data_root)]
     if args.download:
