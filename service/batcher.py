@@ -42,6 +42,14 @@ class ShuttingDown(Exception):
     pass
 
 
+class DeadlineExceeded(Exception):
+    """The request was still queued at its deadline (set on its future by the batcher's one deadline timer)."""
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request was still queued."""
+
+
 @dataclass
 class WorkItem:
     """One request's images waiting for, or going through, compute."""
@@ -105,6 +113,7 @@ class Batcher:
         self._closing = False
         self._draining = False
         self._task: asyncio.Task | None = None
+        self._deadline_timer: asyncio.TimerHandle | None = None  # one timer for the earliest queued deadline
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"soap-{name}")
         self._seconds_per_image = 0.0  # moving average, for Retry-After
 
@@ -132,21 +141,46 @@ class Batcher:
         self._queue.append(item)
         self._pending[request] += item.size
         self._set_depth(self._depth + item.size)
+        if self._deadline_timer is None:
+            self._arm_deadline_timer()
         # Wake the worker only when it has something new to decide: a first item, or a full batch.
         if len(self._queue) == 1 or self._pending[request] >= self.max_batch_size:
             self._wake()
         return item
 
-    def cancel(self, item: WorkItem) -> bool:
-        """Take a still-queued item out of the queue. False when its batch already started."""
+    def cancel(self, item: WorkItem, error: BaseException | None = None) -> bool:
+        """Take a still-queued item out of the queue and end its future: with `error` (the waiter sees it), or
+        cancelled when None. False when its batch already started (the result will come)."""
         if item.state != "queued":
             return False
         item.state = "cancelled"
         self._queue.remove(item)
         self._unpend(item.request, item.size)
         self._set_depth(self._depth - item.size)
+        if not item.future.done():
+            if error is None:
+                item.future.cancel()
+            else:
+                item.future.set_exception(error)
         self._wake()
         return True
+
+    def _arm_deadline_timer(self) -> None:
+        """One timer per batcher, not one per request: it fires at the earliest deadline in the queue."""
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        if self._queue:
+            earliest = min(item.deadline for item in self._queue)
+            self._deadline_timer = asyncio.get_running_loop().call_later(
+                max(0.0, earliest - time.monotonic()), self._expire_deadlines)
+
+    def _expire_deadlines(self) -> None:
+        self._deadline_timer = None
+        now = time.monotonic()
+        for item in [it for it in self._queue if it.deadline <= now]:
+            self.cancel(item, DeadlineExceeded())
+        self._arm_deadline_timer()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -172,6 +206,7 @@ class Batcher:
                 item.future.set_exception(error)
         self._pending.clear()
         self._set_depth(0)
+        self._arm_deadline_timer()  # cancels the timer: the queue is empty
 
     def drain(self) -> None:
         """Refuse new work and stop waiting for batch-mates: nothing more is coming, run what is queued now."""
