@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import gc
 import json
 import os
 import platform
@@ -154,6 +156,25 @@ async def _metric_sums(session, url: str, name: str) -> tuple[float, float]:
     return total, count
 
 
+def _without_gc_pauses(level):
+    """The generator must not be the bottleneck: a full collection of its heap stalls its event loop for tens
+    of milliseconds, which would show up as server latency. No collection during a level (bounded in time and
+    count, so its garbage is bounded too); collect between levels."""
+    @functools.wraps(level)
+    async def run_level(*args, **kwargs):
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+        try:
+            return await level(*args, **kwargs)
+        finally:
+            gc.enable()
+            gc.unfreeze()
+            gc.collect()
+    return run_level
+
+
+@_without_gc_pauses
 async def closed_loop(session, url: str, path: str, payloads: list[bytes], concurrency: int, duration: float,
                       max_requests: int, warmup: float, name: str, server_pid: int | None = None) -> LevelResult:
     """`concurrency` clients, each sending its next request as soon as the previous one is answered."""
@@ -212,6 +233,7 @@ async def closed_loop(session, url: str, path: str, payloads: list[bytes], concu
                        _pct(ok_latencies, 0.99), mean_batch, extra)
 
 
+@_without_gc_pauses
 async def open_loop(session, url: str, payloads: list[bytes], rate: float, duration: float, max_requests: int,
                     seed: int = 0) -> LevelResult:
     """Poisson arrivals at `rate` requests/s, whatever the server does: the overload test."""

@@ -39,7 +39,7 @@ class ServiceSettings(BaseModel):
     enable_attack: bool = Field(False, description="enable the demo attack endpoint POST /v1/attack")
     shutdown_delay_s: float = Field(0.0, ge=0, description="on SIGTERM, report not-ready this long before closing the listener")
     graceful_timeout_s: float = Field(30.0, gt=0, description="on SIGTERM, longest wait for accepted requests to finish")
-    torch_threads: int | None = Field(None, ge=1, description="CPU threads torch may use (default: torch's choice)")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads torch may use (default: all cores but one, left to the event loop)")
     access_log: bool = Field(False, description="log every request (off: the metrics cover it, and it costs CPU)")
     log_level: str = Field("info", description="uvicorn log level")
 
