@@ -9,7 +9,11 @@ In one run it measures:
    (single-image PNG requests, real MNIST test digits): throughput, p50/p90/p99 latency, errors, mean batch size;
 3. the same at concurrency 64 on a server with --max-batch-size 1, and the batching gain (ratio of throughputs);
 4. overload: open-loop arrivals at 4x the throughput measured at concurrency 64, against a server with a small
-   queue: every request must be answered (200, or a fast 503), and the server must still serve afterwards.
+   queue: every request must be answered (200, or a fast 503), and the server must still serve afterwards;
+5. compute alone (no HTTP, in this process, the service's default torch threads): the predict step's time per
+   image at batch 1, 32 and 64 — the ratio batch 1 / batch 32 bounds the batching gain a compute-bound server can
+   show — and at batch 32 again while a pure-Python thread runs, which is what the event loop is to the compute
+   thread (both need the GIL).
 
 Each level is bounded in time (--duration) and in count (--max-requests). Numbers depend on the machine and on
 whatever else runs on it; the JSON records the load average before and after, and, per level, the CPU the server
@@ -279,6 +283,45 @@ async def open_loop(session, url: str, payloads: list[bytes], rate: float, durat
 # ---------------------------------------------------------------------------------------------- the run
 
 
+def compute_alone(model_dir: Path, threads: int | None, seconds: float = 3.0) -> dict:
+    """Microseconds per image of the service's predict step (min-aux + classification) on uniform random images."""
+    import threading
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from models import load_checkpoint
+    from service.config import ServiceSettings
+    from service.__main__ import compute_threads
+    from service.predict import PurifyRequest, predict
+
+    torch.set_num_threads(threads or compute_threads(ServiceSettings(models=[model_dir])))
+    model = load_checkpoint(model_dir)
+
+    def per_image_us(batch: int) -> float:
+        x = torch.rand(batch, *model.meta.input_shape)
+        predict(model, x, PurifyRequest())  # warm-up
+        times = []
+        until = time.perf_counter() + seconds
+        while time.perf_counter() < until or len(times) < 3:
+            t = time.perf_counter()
+            predict(model, x, PurifyRequest())
+            times.append((time.perf_counter() - t) / batch * 1e6)
+        return round(sorted(times)[len(times) // 2], 1)
+
+    out = {"torch_threads": torch.get_num_threads(), **{f"us_per_image_batch_{b}": per_image_us(b) for b in (1, 32, 64)}}
+    stop = threading.Event()
+    spinner = threading.Thread(target=lambda: [None for _ in iter(stop.is_set, True)], daemon=True)
+    spinner.start()
+    try:
+        out["us_per_image_batch_32_beside_a_python_thread"] = per_image_us(32)
+    finally:
+        stop.set()
+        spinner.join()
+    out["compute_bound_gain_32_vs_1"] = round(out["us_per_image_batch_1"] / out["us_per_image_batch_32"], 2)
+    return out
+
+
 def _payloads(images: Path) -> list[bytes]:
     files = sorted(images.glob("*/*.png"))
     if not files:
@@ -375,6 +418,9 @@ async def run(args) -> dict:
         rows.append(_row(over, args.max_batch_size))
         print(rows[-1], flush=True)
         report["overload"] = asdict(over)
+
+    report["compute_alone"] = compute_alone(Path(args.model), args.torch_threads)
+    print("compute alone:", json.dumps(report["compute_alone"]), flush=True)
 
     report["host"]["loadavg_after"] = os.getloadavg()
     report["targets"] = {
