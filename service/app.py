@@ -265,7 +265,8 @@ _CLASSIFY_OPENAPI = {
 
 _ERRORS = {
     status: {"model": ErrorResponse, "description": text} for status, text in {
-        401: "missing or wrong API key", 404: "unknown model", 413: "body or image count over the limit",
+        401: "missing or wrong API key", 404: "unknown model", 408: "the body did not arrive in time",
+        413: "body or image count over the limit",
         415: f"Content-Type is not {ACCEPTED_TYPES}", 422: "bad image or bad options",
         500: "the batch holding this request failed", 503: "queue full (see Retry-After) or shutting down",
         504: "compute did not start before the request's deadline",
@@ -289,7 +290,7 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         request.scope["soap.model"] = runtime.metrics_label(query_model)
         kind = media_type(request)  # (draining and full queues were refused by RequestContext already)
         check_media_type(kind)
-        body = await read_body(request, settings.max_body_bytes, query_model)
+        body = await read_body(request, settings.max_body_bytes, query_model, settings.body_timeout_s)
         upload = await parse_upload(request, kind, body, settings.max_images_per_request, query_model)
         options = _options({**query, **upload.options}, query_model)
         model = runtime.get(options.model)

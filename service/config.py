@@ -31,6 +31,7 @@ class ServiceSettings(BaseModel):
     max_queue: int = Field(512, ge=1, description="images waiting per model before new requests get 503")
     request_timeout_s: float = Field(10.0, gt=0, description="deadline for a request's work to start, else 504")
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest request body (413 beyond)")
+    body_timeout_s: float = Field(30.0, gt=0, description="longest time a request body may take to arrive (408 beyond)")
     max_images_per_request: int = Field(64, ge=1, description="most images in one request (413 beyond)")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="most pixels in one decoded image (decompression-bomb guard)")
     max_image_side: int = Field(8192, ge=1, description="longest accepted image side in pixels")

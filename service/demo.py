@@ -177,7 +177,7 @@ def register_demo(app: FastAPI) -> None:
                                f"Content-Type {kind or 'none'} is not accepted; send multipart/form-data (one 'file' "
                                "part) or a raw image/*", reason="unsupported_media_type", model=query_model)
         limit = _byte_limit(runtime)
-        body = await read_body(request, limit, query_model)
+        body = await read_body(request, limit, query_model, runtime.settings.body_timeout_s)
         upload = await parse_upload(request, kind, body, max_images=1, model=query_model)
         options = _options(dict(request.query_params), upload.options, query_model)
         model = runtime.get(options.model)

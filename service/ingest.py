@@ -7,6 +7,8 @@ the body's options override the query's.
 
 from __future__ import annotations
 
+import asyncio
+
 import base64
 import binascii
 import json
@@ -47,18 +49,29 @@ def _too_large(limit: int, model: str | None) -> ServiceError:
                         reason="payload_too_large", model=model)
 
 
-async def read_body(request: Request, limit: int, model: str | None = None) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed `limit` (Content-Length, or while streaming)."""
+async def read_body(request: Request, limit: int, model: str | None = None, timeout_s: float | None = None) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` (Content-Length, or while streaming),
+    and with 408 when it has not fully arrived within `timeout_s` (a slow or stalled client must not hold a
+    connection and its buffers forever)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit, model)
     chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit, model)
-        chunks.append(chunk)
+
+    async def collect() -> None:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit, model)
+            chunks.append(chunk)
+
+    try:
+        async with asyncio.timeout(timeout_s):
+            await collect()
+    except TimeoutError:
+        raise ServiceError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s",
+                           reason="body_timeout", model=model) from None
     return b"".join(chunks)
 
 

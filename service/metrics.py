@@ -18,7 +18,7 @@ AUX_LOSS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 REJECTION_REASONS = (
     "queue_full", "deadline", "client_gone", "payload_too_large", "bad_image", "unsupported_media_type",
-    "bad_options", "unauthorized",
+    "bad_options", "unauthorized", "body_timeout",
 )
 
 
@@ -62,6 +62,19 @@ class ServiceMetrics:
             registry=r)
         self.ready = Gauge("soap_ready", "1 when every model is loaded and warmed up and the service is not "
                            "shutting down.", registry=r)
+
+    def declare_model(self, model: str, modes: tuple[str, ...]) -> None:
+        """Create every labelled series of `model` at zero, so dashboards and rate() see 0, not "No data",
+        before the first rejection, suspicious input or request of a mode."""
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(model, reason)
+        for mode in modes:
+            self.images.labels(model, mode)
+        self.suspicious.labels(model)
+        for histogram in (self.queue_wait, self.batch_compute, self.batch_size, self.epsilon, self.aux_before,
+                          self.aux_after):
+            histogram.labels(model)
+        self.queue_depth.labels(model).set(0)
 
     def reject(self, model: str, reason: str) -> None:
         if reason not in REJECTION_REASONS:

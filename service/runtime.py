@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models import LoadedModel, load_checkpoint
+from models import MODES, LoadedModel, load_checkpoint
 
 from .batcher import Batcher, BatchStats
 from .config import ServiceSettings
@@ -93,7 +93,7 @@ class ServiceRuntime:
             model.batcher = self._make_batcher(model)
             meta = model.loaded.meta
             self.metrics.model_info.labels(model.name, meta.network, meta.dataset, meta.aux_task, str(self.device)).set(1)
-            self.metrics.queue_depth.labels(model.name).set(0)
+            self.metrics.declare_model(model.name, MODES)
         self.metrics.ready.set(0)
 
     def _make_batcher(self, model: ModelRuntime) -> Batcher:

@@ -275,7 +275,28 @@ async def test_metrics_follow_the_contract(model_dir):
                         aux_task="reconstruction", device="cpu") == 1
     assert metric_value(text, "soap_ready") == 1
     assert set(REJECTION_REASONS) == {"queue_full", "deadline", "client_gone", "payload_too_large", "bad_image",
-                                      "unsupported_media_type", "bad_options", "unauthorized"}
+                                      "unsupported_media_type", "bad_options", "unauthorized", "body_timeout"}
+
+
+async def test_every_series_of_a_model_exists_at_zero_before_traffic(model_dir):
+    """Dashboards show 0, not "No data", before the first rejection or suspicious input."""
+    async with serve_app(settings_for(model_dir)) as (app, client):
+        text = (await client.get("/metrics")).text
+
+    def sample(name: str, **labels: str) -> float | None:
+        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in text.splitlines():
+            head, _, value = line.rpartition(" ")
+            if head.startswith(name + "{") and ",".join(sorted(head[len(name) + 1:-1].split(","))) == wanted:
+                return float(value)
+        return None  # no such series
+
+    for reason in REJECTION_REASONS:
+        assert sample("soap_rejections_total", model="mnist-fcn-dr", reason=reason) == 0
+    assert sample("soap_suspicious_inputs_total", model="mnist-fcn-dr") == 0
+    assert sample("soap_images_total", model="mnist-fcn-dr", mode="fixed") == 0
+    assert sample("soap_purification_epsilon_count", model="mnist-fcn-dr") == 0
+    assert sample("soap_rejections_total", model="mnist-fcn-dr", reason="no_such_reason") is None
 
 
 async def test_health_readiness_docs_and_request_id(model_dir):

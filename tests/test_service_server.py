@@ -93,6 +93,27 @@ def test_hostile_stream_leaves_the_server_healthy_with_bounded_memory(server):
     assert health.status_code == 200 and ready.status_code == 200
 
 
+def test_a_stalled_body_gets_408_and_does_not_block_others(server):
+    """A client that sends headers and part of its body, then stalls (slowloris), is answered 408 after
+    --body-timeout-s; requests on other connections are served meanwhile."""
+    srv = server("--body-timeout-s", "1")
+    host, port = srv.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as stalled:
+        stalled.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                        b"Content-Length: 5000\r\n\r\n" + mnist_png(1)[:100])
+        started = time.monotonic()
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            good = client.post("/classify", content=mnist_png(3), headers=PNG)
+            assert good.status_code == 200 and good.json()["results"][0]["label"] == 3
+            head = stalled.recv(65536).decode("latin-1")
+            waited = time.monotonic() - started
+            metrics = client.get("/metrics").text
+    assert head.startswith("HTTP/1.1 408"), head[:200]
+    assert '"error":"body_timeout"' in head.replace(" ", "")
+    assert 0.9 < waited < 8
+    assert metric_value(metrics, "soap_rejections_total", reason="body_timeout") == 1
+
+
 def test_sigterm_drains_every_accepted_request_then_exits(server):
     # A long batching delay holds every accepted request in the queue; draining must flush it, not drop it.
     srv = server("--max-batch-size", "256", "--max-delay-ms", "10000", "--shutdown-delay-s", "2")
