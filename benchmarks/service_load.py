@@ -8,6 +8,8 @@ In one run it measures:
 2. closed-loop load at concurrency 1, 8, 64 and 256 on the service with the default batching settings
    (single-image PNG requests, real MNIST test digits): throughput, p50/p90/p99 latency, errors, mean batch size;
 3. the same at concurrency 64 on a server with --max-batch-size 1, and the batching gain (ratio of throughputs);
+   and at concurrency 64 on a server with --no-compute-process (compute in a thread that shares the GIL with the
+   event loop), and the gain of the default compute process over it;
 4. overload: open-loop arrivals at 4x the throughput measured at concurrency 64, against a server with a small
    queue: every request must be answered (200, or a fast 503), and the server must still serve afterwards;
 5. compute alone (no HTTP, in this process, the service's default torch threads): the predict step's time per
@@ -18,7 +20,7 @@ In one run it measures:
 Each level is bounded in time (--duration) and in count (--max-requests). Numbers depend on the machine and on
 whatever else runs on it; the JSON records the load average before and after, and, per level, the CPU the server
 process used (from /proc): cores used on average, and CPU microseconds per request in the event-loop thread and in
-all other threads (compute) — figures that let one project throughput onto a machine with idle cores.
+all other threads and child processes (compute) — figures that let one project throughput onto a machine with idle cores.
 """
 
 from __future__ import annotations
@@ -108,7 +110,9 @@ class Server:
 def service_server(model: str, **options) -> Server:
     args = ["-m", "service", "--model", model, "--host", "127.0.0.1"]
     for key, value in options.items():
-        if value is not None:
+        if value is True:
+            args.append("--" + key.replace("_", "-"))
+        elif value is not None:
             args += ["--" + key.replace("_", "-"), str(value)]
     return Server(args, "/readyz")
 
@@ -139,6 +143,21 @@ def _cpu_ticks(pid: int, tid: int | None = None) -> int:
     stat = Path(f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat").read_text()
     fields = stat.rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])
+
+
+def _tree_ticks(pid: int) -> int:
+    """CPU ticks of a process and its child processes (the service's compute processes)."""
+    total = _cpu_ticks(pid)
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for child in children:
+        try:
+            total += _tree_ticks(int(child))
+        except OSError:  # exited meanwhile
+            pass
+    return total
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -212,7 +231,7 @@ async def closed_loop(session, url: str, path: str, payloads: list[bytes], concu
     tasks = [asyncio.create_task(client(k)) for k in range(concurrency)]
     await asyncio.sleep(warmup)
     before = await _metric_sums(session, url, "soap_batch_size_images") if path == "/classify" else None
-    cpu_before = (_cpu_ticks(server_pid, server_pid), _cpu_ticks(server_pid)) if server_pid else None
+    cpu_before = (_cpu_ticks(server_pid, server_pid), _tree_ticks(server_pid)) if server_pid else None
     measuring = True
     began = time.monotonic()
     await asyncio.gather(*tasks)
@@ -221,7 +240,7 @@ async def closed_loop(session, url: str, path: str, payloads: list[bytes], concu
     if cpu_before is not None and sent:
         hz = os.sysconf("SC_CLK_TCK")
         loop_s = (_cpu_ticks(server_pid, server_pid) - cpu_before[0]) / hz  # the main thread runs the event loop
-        total_s = (_cpu_ticks(server_pid) - cpu_before[1]) / hz
+        total_s = (_tree_ticks(server_pid) - cpu_before[1]) / hz  # with the compute processes
         extra = {"server_cpu_cores_used": round(total_s / elapsed, 2),
                  "event_loop_cpu_us_per_request": round(loop_s / sent * 1e6),
                  "other_threads_cpu_us_per_request": round((total_s - loop_s) / sent * 1e6)}
@@ -292,10 +311,9 @@ def compute_alone(model_dir: Path, threads: int | None, seconds: float = 3.0) ->
     sys.path.insert(0, str(ROOT))
     from models import load_checkpoint
     from service.config import ServiceSettings
-    from service.__main__ import compute_threads
     from service.predict import PurifyRequest, predict
 
-    torch.set_num_threads(threads or compute_threads(ServiceSettings(models=[model_dir])))
+    torch.set_num_threads(threads or ServiceSettings(models=[model_dir]).compute_threads)
     model = load_checkpoint(model_dir)
 
     def per_image_us(batch: int) -> float:
@@ -400,6 +418,21 @@ async def run(args) -> dict:
         gain = round(at64.throughput_images_s / single.throughput_images_s, 2) if at64 and single.throughput_images_s else None
         report["batching_gain_at_64"] = gain
 
+        # 3b. compute in a thread of the server process instead of a child process, concurrency 64
+        server = service_server(args.model, max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
+                                max_queue=args.max_queue, torch_threads=args.torch_threads, no_compute_process=True)
+        try:
+            await server.wait_ready(session)
+            threaded = await closed_loop(session, server.url, "/classify", payloads, 64, args.duration,
+                                         args.max_requests, args.warmup, "service, compute in a thread", server.proc.pid)
+        finally:
+            server.stop()
+        rows.append(_row(threaded, args.max_batch_size))
+        print(rows[-1], flush=True)
+        report["compute_thread_at_64"] = asdict(threaded)
+        report["compute_process_gain_at_64"] = (round(at64.throughput_images_s / threaded.throughput_images_s, 2)
+                                                if at64 and threaded.throughput_images_s else None)
+
         # 4. overload
         capacity = at64.throughput_images_s if at64 else 100.0
         server = service_server(args.model, max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
@@ -463,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report["table_markdown"])
     print(f"batching gain at concurrency 64: {report['batching_gain_at_64']}x")
+    print(f"compute process vs thread at concurrency 64: {report['compute_process_gain_at_64']}x")
     print("overload:", json.dumps(report["overload"]["extra"]))
     print("targets:", json.dumps(report["targets"]))
     if args.json:

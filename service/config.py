@@ -40,6 +40,7 @@ class ServiceSettings(BaseModel):
     enable_attack: bool = Field(False, description="enable the demo attack endpoint POST /v1/attack")
     shutdown_delay_s: float = Field(0.0, ge=0, description="on SIGTERM, report not-ready this long before closing the listener")
     graceful_timeout_s: float = Field(30.0, gt=0, description="on SIGTERM, longest wait for accepted requests to finish")
+    compute_process: bool = Field(True, description="run each model's purification in a child process, which shares no GIL with the event loop (--no-compute-process: a thread)")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads torch may use (default: all cores but one, left to the event loop)")
     access_log: bool = Field(False, description="log every request (off: the metrics cover it, and it costs CPU)")
     log_level: str = Field("info", description="uvicorn log level")
@@ -60,6 +61,15 @@ class ServiceSettings(BaseModel):
         if dupes:
             raise ValueError(f"model names (checkpoint folder names) must be unique; repeated: {dupes}")
         return v
+
+    @property
+    def compute_threads(self) -> int:
+        """torch's CPU threads: as configured, else all cores but one, which stays free for the event loop (on a
+        2-core host, 1 thread purified MNIST batches as fast as 2 and halved the p99 of 503s under overload)."""
+        if self.torch_threads:
+            return self.torch_threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores - 1)
 
     @property
     def model_names(self) -> list[str]:

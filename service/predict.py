@@ -40,16 +40,16 @@ class Predictions:
         return self.probs.shape[0]
 
     def rows(self, start: int, stop: int) -> Predictions:
-        return Predictions(*(t[start:stop] for t in self._tensors()))
+        return Predictions(*(t[start:stop] for t in self.tensors()))
 
-    def _tensors(self) -> tuple[torch.Tensor, ...]:
+    def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.probs, self.epsilon, self.aux_before, self.aux_after, self.curve, self.purified
 
     @staticmethod
     def concat(parts: list[Predictions]) -> Predictions:
         if len(parts) == 1:
             return parts[0]
-        return Predictions(*(torch.cat(ts) for ts in zip(*(p._tensors() for p in parts))))
+        return Predictions(*(torch.cat(ts) for ts in zip(*(p.tensors() for p in parts))))
 
 
 def predict(model: LoadedModel, images: torch.Tensor, request: PurifyRequest) -> Predictions:

@@ -22,6 +22,7 @@ import torch
 from models import MODES, LoadedModel, load_checkpoint
 
 from .batcher import Batcher, BatchStats
+from .compute_process import ComputeProcess
 from .config import ServiceSettings
 from .errors import ServiceError
 from .metrics import ServiceMetrics
@@ -46,6 +47,7 @@ class ModelRuntime:
     loaded: LoadedModel
     device: torch.device
     batcher: Batcher = field(init=False)
+    process: ComputeProcess | None = None  # --compute-process: the predict step runs in this child
     ready: bool = False
 
     @property
@@ -63,11 +65,16 @@ class ModelRuntime:
         return calibration.suspicious_threshold if calibration is not None else math.inf
 
     def compute(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
-        """The predict step for one batch (runs in the batcher's thread)."""
+        """The predict step for one batch (runs in the batcher's thread; in the child process when there is one)."""
+        if self.process is not None:
+            return self.process(images, request)
         return predict(self.loaded, images, request)
 
     def warmup(self) -> None:
-        """One min-aux batch of zeros, so the first real request pays no allocation or kernel-selection cost."""
+        """Start the compute process if any, then one min-aux batch of zeros, so the first real request pays no
+        start-up, allocation or kernel-selection cost."""
+        if self.process is not None:
+            self.process.start()
         zeros = torch.zeros((2, *self.input_shape))
         self.compute(zeros, PurifyRequest())
         self.ready = True
@@ -85,7 +92,8 @@ class ServiceRuntime:
         self.models: dict[str, ModelRuntime] = {}
         for path in settings.models:
             loaded = load_checkpoint(path, self.device)
-            self.models[path.name] = ModelRuntime(path.name, loaded, self.device)
+            process = ComputeProcess(path.resolve(), self.device, settings.compute_threads) if settings.compute_process else None
+            self.models[path.name] = ModelRuntime(path.name, loaded, self.device, process=process)
         self.default = settings.model_names[0]
         self.draining = False
         self._started = False
@@ -150,6 +158,9 @@ class ServiceRuntime:
         """Finish everything queued, then stop the workers."""
         self.begin_drain()
         await asyncio.gather(*(m.batcher.close() for m in self.models.values()))
+        for model in self.models.values():
+            if model.process is not None:
+                model.process.close()
 
     # ------------------------------------------------------------------ metrics
 

@@ -104,7 +104,9 @@ def anyio_backend() -> str:
 
 
 def settings_for(*models: Path, **overrides) -> ServiceSettings:
-    return ServiceSettings(models=list(models), **overrides)
+    """In-process apps compute in a thread unless a test asks for the child process (the service's default, which
+    the real-server tests and tests/test_compute_process.py exercise): a child per app would add seconds each."""
+    return ServiceSettings(models=list(models), **{"compute_process": False, **overrides})
 
 
 @asynccontextmanager

@@ -179,7 +179,7 @@ def test_checkpoint_from_training_loads_in_core_and_service(tmp_path):
     from service.predict import PurifyRequest
     from service.runtime import ServiceRuntime
 
-    runtime = ServiceRuntime(ServiceSettings(models=[out], device="cpu"))
+    runtime = ServiceRuntime(ServiceSettings(models=[out], device="cpu", compute_process=False))
     model = runtime.models["fcn"]
     assert model.suspicious_threshold == pytest.approx(cal.aux_loss_quantiles["0.99"])
     images = load_image_folder(TESTS / "mnist", (1, 28, 28)).batch(torch.arange(4))[0]

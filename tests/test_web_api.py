@@ -28,7 +28,7 @@ MNIST = ROOT / "tests" / "data" / "mnist"
 
 
 def _client(**settings) -> TestClient:
-    return TestClient(create_app(ServiceSettings(models=[MODEL], device="cpu", **settings)))
+    return TestClient(create_app(ServiceSettings(models=[MODEL], device="cpu", compute_process=False, **settings)))
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_attack_needs_the_api_key_when_one_is_set(monkeypatch):
 
 def test_one_attack_at_a_time():
     """A second attack while one is computing gets 503 + Retry-After at once (it costs compute)."""
-    app = create_app(ServiceSettings(models=[MODEL], device="cpu", enable_attack=True))
+    app = create_app(ServiceSettings(models=[MODEL], device="cpu", compute_process=False, enable_attack=True))
 
     async def both():
         transport = httpx.ASGITransport(app=app)

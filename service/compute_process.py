@@ -1,0 +1,137 @@
+"""A model's predict step in a child process, so the event loop and the compute never share one GIL.
+
+In one process the compute thread re-takes the interpreter lock between torch operations, and a busy event loop
+delays every re-take by up to the switch interval (benchmarks/service_load.py: the predict step ran 84x slower
+beside a spinning Python thread). A child per model has its own interpreter: the batcher's thread sends a batch
+through a pipe and waits in recv (lock released) until the child answers with the predictions.
+
+The child is started with "spawn" (safe with CUDA and with the parent's threads), loads the checkpoint itself,
+warms up, and ignores SIGINT/SIGTERM: the parent drains its queue on a signal and then closes the child. If the
+child dies, the batch in flight fails (ComputeProcessError) and the next batch starts a new child.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .predict import Predictions, PurifyRequest, is_out_of_memory, predict
+
+log = logging.getLogger("service.compute_process")
+
+
+class ComputeProcessError(RuntimeError):
+    """The child failed to start, died, or raised; the message names the cause, never a traceback."""
+
+
+class ComputeProcess:
+    """Callable like `predict` for one model: `process(images, request) -> Predictions`. Thread-safe."""
+
+    def __init__(self, checkpoint: Path, device: torch.device, threads: int) -> None:
+        self._args = (str(checkpoint), str(device), threads)
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._conn = None
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.is_alive() else None
+
+    def start(self) -> None:
+        """Start the child and wait until it has loaded the model and warmed up (seconds: it imports torch)."""
+        with self._lock:
+            self._start_locked()
+
+    def _start_locked(self) -> None:
+        self._stop_locked()
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe()
+        proc = context.Process(target=_child_main, args=(child, *self._args), name="soap-compute", daemon=True)
+        proc.start()
+        child.close()
+        try:
+            status, detail = parent.recv()
+        except (EOFError, OSError):
+            proc.join(5)
+            raise ComputeProcessError(f"the compute process exited while starting (exit code {proc.exitcode})") from None
+        if status != "ready":
+            proc.join(5)
+            raise ComputeProcessError(f"the compute process could not start: {detail}")
+        self._proc, self._conn = proc, parent
+        log.info("compute process %d serving %s", proc.pid, self._args[0])
+
+    def __call__(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
+        with self._lock:
+            if self._proc is None or not self._proc.is_alive():
+                self._start_locked()
+            try:
+                self._conn.send((images.numpy(), request.mode, request.epsilon))
+                status, payload = self._conn.recv()
+            except (EOFError, OSError):
+                code = self._proc.exitcode if self._proc is not None else None
+                self._stop_locked()
+                raise ComputeProcessError(f"the compute process exited during a batch (exit code {code})") from None
+        if status == "ok":
+            return Predictions(*(torch.from_numpy(array) for array in payload))
+        kind, message = payload
+        if kind == "out_of_memory":
+            raise torch.OutOfMemoryError(message)  # predict_in_chunks halves the batch and retries
+        raise ComputeProcessError(f"{kind} in the compute process: {message}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop_locked()
+
+    def _stop_locked(self) -> None:
+        proc, conn = self._proc, self._conn
+        self._proc = self._conn = None
+        if proc is None:
+            return
+        try:
+            conn.send(None)
+        except OSError:
+            pass
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+        conn.close()
+
+
+def _child_main(conn, checkpoint: str, device: str, threads: int) -> None:
+    """The child: load, warm up, then answer batches until told to stop (None) or the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    from models import load_checkpoint
+
+    try:
+        loaded = load_checkpoint(checkpoint, torch.device(device))
+        predict(loaded, torch.zeros((2, *loaded.meta.input_shape)), PurifyRequest())
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if message is None:
+            return
+        images, mode, epsilon = message
+        try:
+            p = predict(loaded, torch.from_numpy(images), PurifyRequest(mode, epsilon))
+            reply = ("ok", tuple(np.ascontiguousarray(t.numpy()) for t in p.tensors()))
+        except Exception as exc:  # noqa: BLE001 - this batch only; the child keeps serving
+            kind = "out_of_memory" if is_out_of_memory(exc) else type(exc).__name__
+            reply = ("error", (kind, str(exc)[:500]))
+            if kind == "out_of_memory" and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        conn.send(reply)

@@ -1,0 +1,82 @@
+"""The compute child process (service/compute_process.py, the service's default): same predictions as computing
+in-process, a failing batch fails alone, a dead child is replaced, a bad checkpoint fails the start clearly, and a
+real app serves through it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from models import load_checkpoint
+from service.compute_process import ComputeProcess, ComputeProcessError
+from service.predict import PurifyRequest, predict
+from test_service_support import anyio_backend, mnist_png, model_dir, serve_app, settings_for  # noqa: F401
+
+PNG = {"Content-Type": "image/png"}
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def process(model_dir):
+    proc = ComputeProcess(model_dir, torch.device("cpu"), threads=1)
+    proc.start()
+    yield proc
+    proc.close()
+
+
+def test_child_predictions_equal_in_process_predictions(process, model_dir):
+    torch.manual_seed(0)
+    images = torch.rand(5, 1, 28, 28)
+    torch.set_num_threads(1)
+    here = predict(load_checkpoint(model_dir), images, PurifyRequest())
+    there = process(images, PurifyRequest())
+    for a, b in zip(here.tensors(), there.tensors()):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
+    fixed = process(images, PurifyRequest("fixed", 0.2))
+    assert torch.allclose(fixed.epsilon, torch.full((5,), 0.2))
+
+
+def test_a_failing_batch_fails_alone_and_the_child_keeps_serving(process):
+    with pytest.raises(ComputeProcessError, match="RuntimeError in the compute process"):
+        process(torch.rand(2, 3, 5, 5), PurifyRequest())  # wrong shape for the FCN
+    pid = process.pid
+    assert process(torch.rand(2, 1, 28, 28), PurifyRequest()).probs.shape == (2, 10)
+    assert process.pid == pid  # same child
+
+
+def test_a_dead_child_fails_its_batch_and_is_replaced(process):
+    pid = process.pid
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    # The parent notices on the next call: either the send/recv fails (that batch fails) or the child is restarted first.
+    try:
+        result = process(torch.rand(1, 1, 28, 28), PurifyRequest())
+    except ComputeProcessError as exc:
+        assert "exited" in str(exc)
+        result = process(torch.rand(1, 1, 28, 28), PurifyRequest())
+    assert result.probs.shape == (1, 10)
+    assert process.pid not in (None, pid)
+
+
+def test_a_bad_checkpoint_fails_the_start_with_its_reason(tmp_path):
+    (tmp_path / "model.json").write_text("{}")
+    with pytest.raises(ComputeProcessError, match="could not start"):
+        ComputeProcess(tmp_path, torch.device("cpu"), threads=1).start()
+
+
+@pytest.mark.anyio
+async def test_the_app_serves_through_the_child_and_closes_it(model_dir):
+    async with serve_app(settings_for(model_dir, compute_process=True)) as (app, client):
+        model = app.state.runtime.models["mnist-fcn-dr"]
+        pid = model.process.pid
+        assert pid is not None and pid != os.getpid()
+        r = await client.post("/classify", content=mnist_png(7), headers=PNG)
+        assert r.status_code == 200 and r.json()["results"][0]["label"] == 7
+    assert model.process.pid is None  # the lifespan's end closed it
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
