@@ -148,10 +148,12 @@ def _cpu_ticks(pid: int, tid: int | None = None) -> int:
 def _tree_ticks(pid: int) -> int:
     """CPU ticks of a process and its child processes (the service's compute processes)."""
     total = _cpu_ticks(pid)
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        children = []
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):  # a child belongs to the thread that started it
+        try:
+            children += (task / "children").read_text().split()
+        except OSError:
+            pass
     for child in children:
         try:
             total += _tree_ticks(int(child))
