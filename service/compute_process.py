@@ -77,12 +77,7 @@ class ComputeProcess:
                 code = self._proc.exitcode if self._proc is not None else None
                 self._stop_locked()
                 raise ComputeProcessError(f"the compute process exited during a batch (exit code {code})") from None
-        if status == "ok":
-            return Predictions(*(torch.from_numpy(array) for array in payload))
-        kind, message = payload
-        if kind == "out_of_memory":
-            raise torch.OutOfMemoryError(message)  # predict_in_chunks halves the batch and retries
-        raise ComputeProcessError(f"{kind} in the compute process: {message}")
+        return reply_to_predictions(status, payload)
 
     def close(self) -> None:
         with self._lock:
@@ -102,6 +97,17 @@ class ComputeProcess:
             proc.kill()
             proc.join(5)
         conn.close()
+
+
+def reply_to_predictions(status: str, payload) -> Predictions:
+    """The child's reply as the parent's result: predictions, or the error to raise. An out-of-memory error in the
+    child becomes torch.OutOfMemoryError here, so predict_in_chunks halves the batch and retries as in-process."""
+    if status == "ok":
+        return Predictions(*(torch.from_numpy(array) for array in payload))
+    kind, message = payload
+    if kind == "out_of_memory":
+        raise torch.OutOfMemoryError(message)
+    raise ComputeProcessError(f"{kind} in the compute process: {message}")
 
 
 def _child_main(conn, checkpoint: str, device: str, threads: int) -> None:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from models import load_checkpoint
-from service.compute_process import ComputeProcess, ComputeProcessError
-from service.predict import PurifyRequest, predict
+from service.compute_process import ComputeProcess, ComputeProcessError, reply_to_predictions
+from service.predict import PurifyRequest, predict, predict_in_chunks
 from test_service_support import anyio_backend, mnist_png, model_dir, serve_app, settings_for  # noqa: F401
 
 PNG = {"Content-Type": "image/png"}
@@ -47,6 +47,23 @@ def test_a_failing_batch_fails_alone_and_the_child_keeps_serving(process):
     pid = process.pid
     assert process(torch.rand(2, 1, 28, 28), PurifyRequest()).probs.shape == (2, 10)
     assert process.pid == pid  # same child
+
+
+def test_out_of_memory_in_the_child_halves_the_batch_like_in_process():
+    """The child reports CUDA out-of-memory as a kind; the parent re-raises it as torch.OutOfMemoryError, which
+    predict_in_chunks answers by halving the chunk (here: a fake child that runs out of memory above 2 images)."""
+    def child(images: torch.Tensor):
+        if images.shape[0] > 2:
+            return reply_to_predictions("error", ("out_of_memory", "CUDA out of memory (simulated)"))
+        n = images.shape[0]
+        arrays = (torch.ones(n, 10).numpy(), torch.zeros(n).numpy(), torch.zeros(n).numpy(), torch.zeros(n).numpy(),
+                  torch.zeros(n, 11).numpy(), images.numpy())
+        return reply_to_predictions("ok", arrays)
+
+    predictions, chunk = predict_in_chunks(child, torch.rand(7, 1, 28, 28), 8)
+    assert chunk == 2 and len(predictions) == 7
+    with pytest.raises(ComputeProcessError, match="ValueError in the compute process: bad"):
+        reply_to_predictions("error", ("ValueError", "bad"))
 
 
 def test_a_dead_child_fails_its_batch_and_is_replaced(process):
