@@ -1,4 +1,5 @@
-"""The predict step: purify a batch with SOAP, then classify the purified images. Runs in a worker thread.
+"""The predict step: purify a batch with SOAP, then classify the purified images. Runs in the model's compute
+process (service/compute_process.py) or, with --no-compute-process, in the batcher's thread.
 
 `predict` is a plain function of a loaded model and a CPU tensor, so the batcher, the tests and the demo page
 all use the same code; `predict_in_chunks` adds the CUDA out-of-memory policy (halve the chunk and retry).
