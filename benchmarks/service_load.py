@@ -405,35 +405,32 @@ async def run(args) -> dict:
             server.stop()
         report["levels"] = [asdict(x) for x in levels]
 
-        # 3. no batching, concurrency 64
-        server = service_server(args.model, max_batch_size=1, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue, torch_threads=args.torch_threads)
-        try:
-            await server.wait_ready(session)
-            single = await closed_loop(session, server.url, "/classify", payloads, 64, args.duration,
-                                       args.max_requests, args.warmup, "service, no batching", server.proc.pid)
-        finally:
-            server.stop()
-        rows.append(_row(single, 1))
-        print(rows[-1], flush=True)
-        report["no_batching_at_64"] = asdict(single)
-        at64 = next((x for x in levels if x.concurrency == 64), None)
-        gain = round(at64.throughput_images_s / single.throughput_images_s, 2) if at64 and single.throughput_images_s else None
-        report["batching_gain_at_64"] = gain
+        async def variant_at_64(name: str, max_batch_size: int, **options) -> LevelResult:
+            """The service with other settings, concurrency 64, on a server of its own."""
+            server = service_server(args.model, max_batch_size=max_batch_size, max_delay_ms=args.max_delay_ms,
+                                    max_queue=args.max_queue, torch_threads=args.torch_threads, **options)
+            try:
+                await server.wait_ready(session)
+                level = await closed_loop(session, server.url, "/classify", payloads, 64, args.duration,
+                                          args.max_requests, args.warmup, name, server.proc.pid)
+            finally:
+                server.stop()
+            rows.append(_row(level, max_batch_size))
+            print(rows[-1], flush=True)
+            return level
 
+        def gain_over(other: LevelResult) -> float | None:
+            return round(at64.throughput_images_s / other.throughput_images_s, 2) if at64 and other.throughput_images_s else None
+
+        at64 = next((x for x in levels if x.concurrency == 64), None)
+        # 3. no batching, concurrency 64
+        single = await variant_at_64("service, no batching", 1)
+        report["no_batching_at_64"] = asdict(single)
+        report["batching_gain_at_64"] = gain = gain_over(single)
         # 3b. compute in a thread of the server process instead of a child process, concurrency 64
-        server = service_server(args.model, max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
-                                max_queue=args.max_queue, torch_threads=args.torch_threads, no_compute_process=True)
-        try:
-            await server.wait_ready(session)
-            threaded = await closed_loop(session, server.url, "/classify", payloads, 64, args.duration,
-                                         args.max_requests, args.warmup, "service, compute in a thread", server.proc.pid)
-        finally:
-            server.stop()
-        rows.append(_row(threaded, args.max_batch_size))
-        print(rows[-1], flush=True)
+        threaded = await variant_at_64("service, compute in a thread", args.max_batch_size, no_compute_process=True)
         report["compute_thread_at_64"] = asdict(threaded)
-        report["compute_process_gain_at_64"] = (round(at64.throughput_images_s / threaded.throughput_images_s, 2)
-                                                if at64 and threaded.throughput_images_s else None)
+        report["compute_process_gain_at_64"] = gain_over(threaded)
 
         # 4. overload
         capacity = at64.throughput_images_s if at64 else 100.0

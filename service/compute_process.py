@@ -5,9 +5,9 @@ delays every re-take by up to the switch interval (benchmarks/service_load.py: t
 beside a spinning Python thread). A child per model has its own interpreter: the batcher's thread sends a batch
 through a pipe and waits in recv (lock released) until the child answers with the predictions.
 
-The child is started with "spawn" (safe with CUDA and with the parent's threads), loads the checkpoint itself,
-warms up, and ignores SIGINT/SIGTERM: the parent drains its queue on a signal and then closes the child. If the
-child dies, the batch in flight fails (ComputeProcessError) and the next batch starts a new child.
+The child is started with "spawn" (safe with CUDA and with the parent's threads), loads the checkpoint itself
+(the model's warm-up batch then goes through the pipe like any other) and ignores SIGINT/SIGTERM: the parent
+drains its queue on a signal and then closes the child. If the child dies, the batch in flight fails (ComputeProcessError) and the next batch starts a new child.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class ComputeProcess:
         return self._proc.pid if self._proc is not None and self._proc.is_alive() else None
 
     def start(self) -> None:
-        """Start the child and wait until it has loaded the model and warmed up (seconds: it imports torch)."""
+        """Start the child and wait until it has loaded the model (seconds: it imports torch)."""
         with self._lock:
             self._start_locked()
 
@@ -111,15 +111,14 @@ def reply_to_predictions(status: str, payload) -> Predictions:
 
 
 def _child_main(conn, checkpoint: str, device: str, threads: int) -> None:
-    """The child: load, warm up, then answer batches until told to stop (None) or the pipe closes."""
+    """The child: load, then answer batches until told to stop (None) or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(threads)
     from models import load_checkpoint
 
     try:
-        loaded = load_checkpoint(checkpoint, torch.device(device))
-        predict(loaded, torch.zeros((2, *loaded.meta.input_shape)), PurifyRequest())
+        loaded = load_checkpoint(checkpoint, torch.device(device))  # the parent's warm-up batch comes next
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
