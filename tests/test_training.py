@@ -209,9 +209,9 @@ def test_unknown_preset_lists_the_known_ones(capsys):
 # ----------------------------------------------------------------------------- shipped models
 
 SHIPPED = sorted(p for p in ZOO.iterdir() if (p / "model.json").is_file()) if ZOO.is_dir() else []
-# Paper (no purification): FCN 97.57 %, CNN 99.04 % (issue 3 asks for 97.5 / 98.9). The shipped FCN reaches 97.20 %
-# with the paper's recipe (seed sweep in its card); the shipped CNN 99.07 % (lr 0.1, 30 epochs, 1 warm-up epoch).
-MIN_ACCURACY = {"mnist-fcn-dr": 0.97, "mnist-cnn-dr": 0.989, "mnist-fcn-dr-pgd-at": 0.9}
+# Paper (no purification): FCN 97.57 %, CNN 99.04 % (issue 3 asks for 97.5 / 98.9). The shipped FCN reaches 97.76 %
+# (paper recipe at 200 epochs, seed sweep in its card); the shipped CNN 99.07 % (lr 0.1, 30 epochs, 1 warm-up epoch).
+MIN_ACCURACY = {"mnist-fcn-dr": 0.975, "mnist-cnn-dr": 0.989, "mnist-fcn-dr-pgd-at": 0.9}
 
 
 def test_the_default_model_is_shipped():

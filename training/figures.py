@@ -25,6 +25,12 @@ def _title(result: dict) -> str:
     return f"{result['network']} · {result['dataset']} · n={result['n']} · seed {result['seed']}"
 
 
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def aux_loss_curve(result: dict, loaded: LoadedModel, clean: torch.Tensor, adv: torch.Tensor, path: Path) -> None:
     model, cfg = loaded.network, loaded.purifier
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -37,9 +43,7 @@ def aux_loss_curve(result: dict, loaded: LoadedModel, clean: torch.Tensor, adv: 
     ax.set_ylabel("mean auxiliary loss")
     ax.set_title(f"Aux loss vs ε_pfy ({images.shape[0]} images)\n{_title(result)}", fontsize=8)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def examples(result: dict, loaded: LoadedModel, clean: torch.Tensor, y: torch.Tensor, adv: torch.Tensor, path: Path) -> None:
@@ -67,9 +71,7 @@ def examples(result: dict, loaded: LoadedModel, clean: torch.Tensor, y: torch.Te
             if c == 0:
                 ax.set_ylabel(label, fontsize=8)
     fig.suptitle(f"Clean / PGD / min-aux purified, prediction under each\n{_title(result)}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def accuracy_vs_beta(result: dict, path: Path) -> None:
@@ -82,9 +84,7 @@ def accuracy_vs_beta(result: dict, path: Path) -> None:
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"Aux-aware PGD, n={sweep['n']}\n{_title(result)}", fontsize=8)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def accuracy_vs_budget(result: dict, path: Path) -> None:
@@ -97,9 +97,7 @@ def accuracy_vs_budget(result: dict, path: Path) -> None:
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"Accuracy vs attack budget, n={sweep['n']}\n{_title(result)}", fontsize=8)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def make_all(result: dict, loaded: LoadedModel, x: torch.Tensor, y: torch.Tensor, kept: dict, out: Path) -> list[str]:
