@@ -90,8 +90,11 @@ class ServiceRuntime:
         self.api_key = settings.api_key  # raises now if --api-key-env names an empty variable
         self.device = resolve_device(settings.device)
         self.models: dict[str, ModelRuntime] = {}
+        # With compute processes the parent's copy of each model only answers metadata and the demo's attacks: it
+        # stays on the CPU, so the parent never opens a CUDA context of its own next to the children's.
+        home = torch.device("cpu") if settings.compute_process else self.device
         for path in settings.models:
-            loaded = load_checkpoint(path, self.device)
+            loaded = load_checkpoint(path, home)
             process = ComputeProcess(path.resolve(), self.device, settings.compute_threads) if settings.compute_process else None
             self.models[path.name] = ModelRuntime(path.name, loaded, self.device, process=process)
         self.default = settings.model_names[0]

@@ -97,3 +97,16 @@ async def test_the_app_serves_through_the_child_and_closes_it(model_dir):
     assert model.process.pid is None  # the lifespan's end closed it
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.anyio
+async def test_on_cuda_the_child_computes_and_the_parent_keeps_its_copy_on_the_cpu(model_dir):
+    async with serve_app(settings_for(model_dir, compute_process=True, device="cuda")) as (app, client):
+        model = app.state.runtime.models["mnist-fcn-dr"]
+        assert next(model.loaded.network.parameters()).device.type == "cpu"
+        assert model.device.type == "cuda"
+        r = await client.post("/classify", content=mnist_png(7), headers=PNG)
+        assert r.status_code == 200 and r.json()["results"][0]["label"] == 7
+        info = (await client.get("/metrics")).text
+        assert 'device="cuda' in info
