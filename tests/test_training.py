@@ -156,6 +156,7 @@ def test_ddp_on_two_gloo_processes_matches_one_process(tmp_path):
         torch.testing.assert_close(ddp[k], single[k], atol=2e-6, rtol=1e-4)
     meta = json.loads((tmp_path / "ddp" / "model.json").read_text())
     assert meta["training"]["world_size"] == 2 and meta["training"]["command"].startswith("torchrun --nproc_per_node 2")
+    assert meta["training"]["command"].endswith("--threads 1 --max-steps-per-epoch 3 --no-calibration")
     assert [m["train_steps"] for m in metrics(tmp_path / "ddp")] == [3, 3]
 
 

@@ -275,6 +275,8 @@ def reproducing_options(config: TrainConfig, args: argparse.Namespace) -> list[s
         options.append("--download")
     if args.out:
         options += ["--out", str(args.out)]
+    if args.threads:  # the CPU thread count changes floating-point sums, so bit-exact reproduction needs the same one
+        options += ["--threads", str(args.threads)]
     if args.max_steps_per_epoch:
         options += ["--max-steps-per-epoch", str(args.max_steps_per_epoch)]
     if args.no_calibration:
