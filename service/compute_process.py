@@ -58,9 +58,11 @@ class ComputeProcess:
         try:
             status, detail = parent.recv()
         except (EOFError, OSError):
+            parent.close()  # a restart loop must not leak the pipe's descriptors
             proc.join(5)
             raise ComputeProcessError(f"the compute process exited while starting (exit code {proc.exitcode})") from None
         if status != "ready":
+            parent.close()
             proc.join(5)
             raise ComputeProcessError(f"the compute process could not start: {detail}")
         self._proc, self._conn = proc, parent
