@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 # As the service does (service/__main__.py): idle OpenMP threads sleep instead of spinning, which matters
@@ -101,8 +101,12 @@ def bench(case: Case, batch: int, repeats: int, peak_gflops: float) -> dict:
     return {
         "network": case.network,
         "batch": batch,
-        "purifier": {"step_size": case.config.step_size, "steps": case.config.steps,
-                     "budget_step": case.config.budget_step, "num_budgets": case.config.num_budgets},
+        "purifier": {
+            "step_size": case.config.step_size,
+            "steps": case.config.steps,
+            "budget_step": case.config.budget_step,
+            "num_budgets": case.config.num_budgets,
+        },
         "repeats": repeats,
         "seconds_per_batch": s_ours,
         "naive_seconds_per_batch": s_naive,
@@ -137,8 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
     # its in-cache rate, e.g. on AMD CPUs).
     matmul = matmul_gflops((512, 1024, 2048), 0.3 if args.quick else 1.0)
     peak = max(matmul.values())
-    print(f"float32 matmul: {peak:.1f} GFLOP/s on {torch.get_num_threads()} threads "
-          f"({', '.join(f'{n}: {r:.0f}' for n, r in matmul.items())})")
+    print(
+        f"float32 matmul: {peak:.1f} GFLOP/s on {torch.get_num_threads()} threads "
+        f"({', '.join(f'{n}: {r:.0f}' for n, r in matmul.items())})"
+    )
     results = {}
     header = f"{'network':22} {'batch':>5} {'naive img/s':>11} {'ours img/s':>10} {'speed-up':>8} {'grads/img':>9} {'naive':>5} {'FLOP frac':>9}"
     print(header)
@@ -147,17 +153,24 @@ def main(argv: list[str] | None = None) -> dict:
         batch = case.quick_batch if args.quick else case.batch
         r = bench(case, batch, min(repeats, case.max_repeats or repeats), peak)
         results[case.network] = r
-        print(f"{case.network:22} {batch:5d} {r['naive_images_per_s']:11.3g} {r['images_per_s']:10.3g} "
-              f"{r['speedup']:8.2f} {r['grad_evals_per_image']:9d} {r['naive_grad_evals_per_image']:5d} {r['flop_fraction']:9.3f}"
-              + ("" if r["same_epsilon_as_naive"] else "  (ε differs from naive!)"))
+        print(
+            f"{case.network:22} {batch:5d} {r['naive_images_per_s']:11.3g} {r['images_per_s']:10.3g} "
+            f"{r['speedup']:8.2f} {r['grad_evals_per_image']:9d} {r['naive_grad_evals_per_image']:5d} {r['flop_fraction']:9.3f}"
+            + ("" if r["same_epsilon_as_naive"] else "  (ε differs from naive!)")
+        )
     report = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/purifier.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                    "load_average": os.getloadavg(),
-                    "device": "cpu"},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "load_average": os.getloadavg(),
+            "device": "cpu",
+        },
         "matmul_gflops": peak,
         "matmul_gflops_by_size": matmul,
         "networks": results,

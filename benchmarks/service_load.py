@@ -79,8 +79,9 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(os.devnull, "wb")
-        self.proc = subprocess.Popen([sys.executable, *args, "--port", str(self.port)], cwd=ROOT,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, *args, "--port", str(self.port)], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
+        )
         self.ready_path = ready_path
 
     async def wait_ready(self, session, timeout: float = 180.0) -> None:
@@ -185,6 +186,7 @@ def _without_gc_pauses(level):
     """The generator must not be the bottleneck: a full collection of its heap stalls its event loop for tens
     of milliseconds, which would show up as server latency. No collection during a level (bounded in time and
     count, so its garbage is bounded too); collect between levels."""
+
     @functools.wraps(level)
     async def run_level(*args, **kwargs):
         gc.collect()
@@ -196,12 +198,23 @@ def _without_gc_pauses(level):
             gc.enable()
             gc.unfreeze()
             gc.collect()
+
     return run_level
 
 
 @_without_gc_pauses
-async def closed_loop(session, url: str, path: str, payloads: list[bytes], concurrency: int, duration: float,
-                      max_requests: int, warmup: float, name: str, server_pid: int | None = None) -> LevelResult:
+async def closed_loop(
+    session,
+    url: str,
+    path: str,
+    payloads: list[bytes],
+    concurrency: int,
+    duration: float,
+    max_requests: int,
+    warmup: float,
+    name: str,
+    server_pid: int | None = None,
+) -> LevelResult:
     """`concurrency` clients, each sending its next request as soon as the previous one is answered."""
     latencies: list[float] = []
     statuses: dict[str, int] = {}
@@ -243,9 +256,11 @@ async def closed_loop(session, url: str, path: str, payloads: list[bytes], concu
         hz = os.sysconf("SC_CLK_TCK")
         loop_s = (_cpu_ticks(server_pid, server_pid) - cpu_before[0]) / hz  # the main thread runs the event loop
         total_s = (_tree_ticks(server_pid) - cpu_before[1]) / hz  # with the compute processes
-        extra = {"server_cpu_cores_used": round(total_s / elapsed, 2),
-                 "event_loop_cpu_us_per_request": round(loop_s / sent * 1e6),
-                 "other_threads_cpu_us_per_request": round((total_s - loop_s) / sent * 1e6)}
+        extra = {
+            "server_cpu_cores_used": round(total_s / elapsed, 2),
+            "event_loop_cpu_us_per_request": round(loop_s / sent * 1e6),
+            "other_threads_cpu_us_per_request": round((total_s - loop_s) / sent * 1e6),
+        }
     mean_batch = None
     if before is not None:
         after = await _metric_sums(session, url, "soap_batch_size_images")
@@ -253,14 +268,28 @@ async def closed_loop(session, url: str, path: str, payloads: list[bytes], concu
         mean_batch = round((after[0] - before[0]) / batches, 2) if batches else None
     ok = statuses.get("200", 0)
     ok_latencies = latencies  # every request is a single image; report all answered requests
-    return LevelResult(name, concurrency, round(elapsed, 2), sent, ok, statuses, errors, round(ok / elapsed, 1),
-                       round(sent / elapsed, 1), _pct(ok_latencies, 0.5), _pct(ok_latencies, 0.9),
-                       _pct(ok_latencies, 0.99), mean_batch, extra)
+    return LevelResult(
+        name,
+        concurrency,
+        round(elapsed, 2),
+        sent,
+        ok,
+        statuses,
+        errors,
+        round(ok / elapsed, 1),
+        round(sent / elapsed, 1),
+        _pct(ok_latencies, 0.5),
+        _pct(ok_latencies, 0.9),
+        _pct(ok_latencies, 0.99),
+        mean_batch,
+        extra,
+    )
 
 
 @_without_gc_pauses
-async def open_loop(session, url: str, payloads: list[bytes], rate: float, duration: float, max_requests: int,
-                    seed: int = 0) -> LevelResult:
+async def open_loop(
+    session, url: str, payloads: list[bytes], rate: float, duration: float, max_requests: int, seed: int = 0
+) -> LevelResult:
     """Poisson arrivals at `rate` requests/s, whatever the server does: the overload test."""
     rng = random.Random(seed)
     by_status: dict[str, list[float]] = {}
@@ -292,12 +321,27 @@ async def open_loop(session, url: str, payloads: list[bytes], rate: float, durat
     all_lat = [x for v in by_status.values() for x in v]
     shed = by_status.get("503", [])
     return LevelResult(
-        "overload", None, round(elapsed, 2), i, ok, {k: len(v) for k, v in by_status.items()}, errors,
-        round(ok / elapsed, 1), round(i / offered_s, 1), _pct(all_lat, 0.5), _pct(all_lat, 0.9), _pct(all_lat, 0.99),
-        extra={"offered_rate_target": round(rate, 1), "offered_rate_achieved": round(i / offered_s, 1),
-               "answered": sum(len(v) for v in by_status.values()), "unanswered": errors,
-               "p99_ms_200": _pct(by_status.get("200", []), 0.99), "p50_ms_503": _pct(shed, 0.5),
-               "p99_ms_503": _pct(shed, 0.99)},
+        "overload",
+        None,
+        round(elapsed, 2),
+        i,
+        ok,
+        {k: len(v) for k, v in by_status.items()},
+        errors,
+        round(ok / elapsed, 1),
+        round(i / offered_s, 1),
+        _pct(all_lat, 0.5),
+        _pct(all_lat, 0.9),
+        _pct(all_lat, 0.99),
+        extra={
+            "offered_rate_target": round(rate, 1),
+            "offered_rate_achieved": round(i / offered_s, 1),
+            "answered": sum(len(v) for v in by_status.values()),
+            "unanswered": errors,
+            "p99_ms_200": _pct(by_status.get("200", []), 0.99),
+            "p50_ms_503": _pct(shed, 0.5),
+            "p99_ms_503": _pct(shed, 0.99),
+        },
     )
 
 
@@ -329,7 +373,10 @@ def compute_alone(model_dir: Path, threads: int | None, seconds: float = 3.0) ->
             times.append((time.perf_counter() - t) / batch * 1e6)
         return round(sorted(times)[len(times) // 2], 1)
 
-    out = {"torch_threads": torch.get_num_threads(), **{f"us_per_image_batch_{b}": per_image_us(b) for b in (1, 32, 64)}}
+    out = {
+        "torch_threads": torch.get_num_threads(),
+        **{f"us_per_image_batch_{b}": per_image_us(b) for b in (1, 32, 64)},
+    }
     stop = threading.Event()
     spinner = threading.Thread(target=lambda: [None for _ in iter(stop.is_set, True)], daemon=True)
     spinner.start()
@@ -350,11 +397,13 @@ def _payloads(images: Path) -> list[bytes]:
 
 
 def _row(r: LevelResult, batch: int | str) -> str:
-    return (f"| {r.name} | {r.concurrency if r.concurrency is not None else '-'} | {batch} | {r.requests} | "
-            f"{r.throughput_images_s} | {r.p50_ms} | {r.p90_ms} | {r.p99_ms} | "
-            f"{sum(v for k, v in r.status_counts.items() if k != '200') + r.errors} | {r.mean_batch_size or '-'} | "
-            f"{r.extra.get('server_cpu_cores_used', '-')} | {r.extra.get('event_loop_cpu_us_per_request', '-')} | "
-            f"{r.extra.get('other_threads_cpu_us_per_request', '-')} |")
+    return (
+        f"| {r.name} | {r.concurrency if r.concurrency is not None else '-'} | {batch} | {r.requests} | "
+        f"{r.throughput_images_s} | {r.p50_ms} | {r.p90_ms} | {r.p99_ms} | "
+        f"{sum(v for k, v in r.status_counts.items() if k != '200') + r.errors} | {r.mean_batch_size or '-'} | "
+        f"{r.extra.get('server_cpu_cores_used', '-')} | {r.extra.get('event_loop_cpu_us_per_request', '-')} | "
+        f"{r.extra.get('other_threads_cpu_us_per_request', '-')} |"
+    )
 
 
 async def run(args) -> dict:
@@ -366,14 +415,24 @@ async def run(args) -> dict:
     report: dict = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                 "loadavg_before": os.getloadavg()},
+        "host": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "loadavg_before": os.getloadavg(),
+        },
         "model": args.model,
         "request": "POST /classify, one PNG per request (raw body, image/png), real MNIST test digits, mode min-aux",
-        "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "max_requests": args.max_requests,
-                     "max_batch_size": args.max_batch_size, "max_delay_ms": args.max_delay_ms,
-                     "max_queue": args.max_queue, "overload_queue": args.overload_queue,
-                     "torch_threads": args.torch_threads},
+        "settings": {
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "max_requests": args.max_requests,
+            "max_batch_size": args.max_batch_size,
+            "max_delay_ms": args.max_delay_ms,
+            "max_queue": args.max_queue,
+            "overload_queue": args.overload_queue,
+            "torch_threads": args.torch_threads,
+        },
     }
     rows = []
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -381,8 +440,18 @@ async def run(args) -> dict:
         trivial = Server([str(Path(__file__).resolve()), "--serve-trivial"], "/healthz")
         try:
             await trivial.wait_ready(session)
-            ceiling = await closed_loop(session, trivial.url, "/echo", payloads, 64, args.duration, args.max_requests,
-                                        args.warmup, "generator ceiling (trivial endpoint)", trivial.proc.pid)
+            ceiling = await closed_loop(
+                session,
+                trivial.url,
+                "/echo",
+                payloads,
+                64,
+                args.duration,
+                args.max_requests,
+                args.warmup,
+                "generator ceiling (trivial endpoint)",
+                trivial.proc.pid,
+            )
         finally:
             trivial.stop()
         report["generator_ceiling"] = asdict(ceiling)
@@ -390,14 +459,29 @@ async def run(args) -> dict:
         print(rows[-1], flush=True)
 
         # 2. the service at each concurrency
-        server = service_server(args.model, max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
-                                max_queue=args.max_queue, torch_threads=args.torch_threads)
+        server = service_server(
+            args.model,
+            max_batch_size=args.max_batch_size,
+            max_delay_ms=args.max_delay_ms,
+            max_queue=args.max_queue,
+            torch_threads=args.torch_threads,
+        )
         levels = []
         try:
             await server.wait_ready(session)
             for c in args.concurrency:
-                level = await closed_loop(session, server.url, "/classify", payloads, c, args.duration,
-                                          args.max_requests, args.warmup, "service", server.proc.pid)
+                level = await closed_loop(
+                    session,
+                    server.url,
+                    "/classify",
+                    payloads,
+                    c,
+                    args.duration,
+                    args.max_requests,
+                    args.warmup,
+                    "service",
+                    server.proc.pid,
+                )
                 levels.append(level)
                 rows.append(_row(level, args.max_batch_size))
                 print(rows[-1], flush=True)
@@ -407,12 +491,28 @@ async def run(args) -> dict:
 
         async def variant_at_64(name: str, max_batch_size: int, **options) -> LevelResult:
             """The service with other settings, concurrency 64, on a server of its own."""
-            server = service_server(args.model, max_batch_size=max_batch_size, max_delay_ms=args.max_delay_ms,
-                                    max_queue=args.max_queue, torch_threads=args.torch_threads, **options)
+            server = service_server(
+                args.model,
+                max_batch_size=max_batch_size,
+                max_delay_ms=args.max_delay_ms,
+                max_queue=args.max_queue,
+                torch_threads=args.torch_threads,
+                **options,
+            )
             try:
                 await server.wait_ready(session)
-                level = await closed_loop(session, server.url, "/classify", payloads, 64, args.duration,
-                                          args.max_requests, args.warmup, name, server.proc.pid)
+                level = await closed_loop(
+                    session,
+                    server.url,
+                    "/classify",
+                    payloads,
+                    64,
+                    args.duration,
+                    args.max_requests,
+                    args.warmup,
+                    name,
+                    server.proc.pid,
+                )
             finally:
                 server.stop()
             rows.append(_row(level, max_batch_size))
@@ -420,7 +520,11 @@ async def run(args) -> dict:
             return level
 
         def gain_over(other: LevelResult) -> float | None:
-            return round(at64.throughput_images_s / other.throughput_images_s, 2) if at64 and other.throughput_images_s else None
+            return (
+                round(at64.throughput_images_s / other.throughput_images_s, 2)
+                if at64 and other.throughput_images_s
+                else None
+            )
 
         at64 = next((x for x in levels if x.concurrency == 64), None)
         # 3. no batching, concurrency 64
@@ -434,19 +538,29 @@ async def run(args) -> dict:
 
         # 4. overload
         capacity = at64.throughput_images_s if at64 else 100.0
-        server = service_server(args.model, max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
-                                max_queue=args.overload_queue, torch_threads=args.torch_threads)
+        server = service_server(
+            args.model,
+            max_batch_size=args.max_batch_size,
+            max_delay_ms=args.max_delay_ms,
+            max_queue=args.overload_queue,
+            torch_threads=args.torch_threads,
+        )
         try:
             await server.wait_ready(session)
             over = await open_loop(session, server.url, payloads, 4 * capacity, args.duration, args.max_requests * 4)
-            after = await closed_loop(session, server.url, "/classify", payloads, 8, 2.0, 10_000, 0.2,
-                                      "after overload")
+            after = await closed_loop(session, server.url, "/classify", payloads, 8, 2.0, 10_000, 0.2, "after overload")
             async with session.get(server.url + "/readyz") as r:
                 ready_after = r.status
         finally:
             server.stop()
-        over.extra.update({"queue": args.overload_queue, "after_ok": after.ok, "after_errors":
-                           after.requests - after.ok + after.errors, "readyz_after": ready_after})
+        over.extra.update(
+            {
+                "queue": args.overload_queue,
+                "after_ok": after.ok,
+                "after_errors": after.requests - after.ok + after.errors,
+                "readyz_after": ready_after,
+            }
+        )
         rows.append(_row(over, args.max_batch_size))
         print(rows[-1], flush=True)
         report["overload"] = asdict(over)
@@ -464,9 +578,11 @@ async def run(args) -> dict:
         "overload_p99_503_le_50ms": over.extra["p99_ms_503"] is None or over.extra["p99_ms_503"] <= 50,
         "serves_after_overload": over.extra["after_errors"] == 0 and ready_after == 200,
     }
-    header = ("| run | concurrency | max batch | requests | images/s | p50 ms | p90 ms | p99 ms | non-200 | mean batch "
-              "| server CPU cores | loop CPU µs/req | compute CPU µs/req |\n"
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    header = (
+        "| run | concurrency | max batch | requests | images/s | p50 ms | p90 ms | p99 ms | non-200 | mean batch "
+        "| server CPU cores | loop CPU µs/req | compute CPU µs/req |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
     report["table_markdown"] = "\n".join([header, *rows])
     return report
 

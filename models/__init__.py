@@ -10,7 +10,23 @@ from .registry import ModelSpec, create_model, get_spec, list_models, register_m
 from .tasks import aux_loss, training_losses
 
 __all__ = [
-    "CheckpointError", "CheckpointMeta", "LoadedModel", "load_checkpoint", "save_checkpoint",
-    "SoapNetwork", "MODES", "PurifierConfig", "PurifyResult", "oracle_select", "purify", "purify_naive",
-    "ModelSpec", "create_model", "get_spec", "list_models", "register_model", "aux_loss", "training_losses",
+    "CheckpointError",
+    "CheckpointMeta",
+    "LoadedModel",
+    "load_checkpoint",
+    "save_checkpoint",
+    "SoapNetwork",
+    "MODES",
+    "PurifierConfig",
+    "PurifyResult",
+    "oracle_select",
+    "purify",
+    "purify_naive",
+    "ModelSpec",
+    "create_model",
+    "get_spec",
+    "list_models",
+    "register_model",
+    "aux_loss",
+    "training_losses",
 ]

@@ -46,7 +46,12 @@ class PurifierSettings(BaseModel):
 
     @classmethod
     def of(cls, config: PurifierConfig) -> PurifierSettings:
-        return cls(step_size=config.step_size, steps=config.steps, budget_step=config.budget_step, num_budgets=config.num_budgets)
+        return cls(
+            step_size=config.step_size,
+            steps=config.steps,
+            budget_step=config.budget_step,
+            num_budgets=config.num_budgets,
+        )
 
 
 class Calibration(BaseModel):
@@ -153,7 +158,9 @@ def read_meta(path: str | Path) -> CheckpointMeta:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise CheckpointError(f"{directory / META_FILE} has invalid metadata: {problems}") from None
     if meta.format_version != FORMAT_VERSION:
-        raise CheckpointError(f"{directory} has format version {meta.format_version}; this build reads {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{directory} has format version {meta.format_version}; this build reads {FORMAT_VERSION}"
+        )
     return meta
 
 
@@ -172,7 +179,9 @@ def build_network(meta: CheckpointMeta) -> SoapNetwork:
     except KeyError as exc:
         raise CheckpointError(str(exc.args[0])) from None
     if meta.aux_task != spec.aux_task:
-        raise CheckpointError(f"metadata says task {meta.aux_task!r} but network {meta.network!r} uses {spec.aux_task!r}")
+        raise CheckpointError(
+            f"metadata says task {meta.aux_task!r} but network {meta.network!r} uses {spec.aux_task!r}"
+        )
     try:
         return create_model(
             meta.network,
@@ -197,7 +206,11 @@ def check_state_dict(network: SoapNetwork, tensors: dict[str, torch.Tensor], sou
         if extra:
             parts.append(f"unexpected tensors {extra[:8]}{' ...' if len(extra) > 8 else ''}")
         raise CheckpointError(f"{source} does not match the network: {'; '.join(parts)}")
-    wrong = [f"{k}: file {tuple(tensors[k].shape)} vs network {tuple(v.shape)}" for k, v in expected.items() if tensors[k].shape != v.shape]
+    wrong = [
+        f"{k}: file {tuple(tensors[k].shape)} vs network {tuple(v.shape)}"
+        for k, v in expected.items()
+        if tensors[k].shape != v.shape
+    ]
     if wrong:
         raise CheckpointError(f"{source} has tensors of the wrong shape: {'; '.join(wrong[:8])}")
 
@@ -208,7 +221,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify
     meta = read_meta(directory)
     weights = directory / WEIGHTS_FILE
     if verify_hash and meta.weights_sha256 and _sha256(weights) != meta.weights_sha256:
-        raise CheckpointError(f"{weights} does not match the sha256 recorded in {META_FILE}: the weights were changed or damaged")
+        raise CheckpointError(
+            f"{weights} does not match the sha256 recorded in {META_FILE}: the weights were changed or damaged"
+        )
     tensors = _read_tensors(weights)
     classifier = tensors.get("classifier.weight")
     if classifier is not None and classifier.ndim == 2 and classifier.shape[0] != len(meta.class_names):

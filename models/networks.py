@@ -94,14 +94,22 @@ def cnn_dr(num_classes: int, input_shape: Sequence[int], mean, std) -> SoapNetwo
     h4, w4 = h // 4, w // 4
     flat = 64 * h4 * w4
     encoder = nn.Sequential(
-        nn.Conv2d(c, 32, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(flat, 1024), nn.ReLU(),
+        nn.Conv2d(c, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(flat, 1024),
+        nn.ReLU(),
     )
     decoder = nn.Sequential(
-        nn.Linear(1024, flat), nn.ReLU(), _Reshape(64, h4, w4),
-        nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
-        nn.ConvTranspose2d(32, c, 3, stride=2, padding=1, output_padding=1), nn.Sigmoid(),
+        nn.Linear(1024, flat),
+        nn.ReLU(),
+        _Reshape(64, h4, w4),
+        nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(32, c, 3, stride=2, padding=1, output_padding=1),
+        nn.Sigmoid(),
     )
     return SoapNetwork(encoder, nn.Linear(1024, num_classes), decoder, "reconstruction", input_shape, mean, std)
 
@@ -196,9 +204,13 @@ def _rotation_head(features: int) -> nn.Module:
 
 def resnet18_thin(num_classes: int, input_shape: Sequence[int], mean, std, aux_task: str) -> SoapNetwork:
     head = _rotation_head(64) if aux_task == "rotation" else None
-    return SoapNetwork(ThinResNetEncoder(input_shape[0]), nn.Linear(64, num_classes), head, aux_task, input_shape, mean, std)
+    return SoapNetwork(
+        ThinResNetEncoder(input_shape[0]), nn.Linear(64, num_classes), head, aux_task, input_shape, mean, std
+    )
 
 
 def wrn28_10(num_classes: int, input_shape: Sequence[int], mean, std, aux_task: str) -> SoapNetwork:
     head = _rotation_head(640) if aux_task == "rotation" else None
-    return SoapNetwork(WideResNetEncoder(input_shape[0]), nn.Linear(640, num_classes), head, aux_task, input_shape, mean, std)
+    return SoapNetwork(
+        WideResNetEncoder(input_shape[0]), nn.Linear(640, num_classes), head, aux_task, input_shape, mean, std
+    )

@@ -61,7 +61,9 @@ class PurifyResult:
 
 def _require_autograd() -> None:
     if torch.is_inference_mode_enabled():
-        raise RuntimeError("purification needs input gradients: call it outside torch.inference_mode() (torch.no_grad() is fine)")
+        raise RuntimeError(
+            "purification needs input gradients: call it outside torch.inference_mode() (torch.no_grad() is fine)"
+        )
 
 
 def _aux_gradient(model: SoapNetwork, x: torch.Tensor) -> torch.Tensor:

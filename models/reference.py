@@ -19,7 +19,10 @@ from .registry import create_model
 def convert_reference_state_dict(state: dict[str, torch.Tensor], network: str = "cifar10-resnet18-lc") -> SoapNetwork:
     """Our network holding the reference weights: `linear.*` becomes the classifier, the rest the encoder."""
     model = create_model(network)
-    renamed = {(f"classifier.{k[len('linear.'):]}" if k.startswith("linear.") else f"encoder.{k}"): v for k, v in state.items()}
+    renamed = {
+        (f"classifier.{k[len('linear.') :]}" if k.startswith("linear.") else f"encoder.{k}"): v
+        for k, v in state.items()
+    }
     renamed["mean"], renamed["std"] = model.mean.clone(), model.std.clone()
     check_state_dict(model, renamed, "reference state dict")
     model.load_state_dict(renamed)

@@ -79,17 +79,39 @@ def create_model(
 
 def _register_defaults() -> None:
     for arch, builder in (("fcn-dr", fcn_dr), ("cnn-dr", cnn_dr)):
-        register_model(ModelSpec(
-            f"mnist-{arch}", builder, "mnist", 10, (1, 28, 28), MNIST_MEAN, MNIST_STD, "reconstruction", MNIST_PURIFIER,
-        ))
-    for dataset, classes, mean, std in (("cifar10", 10, CIFAR10_MEAN, CIFAR10_STD), ("cifar100", 100, CIFAR100_MEAN, CIFAR100_STD)):
+        register_model(
+            ModelSpec(
+                f"mnist-{arch}",
+                builder,
+                "mnist",
+                10,
+                (1, 28, 28),
+                MNIST_MEAN,
+                MNIST_STD,
+                "reconstruction",
+                MNIST_PURIFIER,
+            )
+        )
+    for dataset, classes, mean, std in (
+        ("cifar10", 10, CIFAR10_MEAN, CIFAR10_STD),
+        ("cifar100", 100, CIFAR100_MEAN, CIFAR100_STD),
+    ):
         for arch, builder in (("resnet18", resnet18_thin), ("wrn28", wrn28_10)):
             for suffix, task in (("rp", "rotation"), ("lc", "label_consistency")):
-                register_model(ModelSpec(
-                    f"{dataset}-{arch}-{suffix}", builder, dataset, classes, (3, 32, 32), mean, std, task,
-                    CIFAR_PURIFIER, {"aux_task": task},
-                ))
+                register_model(
+                    ModelSpec(
+                        f"{dataset}-{arch}-{suffix}",
+                        builder,
+                        dataset,
+                        classes,
+                        (3, 32, 32),
+                        mean,
+                        std,
+                        task,
+                        CIFAR_PURIFIER,
+                        {"aux_task": task},
+                    )
+                )
 
 
 _register_defaults()
-

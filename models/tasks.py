@@ -38,7 +38,10 @@ def _noisy(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- data reconstruction
 
-def reconstruction_training(model: SoapNetwork, x: torch.Tensor, y: torch.Tensor, noise_std: float = 0.5) -> TrainingLosses:
+
+def reconstruction_training(
+    model: SoapNetwork, x: torch.Tensor, y: torch.Tensor, noise_std: float = 0.5
+) -> TrainingLosses:
     z = model.encode(_noisy(x, noise_std))
     logits = model.classify(z)
     recon = model.auxiliary(z)
@@ -52,6 +55,7 @@ def reconstruction_loss(model: SoapNetwork, x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- rotation prediction
+
 
 def _all_rotations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The 4B batch [rot0(x); rot1(x); rot2(x); rot3(x)] and its rotation labels."""
@@ -81,6 +85,7 @@ def rotation_loss(model: SoapNetwork, x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- label consistency
 
+
 def deterministic_view(x: torch.Tensor) -> torch.Tensor:
     """The test-time second view: horizontal flip, crop [2:30, 2:30] (for 32 px), nearest resize back."""
     h, w = x.shape[-2:]
@@ -108,7 +113,9 @@ def random_view(x: torch.Tensor, noise_std: float = 0.1, min_scale: float = 0.75
     return _noisy(view, noise_std)
 
 
-def label_consistency_training(model: SoapNetwork, x: torch.Tensor, y: torch.Tensor, noise_std: float = 0.1) -> TrainingLosses:
+def label_consistency_training(
+    model: SoapNetwork, x: torch.Tensor, y: torch.Tensor, noise_std: float = 0.1
+) -> TrainingLosses:
     """Paper version: two independent random views with zero-mean noise; CE on both; squared logit distance."""
     b = x.shape[0]
     views = torch.cat([random_view(x, noise_std), random_view(x, noise_std)])

@@ -54,8 +54,13 @@ class DrainingServer(uvicorn.Server):
 def serve(app) -> None:
     settings: ServiceSettings = app.state.settings
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=settings.access_log,
-        timeout_graceful_shutdown=settings.graceful_timeout_s, lifespan="on",
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=settings.graceful_timeout_s,
+        lifespan="on",
     )
     DrainingServer(config, app.state.runtime, settings.shutdown_delay_s).run()
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import orjson
 import logging
 import random
 import re
@@ -20,6 +19,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import anyio
+import orjson
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -34,8 +34,17 @@ from .errors import ServiceError, error_response, install_error_handlers
 from .ingest import ACCEPTED_TYPES, check_media_type, media_type, parse_upload, read_body
 from .predict import PurifyRequest
 from .runtime import ModelRuntime, ServiceRuntime
-from .schemas import (BatchingInfo, ClassifyJSON, ClassifyOptions, ClassifyResponse, ErrorResponse, Health,
-                      ModelInfo, ModelList, PurifierInfo)
+from .schemas import (
+    BatchingInfo,
+    ClassifyJSON,
+    ClassifyOptions,
+    ClassifyResponse,
+    ErrorResponse,
+    Health,
+    ModelInfo,
+    ModelList,
+    PurifierInfo,
+)
 
 log = logging.getLogger("service.app")
 
@@ -88,9 +97,12 @@ class RequestContext:
                 response = error_response(500, "internal_error", f"unexpected server error; request id {request_id}")
                 await response(scope, receive, send_with_id)
         finally:
-            route = getattr(scope.get("route"), "path", None) or ("/classify" if scope["path"] == "/classify" else "unmatched")
+            route = getattr(scope.get("route"), "path", None) or (
+                "/classify" if scope["path"] == "/classify" else "unmatched"
+            )
             self.runtime.metrics.request_duration.labels(scope.get("soap.model", ""), route, str(status)).observe(
-                time.perf_counter() - start)
+                time.perf_counter() - start
+            )
 
     def _shed(self, scope) -> Response | None:
         """A 503 for POST /classify when the service drains or the target model's queue is full; else None."""
@@ -157,12 +169,16 @@ def _options(raw: dict[str, Any], query_model: str | None) -> ClassifyOptions:
 def _check_for_model(options: ClassifyOptions, model: ModelRuntime) -> None:
     max_budget = model.loaded.purifier.max_budget
     if options.epsilon is not None and options.epsilon > max_budget + 1e-9:
-        raise ServiceError(422, "bad_options", f"epsilon {options.epsilon} exceeds model {model.name}'s largest budget "
-                           f"{max_budget:g}", reason="bad_options", model=model.name)
+        raise ServiceError(
+            422,
+            "bad_options",
+            f"epsilon {options.epsilon} exceeds model {model.name}'s largest budget {max_budget:g}",
+            reason="bad_options",
+            model=model.name,
+        )
 
 
-async def _decode_all(payloads: list[bytes], model: ModelRuntime, limits: DecodeLimits,
-                      limiter: anyio.CapacityLimiter):
+async def _decode_all(payloads: list[bytes], model: ModelRuntime, limits: DecodeLimits, limiter: anyio.CapacityLimiter):
     images = []
     for index, data in enumerate(payloads):
         try:
@@ -170,8 +186,7 @@ async def _decode_all(payloads: list[bytes], model: ModelRuntime, limits: Decode
             if source.width * source.height <= _INLINE_DECODE_PIXELS:
                 images.append(decode_opened(source, model.input_shape))
             else:
-                images.append(await anyio.to_thread.run_sync(decode_opened, source, model.input_shape,
-                                                             limiter=limiter))
+                images.append(await anyio.to_thread.run_sync(decode_opened, source, model.input_shape, limiter=limiter))
         except ImageRejected as exc:
             where = f"image {index}: " if len(payloads) > 1 else ""
             raise ServiceError(exc.status, exc.error, where + exc.detail, reason=exc.error, model=model.name) from None
@@ -195,12 +210,17 @@ async def _await_result(request: Request, model: ModelRuntime, item: WorkItem) -
     try:
         return await item.future
     except DeadlineExceeded:
-        raise ServiceError(504, "deadline_exceeded", "the request waited longer than "
-                           f"{request.app.state.settings.request_timeout_s:g} s for compute to start",
-                           reason="deadline", model=model.name) from None
+        raise ServiceError(
+            504,
+            "deadline_exceeded",
+            f"the request waited longer than {request.app.state.settings.request_timeout_s:g} s for compute to start",
+            reason="deadline",
+            model=model.name,
+        ) from None
     except ClientGone:
-        raise ServiceError(499, "client_gone", "the client went away before compute started",
-                           reason="client_gone", model=model.name) from None
+        raise ServiceError(
+            499, "client_gone", "the client went away before compute started", reason="client_gone", model=model.name
+        ) from None
     except asyncio.CancelledError:  # the server cancelled the handler: do not compute for nobody
         batcher.cancel(item)
         raise
@@ -219,44 +239,63 @@ def _results(model: ModelRuntime, result: ItemResult, options: ClassifyOptions) 
     for j, (probs, labels, eps, after, before) in enumerate(
         zip(top_p.tolist(), top_i.tolist(), p.epsilon.tolist(), p.aux_after.tolist(), p.aux_before.tolist())
     ):
-        rows.append({
-            "label": labels[0],
-            "class_name": names[labels[0]],
-            "confidence": probs[0],
-            "top_k": [{"label": c, "class_name": names[c], "probability": q} for c, q in zip(labels, probs)],
-            "epsilon": round(eps, 7),  # float32 of a grid value: 0.05 rather than 0.05000000074505806
-            "aux_loss": after,
-            "aux_loss_before": before,
-            "suspicious": before > threshold,
-            "purified_png": base64.b64encode(encode_png(p.purified[j])).decode() if options.return_purified else None,
-            "aux_curve": p.curve[j].tolist() if options.return_curve else None,
-        })
+        rows.append(
+            {
+                "label": labels[0],
+                "class_name": names[labels[0]],
+                "confidence": probs[0],
+                "top_k": [{"label": c, "class_name": names[c], "probability": q} for c, q in zip(labels, probs)],
+                "epsilon": round(eps, 7),  # float32 of a grid value: 0.05 rather than 0.05000000074505806
+                "aux_loss": after,
+                "aux_loss_before": before,
+                "suspicious": before > threshold,
+                "purified_png": base64.b64encode(encode_png(p.purified[j])).decode()
+                if options.return_purified
+                else None,
+                "aux_curve": p.curve[j].tolist() if options.return_curve else None,
+            }
+        )
     return rows
 
 
 def _queue_full(model: ModelRuntime, retry_after_s: int) -> ServiceError:
-    return ServiceError(503, "queue_full", f"model {model.name} has {model.batcher.depth} images queued (limit "
-                        f"{model.batcher.max_queue}); retry later", reason="queue_full", model=model.name,
-                        headers={"Retry-After": str(retry_after_s)})
+    return ServiceError(
+        503,
+        "queue_full",
+        f"model {model.name} has {model.batcher.depth} images queued (limit {model.batcher.max_queue}); retry later",
+        reason="queue_full",
+        model=model.name,
+        headers={"Retry-After": str(retry_after_s)},
+    )
 
 
 def _shutting_down() -> ServiceError:
-    return ServiceError(503, "shutting_down", "the service is shutting down; retry on another replica",
-                        headers={"Retry-After": "1"})
+    return ServiceError(
+        503, "shutting_down", "the service is shutting down; retry on another replica", headers={"Retry-After": "1"}
+    )
 
 
 _OPTION_SCHEMAS = ClassifyOptions.model_json_schema()["properties"]
 _CLASSIFY_OPENAPI = {
     "parameters": [
-        {"name": name, "in": "query", "required": False, "description": field.description,
-         "schema": {k: v for k, v in _OPTION_SCHEMAS[name].items() if k != "description"}}
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": field.description,
+            "schema": {k: v for k, v in _OPTION_SCHEMAS[name].items() if k != "description"},
+        }
         for name, field in ClassifyOptions.model_fields.items()
     ],
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
             "application/json": {"schema": ClassifyJSON.model_json_schema()},
         },
@@ -264,11 +303,16 @@ _CLASSIFY_OPENAPI = {
 }
 
 _ERRORS = {
-    status: {"model": ErrorResponse, "description": text} for status, text in {
-        401: "missing or wrong API key", 404: "unknown model", 408: "the body did not arrive in time",
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        401: "missing or wrong API key",
+        404: "unknown model",
+        408: "the body did not arrive in time",
         413: "body or image count over the limit",
-        415: f"Content-Type is not {ACCEPTED_TYPES}", 422: "bad image or bad options",
-        500: "the batch holding this request failed", 503: "queue full (see Retry-After) or shutting down",
+        415: f"Content-Type is not {ACCEPTED_TYPES}",
+        422: "bad image or bad options",
+        500: "the batch holding this request failed",
+        503: "queue full (see Retry-After) or shutting down",
         504: "compute did not start before the request's deadline",
     }.items()
 }
@@ -280,8 +324,13 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
     decode_limiter = anyio.CapacityLimiter(_DECODE_THREADS)
     protected = [Depends(require_api_key)]
 
-    @app.post("/classify", response_model=ClassifyResponse, responses=_ERRORS, openapi_extra=_CLASSIFY_OPENAPI,
-              summary="Purify each image with SOAP, then classify it")
+    @app.post(
+        "/classify",
+        response_model=ClassifyResponse,
+        responses=_ERRORS,
+        openapi_extra=_CLASSIFY_OPENAPI,
+        summary="Purify each image with SOAP, then classify it",
+    )
     async def classify(request: Request) -> Response:
         started = time.perf_counter()
         await require_api_key(request)  # called directly: FastAPI's dependency machinery costs more per request
@@ -299,15 +348,21 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         images = await _decode_all(upload.payloads, model, limits, decode_limiter)
         batch = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
         try:
-            item = model.batcher.submit(batch, PurifyRequest(options.mode, options.epsilon),
-                                        time.monotonic() + settings.request_timeout_s)
+            item = model.batcher.submit(
+                batch, PurifyRequest(options.mode, options.epsilon), time.monotonic() + settings.request_timeout_s
+            )
         except QueueFull as exc:
             raise _queue_full(model, exc.retry_after_s) from None
         except ShuttingDown:
             if runtime.draining:
                 raise _shutting_down() from None
-            raise ServiceError(503, "model_unavailable", f"model {model.name} is not serving (see the server log)",
-                               model=model.name, headers={"Retry-After": "5"}) from None
+            raise ServiceError(
+                503,
+                "model_unavailable",
+                f"model {model.name} is not serving (see the server log)",
+                model=model.name,
+                headers={"Retry-After": "5"},
+            ) from None
         try:
             result = await _await_result(request, model, item)
         except BatchFailed as exc:  # this batch only; the message names the exception type, no internals
@@ -316,8 +371,11 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
             "request_id": request.scope["soap.request_id"],
             "model": model.name,
             "results": _results(model, result, options),
-            "timing_ms": {"queue": result.queue_s * 1000, "compute": result.compute_s * 1000,
-                          "total": (time.perf_counter() - started) * 1000},
+            "timing_ms": {
+                "queue": result.queue_s * 1000,
+                "compute": result.compute_s * 1000,
+                "total": (time.perf_counter() - started) * 1000,
+            },
         }
         return Response(orjson.dumps(body_out), media_type="application/json")
 
@@ -325,8 +383,13 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
     async def list_models() -> ModelList:
         return ModelList(default=runtime.default, models=[_model_info(runtime, m) for m in runtime.models.values()])
 
-    @app.get("/v1/models/{name}", response_model=ModelInfo, responses={404: {"model": ErrorResponse}},
-             dependencies=protected, summary="One model: classes, input shape, task, purifier, calibration, metrics")
+    @app.get(
+        "/v1/models/{name}",
+        response_model=ModelInfo,
+        responses={404: {"model": ErrorResponse}},
+        dependencies=protected,
+        summary="One model: classes, input shape, task, purifier, calibration, metrics",
+    )
     async def model_info(name: str) -> ModelInfo:
         return _model_info(runtime, runtime.get(name))
 
@@ -334,8 +397,12 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
     async def healthz() -> Health:
         return Health(status="ok")
 
-    @app.get("/readyz", response_model=Health, responses={503: {"model": ErrorResponse}},
-             summary="Readiness: models loaded and warmed up, not shutting down")
+    @app.get(
+        "/readyz",
+        response_model=Health,
+        responses={503: {"model": ErrorResponse}},
+        summary="Readiness: models loaded and warmed up, not shutting down",
+    )
     async def readyz() -> Response:
         if runtime.ready:
             return JSONResponse({"status": "ready", "detail": None})
@@ -344,8 +411,13 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
 
     metrics_deps = protected if settings.protect_metrics else []
 
-    @app.get("/metrics", dependencies=metrics_deps, summary="Prometheus metrics",
-             response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+    @app.get(
+        "/metrics",
+        dependencies=metrics_deps,
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+    )
     async def metrics() -> Response:
         return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -358,13 +430,31 @@ def _model_info(runtime: ServiceRuntime, model: ModelRuntime) -> ModelInfo:
         calibration = {**meta.calibration.model_dump(), "suspicious_threshold": meta.calibration.suspicious_threshold}
     s = runtime.settings
     return ModelInfo(
-        name=model.name, default=model.name == runtime.default, network=meta.network, dataset=meta.dataset,
-        aux_task=meta.aux_task, num_classes=len(meta.class_names), class_names=meta.class_names,
-        input_shape=list(meta.input_shape), device=str(model.device), ready=model.ready,
-        purifier=PurifierInfo(step_size=purifier.step_size, steps=purifier.steps, budget_step=purifier.budget_step,
-                              num_budgets=purifier.num_budgets, budgets=purifier.budgets(),
-                              max_budget=purifier.max_budget),
-        calibration=calibration, metrics=meta.metrics, training=meta.training,
-        batching=BatchingInfo(max_batch_size=s.max_batch_size, max_delay_ms=s.max_delay_ms, max_queue=s.max_queue,
-                              queue_depth=model.batcher.depth),
+        name=model.name,
+        default=model.name == runtime.default,
+        network=meta.network,
+        dataset=meta.dataset,
+        aux_task=meta.aux_task,
+        num_classes=len(meta.class_names),
+        class_names=meta.class_names,
+        input_shape=list(meta.input_shape),
+        device=str(model.device),
+        ready=model.ready,
+        purifier=PurifierInfo(
+            step_size=purifier.step_size,
+            steps=purifier.steps,
+            budget_step=purifier.budget_step,
+            num_budgets=purifier.num_budgets,
+            budgets=purifier.budgets(),
+            max_budget=purifier.max_budget,
+        ),
+        calibration=calibration,
+        metrics=meta.metrics,
+        training=meta.training,
+        batching=BatchingInfo(
+            max_batch_size=s.max_batch_size,
+            max_delay_ms=s.max_delay_ms,
+            max_queue=s.max_queue,
+            queue_depth=model.batcher.depth,
+        ),
     )

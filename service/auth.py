@@ -29,7 +29,10 @@ async def require_api_key(request: Request) -> None:
     given = presented_key(request)
     if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
         raise ServiceError(
-            401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-            reason="unauthorized", model=request.query_params.get("model"),
+            401,
+            "unauthorized",
+            "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            reason="unauthorized",
+            model=request.query_params.get("model"),
             headers={"WWW-Authenticate": "Bearer"},
         )

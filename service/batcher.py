@@ -173,7 +173,8 @@ class Batcher:
         if self._queue:
             earliest = min(item.deadline for item in self._queue)
             self._deadline_timer = asyncio.get_running_loop().call_later(
-                max(0.0, earliest - time.monotonic()), self._expire_deadlines)
+                max(0.0, earliest - time.monotonic()), self._expire_deadlines
+            )
 
     def _expire_deadlines(self) -> None:
         self._deadline_timer = None
@@ -260,8 +261,12 @@ class Batcher:
                 continue
             head = self._queue[0]
             due = head.enqueued_at + self.max_delay_s
-            while (not self._closing and not self._draining and head.state == "queued"
-                   and self._pending[head.request] < self.max_batch_size):
+            while (
+                not self._closing
+                and not self._draining
+                and head.state == "queued"
+                and self._pending[head.request] < self.max_batch_size
+            ):
                 remaining = due - time.monotonic()
                 if remaining <= 0:
                     break
@@ -300,10 +305,14 @@ class Batcher:
         images = batch[0].images if len(batch) == 1 else torch.cat([it.images for it in batch])
         waits = [started - it.enqueued_at for it in batch]
         try:
-            predictions = await asyncio.get_running_loop().run_in_executor(self._executor, self._compute, images, request)
+            predictions = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._compute, images, request
+            )
         except Exception as exc:  # noqa: BLE001 - isolate: fail this batch only, keep the worker alive
             log.exception("batch of %d images on model %s failed", images.shape[0], self.name)
-            error = BatchFailed(f"the batch holding this request failed ({type(exc).__name__}); other requests are unaffected")
+            error = BatchFailed(
+                f"the batch holding this request failed ({type(exc).__name__}); other requests are unaffected"
+            )
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(error)
@@ -311,7 +320,9 @@ class Batcher:
             return
         compute_s = time.monotonic() - started
         n = images.shape[0]
-        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * (compute_s / n) if self._seconds_per_image else compute_s / n
+        self._seconds_per_image = (
+            0.8 * self._seconds_per_image + 0.2 * (compute_s / n) if self._seconds_per_image else compute_s / n
+        )
         self._on_batch(BatchStats(n, compute_s, waits, predictions, request))
         offset = 0
         for item, wait in zip(batch, waits):

@@ -60,7 +60,9 @@ class ComputeProcess:
         except (EOFError, OSError):
             parent.close()  # a restart loop must not leak the pipe's descriptors
             proc.join(5)
-            raise ComputeProcessError(f"the compute process exited while starting (exit code {proc.exitcode})") from None
+            raise ComputeProcessError(
+                f"the compute process exited while starting (exit code {proc.exitcode})"
+            ) from None
         if status != "ready":
             parent.close()
             proc.join(5)

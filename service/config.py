@@ -33,15 +33,28 @@ class ServiceSettings(BaseModel):
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest request body (413 beyond)")
     body_timeout_s: float = Field(30.0, gt=0, description="longest time a request body may take to arrive (408 beyond)")
     max_images_per_request: int = Field(64, ge=1, description="most images in one request (413 beyond)")
-    max_image_pixels: int = Field(4096 * 4096, ge=1, description="most pixels in one decoded image (decompression-bomb guard)")
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="most pixels in one decoded image (decompression-bomb guard)"
+    )
     max_image_side: int = Field(8192, ge=1, description="longest accepted image side in pixels")
-    api_key_env: str | None = Field(None, description="name of the environment variable holding the API key (off when unset)")
+    api_key_env: str | None = Field(
+        None, description="name of the environment variable holding the API key (off when unset)"
+    )
     protect_metrics: bool = Field(False, description="require the API key on /metrics too")
     enable_attack: bool = Field(False, description="enable the demo attack endpoint POST /v1/attack")
-    shutdown_delay_s: float = Field(0.0, ge=0, description="on SIGTERM, report not-ready this long before closing the listener")
-    graceful_timeout_s: float = Field(30.0, gt=0, description="on SIGTERM, longest wait for accepted requests to finish")
-    compute_process: bool = Field(True, description="run each model's purification in a child process, which shares no GIL with the event loop (--no-compute-process: a thread)")
-    torch_threads: int | None = Field(None, ge=1, description="CPU threads torch may use (default: all cores but one, left to the event loop)")
+    shutdown_delay_s: float = Field(
+        0.0, ge=0, description="on SIGTERM, report not-ready this long before closing the listener"
+    )
+    graceful_timeout_s: float = Field(
+        30.0, gt=0, description="on SIGTERM, longest wait for accepted requests to finish"
+    )
+    compute_process: bool = Field(
+        True,
+        description="run each model's purification in a child process, which shares no GIL with the event loop (--no-compute-process: a thread)",
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads torch may use (default: all cores but one, left to the event loop)"
+    )
     access_log: bool = Field(False, description="log every request (off: the metrics cover it, and it costs CPU)")
     log_level: str = Field("info", description="uvicorn log level")
 
@@ -82,7 +95,9 @@ class ServiceSettings(BaseModel):
             return None
         key = os.environ.get(self.api_key_env, "")
         if not key:
-            raise ValueError(f"--api-key-env names {self.api_key_env!r}, but that environment variable is empty or unset")
+            raise ValueError(
+                f"--api-key-env names {self.api_key_env!r}, but that environment variable is empty or unset"
+            )
         return key
 
 
@@ -100,13 +115,19 @@ def _parser() -> argparse.ArgumentParser:
         epilog=f"Every option can also be set with an environment variable {ENV_PREFIX}<OPTION> "
         f"(e.g. {ENV_PREFIX}MAX_BATCH_SIZE); --model maps to {ENV_PREFIX}MODELS, comma-separated.",
     )
-    parser.add_argument("--model", dest="models", action="append", metavar="PATH",
-                        help="checkpoint folder (repeatable; the first is the default model; name = folder name)")
+    parser.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        metavar="PATH",
+        help="checkpoint folder (repeatable; the first is the default model; name = folder name)",
+    )
     for name, flag in _FLAGS.items():
         field = ServiceSettings.model_fields[name]
         if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                                help=field.description)
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=field.description
+            )
         else:
             parser.add_argument(flag, dest=name, default=None, help=f"{field.description} (default {field.default})")
     return parser

@@ -118,7 +118,9 @@ def _resize(image: Image.Image, height: int, width: int) -> Image.Image:
     return image.resize((width, height), Image.Resampling.BILINEAR)
 
 
-def decode_image(data: bytes, input_shape: tuple[int, int, int] | list[int], limits: DecodeLimits = DecodeLimits()) -> torch.Tensor:
+def decode_image(
+    data: bytes, input_shape: tuple[int, int, int] | list[int], limits: DecodeLimits = DecodeLimits()
+) -> torch.Tensor:
     """Bytes of one uploaded file -> float32 tensor [C, H, W] in [0, 1]. Raises ImageRejected."""
     return decode_opened(open_image(data, limits), input_shape)
 

@@ -87,7 +87,7 @@ class AttackInfo(BaseModel):
 
 @dataclass
 class Adversarial:
-    image: torch.Tensor      # [C, H, W] on the CPU, 8-bit values (what the PNG holds)
+    image: torch.Tensor  # [C, H, W] on the CPU, 8-bit values (what the PNG holds)
     clean_label: int
     adversarial_label: int
     linf: float
@@ -156,7 +156,10 @@ def register_demo(app: FastAPI) -> None:
     one_at_a_time = asyncio.Lock()
 
     @app.post(
-        "/v1/attack", response_model=AttackResponse, dependencies=[Depends(require_api_key)], tags=["demo"],
+        "/v1/attack",
+        response_model=AttackResponse,
+        dependencies=[Depends(require_api_key)],
+        tags=["demo"],
         responses={403: {"description": "the attack endpoint is off (start with --enable-attack)"}},
     )
     async def attack(request: Request) -> AttackResponse:
@@ -168,14 +171,22 @@ def register_demo(app: FastAPI) -> None:
         runtime = request.app.state.runtime
         query_model = request.query_params.get("model")
         if not runtime.settings.enable_attack:
-            raise ServiceError(403, "attack_disabled",
-                               "the demo attack endpoint is off; start the service with --enable-attack "
-                               "(or SOAP_ENABLE_ATTACK=1) to use it")
+            raise ServiceError(
+                403,
+                "attack_disabled",
+                "the demo attack endpoint is off; start the service with --enable-attack "
+                "(or SOAP_ENABLE_ATTACK=1) to use it",
+            )
         kind = media_type(request)
         if kind != "multipart/form-data" and not kind.startswith("image/"):
-            raise ServiceError(415, "unsupported_media_type",
-                               f"Content-Type {kind or 'none'} is not accepted; send multipart/form-data (one 'file' "
-                               "part) or a raw image/*", reason="unsupported_media_type", model=query_model)
+            raise ServiceError(
+                415,
+                "unsupported_media_type",
+                f"Content-Type {kind or 'none'} is not accepted; send multipart/form-data (one 'file' "
+                "part) or a raw image/*",
+                reason="unsupported_media_type",
+                model=query_model,
+            )
         limit = _byte_limit(runtime)
         body = await read_body(request, limit, query_model, runtime.settings.body_timeout_s)
         upload = await parse_upload(request, kind, body, max_images=1, model=query_model)
@@ -183,16 +194,20 @@ def register_demo(app: FastAPI) -> None:
         model = runtime.get(options.model)
         request.scope["soap.model"] = model.name
         settings = attack_defaults(model.loaded.meta.dataset).model_copy(
-            update={k: v for k, v in options.model_dump().items() if k != "model" and v is not None})
-        limits = DecodeLimits(max_pixels=min(MAX_ATTACK_PIXELS, runtime.settings.max_image_pixels),
-                              max_side=runtime.settings.max_image_side)
+            update={k: v for k, v in options.model_dump().items() if k != "model" and v is not None}
+        )
+        limits = DecodeLimits(
+            max_pixels=min(MAX_ATTACK_PIXELS, runtime.settings.max_image_pixels),
+            max_side=runtime.settings.max_image_side,
+        )
         try:  # up to MAX_ATTACK_PIXELS: decode off the event loop
             x = await run_in_threadpool(decode_image, upload.payloads[0], model.input_shape, limits)
         except ImageRejected as exc:
             raise ServiceError(exc.status, exc.error, exc.detail, reason=exc.error, model=model.name) from None
         if one_at_a_time.locked():  # checked and taken on the event loop with no await between: no race
-            raise ServiceError(503, "attack_busy", "another attack is running; try again in a moment",
-                               headers={"Retry-After": "1"})
+            raise ServiceError(
+                503, "attack_busy", "another attack is running; try again in a moment", headers={"Retry-After": "1"}
+            )
         start = time.perf_counter()
         async with one_at_a_time:
             result = await run_in_threadpool(adversarial_example, model.loaded.network, x, settings)

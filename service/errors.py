@@ -15,7 +15,13 @@ class ServiceError(Exception):
     soap_rejections_total; `model` is the metrics label."""
 
     def __init__(
-        self, status: int, error: str, detail: Any, *, reason: str | None = None, model: str | None = None,
+        self,
+        status: int,
+        error: str,
+        detail: Any,
+        *,
+        reason: str | None = None,
+        model: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(detail)

@@ -8,7 +8,6 @@ the body's options override the query's.
 from __future__ import annotations
 
 import asyncio
-
 import base64
 import binascii
 import json
@@ -40,13 +39,22 @@ def check_media_type(kind: str) -> None:
     if kind in ("multipart/form-data", "application/json") or kind.startswith("image/"):
         return
     shown = kind or "none"
-    raise ServiceError(415, "unsupported_media_type", f"Content-Type {shown} is not accepted; send {ACCEPTED_TYPES}",
-                       reason="unsupported_media_type")
+    raise ServiceError(
+        415,
+        "unsupported_media_type",
+        f"Content-Type {shown} is not accepted; send {ACCEPTED_TYPES}",
+        reason="unsupported_media_type",
+    )
 
 
 def _too_large(limit: int, model: str | None) -> ServiceError:
-    return ServiceError(413, "payload_too_large", f"the request body is larger than the limit of {limit} bytes",
-                        reason="payload_too_large", model=model)
+    return ServiceError(
+        413,
+        "payload_too_large",
+        f"the request body is larger than the limit of {limit} bytes",
+        reason="payload_too_large",
+        model=model,
+    )
 
 
 async def read_body(request: Request, limit: int, model: str | None = None, timeout_s: float | None = None) -> bytes:
@@ -70,8 +78,13 @@ async def read_body(request: Request, limit: int, model: str | None = None, time
         async with asyncio.timeout(timeout_s):
             await collect()
     except TimeoutError:
-        raise ServiceError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s",
-                           reason="body_timeout", model=model) from None
+        raise ServiceError(
+            408,
+            "body_timeout",
+            f"the request body did not arrive within {timeout_s:g} s",
+            reason="body_timeout",
+            model=model,
+        ) from None
     return b"".join(chunks)
 
 
@@ -162,5 +175,10 @@ async def parse_upload(request: Request, kind: str, body: bytes, max_images: int
 
 
 def _too_many(limit: int, count: int, model: str | None) -> ServiceError:
-    return ServiceError(413, "payload_too_large", f"at least {count} images in one request; the limit is {limit}",
-                        reason="payload_too_large", model=model)
+    return ServiceError(
+        413,
+        "payload_too_large",
+        f"at least {count} images in one request; the limit is {limit}",
+        reason="payload_too_large",
+        model=model,
+    )

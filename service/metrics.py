@@ -17,8 +17,15 @@ EPSILON_BUCKETS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3
 AUX_LOSS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 REJECTION_REASONS = (
-    "queue_full", "deadline", "client_gone", "payload_too_large", "bad_image", "unsupported_media_type",
-    "bad_options", "unauthorized", "body_timeout",
+    "queue_full",
+    "deadline",
+    "client_gone",
+    "payload_too_large",
+    "bad_image",
+    "unsupported_media_type",
+    "bad_options",
+    "unauthorized",
+    "body_timeout",
 )
 
 
@@ -29,39 +36,70 @@ class ServiceMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.request_duration = Histogram(
-            "soap_request_duration_seconds", "Time from request start to response, by model, route and HTTP status.",
-            ["model", "route", "status"], buckets=DURATION_BUCKETS, registry=r)
+            "soap_request_duration_seconds",
+            "Time from request start to response, by model, route and HTTP status.",
+            ["model", "route", "status"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
         self.queue_wait = Histogram(
-            "soap_queue_wait_seconds", "Time an accepted request waited in the queue before its batch started.",
-            ["model"], buckets=DURATION_BUCKETS, registry=r)
+            "soap_queue_wait_seconds",
+            "Time an accepted request waited in the queue before its batch started.",
+            ["model"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
         self.batch_compute = Histogram(
-            "soap_batch_compute_seconds", "Wall time of one batch: purification plus classification.",
-            ["model"], buckets=DURATION_BUCKETS, registry=r)
+            "soap_batch_compute_seconds",
+            "Wall time of one batch: purification plus classification.",
+            ["model"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
         self.batch_size = Histogram(
-            "soap_batch_size_images", "Images per executed batch.", ["model"], buckets=BATCH_SIZE_BUCKETS, registry=r)
+            "soap_batch_size_images", "Images per executed batch.", ["model"], buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
         self.epsilon = Histogram(
-            "soap_purification_epsilon", "Purification budget chosen per image (L-infinity, pixel scale [0, 1]).",
-            ["model"], buckets=EPSILON_BUCKETS, registry=r)
+            "soap_purification_epsilon",
+            "Purification budget chosen per image (L-infinity, pixel scale [0, 1]).",
+            ["model"],
+            buckets=EPSILON_BUCKETS,
+            registry=r,
+        )
         self.aux_before = Histogram(
-            "soap_aux_loss_before", "Auxiliary (self-supervised) loss of each image before purification.",
-            ["model"], buckets=AUX_LOSS_BUCKETS, registry=r)
+            "soap_aux_loss_before",
+            "Auxiliary (self-supervised) loss of each image before purification.",
+            ["model"],
+            buckets=AUX_LOSS_BUCKETS,
+            registry=r,
+        )
         self.aux_after = Histogram(
-            "soap_aux_loss_after", "Auxiliary loss of each image after purification.",
-            ["model"], buckets=AUX_LOSS_BUCKETS, registry=r)
-        self.rejections = Counter(
-            "soap_rejections", "Requests refused, by reason.", ["model", "reason"], registry=r)
+            "soap_aux_loss_after",
+            "Auxiliary loss of each image after purification.",
+            ["model"],
+            buckets=AUX_LOSS_BUCKETS,
+            registry=r,
+        )
+        self.rejections = Counter("soap_rejections", "Requests refused, by reason.", ["model", "reason"], registry=r)
         self.queue_depth = Gauge(
-            "soap_queue_depth_images", "Images waiting in the model's queue.", ["model"], registry=r)
+            "soap_queue_depth_images", "Images waiting in the model's queue.", ["model"], registry=r
+        )
         self.suspicious = Counter(
-            "soap_suspicious_inputs", "Images whose auxiliary loss before purification exceeded the calibrated "
-            "clean quantile.", ["model"], registry=r)
-        self.images = Counter(
-            "soap_images", "Images classified, by purification mode.", ["model", "mode"], registry=r)
+            "soap_suspicious_inputs",
+            "Images whose auxiliary loss before purification exceeded the calibrated clean quantile.",
+            ["model"],
+            registry=r,
+        )
+        self.images = Counter("soap_images", "Images classified, by purification mode.", ["model", "mode"], registry=r)
         self.model_info = Gauge(
-            "soap_model_info", "Loaded models (value 1).", ["model", "network", "dataset", "aux_task", "device"],
-            registry=r)
-        self.ready = Gauge("soap_ready", "1 when every model is loaded and warmed up and the service is not "
-                           "shutting down.", registry=r)
+            "soap_model_info",
+            "Loaded models (value 1).",
+            ["model", "network", "dataset", "aux_task", "device"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            "soap_ready", "1 when every model is loaded and warmed up and the service is not shutting down.", registry=r
+        )
 
     def declare_model(self, model: str, modes: tuple[str, ...]) -> None:
         """Create every labelled series of `model` at zero, so dashboards and rate() see 0, not "No data",
@@ -71,8 +109,14 @@ class ServiceMetrics:
         for mode in modes:
             self.images.labels(model, mode)
         self.suspicious.labels(model)
-        for histogram in (self.queue_wait, self.batch_compute, self.batch_size, self.epsilon, self.aux_before,
-                          self.aux_after):
+        for histogram in (
+            self.queue_wait,
+            self.batch_compute,
+            self.batch_size,
+            self.epsilon,
+            self.aux_before,
+            self.aux_after,
+        ):
             histogram.labels(model)
         self.queue_depth.labels(model).set(0)
 

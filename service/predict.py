@@ -30,12 +30,12 @@ class PurifyRequest:
 class Predictions:
     """One row per image, on the CPU. `curve` is the auxiliary loss at each budget the mode evaluated."""
 
-    probs: torch.Tensor        # [n, classes]
-    epsilon: torch.Tensor      # [n]
-    aux_before: torch.Tensor   # [n]
-    aux_after: torch.Tensor    # [n]
-    curve: torch.Tensor        # [n, budgets]
-    purified: torch.Tensor     # [n, C, H, W] in [0, 1]
+    probs: torch.Tensor  # [n, classes]
+    epsilon: torch.Tensor  # [n]
+    aux_before: torch.Tensor  # [n]
+    aux_after: torch.Tensor  # [n]
+    curve: torch.Tensor  # [n, budgets]
+    purified: torch.Tensor  # [n, C, H, W] in [0, 1]
 
     def __len__(self) -> int:
         return self.probs.shape[0]
@@ -85,7 +85,7 @@ def predict_in_chunks(
     chunk = max(1, chunk)
     while start < images.shape[0]:
         try:
-            parts.append(fn(images[start:start + chunk]))
+            parts.append(fn(images[start : start + chunk]))
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not is_out_of_memory(exc) or chunk == 1:
                 raise

@@ -95,7 +95,11 @@ class ServiceRuntime:
         home = torch.device("cpu") if settings.compute_process else self.device
         for path in settings.models:
             loaded = load_checkpoint(path, home)
-            process = ComputeProcess(path.resolve(), self.device, settings.compute_threads) if settings.compute_process else None
+            process = (
+                ComputeProcess(path.resolve(), self.device, settings.compute_threads)
+                if settings.compute_process
+                else None
+            )
             self.models[path.name] = ModelRuntime(path.name, loaded, self.device, process=process)
         self.default = settings.model_names[0]
         self.draining = False
@@ -103,7 +107,9 @@ class ServiceRuntime:
         for model in self.models.values():
             model.batcher = self._make_batcher(model)
             meta = model.loaded.meta
-            self.metrics.model_info.labels(model.name, meta.network, meta.dataset, meta.aux_task, str(self.device)).set(1)
+            self.metrics.model_info.labels(model.name, meta.network, meta.dataset, meta.aux_task, str(self.device)).set(
+                1
+            )
             self.metrics.declare_model(model.name, MODES)
         self.metrics.ready.set(0)
 
@@ -111,8 +117,13 @@ class ServiceRuntime:
         s = self.settings
         depth = self.metrics.queue_depth.labels(model.name)
         return Batcher(
-            model.name, model.compute, s.max_batch_size, s.max_delay_ms / 1000.0, s.max_queue,
-            on_batch=lambda stats: self._record_batch(model, stats), on_depth=depth.set,
+            model.name,
+            model.compute,
+            s.max_batch_size,
+            s.max_delay_ms / 1000.0,
+            s.max_queue,
+            on_batch=lambda stats: self._record_batch(model, stats),
+            on_depth=depth.set,
         )
 
     # ------------------------------------------------------------------ lookups
@@ -123,7 +134,9 @@ class ServiceRuntime:
         try:
             return self.models[key]
         except KeyError:
-            raise ServiceError(404, "unknown_model", f"no model named {name!r}; loaded: {sorted(self.models)}") from None
+            raise ServiceError(
+                404, "unknown_model", f"no model named {name!r}; loaded: {sorted(self.models)}"
+            ) from None
 
     def metrics_label(self, name: str | None) -> str:
         """A bounded label for metrics: a loaded model's name, else 'unknown'."""
@@ -146,6 +159,7 @@ class ServiceRuntime:
         def run() -> None:
             model.warmup()
             self.metrics.ready.set(1 if self.ready else 0)
+
         return run
 
     def begin_drain(self) -> bool:

@@ -14,9 +14,15 @@ class ClassifyOptions(BaseModel):
 
     model: str | None = Field(None, description="model name (checkpoint folder name); default: the first model")
     mode: Literal["min-aux", "fixed", "none"] = Field(
-        "min-aux", description="min-aux: per-image budget search (SOAP); fixed: purify at `epsilon`; none: no purification")
-    epsilon: float | None = Field(None, ge=0, description="L-inf budget for mode=fixed, at most the model's largest budget")
-    top_k: int = Field(5, ge=1, le=1000, description="how many classes to list per image (capped at the number of classes)")
+        "min-aux",
+        description="min-aux: per-image budget search (SOAP); fixed: purify at `epsilon`; none: no purification",
+    )
+    epsilon: float | None = Field(
+        None, ge=0, description="L-inf budget for mode=fixed, at most the model's largest budget"
+    )
+    top_k: int = Field(
+        5, ge=1, le=1000, description="how many classes to list per image (capped at the number of classes)"
+    )
     return_purified: bool = Field(False, description="include the purified image as base64 PNG")
     return_curve: bool = Field(False, description="include the auxiliary loss at every evaluated budget")
 
@@ -51,11 +57,16 @@ class ImageResult(BaseModel):
     epsilon: float = Field(description="purification budget used (L-inf, pixels in [0, 1])")
     aux_loss: float = Field(description="auxiliary loss after purification")
     aux_loss_before: float = Field(description="auxiliary loss of the input as received")
-    suspicious: bool = Field(description="aux_loss_before above the model's calibrated clean quantile "
-                                         "(always false for a model without calibration)")
+    suspicious: bool = Field(
+        description="aux_loss_before above the model's calibrated clean quantile "
+        "(always false for a model without calibration)"
+    )
     purified_png: str | None = Field(None, description="purified image, base64 PNG (return_purified=true)")
-    aux_curve: list[float] | None = Field(None, description="auxiliary loss at each evaluated budget (return_curve=true): "
-                                          "the model's budget grid for min-aux, [0, epsilon] for fixed, [0] for none")
+    aux_curve: list[float] | None = Field(
+        None,
+        description="auxiliary loss at each evaluated budget (return_curve=true): "
+        "the model's budget grid for min-aux, [0, epsilon] for fixed, [0] for none",
+    )
 
 
 class Timing(BaseModel):
@@ -104,8 +115,9 @@ class ModelInfo(BaseModel):
     device: str
     ready: bool
     purifier: PurifierInfo
-    calibration: dict[str, Any] | None = Field(description="clean-data auxiliary-loss quantiles and the "
-                                                           "suspicious threshold, if the checkpoint has them")
+    calibration: dict[str, Any] | None = Field(
+        description="clean-data auxiliary-loss quantiles and the suspicious threshold, if the checkpoint has them"
+    )
     metrics: dict[str, float]
     training: dict[str, Any]
     batching: BatchingInfo

@@ -15,8 +15,20 @@ from PIL import Image
 
 from models import aux_loss, load_checkpoint, purify
 from training.attacks import (
-    SubstituteConfig, apgd, aux_aware_pgd, bpda_objective, classifier_objective, cw_l2, deepfool, dlr, eot, fgsm,
-    full_gradient_objective, paper_settings, pgd, unrolled_purification,
+    SubstituteConfig,
+    apgd,
+    aux_aware_pgd,
+    bpda_objective,
+    classifier_objective,
+    cw_l2,
+    deepfool,
+    dlr,
+    eot,
+    fgsm,
+    full_gradient_objective,
+    paper_settings,
+    pgd,
+    unrolled_purification,
 )
 from training.attacks.adaptive import chosen_epsilon
 from training.attacks.losses import input_gradient
@@ -32,7 +44,9 @@ def _digits(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n real MNIST digits, interleaved over classes."""
     per_class = [sorted((DIGITS / str(d)).glob("*.png")) for d in range(10)]
     files = [(d, per_class[d][i]) for i in range(30) for d in range(10) if i < len(per_class[d])][:n]
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("L"), dtype=np.float32) / 255.0)[None] for _, p in files])
+    x = torch.stack(
+        [torch.from_numpy(np.asarray(Image.open(p).convert("L"), dtype=np.float32) / 255.0)[None] for _, p in files]
+    )
     return x, torch.tensor([d for d, _ in files])
 
 
@@ -61,6 +75,7 @@ def _acc(logits_fn, x, y) -> float:
 
 
 # ----------------------------------------------------------------------------- cross-checks
+
 
 def test_fgsm_matches_torchattacks(model, batch):
     torchattacks = pytest.importorskip("torchattacks")
@@ -94,8 +109,9 @@ def test_cw_and_deepfool_agree_with_foolbox(model, batch):
     criterion = fb.criteria.Misclassification(y)
 
     ours_cw = cw_l2(model, x, y, None, binary_search_steps=4, steps=50, learning_rate=0.1, initial_const=0.1)
-    theirs_cw = fb.attacks.L2CarliniWagnerAttack(binary_search_steps=4, steps=50, stepsize=0.1,
-                                                 initial_const=0.1).run(fmodel, x, criterion)
+    theirs_cw = fb.attacks.L2CarliniWagnerAttack(binary_search_steps=4, steps=50, stepsize=0.1, initial_const=0.1).run(
+        fmodel, x, criterion
+    )
     ours_df = deepfool(model, x, y, None, steps=50, overshoot=0.02)
     theirs_df = fb.attacks.L2DeepFoolAttack(steps=50, candidates=None, overshoot=0.02).run(fmodel, x, criterion)
 
@@ -105,13 +121,21 @@ def test_cw_and_deepfool_agree_with_foolbox(model, batch):
             theirs_fooled = (model(theirs).argmax(1) != y) & (theirs.flatten(1).abs().sum(1) > 0)
         assert ours_fooled.float().mean() >= 0.75 and theirs_fooled.float().mean() >= 0.75
         ours_med, theirs_med = _median_l2(x, ours, ours_fooled), _median_l2(x, theirs, theirs_fooled)
-        assert 0 < ours_med and abs(ours_med - theirs_med) <= 0.1 * theirs_med, (ours_med, theirs_med)
+        assert ours_med > 0 and abs(ours_med - theirs_med) <= 0.1 * theirs_med, (ours_med, theirs_med)
 
 
 # ----------------------------------------------------------------------------- properties of every attack
 
-FAST = dataclasses.replace(paper_settings("mnist"), pgd_steps=10, pgd_step=0.04, cw_binary_steps=3, cw_steps=40,
-                           df_steps=20, adaptive_steps=5, apgd_steps=8)
+FAST = dataclasses.replace(
+    paper_settings("mnist"),
+    pgd_steps=10,
+    pgd_step=0.04,
+    cw_binary_steps=3,
+    cw_steps=40,
+    df_steps=20,
+    adaptive_steps=5,
+    apgd_steps=8,
+)
 SMALL_BUDGET = {"linf": 0.03, "l2": 0.3}
 
 
@@ -126,13 +150,20 @@ def contexts(loaded, batch):
         settings = FAST
         if scale != "paper":
             value = 0.0 if scale == "zero" else None
-            settings = dataclasses.replace(FAST, linf_eps=SMALL_BUDGET["linf"] if value is None else value,
-                                           l2_eps=SMALL_BUDGET["l2"] if value is None else value)
+            settings = dataclasses.replace(
+                FAST,
+                linf_eps=SMALL_BUDGET["linf"] if value is None else value,
+                l2_eps=SMALL_BUDGET["l2"] if value is None else value,
+            )
         return AttackContext(
-            model=loaded.network, purifier=loaded.purifier, settings=settings,
-            generator=torch.Generator().manual_seed(0), substitute_seed=seed_images[-60:],
+            model=loaded.network,
+            purifier=loaded.purifier,
+            settings=settings,
+            generator=torch.Generator().manual_seed(0),
+            substitute_seed=seed_images[-60:],
             substitute_factory=lambda: _fresh_fcn(loaded),
-            substitute_config=SubstituteConfig(rounds=2, epochs=4), cache=cache,
+            substitute_config=SubstituteConfig(rounds=2, epochs=4),
+            cache=cache,
         )
 
     return {s: make(s) for s in ("zero", "small", "paper")}
@@ -164,6 +195,7 @@ def test_attack_properties(name, contexts, batch, model):
     assert torch.equal(results["zero"], x)
     ctx = contexts["paper"]
     if spec.kind == "adaptive":
+
         def judge(images):
             return model(purify(model, images, ctx.purifier).images)
     else:
@@ -174,6 +206,7 @@ def test_attack_properties(name, contexts, batch, model):
 
 
 # ----------------------------------------------------------------------------- specific behaviour
+
 
 def test_pgd_best_loss_tracking_keeps_every_success(model, batch):
     x, y = batch

@@ -24,11 +24,23 @@ def _fcn():
 
 def _meta(model, network="mnist-fcn-dr", dataset="mnist", classes=DIGITS):
     return meta_for(
-        model, network=network, dataset=dataset, class_names=classes,
-        training={"command": "python -m training train --preset x", "epochs": 3, "seed": 7, "git_commit": "abc", "date": "2026-11-29"},
+        model,
+        network=network,
+        dataset=dataset,
+        class_names=classes,
+        training={
+            "command": "python -m training train --preset x",
+            "epochs": 3,
+            "seed": 7,
+            "git_commit": "abc",
+            "date": "2026-11-29",
+        },
         metrics={"clean_accuracy": 0.91},
-        calibration=Calibration(n=100, aux_loss_quantiles={"0.5": 0.01, "0.9": 0.02, "0.95": 0.03, "0.99": 0.05},
-                                mean_aux_loss_per_budget=[0.01] * 11),
+        calibration=Calibration(
+            n=100,
+            aux_loss_quantiles={"0.5": 0.01, "0.9": 0.02, "0.95": 0.03, "0.99": 0.05},
+            mean_aux_loss_per_budget=[0.01] * 11,
+        ),
     )
 
 
@@ -60,6 +72,7 @@ def _edit_meta(directory: Path, change) -> None:
 
 
 # ----------------------------------------------------------------------------- round trip
+
 
 def test_round_trip_gives_identical_logits_and_metadata(ckpt: Path) -> None:
     model = _fcn().eval()
@@ -103,6 +116,7 @@ def test_round_trip_keeps_batchnorm_statistics_and_normalisation(tmp_path: Path)
 
 # ----------------------------------------------------------------------------- failures, each named
 
+
 def test_missing_tensor(ckpt: Path) -> None:
     tensors = _tensors(ckpt)
     del tensors["classifier.bias"]
@@ -123,7 +137,9 @@ def test_shape_mismatch(ckpt: Path) -> None:
     tensors = _tensors(ckpt)
     tensors["encoder.1.weight"] = torch.zeros(256, 700)
     _rewrite_weights(ckpt, tensors)
-    with pytest.raises(CheckpointError, match=r"wrong shape: encoder.1.weight: file \(256, 700\) vs network \(256, 784\)"):
+    with pytest.raises(
+        CheckpointError, match=r"wrong shape: encoder.1.weight: file \(256, 700\) vs network \(256, 784\)"
+    ):
         load_checkpoint(ckpt)
 
 

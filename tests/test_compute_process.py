@@ -10,11 +10,11 @@ import time
 
 import pytest
 import torch
+from test_service_support import anyio_backend, mnist_png, model_dir, serve_app, settings_for  # noqa: F401
 
 from models import load_checkpoint
 from service.compute_process import ComputeProcess, ComputeProcessError, reply_to_predictions
 from service.predict import PurifyRequest, predict, predict_in_chunks
-from test_service_support import anyio_backend, mnist_png, model_dir, serve_app, settings_for  # noqa: F401
 
 PNG = {"Content-Type": "image/png"}
 
@@ -52,12 +52,19 @@ def test_a_failing_batch_fails_alone_and_the_child_keeps_serving(process):
 def test_out_of_memory_in_the_child_halves_the_batch_like_in_process():
     """The child reports CUDA out-of-memory as a kind; the parent re-raises it as torch.OutOfMemoryError, which
     predict_in_chunks answers by halving the chunk (here: a fake child that runs out of memory above 2 images)."""
+
     def child(images: torch.Tensor):
         if images.shape[0] > 2:
             return reply_to_predictions("error", ("out_of_memory", "CUDA out of memory (simulated)"))
         n = images.shape[0]
-        arrays = (torch.ones(n, 10).numpy(), torch.zeros(n).numpy(), torch.zeros(n).numpy(), torch.zeros(n).numpy(),
-                  torch.zeros(n, 11).numpy(), images.numpy())
+        arrays = (
+            torch.ones(n, 10).numpy(),
+            torch.zeros(n).numpy(),
+            torch.zeros(n).numpy(),
+            torch.zeros(n).numpy(),
+            torch.zeros(n, 11).numpy(),
+            images.numpy(),
+        )
         return reply_to_predictions("ok", arrays)
 
     predictions, chunk = predict_in_chunks(child, torch.rand(7, 1, 28, 28), 8)

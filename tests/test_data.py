@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from training.data import (
-    CIFAR10_CLASSES, DatasetError, interleaved_order, load_image_folder, load_splits, load_test_data, random_crop_flip,
+    CIFAR10_CLASSES,
+    DatasetError,
+    interleaved_order,
+    load_image_folder,
+    load_splits,
+    load_test_data,
+    random_crop_flip,
 )
 
 TESTS = Path(__file__).parent / "data"
@@ -37,7 +43,7 @@ def test_cifar_image_folder_classes_in_canonical_order():
     assert data.class_names == CIFAR10_CLASSES
     assert data.images.shape == (80, 3, 32, 32)
     x, y = data.batch(torch.arange(4))
-    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 and y.tolist() == [0, 0, 0, 0]
+    assert x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1 and y.tolist() == [0, 0, 0, 0]
 
 
 def test_cache_is_reused_and_keyed_by_folder_contents(tmp_path, private_cache):
@@ -116,7 +122,10 @@ def test_random_crop_flip_is_a_seeded_shifted_crop():
         assert torch.equal(plain[i], x[i]) or torch.equal(plain[i], x[i].flip(-1))
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     for i in range(4):
-        found = any(torch.equal(a[i], padded[i, :, dy : dy + 32, dx : dx + 32]) or
-                    torch.equal(a[i], padded[i, :, dy : dy + 32, dx : dx + 32].flip(-1))
-                    for dy in range(9) for dx in range(9))
+        found = any(
+            torch.equal(a[i], padded[i, :, dy : dy + 32, dx : dx + 32])
+            or torch.equal(a[i], padded[i, :, dy : dy + 32, dx : dx + 32].flip(-1))
+            for dy in range(9)
+            for dx in range(9)
+        )
         assert found

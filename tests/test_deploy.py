@@ -47,15 +47,30 @@ SERVICE_PORT = 8000  # the contract: the service listens on 8000 in every deploy
 # Series Prometheus itself attaches to every scraped sample; dashboards and rules may select on them.
 TARGET_LABELS = {"job", "instance"}
 # dcgm-exporter's default counters the dashboard's GPU row reads (exporter profile gpu-metrics).
-DCGM_DEFAULT_COUNTERS = {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE",
-                         "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_SM_CLOCK",
-                         "DCGM_FI_DEV_MEM_COPY_UTIL"}
+DCGM_DEFAULT_COUNTERS = {
+    "DCGM_FI_DEV_GPU_UTIL",
+    "DCGM_FI_DEV_FB_USED",
+    "DCGM_FI_DEV_FB_FREE",
+    "DCGM_FI_DEV_POWER_USAGE",
+    "DCGM_FI_DEV_GPU_TEMP",
+    "DCGM_FI_DEV_SM_CLOCK",
+    "DCGM_FI_DEV_MEM_COPY_UTIL",
+}
 # The metric families of the contract (CORE_API.md); the dashboard shows every one of them.
 CONTRACT_METRICS = {
-    "soap_request_duration_seconds", "soap_queue_wait_seconds", "soap_batch_compute_seconds",
-    "soap_batch_size_images", "soap_purification_epsilon", "soap_aux_loss_before", "soap_aux_loss_after",
-    "soap_rejections_total", "soap_queue_depth_images", "soap_suspicious_inputs_total", "soap_images_total",
-    "soap_model_info", "soap_ready",
+    "soap_request_duration_seconds",
+    "soap_queue_wait_seconds",
+    "soap_batch_compute_seconds",
+    "soap_batch_size_images",
+    "soap_purification_epsilon",
+    "soap_aux_loss_before",
+    "soap_aux_loss_after",
+    "soap_rejections_total",
+    "soap_queue_depth_images",
+    "soap_suspicious_inputs_total",
+    "soap_images_total",
+    "soap_model_info",
+    "soap_ready",
 }
 
 
@@ -71,6 +86,7 @@ def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 # --------------------------------------------------------------------------------------------------- compose
+
 
 def compose_env() -> dict[str, str]:
     """A clean environment: no SOAP_* or COMPOSE_* of the developer's shell leaks into the rendered config."""
@@ -92,8 +108,11 @@ def compose_config(files: list[Path], profiles: list[str]) -> dict:
 def active_services(config: dict, profiles: list[str]) -> dict[str, dict]:
     """Services `up` starts: those without profiles, or with an enabled one (compose spec; 1.29's `config`
     prints every service whatever the profile, so the rule is applied here)."""
-    return {name: svc for name, svc in config["services"].items()
-            if not svc.get("profiles") or set(svc["profiles"]) & set(profiles)}
+    return {
+        name: svc
+        for name, svc in config["services"].items()
+        if not svc.get("profiles") or set(svc["profiles"]) & set(profiles)
+    }
 
 
 def dns_names(name: str, svc: dict) -> set[str]:
@@ -152,8 +171,9 @@ def test_compose_stack_validates_and_is_wired(stack):
         assert str(SERVICE_PORT) in [str(p) for p in svc.get("expose", [])], name
 
     # Exactly one serving container publishes the service port on the host (replicas go through the balancer).
-    published = {n: [p["published"] for p in s.get("ports", []) if int(p["target"]) == SERVICE_PORT]
-                 for n, s in soap.items()}
+    published = {
+        n: [p["published"] for p in s.get("ports", []) if int(p["target"]) == SERVICE_PORT] for n, s in soap.items()
+    }
     assert sorted(int(p) for ps in published.values() for p in ps) == [SERVICE_PORT], published
 
     gpu_ids = []
@@ -219,6 +239,7 @@ def test_compose_environment_is_accepted_by_the_service():
 
 # ------------------------------------------------------------------------------------------------ Dockerfile
 
+
 def dockerfile_instructions() -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
     out = []
@@ -280,12 +301,24 @@ def test_dockerfile_is_a_cuda_nonroot_image_with_models_and_healthcheck():
             for src in rest.split()[:-1]:
                 assert (REPO / src).exists(), f"COPY source {src} missing"
                 assert not dockerignored(src, patterns), f"COPY source {src} is excluded by .dockerignore"
-    for kept in ("models/zoo/mnist-fcn-dr/model.safetensors", "models/zoo/mnist-fcn-dr/model.json",
-                 "service/app.py", "pyproject.toml"):
+    for kept in (
+        "models/zoo/mnist-fcn-dr/model.safetensors",
+        "models/zoo/mnist-fcn-dr/model.json",
+        "service/app.py",
+        "pyproject.toml",
+    ):
         assert not dockerignored(kept, patterns), kept
-    for dropped in (".venv/bin/python", ".git/HEAD", "service/__pycache__/app.cpython-311.pyc", "data/mnist/x.png",
-                    "runs/exp/model.safetensors", ".pytest_cache/v", "tests/data/mnist/7/a.png",
-                    "models/zoo/mnist-fcn-dr/train_state.pt", "benchmarks/results/purifier.json"):
+    for dropped in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "service/__pycache__/app.cpython-311.pyc",
+        "data/mnist/x.png",
+        "runs/exp/model.safetensors",
+        ".pytest_cache/v",
+        "tests/data/mnist/7/a.png",
+        "models/zoo/mnist-fcn-dr/train_state.pt",
+        "benchmarks/results/purifier.json",
+    ):
         assert dockerignored(dropped, patterns), dropped
 
 
@@ -299,6 +332,7 @@ def test_dockerfile_passes_hadolint():
 
 
 # ------------------------------------------------------------------------------------------------ Prometheus
+
 
 def promtool() -> str:
     return require("promtool", "apt-get install prometheus; .ci/run does")
@@ -352,15 +386,27 @@ def dashboard_exprs() -> list[tuple[str, str]]:
 
 def grafana_to_promql(expr: str) -> str:
     """What Grafana sends: template variables substituted."""
-    return (expr.replace("$__rate_interval", "1m").replace("$__interval", "15s")
-            .replace("$model", ".*").replace("$instance", ".*"))
+    return (
+        expr.replace("$__rate_interval", "1m")
+        .replace("$__interval", "15s")
+        .replace("$model", ".*")
+        .replace("$instance", ".*")
+    )
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path):
     """promtool parses every dashboard query (as a recording rule), with Grafana's variables substituted."""
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{i}", "expr": grafana_to_promql(expr)}
-        for i, (_, expr) in enumerate(dashboard_exprs())]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query_{i}", "expr": grafana_to_promql(expr)}
+                    for i, (_, expr) in enumerate(dashboard_exprs())
+                ],
+            }
+        ]
+    }
     path = tmp_path / "dashboard-queries.yml"
     path.write_text(yaml.safe_dump(rules))
     result = run([promtool(), "check", "rules", str(path)])
@@ -375,7 +421,7 @@ def test_dashboard_is_provisioned_and_covers_the_service():
     cells = set()
     for p in panels:  # no two panels overlap on the 24-column grid
         g = p["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24
         mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
         assert not cells & mine, f"panel {p['title']!r} overlaps another"
         cells |= mine
@@ -396,20 +442,81 @@ def test_dashboard_is_provisioned_and_covers_the_service():
     assert gpu and gpu <= DCGM_DEFAULT_COUNTERS, f"GPU panels read {sorted(gpu)}"
     assert {v["name"] for v in dash["templating"]["list"]} == {"model", "instance"}
     titles = " ".join(p["title"].lower() for p in panels)
-    for topic in ("request rate", "p50, p90, p99", "queue wait", "batch size", "queue depth", "rejections",
-                  "ε distribution", "auxiliary loss", "suspicious", "gpu utilisation"):
+    for topic in (
+        "request rate",
+        "p50, p90, p99",
+        "queue wait",
+        "batch size",
+        "queue depth",
+        "rejections",
+        "ε distribution",
+        "auxiliary loss",
+        "suspicious",
+        "gpu utilisation",
+    ):
         assert topic in titles, f"no panel about {topic}"
 
 
 # --------------------------------------------------------------------------------------------------- PromQL
 
 PROMQL_WORDS = {
-    "sum", "min", "max", "avg", "count", "stddev", "stdvar", "topk", "bottomk", "quantile", "count_values", "group",
-    "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool", "offset",
-    "rate", "irate", "increase", "delta", "idelta", "deriv", "predict_linear", "histogram_quantile", "abs",
-    "ceil", "floor", "round", "clamp_min", "clamp_max", "label_replace", "label_join", "vector", "scalar", "time",
-    "min_over_time", "max_over_time", "avg_over_time", "sum_over_time", "count_over_time", "last_over_time",
-    "absent", "absent_over_time", "changes", "resets", "sort", "sort_desc", "inf", "nan", "le",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "count",
+    "stddev",
+    "stdvar",
+    "topk",
+    "bottomk",
+    "quantile",
+    "count_values",
+    "group",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "rate",
+    "irate",
+    "increase",
+    "delta",
+    "idelta",
+    "deriv",
+    "predict_linear",
+    "histogram_quantile",
+    "abs",
+    "ceil",
+    "floor",
+    "round",
+    "clamp_min",
+    "clamp_max",
+    "label_replace",
+    "label_join",
+    "vector",
+    "scalar",
+    "time",
+    "min_over_time",
+    "max_over_time",
+    "avg_over_time",
+    "sum_over_time",
+    "count_over_time",
+    "last_over_time",
+    "absent",
+    "absent_over_time",
+    "changes",
+    "resets",
+    "sort",
+    "sort_desc",
+    "inf",
+    "nan",
+    "le",
 }
 
 
@@ -421,13 +528,13 @@ def metric_names(expr: str) -> set[str]:
     """Metric names in PromQL: identifiers that are not functions, keywords, label names in {...} or by (...),
     durations or numbers."""
     text = strip_strings(expr)
-    text = re.sub(r"\{[^}]*\}", "{}", text)                      # label matchers
+    text = re.sub(r"\{[^}]*\}", "{}", text)  # label matchers
     text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
-    text = re.sub(r"\[[^\]]*\]", "[]", text)                      # ranges
+    text = re.sub(r"\[[^\]]*\]", "[]", text)  # ranges
     names = set()
     for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
         word = m.group(0)
-        follows = text[m.end():].lstrip()[:1]
+        follows = text[m.end() :].lstrip()[:1]
         if word in PROMQL_WORDS or follows == "(":
             continue
         names.add(word)
@@ -453,20 +560,25 @@ def grouping_labels(expr: str) -> list[tuple[set[str], set[str]]]:
             depth += {"(": 1, ")": -1}.get(text[i], 0)
             i += 1
         labels = {x.strip() for x in m.group(1).split(",") if x.strip()}
-        out.append((labels, metric_names(text[m.end(): i - 1])))
+        out.append((labels, metric_names(text[m.end() : i - 1])))
     return out
 
 
 def test_promql_helpers_find_names_and_labels():
-    expr = ('histogram_quantile(0.99, sum by (le, model) (rate(soap_request_duration_seconds_bucket'
-            '{route="/classify",model=~"$model"}[5m]))) > 2 and on (model) up{job="soap"} == 0')
+    expr = (
+        "histogram_quantile(0.99, sum by (le, model) (rate(soap_request_duration_seconds_bucket"
+        '{route="/classify",model=~"$model"}[5m]))) > 2 and on (model) up{job="soap"} == 0'
+    )
     assert metric_names(expr) == {"soap_request_duration_seconds_bucket", "up"}
-    assert selectors(expr)[0] == ("soap_request_duration_seconds_bucket", [("route", "=", "/classify"),
-                                                                          ("model", "=~", "$model")])
+    assert selectors(expr)[0] == (
+        "soap_request_duration_seconds_bucket",
+        [("route", "=", "/classify"), ("model", "=~", "$model")],
+    )
     assert grouping_labels(expr) == [({"le", "model"}, {"soap_request_duration_seconds_bucket"})]
 
 
 # ------------------------------------------------------------------------------------------------ Kubernetes
+
 
 def kustomize(path: Path) -> list[dict]:
     exe = require("kubectl", "kubectl client with kustomize")
@@ -539,6 +651,7 @@ def test_kubernetes_validator_rejects_a_broken_manifest():
 
 # ------------------------------------------------------------------------------------ the real service process
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -567,13 +680,19 @@ def live_service(tmp_path_factory):
         pytest.fail(f"the shipped default model {DEFAULT_MODEL} is missing")
     env = {k: v for k, v in compose_soap_environment().items() if k.startswith("SOAP_") and k != "SOAP_API_KEY"}
     port = free_port()
-    env.update(SOAP_MODELS=str(DEFAULT_MODEL), SOAP_HOST="127.0.0.1", SOAP_PORT=str(port), SOAP_DEVICE="cpu",
-               SOAP_MAX_DELAY_MS="1")
+    env.update(
+        SOAP_MODELS=str(DEFAULT_MODEL),
+        SOAP_HOST="127.0.0.1",
+        SOAP_PORT=str(port),
+        SOAP_DEVICE="cpu",
+        SOAP_MAX_DELAY_MS="1",
+    )
     proc_env = {**{k: v for k, v in os.environ.items() if not k.startswith("SOAP_")}, **env}
     log_path = tmp_path_factory.mktemp("service") / "service.log"
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=proc_env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service"], cwd=REPO, env=proc_env, stdout=log, stderr=subprocess.STDOUT
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -639,8 +758,9 @@ def noise_png() -> str:
 
 
 def rule_and_dashboard_exprs() -> list[tuple[str, str]]:
-    return [(f"alert {r['alert']}", r["expr"]) for r in alert_rules()] + \
-           [(f"panel {t}", grafana_to_promql(e)) for t, e in dashboard_exprs()]
+    return [(f"alert {r['alert']}", r["expr"]) for r in alert_rules()] + [
+        (f"panel {t}", grafana_to_promql(e)) for t, e in dashboard_exprs()
+    ]
 
 
 def test_dashboard_and_alerts_read_only_exported_series(scraped):
@@ -711,9 +831,16 @@ def test_prometheus_scrapes_the_service_and_every_panel_has_data(live_service, s
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     prom = f"http://127.0.0.1:{free_port()}"
     log = open(tmp_path / "prometheus.log", "w")
-    proc = subprocess.Popen([exe, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address={prom[7:]}"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            exe,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address={prom[7:]}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
     def query(expr: str) -> list:
         body = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10).json()
@@ -736,8 +863,7 @@ def test_prometheus_scrapes_the_service_and_every_panel_has_data(live_service, s
         empty = []
         for title, expr in dashboard_exprs():
             promql = grafana_to_promql(expr)
-            unobservable = (any(n not in samples for n in metric_names(promql) if n != "up")
-                            or 'status=~"5.."' in promql)
+            unobservable = any(n not in samples for n in metric_names(promql) if n != "up") or 'status=~"5.."' in promql
             if not query(promql) and not unobservable:
                 empty.append(f"{title}: {promql}")
         assert not empty, "panels without data:\n" + "\n".join(empty)
@@ -796,8 +922,11 @@ def test_load_balancer_proxies_to_the_service(live_service, tmp_path):
     upstream = f"http://soap:{SERVICE_PORT}"
     assert upstream in server and "listen 8080;" in server
     local = server.replace(upstream, f"http://127.0.0.1:{port}").replace("listen 8080;", f"listen 127.0.0.1:{lb_port};")
-    proc = subprocess.Popen([exe, "-p", str(tmp_path), "-c", str(nginx_main_config(tmp_path, local))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "-p", str(tmp_path), "-c", str(nginx_main_config(tmp_path, local))],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     lb = f"http://127.0.0.1:{lb_port}"
     try:
         deadline = time.monotonic() + 10
@@ -832,6 +961,7 @@ def test_container_healthcheck_follows_readiness(live_service, tmp_path):
 
 # ------------------------------------------------------------------------------------------------------ docs
 
+
 def test_deploy_docs_list_every_setting():
     from service.config import ServiceSettings, _env_name
 
@@ -841,6 +971,12 @@ def test_deploy_docs_list_every_setting():
     settings = {_env_name(f) for f in ServiceSettings.model_fields}
     assert settings - table == set(), f"docs/deploy.md does not describe {sorted(settings - table)}"
     assert table - settings <= {"SOAP_API_KEY"}, f"docs/deploy.md describes unknown {sorted(table - settings)}"
-    for command in ("docker compose up", "docker/compose.cpu.yml", "--profile scale", "--profile gpu-metrics",
-                    "kubectl apply -k deploy/k8s", "nvidia-ctk"):
+    for command in (
+        "docker compose up",
+        "docker/compose.cpu.yml",
+        "--profile scale",
+        "--profile gpu-metrics",
+        "kubectl apply -k deploy/k8s",
+        "nvidia-ctk",
+    ):
         assert command in text, f"docs/deploy.md does not show {command!r}"

@@ -18,16 +18,53 @@ from training.evaluate import ROWS, evaluation_order, load_test_data
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "zoo" / "mnist-fcn-dr"
 DIGITS = ROOT / "tests" / "data" / "mnist"
-FAST = ["--pgd-steps", "10", "--adaptive-steps", "3", "--apgd-steps", "4", "--cw-steps", "10",
-        "--cw-binary-steps", "2", "--df-steps", "10", "--sanity-n", "16", "--beta-n", "16", "--batch-size", "16"]
+FAST = [
+    "--pgd-steps",
+    "10",
+    "--adaptive-steps",
+    "3",
+    "--apgd-steps",
+    "4",
+    "--cw-steps",
+    "10",
+    "--cw-binary-steps",
+    "2",
+    "--df-steps",
+    "10",
+    "--sanity-n",
+    "16",
+    "--beta-n",
+    "16",
+    "--batch-size",
+    "16",
+]
 
 
 @pytest.fixture(scope="module")
 def evaluation(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
-    code = main(["evaluate", "--model", str(MODEL), "--data-root", str(DIGITS), "--n", "24", "--seed", "3",
-                 "--attacks", "noise,fgsm,pgd,cw,aux-pgd,bpda,full-grad", "--device", "cpu", "--out", str(out),
-                 "--adaptive-n", "12", *FAST])
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(MODEL),
+            "--data-root",
+            str(DIGITS),
+            "--n",
+            "24",
+            "--seed",
+            "3",
+            "--attacks",
+            "noise,fgsm,pgd,cw,aux-pgd,bpda,full-grad",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--adaptive-n",
+            "12",
+            *FAST,
+        ]
+    )
     return code, out, json.loads((out / "results.json").read_text())
 
 
@@ -71,14 +108,21 @@ def test_numbers_match_the_real_pipeline(evaluation):
     # the bare network falls to PGD; the oracle row is an upper bound of min-aux
     assert result["attacks"]["pgd"]["rows"]["none"]["accuracy"] < result["clean"]["none"]["accuracy"]
     for attack in result["attacks"].values():
-        assert attack["rows"]["oracle"]["correct"] >= attack["rows"]["min-aux"]["correct"] or attack["kind"] == "adaptive"
+        assert (
+            attack["rows"]["oracle"]["correct"] >= attack["rows"]["min-aux"]["correct"] or attack["kind"] == "adaptive"
+        )
 
 
 def test_sanity_checks_are_reported(evaluation):
     _, _, result = evaluation
     names = {c["name"] for c in result["sanity_checks"]}
-    assert {"epsilon-zero-identity", "within-budget-and-range", "iterative-at-least-fgsm",
-            "adaptive-at-least-blind", "noise-weaker-than-gradient (none)"} <= names
+    assert {
+        "epsilon-zero-identity",
+        "within-budget-and-range",
+        "iterative-at-least-fgsm",
+        "adaptive-at-least-blind",
+        "noise-weaker-than-gradient (none)",
+    } <= names
     byname = {c["name"]: c for c in result["sanity_checks"]}
     assert byname["epsilon-zero-identity"]["passed"] and byname["within-budget-and-range"]["passed"]
     assert result["worst_case"]["adaptive"]["min-aux"]["n"] == 12
@@ -90,11 +134,29 @@ def test_failed_sanity_check_is_a_warning_in_the_report():
     from training.report import sanity_lines
     from training.sanity import Extras, run_checks
 
-    result = {"rows": ["none"], "attacks": {
-        "fgsm": {"kind": "blind", "norm": "linf", "budget": 0.3, "max_linf": 0.5, "max_l2": 1.0, "out_of_range_images": 0,
-                 "rows": {"none": {"accuracy": 0.2}}},
-        "pgd": {"kind": "blind", "norm": "linf", "budget": 0.3, "max_linf": 0.3, "max_l2": 1.0, "out_of_range_images": 0,
-                "rows": {"none": {"accuracy": 0.4}}}}}
+    result = {
+        "rows": ["none"],
+        "attacks": {
+            "fgsm": {
+                "kind": "blind",
+                "norm": "linf",
+                "budget": 0.3,
+                "max_linf": 0.5,
+                "max_l2": 1.0,
+                "out_of_range_images": 0,
+                "rows": {"none": {"accuracy": 0.2}},
+            },
+            "pgd": {
+                "kind": "blind",
+                "norm": "linf",
+                "budget": 0.3,
+                "max_linf": 0.3,
+                "max_l2": 1.0,
+                "out_of_range_images": 0,
+                "rows": {"none": {"accuracy": 0.4}},
+            },
+        },
+    }
     checks = run_checks(result, Extras())
     failed = {c.name for c in checks if not c.passed}
     assert failed == {"within-budget-and-range", "iterative-at-least-fgsm"}
@@ -105,18 +167,49 @@ def test_failed_sanity_check_is_a_warning_in_the_report():
 def test_baseline_checkpoint_gets_only_the_unpurified_row(tmp_path):
     torch.manual_seed(0)
     model = create_model("mnist-fcn-dr")
-    meta = meta_for(model, network="mnist-fcn-dr", dataset="mnist", class_names=[str(d) for d in range(10)],
-                    training={"recipe": "vanilla"})
+    meta = meta_for(
+        model,
+        network="mnist-fcn-dr",
+        dataset="mnist",
+        class_names=[str(d) for d in range(10)],
+        training={"recipe": "vanilla"},
+    )
     save_checkpoint(model, meta, tmp_path / "vanilla")
-    code = main(["evaluate", "--model", str(tmp_path / "vanilla"), "--data-root", str(DIGITS), "--n", "8",
-                 "--attacks", "fgsm,bpda", "--out", str(tmp_path / "out"), "--no-figures", *FAST])
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(tmp_path / "vanilla"),
+            "--data-root",
+            str(DIGITS),
+            "--n",
+            "8",
+            "--attacks",
+            "fgsm,bpda",
+            "--out",
+            str(tmp_path / "out"),
+            "--no-figures",
+            *FAST,
+        ]
+    )
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     assert code == 0 and result["rows"] == ["none"] and list(result["attacks"]) == ["fgsm"]
 
 
 def test_unknown_attack_is_a_clear_error(tmp_path, capsys):
-    code = main(["evaluate", "--model", str(MODEL), "--data-root", str(DIGITS), "--attacks", "pgd,nonsense",
-                 "--out", str(tmp_path)])
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(MODEL),
+            "--data-root",
+            str(DIGITS),
+            "--attacks",
+            "pgd,nonsense",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 2
     assert "unknown attack 'nonsense'" in capsys.readouterr().err
 

@@ -32,8 +32,19 @@ def import_cli(*argv: str) -> int:
 
 def test_import_with_data_root_writes_a_calibrated_checkpoint(tmp_path):
     out = tmp_path / "official"
-    rc = import_cli(OFFICIAL, "--out", out, "--data-root", ROOT / "tests" / "data" / "cifar10", "--eval-images", 40,
-                    "--calibration-images", 16, "--device", "cpu")
+    rc = import_cli(
+        OFFICIAL,
+        "--out",
+        out,
+        "--data-root",
+        ROOT / "tests" / "data" / "cifar10",
+        "--eval-images",
+        40,
+        "--calibration-images",
+        16,
+        "--device",
+        "cpu",
+    )
     assert rc == 0
     loaded = load_checkpoint(out)
     reference = load_reference_state_dict(OFFICIAL)
@@ -44,8 +55,9 @@ def test_import_with_data_root_writes_a_calibrated_checkpoint(tmp_path):
     # The authors' model is a real CIFAR-10 classifier: ~85 % on the JPEG test set; 80 images here.
     assert meta.metrics["clean_accuracy"] >= 0.7 and meta.metrics["test_images"] == 80
     assert 0.6 <= meta.metrics["clean_accuracy_first_40"] <= 1.0
-    assert meta.metrics["clean_accuracy"] == pytest.approx(clean_accuracy(loaded.network, load_image_folder(
-        ROOT / "tests" / "data" / "cifar10", (3, 32, 32))))
+    assert meta.metrics["clean_accuracy"] == pytest.approx(
+        clean_accuracy(loaded.network, load_image_folder(ROOT / "tests" / "data" / "cifar10", (3, 32, 32)))
+    )
     cal = meta.calibration
     assert cal.n == 80 and len(cal.mean_aux_loss_per_budget) == 11
     assert min(cal.mean_aux_loss_per_budget) < cal.mean_aux_loss_per_budget[0]  # some budget lowers the LC loss

@@ -150,7 +150,9 @@ def get_case(name: str) -> Case:
     if name not in _CASES:
         batch, config, shape = KINDS[name]
         torch.manual_seed(0)
-        model = create_model(name, input_shape=shape)  # parameters keep requires_grad=True: the purifier must not touch them
+        model = create_model(
+            name, input_shape=shape
+        )  # parameters keep requires_grad=True: the purifier must not touch them
         model.train()  # the purifier must switch to eval mode itself
         config = config or get_spec(name).purifier
         x = _inputs(model.input_shape, batch, seed=1)
@@ -162,8 +164,9 @@ def get_case(name: str) -> Case:
         with GradCounter(model, batch) as counted_naive:
             naive = purify_naive(model, x, config)
         alone = {i: purify(model, x[i : i + 1], config, return_curve=True) for i in range(batch)}
-        _CASES[name] = Case(name, model, config, x, x_before, result, naive, alone, counted, counted_naive,
-                            training_after, param_grads)
+        _CASES[name] = Case(
+            name, model, config, x, x_before, result, naive, alone, counted, counted_naive, training_after, param_grads
+        )
     return _CASES[name]
 
 
@@ -173,6 +176,7 @@ def case(request) -> Case:
 
 
 # ----------------------------------------------------------------------------- properties, every network kind
+
 
 def test_within_budget_and_valid_pixels(case: Case) -> None:
     r = case.result
@@ -264,6 +268,7 @@ def test_counted_gradient_evaluations(case: Case) -> None:
 
 # ----------------------------------------------------------------------------- the issue's counting test
 
+
 @pytest.mark.parametrize("name", ["mnist-fcn-dr"])
 def test_delta_equal_gamma_needs_at_most_15_gradient_evaluations(name: str) -> None:
     """Δ = γ, T = 5, 11 budgets: at most 15 auxiliary-gradient evaluations per image (naive: 50).
@@ -308,6 +313,7 @@ def test_any_budget_grid_equals_naive_loop(config: PurifierConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- Algorithm 2 itself
+
 
 def _algorithm2(model, x: torch.Tensor, eps: float, gamma: float, steps: int) -> torch.Tensor:
     """Independent transcription of Algorithm 2 (soap-reference §3)."""
@@ -416,6 +422,7 @@ def test_budget_grid_of_the_registry() -> None:
 
 
 # ----------------------------------------------------------------------------- oracle
+
 
 @pytest.mark.parametrize("name", ["mnist-fcn-dr", "cifar10-resnet18-lc"])
 def test_oracle_picks_a_correct_budget_when_one_exists(name: str) -> None:

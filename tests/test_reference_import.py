@@ -49,8 +49,15 @@ def reference_forward(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.
     """The authors' thin ResNet written out with torch.nn.functional (BatchNorm in eval mode)."""
 
     def bn(h, prefix):
-        return F.batch_norm(h, state[f"{prefix}.running_mean"], state[f"{prefix}.running_var"],
-                            state[f"{prefix}.weight"], state[f"{prefix}.bias"], training=False, eps=1e-5)
+        return F.batch_norm(
+            h,
+            state[f"{prefix}.running_mean"],
+            state[f"{prefix}.running_var"],
+            state[f"{prefix}.weight"],
+            state[f"{prefix}.bias"],
+            training=False,
+            eps=1e-5,
+        )
 
     def conv(h, prefix, stride=1, padding=1):
         return F.conv2d(h, state[f"{prefix}.weight"], state[f"{prefix}.bias"], stride=stride, padding=padding)
@@ -107,8 +114,13 @@ def test_converted_logits_equal_an_independent_forward_pass(original, cifar) -> 
 def test_import_then_save_and_load_keeps_the_logits(original, cifar, tmp_path: Path) -> None:
     images, labels = cifar
     model = convert_reference_state_dict(original, "cifar10-resnet18-lc")
-    meta = meta_for(model, network="cifar10-resnet18-lc", dataset="cifar10", class_names=CIFAR10_CLASSES,
-                    training={"source": "Mishne-Lab/SOAP released checkpoint"})
+    meta = meta_for(
+        model,
+        network="cifar10-resnet18-lc",
+        dataset="cifar10",
+        class_names=CIFAR10_CLASSES,
+        training={"source": "Mishne-Lab/SOAP released checkpoint"},
+    )
     loaded = load_checkpoint(save_checkpoint(model, meta, tmp_path / "cifar10-resnet18-lc-reference"))
     with torch.no_grad():
         assert torch.equal(loaded.network(images[:16]), model(images[:16]))

@@ -7,10 +7,21 @@ import json
 
 import pytest
 from PIL import Image
+from test_service_support import (  # noqa: F401
+    anyio_backend,
+    bad_images,
+    encode,
+    fresh_model_dir,
+    metric_value,
+    mnist_files,
+    mnist_image,
+    mnist_png,
+    model_dir,
+    serve_app,
+    settings_for,
+)
 
 from service.metrics import REJECTION_REASONS
-from test_service_support import (anyio_backend, bad_images, encode, fresh_model_dir, metric_value, mnist_files,  # noqa: F401
-                                  mnist_image, mnist_png, model_dir, serve_app, settings_for)
 
 pytestmark = pytest.mark.anyio
 PNG = {"Content-Type": "image/png"}
@@ -32,12 +43,24 @@ async def test_classify_raw_png_returns_the_documented_response(model_dir):
     assert set(body) == {"request_id", "model", "results", "timing_ms"}
     assert body["model"] == "mnist-fcn-dr" and r.headers["x-request-id"] == body["request_id"]
     (result,) = body["results"]
-    assert set(result) == {"label", "class_name", "confidence", "top_k", "epsilon", "aux_loss", "aux_loss_before",
-                           "suspicious", "purified_png", "aux_curve"}
+    assert set(result) == {
+        "label",
+        "class_name",
+        "confidence",
+        "top_k",
+        "epsilon",
+        "aux_loss",
+        "aux_loss_before",
+        "suspicious",
+        "purified_png",
+        "aux_curve",
+    }
     assert result["label"] == 7 and result["class_name"] == "7"
     assert len(result["top_k"]) == 5 and result["top_k"][0]["label"] == 7
     assert result["top_k"][0]["probability"] == pytest.approx(result["confidence"])
-    assert sorted((t["probability"] for t in result["top_k"]), reverse=True) == [t["probability"] for t in result["top_k"]]
+    assert sorted((t["probability"] for t in result["top_k"]), reverse=True) == [
+        t["probability"] for t in result["top_k"]
+    ]
     budgets = [e * 0.05 for e in range(11)]
     assert min(abs(result["epsilon"] - b) for b in budgets) < 1e-6
     assert result["aux_loss"] <= result["aux_loss_before"] + 1e-7  # min-aux never ends above the unpurified loss
@@ -50,8 +73,12 @@ async def test_real_digits_are_classified_correctly_through_all_three_body_shape
     files = mnist_files(per_digit=2)
     labels = [d for d, _ in files]
     async with serve_app(settings_for(model_dir)) as (app, client):
-        multipart = await client.post("/classify", files=[("file", (p.name, p.read_bytes(), "image/png")) for _, p in files])
-        as_json = await client.post("/classify", json={"images": [base64.b64encode(p.read_bytes()).decode() for _, p in files]})
+        multipart = await client.post(
+            "/classify", files=[("file", (p.name, p.read_bytes(), "image/png")) for _, p in files]
+        )
+        as_json = await client.post(
+            "/classify", json={"images": [base64.b64encode(p.read_bytes()).decode() for _, p in files]}
+        )
         raw = [await client.post("/classify", content=p.read_bytes(), headers=PNG) for _, p in files[:4]]
     assert multipart.status_code == 200 and as_json.status_code == 200
     got = [r["label"] for r in multipart.json()["results"]]
@@ -63,11 +90,22 @@ async def test_real_digits_are_classified_correctly_through_all_three_body_shape
 
 async def test_options_top_k_purified_image_curve_and_modes(model_dir):
     async with serve_app(settings_for(model_dir)) as (app, client):
-        r = await client.post("/classify?top_k=3&return_purified=true&return_curve=true", content=mnist_png(2), headers=PNG)
-        fixed = await client.post("/classify", json={"images": [base64.b64encode(mnist_png(2)).decode()],
-                                                     "mode": "fixed", "epsilon": 0.1, "return_curve": True})
+        r = await client.post(
+            "/classify?top_k=3&return_purified=true&return_curve=true", content=mnist_png(2), headers=PNG
+        )
+        fixed = await client.post(
+            "/classify",
+            json={
+                "images": [base64.b64encode(mnist_png(2)).decode()],
+                "mode": "fixed",
+                "epsilon": 0.1,
+                "return_curve": True,
+            },
+        )
         none = await client.post("/classify?mode=none&return_curve=true&top_k=100", content=mnist_png(2), headers=PNG)
-        form = await client.post("/classify", files={"file": ("d.png", mnist_png(2), "image/png")}, data={"mode": "none"})
+        form = await client.post(
+            "/classify", files={"file": ("d.png", mnist_png(2), "image/png")}, data={"mode": "none"}
+        )
     result = r.json()["results"][0]
     assert len(result["top_k"]) == 3
     assert len(result["aux_curve"]) == 11 and result["aux_curve"][0] == pytest.approx(result["aux_loss_before"])
@@ -100,11 +138,21 @@ async def test_batched_results_equal_one_at_a_time_results(model_dir):
 
 async def test_every_supported_format_is_classified_through_http(model_dir):
     digit = mnist_image(2, 1)
-    formats = {"png": ("PNG", {}), "jpeg": ("JPEG", {"quality": 95}), "webp": ("WEBP", {"lossless": True}),
-               "bmp": ("BMP", {}), "tiff": ("TIFF", {}), "gif": ("GIF", {})}
+    formats = {
+        "png": ("PNG", {}),
+        "jpeg": ("JPEG", {"quality": 95}),
+        "webp": ("WEBP", {"lossless": True}),
+        "bmp": ("BMP", {}),
+        "tiff": ("TIFF", {}),
+        "gif": ("GIF", {}),
+    }
     async with serve_app(settings_for(model_dir)) as (app, client):
-        rs = {name: await client.post("/classify", content=encode(digit, fmt, **kw), headers={"Content-Type": f"image/{name}"})
-              for name, (fmt, kw) in formats.items()}
+        rs = {
+            name: await client.post(
+                "/classify", content=encode(digit, fmt, **kw), headers={"Content-Type": f"image/{name}"}
+            )
+            for name, (fmt, kw) in formats.items()
+        }
     for name, r in rs.items():
         assert r.status_code == 200, (name, r.text)
         assert r.json()["results"][0]["label"] == 2, name
@@ -113,7 +161,9 @@ async def test_every_supported_format_is_classified_through_http(model_dir):
 async def test_a_large_photo_is_decoded_off_the_event_loop_and_classified(model_dir):
     big = mnist_image(4).resize((1024, 1024), Image.Resampling.BICUBIC).convert("RGB")  # 1 M pixels: thread path
     async with serve_app(settings_for(model_dir)) as (app, client):
-        r = await client.post("/classify", content=encode(big, "JPEG", quality=90), headers={"Content-Type": "image/jpeg"})
+        r = await client.post(
+            "/classify", content=encode(big, "JPEG", quality=90), headers={"Content-Type": "image/jpeg"}
+        )
     assert r.status_code == 200 and r.json()["results"][0]["label"] == 4
 
 
@@ -122,8 +172,10 @@ async def test_bad_images_get_422_and_a_reason(model_dir, name):
     payload, word = bad_images()[name]
     async with serve_app(settings_for(model_dir)) as (app, client):
         raw = await client.post("/classify", content=payload, headers=PNG)
-        multipart = await client.post("/classify", files=[("file", ("a.png", mnist_png(1), "image/png")),
-                                                          ("file", ("b.png", payload, "image/png"))])
+        multipart = await client.post(
+            "/classify",
+            files=[("file", ("a.png", mnist_png(1), "image/png")), ("file", ("b.png", payload, "image/png"))],
+        )
         metrics = (await client.get("/metrics")).text
     assert word in assert_error(raw, 422, "bad_image")["detail"]
     assert assert_error(multipart, 422, "bad_image")["detail"].startswith("image 1:")
@@ -166,12 +218,16 @@ async def test_too_many_images_in_one_request_is_413(model_dir):
     async with serve_app(settings_for(model_dir, max_images_per_request=3)) as (app, client):
         parts = [("file", (f"{i}.png", mnist_png(i), "image/png")) for i in range(4)]
         multipart = await client.post("/classify", files=parts)
-        as_json = await client.post("/classify", json={"images": [base64.b64encode(mnist_png(i)).decode() for i in range(4)]})
+        as_json = await client.post(
+            "/classify", json={"images": [base64.b64encode(mnist_png(i)).decode() for i in range(4)]}
+        )
     assert_error(multipart, 413, "payload_too_large")
     assert_error(as_json, 413, "payload_too_large")
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/octet-stream", None, "application/x-www-form-urlencoded"])
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/octet-stream", None, "application/x-www-form-urlencoded"]
+)
 async def test_unsupported_content_type_is_415(model_dir, content_type):
     headers = {"Content-Type": content_type} if content_type else {}
     async with serve_app(settings_for(model_dir)) as (app, client):
@@ -181,10 +237,21 @@ async def test_unsupported_content_type_is_415(model_dir, content_type):
     assert metric_value(metrics, "soap_rejections_total", reason="unsupported_media_type") == 1
 
 
-@pytest.mark.parametrize("query", [
-    "mode=bogus", "top_k=0", "top_k=-3", "top_k=abc", "epsilon=0.1", "mode=fixed", "mode=fixed&epsilon=0.9",
-    "mode=fixed&epsilon=-0.1", "return_curve=maybe", "unknown_option=1",
-])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "mode=bogus",
+        "top_k=0",
+        "top_k=-3",
+        "top_k=abc",
+        "epsilon=0.1",
+        "mode=fixed",
+        "mode=fixed&epsilon=0.9",
+        "mode=fixed&epsilon=-0.1",
+        "return_curve=maybe",
+        "unknown_option=1",
+    ],
+)
 async def test_bad_options_are_422(model_dir, query):
     async with serve_app(settings_for(model_dir)) as (app, client):
         r = await client.post(f"/classify?{query}", content=mnist_png(1), headers=PNG)
@@ -193,8 +260,13 @@ async def test_bad_options_are_422(model_dir, query):
 
 async def test_bad_json_bodies_are_422(model_dir):
     async with serve_app(settings_for(model_dir)) as (app, client):
-        cases = [b"{not json", b"[1, 2]", json.dumps({"images": []}).encode(), json.dumps({"images": ["@@@"]}).encode(),
-                 json.dumps({"images": [base64.b64encode(mnist_png(1)).decode()], "top_k": "many"}).encode()]
+        cases = [
+            b"{not json",
+            b"[1, 2]",
+            json.dumps({"images": []}).encode(),
+            json.dumps({"images": ["@@@"]}).encode(),
+            json.dumps({"images": [base64.b64encode(mnist_png(1)).decode()], "top_k": "many"}).encode(),
+        ]
         rs = [await client.post("/classify", content=c, headers={"Content-Type": "application/json"}) for c in cases]
     assert [r.status_code for r in rs] == [422] * 5
     assert [r.json()["error"] for r in rs] == ["bad_options", "bad_options", "bad_options", "bad_image", "bad_options"]
@@ -209,7 +281,10 @@ async def test_unknown_model_is_404_and_models_are_listed(model_dir, fresh_model
         absent = await client.get("/v1/models/nope")
     assert_error(missing, 404, "unknown_model")
     assert chosen.status_code == 200 and chosen.json()["model"] == "tiny-fcn"
-    assert listing["default"] == "mnist-fcn-dr" and [m["name"] for m in listing["models"]] == ["mnist-fcn-dr", "tiny-fcn"]
+    assert listing["default"] == "mnist-fcn-dr" and [m["name"] for m in listing["models"]] == [
+        "mnist-fcn-dr",
+        "tiny-fcn",
+    ]
     info = one.json()
     assert info["input_shape"] == [1, 28, 28] and info["class_names"] == [str(i) for i in range(10)]
     assert info["aux_task"] == "reconstruction" and info["purifier"]["num_budgets"] == 11
@@ -260,22 +335,56 @@ async def test_metrics_follow_the_contract(model_dir):
         await client.post("/classify", content=mnist_png(1), headers=PNG)
         await client.post("/classify", content=b"", headers=PNG)
         text = (await client.get("/metrics")).text
-    for name in ("soap_request_duration_seconds_bucket", "soap_queue_wait_seconds_bucket",
-                 "soap_batch_compute_seconds_bucket", "soap_batch_size_images_bucket",
-                 "soap_purification_epsilon_bucket", "soap_aux_loss_before_bucket", "soap_aux_loss_after_bucket",
-                 "soap_rejections_total", "soap_queue_depth_images", "soap_images_total", "soap_model_info",
-                 "soap_ready"):
+    for name in (
+        "soap_request_duration_seconds_bucket",
+        "soap_queue_wait_seconds_bucket",
+        "soap_batch_compute_seconds_bucket",
+        "soap_batch_size_images_bucket",
+        "soap_purification_epsilon_bucket",
+        "soap_aux_loss_before_bucket",
+        "soap_aux_loss_after_bucket",
+        "soap_rejections_total",
+        "soap_queue_depth_images",
+        "soap_images_total",
+        "soap_model_info",
+        "soap_ready",
+    ):
         assert name in text, name
     assert "# TYPE soap_suspicious_inputs_total counter" in text
-    assert metric_value(text, "soap_request_duration_seconds_count", model="mnist-fcn-dr", route="/classify", status="200") == 1
-    assert metric_value(text, "soap_request_duration_seconds_count", model="mnist-fcn-dr", route="/classify", status="422") == 1
+    assert (
+        metric_value(text, "soap_request_duration_seconds_count", model="mnist-fcn-dr", route="/classify", status="200")
+        == 1
+    )
+    assert (
+        metric_value(text, "soap_request_duration_seconds_count", model="mnist-fcn-dr", route="/classify", status="422")
+        == 1
+    )
     assert 'le="0.001"' in text and 'le="30.0"' in text
     assert metric_value(text, "soap_images_total", model="mnist-fcn-dr", mode="min-aux") == 1
-    assert metric_value(text, "soap_model_info", model="mnist-fcn-dr", network="mnist-fcn-dr", dataset="mnist",
-                        aux_task="reconstruction", device="cpu") == 1
+    assert (
+        metric_value(
+            text,
+            "soap_model_info",
+            model="mnist-fcn-dr",
+            network="mnist-fcn-dr",
+            dataset="mnist",
+            aux_task="reconstruction",
+            device="cpu",
+        )
+        == 1
+    )
     assert metric_value(text, "soap_ready") == 1
-    assert set(REJECTION_REASONS) == {"queue_full", "deadline", "client_gone", "payload_too_large", "bad_image",
-                                      "unsupported_media_type", "bad_options", "unauthorized", "body_timeout"}
+    assert set(REJECTION_REASONS) == {
+        "queue_full",
+        "deadline",
+        "client_gone",
+        "payload_too_large",
+        "bad_image",
+        "unsupported_media_type",
+        "bad_options",
+        "unauthorized",
+        "body_timeout",
+    }
 
 
 async def test_every_series_of_a_model_exists_at_zero_before_traffic(model_dir):
@@ -287,7 +396,7 @@ async def test_every_series_of_a_model_exists_at_zero_before_traffic(model_dir):
         wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
         for line in text.splitlines():
             head, _, value = line.rpartition(" ")
-            if head.startswith(name + "{") and ",".join(sorted(head[len(name) + 1:-1].split(","))) == wanted:
+            if head.startswith(name + "{") and ",".join(sorted(head[len(name) + 1 : -1].split(","))) == wanted:
                 return float(value)
         return None  # no such series
 

@@ -9,11 +9,10 @@ import threading
 import pytest
 import torch
 from prometheus_client import generate_latest
+from test_service_support import anyio_backend, metric_value, mnist_png, model_dir, serve_app, settings_for  # noqa: F401
 
 from service.app import create_app
 from service.predict import Predictions, PurifyRequest, predict, predict_in_chunks
-from test_service_support import (anyio_backend, metric_value, mnist_png, model_dir, serve_app,  # noqa: F401
-                                  settings_for)
 
 pytestmark = pytest.mark.anyio
 PNG = {"Content-Type": "image/png"}
@@ -21,8 +20,9 @@ PNG = {"Content-Type": "image/png"}
 
 async def test_concurrent_requests_share_batches_counted_in_images(model_dir):
     async with serve_app(settings_for(model_dir, max_batch_size=8, max_delay_ms=300)) as (app, client):
-        responses = await asyncio.gather(*(client.post("/classify", content=mnist_png(d % 10), headers=PNG)
-                                           for d in range(16)))
+        responses = await asyncio.gather(
+            *(client.post("/classify", content=mnist_png(d % 10), headers=PNG) for d in range(16))
+        )
         hist = app.state.runtime.metrics.batch_size.labels("mnist-fcn-dr")
     assert all(r.status_code == 200 for r in responses)
     assert [r.json()["results"][0]["label"] for r in responses] == [d % 10 for d in range(16)]
@@ -85,10 +85,21 @@ async def test_a_client_that_went_away_is_dropped_before_compute(model_dir):
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/classify", "raw_path": b"/classify", "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())],
-             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000), "state": {}}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/classify",
+        "raw_path": b"/classify",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
     async with app.router.lifespan_context(app):
         while not runtime.ready:
             await asyncio.sleep(0.01)
@@ -182,7 +193,9 @@ async def test_draining_refuses_new_work_but_answers_accepted_work(model_dir):
         done = await asyncio.gather(*accepted)
         metrics = (await client.get("/metrics")).text
     assert ready.status_code == 503 and ready.json()["error"] == "not_ready"
-    assert refused.status_code == 503 and refused.json()["error"] == "shutting_down" and "retry-after" in refused.headers
+    assert (
+        refused.status_code == 503 and refused.json()["error"] == "shutting_down" and "retry-after" in refused.headers
+    )
     assert [r.status_code for r in done] == [200] * 5
     assert metric_value(metrics, "soap_ready") == 0
 
@@ -212,8 +225,9 @@ async def test_requests_with_different_settings_never_share_a_batch(model_dir):
 
         batcher.compute = spy
         queries = ["", "?mode=none", "", "?mode=fixed&epsilon=0.2", "?mode=none", ""]
-        rs = await asyncio.gather(*(client.post("/classify" + q, content=mnist_png(i), headers=PNG)
-                                    for i, q in enumerate(queries)))
+        rs = await asyncio.gather(
+            *(client.post("/classify" + q, content=mnist_png(i), headers=PNG) for i, q in enumerate(queries))
+        )
     assert [r.status_code for r in rs] == [200] * 6
     assert sorted(seen) == sorted([("min-aux", None, 3), ("none", None, 2), ("fixed", 0.2, 1)])
     assert [r.json()["results"][0]["epsilon"] for r in rs][1::3] == [0, 0]

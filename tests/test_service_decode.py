@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_service_support import bad_images, encode, mnist_image, mnist_png
 
 from service.decode import DecodeLimits, ImageRejected, decode_image, encode_png
-from test_service_support import bad_images, encode, mnist_image, mnist_png
 
 MNIST_SHAPE = (1, 28, 28)
 
@@ -17,9 +17,16 @@ def reference(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32) / 255.0).unsqueeze(0)
 
 
-@pytest.mark.parametrize("fmt,kwargs", [
-    ("PNG", {}), ("BMP", {}), ("TIFF", {}), ("GIF", {}), ("WEBP", {"lossless": True}),
-])
+@pytest.mark.parametrize(
+    "fmt,kwargs",
+    [
+        ("PNG", {}),
+        ("BMP", {}),
+        ("TIFF", {}),
+        ("GIF", {}),
+        ("WEBP", {"lossless": True}),
+    ],
+)
 def test_lossless_formats_decode_to_the_exact_pixels(fmt, kwargs):
     digit = mnist_image(5)
     decoded = decode_image(encode(digit, fmt, **kwargs), MNIST_SHAPE)
@@ -32,7 +39,7 @@ def test_jpeg_and_lossy_webp_decode_close_to_the_original():
     for fmt, kwargs in (("JPEG", {"quality": 95}), ("WEBP", {"quality": 95})):
         decoded = decode_image(encode(digit, fmt, **kwargs), MNIST_SHAPE)
         assert (decoded - reference(digit)).abs().mean() < 0.02, fmt
-        assert 0.0 <= decoded.min() and decoded.max() <= 1.0
+        assert decoded.min() >= 0.0 and decoded.max() <= 1.0
 
 
 def test_gif_decodes_its_first_and_only_frame():
@@ -59,7 +66,9 @@ def test_colour_input_is_converted_to_the_models_channels():
     assert torch.equal(decode_image(encode(rgb, "PNG"), MNIST_SHAPE), reference(digit))
     # A 3-channel model gets the greyscale digit replicated into R, G and B.
     as_rgb = decode_image(encode(digit, "PNG"), (3, 28, 28))
-    assert as_rgb.shape == (3, 28, 28) and torch.equal(as_rgb[0], as_rgb[2]) and torch.equal(as_rgb[:1], reference(digit))
+    assert (
+        as_rgb.shape == (3, 28, 28) and torch.equal(as_rgb[0], as_rgb[2]) and torch.equal(as_rgb[:1], reference(digit))
+    )
 
 
 def test_transparency_is_composited_onto_black():

@@ -14,10 +14,9 @@ import time
 
 import httpx
 import pytest
+from test_service_support import ROOT, ServerProcess, bad_images, metric_value, mnist_files, mnist_png, model_dir  # noqa: F401
 
 from service.config import ServiceSettings, load_settings
-from test_service_support import (ROOT, ServerProcess, bad_images, metric_value, mnist_files, mnist_png,  # noqa: F401
-                                  model_dir)
 
 PNG = {"Content-Type": "image/png"}
 
@@ -67,11 +66,21 @@ def test_hostile_stream_leaves_the_server_healthy_with_bounded_memory(server):
         codes.append(client.post("/classify", content=b"x" * (600 * 1024), headers=PNG).status_code)  # 413
         codes.append(client.post("/classify", files=[("file", ("b.png", hostile[3], "image/png"))] * 8).status_code)
         codes.append(client.post("/classify", files=[("file", ("a.png", mnist_png(1), "image/png"))] * 9).status_code)
-        codes.append(client.post("/classify", content=b'{"images": [' + b'"AAAA",' * 10 + b'"x"]}',
-                                 headers={"Content-Type": "application/json"}).status_code)
+        codes.append(
+            client.post(
+                "/classify",
+                content=b'{"images": [' + b'"AAAA",' * 10 + b'"x"]}',
+                headers={"Content-Type": "application/json"},
+            ).status_code
+        )
         codes.append(client.post("/classify", json={"images": [b64], "top_k": 10**9}).status_code)
-        codes.append(client.post("/classify", content=b"--x\r\nbroken multipart",
-                                 headers={"Content-Type": "multipart/form-data; boundary=x"}).status_code)
+        codes.append(
+            client.post(
+                "/classify",
+                content=b"--x\r\nbroken multipart",
+                headers={"Content-Type": "multipart/form-data; boundary=x"},
+            ).status_code
+        )
         codes.append(client.post("/classify", content=mnist_png(1), headers={"Content-Type": "text/html"}).status_code)
         return codes
 
@@ -99,8 +108,10 @@ def test_a_stalled_body_gets_408_and_does_not_block_others(server):
     srv = server("--body-timeout-s", "1")
     host, port = srv.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as stalled:
-        stalled.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                        b"Content-Length: 5000\r\n\r\n" + mnist_png(1)[:100])
+        stalled.sendall(
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 5000\r\n\r\n" + mnist_png(1)[:100]
+        )
         started = time.monotonic()
         with httpx.Client(base_url=srv.url, timeout=30) as client:
             good = client.post("/classify", content=mnist_png(3), headers=PNG)
@@ -163,15 +174,26 @@ def test_a_broken_checkpoint_stops_the_start_with_a_clear_message(tmp_path, mode
     broken.mkdir()
     (broken / "model.json").write_text((model_dir / "model.json").read_text())
     (broken / "model.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes()[:1000])
-    proc = subprocess.run([sys.executable, "-m", "service", "--model", str(broken), "--port", "0"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "service", "--model", str(broken), "--port", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_settings_come_from_cli_then_environment_then_defaults(tmp_path):
-    env = {"SOAP_MODELS": "a/m1, b/m2", "SOAP_MAX_BATCH_SIZE": "32", "SOAP_MAX_DELAY_MS": "2.5",
-           "SOAP_ENABLE_ATTACK": "true", "SOAP_DEVICE": "CPU", "SOAP_MAX_BODY_BYTES": "2048"}
+    env = {
+        "SOAP_MODELS": "a/m1, b/m2",
+        "SOAP_MAX_BATCH_SIZE": "32",
+        "SOAP_MAX_DELAY_MS": "2.5",
+        "SOAP_ENABLE_ATTACK": "true",
+        "SOAP_DEVICE": "CPU",
+        "SOAP_MAX_BODY_BYTES": "2048",
+    }
     s = load_settings(["--max-batch-size", "8", "--no-enable-attack"], env)
     assert [p.name for p in s.models] == ["m1", "m2"] and s.model_names[0] == "m1"
     assert s.max_batch_size == 8 and s.max_delay_ms == 2.5 and s.enable_attack is False and s.device == "cpu"

@@ -54,8 +54,12 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
 
 def _mnist_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     files = mnist_files(per_digit=30)
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("L"), dtype=np.float32) / 255.0).unsqueeze(0)
-                     for _, p in files])
+    x = torch.stack(
+        [
+            torch.from_numpy(np.asarray(Image.open(p).convert("L"), dtype=np.float32) / 255.0).unsqueeze(0)
+            for _, p in files
+        ]
+    )
     y = torch.tensor([d for d, _ in files])
     return x, y
 
@@ -79,10 +83,15 @@ def train_tiny_checkpoint(directory: Path, steps: int = 30) -> Path:
         aux = aux_loss(model, x)
         accuracy = (model(x).argmax(1) == y).float().mean().item()
     quantiles = {q: torch.quantile(aux, float(q)).item() for q in ("0.5", "0.9", "0.95", "0.99")}
-    meta = meta_for(model, network="mnist-fcn-dr", dataset="mnist", class_names=[str(i) for i in range(10)],
-                    training={"note": "test fixture: 30 SGD steps on tests/data/mnist"},
-                    metrics={"clean_accuracy": accuracy},
-                    calibration=Calibration(n=len(x), aux_loss_quantiles=quantiles, suspicious_quantile="0.99"))
+    meta = meta_for(
+        model,
+        network="mnist-fcn-dr",
+        dataset="mnist",
+        class_names=[str(i) for i in range(10)],
+        training={"note": "test fixture: 30 SGD steps on tests/data/mnist"},
+        metrics={"clean_accuracy": accuracy},
+        calibration=Calibration(n=len(x), aux_loss_quantiles=quantiles, suspicious_quantile="0.99"),
+    )
     return save_checkpoint(model, meta, directory)
 
 
@@ -154,7 +163,10 @@ class ServerProcess:
         self.log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server must never block on it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port), *args],
-            cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=full_env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
 
     def wait_ready(self, timeout: float = 90.0) -> None:

@@ -37,6 +37,7 @@ def lc():
 
 # ----------------------------------------------------------------------------- rotation convention
 
+
 def test_rotation_is_clockwise_like_the_reference() -> None:
     x = torch.rand(2, 3, 5, 5)
     for r in range(4):
@@ -55,6 +56,7 @@ def test_rotation_is_clockwise_like_the_reference() -> None:
 
 
 # ----------------------------------------------------------------------------- purification losses
+
 
 def test_reconstruction_loss_per_example(fcn) -> None:
     x = torch.rand(5, 1, 28, 28)
@@ -125,6 +127,7 @@ def test_purification_loss_does_not_couple_examples(model_name, request) -> None
 
 # ----------------------------------------------------------------------------- training losses
 
+
 def test_reconstruction_training_targets_the_clean_image(fcn) -> None:
     x = torch.rand(6, 1, 28, 28)
     y = torch.randint(0, 10, (6,))
@@ -168,7 +171,11 @@ def test_rotation_training_is_four_way_cross_entropy(rp) -> None:
 
 def test_training_losses_backpropagate_to_parameters() -> None:
     torch.manual_seed(0)
-    for name, shape in (("mnist-fcn-dr", (1, 28, 28)), ("cifar10-resnet18-rp", (3, 32, 32)), ("cifar10-resnet18-lc", (3, 32, 32))):
+    for name, shape in (
+        ("mnist-fcn-dr", (1, 28, 28)),
+        ("cifar10-resnet18-rp", (3, 32, 32)),
+        ("cifar10-resnet18-lc", (3, 32, 32)),
+    ):
         model = create_model(name).train()
         out = training_losses(model, torch.rand(4, *shape), torch.randint(0, 10, (4,)))
         (out.cls_loss + out.aux_loss).backward()

@@ -70,8 +70,23 @@ STEP_ONLY_PRESETS = sorted(p for p in PRESETS if p not in FULL_RUN_PRESETS)
 def test_every_preset_and_baseline_trains_and_writes_a_loadable_checkpoint(preset, tmp_path, cifar100_folder):
     config = get_preset(preset)
     out = tmp_path / preset
-    rc = train_cli("--preset", preset, "--data-root", data_root(preset, cifar100_folder), "--out", out, "--epochs", 1,
-                   "--batch-size", 16, "--max-steps-per-epoch", 1, "--no-calibration", "--device", "cpu")
+    rc = train_cli(
+        "--preset",
+        preset,
+        "--data-root",
+        data_root(preset, cifar100_folder),
+        "--out",
+        out,
+        "--epochs",
+        1,
+        "--batch-size",
+        16,
+        "--max-steps-per-epoch",
+        1,
+        "--no-calibration",
+        "--device",
+        "cpu",
+    )
     assert rc == 0
     loaded = load_checkpoint(out)
     assert loaded.meta.network == config.network and loaded.meta.training["recipe"] == config.recipe
@@ -80,7 +95,9 @@ def test_every_preset_and_baseline_trains_and_writes_a_loadable_checkpoint(prese
     assert math.isfinite(record["train_loss"]) and record["train_steps"] == 1
     if config.recipe == "soap":
         assert record["train_aux_loss"] > 0
-        assert record["train_loss"] == pytest.approx(record["train_cls_loss"] + config.alpha * record["train_aux_loss"], rel=1e-4)
+        assert record["train_loss"] == pytest.approx(
+            record["train_cls_loss"] + config.alpha * record["train_aux_loss"], rel=1e-4
+        )
     else:
         assert record["train_aux_loss"] == 0
 
@@ -96,44 +113,106 @@ def test_wide_resnet_presets_take_a_training_step(preset, cifar100_folder):
     optimizer = train.make_optimizer(network, config)
     before = network.classifier.weight.detach().clone()
     x, y = data.batch(torch.tensor([len(data) - 1]))
-    loss, cls, aux, logits = train.train_step(train.Objective(network, config), network, optimizer, x, y, config,
-                                              torch.Generator().manual_seed(0))
+    loss, cls, aux, logits = train.train_step(
+        train.Objective(network, config), network, optimizer, x, y, config, torch.Generator().manual_seed(0)
+    )
     assert math.isfinite(loss.item()) and logits.shape == (1, len(data.class_names))
     assert (aux.item() > 0) == (config.recipe == "soap")
     assert not torch.equal(before, network.classifier.weight)
 
 
-@pytest.mark.parametrize("preset,epochs,batch", [("mnist-fcn-dr", 6, 30), ("mnist-cnn-dr", 4, 30), ("mnist-fcn-pgd-at", 6, 30),
-                                                 ("cifar10-resnet18-rp", 5, 24), ("cifar10-resnet18-lc", 5, 24)])
+@pytest.mark.parametrize(
+    "preset,epochs,batch",
+    [
+        ("mnist-fcn-dr", 6, 30),
+        ("mnist-cnn-dr", 4, 30),
+        ("mnist-fcn-pgd-at", 6, 30),
+        ("cifar10-resnet18-rp", 5, 24),
+        ("cifar10-resnet18-lc", 5, 24),
+    ],
+)
 def test_losses_go_down(preset, epochs, batch, tmp_path, cifar100_folder):
     out = tmp_path / "run"
-    assert train_cli("--preset", preset, "--data-root", data_root(preset, cifar100_folder), "--out", out, "--epochs", epochs,
-                     "--batch-size", batch, "--no-calibration", "--device", "cpu") == 0
+    assert (
+        train_cli(
+            "--preset",
+            preset,
+            "--data-root",
+            data_root(preset, cifar100_folder),
+            "--out",
+            out,
+            "--epochs",
+            epochs,
+            "--batch-size",
+            batch,
+            "--no-calibration",
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     first, last = metrics(out)[0], metrics(out)[-1]
     assert last["train_cls_loss"] < first["train_cls_loss"]
-    if get_preset(preset).recipe == "soap" and "-lc" not in preset:  # LC's consistency loss starts near 0 and grows as logits do
+    if (
+        get_preset(preset).recipe == "soap" and "-lc" not in preset
+    ):  # LC's consistency loss starts near 0 and grows as logits do
         assert last["train_aux_loss"] < first["train_aux_loss"]
 
 
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     """BatchNorm buffers, momentum, augmentation and training noise all continue exactly."""
-    common = ["--preset", "cifar10-resnet18-rp", "--data-root", TESTS / "cifar10", "--epochs", 3, "--batch-size", 12,
-              "--max-steps-per-epoch", 2, "--no-calibration", "--device", "cpu"]
+    common = [
+        "--preset",
+        "cifar10-resnet18-rp",
+        "--data-root",
+        TESTS / "cifar10",
+        "--epochs",
+        3,
+        "--batch-size",
+        12,
+        "--max-steps-per-epoch",
+        2,
+        "--no-calibration",
+        "--device",
+        "cpu",
+    ]
     assert train_cli(*common, "--out", tmp_path / "straight") == 0
     assert train_cli(*common, "--out", tmp_path / "split", "--stop-after", 1) == 0
     assert len(metrics(tmp_path / "split")) == 1
     assert train_cli(*common, "--out", tmp_path / "split", "--resume") == 0
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [m["train_loss"] for m in metrics(tmp_path / "straight")] == [m["train_loss"] for m in metrics(tmp_path / "split")]
+    assert [m["train_loss"] for m in metrics(tmp_path / "straight")] == [
+        m["train_loss"] for m in metrics(tmp_path / "split")
+    ]
     assert json.loads((tmp_path / "split" / "model.json").read_text())["training"]["epochs"] == 3
 
 
 def test_training_is_deterministic_per_seed(tmp_path):
     def weights(seed: int, name: str) -> dict[str, torch.Tensor]:
         out = tmp_path / name
-        assert train_cli("--preset", "mnist-fcn-dr", "--data-root", TESTS / "mnist", "--out", out, "--epochs", 2,
-                         "--batch-size", 30, "--max-steps-per-epoch", 3, "--seed", seed, "--no-calibration", "--device", "cpu") == 0
+        assert (
+            train_cli(
+                "--preset",
+                "mnist-fcn-dr",
+                "--data-root",
+                TESTS / "mnist",
+                "--out",
+                out,
+                "--epochs",
+                2,
+                "--batch-size",
+                30,
+                "--max-steps-per-epoch",
+                3,
+                "--seed",
+                seed,
+                "--no-calibration",
+                "--device",
+                "cpu",
+            )
+            == 0
+        )
         return load_file(out / "model.safetensors")
 
     a, b, c = weights(0, "a"), weights(0, "b"), weights(1, "c")
@@ -143,14 +222,51 @@ def test_training_is_deterministic_per_seed(tmp_path):
 
 def test_ddp_on_two_gloo_processes_matches_one_process(tmp_path):
     """Vanilla recipe on the FCN (no noise, no BatchNorm): averaged half-batch gradients = full-batch gradient."""
-    args = ["train", "--preset", "mnist-fcn-vanilla", "--data-root", str(TESTS / "mnist"), "--epochs", "2", "--batch-size", "32",
-            "--max-steps-per-epoch", "3", "--no-calibration", "--device", "cpu", "--threads", "1"]
+    args = [
+        "train",
+        "--preset",
+        "mnist-fcn-vanilla",
+        "--data-root",
+        str(TESTS / "mnist"),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--max-steps-per-epoch",
+        "3",
+        "--no-calibration",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training",
-                           *args, "--out", str(tmp_path / "ddp")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "training",
+            *args,
+            "--out",
+            str(tmp_path / "ddp"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert train_cli(*args[1:], "--out", tmp_path / "single") == 0
-    ddp, single = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "single" / "model.safetensors")
+    ddp, single = (
+        load_file(tmp_path / "ddp" / "model.safetensors"),
+        load_file(tmp_path / "single" / "model.safetensors"),
+    )
     assert not torch.equal(ddp["classifier.weight"], torch.zeros_like(ddp["classifier.weight"]))
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], atol=2e-6, rtol=1e-4)
@@ -162,8 +278,25 @@ def test_ddp_on_two_gloo_processes_matches_one_process(tmp_path):
 
 def test_checkpoint_from_training_loads_in_core_and_service(tmp_path):
     out = tmp_path / "fcn"
-    assert train_cli("--preset", "mnist-fcn-dr", "--data-root", TESTS / "mnist", "--out", out, "--epochs", 3,
-                     "--batch-size", 30, "--calibration-images", 20, "--device", "cpu") == 0
+    assert (
+        train_cli(
+            "--preset",
+            "mnist-fcn-dr",
+            "--data-root",
+            TESTS / "mnist",
+            "--out",
+            out,
+            "--epochs",
+            3,
+            "--batch-size",
+            30,
+            "--calibration-images",
+            20,
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     loaded = load_checkpoint(out)
     cal = loaded.meta.calibration
     q = [cal.aux_loss_quantiles[k] for k in ("0.5", "0.9", "0.95", "0.99")]
@@ -223,7 +356,9 @@ def test_the_default_model_is_shipped():
 def test_shipped_model_loads_with_calibration_metrics_card_and_claimed_accuracy(path):
     loaded = load_checkpoint(path)
     meta = loaded.meta
-    assert meta.calibration is not None and len(meta.calibration.mean_aux_loss_per_budget) == loaded.purifier.num_budgets
+    assert (
+        meta.calibration is not None and len(meta.calibration.mean_aux_loss_per_budget) == loaded.purifier.num_budgets
+    )
     assert meta.calibration.n >= 1000
     assert meta.metrics["clean_accuracy"] > 0.3 and meta.metrics["test_images"] >= 1000
     assert meta.training["command"].startswith("python -m training ")
@@ -246,9 +381,28 @@ def test_warmup_and_eps_ramp_follow_their_schedules(tmp_path):
     assert [ramp.attack_eps_at(e) for e in range(4)] == pytest.approx([0.1, 0.2, 0.3, 0.3])
 
     out = tmp_path / "pgd"
-    assert train_cli("--preset", "mnist-fcn-pgd-at", "--data-root", TESTS / "mnist", "--out", out, "--epochs", 3,
-                     "--batch-size", 50, "--warmup-epochs", 1, "--attack-eps-ramp-epochs", 2, "--no-calibration",
-                     "--device", "cpu") == 0
+    assert (
+        train_cli(
+            "--preset",
+            "mnist-fcn-pgd-at",
+            "--data-root",
+            TESTS / "mnist",
+            "--out",
+            out,
+            "--epochs",
+            3,
+            "--batch-size",
+            50,
+            "--warmup-epochs",
+            1,
+            "--attack-eps-ramp-epochs",
+            2,
+            "--no-calibration",
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     rows = metrics(out)
     assert [r["attack_eps"] for r in rows] == pytest.approx([0.1, 0.2, 0.3])
     assert [r["lr"] for r in rows] == pytest.approx([0.01, 0.01, 0.001])  # in force at the end of each epoch

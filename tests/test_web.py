@@ -30,8 +30,14 @@ CIFAR10 = ROOT / "tests" / "data" / "cifar10"
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 TIMEOUT_MS = 20_000
 SECOND = "mnist-second"
@@ -46,6 +52,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 
 # ----------------------------------------------------------------------------- servers and browser
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -67,9 +74,24 @@ class Server:
         self.log = ARTIFACTS / f"server-{self.port}.log"
         self._log_file = self.log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--model", str(MODEL), "--host", "127.0.0.1", "--port", str(self.port),
-             "--device", "cpu", *extra],
-            cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "--model",
+                str(MODEL),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--device",
+                "cpu",
+                *extra,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
         )
 
     def wait_ready(self, timeout: float = 60.0) -> None:
@@ -110,7 +132,9 @@ def servers(tmp_path_factory):
     cifar = zoo / CIFAR
     network = create_model("cifar10-resnet18-rp")
     classes = sorted(p.name for p in CIFAR10.iterdir())
-    save_checkpoint(network, meta_for(network, network="cifar10-resnet18-rp", dataset="cifar10", class_names=classes), cifar)
+    save_checkpoint(
+        network, meta_for(network, network="cifar10-resnet18-rp", dataset="cifar10", class_names=classes), cifar
+    )
     # The attack-enabled server also requires an API key, which the page asks for.
     off = Server("--model", str(cifar))
     on = Server("--enable-attack", "--model", str(zoo / SECOND), api_key="web-test-key")
@@ -139,7 +163,10 @@ def page(browser):
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
     external: list[str] = []
-    pg.on("request", lambda r: None if r.url.startswith(("http://127.0.0.1", "data:", "blob:")) else external.append(r.url))
+    pg.on(
+        "request",
+        lambda r: None if r.url.startswith(("http://127.0.0.1", "data:", "blob:")) else external.append(r.url),
+    )
     yield pg
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
@@ -161,18 +188,26 @@ def open_page(page, server: Server) -> None:
 
 def wait_for_result(page) -> None:
     page.wait_for_function(
-        "() => !document.getElementById('result').hidden || !document.getElementById('error').hidden")
+        "() => !document.getElementById('result').hidden || !document.getElementById('error').hidden"
+    )
     assert page.locator("#error").is_hidden(), page.locator("#error").inner_text()
 
 
 def shown(page) -> dict:
-    return {k: page.locator(f"#pred-{k}").inner_text() for k in ("label", "eps", "aux-before", "aux-after", "suspicious")}
+    return {
+        k: page.locator(f"#pred-{k}").inner_text() for k in ("label", "eps", "aux-before", "aux-after", "suspicious")
+    }
 
 
 def direct_classify(server: Server, png: bytes, model: str = "mnist-fcn-dr") -> dict:
     params = {"model": model, "top_k": 10, "return_purified": "true", "return_curve": "true"}
-    r = httpx.post(f"{server.url}/classify", params=params, files={"file": ("x.png", png, "image/png")},
-                   headers=server.headers, timeout=30)
+    r = httpx.post(
+        f"{server.url}/classify",
+        params=params,
+        files={"file": ("x.png", png, "image/png")},
+        headers=server.headers,
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
     return r.json()["results"][0]
 
@@ -216,6 +251,7 @@ def mnist_png(digit: int) -> Path:
 
 
 # ----------------------------------------------------------------------------- tests
+
 
 def test_draw_stroke_shows_prediction_consistent_with_api(page, servers):
     server = servers["off"]
@@ -302,8 +338,12 @@ def test_attack_then_purify_when_enabled(page, servers):
     assert f"the undefended classifier says {attack['clean_label']} on the input" in summary
     assert f"{attack['adversarial_label']} on the adversarial image" in summary
     # The attacked label is the undefended classifier's own prediction (/classify with mode=none).
-    undefended = httpx.post(f"{server.url}/classify", params={"mode": "none"}, headers=server.headers,
-                            files={"file": ("x.png", path.read_bytes(), "image/png")}).json()["results"][0]
+    undefended = httpx.post(
+        f"{server.url}/classify",
+        params={"mode": "none"},
+        headers=server.headers,
+        files={"file": ("x.png", path.read_bytes(), "image/png")},
+    ).json()["results"][0]
     assert attack["clean_label"] == undefended["label"]
     assert page.locator("#fig-adversarial").is_visible()
     assert page.evaluate("document.getElementById('img-adversarial').naturalWidth") == 28
@@ -348,13 +388,16 @@ def test_drag_and_drop_and_model_picker(page, servers):
     open_page(page, server)
     assert page.locator("#model option").all_inner_texts() == ["mnist-fcn-dr (mnist)", f"{SECOND} (mnist)"]
     png = mnist_png(9).read_bytes()
-    page.evaluate("""(b64) => {
+    page.evaluate(
+        """(b64) => {
         const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
         const dt = new DataTransfer();
         dt.items.add(new File([bytes], 'dropped.png', {type: 'image/png'}));
         document.getElementById('drop-zone').dispatchEvent(
             new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
-    }""", base64.b64encode(png).decode())
+    }""",
+        base64.b64encode(png).decode(),
+    )
     wait_for_result(page)
     assert "model mnist-fcn-dr" in page.locator("#timing").inner_text()
     assert_matches(page, direct_classify(server, png))

@@ -121,13 +121,16 @@ def test_attack_accepts_raw_image_body_and_form_fields(on):
     assert 0 < np.abs(adv - _pixels(_png(1))).max() <= 0.1 + 1e-9
 
 
-@pytest.mark.parametrize("params, status, error", [
-    ({"steps": MAX_ATTACK_STEPS + 1}, 422, "bad_options"),
-    ({"epsilon": 0.9}, 422, "bad_options"),
-    ({"epsilon": 0}, 422, "bad_options"),
-    ({"restarts": 3}, 422, "bad_options"),
-    ({"model": "nope"}, 404, "unknown_model"),
-])
+@pytest.mark.parametrize(
+    "params, status, error",
+    [
+        ({"steps": MAX_ATTACK_STEPS + 1}, 422, "bad_options"),
+        ({"epsilon": 0.9}, 422, "bad_options"),
+        ({"epsilon": 0}, 422, "bad_options"),
+        ({"restarts": 3}, 422, "bad_options"),
+        ({"model": "nope"}, 404, "unknown_model"),
+    ],
+)
 def test_attack_rejects_bad_options(on, params, status, error):
     r = on.post("/v1/attack", params=params, files={"file": ("x.png", _png(2), "image/png")})
     assert r.status_code == status, r.text
@@ -137,7 +140,9 @@ def test_attack_rejects_bad_options(on, params, status, error):
 def test_attack_rejects_bad_uploads(on):
     not_image = on.post("/v1/attack", files={"file": ("x.png", b"plain text", "image/png")})
     assert not_image.status_code == 422 and not_image.json()["error"] == "bad_image"
-    two = on.post("/v1/attack", files=[("file", ("a.png", _png(2), "image/png")), ("file", ("b.png", _png(3), "image/png"))])
+    two = on.post(
+        "/v1/attack", files=[("file", ("a.png", _png(2), "image/png")), ("file", ("b.png", _png(3), "image/png"))]
+    )
     assert two.status_code == 413
     big = on.post("/v1/attack", content=b"\0" * (MAX_ATTACK_BYTES + 1), headers={"content-type": "image/png"})
     assert big.status_code == 413 and big.json()["error"] == "payload_too_large"
@@ -163,9 +168,12 @@ def test_one_attack_at_a_time():
     async def both():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+
             def one():
-                return client.post("/v1/attack", params={"steps": MAX_ATTACK_STEPS},
-                                   files={"file": ("x.png", _png(6), "image/png")})
+                return client.post(
+                    "/v1/attack", params={"steps": MAX_ATTACK_STEPS}, files={"file": ("x.png", _png(6), "image/png")}
+                )
+
             return await asyncio.gather(one(), one())
 
     first, second = asyncio.run(both())

@@ -32,7 +32,9 @@ def test_min_aux_purification_keeps_clean_accuracy(name):
     with torch.no_grad():
         purified = (loaded.network(result.images).argmax(1) == y).float().mean().item()
     assert clean >= 0.85, f"{name}: clean accuracy {clean:.3f} on {len(y)} committed test images"
-    assert purified >= clean - MAX_DROP, f"{name}: min-aux purification drops accuracy from {clean:.3f} to {purified:.3f}"
+    assert purified >= clean - MAX_DROP, (
+        f"{name}: min-aux purification drops accuracy from {clean:.3f} to {purified:.3f}"
+    )
     # Purification must actually move images (ε > 0 somewhere) and lower their auxiliary loss on average.
     assert (result.epsilon > 0).any()
     assert result.aux_after.mean() < result.aux_before.mean()

@@ -50,20 +50,24 @@ def adversarial_inputs(model: SoapNetwork, x: torch.Tensor, y: torch.Tensor, con
     return x_adv.detach()
 
 
-def step_losses(model: SoapNetwork, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> StepLosses:
+def step_losses(
+    model: SoapNetwork, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, config: TrainConfig
+) -> StepLosses:
     """The recipe's loss on a batch (`x_adv` from `adversarial_inputs`)."""
     zero = x.new_zeros(())
     if config.recipe == "soap":
         losses = training_losses(model, x, y)
-        return StepLosses(losses.cls_loss + config.alpha * losses.aux_loss, losses.cls_loss, losses.aux_loss, losses.logits)
+        return StepLosses(
+            losses.cls_loss + config.alpha * losses.aux_loss, losses.cls_loss, losses.aux_loss, losses.logits
+        )
     if config.recipe == "vanilla":
         logits = model(x)
         cls = F.cross_entropy(logits, y)
         return StepLosses(cls, cls, zero, logits)
     if config.recipe == "fgsm-at":
         logits = model(torch.cat([x, x_adv]))
-        cls = 0.5 * F.cross_entropy(logits[: len(x)], y) + 0.5 * F.cross_entropy(logits[len(x):], y)
-        return StepLosses(cls, cls, zero, logits[len(x):])
+        cls = 0.5 * F.cross_entropy(logits[: len(x)], y) + 0.5 * F.cross_entropy(logits[len(x) :], y)
+        return StepLosses(cls, cls, zero, logits[len(x) :])
     if config.recipe == "pgd-at":
         logits = model(x_adv)
         cls = F.cross_entropy(logits, y)

@@ -24,7 +24,9 @@ def _batches(n: int, batch_size: int):
 
 
 @torch.no_grad()
-def clean_accuracy(model: SoapNetwork, data: ImageData, device: torch.device | str = "cpu", batch_size: int = 500) -> float:
+def clean_accuracy(
+    model: SoapNetwork, data: ImageData, device: torch.device | str = "cpu", batch_size: int = 500
+) -> float:
     """Top-1 accuracy of the model (eval mode) on all of `data`."""
     was_training = model.training
     model.eval()
@@ -37,7 +39,9 @@ def clean_accuracy(model: SoapNetwork, data: ImageData, device: torch.device | s
 
 
 @torch.no_grad()
-def aux_losses(model: SoapNetwork, data: ImageData, device: torch.device | str = "cpu", batch_size: int = 500) -> torch.Tensor:
+def aux_losses(
+    model: SoapNetwork, data: ImageData, device: torch.device | str = "cpu", batch_size: int = 500
+) -> torch.Tensor:
     """Per-example test-time auxiliary loss (no purification) over `data`."""
     model.eval()
     out = [aux_loss(model, data.batch(idx, device)[0]).cpu() for idx in _batches(len(data), batch_size)]
@@ -75,7 +79,9 @@ def calibrate(
         with torch.no_grad():
             correct += (model(result.images).argmax(1) == y).sum().item()
     calibration = Calibration(
-        n=len(data), aux_loss_quantiles=quantiles, mean_aux_loss_per_budget=(curve_sum / max(1, n_curve)).tolist(),
+        n=len(data),
+        aux_loss_quantiles=quantiles,
+        mean_aux_loss_per_budget=(curve_sum / max(1, n_curve)).tolist(),
         suspicious_quantile=suspicious_quantile,
     )
     return CalibrationReport(calibration, correct / max(1, n_curve), n_curve)

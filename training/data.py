@@ -68,6 +68,7 @@ def cache_dir() -> Path:
 
 # ----------------------------------------------------------------------------- torchvision datasets
 
+
 def _how_to_get(dataset: str) -> str:
     return {
         "mnist": "pass --data-root DIR where DIR/MNIST/raw/ holds the four IDX files (torchvision layout), "
@@ -87,18 +88,23 @@ def _torchvision_splits(dataset: str, root: Path, download: bool, train_split: b
         test = cls(root=str(root), train=False, download=download)
         train = cls(root=str(root), train=True, download=download) if train_split else None
     except (RuntimeError, OSError, ValueError) as exc:
-        raise DatasetError(f"cannot load {dataset} from {root}: {exc}. To get the data: {_how_to_get(dataset)}.") from None
+        raise DatasetError(
+            f"cannot load {dataset} from {root}: {exc}. To get the data: {_how_to_get(dataset)}."
+        ) from None
 
     def to_data(ds) -> ImageData:
         images = torch.as_tensor(np.asarray(ds.data))
         images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # MNIST [N,H,W]; CIFAR NHWC
         names = MNIST_CLASSES if dataset == "mnist" else list(ds.classes)
-        return ImageData(images.contiguous().to(torch.uint8), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64), names)
+        return ImageData(
+            images.contiguous().to(torch.uint8), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64), names
+        )
 
     return DataSplits(to_data(train) if train else None, to_data(test), f"torchvision {cls.__name__} at {root}")
 
 
 # ----------------------------------------------------------------------------- ImageFolder
+
 
 def _class_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -168,8 +174,14 @@ def load_image_folder(root: str | Path, shape: tuple[int, int, int], use_cache: 
     images = np.empty((total, *shape), dtype=np.uint8)
     labels = np.empty(total, dtype=np.int64)
     i = 0
-    with tqdm(total=total, desc=f"decoding {root}", unit="img", leave=False, disable=total < 2000,
-              mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:
+    with tqdm(
+        total=total,
+        desc=f"decoding {root}",
+        unit="img",
+        leave=False,
+        disable=total < 2000,
+        mininterval=1.0 if sys.stderr.isatty() else 30.0,
+    ) as bar:
         for label, paths in enumerate(files):
             for p in paths:
                 images[i], labels[i] = _decode(p, shape), label
@@ -207,6 +219,7 @@ def _image_folder_splits(root: Path, shape: tuple[int, int, int], holdout: float
 
 # ----------------------------------------------------------------------------- entry point
 
+
 def load_splits(
     dataset: str, root: str | Path | None, shape: tuple[int, int, int], download: bool = False, holdout: float = 0.1
 ) -> DataSplits:
@@ -225,7 +238,9 @@ def load_splits(
     raise DatasetError(f"{root} is not an ImageFolder tree. {_how_to_get(dataset)}.")
 
 
-def load_test_data(dataset: str, root: str | Path, shape: tuple[int, int, int], download: bool = False) -> tuple[ImageData, str]:
+def load_test_data(
+    dataset: str, root: str | Path, shape: tuple[int, int, int], download: bool = False
+) -> tuple[ImageData, str]:
     """Only the test split (root/test or root itself as ImageFolder, or torchvision's test set); no training set decoded."""
     root = Path(root)
     if is_image_folder(root / "test"):
@@ -254,6 +269,7 @@ def interleaved_order(labels: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- augmentation
+
 
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
     """Per-example random crop after zero padding, and horizontal flip with p = 0.5 (batched, no loop)."""

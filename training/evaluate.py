@@ -24,7 +24,7 @@ from tqdm import tqdm
 from models import create_model, load_checkpoint, oracle_select, purify
 from models.checkpoint import LoadedModel
 
-from .attacks import paper_settings, pgd
+from .attacks import paper_settings
 from .attacks.registry import ATTACKS, DEFAULT_ATTACKS, AttackContext, AttackSpec, get_attack
 from .attacks.settings import AttackSettings
 from .data import ImageData, is_image_folder, load_image_folder, load_splits
@@ -67,6 +67,7 @@ class Batchwise:
 
 # ----------------------------------------------------------------------------- data and model
 
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,7 +88,9 @@ def evaluation_order(data: ImageData, source: str) -> tuple[torch.Tensor, str]:
     """The order in which test images are taken: canonical for torchvision sets (the first n, as Croce et al.),
     a fixed random permutation (seed 0) for ImageFolder trees, whose files are sorted by class."""
     if source.startswith("ImageFolder"):
-        return torch.randperm(len(data), generator=torch.Generator().manual_seed(0)), "images drawn by a fixed permutation (seed 0) of the folder"
+        return torch.randperm(
+            len(data), generator=torch.Generator().manual_seed(0)
+        ), "images drawn by a fixed permutation (seed 0) of the folder"
     return torch.arange(len(data)), "the first n images in canonical order"
 
 
@@ -97,6 +100,7 @@ def is_soap(loaded: LoadedModel) -> bool:
 
 
 # ----------------------------------------------------------------------------- scoring
+
 
 class Scorer:
     """Classify images under each row of the table; times the purifier."""
@@ -131,7 +135,12 @@ def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def run_attack(
-    spec: AttackSpec, ctx: AttackContext, scorer: Scorer, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+    spec: AttackSpec,
+    ctx: AttackContext,
+    scorer: Scorer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
     keep: dict | None = None,
 ) -> Batchwise:
     """Attack all images batch by batch; score every row; record time, budget and range violations."""
@@ -155,6 +164,7 @@ def run_attack(
 
 # ----------------------------------------------------------------------------- the evaluation
 
+
 def evaluate(config: EvalConfig) -> dict:
     from . import figures, sanity  # noqa: PLC0415  (matplotlib only when evaluating)
 
@@ -176,16 +186,24 @@ def evaluate(config: EvalConfig) -> dict:
     if n <= 0:
         raise ValueError(f"the test set has {len(data)} images; the black-box attack reserves {reserve}")
     x, y = data.batch(order[:n], device)
-    seed_images = data.batch(order[len(data) - reserve:], device)[0] if reserve else None
+    seed_images = data.batch(order[len(data) - reserve :], device)[0] if reserve else None
     data_source += f"; {selection}" + (f"; black-box seed: the last {reserve} images of that order" if reserve else "")
 
     generator = torch.Generator().manual_seed(config.seed)
     ctx = AttackContext(
-        model=model, purifier=loaded.purifier, settings=settings, generator=generator, beta=config.beta,
+        model=model,
+        purifier=loaded.purifier,
+        settings=settings,
+        generator=generator,
+        beta=config.beta,
         substitute_seed=seed_images,
-        substitute_factory=lambda: create_model(meta.network, num_classes=len(meta.class_names),
-                                                input_shape=meta.input_shape, mean=meta.normalization.mean,
-                                                std=meta.normalization.std).to(device),
+        substitute_factory=lambda: create_model(
+            meta.network,
+            num_classes=len(meta.class_names),
+            input_shape=meta.input_shape,
+            mean=meta.normalization.mean,
+            std=meta.normalization.std,
+        ).to(device),
     )
     scorer = Scorer(loaded, rows)
     started = time.time()
@@ -283,9 +301,16 @@ def command_line(config: EvalConfig) -> str:
     parts = ["python -m training evaluate", f"--model {config.model}"]
     if config.data_root is not None:
         parts.append(f"--data-root {config.data_root}")
-    parts += [f"--n {config.n}", f"--attacks {','.join(config.attacks)}", f"--seed {config.seed}",
-              f"--out {config.out}", f"--batch-size {config.batch_size}", f"--beta {config.beta}",
-              f"--sanity-n {config.sanity_n}", f"--beta-n {config.beta_n}"]
+    parts += [
+        f"--n {config.n}",
+        f"--attacks {','.join(config.attacks)}",
+        f"--seed {config.seed}",
+        f"--out {config.out}",
+        f"--batch-size {config.batch_size}",
+        f"--beta {config.beta}",
+        f"--sanity-n {config.sanity_n}",
+        f"--beta-n {config.beta_n}",
+    ]
     if config.adaptive_n:
         parts.append(f"--adaptive-n {config.adaptive_n}")
     flags = {name: flag for flag, (name, _) in _OVERRIDES.items()}
@@ -295,8 +320,12 @@ def command_line(config: EvalConfig) -> str:
 
 def _git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -304,20 +333,31 @@ def _git_commit() -> str | None:
 # ----------------------------------------------------------------------------- CLI
 
 _OVERRIDES = {  # CLI flag -> AttackSettings field
-    "eps": ("linf_eps", float), "l2_eps": ("l2_eps", float), "pgd_step": ("pgd_step", float),
-    "pgd_steps": ("pgd_steps", int), "cw_steps": ("cw_steps", int), "cw_binary_steps": ("cw_binary_steps", int),
-    "df_steps": ("df_steps", int), "adaptive_steps": ("adaptive_steps", int), "apgd_steps": ("apgd_steps", int),
+    "eps": ("linf_eps", float),
+    "l2_eps": ("l2_eps", float),
+    "pgd_step": ("pgd_step", float),
+    "pgd_steps": ("pgd_steps", int),
+    "cw_steps": ("cw_steps", int),
+    "cw_binary_steps": ("cw_binary_steps", int),
+    "df_steps": ("df_steps", int),
+    "adaptive_steps": ("adaptive_steps", int),
+    "apgd_steps": ("apgd_steps", int),
     "eot_samples": ("eot_samples", int),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="checkpoint folder (model.safetensors + model.json)")
-    parser.add_argument("--data-root", type=Path, default=None,
-                        help="dataset root: torchvision layout (MNIST/raw/...) or an ImageFolder tree (ROOT/test/<class>/)")
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="dataset root: torchvision layout (MNIST/raw/...) or an ImageFolder tree (ROOT/test/<class>/)",
+    )
     parser.add_argument("--n", type=int, default=1000, help="number of test images (the first n; default 1000)")
-    parser.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS),
-                        help=f"comma-separated subset of: {', '.join(ATTACKS)}")
+    parser.add_argument(
+        "--attacks", default=",".join(DEFAULT_ATTACKS), help=f"comma-separated subset of: {', '.join(ATTACKS)}"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--out", type=Path, default=Path("results"), help="output folder")
@@ -325,8 +365,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta", type=float, default=0.5, help="β of the aux-aware PGD column (paper scale)")
     parser.add_argument("--sanity-n", type=int, default=100, help="images for the budget sweep and ε = 0 checks")
     parser.add_argument("--beta-n", type=int, default=500, help="images for the β sweep (Fig. 5)")
-    parser.add_argument("--adaptive-n", type=int, default=None,
-                        help="run adaptive attacks on the first N of the n images only (they cost ~T·K gradients per step)")
+    parser.add_argument(
+        "--adaptive-n",
+        type=int,
+        default=None,
+        help="run adaptive attacks on the first N of the n images only (they cost ~T·K gradients per step)",
+    )
     parser.add_argument("--no-figures", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     group = parser.add_argument_group("attack settings (defaults: the paper's for the checkpoint's dataset)")
@@ -337,9 +381,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
     return EvalConfig(
-        model=args.model, data_root=args.data_root, n=args.n, attacks=attacks, seed=args.seed, device=args.device,
-        out=args.out, batch_size=args.batch_size, beta=args.beta, figures=not args.no_figures,
-        sanity_n=args.sanity_n, beta_n=args.beta_n, adaptive_n=args.adaptive_n,
+        model=args.model,
+        data_root=args.data_root,
+        n=args.n,
+        attacks=attacks,
+        seed=args.seed,
+        device=args.device,
+        out=args.out,
+        batch_size=args.batch_size,
+        beta=args.beta,
+        figures=not args.no_figures,
+        sanity_n=args.sanity_n,
+        beta_n=args.beta_n,
+        adaptive_n=args.adaptive_n,
         settings={name: getattr(args, flag) for flag, (name, _) in _OVERRIDES.items()},
     )
 
@@ -356,7 +410,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     result = evaluate(config)
     failed = [c for c in result["sanity_checks"] if not c["passed"]]
-    print(f"wrote {config.out}/results.md, results.json, results.csv; "
-          f"{len(failed)} sanity check(s) failed" + (": " + ", ".join(c["name"] for c in failed) if failed else ""))
+    print(
+        f"wrote {config.out}/results.md, results.json, results.csv; "
+        f"{len(failed)} sanity check(s) failed" + (": " + ", ".join(c["name"] for c in failed) if failed else "")
+    )
     print(json.dumps({k: v for k, v in result["clean"].items()}, indent=None))
     return 0

@@ -46,7 +46,9 @@ def aux_loss_curve(result: dict, loaded: LoadedModel, clean: torch.Tensor, adv: 
     _save(fig, path)
 
 
-def examples(result: dict, loaded: LoadedModel, clean: torch.Tensor, y: torch.Tensor, adv: torch.Tensor, path: Path) -> None:
+def examples(
+    result: dict, loaded: LoadedModel, clean: torch.Tensor, y: torch.Tensor, adv: torch.Tensor, path: Path
+) -> None:
     model, cfg = loaded.network, loaded.purifier
     names = loaded.meta.class_names
     k = min(8, clean.shape[0])
@@ -60,8 +62,12 @@ def examples(result: dict, loaded: LoadedModel, clean: torch.Tensor, y: torch.Te
         for c in range(k):
             ax = axes[r, c]
             img = images[c].detach().cpu().numpy()
-            ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray" if img.shape[0] == 1 else None,
-                      vmin=0, vmax=1)
+            ax.imshow(
+                img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0),
+                cmap="gray" if img.shape[0] == 1 else None,
+                vmin=0,
+                vmax=1,
+            )
             ok = int(preds[r][c]) == int(y[c])
             extra = f"\nε={float(purified.epsilon[c]):.2f}" if label == "purified" else ""
             ax.set_xlabel(f"{names[int(preds[r][c])]}{extra}", color="green" if ok else "red", fontsize=7)

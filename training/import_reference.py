@@ -14,7 +14,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
 from models import CheckpointError, get_spec, save_checkpoint
 from models.checkpoint import meta_for
 from models.reference import convert_reference_state_dict, load_reference_state_dict
@@ -31,9 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="the reference checkpoint (.pth, a bare state dict)")
     parser.add_argument("--out", required=True, help="output checkpoint folder")
     parser.add_argument("--network", default="cifar10-resnet18-lc", choices=REFERENCE_NETWORKS)
-    parser.add_argument("--data-root", help="CIFAR-10 (torchvision layout or ImageFolder with test/): accuracy + calibration")
+    parser.add_argument(
+        "--data-root", help="CIFAR-10 (torchvision layout or ImageFolder with test/): accuracy + calibration"
+    )
     parser.add_argument("--eval-images", type=int, default=1000, help="also report accuracy on the first N test images")
-    parser.add_argument("--calibration-images", type=int, default=1000, help="images for the per-budget purification curve")
+    parser.add_argument(
+        "--calibration-images", type=int, default=1000, help="images for the per-budget purification curve"
+    )
     parser.add_argument("--device", default="auto")
 
 
@@ -50,8 +53,14 @@ def run(args: argparse.Namespace) -> int:
 def reproducing_options(args: argparse.Namespace) -> list[str]:
     options = [str(args.path), "--out", str(args.out), "--network", args.network]
     if args.data_root:
-        options += ["--data-root", str(args.data_root), "--eval-images", str(args.eval_images),
-                    "--calibration-images", str(args.calibration_images)]
+        options += [
+            "--data-root",
+            str(args.data_root),
+            "--eval-images",
+            str(args.eval_images),
+            "--calibration-images",
+            str(args.calibration_images),
+        ]
     return options
 
 
@@ -82,14 +91,28 @@ def import_reference(args: argparse.Namespace) -> Path:
         calibration = report.calibration
         metrics |= {"min_aux_accuracy": report.min_aux_accuracy, "min_aux_images": float(report.curve_images)}
         training["calibration_curve_images"] = report.curve_images
-        print(f"clean accuracy: {100 * metrics['clean_accuracy']:.2f} % on {len(test)} test images; "
-              f"{100 * metrics[f'clean_accuracy_first_{len(first)}']:.2f} % on the first {len(first)} ({source})", file=sys.stderr)
-    meta = meta_for(network, network=args.network, dataset="cifar10", class_names=CIFAR10_CLASSES,
-                    training=training, metrics=metrics, calibration=calibration)
+        print(
+            f"clean accuracy: {100 * metrics['clean_accuracy']:.2f} % on {len(test)} test images; "
+            f"{100 * metrics[f'clean_accuracy_first_{len(first)}']:.2f} % on the first {len(first)} ({source})",
+            file=sys.stderr,
+        )
+    meta = meta_for(
+        network,
+        network=args.network,
+        dataset="cifar10",
+        class_names=CIFAR10_CLASSES,
+        training=training,
+        metrics=metrics,
+        calibration=calibration,
+    )
     save_checkpoint(network, meta, args.out)
-    model_card.write(args.out, meta, notes=(
-        "Weights of the authors' released CIFAR-10 label-consistency checkpoint, renamed by `models.reference`; "
-        "normalisation buffers added. Accuracies measured on the JPEG re-encoded CIFAR-10 test set (quality ~75), "
-        "so they come out slightly below numbers on the original PNG/pickle images."
-    ))
+    model_card.write(
+        args.out,
+        meta,
+        notes=(
+            "Weights of the authors' released CIFAR-10 label-consistency checkpoint, renamed by `models.reference`; "
+            "normalisation buffers added. Accuracies measured on the JPEG re-encoded CIFAR-10 test set (quality ~75), "
+            "so they come out slightly below numbers on the original PNG/pickle images."
+        ),
+    )
     return Path(args.out)

@@ -25,11 +25,15 @@ def render(meta: CheckpointMeta, name: str, notes: str = "") -> str:
         "",
     ]
     if "clean_accuracy" in m:
-        lines.append(f"- Clean test accuracy: **{100 * m['clean_accuracy']:.2f} %** on {int(m.get('test_images', 0))} "
-                     f"test images ({t.get('test_data', t.get('data', '?'))}), no purification.")
+        lines.append(
+            f"- Clean test accuracy: **{100 * m['clean_accuracy']:.2f} %** on {int(m.get('test_images', 0))} "
+            f"test images ({t.get('test_data', t.get('data', '?'))}), no purification."
+        )
     if "min_aux_accuracy" in m:
-        lines.append(f"- Accuracy after min-aux purification (no attack): **{100 * m['min_aux_accuracy']:.2f} %** on the first "
-                     f"{int(m.get('min_aux_images', 0))} of those test images.")
+        lines.append(
+            f"- Accuracy after min-aux purification (no attack): **{100 * m['min_aux_accuracy']:.2f} %** on the first "
+            f"{int(m.get('min_aux_images', 0))} of those test images."
+        )
     for key, value in m.items():
         if key not in ("clean_accuracy", "test_images", "min_aux_accuracy", "min_aux_images"):
             lines.append(f"- {key}: {_fmt(value)}")
@@ -43,8 +47,23 @@ def render(meta: CheckpointMeta, name: str, notes: str = "") -> str:
             + ", ".join(f"{v:.4g}" for v in c.mean_aux_loss_per_budget),
         ]
     lines += ["", "## Training", ""]
-    for key in ("recipe", "data", "epochs", "epochs_planned", "lr", "lr_milestones", "batch_size", "alpha", "seed",
-                "world_size", "hardware", "started_utc", "finished_utc", "duration_seconds", "git_commit"):
+    for key in (
+        "recipe",
+        "data",
+        "epochs",
+        "epochs_planned",
+        "lr",
+        "lr_milestones",
+        "batch_size",
+        "alpha",
+        "seed",
+        "world_size",
+        "hardware",
+        "started_utc",
+        "finished_utc",
+        "duration_seconds",
+        "git_commit",
+    ):
         if key in t:
             lines.append(f"- {key}: {_fmt(t[key])}")
     if "command" in t:

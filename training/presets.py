@@ -35,7 +35,9 @@ class TrainConfig:
     attack_eps: float = 0.3  # adversarial-training baselines
     attack_step_size: float = 0.01
     attack_steps: int = 40
-    attack_eps_ramp_epochs: int = 0  # adversarial training: ε grows linearly to attack_eps over these epochs (not in the paper)
+    attack_eps_ramp_epochs: int = (
+        0  # adversarial training: ε grows linearly to attack_eps over these epochs (not in the paper)
+    )
     seed: int = 0
 
     def attack_eps_at(self, epoch: int) -> float:
@@ -46,7 +48,9 @@ class TrainConfig:
 
     def milestones(self) -> list[int]:
         """Epoch indices where lr drops ÷10 (at least epoch 1, so short runs still follow the schedule's shape)."""
-        return sorted({max(1, round(f * self.epochs)) for f in self.lr_milestones if round(f * self.epochs) < self.epochs})
+        return sorted(
+            {max(1, round(f * self.epochs)) for f in self.lr_milestones if round(f * self.epochs) < self.epochs}
+        )
 
 
 def _soap_preset(network: str) -> TrainConfig:
@@ -54,13 +58,29 @@ def _soap_preset(network: str) -> TrainConfig:
     if spec.dataset == "mnist":
         cnn = "cnn" in network
         return TrainConfig(
-            preset=network, network=network, dataset="mnist", epochs=200 if cnn else 100, lr=0.1 if cnn else 0.01,
-            lr_milestones=(0.5,), alpha=ALPHA[spec.aux_task], attack_eps=0.3, attack_step_size=0.01, attack_steps=40,
+            preset=network,
+            network=network,
+            dataset="mnist",
+            epochs=200 if cnn else 100,
+            lr=0.1 if cnn else 0.01,
+            lr_milestones=(0.5,),
+            alpha=ALPHA[spec.aux_task],
+            attack_eps=0.3,
+            attack_step_size=0.01,
+            attack_steps=40,
         )
     return TrainConfig(
-        preset=network, network=network, dataset=spec.dataset, epochs=200, lr=0.1, lr_milestones=(0.5, 0.75),
-        alpha=ALPHA[spec.aux_task], crop_flip=spec.aux_task != "label_consistency",  # LC makes its own views
-        attack_eps=8 / 255, attack_step_size=2 / 255, attack_steps=7,
+        preset=network,
+        network=network,
+        dataset=spec.dataset,
+        epochs=200,
+        lr=0.1,
+        lr_milestones=(0.5, 0.75),
+        alpha=ALPHA[spec.aux_task],
+        crop_flip=spec.aux_task != "label_consistency",  # LC makes its own views
+        attack_eps=8 / 255,
+        attack_step_size=2 / 255,
+        attack_steps=7,
     )
 
 

@@ -34,15 +34,19 @@ def provenance(result: dict) -> str:
     if result.get("command"):
         lines.append(f"- command: `{result['command']}`")
     if result.get("jpeg_caveat"):
-        lines.append("- **caveat**: these CIFAR-10 test images are JPEG re-encodings (quality ≈ 75) of the originals, "
-                     "so accuracies are a little below those on the lossless test set")
+        lines.append(
+            "- **caveat**: these CIFAR-10 test images are JPEG re-encodings (quality ≈ 75) of the originals, "
+            "so accuracies are a little below those on the lossless test set"
+        )
     return "\n".join(lines)
 
 
 def accuracy_table(result: dict, attacks: list[str] | None = None, success: bool = False) -> str:
     attacks = attacks if attacks is not None else list(result["attacks"])
-    head = ["row", "no attack"] + [a if result["attacks"][a].get("n", result["n"]) == result["n"]
-                                   else f"{a} (n={result['attacks'][a]['n']})" for a in attacks]
+    head = ["row", "no attack"] + [
+        a if result["attacks"][a].get("n", result["n"]) == result["n"] else f"{a} (n={result['attacks'][a]['n']})"
+        for a in attacks
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["rows"]:
         cells = [ROW_TITLES[row], "–" if success else cell(result["clean"][row])]
@@ -56,8 +60,10 @@ def accuracy_table(result: dict, attacks: list[str] | None = None, success: bool
 def attacks_table(result: dict) -> str:
     lines = ["| attack | kind | settings | n | s / image | max L∞ | max L2 |", "|---|---|---|---|---|---|---|"]
     for name, a in result["attacks"].items():
-        lines.append(f"| {name} | {a['kind']} | {a['description']} | {a.get('n', result['n'])} | {a['seconds_per_image']:.4f} | "
-                     f"{a['max_linf']:.4g} | {a['max_l2']:.4g} |")
+        lines.append(
+            f"| {name} | {a['kind']} | {a['description']} | {a.get('n', result['n'])} | {a['seconds_per_image']:.4f} | "
+            f"{a['max_linf']:.4g} | {a['max_l2']:.4g} |"
+        )
     return "\n".join(lines)
 
 
@@ -66,8 +72,10 @@ def worst_case_lines(result: dict) -> list[str]:
     for group, by_row in result.get("worst_case", {}).items():
         names = ", ".join(by_row["attacks"])
         for row in result["rows"]:
-            lines.append(f"- worst case over {group} attacks ({names}), {ROW_TITLES[row]}: {cell(by_row[row])} % "
-                         f"(n = {by_row[row]['n']})")
+            lines.append(
+                f"- worst case over {group} attacks ({names}), {ROW_TITLES[row]}: {cell(by_row[row])} % "
+                f"(n = {by_row[row]['n']})"
+            )
     return lines
 
 
@@ -106,8 +114,11 @@ def markdown(result: dict) -> str:
         "",
     ]
     if result.get("purification_seconds_per_image") is not None:
-        parts += [f"Purification (min-aux, {len(result['purifier']['budgets'])} budgets): "
-                  f"{1000 * result['purification_seconds_per_image']:.2f} ms per image on {result['device']}.", ""]
+        parts += [
+            f"Purification (min-aux, {len(result['purifier']['budgets'])} budgets): "
+            f"{1000 * result['purification_seconds_per_image']:.2f} ms per image on {result['device']}.",
+            "",
+        ]
     parts += ["## Sanity checks", "", *sanity_lines(result), ""]
     if result.get("figures"):
         parts += ["## Figures", ""] + [f"![{Path(f).stem}]({Path(f).name})" for f in result["figures"]] + [""]
@@ -118,15 +129,30 @@ def csv_rows(result: dict) -> list[dict]:
     rows = []
     for row in result["rows"]:
         entries = [("no attack", "clean", None, result["clean"][row])]
-        entries += [(name, a["kind"], a["seconds_per_image"], a["rows"][row])
-                    for name, a in result["attacks"].items() if row in a["rows"]]
+        entries += [
+            (name, a["kind"], a["seconds_per_image"], a["rows"][row])
+            for name, a in result["attacks"].items()
+            if row in a["rows"]
+        ]
         for attack, kind, seconds, acc in entries:
-            rows.append({
-                "model": result["model"], "network": result["network"], "dataset": result["dataset"],
-                "n": result["n"], "seed": result["seed"], "row": row, "attack": attack, "kind": kind,
-                "correct": acc["correct"], "accuracy": acc["accuracy"], "ci95_low": acc["ci95"][0],
-                "ci95_high": acc["ci95"][1], "success_rate": acc["success_rate"], "seconds_per_image": seconds,
-            })
+            rows.append(
+                {
+                    "model": result["model"],
+                    "network": result["network"],
+                    "dataset": result["dataset"],
+                    "n": result["n"],
+                    "seed": result["seed"],
+                    "row": row,
+                    "attack": attack,
+                    "kind": kind,
+                    "correct": acc["correct"],
+                    "accuracy": acc["accuracy"],
+                    "ci95_low": acc["ci95"][0],
+                    "ci95_high": acc["ci95"][1],
+                    "success_rate": acc["success_rate"],
+                    "seconds_per_image": seconds,
+                }
+            )
     return rows
 
 

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .report import ROW_TITLES, cell, pct
+from .report import ROW_TITLES, cell
 
 PAPER_COLUMNS = ("fgsm", "pgd", "cw", "df")
 
@@ -72,15 +72,40 @@ BLIND = "noise,fgsm,pgd,cw,df,aux-pgd,blackbox,apgd-ce"
 ADAPTIVE = "bpda,bpda-traj,full-grad,apgd-bpda,apgd-dlr-bpda,apgd-full"
 PLAN = (
     Run("models/zoo/mnist-fcn-dr", "mnist", 1000, f"{BLIND},{ADAPTIVE}"),
-    Run("models/zoo/mnist-cnn-dr", "mnist", 1000, f"{BLIND},{ADAPTIVE}", adaptive_n=100,
-        extra=("--apgd-steps", "30")),
-    Run("models/zoo/cifar10-resnet18-lc-official", "cifar10", 500, "noise,fgsm,pgd,cw,df,aux-pgd,bpda,apgd-bpda",
-        adaptive_n=100, extra=("--cw-steps", "30", "--cw-binary-steps", "4", "--apgd-steps", "30",
-                               "--adaptive-steps", "10", "--sanity-n", "20", "--beta-n", "50")),
+    Run("models/zoo/mnist-cnn-dr", "mnist", 1000, f"{BLIND},{ADAPTIVE}", adaptive_n=100, extra=("--apgd-steps", "30")),
+    Run(
+        "models/zoo/cifar10-resnet18-lc-official",
+        "cifar10",
+        500,
+        "noise,fgsm,pgd,cw,df,aux-pgd,bpda,apgd-bpda",
+        adaptive_n=100,
+        extra=(
+            "--cw-steps",
+            "30",
+            "--cw-binary-steps",
+            "4",
+            "--apgd-steps",
+            "30",
+            "--adaptive-steps",
+            "10",
+            "--sanity-n",
+            "20",
+            "--beta-n",
+            "50",
+        ),
+    ),
     # our CPU-trained CIFAR models (a few epochs): a smaller run
-    *(Run(f"models/zoo/{name}", "cifar10", 200, "noise,fgsm,pgd,df,bpda", adaptive_n=50,
-          extra=("--adaptive-steps", "10", "--sanity-n", "20"))
-      for name in ("cifar10-resnet18-lc", "cifar10-resnet18-rp")),
+    *(
+        Run(
+            f"models/zoo/{name}",
+            "cifar10",
+            200,
+            "noise,fgsm,pgd,df,bpda",
+            adaptive_n=50,
+            extra=("--adaptive-steps", "10", "--sanity-n", "20"),
+        )
+        for name in ("cifar10-resnet18-lc", "cifar10-resnet18-rp")
+    ),
 )
 BASELINE_SUFFIXES = ("vanilla", "fgsm-at", "pgd-at")
 
@@ -101,9 +126,24 @@ def run_plan(args: argparse.Namespace) -> None:
         if not Path(run.model).is_dir() or roots.get(run.dataset) is None:
             print(f"skipping {run.model}: checkpoint or --{run.dataset}-root missing", file=sys.stderr)
             continue
-        argv = ["evaluate", "--model", run.model, "--data-root", str(roots[run.dataset]), "--n", str(run.n),
-                "--attacks", run.attacks, "--seed", str(args.seed), "--out", str(args.results / Path(run.model).name),
-                "--threads", str(args.threads), *run.extra]
+        argv = [
+            "evaluate",
+            "--model",
+            run.model,
+            "--data-root",
+            str(roots[run.dataset]),
+            "--n",
+            str(run.n),
+            "--attacks",
+            run.attacks,
+            "--seed",
+            str(args.seed),
+            "--out",
+            str(args.results / Path(run.model).name),
+            "--threads",
+            str(args.threads),
+            *run.extra,
+        ]
         if run.adaptive_n:
             argv += ["--adaptive-n", str(run.adaptive_n)]
         print("python -m training " + " ".join(argv), file=sys.stderr)
@@ -111,6 +151,7 @@ def run_plan(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- the page
+
 
 def _load(results: Path) -> list[dict]:
     found = []
@@ -153,8 +194,15 @@ def adaptive_table(results: list[dict]) -> str:
 
     present = {name for r in results for name, a in r["attacks"].items() if a["kind"] == "adaptive"}
     names = [name for name in ATTACKS if name in present]
-    head = ["model", "clean (min-aux)", "PGD → min-aux (blind)", *names, "worst case adaptive",
-            "undefended network: PGD", "undefended: APGD-CE"]
+    head = [
+        "model",
+        "clean (min-aux)",
+        "PGD → min-aux (blind)",
+        *names,
+        "worst case adaptive",
+        "undefended network: PGD",
+        "undefended: APGD-CE",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if "min-aux" not in r["rows"]:
@@ -163,17 +211,24 @@ def adaptive_table(results: list[dict]) -> str:
         get = lambda name, row: a.get(name, {}).get("rows", {}).get(row)  # noqa: E731
         worst = r.get("worst_case", {}).get("adaptive", {}).get("min-aux")
         cells = [f"`{Path(r['model']).name}`", cell(r["clean"]["min-aux"]), cell(get("pgd", "min-aux"))]
-        cells += [cell(get(n, "min-aux")) + (f" (n={a[n]['n']})" if n in a and a[n].get("n", r["n"]) != r["n"] else "")
-                  for n in names]
-        cells += [cell(worst) + (f" (n={worst['n']})" if worst and worst["n"] != r["n"] else ""),
-                  cell(get("pgd", "none")), cell(get("apgd-ce", "none"))]
+        cells += [
+            cell(get(n, "min-aux")) + (f" (n={a[n]['n']})" if n in a and a[n].get("n", r["n"]) != r["n"] else "")
+            for n in names
+        ]
+        cells += [
+            cell(worst) + (f" (n={worst['n']})" if worst and worst["n"] != r["n"] else ""),
+            cell(get("pgd", "none")),
+            cell(get("apgd-ce", "none")),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def settings_lines(r: dict) -> list[str]:
-    out = [f"- **`{Path(r['model']).name}`** — data: {r['data']}; n = {r['n']}; seed {r['seed']}; device {r['device']} "
-           f"({r['host']}); git {str(r.get('git_commit'))[:10]}; wall time {r.get('wall_seconds', 0) / 60:.1f} min"]
+    out = [
+        f"- **`{Path(r['model']).name}`** — data: {r['data']}; n = {r['n']}; seed {r['seed']}; device {r['device']} "
+        f"({r['host']}); git {str(r.get('git_commit'))[:10]}; wall time {r.get('wall_seconds', 0) / 60:.1f} min"
+    ]
     if r.get("command"):
         out.append(f"  - command: `{r['command']}`")
     for name, a in r["attacks"].items():
@@ -231,11 +286,23 @@ def build_page(results: list[dict], page: Path, notes: str = "") -> str:
     if mnist:
         parts += ["## Table 1: MNIST (paper Table 1)", "", paper_table(mnist), ""]
     if cifar:
-        parts += ["## CIFAR-10 (paper Table 2)", "",
-                  "The CIFAR-10 test images here are JPEG re-encodings (quality ≈ 75) of the originals; accuracies on "
-                  "them are a little below those on the lossless test set.", "", paper_table(cifar), ""]
-    parts += ["## Adaptive attacks (min-aux row), next to the undefended network", "", adaptive_table(results), "",
-              "## Sanity checks", ""]
+        parts += [
+            "## CIFAR-10 (paper Table 2)",
+            "",
+            "The CIFAR-10 test images here are JPEG re-encodings (quality ≈ 75) of the originals; accuracies on "
+            "them are a little below those on the lossless test set.",
+            "",
+            paper_table(cifar),
+            "",
+        ]
+    parts += [
+        "## Adaptive attacks (min-aux row), next to the undefended network",
+        "",
+        adaptive_table(results),
+        "",
+        "## Sanity checks",
+        "",
+    ]
     for r in results:
         parts += sanity_block(r)
     parts += ["", "## Settings of every number", ""]

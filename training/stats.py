@@ -32,7 +32,7 @@ class Accuracy:
     success_rate: float | None = None  # fraction of clean-correct examples the attack turned wrong
 
     @classmethod
-    def of(cls, correct: torch.Tensor, clean_correct: torch.Tensor | None = None) -> "Accuracy":
+    def of(cls, correct: torch.Tensor, clean_correct: torch.Tensor | None = None) -> Accuracy:
         k, n = int(correct.sum()), int(correct.numel())
         success = None
         if clean_correct is not None and int(clean_correct.sum()) > 0:

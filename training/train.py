@@ -38,32 +38,51 @@ METRICS_FILE = "metrics.jsonl"
 
 # ----------------------------------------------------------------------------- command line
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", required=True, help=f"one of: {', '.join(sorted(PRESETS))}")
     parser.add_argument("--recipe", choices=RECIPES, help="override the preset's recipe (soap or a baseline)")
     parser.add_argument("--epochs", type=int, help="override the preset's epochs (the lr schedule scales with it)")
     parser.add_argument("--lr", type=float, help="override the initial learning rate")
     parser.add_argument("--batch-size", type=int, help="global batch size (split over processes)")
-    parser.add_argument("--warmup-epochs", type=int, help="raise lr linearly over these first epochs (default 0, as the paper)")
-    parser.add_argument("--attack-eps-ramp-epochs", type=int,
-                        help="adversarial-training baselines: grow ε linearly to its preset value over these epochs (default 0)")
+    parser.add_argument(
+        "--warmup-epochs", type=int, help="raise lr linearly over these first epochs (default 0, as the paper)"
+    )
+    parser.add_argument(
+        "--attack-eps-ramp-epochs",
+        type=int,
+        help="adversarial-training baselines: grow ε linearly to its preset value over these epochs (default 0)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-root", help="dataset folder: torchvision layout, or an ImageFolder tree (train/ + test/, or one tree split 90/10)")
+    parser.add_argument(
+        "--data-root",
+        help="dataset folder: torchvision layout, or an ImageFolder tree (train/ + test/, or one tree split 90/10)",
+    )
     parser.add_argument("--download", action="store_true", help="let torchvision download MNIST/CIFAR into --data-root")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--out", help="output folder (default runs/<preset>)")
     parser.add_argument("--resume", action="store_true", help="continue from --out/train_state.pt")
     parser.add_argument("--threads", type=int, help="torch CPU threads per process")
-    parser.add_argument("--stop-after", type=int, metavar="N", help="stop after N epochs of this invocation (time-sliced jobs); continue with --resume")
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="N",
+        help="stop after N epochs of this invocation (time-sliced jobs); continue with --resume",
+    )
     parser.add_argument("--max-steps-per-epoch", type=int, help="cap the steps of each epoch (smoke tests)")
-    parser.add_argument("--calibration-images", type=int, default=1000, help="images for the per-budget purification curve")
+    parser.add_argument(
+        "--calibration-images", type=int, default=1000, help="images for the per-budget purification curve"
+    )
     parser.add_argument("--no-calibration", action="store_true", help="skip the calibration block at the end")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config = get_preset(args.preset)
-    overrides = {k: getattr(args, k) for k in ("recipe", "epochs", "lr", "batch_size", "warmup_epochs",
-                                                          "attack_eps_ramp_epochs") if getattr(args, k, None) is not None}
+    overrides = {
+        k: getattr(args, k)
+        for k in ("recipe", "epochs", "lr", "batch_size", "warmup_epochs", "attack_eps_ramp_epochs")
+        if getattr(args, k, None) is not None
+    }
     return replace(config, seed=args.seed, **overrides)
 
 
@@ -87,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- the loop
+
 
 def lr_at(config: TrainConfig, epoch: int, progress: float = 1.0) -> float:
     """Step schedule: ÷10 at every milestone already passed; during warm-up a linear rise (progress = the
@@ -121,8 +141,13 @@ class Objective(nn.Module):
 
 
 def train_step(
-    objective: nn.Module, network: SoapNetwork, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-    config: TrainConfig, augment: torch.Generator,
+    objective: nn.Module,
+    network: SoapNetwork,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    augment: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One SGD step on a batch: augmentation, the recipe's attack (baselines), loss, update. Returns detached stats."""
     if config.crop_flip:
@@ -136,24 +161,39 @@ def train_step(
 
 
 def make_optimizer(network: SoapNetwork, config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(network.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        network.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
 
 
 def train_one_epoch(
-    objective: nn.Module, network: SoapNetwork, optimizer: torch.optim.Optimizer, data: ImageData, config: TrainConfig,
-    epoch: int, process: distributed.Process, max_steps: int | None,
+    objective: nn.Module,
+    network: SoapNetwork,
+    optimizer: torch.optim.Optimizer,
+    data: ImageData,
+    config: TrainConfig,
+    epoch: int,
+    process: distributed.Process,
+    max_steps: int | None,
 ) -> dict[str, float]:
     order, augment = seed_epoch(config, epoch, process.rank)
     perm = torch.randperm(len(data), generator=order)
     steps = len(data) // config.batch_size  # drop the last partial batch: every step has the same global batch
     if steps == 0:
-        raise DatasetError(f"{len(data)} training images are fewer than one batch of {config.batch_size}; lower --batch-size")
+        raise DatasetError(
+            f"{len(data)} training images are fewer than one batch of {config.batch_size}; lower --batch-size"
+        )
     steps = min(steps, max_steps or steps)
     local_batch = config.batch_size // process.world_size
     network.train()
     totals = torch.zeros(5, dtype=torch.float64)  # loss, cls, aux, correct, seen
-    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not process.is_main,
-               mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+    bar = tqdm(
+        range(steps),
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        disable=not process.is_main,
+        mininterval=1.0 if sys.stderr.isatty() else 30.0,
+        dynamic_ncols=True,
+    )
     for step in bar:
         if epoch < config.warmup_epochs:
             for group in optimizer.param_groups:
@@ -164,14 +204,26 @@ def train_one_epoch(
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {step}; lower --lr")
         n = len(y)
-        totals += torch.tensor([loss.item() * n, cls.item() * n, aux.item() * n, (logits.argmax(1) == y).sum().item(), n],
-                               dtype=torch.float64)
-        bar.set_postfix(loss=f"{totals[0] / totals[4]:.4f}", acc=f"{totals[3] / totals[4]:.3f}", aux=f"{totals[2] / totals[4]:.4f}", refresh=False)
+        totals += torch.tensor(
+            [loss.item() * n, cls.item() * n, aux.item() * n, (logits.argmax(1) == y).sum().item(), n],
+            dtype=torch.float64,
+        )
+        bar.set_postfix(
+            loss=f"{totals[0] / totals[4]:.4f}",
+            acc=f"{totals[3] / totals[4]:.3f}",
+            aux=f"{totals[2] / totals[4]:.4f}",
+            refresh=False,
+        )
     bar.close()
     totals = distributed.all_reduce_sum(totals, process)
     seen = totals[4].item()
-    return {"train_loss": totals[0].item() / seen, "train_cls_loss": totals[1].item() / seen,
-            "train_aux_loss": totals[2].item() / seen, "train_acc": totals[3].item() / seen, "train_steps": steps}
+    return {
+        "train_loss": totals[0].item() / seen,
+        "train_cls_loss": totals[1].item() / seen,
+        "train_aux_loss": totals[2].item() / seen,
+        "train_acc": totals[3].item() / seen,
+        "train_steps": steps,
+    }
 
 
 def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Process) -> Path:
@@ -204,7 +256,9 @@ def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Pr
     objective: nn.Module = Objective(network, config)
     if process.distributed:
         ids = [process.device.index] if process.device.type == "cuda" else None
-        objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids, find_unused_parameters=config.recipe != "soap")
+        objective = nn.parallel.DistributedDataParallel(
+            objective, device_ids=ids, find_unused_parameters=config.recipe != "soap"
+        )
 
     record_base = _provenance(config, args, splits.source, process)
     test_acc = float("nan")
@@ -214,22 +268,42 @@ def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Pr
         for group in optimizer.param_groups:
             group["lr"] = lr_at(config, epoch)
         epoch_config = replace(config, attack_eps=config.attack_eps_at(epoch))  # the ε ramp, when one is set
-        stats = train_one_epoch(objective, network, optimizer, splits.train, epoch_config, epoch, process, args.max_steps_per_epoch)
+        stats = train_one_epoch(
+            objective, network, optimizer, splits.train, epoch_config, epoch, process, args.max_steps_per_epoch
+        )
         if config.recipe in ("fgsm-at", "pgd-at"):
             stats["attack_eps"] = epoch_config.attack_eps
         epoch_seconds = time.perf_counter() - t0
         elapsed += epoch_seconds
         if process.is_main:
             test_acc = clean_accuracy(network, splits.test, process.device)
-            record = {"epoch": epoch + 1, "lr": lr_at(config, epoch), **stats, "test_acc": test_acc,
-                      "epoch_seconds": round(epoch_seconds, 2), "time_utc": provenance.now_utc()}
+            record = {
+                "epoch": epoch + 1,
+                "lr": lr_at(config, epoch),
+                **stats,
+                "test_acc": test_acc,
+                "epoch_seconds": round(epoch_seconds, 2),
+                "time_utc": provenance.now_utc(),
+            }
             with (out / METRICS_FILE).open("a") as f:
                 f.write(json.dumps(record) + "\n")
             print(json.dumps(record), file=sys.stderr)
-            training = record_base | {"epochs": epoch + 1, "duration_seconds": round(elapsed, 1), "finished_utc": provenance.now_utc()}
+            training = record_base | {
+                "epochs": epoch + 1,
+                "duration_seconds": round(elapsed, 1),
+                "finished_utc": provenance.now_utc(),
+            }
             _save(network, config, splits, out, training, {"clean_accuracy": test_acc, "test_images": len(splits.test)})
-            torch.save({"model": network.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                        "elapsed_seconds": elapsed, "config": asdict(config)}, state_file.with_suffix(".tmp"))
+            torch.save(
+                {
+                    "model": network.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1,
+                    "elapsed_seconds": elapsed,
+                    "config": asdict(config),
+                },
+                state_file.with_suffix(".tmp"),
+            )
             state_file.with_suffix(".tmp").replace(state_file)
         distributed.barrier(process)
 
@@ -240,7 +314,11 @@ def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Pr
     if process.is_main:
         if math.isnan(test_acc):
             test_acc = clean_accuracy(network, splits.test, process.device)
-        training = record_base | {"epochs": config.epochs, "duration_seconds": round(elapsed, 1), "finished_utc": provenance.now_utc()}
+        training = record_base | {
+            "epochs": config.epochs,
+            "duration_seconds": round(elapsed, 1),
+            "finished_utc": provenance.now_utc(),
+        }
         metrics, calibration = {"clean_accuracy": test_acc, "test_images": len(splits.test)}, None
         if not args.no_calibration:
             # Class-balanced order, so the curve's first N images are not all of one class (ImageFolder sorts by class).
@@ -258,13 +336,22 @@ def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Pr
 
 # ----------------------------------------------------------------------------- records
 
+
 def reproducing_options(config: TrainConfig, args: argparse.Namespace) -> list[str]:
     """Options that reproduce this run, with the preset's values spelled out (options that do not change the result left out)."""
     options = ["--preset", config.preset]
     if config.recipe != get_preset(config.preset).recipe:
         options += ["--recipe", config.recipe]
-    options += ["--epochs", str(config.epochs), "--lr", f"{config.lr:g}", "--batch-size", str(config.batch_size),
-                "--seed", str(config.seed)]
+    options += [
+        "--epochs",
+        str(config.epochs),
+        "--lr",
+        f"{config.lr:g}",
+        "--batch-size",
+        str(config.batch_size),
+        "--seed",
+        str(config.seed),
+    ]
     if config.warmup_epochs:
         options += ["--warmup-epochs", str(config.warmup_epochs)]
     if config.attack_eps_ramp_epochs:
@@ -288,15 +375,34 @@ def reproducing_options(config: TrainConfig, args: argparse.Namespace) -> list[s
 
 def _provenance(config: TrainConfig, args: argparse.Namespace, data_source: str, process: distributed.Process) -> dict:
     return {
-        "command": provenance.command("train", reproducing_options(config, args), process), "preset": config.preset, "recipe": config.recipe, "epochs_planned": config.epochs,
-        "lr": config.lr, "lr_milestones": config.milestones(), "batch_size": config.batch_size, "alpha": config.alpha,
-        "seed": config.seed, "data": data_source, "world_size": process.world_size, "hardware": provenance.hardware(process),
-        "git_commit": provenance.git_commit(), "started_utc": provenance.now_utc(), "torch": torch.__version__, "config": asdict(config),
+        "command": provenance.command("train", reproducing_options(config, args), process),
+        "preset": config.preset,
+        "recipe": config.recipe,
+        "epochs_planned": config.epochs,
+        "lr": config.lr,
+        "lr_milestones": config.milestones(),
+        "batch_size": config.batch_size,
+        "alpha": config.alpha,
+        "seed": config.seed,
+        "data": data_source,
+        "world_size": process.world_size,
+        "hardware": provenance.hardware(process),
+        "git_commit": provenance.git_commit(),
+        "started_utc": provenance.now_utc(),
+        "torch": torch.__version__,
+        "config": asdict(config),
     }
 
 
 def _save(network, config, splits, out, training, metrics, calibration=None):
-    meta = meta_for(network, network=config.network, dataset=config.dataset, class_names=splits.train.class_names,
-                    training=training, metrics=metrics, calibration=calibration)
+    meta = meta_for(
+        network,
+        network=config.network,
+        dataset=config.dataset,
+        class_names=splits.train.class_names,
+        training=training,
+        metrics=metrics,
+        calibration=calibration,
+    )
     save_checkpoint(network, meta, out)
     return meta

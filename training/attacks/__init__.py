@@ -11,7 +11,11 @@ settings (paper defaults per dataset).
 """
 
 from .adaptive import (
-    bpda_objective, bpda_trajectory_objective, defended_logits, full_gradient_objective, unrolled_purification,
+    bpda_objective,
+    bpda_trajectory_objective,
+    defended_logits,
+    full_gradient_objective,
+    unrolled_purification,
 )
 from .apgd import apgd
 from .aux_aware import BETA_SCALE, aux_aware_objective, aux_aware_pgd
@@ -23,9 +27,32 @@ from .losses import Objective, classifier_objective, cross_entropy, dlr, margin
 from .settings import PAPER_SETTINGS, AttackSettings, paper_settings
 
 __all__ = [
-    "fgsm", "pgd", "project_linf", "uniform_noise", "cw_l2", "deepfool", "project_l2", "apgd",
-    "aux_aware_pgd", "aux_aware_objective", "BETA_SCALE", "bpda_objective", "bpda_trajectory_objective",
-    "full_gradient_objective", "defended_logits", "unrolled_purification", "eot", "train_substitute",
-    "substitute_fgsm", "SubstituteConfig", "Objective", "classifier_objective", "cross_entropy", "dlr", "margin",
-    "AttackSettings", "PAPER_SETTINGS", "paper_settings",
+    "fgsm",
+    "pgd",
+    "project_linf",
+    "uniform_noise",
+    "cw_l2",
+    "deepfool",
+    "project_l2",
+    "apgd",
+    "aux_aware_pgd",
+    "aux_aware_objective",
+    "BETA_SCALE",
+    "bpda_objective",
+    "bpda_trajectory_objective",
+    "full_gradient_objective",
+    "defended_logits",
+    "unrolled_purification",
+    "eot",
+    "train_substitute",
+    "substitute_fgsm",
+    "SubstituteConfig",
+    "Objective",
+    "classifier_objective",
+    "cross_entropy",
+    "dlr",
+    "margin",
+    "AttackSettings",
+    "PAPER_SETTINGS",
+    "paper_settings",
 ]

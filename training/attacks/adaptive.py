@@ -23,7 +23,7 @@ best-iterate tracking in the attacks refer to the defended model.
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 
@@ -51,7 +51,7 @@ def _straight_through(x: Tensor, images: Tensor) -> Tensor:
 
 
 def bpda_objective(
-    model: SoapNetwork, config: PurifierConfig, loss: Union[LossName, LossFn] = "ce", mode: str = "min-aux"
+    model: SoapNetwork, config: PurifierConfig, loss: LossName | LossFn = "ce", mode: str = "min-aux"
 ) -> Objective:
     loss_fn = resolve_loss(loss)
 
@@ -110,9 +110,7 @@ def chosen_epsilon(model: SoapNetwork, x: Tensor, config: PurifierConfig) -> Ten
     return purify(model, x, config, mode="min-aux").epsilon
 
 
-def bpda_trajectory_objective(
-    model: SoapNetwork, config: PurifierConfig, loss: Union[LossName, LossFn] = "ce"
-) -> Objective:
+def bpda_trajectory_objective(model: SoapNetwork, config: PurifierConfig, loss: LossName | LossFn = "ce") -> Objective:
     loss_fn = resolve_loss(loss)
 
     def objective(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,7 +125,7 @@ def bpda_trajectory_objective(
 def full_gradient_objective(
     model: SoapNetwork,
     config: PurifierConfig,
-    loss: Union[LossName, LossFn] = "ce",
+    loss: LossName | LossFn = "ce",
     sign_backward: SignBackward = "tanh",
 ) -> Objective:
     loss_fn = resolve_loss(loss)

@@ -9,7 +9,6 @@ adaptive objective (adaptive.py) to attack purify-then-classify end to end.
 from __future__ import annotations
 
 import math
-from typing import Union
 
 import torch
 
@@ -31,7 +30,7 @@ def apgd(
     eps: float,
     steps: int = 100,
     *,
-    loss: Union[LossName, LossFn] = "ce",
+    loss: LossName | LossFn = "ce",
     objective: Objective | None = None,
     restarts: int = 1,
     random_start: bool = True,

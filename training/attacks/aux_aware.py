@@ -44,6 +44,13 @@ def aux_aware_pgd(
 ) -> Tensor:
     """L∞ PGD on CE − beta_scale·β·L_aux (same update and projection as `pgd`)."""
     return pgd(
-        model, x, y, eps, step_size, steps, random_start,
-        objective=aux_aware_objective(model, beta, beta_scale), generator=generator,
+        model,
+        x,
+        y,
+        eps,
+        step_size,
+        steps,
+        random_start,
+        objective=aux_aware_objective(model, beta, beta_scale),
+        generator=generator,
     )

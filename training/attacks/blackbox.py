@@ -58,7 +58,10 @@ def _jacobian_step(model: nn.Module, x: Tensor, labels: Tensor, lam: float) -> T
 
 
 def train_substitute(
-    substitute: nn.Module, oracle: LabelOracle, seed_images: Tensor, config: SubstituteConfig = SubstituteConfig(),
+    substitute: nn.Module,
+    oracle: LabelOracle,
+    seed_images: Tensor,
+    config: SubstituteConfig = SubstituteConfig(),
     generator: torch.Generator | None = None,
 ) -> nn.Module:
     """Train `substitute` (its parameters are updated in place) on target labels with Jacobian augmentation.

@@ -8,8 +8,6 @@ to float precision.
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 
 from .losses import LogitsFn, LossFn, LossName, Objective, Tensor, classifier_objective, input_gradient
@@ -20,7 +18,7 @@ def project_linf(x0: Tensor, x: Tensor, eps: float) -> Tensor:
     return (x0 + (x - x0).clamp(-eps, eps)).clamp(0.0, 1.0)
 
 
-def _objective(model: LogitsFn, loss: Union[LossName, LossFn], objective: Objective | None) -> Objective:
+def _objective(model: LogitsFn, loss: LossName | LossFn, objective: Objective | None) -> Objective:
     return objective if objective is not None else classifier_objective(model, loss)
 
 
@@ -30,7 +28,7 @@ def fgsm(
     y: Tensor,
     eps: float,
     *,
-    loss: Union[LossName, LossFn] = "ce",
+    loss: LossName | LossFn = "ce",
     objective: Objective | None = None,
 ) -> Tensor:
     """Fast gradient sign method: one step of size eps along sign(∇ loss), clipped to [0, 1]."""
@@ -59,7 +57,7 @@ def pgd(
     *,
     restarts: int = 1,
     keep_best: bool = False,
-    loss: Union[LossName, LossFn] = "ce",
+    loss: LossName | LossFn = "ce",
     objective: Objective | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:

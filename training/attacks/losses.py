@@ -9,7 +9,7 @@ objectives that go through the purifier.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ def dlr(logits: Tensor, y: Tensor) -> Tensor:
 LOSSES: dict[str, LossFn] = {"ce": cross_entropy, "dlr": dlr, "margin": margin}
 
 
-def resolve_loss(loss: Union[LossName, LossFn]) -> LossFn:
+def resolve_loss(loss: LossName | LossFn) -> LossFn:
     if callable(loss):
         return loss
     if loss not in LOSSES:
@@ -50,7 +50,7 @@ def resolve_loss(loss: Union[LossName, LossFn]) -> LossFn:
     return LOSSES[loss]
 
 
-def classifier_objective(model: LogitsFn, loss: Union[LossName, LossFn] = "ce") -> Objective:
+def classifier_objective(model: LogitsFn, loss: LossName | LossFn = "ce") -> Objective:
     """The plain objective: a loss of model(x)."""
     loss_fn = resolve_loss(loss)
 

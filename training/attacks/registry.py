@@ -36,7 +36,7 @@ class AttackContext:
     settings: AttackSettings
     generator: torch.Generator
     beta: float = 0.5
-    substitute_seed: Tensor | None = None      # images the black-box attacker may label (never scored)
+    substitute_seed: Tensor | None = None  # images the black-box attacker may label (never scored)
     substitute_factory: Callable[[], torch.nn.Module] | None = None
     substitute_config: SubstituteConfig = field(default_factory=SubstituteConfig)
     cache: dict = field(default_factory=dict)  # e.g. the trained substitute, reused across batches
@@ -88,60 +88,159 @@ def _pgd_text(s: AttackSettings) -> str:
 
 
 def _adaptive_text(what: str):
-    return lambda s: (f"{what}; L∞ ε={s.linf_eps:.4g}, PGD {s.adaptive_steps} steps of {s.adaptive_step:.4g}, "
-                      f"best iterate kept, EOT {s.eot_samples}")
+    return lambda s: (
+        f"{what}; L∞ ε={s.linf_eps:.4g}, PGD {s.adaptive_steps} steps of {s.adaptive_step:.4g}, "
+        f"best iterate kept, EOT {s.eot_samples}"
+    )
 
 
 def _apgd_text(what: str):
     return lambda s: f"{what}; L∞ ε={s.linf_eps:.4g}, {s.apgd_steps} iterations, 1 random start, EOT {s.eot_samples}"
 
 
-ATTACKS: dict[str, AttackSpec] = {spec.name: spec for spec in [
-    AttackSpec("noise", "control", "linf", lambda s: f"uniform noise in the L∞ ball ε={s.linf_eps:.4g}",
-               lambda c, x, y: uniform_noise(x, c.settings.linf_eps, c.generator)),
-    AttackSpec("fgsm", "blind", "linf", lambda s: f"FGSM L∞ ε={s.linf_eps:.4g}",
-               lambda c, x, y: fgsm(c.model, x, y, c.settings.linf_eps)),
-    AttackSpec("pgd", "blind", "linf", _pgd_text,
-               lambda c, x, y: pgd(c.model, x, y, c.settings.linf_eps, c.settings.pgd_step, c.settings.pgd_steps)),
-    AttackSpec("cw", "blind", "l2",
-               lambda s: (f"CW-L2 ({s.cw_binary_steps} binary-search steps × {s.cw_steps} Adam steps, lr {s.cw_lr}, "
-                          f"c₀ {s.cw_initial_const}), projected onto the L2 ball ε={s.l2_eps:.4g}"),
-               lambda c, x, y: cw_l2(c.model, x, y, c.settings.l2_eps, binary_search_steps=c.settings.cw_binary_steps,
-                                     steps=c.settings.cw_steps, learning_rate=c.settings.cw_lr,
-                                     initial_const=c.settings.cw_initial_const)),
-    AttackSpec("df", "blind", "l2",
-               lambda s: (f"DeepFool L2 (all classes, {s.df_steps} steps, overshoot {s.df_overshoot}), "
-                          f"projected onto the L2 ball ε={s.l2_eps:.4g}"),
-               lambda c, x, y: deepfool(c.model, x, y, c.settings.l2_eps, steps=c.settings.df_steps,
-                                        overshoot=c.settings.df_overshoot)),
-    AttackSpec("aux-pgd", "blind", "linf", lambda s: f"auxiliary-aware PGD (CE − 100·β·L_aux), " + _pgd_text(s),
-               lambda c, x, y: aux_aware_pgd(c.model, x, y, c.settings.linf_eps, c.settings.pgd_step,
-                                             c.settings.pgd_steps, beta=c.beta)),
-    AttackSpec("blackbox", "blind", "linf",
-               lambda s: (f"black-box: substitute trained on 150 held-out test images labelled by the defended "
-                          f"model (min-aux), 6 Jacobian-augmentation rounds λ=0.1, FGSM ε={s.linf_eps:.4g} on it"),
-               lambda c, x, y: substitute_fgsm(_substitute(c), x, y, c.settings.linf_eps)),
-    AttackSpec("apgd-ce", "blind", "linf", _apgd_text("APGD-CE on the bare network"),
-               lambda c, x, y: apgd(c.model, x, y, c.settings.linf_eps, c.settings.apgd_steps, generator=c.generator)),
-    AttackSpec("bpda", "adaptive", "linf", _adaptive_text("BPDA: real min-aux purifier forward, identity backward"),
-               _adaptive_pgd(lambda c: bpda_objective(c.model, c.purifier))),
-    AttackSpec("bpda-traj", "adaptive", "linf",
-               _adaptive_text("BPDA averaged over the purification trajectory at the min-aux ε"),
-               _adaptive_pgd(lambda c: bpda_trajectory_objective(c.model, c.purifier))),
-    AttackSpec("full-grad", "adaptive", "linf",
-               _adaptive_text("full gradient through Algorithm 2 unrolled at the min-aux ε (sign: tanh straight-through)"),
-               _adaptive_pgd(lambda c: full_gradient_objective(c.model, c.purifier))),
-    AttackSpec("apgd-bpda", "adaptive", "linf", _apgd_text("APGD-CE, BPDA over the purification trajectory"),
-               _adaptive_apgd(lambda c: bpda_trajectory_objective(c.model, c.purifier))),
-    AttackSpec("apgd-dlr-bpda", "adaptive", "linf", _apgd_text("APGD-DLR, BPDA over the purification trajectory"),
-               _adaptive_apgd(lambda c: bpda_trajectory_objective(c.model, c.purifier, loss="dlr"))),
-    AttackSpec("apgd-full", "adaptive", "linf", _apgd_text("APGD-CE, full gradient through the unrolled purifier"),
-               _adaptive_apgd(lambda c: full_gradient_objective(c.model, c.purifier))),
-]}
+ATTACKS: dict[str, AttackSpec] = {
+    spec.name: spec
+    for spec in [
+        AttackSpec(
+            "noise",
+            "control",
+            "linf",
+            lambda s: f"uniform noise in the L∞ ball ε={s.linf_eps:.4g}",
+            lambda c, x, y: uniform_noise(x, c.settings.linf_eps, c.generator),
+        ),
+        AttackSpec(
+            "fgsm",
+            "blind",
+            "linf",
+            lambda s: f"FGSM L∞ ε={s.linf_eps:.4g}",
+            lambda c, x, y: fgsm(c.model, x, y, c.settings.linf_eps),
+        ),
+        AttackSpec(
+            "pgd",
+            "blind",
+            "linf",
+            _pgd_text,
+            lambda c, x, y: pgd(c.model, x, y, c.settings.linf_eps, c.settings.pgd_step, c.settings.pgd_steps),
+        ),
+        AttackSpec(
+            "cw",
+            "blind",
+            "l2",
+            lambda s: (
+                f"CW-L2 ({s.cw_binary_steps} binary-search steps × {s.cw_steps} Adam steps, lr {s.cw_lr}, "
+                f"c₀ {s.cw_initial_const}), projected onto the L2 ball ε={s.l2_eps:.4g}"
+            ),
+            lambda c, x, y: cw_l2(
+                c.model,
+                x,
+                y,
+                c.settings.l2_eps,
+                binary_search_steps=c.settings.cw_binary_steps,
+                steps=c.settings.cw_steps,
+                learning_rate=c.settings.cw_lr,
+                initial_const=c.settings.cw_initial_const,
+            ),
+        ),
+        AttackSpec(
+            "df",
+            "blind",
+            "l2",
+            lambda s: (
+                f"DeepFool L2 (all classes, {s.df_steps} steps, overshoot {s.df_overshoot}), "
+                f"projected onto the L2 ball ε={s.l2_eps:.4g}"
+            ),
+            lambda c, x, y: deepfool(
+                c.model, x, y, c.settings.l2_eps, steps=c.settings.df_steps, overshoot=c.settings.df_overshoot
+            ),
+        ),
+        AttackSpec(
+            "aux-pgd",
+            "blind",
+            "linf",
+            lambda s: "auxiliary-aware PGD (CE − 100·β·L_aux), " + _pgd_text(s),
+            lambda c, x, y: aux_aware_pgd(
+                c.model, x, y, c.settings.linf_eps, c.settings.pgd_step, c.settings.pgd_steps, beta=c.beta
+            ),
+        ),
+        AttackSpec(
+            "blackbox",
+            "blind",
+            "linf",
+            lambda s: (
+                f"black-box: substitute trained on 150 held-out test images labelled by the defended "
+                f"model (min-aux), 6 Jacobian-augmentation rounds λ=0.1, FGSM ε={s.linf_eps:.4g} on it"
+            ),
+            lambda c, x, y: substitute_fgsm(_substitute(c), x, y, c.settings.linf_eps),
+        ),
+        AttackSpec(
+            "apgd-ce",
+            "blind",
+            "linf",
+            _apgd_text("APGD-CE on the bare network"),
+            lambda c, x, y: apgd(c.model, x, y, c.settings.linf_eps, c.settings.apgd_steps, generator=c.generator),
+        ),
+        AttackSpec(
+            "bpda",
+            "adaptive",
+            "linf",
+            _adaptive_text("BPDA: real min-aux purifier forward, identity backward"),
+            _adaptive_pgd(lambda c: bpda_objective(c.model, c.purifier)),
+        ),
+        AttackSpec(
+            "bpda-traj",
+            "adaptive",
+            "linf",
+            _adaptive_text("BPDA averaged over the purification trajectory at the min-aux ε"),
+            _adaptive_pgd(lambda c: bpda_trajectory_objective(c.model, c.purifier)),
+        ),
+        AttackSpec(
+            "full-grad",
+            "adaptive",
+            "linf",
+            _adaptive_text("full gradient through Algorithm 2 unrolled at the min-aux ε (sign: tanh straight-through)"),
+            _adaptive_pgd(lambda c: full_gradient_objective(c.model, c.purifier)),
+        ),
+        AttackSpec(
+            "apgd-bpda",
+            "adaptive",
+            "linf",
+            _apgd_text("APGD-CE, BPDA over the purification trajectory"),
+            _adaptive_apgd(lambda c: bpda_trajectory_objective(c.model, c.purifier)),
+        ),
+        AttackSpec(
+            "apgd-dlr-bpda",
+            "adaptive",
+            "linf",
+            _apgd_text("APGD-DLR, BPDA over the purification trajectory"),
+            _adaptive_apgd(lambda c: bpda_trajectory_objective(c.model, c.purifier, loss="dlr")),
+        ),
+        AttackSpec(
+            "apgd-full",
+            "adaptive",
+            "linf",
+            _apgd_text("APGD-CE, full gradient through the unrolled purifier"),
+            _adaptive_apgd(lambda c: full_gradient_objective(c.model, c.purifier)),
+        ),
+    ]
+}
 
 PAPER_ATTACKS = ("fgsm", "pgd", "cw", "df")
-DEFAULT_ATTACKS = ("noise", "fgsm", "pgd", "cw", "df", "aux-pgd", "blackbox", "apgd-ce",
-                   "bpda", "bpda-traj", "full-grad", "apgd-bpda", "apgd-dlr-bpda", "apgd-full")
+DEFAULT_ATTACKS = (
+    "noise",
+    "fgsm",
+    "pgd",
+    "cw",
+    "df",
+    "aux-pgd",
+    "blackbox",
+    "apgd-ce",
+    "bpda",
+    "bpda-traj",
+    "full-grad",
+    "apgd-bpda",
+    "apgd-dlr-bpda",
+    "apgd-full",
+)
 
 
 def get_attack(name: str) -> AttackSpec:

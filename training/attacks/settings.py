@@ -11,10 +11,10 @@ from dataclasses import dataclass, replace
 
 @dataclass(frozen=True)
 class AttackSettings:
-    linf_eps: float            # FGSM, PGD, aux-aware PGD, black-box, adaptive attacks
+    linf_eps: float  # FGSM, PGD, aux-aware PGD, black-box, adaptive attacks
     pgd_step: float
     pgd_steps: int
-    l2_eps: float              # CW, DeepFool results are projected onto this L2 ball
+    l2_eps: float  # CW, DeepFool results are projected onto this L2 ball
     cw_binary_steps: int = 5
     cw_steps: int = 100
     cw_lr: float = 0.01
@@ -22,11 +22,11 @@ class AttackSettings:
     df_steps: int = 50
     df_overshoot: float = 0.02
     aux_betas: tuple[float, ...] = (-1.0, -0.1, -0.01, -0.001, 0.0, 0.001, 0.01, 0.1, 1.0)
-    adaptive_steps: int = 40   # BPDA / full-gradient PGD iterations (step = pgd_step scaled to reach ε)
+    adaptive_steps: int = 40  # BPDA / full-gradient PGD iterations (step = pgd_step scaled to reach ε)
     apgd_steps: int = 100
-    eot_samples: int = 1       # SOAP's purifier is deterministic: one sample is exact
+    eot_samples: int = 1  # SOAP's purifier is deterministic: one sample is exact
 
-    def with_overrides(self, **changes) -> "AttackSettings":
+    def with_overrides(self, **changes) -> AttackSettings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     @property
