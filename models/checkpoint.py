@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from .networks import SoapNetwork
 from .purifier import PurifierConfig
 from .registry import create_model, get_spec
+from .tasks import TRAINING_NOISE_STD
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -81,7 +82,13 @@ class CheckpointMeta(BaseModel):
     training: dict[str, Any] = {}
     metrics: dict[str, float] = {}
     calibration: Calibration | None = None
+    noise_std: float | None = Field(default=None, gt=0)  # σ of the training input noise (smoothing's default σ)
     weights_sha256: str = ""
+
+    @property
+    def training_noise_std(self) -> float:
+        """The recorded σ, else the task's training noise (checkpoints written before it was recorded)."""
+        return self.noise_std if self.noise_std is not None else TRAINING_NOISE_STD[self.aux_task]
 
 
 @dataclass
