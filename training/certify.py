@@ -113,6 +113,8 @@ def evaluate_certify(config: EvalConfig, options: CertifyOptions) -> dict:
 
     meta = load_checkpoint(config.model, "cpu").meta
     sigma = options.sigma if options.sigma is not None else meta.training_noise_std
+    if sigma is None:
+        raise ValueError(f"{config.model} records no training noise; give --sigma")
     smoothing = SmoothingConfig(
         sigma=sigma,
         n0=options.n0,
