@@ -27,7 +27,7 @@ from models import SoapNetwork, create_model, get_spec, save_checkpoint
 from models.checkpoint import meta_for
 
 from . import distributed, model_card, provenance
-from .baselines import adversarial_inputs, step_losses
+from .baselines import adversarial_inputs, step_losses, trains_auxiliary
 from .calibration import calibrate, clean_accuracy
 from .data import DatasetError, ImageData, interleaved_order, load_splits, random_crop_flip
 from .presets import PRESETS, RECIPES, TrainConfig, get_preset
@@ -400,6 +400,7 @@ def _save(network, config, splits, out, training, metrics, calibration=None):
         network=config.network,
         dataset=config.dataset,
         class_names=splits.train.class_names,
+        aux_head_trained=trains_auxiliary(config.recipe),
         training=training,
         metrics=metrics,
         calibration=calibration,
