@@ -161,3 +161,13 @@ def test_certify_through_a_real_server(model_dir):
     assert all(x["certified_radius"] > 0.3 for x in r.json()["results"])
     assert over.status_code == 422
     assert metric_value(metrics, "soap_certify_images_total", model="mnist-fcn-dr", outcome="certified") == 2
+
+
+async def test_demo_page_offers_certify(model_dir):
+    async with serve_app(settings_for(model_dir)) as (app, client):
+        page = (await client.get("/")).text
+        script = (await client.get("/static/app.js")).text
+    assert 'id="certify"' in page
+    assert "L<sub>2</sub>" in page
+    assert 'mode: "certify"' in script
+    assert "certified_radius" in script
