@@ -50,7 +50,10 @@ class ServiceSettings(BaseModel):
     )
     compute_process: bool = Field(
         True,
-        description="run each model's purification in a child process, which shares no GIL with the event loop (--no-compute-process: a thread)",
+        description=(
+            "run each model's purification in a child process, which shares no GIL with the event loop "
+            "(--no-compute-process: a thread)"
+        ),
     )
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads torch may use (default: all cores but one, left to the event loop)"
