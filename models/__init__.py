@@ -3,6 +3,8 @@
 This package must not import `training` or `service`.
 """
 
+__version__ = "0.1.0"  # the distribution's version (pyproject.toml reads it from here)
+
 from .checkpoint import CheckpointError, CheckpointMeta, LoadedModel, load_checkpoint, save_checkpoint
 from .networks import SoapNetwork
 from .purifier import MODES, PurifierConfig, PurifyResult, oracle_select, purify, purify_naive
@@ -10,6 +12,7 @@ from .registry import ModelSpec, create_model, get_spec, list_models, register_m
 from .tasks import aux_loss, training_losses
 
 __all__ = [
+    "__version__",
     "CheckpointError",
     "CheckpointMeta",
     "LoadedModel",

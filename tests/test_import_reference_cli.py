@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,7 @@ def test_import_with_data_root_writes_a_calibrated_checkpoint(tmp_path):
     assert cal.mean_aux_loss_per_budget[0] == pytest.approx(aux_losses(loaded.network, first16).mean().item(), rel=1e-4)
     assert meta.training["command"].startswith("python -m training import-reference")
     assert "released" in (out / "MODEL_CARD.md").read_text()
+    assert json.loads((out / "model.json").read_text())["aux_head_trained"] is True  # SOAP-trained by the authors
 
 
 def test_import_without_data_has_no_calibration(tmp_path):

@@ -87,6 +87,7 @@ def train_tiny_checkpoint(directory: Path, steps: int = 30) -> Path:
         network="mnist-fcn-dr",
         dataset="mnist",
         class_names=[str(i) for i in range(10)],
+        aux_head_trained=True,  # trained with the reconstruction loss above
         training={"note": "test fixture: 30 SGD steps on tests/data/mnist"},
         metrics={"clean_accuracy": accuracy},
         calibration=Calibration(n=len(x), aux_loss_quantiles=quantiles, suspicious_quantile="0.99"),

@@ -91,6 +91,8 @@ def test_every_preset_and_baseline_trains_and_writes_a_loadable_checkpoint(prese
     loaded = load_checkpoint(out)
     assert loaded.meta.network == config.network
     assert loaded.meta.training["recipe"] == config.recipe
+    # written explicitly (not left to the legacy inference): only soap's objective trains the auxiliary head
+    assert json.loads((out / "model.json").read_text())["aux_head_trained"] is (config.recipe == "soap")
     assert len(loaded.meta.class_names) == (100 if config.dataset == "cifar100" else 10)
     (record,) = metrics(out)
     assert math.isfinite(record["train_loss"])

@@ -21,6 +21,14 @@ def render(meta: CheckpointMeta, name: str, notes: str = "") -> str:
         f"SOAP network `{meta.network}` ({meta.aux_task} auxiliary task) for {meta.dataset}, "
         f"{len(meta.class_names)} classes, input {'x'.join(map(str, meta.input_shape))} in [0, 1].",
         "",
+    ]
+    if not meta.aux_head_trained:
+        lines += [
+            "Its auxiliary task was not trained (recipe without the auxiliary loss): the service serves it without "
+            "purification (mode none) and refuses the purification modes; the min-aux figure below shows why.",
+            "",
+        ]
+    lines += [
         "## Metrics",
         "",
     ]
