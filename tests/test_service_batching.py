@@ -167,7 +167,7 @@ async def test_a_result_without_one_row_per_image_fails_its_batch_and_names_the_
         failed = await asyncio.gather(
             *(
                 client.post("/classify", content=mnist_png(d), headers={**PNG, "X-Request-ID": i})
-                for d, i in zip(range(3), ids)
+                for d, i in enumerate(ids)
             )
         )
         after = await client.post("/classify", content=mnist_png(8), headers=PNG)
