@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from .networks import SoapNetwork
 from .purifier import PurifierConfig
 from .registry import create_model, get_spec
+from .tasks import TRAINING_NOISE_STD
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -96,6 +97,7 @@ class CheckpointMeta(BaseModel):
     training: dict[str, Any] = {}
     metrics: dict[str, float] = {}
     calibration: Calibration | None = None
+    noise_std: float | None = Field(default=None, gt=0)  # σ of the training input noise (smoothing's default σ)
     weights_sha256: str = ""
 
     @model_validator(mode="before")
@@ -107,6 +109,14 @@ class CheckpointMeta(BaseModel):
             recipe = training.get("recipe") if isinstance(training, dict) else getattr(training, "recipe", None)
             data = {**data, "aux_head_trained": str(getattr(recipe, "value", recipe)) == _AUX_RECIPE}
         return data
+
+    @property
+    def training_noise_std(self) -> float | None:
+        """σ of the training input noise: the recorded value, else (metadata written before it was recorded) the
+        task's default when the SOAP recipe trained it, else None (a baseline: no noise known)."""
+        if self.noise_std is not None:
+            return self.noise_std
+        return TRAINING_NOISE_STD[self.aux_task] if self.aux_head_trained else None
 
 
 @dataclass

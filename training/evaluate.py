@@ -373,6 +373,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-figures", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    smooth = parser.add_argument_group("--attacks certify: randomized smoothing (Cohen et al. 2019)")
+    smooth.add_argument("--sigma", type=float, default=None, help="noise σ (default: the checkpoint's training noise)")
+    smooth.add_argument("--n0", type=int, default=100, help="noise samples to select the class")
+    smooth.add_argument("--certify-n", type=int, default=10_000, help="noise samples to estimate p_A")
+    smooth.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate")
+    smooth.add_argument("--noise-batch", type=int, default=1_000, help="noisy copies per forward pass (memory)")
+    smooth.add_argument("--bases", default="noisy,denoised", help="base classifiers: noisy, denoised")
+    smooth.add_argument("--no-clamp", action="store_true", help="do not clamp noisy inputs to [0, 1]")
     group = parser.add_argument_group("attack settings (defaults: the paper's for the checkpoint's dataset)")
     for flag, (name, kind) in _OVERRIDES.items():
         group.add_argument("--" + flag.replace("_", "-"), type=kind, default=None, help=f"override {name}")
@@ -404,10 +412,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         for name in config.attacks:
-            get_attack(name)
+            if name != "certify":
+                get_attack(name)
+        if "certify" in config.attacks and len(config.attacks) > 1:
+            raise ValueError("--attacks certify runs on its own (it certifies; it does not attack)")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if "certify" in config.attacks:
+        return _run_certify(config, args)
     result = evaluate(config)
     failed = [c for c in result["sanity_checks"] if not c["passed"]]
     print(
@@ -415,4 +428,24 @@ def run(args: argparse.Namespace) -> int:
         f"{len(failed)} sanity check(s) failed" + (": " + ", ".join(c["name"] for c in failed) if failed else "")
     )
     print(json.dumps({k: v for k, v in result["clean"].items()}, indent=None))
+    return 0
+
+
+def _run_certify(config: EvalConfig, args: argparse.Namespace) -> int:
+    from .certify import CertifyOptions, evaluate_certify  # noqa: PLC0415
+
+    options = CertifyOptions(
+        sigma=args.sigma,
+        n0=args.n0,
+        n=args.certify_n,
+        alpha=args.alpha,
+        noise_batch=args.noise_batch,
+        bases=tuple(b.strip() for b in args.bases.split(",") if b.strip()),
+        clamp=not args.no_clamp,
+    )
+    result = evaluate_certify(config, options)
+    print(f"wrote {config.out}/certify.md, certify.json")
+    for kind, base in result["bases"].items():
+        cells = ", ".join(f"r={r}: {100 * base['certified_accuracy'][str(r)]['accuracy']:.1f}" for r in result["radii"])
+        print(f"{kind}: {cells}")
     return 0

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from models import SoapNetwork, create_model, get_spec, save_checkpoint
 from models.checkpoint import meta_for
+from models.tasks import TRAINING_NOISE_STD
 
 from . import distributed, model_card, provenance
 from .baselines import adversarial_inputs, step_losses, trains_auxiliary
@@ -404,6 +405,7 @@ def _save(network, config, splits, out, training, metrics, calibration=None):
         training=training,
         metrics=metrics,
         calibration=calibration,
+        noise_std=TRAINING_NOISE_STD[network.aux_task] if trains_auxiliary(config.recipe) else None,
     )
     save_checkpoint(network, meta, out)
     return meta
