@@ -54,6 +54,16 @@ def test_certify_writes_table_figure_and_resumes(tmp_path):
     assert len((tmp_path / "certify-noisy.jsonl").read_text().splitlines()) == 1 + 5
     assert second["bases"]["noisy"]["radii"][:3] == noisy["radii"]
 
+    # the soundness check reads that log: SmoothAdv must not change a prediction within the certified radius
+    argv = ["soundness", "--certified", str(tmp_path / "certify-noisy.jsonl"), "--data-root"]
+    argv += [str(ROOT / "tests" / "data" / "mnist"), "--n", "2", "--multipliers", "1.0,3.0", "--steps", "5"]
+    argv += ["--samples", "8", "--predict-n", "200", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    sound = json.loads((tmp_path / "soundness-noisy.json").read_text())
+    assert sound["passed"]
+    assert [o["multiplier"] for o in sound["outcomes"]] == [1.0, 3.0]
+    assert sound["outcomes"][0]["max_l2_over_radius"] <= 1.0 + 1e-5
+
 
 def test_certify_cannot_be_mixed_with_attacks(tmp_path, capsys):
     code = main(["evaluate", "--model", str(ROOT / "models" / "zoo" / "mnist-fcn-dr"), "--attacks", "pgd,certify"])

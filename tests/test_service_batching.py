@@ -141,6 +141,41 @@ async def test_a_failing_batch_fails_only_its_requests_and_the_worker_survives(m
     assert ready.status_code == 200
 
 
+@pytest.mark.parametrize("extra_rows", [-1, 1], ids=["a_row_short", "a_row_over"])
+async def test_a_result_without_one_row_per_image_fails_its_batch_and_names_the_requests(model_dir, caplog, extra_rows):
+    async with serve_app(settings_for(model_dir, max_batch_size=64, max_delay_ms=150)) as (app, client):
+        batcher = app.state.runtime.models["mnist-fcn-dr"].batcher
+        real = batcher.compute
+        calls = []
+
+        def wrong_rows_once(images, request):
+            calls.append(images.shape[0])
+            p = real(images, request)
+            if len(calls) > 1:
+                return p
+            rows = torch.arange(images.shape[0] + extra_rows) % images.shape[0]
+            return Predictions(*(t[rows] for t in p.tensors()))
+
+        batcher.compute = wrong_rows_once
+        ids = [f"d7-{d}" for d in range(3)]
+        failed = await asyncio.gather(
+            *(
+                client.post("/classify", content=mnist_png(d), headers={**PNG, "X-Request-ID": i})
+                for d, i in zip(range(3), ids)
+            )
+        )
+        after = await client.post("/classify", content=mnist_png(8), headers=PNG)
+    assert calls[0] == 3  # the three requests were one batch
+    for r in failed:
+        assert r.status_code == 500
+        assert r.json()["error"] == "batch_failed"
+        assert "WrongRowCount" in r.json()["detail"]
+    logged = [rec.getMessage() for rec in caplog.records if rec.name == "service.batcher"]
+    assert any(all(i in line for i in ids) for line in logged), logged
+    assert after.status_code == 200
+    assert after.json()["results"][0]["label"] == 8
+
+
 def test_out_of_memory_halves_the_chunk_and_gives_the_same_result(model_dir):
     from models import load_checkpoint
 

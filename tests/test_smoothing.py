@@ -185,3 +185,26 @@ def test_sigma_defaults_to_the_training_noise():
     rp = read_meta(ZOO / "cifar10-resnet18-rp")
     assert rp.noise_std is None
     assert rp.training_noise_std == 0.1  # rotation task's training noise (models.tasks)
+
+
+# ----------------------------------------------------------------------------- SmoothAdv (training/attacks)
+
+
+def test_smoothadv_crosses_only_beyond_the_exact_radius(hyperplane):
+    """Linear f in the [0, 1] box: the smoothed classifier flips exactly at the hyperplane (distance 0.3).
+    SmoothAdv with ε = 0.25 must not flip PREDICT; with ε = 0.6 it must (the attack has teeth)."""
+    from training.attacks.smoothadv import smoothadv_pgd
+
+    weight, _ = hyperplane
+    w = weight.flatten()
+    x = torch.full((1, *SHAPE), 0.5)
+    bias = float(0.3 * w.norm() - w @ x.flatten())  # x at distance 0.3 on the class-1 side
+    f = linear(weight, bias)
+    config = SmoothingConfig(sigma=0.25, n=2_000, clamp=False)
+    c = torch.tensor([1])
+    g = torch.Generator().manual_seed(0)
+    inside = smoothadv_pgd(f, x, c, torch.tensor([0.25]), 0.25, steps=10, samples=64, generator=g, clamp=False)
+    outside = smoothadv_pgd(f, x, c, torch.tensor([0.6]), 0.25, steps=10, samples=64, generator=g, clamp=False)
+    assert (inside - x).norm() <= 0.25 + 1e-5
+    assert predict(f, inside, config, 2)[0].label == 1
+    assert predict(f, outside, config, 2)[0].label == 0

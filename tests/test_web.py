@@ -127,14 +127,16 @@ def servers(tmp_path_factory):
     shipped = load_checkpoint(MODEL)
     calibration = Calibration(n=1, aux_loss_quantiles={"0.99": TINY_THRESHOLD})
     save_checkpoint(shipped.network, shipped.meta.model_copy(update={"calibration": calibration}), zoo / SECOND)
-    # A three-channel model for the colour path: a real checkpoint of an untrained (seeded) CIFAR-10 network.
+    # A three-channel model for the colour path: a real checkpoint of an untrained (seeded) CIFAR-10 network, marked
+    # as having a trained auxiliary head so that the page's purification display runs on a colour model too.
     torch.manual_seed(0)
     cifar = zoo / CIFAR
     network = create_model("cifar10-resnet18-rp")
     classes = sorted(p.name for p in CIFAR10.iterdir())
-    save_checkpoint(
-        network, meta_for(network, network="cifar10-resnet18-rp", dataset="cifar10", class_names=classes), cifar
+    meta = meta_for(
+        network, network="cifar10-resnet18-rp", dataset="cifar10", class_names=classes, aux_head_trained=True
     )
+    save_checkpoint(network, meta, cifar)
     # The attack-enabled server also requires an API key, which the page asks for.
     off = Server("--model", str(cifar))
     on = Server("--enable-attack", "--model", str(zoo / SECOND), api_key="web-test-key")

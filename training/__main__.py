@@ -15,6 +15,7 @@ from models import __version__
 COMMANDS = {
     "train": ("training.train", "train a SOAP model or a baseline from a preset"),
     "evaluate": ("training.evaluate", "attack and evaluate a checkpoint; write tables and figures"),
+    "soundness": ("training.soundness", "SmoothAdv against certified radii: a check that certificates hold"),
     "import-reference": ("training.import_reference", "convert the authors' checkpoint into our format"),
 }
 
