@@ -1,4 +1,5 @@
-"""`python -m service --model PATH [...]`: load the models, then serve with uvicorn until SIGTERM/SIGINT.
+"""`python -m service --model PATH [...]` (or `soap-serve ...`): load the models, then serve with uvicorn until
+SIGTERM/SIGINT.
 
 On SIGTERM the service drains: /readyz turns 503 and new /classify requests get 503 (after
 --shutdown-delay-s the listener closes too), every accepted request is still answered, then the process exits 0.
