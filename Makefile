@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= models/zoo/mnist-fcn-dr
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench gpu-check results clean
+.PHONY: install run test lint bench gpu-check results clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The rules and the formatting live in pyproject.toml ([tool.ruff]); .pre-commit-config.yaml runs the same checks.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
 	$(PY) benchmarks/purifier.py --json benchmarks/results/purifier.json

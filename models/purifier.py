@@ -105,7 +105,7 @@ def _trajectories(
         grad_evals += len(states)
         next_states = []
         reach = t * gamma * (1 - 1e-6)
-        for (delta, members), grad in zip(states, grads):
+        for (delta, members), grad in zip(states, grads, strict=True):
             shared = [e for e in members if budgets[e] >= reach]
             for e in members:
                 if budgets[e] < reach:
@@ -180,10 +180,7 @@ def _select(
     """Pick per image the budget to keep: the last one for "fixed", else the first minimum of the curve
     (argmin returns the first minimum, i.e. the smallest ε attaining the lowest loss)."""
     b = x.shape[0]
-    if fixed:
-        choice = torch.full((b,), len(budgets) - 1, device=x.device, dtype=torch.long)
-    else:
-        choice = curve.argmin(dim=1)
+    choice = torch.full((b,), len(budgets) - 1, device=x.device, dtype=torch.long) if fixed else curve.argmin(dim=1)
     stacked = torch.stack(images)  # [K, B, ...]
     idx = torch.arange(b, device=x.device)
     budget_t = torch.tensor(budgets, device=x.device, dtype=x.dtype)

@@ -256,14 +256,18 @@ def _results(model: ModelRuntime, result: ItemResult, options: ClassifyOptions) 
     threshold = model.suspicious_threshold
     rows = []
     for j, (probs, labels, eps, after, before) in enumerate(
-        zip(top_p.tolist(), top_i.tolist(), p.epsilon.tolist(), p.aux_after.tolist(), p.aux_before.tolist())
+        zip(
+            top_p.tolist(), top_i.tolist(), p.epsilon.tolist(), p.aux_after.tolist(), p.aux_before.tolist(), strict=True
+        )
     ):
         rows.append(
             {
                 "label": labels[0],
                 "class_name": names[labels[0]],
                 "confidence": probs[0],
-                "top_k": [{"label": c, "class_name": names[c], "probability": q} for c, q in zip(labels, probs)],
+                "top_k": [
+                    {"label": c, "class_name": names[c], "probability": q} for c, q in zip(labels, probs, strict=True)
+                ],
                 "epsilon": round(eps, 7),  # float32 of a grid value: 0.05 rather than 0.05000000074505806
                 "aux_loss": after,
                 "aux_loss_before": before,

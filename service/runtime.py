@@ -235,7 +235,7 @@ class ServiceRuntime:
         eps, before, after = m.epsilon.labels(name), m.aux_before.labels(name), m.aux_after.labels(name)
         threshold = model.suspicious_threshold
         suspicious = 0
-        for e, b, a in zip(p.epsilon.tolist(), p.aux_before.tolist(), p.aux_after.tolist()):
+        for e, b, a in zip(p.epsilon.tolist(), p.aux_before.tolist(), p.aux_after.tolist(), strict=True):
             eps.observe(e)
             before.observe(b)
             after.observe(a)
