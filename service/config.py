@@ -1,5 +1,5 @@
-"""Service settings on pydantic-settings: one typed object, filled from the command line, then `SOAP_*`
-environment variables, then defaults.
+"""Service settings (`python -m service` or `soap-serve`) on pydantic-settings: one typed object, filled from the
+command line, then `SOAP_*` environment variables, then defaults.
 
 Every option `--some-option` has the environment variable `SOAP_SOME_OPTION`; `--model` (repeatable) maps to
 `SOAP_MODELS` (comma-separated). The first model is the default one. An empty (or blank) variable counts as unset.
@@ -32,7 +32,6 @@ from pydantic_settings.sources.utils import parse_env_vars
 from models import __version__
 
 ENV_PREFIX = "SOAP_"
-PROG = "python -m service"
 
 # The environment the settings read: os.environ, or the mapping given to load_settings() for one call.
 _ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("soap_settings_environ", default=None)
@@ -56,7 +55,6 @@ class ServiceSettings(BaseSettings):
         env_prefix=ENV_PREFIX,
         extra="forbid",
         frozen=True,
-        cli_prog_name=PROG,
         cli_kebab_case=True,
         cli_implicit_flags=True,  # bools: --flag / --no-flag
         cli_shortcuts={"models": "model"},
@@ -205,8 +203,9 @@ def _env_name(field: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    script = os.path.basename(sys.argv[0])  # `soap-serve` when started by the console script
     parser = argparse.ArgumentParser(
-        prog=PROG,
+        prog="python -m service" if script in ("__main__.py", "") else script,
         description="SOAP inference service: purify every image with min-aux SOAP, then classify it.",
         epilog=f"Every option can also be set with an environment variable {ENV_PREFIX}<OPTION> "
         f"(e.g. {ENV_PREFIX}MAX_BATCH_SIZE); --model maps to {ENV_PREFIX}MODELS, comma-separated. "

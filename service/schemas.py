@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from models.purifier import Mode
+
 
 class ClassifyOptions(BaseModel):
     """Options of POST /classify, from the query string, multipart text fields or the JSON body."""
@@ -13,10 +15,12 @@ class ClassifyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="model name (checkpoint folder name); default: the first model")
-    mode: Literal["min-aux", "fixed", "none", "certify"] = Field(
-        "min-aux",
+    mode: Mode | Literal["certify"] | None = Field(
+        None,
         description="min-aux: per-image budget search (SOAP); fixed: purify at `epsilon`; none: no purification; "
-        "certify: randomized smoothing, a prediction with a certified L2 radius (no purification)",
+        "certify: randomized smoothing, a prediction with a certified L2 radius (no purification). "
+        "Default: the model's `default_mode` (min-aux; none for a model whose auxiliary head was not trained, "
+        "which refuses the other purification modes with 422)",
     )
     epsilon: float | None = Field(
         None, ge=0, description="L-inf budget for mode=fixed, at most the model's largest budget"
@@ -39,9 +43,11 @@ class ClassifyOptions(BaseModel):
         if self.mode == "fixed" and self.epsilon is None:
             raise ValueError("mode=fixed needs epsilon")
         if self.mode != "fixed" and self.epsilon is not None:
-            raise ValueError(f"epsilon is only used with mode=fixed (mode is {self.mode})")
+            raise ValueError(f"epsilon is only used with mode=fixed (mode is {self.mode or 'the model default'})")
         if self.mode != "certify" and (self.samples is not None or self.alpha is not None):
-            raise ValueError(f"samples and alpha are only used with mode=certify (mode is {self.mode})")
+            raise ValueError(
+                f"samples and alpha are only used with mode=certify (mode is {self.mode or 'the model default'})"
+            )
         return self
 
 
@@ -155,6 +161,11 @@ class ModelInfo(BaseModel):
     input_shape: list[int]
     device: str
     ready: bool
+    aux_head_trained: bool = Field(
+        description="training minimised the auxiliary loss; when false, purification is refused (mode none only)"
+    )
+    modes: list[Mode] = Field(description="purification modes this model serves")
+    default_mode: Mode = Field(description="the mode of a request that names none")
     purifier: PurifierInfo
     calibration: dict[str, Any] | None = Field(
         description="clean-data auxiliary-loss quantiles and the suspicious threshold, if the checkpoint has them"

@@ -4,19 +4,18 @@ the server's limits (422/503), metrics, and the lane's policy beside purificatio
 from __future__ import annotations
 
 import asyncio
+import io
 
 import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_service_support import (  # noqa: F401
+from test_service_support import (
     ServerProcess,
-    anyio_backend,
     metric_value,
     mnist_image,
     mnist_png,
-    model_dir,
     serve_app,
     settings_for,
 )
@@ -64,8 +63,6 @@ async def test_certify_answers_a_reproducible_certificate(model_dir):
 async def test_noise_image_abstains(model_dir):
     """A flat grey image sits between classes: with few samples and a strict α the smoothed classifier abstains."""
     grey = Image.new("L", (28, 28), 128)
-    import io
-
     buffer = io.BytesIO()
     grey.save(buffer, format="PNG")
     async with serve_app(settings_for(model_dir)) as (app, client):
