@@ -14,6 +14,7 @@ import logging
 import random
 import re
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qs
@@ -28,14 +29,15 @@ from pydantic import ValidationError
 
 from .auth import require_api_key
 from .batcher import BatchFailed, ClientGone, DeadlineExceeded, ItemResult, QueueFull, ShuttingDown, WorkItem
+from .certify import CertifyJob, CertifyRequest, CertifyResult
 from .config import ServiceSettings
 from .decode import DecodeLimits, ImageRejected, decode_opened, encode_png, open_image
 from .errors import ServiceError, error_response, install_error_handlers
 from .ingest import ACCEPTED_TYPES, check_media_type, media_type, parse_upload, read_body
-from .predict import PurifyRequest
 from .runtime import ModelRuntime, ServiceRuntime
 from .schemas import (
     BatchingInfo,
+    CertifyResponse,
     ClassifyJSON,
     ClassifyOptions,
     ClassifyResponse,
@@ -105,17 +107,24 @@ class RequestContext:
             )
 
     def _shed(self, scope) -> Response | None:
-        """A 503 for POST /classify when the service drains or the target model's queue is full; else None."""
+        """A 503 for POST /classify when the service drains, or when the request's model is known before its body
+        is read and that model's queue is full; else None (the handler refuses it later if need be).
+
+        The model is known before the body when the query string names it (`?model=` routes the request; a body
+        may repeat it but not name another, see `_options`), when the body is a raw image (it carries no options),
+        or when only one model is loaded. A multipart or JSON request without `?model=` to a multi-model service
+        may name its model in the body: it is not judged here by the default model's queue (which would refuse it
+        for another model's load and count the refusal under the wrong model) but by its own model's queue once
+        its options are parsed, before its images are decoded. Clients that want the cheapest refusal under
+        overload name the model in the query string.
+        """
         if scope["method"] != "POST" or scope["path"] != "/classify":
             return None
         runtime = self.runtime
         if runtime.draining:
             error = _shutting_down()
         else:
-            name = None
-            if b"model=" in scope.get("query_string", b""):
-                name = parse_qs(scope["query_string"].decode("latin-1")).get("model", [None])[-1]
-            model = runtime.models.get(name or runtime.default)
+            model = _model_before_body(scope, runtime)
             if model is None or model.batcher.has_room(1):
                 return None
             error = _queue_full(model, model.batcher.retry_after_s())
@@ -123,6 +132,20 @@ class RequestContext:
         if error.reason:
             runtime.metrics.reject(scope["soap.model"], error.reason)
         return error_response(error.status, error.error, error.detail, error.headers)
+
+
+def _model_before_body(scope, runtime: ServiceRuntime) -> ModelRuntime | None:
+    """The model a /classify request is for, as far as its head tells (see RequestContext._shed); None when only the
+    body can tell, or when the query names no loaded model (the handler answers 404)."""
+    query = scope.get("query_string", b"")
+    if b"model=" in query:
+        name = parse_qs(query.decode("latin-1")).get("model", [None])[-1]
+        if name:
+            return runtime.models.get(name)
+    content_type = dict(scope.get("headers") or ()).get(b"content-type", b"")
+    if len(runtime.models) == 1 or content_type.strip().lower().startswith(b"image/"):
+        return runtime.models[runtime.default]
+    return None
 
 
 def create_app(settings: ServiceSettings) -> FastAPI:
@@ -158,24 +181,45 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 # ---------------------------------------------------------------------------------------------- /classify steps
 
 
-def _options(raw: dict[str, Any], query_model: str | None) -> ClassifyOptions:
-    try:
-        return ClassifyOptions.model_validate(raw)
-    except ValidationError as exc:
-        problems = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors(include_url=False)]
-        raise ServiceError(422, "bad_options", problems, reason="bad_options", model=query_model) from None
-
-
-def _check_for_model(options: ClassifyOptions, model: ModelRuntime) -> None:
-    max_budget = model.loaded.purifier.max_budget
-    if options.epsilon is not None and options.epsilon > max_budget + 1e-9:
+def _certify_request(options: ClassifyOptions, model: ModelRuntime, settings: ServiceSettings) -> CertifyRequest:
+    """mode=certify's settings, within the server's limits (422 beyond them)."""
+    if model.certify is None:
         raise ServiceError(
             422,
             "bad_options",
-            f"epsilon {options.epsilon} exceeds model {model.name}'s largest budget {max_budget:g}",
+            f"model {model.name} records no training noise σ: it cannot certify",
             reason="bad_options",
             model=model.name,
         )
+    samples = options.samples if options.samples is not None else settings.default_certify_samples
+    if samples > settings.max_certify_samples:
+        raise ServiceError(
+            422,
+            "bad_options",
+            f"samples {samples} exceeds this server's limit of {settings.max_certify_samples}",
+            reason="bad_options",
+            model=model.name,
+        )
+    return CertifyRequest(samples, options.alpha if options.alpha is not None else 0.001, options.seed)
+
+
+def _options(query: dict[str, Any], body: dict[str, Any], query_model: str | None) -> ClassifyOptions:
+    """Query options, overridden by body options; but a body may not send the request to another model than the
+    query string names (load shedding judged the request by the query's model before the body was read)."""
+    body_model = body.get("model")
+    if query_model and body_model is not None and body_model != query_model:
+        raise ServiceError(
+            422,
+            "bad_options",
+            f"the query string names model {query_model!r} and the body {body_model!r}; name one",
+            reason="bad_options",
+            model=query_model,
+        )
+    try:
+        return ClassifyOptions.model_validate({**query, **body})
+    except ValidationError as exc:
+        problems = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors(include_url=False)]
+        raise ServiceError(422, "bad_options", problems, reason="bad_options", model=query_model) from None
 
 
 async def _decode_all(payloads: list[bytes], model: ModelRuntime, limits: DecodeLimits, limiter: anyio.CapacityLimiter):
@@ -199,14 +243,16 @@ async def _client_gone(receive) -> None:
         pass
 
 
-async def _await_result(request: Request, model: ModelRuntime, item: WorkItem) -> ItemResult:
+async def _await_result(
+    request: Request, model: ModelRuntime, item: WorkItem | CertifyJob, cancel: Callable[..., bool] | None = None
+) -> ItemResult | CertifyResult:
     """Wait for the batch result. While the item is still queued, the batcher ends it with DeadlineExceeded at
     its deadline (-> 504) and a disconnect watcher with ClientGone (-> 499, dropped before compute). Once its
     batch runs, the result comes whatever happens. (A plain await on the future: asyncio.wait with a timeout per
     request cost more event-loop time than the rest of the request path.)"""
-    batcher = model.batcher
+    cancel = cancel or model.batcher.cancel
     watcher = asyncio.ensure_future(_client_gone(request.receive))
-    watcher.add_done_callback(lambda w: None if w.cancelled() else batcher.cancel(item, ClientGone()))
+    watcher.add_done_callback(lambda w: None if w.cancelled() else cancel(item, ClientGone()))
     try:
         return await item.future
     except DeadlineExceeded:
@@ -222,7 +268,7 @@ async def _await_result(request: Request, model: ModelRuntime, item: WorkItem) -
             499, "client_gone", "the client went away before compute started", reason="client_gone", model=model.name
         ) from None
     except asyncio.CancelledError:  # the server cancelled the handler: do not compute for nobody
-        batcher.cancel(item)
+        cancel(item)
         raise
     finally:
         watcher.cancel()
@@ -237,14 +283,18 @@ def _results(model: ModelRuntime, result: ItemResult, options: ClassifyOptions) 
     threshold = model.suspicious_threshold
     rows = []
     for j, (probs, labels, eps, after, before) in enumerate(
-        zip(top_p.tolist(), top_i.tolist(), p.epsilon.tolist(), p.aux_after.tolist(), p.aux_before.tolist())
+        zip(
+            top_p.tolist(), top_i.tolist(), p.epsilon.tolist(), p.aux_after.tolist(), p.aux_before.tolist(), strict=True
+        )
     ):
         rows.append(
             {
                 "label": labels[0],
                 "class_name": names[labels[0]],
                 "confidence": probs[0],
-                "top_k": [{"label": c, "class_name": names[c], "probability": q} for c, q in zip(labels, probs)],
+                "top_k": [
+                    {"label": c, "class_name": names[c], "probability": q} for c, q in zip(labels, probs, strict=True)
+                ],
                 "epsilon": round(eps, 7),  # float32 of a grid value: 0.05 rather than 0.05000000074505806
                 "aux_loss": after,
                 "aux_loss_before": before,
@@ -310,7 +360,7 @@ _ERRORS = {
         408: "the body did not arrive in time",
         413: "body or image count over the limit",
         415: f"Content-Type is not {ACCEPTED_TYPES}",
-        422: "bad image or bad options",
+        422: "bad image or bad options (or a purification mode the model does not serve)",
         500: "the batch holding this request failed",
         503: "queue full (see Retry-After) or shutting down",
         504: "compute did not start before the request's deadline",
@@ -326,10 +376,10 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
 
     @app.post(
         "/classify",
-        response_model=ClassifyResponse,
+        response_model=ClassifyResponse | CertifyResponse,
         responses=_ERRORS,
         openapi_extra=_CLASSIFY_OPENAPI,
-        summary="Purify each image with SOAP, then classify it",
+        summary="Purify each image with SOAP, then classify it (mode=certify: a certified smoothed prediction instead)",
     )
     async def classify(request: Request) -> Response:
         started = time.perf_counter()
@@ -337,19 +387,26 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         query = dict(request.query_params)
         query_model = query.get("model")
         request.scope["soap.model"] = runtime.metrics_label(query_model)
-        kind = media_type(request)  # (draining and full queues were refused by RequestContext already)
+        kind = media_type(request)  # (draining was refused by RequestContext, full queues where it knew the model)
         check_media_type(kind)
         body = await read_body(request, settings.max_body_bytes, query_model, settings.body_timeout_s)
         upload = await parse_upload(request, kind, body, settings.max_images_per_request, query_model)
-        options = _options({**query, **upload.options}, query_model)
+        options = _options(query, upload.options, query_model)
         model = runtime.get(options.model)
         request.scope["soap.model"] = model.name
-        _check_for_model(options, model)
+        if options.mode == "certify":
+            certify = _certify_request(options, model, settings)
+            images = await _decode_all(upload.payloads, model, limits, decode_limiter)
+            batch = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
+            return await _certify(request, model, batch, certify, settings, started)
+        purify_request = model.purify_request(options.mode, options.epsilon)
+        if not model.batcher.has_room(len(upload.payloads)):  # refuse before decoding (RequestContext could not)
+            raise _queue_full(model, model.batcher.retry_after_s())
         images = await _decode_all(upload.payloads, model, limits, decode_limiter)
         batch = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
         try:
             item = model.batcher.submit(
-                batch, PurifyRequest(options.mode, options.epsilon), time.monotonic() + settings.request_timeout_s
+                batch, purify_request, time.monotonic() + settings.request_timeout_s, request.scope["soap.request_id"]
             )
         except QueueFull as exc:
             raise _queue_full(model, exc.retry_after_s) from None
@@ -374,6 +431,60 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
             "timing_ms": {
                 "queue": result.queue_s * 1000,
                 "compute": result.compute_s * 1000,
+                "total": (time.perf_counter() - started) * 1000,
+            },
+        }
+        return Response(orjson.dumps(body_out), media_type="application/json")
+
+    async def _certify(
+        request: Request,
+        model: ModelRuntime,
+        batch: torch.Tensor,
+        certify: CertifyRequest,
+        settings: ServiceSettings,
+        started: float,
+    ) -> Response:
+        lane = model.certify
+        try:
+            job = lane.submit(batch, certify, time.monotonic() + settings.request_timeout_s)
+        except QueueFull as exc:
+            raise ServiceError(
+                503,
+                "queue_full",
+                f"model {model.name}'s certify lane has {lane.queued_samples} forward passes queued "
+                f"(limit {lane.max_queue_samples}); retry later",
+                reason="queue_full",
+                model=model.name,
+                headers={"Retry-After": str(exc.retry_after_s)},
+            ) from None
+        except ShuttingDown:
+            raise _shutting_down() from None
+        try:
+            result = await _await_result(request, model, job, lane.cancel)
+        except BatchFailed as exc:
+            raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
+        names = model.class_names
+        body_out = {
+            "request_id": request.scope["soap.request_id"],
+            "model": model.name,
+            "results": [
+                {
+                    "label": c.label,
+                    "class_name": names[c.label] if c.label is not None else None,
+                    "certified_radius": c.radius,
+                    "abstained": c.abstained,
+                    "p_lower": c.p_lower,
+                    "sigma": c.sigma,
+                    "samples": c.samples,
+                    "alpha": certify.alpha,
+                    "seed": certify.seed + i,
+                }
+                for i, c in enumerate(result.certificates)
+            ],
+            "timing_ms": {
+                "queue": result.queue_s * 1000,
+                "compute": result.compute_s * 1000,
+                "paused": result.paused_s * 1000,
                 "total": (time.perf_counter() - started) * 1000,
             },
         }
@@ -440,6 +551,9 @@ def _model_info(runtime: ServiceRuntime, model: ModelRuntime) -> ModelInfo:
         input_shape=list(meta.input_shape),
         device=str(model.device),
         ready=model.ready,
+        aux_head_trained=model.purifies,
+        modes=list(model.modes),
+        default_mode=model.default_mode,
         purifier=PurifierInfo(
             step_size=purifier.step_size,
             steps=purifier.steps,

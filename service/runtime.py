@@ -22,6 +22,7 @@ import torch
 from models import MODES, LoadedModel, load_checkpoint
 
 from .batcher import Batcher, BatchStats
+from .certify import CertifyLane, CertifyResult
 from .compute_process import ComputeProcess
 from .config import ServiceSettings
 from .errors import ServiceError
@@ -48,6 +49,7 @@ class ModelRuntime:
     device: torch.device
     batcher: Batcher = field(init=False)
     process: ComputeProcess | None = None  # --compute-process: the predict step runs in this child
+    certify: CertifyLane | None = None  # mode=certify; None when the checkpoint records no training noise σ
     ready: bool = False
 
     @property
@@ -64,6 +66,46 @@ class ModelRuntime:
         calibration = self.loaded.meta.calibration
         return calibration.suspicious_threshold if calibration is not None else math.inf
 
+    @property
+    def purifies(self) -> bool:
+        """Whether purification means anything for this model: its auxiliary head was trained (checkpoint field)."""
+        return self.loaded.meta.aux_head_trained
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The purification modes this model serves: all of them, or only "none" when its auxiliary head is
+        untrained (descending an untrained loss moves images along noise: a baseline answered 8 for a clean 7)."""
+        return MODES if self.purifies else ("none",)
+
+    @property
+    def default_mode(self) -> str:
+        return "min-aux" if self.purifies else "none"
+
+    def purify_request(self, mode: str | None, epsilon: float | None) -> PurifyRequest:
+        """What a request asks of this model's batches (mode None: the model's default); 422 ServiceError for a mode
+        the model does not serve or a budget beyond its grid."""
+        mode = mode or self.default_mode
+        if mode not in self.modes:
+            raise ServiceError(
+                422,
+                "purification_unavailable",
+                f"model {self.name} does not serve mode {mode}: its auxiliary head was not trained "
+                f"(training recipe without the auxiliary loss), so purification would only add noise; "
+                f"use mode=none or a SOAP-trained model",
+                reason="bad_options",
+                model=self.name,
+            )
+        max_budget = self.loaded.purifier.max_budget
+        if epsilon is not None and epsilon > max_budget + 1e-9:
+            raise ServiceError(
+                422,
+                "bad_options",
+                f"epsilon {epsilon} exceeds model {self.name}'s largest budget {max_budget:g}",
+                reason="bad_options",
+                model=self.name,
+            )
+        return PurifyRequest(mode, epsilon)
+
     def compute(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
         """The predict step for one batch (runs in the batcher's thread; in the child process when there is one)."""
         if self.process is not None:
@@ -71,12 +113,12 @@ class ModelRuntime:
         return predict(self.loaded, images, request)
 
     def warmup(self) -> None:
-        """Start the compute process if any, then one min-aux batch of zeros, so the first real request pays no
-        start-up, allocation or kernel-selection cost."""
+        """Start the compute process if any, then one batch of zeros in the model's default mode, so the first real
+        request pays no start-up, allocation or kernel-selection cost."""
         if self.process is not None:
             self.process.start()
         zeros = torch.zeros((2, *self.input_shape))
-        self.compute(zeros, PurifyRequest())
+        self.compute(zeros, PurifyRequest(self.default_mode))
         self.ready = True
         log.info("model %s warmed up on %s", self.name, self.device)
 
@@ -106,6 +148,7 @@ class ServiceRuntime:
         self._started = False
         for model in self.models.values():
             model.batcher = self._make_batcher(model)
+            model.certify = self._make_certify_lane(model)
             meta = model.loaded.meta
             self.metrics.model_info.labels(model.name, meta.network, meta.dataset, meta.aux_task, str(self.device)).set(
                 1
@@ -124,6 +167,24 @@ class ServiceRuntime:
             s.max_queue,
             on_batch=lambda stats: self._record_batch(model, stats),
             on_depth=depth.set,
+        )
+
+    def _make_certify_lane(self, model: ModelRuntime) -> CertifyLane | None:
+        sigma = model.loaded.meta.training_noise_std
+        if sigma is None:
+            return None
+        s = self.settings
+        return CertifyLane(
+            model.name,
+            model.loaded.network,
+            sigma,
+            s.max_certify_queue_samples,
+            s.certify_slice_samples,
+            s.certify_share,
+            s.certify_batch,
+            purification_waiting=lambda: model.batcher.depth > 0,
+            on_done=lambda result: self._record_certify(model, result),
+            on_queue=self.metrics.certify_queue.labels(model.name).set,
         )
 
     # ------------------------------------------------------------------ lookups
@@ -153,6 +214,8 @@ class ServiceRuntime:
         """Start every batcher; each warms its model up in its own thread before taking work."""
         for model in self.models.values():
             model.batcher.start(self._warmup_then_report(model))
+            if model.certify is not None:
+                model.certify.start()
         self._started = True
 
     def _warmup_then_report(self, model: ModelRuntime):
@@ -169,12 +232,15 @@ class ServiceRuntime:
         self.metrics.ready.set(0)
         for model in self.models.values():
             model.batcher.drain()
+            if model.certify is not None:
+                model.certify.drain()
         return first
 
     async def stop(self) -> None:
         """Finish everything queued, then stop the workers."""
         self.begin_drain()
         await asyncio.gather(*(m.batcher.close() for m in self.models.values()))
+        await asyncio.gather(*(m.certify.close() for m in self.models.values() if m.certify is not None))
         for model in self.models.values():
             if model.process is not None:
                 model.process.close()
@@ -195,10 +261,20 @@ class ServiceRuntime:
         eps, before, after = m.epsilon.labels(name), m.aux_before.labels(name), m.aux_after.labels(name)
         threshold = model.suspicious_threshold
         suspicious = 0
-        for e, b, a in zip(p.epsilon.tolist(), p.aux_before.tolist(), p.aux_after.tolist()):
+        for e, b, a in zip(p.epsilon.tolist(), p.aux_before.tolist(), p.aux_after.tolist(), strict=True):
             eps.observe(e)
             before.observe(b)
             after.observe(a)
             suspicious += b > threshold
         if suspicious:
             m.suspicious.labels(name).inc(suspicious)
+
+    def _record_certify(self, model: ModelRuntime, result: CertifyResult) -> None:
+        m, name = self.metrics, model.name
+        m.certify_requests.labels(name).inc()
+        m.certify_compute.labels(name).observe(result.compute_s)
+        radius = m.certified_radius.labels(name)
+        for cert in result.certificates:
+            m.certify_images.labels(name, "abstained" if cert.abstained else "certified").inc()
+            if cert.radius is not None:
+                radius.observe(cert.radius)
