@@ -23,7 +23,6 @@ cd "$REPO"
 CACHE=${SOAP_CI_CACHE:-$REPO/.cache/containers}
 SUITE=bookworm
 BASE_IMAGE=localhost/soap-base:$SUITE
-WHEEL_IMAGE=localhost/soap-wheelhouse:latest
 SERVICE_IMAGE=localhost/soap-serving:cpu
 PROMETHEUS_IMAGE=localhost/soap-prometheus:debian
 TORCH_VERSION=${TORCH_VERSION:-2.14.1}
@@ -70,31 +69,32 @@ requirements() {
 import re, sys, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))
 dockerfile = open("docker/Dockerfile").read()
-extras = re.findall(r"-e \"?\.\[([\w,]+)\]", dockerfile)
+extras = sorted({e for group in re.findall(r"-e \"?\.\[([\w,]+)\]", dockerfile) for e in group.split(",")})
 reqs = list(project["project"]["dependencies"])
-for extra in (e for group in extras for e in group.split(",")):
+for extra in extras:
     reqs += project["project"]["optional-dependencies"][extra]
-reqs = [r for r in reqs if not re.match(r"(torch|torchvision)\b(?!-)", r)]
-reqs += [f"torch=={sys.argv[1]}", f"torchvision=={sys.argv[2]}", *project["build-system"]["requires"], "wheel"]
+pins = {"torch": sys.argv[1], "torchvision": sys.argv[2]}
+named = {re.match(r"[\w.-]+", r).group(0) for r in reqs}
+reqs = [r for r in reqs if re.match(r"[\w.-]+", r).group(0) not in pins]
+reqs += [f"{name}=={version}" for name, version in pins.items() if name in named]
+reqs += [*project["build-system"]["requires"], "wheel"]
 print("\n".join(reqs))
 EOF
 }
 
+# The wheelhouse's key: a hash of its requirements (the service image is labelled with the one it was built from).
+WHEELHOUSE_KEY=
 build_wheelhouse() {
   local wheels=$CACHE/wheelhouse reqs key
   reqs=$(requirements)
   key=$(printf '%s\n' "$reqs" | sha256sum | cut -c1-16)
+  WHEELHOUSE_KEY=$key
   if [[ $(cat "$wheels/.key" 2>/dev/null) != "$key" ]]; then
     log "pip download into $wheels"
     rm -rf "$wheels" && mkdir -p "$wheels"
     printf '%s\n' "$reqs" >"$wheels/requirements.txt"
     python3 -m pip download -q --only-binary=:all: --python-version 3.11 -d "$wheels" -r "$wheels/requirements.txt"
     echo "$key" >"$wheels/.key"
-  fi
-  if [[ $(podman image inspect -f '{{index .Labels "soap.wheelhouse"}}' "$WHEEL_IMAGE" 2>/dev/null) != "$key" ]]; then
-    log "wheelhouse image $WHEEL_IMAGE ($(du -sh "$wheels" | cut -f1))"
-    # An image whose root is the wheelhouse, for the Dockerfile's bind mount (`import` is ~2x faster than COPY).
-    tar -C "$wheels" -c . | podman import -q --change "LABEL soap.wheelhouse=$key" - "$WHEEL_IMAGE" >/dev/null
   fi
 }
 
@@ -103,13 +103,19 @@ build_images() {
   build_base
   build_wheelhouse
   log "build $SERVICE_IMAGE"
-  # Docker image format: the OCI format has no HEALTHCHECK.
-  podman build -q --format docker -f docker/Dockerfile -t "$SERVICE_IMAGE" \
+  # The layer cache does not see the volume's content: other wheels, no cache.
+  local fresh=()
+  if [[ $(podman image inspect -f '{{index .Labels "soap.wheelhouse"}}' "$SERVICE_IMAGE" 2>/dev/null) != "$WHEELHOUSE_KEY" ]]
+  then fresh=(--no-cache); fi
+  # Docker image format: the OCI format has no HEALTHCHECK. The wheelhouse is a build-time volume (not copied).
+  podman build -q "${fresh[@]}" --label "soap.wheelhouse=$WHEELHOUSE_KEY" --format docker -f docker/Dockerfile \
+    -t "$SERVICE_IMAGE" -v "$CACHE/wheelhouse:/wheels:ro" \
     --build-arg VARIANT=cpu --build-arg CPU_BASE="$BASE_IMAGE" --build-arg TORCH_CPU_INDEX= \
-    --build-arg PIP_SOURCE=wheelhouse --build-arg WHEELHOUSE="$WHEEL_IMAGE" . >/dev/null
+    --build-arg PIP_SOURCE=wheelhouse . >/dev/null
   log "build $PROMETHEUS_IMAGE"
   podman build -q --format docker --network host -f docker/prometheus.Dockerfile -t "$PROMETHEUS_IMAGE" \
     --build-arg BASE="$BASE_IMAGE" docker/prometheus >/dev/null
+  podman image prune -f >/dev/null  # the previous builds' images (GBs each)
   log "images built"
 }
 

@@ -73,7 +73,8 @@ class Stack:
             [str(SCRIPT), "compose", "ps", "-q", service], cwd=ROOT, env=self.env, capture_output=True, text=True
         )
         ids = result.stdout.split()
-        assert result.returncode == 0 and len(ids) == 1, result.stdout + result.stderr
+        assert result.returncode == 0, result.stderr
+        assert len(ids) == 1, result.stdout
         return ids[0]
 
     def tail(self) -> str:
@@ -157,7 +158,8 @@ def test_prometheus_in_its_container_scrapes_the_service(stack: Stack) -> None:
             time.sleep(2)
         names = client.get("/api/v1/label/__name__/values").json()["data"]
         rules = client.get("/api/v1/rules").json()["data"]["groups"]
-    assert len(soap) == 1 and soap[0]["labels"]["instance"].endswith(":8000")  # the DNS name `soap` resolved
+    assert len(soap) == 1
+    assert soap[0]["labels"]["instance"].endswith(":8000")
     assert float(ready[0]["value"][1]) == 1
     assert {"soap_images_total", "soap_request_duration_seconds_bucket", "soap_model_info"} <= set(names)
     assert any(r["name"] == "SoapTargetDown" for g in rules for r in g["rules"])  # our rules are loaded
@@ -173,12 +175,14 @@ def test_runs_as_its_user_on_a_read_only_root_with_tmpfs_tmp(stack: Stack) -> No
         return podman("exec", container, "sh", "-c", command)
 
     status = sh("grep -E '^(Uid|Gid):' /proc/1/status").stdout.split()  # the service itself (PID 1)
-    assert status[1:5] == ["10001"] * 4 and status[6:10] == ["10001"] * 4, status
+    assert status[1:5] == ["10001"] * 4, status
+    assert status[6:10] == ["10001"] * 4, status
     assert sh("cat /proc/1/cmdline | tr '\\0' ' '").stdout.strip() == "python -m service"
     denied = sh("touch /app/x")
-    assert denied.returncode != 0 and "Read-only file system" in denied.stderr
+    assert denied.returncode != 0
+    assert "Read-only file system" in denied.stderr
     mounts = [line.split() for line in sh("cat /proc/mounts").stdout.splitlines()]
-    assert ["tmpfs"] == [m[2] for m in mounts if m[1] == "/tmp"]
+    assert [m[2] for m in mounts if m[1] == "/tmp"] == ["tmpfs"]
     assert [m for m in mounts if m[1] == "/"][0][3].startswith("ro")
     assert sh("touch /tmp/x && rm /tmp/x").returncode == 0
 
@@ -232,13 +236,16 @@ def test_compose_stop_under_load_answers_every_accepted_request(stack: Stack) ->
     unanswered = [o for o in outcomes if o.error and not o.error.startswith("connect")]
     wrong = [o for o in outcomes if o.status not in (None, 200, 503)]
     refused = [o for o in outcomes if o.status == 503]
-    assert not unanswered and not wrong, unanswered + wrong
+    assert not unanswered, unanswered
+    assert not wrong, wrong
     assert all('"shutting_down"' in o.body for o in refused), refused
     assert sum(o.status == 200 for o in outcomes) > 50
     assert sum(o.status == 200 and o.started > stop_at for o in outcomes) > 0, "no request crossed the SIGTERM"
     state = inspect(container)["State"]
-    assert state["ExitCode"] == 0, podman("logs", container).stderr[-3000:]
-    assert stop_s < 30, "the service needed SIGKILL (stop_grace_period)"
+    logs = podman("logs", "-t", container)
+    print(f"compose stop under load: {stop_s:.1f} s; {len(outcomes)} requests, {len(refused)} refused while draining")
+    assert state["ExitCode"] == 0, logs.stdout[-3000:] + logs.stderr[-3000:]  # not SIGKILLed: it drained and exited
+    assert "Application shutdown complete" in logs.stdout + logs.stderr
 
 
 def test_compose_down_leaves_nothing(stack: Stack) -> None:
