@@ -26,6 +26,7 @@ from models import CheckpointError  # noqa: E402
 
 from .app import create_app  # noqa: E402
 from .config import ServiceSettings, load_settings  # noqa: E402
+from .logs import LogFormat, configure_logging  # noqa: E402
 from .runtime import ServiceRuntime  # noqa: E402
 
 log = logging.getLogger("service")
@@ -59,6 +60,8 @@ def serve(app) -> None:
         port=settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
+        # JSON: uvicorn's loggers go through the root handler (JSON, request id); text: uvicorn's own format.
+        log_config=None if settings.log_format is LogFormat.JSON else uvicorn.config.LOGGING_CONFIG,
         timeout_graceful_shutdown=settings.graceful_timeout_s,
         lifespan="on",
     )
@@ -67,7 +70,7 @@ def serve(app) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     settings = load_settings(argv)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_format, settings.log_level)
     torch.set_num_threads(settings.compute_threads)
     # uvicorn re-raises the shutdown signal after a graceful exit; make that a clean exit status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

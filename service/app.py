@@ -32,6 +32,7 @@ from .config import ServiceSettings
 from .decode import DecodeLimits, ImageRejected, decode_opened, encode_png, open_image
 from .errors import ServiceError, error_response, install_error_handlers
 from .ingest import ACCEPTED_TYPES, check_media_type, media_type, parse_upload, read_body
+from .logs import REQUEST_ID
 from .predict import PurifyRequest
 from .runtime import ModelRuntime, ServiceRuntime
 from .schemas import (
@@ -52,6 +53,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Images up to this many pixels decode on the event loop (tens of microseconds); larger ones in a thread,
 # at most _DECODE_THREADS at once, which bounds the memory a burst of huge images can take.
 _INLINE_DECODE_PIXELS = 256 * 256
+# Not load: Prometheus' scrapes and the kubelet's probes would count as in-flight requests on an idle replica.
+_UNCOUNTED_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 _DECODE_THREADS = 4
 
 
@@ -75,6 +78,10 @@ class RequestContext:
         incoming = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _REQUEST_ID.match(incoming) else f"{random.getrandbits(128):032x}"
         scope["soap.request_id"] = request_id
+        token = REQUEST_ID.set(request_id)
+        counted = scope["path"] not in _UNCOUNTED_PATHS
+        if counted:
+            self.runtime.metrics.in_flight.inc()
         status = 500
         started = False
 
@@ -103,6 +110,9 @@ class RequestContext:
             self.runtime.metrics.request_duration.labels(scope.get("soap.model", ""), route, str(status)).observe(
                 time.perf_counter() - start
             )
+            if counted:
+                self.runtime.metrics.in_flight.dec()
+            REQUEST_ID.reset(token)
 
     def _shed(self, scope) -> Response | None:
         """A 503 for POST /classify when the service drains or the target model's queue is full; else None."""

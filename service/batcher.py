@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .logs import REQUEST_ID
 from .predict import Predictions, PurifyRequest, predict_in_chunks
 
 log = logging.getLogger("service.batcher")
@@ -59,6 +60,7 @@ class WorkItem:
     deadline: float
     future: asyncio.Future
     enqueued_at: float = field(default_factory=time.monotonic)
+    request_id: str = field(default_factory=REQUEST_ID.get)  # submitted inside the request's context
     state: str = "queued"  # queued -> running, or queued -> cancelled
 
     @property
@@ -309,7 +311,14 @@ class Batcher:
                 self._executor, self._compute, images, request
             )
         except Exception as exc:  # noqa: BLE001 - isolate: fail this batch only, keep the worker alive
-            log.exception("batch of %d images on model %s failed", images.shape[0], self.name)
+            ids = [it.request_id for it in batch]
+            log.exception(
+                "batch of %d images on model %s failed; requests %s",
+                images.shape[0],
+                self.name,
+                " ".join(ids),
+                extra={"request_ids": ids},
+            )
             error = BatchFailed(
                 f"the batch holding this request failed ({type(exc).__name__}); other requests are unaffected"
             )

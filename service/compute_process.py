@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +34,15 @@ class ComputeProcessError(RuntimeError):
 class ComputeProcess:
     """Callable like `predict` for one model: `process(images, request) -> Predictions`. Thread-safe."""
 
-    def __init__(self, checkpoint: Path, device: torch.device, threads: int) -> None:
+    def __init__(
+        self, checkpoint: Path, device: torch.device, threads: int, on_restart: Callable[[], None] | None = None
+    ) -> None:
         self._args = (str(checkpoint), str(device), threads)
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._conn = None
         self._lock = threading.Lock()
+        self._on_restart = on_restart or (lambda: None)
+        self._starts = 0
 
     @property
     def pid(self) -> int | None:
@@ -50,6 +55,9 @@ class ComputeProcess:
 
     def _start_locked(self) -> None:
         self._stop_locked()
+        self._starts += 1
+        if self._starts > 1:  # every start after the first (successful or not) is a restart: crash loops count
+            self._on_restart()
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
         proc = context.Process(target=_child_main, args=(child, *self._args), name="soap-compute", daemon=True)

@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .logs import LogFormat
+
 ENV_PREFIX = "SOAP_"
 
 
@@ -57,6 +59,9 @@ class ServiceSettings(BaseModel):
     )
     access_log: bool = Field(False, description="log every request (off: the metrics cover it, and it costs CPU)")
     log_level: str = Field("info", description="uvicorn log level")
+    log_format: LogFormat = Field(
+        LogFormat.TEXT, description="text, or json: one JSON object per line, with the request id on each"
+    )
 
     @field_validator("device")
     @classmethod

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,7 @@ from .config import ServiceSettings
 from .errors import ServiceError
 from .metrics import ServiceMetrics
 from .predict import Predictions, PurifyRequest, predict
+from .process_metrics import ProcessCollector, ProcessTarget
 
 log = logging.getLogger("service.runtime")
 
@@ -95,8 +97,9 @@ class ServiceRuntime:
         home = torch.device("cpu") if settings.compute_process else self.device
         for path in settings.models:
             loaded = load_checkpoint(path, home)
+            restarts = self.metrics.compute_restarts.labels(path.name, "0")
             process = (
-                ComputeProcess(path.resolve(), self.device, settings.compute_threads)
+                ComputeProcess(path.resolve(), self.device, settings.compute_threads, on_restart=restarts.inc)
                 if settings.compute_process
                 else None
             )
@@ -112,6 +115,16 @@ class ServiceRuntime:
             )
             self.metrics.declare_model(model.name, MODES)
         self.metrics.ready.set(0)
+        self.metrics.registry.register(ProcessCollector(self.processes))
+
+    def processes(self) -> list[ProcessTarget]:
+        """The server and its live compute children, for the per-process metrics."""
+        targets = [ProcessTarget(os.getpid(), "server")]
+        for model in self.models.values():
+            pid = model.process.pid if model.process is not None else None
+            if pid is not None:
+                targets.append(ProcessTarget(pid, "compute", model.name, "0"))
+        return targets
 
     def _make_batcher(self, model: ModelRuntime) -> Batcher:
         s = self.settings
@@ -190,6 +203,7 @@ class ServiceRuntime:
             wait.observe(seconds)
         p = stats.predictions
         if p is None:
+            m.batch_failures.labels(name).inc()
             return
         m.images.labels(name, stats.request.mode).inc(len(p))
         eps, before, after = m.epsilon.labels(name), m.aux_before.labels(name), m.aux_after.labels(name)

@@ -1,0 +1,164 @@
+"""Operations signals of the service: JSON logs with the request id on every line of a request, the ids of a failed
+batch in its log line, per-process metrics of the server and its compute children, the in-flight gauge, the
+batch-failure and compute-restart counters, and build information."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from importlib import metadata
+
+import httpx
+import pytest
+import torch
+from test_service_support import (  # noqa: F401
+    ROOT,
+    ServerProcess,
+    anyio_backend,
+    metric_value,
+    mnist_png,
+    model_dir,
+    serve_app,
+    settings_for,
+)
+
+from service.batcher import BatchFailed
+from service.logs import REQUEST_ID
+from service.predict import PurifyRequest
+from service.process_metrics import read_process_stats
+
+PNG = {"Content-Type": "image/png"}
+
+
+def test_process_stats_read_from_proc():
+    stats = read_process_stats(os.getpid())
+    assert stats is not None
+    status = dict(line.split(":", 1) for line in open(f"/proc/{os.getpid()}/status").read().splitlines())
+    vm_rss = int(status["VmRSS"].split()[0]) * 1024
+    assert abs(stats.resident_bytes - vm_rss) < 0.1 * vm_rss  # same figure, read a moment apart
+    assert stats.cpu_seconds > 0
+    assert stats.open_fds == len(os.listdir("/proc/self/fd"))  # both count the listing's own descriptor
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    assert read_process_stats(dead.pid) is None
+
+
+@pytest.mark.anyio
+async def test_a_failed_batch_logs_the_ids_of_its_requests_and_is_counted(model_dir, caplog):
+    """Two requests share a batch that fails in the real predict step (an input the network cannot take, which
+    HTTP decoding would never let through): both fail, one log line names both ids, the counter counts one."""
+    async with serve_app(settings_for(model_dir, max_delay_ms=200)) as (app, client):
+        model = app.state.runtime.get(None)
+        items = []
+        for request_id in ("req-a", "req-b"):
+            token = REQUEST_ID.set(request_id)
+            try:
+                items.append(model.batcher.submit(torch.rand(1, 3, 5, 5), PurifyRequest(), time.monotonic() + 10))
+            finally:
+                REQUEST_ID.reset(token)
+        with caplog.at_level(logging.ERROR, logger="service.batcher"):
+            results = await asyncio.gather(*(it.future for it in items), return_exceptions=True)
+        assert all(isinstance(r, BatchFailed) for r in results), results
+        (record,) = [r for r in caplog.records if "failed" in r.getMessage()]
+        assert record.request_ids == ["req-a", "req-b"]
+        assert "req-a req-b" in record.getMessage()
+        text = (await client.get("/metrics")).text
+        assert metric_value(text, "soap_batch_failures_total", model="mnist-fcn-dr") == 1
+        # the next request is served normally
+        assert (await client.post("/classify", content=mnist_png(7), headers=PNG)).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_in_flight_gauge_counts_requests_being_served_not_scrapes(model_dir):
+    async with serve_app(settings_for(model_dir, max_delay_ms=400, max_batch_size=64)) as (app, client):
+        assert metric_value((await client.get("/metrics")).text, "soap_in_flight_requests") == 0
+        pending = asyncio.ensure_future(client.post("/classify", content=mnist_png(3), headers=PNG))
+        model = app.state.runtime.get(None)
+        deadline = time.monotonic() + 5
+        while model.batcher.depth == 0:  # the request is queued, its batch waits for batch-mates
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        during = metric_value((await client.get("/metrics")).text, "soap_in_flight_requests")
+        assert (await pending).status_code == 200
+        after = metric_value((await client.get("/metrics")).text, "soap_in_flight_requests")
+    assert during == 1  # the request, not the scrape
+    assert after == 0
+
+
+def compute_children(text: str) -> list[dict[str, str]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [
+        s.labels
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "soap_process_resident_memory_bytes" and s.labels["role"] == "compute"
+    ]
+
+
+@pytest.mark.anyio
+async def test_process_metrics_cover_server_and_compute_child_and_restarts_are_counted(model_dir):
+    """With the compute child (the default), /metrics reports memory, CPU and open files of the server and of the
+    child, labelled by model; a killed child is replaced and the restart counted."""
+    async with serve_app(settings_for(model_dir, compute_process=True)) as (app, client):
+        model = app.state.runtime.get(None)
+        text = (await client.get("/metrics")).text
+        assert compute_children(text) == [{"role": "compute", "model": "mnist-fcn-dr", "worker": "0"}]
+        for role, labels in (("server", {"model": "", "worker": ""}), ("compute", {"model": "mnist-fcn-dr"})):
+            assert metric_value(text, "soap_process_resident_memory_bytes", role=role, **labels) > 50e6, role
+            assert metric_value(text, "soap_process_open_fds", role=role, **labels) > 3, role
+            assert metric_value(text, "soap_process_cpu_seconds_total", role=role, **labels) > 0, role
+        child_rss = metric_value(text, "soap_process_resident_memory_bytes", role="compute", model="mnist-fcn-dr")
+        assert child_rss == pytest.approx(read_process_stats(model.process.pid).resident_bytes, rel=0.1)
+        assert metric_value(text, "soap_compute_restarts_total", model="mnist-fcn-dr", worker="0") == 0
+
+        old = model.process.pid
+        os.kill(old, signal.SIGKILL)
+        for _ in range(3):  # the batch in flight may fail once; then a new child serves
+            r = await client.post("/classify", content=mnist_png(7), headers=PNG)
+            if r.status_code == 200:
+                break
+        assert r.status_code == 200
+        assert model.process.pid not in (None, old)
+        text = (await client.get("/metrics")).text
+    assert metric_value(text, "soap_compute_restarts_total", model="mnist-fcn-dr", worker="0") == 1
+    assert len(compute_children(text)) == 1
+
+
+@pytest.mark.anyio
+async def test_build_info_names_version_and_commit(model_dir):
+    async with serve_app(settings_for(model_dir)) as (app, client):
+        text = (await client.get("/metrics")).text
+    version = metadata.version("soap-serving")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT / "service", capture_output=True, text=True)
+    commit = os.environ.get("BUILD_COMMIT") or (head.stdout.strip() if head.returncode == 0 else "unknown")
+    assert metric_value(text, "soap_build_info", version=version, commit=commit) == 1
+
+
+def test_json_logs_carry_the_request_id_on_every_line_of_a_request(model_dir):
+    """The real server with --log-format json --access-log: every line is one JSON object; the lines of a request
+    (uvicorn's access line included) carry its id; lines outside requests carry an empty id."""
+    server = ServerProcess(["--model", str(model_dir), "--log-format", "json", "--access-log", "--no-compute-process"])
+    try:
+        server.wait_ready()
+        r = httpx.post(server.url + "/classify", content=mnist_png(7), headers={**PNG, "X-Request-ID": "trace-me-1"})
+        assert r.status_code == 200
+        bad = httpx.post(server.url + "/classify", content=b"junk", headers={**PNG, "X-Request-ID": "trace-me-2"})
+        assert bad.status_code == 422
+        time.sleep(0.3)
+    finally:
+        server.stop()
+    lines = [line for line in server.output().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line parses
+    assert all({"time", "level", "logger", "message", "request_id"} <= r.keys() for r in records)
+    mine = {r["request_id"]: r for r in records if r["request_id"].startswith("trace-me")}
+    assert set(mine) == {"trace-me-1", "trace-me-2"}
+    assert '"POST /classify HTTP/1.1" 200' in mine["trace-me-1"]["message"]
+    assert '"POST /classify HTTP/1.1" 422' in mine["trace-me-2"]["message"]
+    started = [r for r in records if "warmed up" in r["message"]]
+    assert started and started[0]["request_id"] == ""
