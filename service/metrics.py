@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import subprocess
 from functools import cache
-from importlib import metadata
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from models import __version__
 
 disable_created_metrics()  # the *_created series double the exposition and nobody reads them
 
@@ -159,12 +160,8 @@ class ServiceMetrics:
 
 @cache
 def build_info() -> tuple[str, str]:
-    """(version, commit): the installed package's version; the commit from $BUILD_COMMIT (set when the image is
-    built), else `git rev-parse` when running from a checkout, else "unknown"."""
-    try:
-        version = metadata.version("soap-serving")
-    except metadata.PackageNotFoundError:
-        version = "unknown"
+    """(version, commit): the package's version; the commit from $BUILD_COMMIT (set when the image is built), else
+    `git rev-parse` when running from a checkout, else "unknown"."""
     commit = os.environ.get("BUILD_COMMIT", "").strip()
     if not commit:
         try:
@@ -178,4 +175,4 @@ def build_info() -> tuple[str, str]:
             commit = result.stdout.strip() if result.returncode == 0 else ""
         except (OSError, subprocess.SubprocessError):
             commit = ""
-    return version, commit or "unknown"
+    return __version__, commit or "unknown"

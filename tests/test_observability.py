@@ -11,34 +11,41 @@ import os
 import signal
 import subprocess
 import time
-from importlib import metadata
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import torch
-from test_service_support import (  # noqa: F401
-    ROOT,
-    ServerProcess,
-    anyio_backend,
-    metric_value,
-    mnist_png,
-    model_dir,
-    serve_app,
-    settings_for,
-)
+from fastapi import FastAPI
+from test_service_support import ROOT, ServerProcess, metric_value, mnist_png, serve_app, settings_for
 
+import models
+from service.app import create_app
 from service.batcher import BatchFailed
-from service.logs import REQUEST_ID
 from service.predict import PurifyRequest
 from service.process_metrics import read_process_stats
 
 PNG = {"Content-Type": "image/png"}
 
 
+@asynccontextmanager
+async def serve_running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """An app made here (serve_app makes its own) with its lifespan running, ready, and an in-process client."""
+    async with app.router.lifespan_context(app):
+        while not app.state.runtime.ready:
+            await asyncio.sleep(0.01)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://soap.test", timeout=60) as client:
+            yield client
+
+
 def test_process_stats_read_from_proc():
     stats = read_process_stats(os.getpid())
     assert stats is not None
-    status = dict(line.split(":", 1) for line in open(f"/proc/{os.getpid()}/status").read().splitlines())
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines())
     vm_rss = int(status["VmRSS"].split()[0]) * 1024
     assert abs(stats.resident_bytes - vm_rss) < 0.1 * vm_rss  # same figure, read a moment apart
     assert stats.cpu_seconds > 0
@@ -56,17 +63,15 @@ async def test_a_failed_batch_logs_the_ids_of_its_requests_and_is_counted(model_
         model = app.state.runtime.get(None)
         items = []
         for request_id in ("req-a", "req-b"):
-            token = REQUEST_ID.set(request_id)
-            try:
-                items.append(model.batcher.submit(torch.rand(1, 3, 5, 5), PurifyRequest(), time.monotonic() + 10))
-            finally:
-                REQUEST_ID.reset(token)
+            items.append(
+                model.batcher.submit(torch.rand(1, 3, 5, 5), PurifyRequest(), time.monotonic() + 10, request_id)
+            )
         with caplog.at_level(logging.ERROR, logger="service.batcher"):
             results = await asyncio.gather(*(it.future for it in items), return_exceptions=True)
         assert all(isinstance(r, BatchFailed) for r in results), results
         (record,) = [r for r in caplog.records if "failed" in r.getMessage()]
         assert record.request_ids == ["req-a", "req-b"]
-        assert "req-a req-b" in record.getMessage()
+        assert "req-a, req-b" in record.getMessage()
         text = (await client.get("/metrics")).text
         assert metric_value(text, "soap_batch_failures_total", model="mnist-fcn-dr") == 1
         # the next request is served normally
@@ -134,7 +139,7 @@ async def test_process_metrics_cover_server_and_compute_child_and_restarts_are_c
 async def test_build_info_names_version_and_commit(model_dir):
     async with serve_app(settings_for(model_dir)) as (app, client):
         text = (await client.get("/metrics")).text
-    version = metadata.version("soap-serving")
+    version = models.__version__
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT / "service", capture_output=True, text=True)
     commit = os.environ.get("BUILD_COMMIT") or (head.stdout.strip() if head.returncode == 0 else "unknown")
     assert metric_value(text, "soap_build_info", version=version, commit=commit) == 1
@@ -161,4 +166,54 @@ def test_json_logs_carry_the_request_id_on_every_line_of_a_request(model_dir):
     assert '"POST /classify HTTP/1.1" 200' in mine["trace-me-1"]["message"]
     assert '"POST /classify HTTP/1.1" 422' in mine["trace-me-2"]["message"]
     started = [r for r in records if "warmed up" in r["message"]]
-    assert started and started[0]["request_id"] == ""
+    assert started
+    assert started[0]["request_id"] == ""
+
+
+def children_of(parent: Any, spans: Sequence[Any]) -> list[Any]:
+    """The spans whose parent is `parent`, by start time."""
+    mine = [s for s in spans if s.parent is not None and s.parent.span_id == parent.context.span_id]
+    return sorted(mine, key=lambda s: s.start_time)
+
+
+@pytest.mark.anyio
+async def test_tracing_spans_cover_the_steps_of_a_request(model_dir):
+    """--tracing with the SDK's in-memory exporter: one request gives a classify span with children read, decode,
+    queue wait, compute and encode, in that order in time, each inside its parent; tracing off records nothing."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = create_app(settings_for(model_dir, tracing=True, max_delay_ms=20), tracer_provider=provider)
+    async with serve_running(app) as client:
+        r = await client.post("/classify", content=mnist_png(7), headers={**PNG, "X-Request-ID": "span-me"})
+        assert r.status_code == 200
+        bad = await client.post("/classify", content=b"junk", headers=PNG)
+        assert bad.status_code == 422
+    spans = exporter.get_finished_spans()
+    roots = [s for s in spans if s.name == "soap.classify"]
+    assert len(roots) == 2
+    (root,) = [s for s in roots if s.attributes["request_id"] == "span-me"]
+    children = children_of(root, spans)
+    assert [s.name for s in children] == ["soap.read", "soap.decode", "soap.queue_wait", "soap.compute", "soap.encode"]
+    for child in children:
+        assert child.context.trace_id == root.context.trace_id
+        assert root.start_time <= child.start_time <= child.end_time <= root.end_time
+    for before, after in zip(children, children[1:], strict=False):
+        assert before.end_time <= after.start_time + 1_000_000, (before.name, after.name)  # 1 ms slack
+    compute = children[3]
+    assert compute.attributes["model"] == "mnist-fcn-dr"
+    assert compute.attributes["batch_images"] == 1
+    timing = r.json()["timing_ms"]
+    assert (compute.end_time - compute.start_time) / 1e6 == pytest.approx(timing["compute"], abs=0.01)
+    (failed,) = [s for s in roots if s is not root]
+    assert not failed.status.is_ok  # the 422 marks its span as an error
+    assert [s.name for s in children_of(failed, spans)] == ["soap.read", "soap.decode"]
+
+    exporter.clear()
+    async with serve_app(settings_for(model_dir)) as (app, client):  # tracing off (the default)
+        assert (await client.post("/classify", content=mnist_png(7), headers=PNG)).status_code == 200
+    assert exporter.get_finished_spans() == ()
