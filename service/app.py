@@ -349,7 +349,10 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         batch = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
         try:
             item = model.batcher.submit(
-                batch, PurifyRequest(options.mode, options.epsilon), time.monotonic() + settings.request_timeout_s
+                batch,
+                PurifyRequest(options.mode, options.epsilon),
+                time.monotonic() + settings.request_timeout_s,
+                request.scope["soap.request_id"],
             )
         except QueueFull as exc:
             raise _queue_full(model, exc.retry_after_s) from None
