@@ -6,12 +6,12 @@ A batch goes when a worker is free and the batch holds `max_batch_size` images o
 `max_delay_s`. Only requests with the same purification settings (mode, epsilon) share a batch. A request is never
 split between batches; one larger than `max_batch_size` forms a batch alone (and is computed in chunks).
 
-Failure isolation: images were decoded before they were queued, so a batch only fails on a compute error, and
-then only that batch's requests fail (BatchFailed); the workers keep going. A worker that dies during a batch
-(WorkerDied: killed, crashed) is restarted, and its batch — purification is a pure function — is computed again
-first thing by the next free worker; a batch during which workers died twice fails alone, so one poisonous input
-cannot take the pool down. Requests cancelled while queued (deadline passed, client gone) leave the queue at once
-and are never computed.
+Failure isolation: images were decoded before they were queued, so a batch only fails on a compute error or a
+result without exactly one row per image (WrongRowCount), and then only that batch's requests fail (BatchFailed,
+their request ids logged); the workers keep going. A worker that dies during a batch (WorkerDied: killed, crashed)
+is restarted, and its batch — purification is a pure function — is computed again first thing by the next free
+worker; a batch during which workers died twice fails alone, so one poisonous input cannot take the pool down.
+Requests cancelled while queued (deadline passed, client gone) leave the queue at once and are never computed.
 """
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ class ShuttingDown(Exception):
     pass
 
 
+class WrongRowCount(RuntimeError):
+    """The compute returned other than one row per image: its rows cannot be matched to requests, so the batch
+    fails rather than hand anyone another request's result (Ray Serve and LitServe check the same)."""
+
+
 class DeadlineExceeded(Exception):
     """The request was still queued at its deadline (set on its future by the batcher's one deadline timer)."""
 
@@ -57,7 +62,7 @@ class ClientGone(Exception):
     """The client disconnected while its request was still queued."""
 
 
-class WorkerDied(RuntimeError):  # noqa: N818 - named like the other outcomes here
+class WorkerDied(RuntimeError):
     """The worker computing a batch died (killed, crashed). The batch may be innocent, so it is computed again."""
 
 
@@ -84,7 +89,7 @@ class WorkItem:
     request: PurifyRequest
     deadline: float
     future: asyncio.Future
-    request_id: str = ""
+    request_id: str = ""  # for the log when its batch fails
     enqueued_at: float = field(default_factory=time.monotonic)
     state: str = "queued"  # queued -> running, or queued -> cancelled
 
@@ -389,7 +394,10 @@ class Batcher:
             await self._after_death(worker, batch, exc)
             return
         except Exception as exc:  # noqa: BLE001 - isolate: fail this batch only, keep the worker
-            log.exception("batch of %d images on model %s worker %d failed", batch.size, self.name, worker.index)
+            log.exception(
+                "batch of %d images on model %s worker %d failed; requests %s",
+                batch.size, self.name, worker.index, ", ".join(it.request_id or "?" for it in batch.items),
+            )  # fmt: skip
             self._fail(batch, self._batch_failed(exc), worker)
             return
         compute_s = time.monotonic() - started
@@ -446,4 +454,7 @@ class Batcher:
 
     def _compute(self, worker: Worker, images: torch.Tensor, request: PurifyRequest) -> Predictions:
         predictions, self.chunk_size = predict_in_chunks(lambda x: worker.compute(x, request), images, self.chunk_size)
+        rows = sorted({t.shape[0] if t.ndim else -1 for t in predictions.tensors()})
+        if rows != [images.shape[0]]:
+            raise WrongRowCount(f"the compute returned {rows} rows for {images.shape[0]} images")
         return predictions

@@ -15,6 +15,7 @@ computes the batch again); a child found dead before a batch is restarted first.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -35,7 +36,7 @@ class ComputeProcessError(RuntimeError):
     """The child failed to start, died, or raised; the message names the cause, never a traceback."""
 
 
-class ComputeProcessDied(ComputeProcessError, WorkerDied):  # noqa: N818 - a WorkerDied
+class ComputeProcessDied(ComputeProcessError, WorkerDied):
     """The child exited (killed, crashed) while computing a batch."""
 
 
@@ -108,10 +109,8 @@ class ComputeProcess:
         self._proc = self._conn = None
         if proc is None:
             return
-        try:
+        with contextlib.suppress(OSError):
             conn.send(None)
-        except OSError:
-            pass
         proc.join(5)
         if proc.is_alive():
             proc.kill()

@@ -14,10 +14,12 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .attacks.registry import ATTACKS
 from .report import ROW_TITLES, cell
+from .sanity import Extras, run_checks
 
 PAPER_COLUMNS = ("fgsm", "pgd", "cw", "df")
 
@@ -111,7 +113,7 @@ BASELINE_SUFFIXES = ("vanilla", "fgsm-at", "pgd-at")
 
 
 def run_plan(args: argparse.Namespace) -> None:
-    from .__main__ import main  # noqa: PLC0415
+    from .__main__ import main  # here: the command line imports this module
 
     roots = {"mnist": args.mnist_root, "cifar10": args.cifar10_root}
     plan = list(PLAN)
@@ -183,15 +185,18 @@ def paper_table(results: list[dict]) -> str:
             label = r["recipe"] if r["recipe"] != "soap" else ROW_TITLES[row]
             cells = [f"`{Path(r['model']).name}`", label, str(r["n"]), _with_paper(r["clean"][row], paper and paper[0])]
             for i, col in enumerate(PAPER_COLUMNS, start=1):
-                acc = r["attacks"].get(col, {}).get("rows", {}).get(row)
+                acc = _attack_row(r, col, row)
                 cells.append(_with_paper(acc, paper and paper[i]))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def adaptive_table(results: list[dict]) -> str:
-    from .attacks.registry import ATTACKS  # noqa: PLC0415
+def _attack_row(result: dict, attack: str, row: str) -> dict | None:
+    """One row's accuracy under one attack in an evaluation result (None where that attack did not run)."""
+    return result["attacks"].get(attack, {}).get("rows", {}).get(row)
 
+
+def adaptive_table(results: list[dict]) -> str:
     present = {name for r in results for name, a in r["attacks"].items() if a["kind"] == "adaptive"}
     names = [name for name in ATTACKS if name in present]
     head = [
@@ -208,17 +213,17 @@ def adaptive_table(results: list[dict]) -> str:
         if "min-aux" not in r["rows"]:
             continue
         a = r["attacks"]
-        get = lambda name, row: a.get(name, {}).get("rows", {}).get(row)  # noqa: E731
         worst = r.get("worst_case", {}).get("adaptive", {}).get("min-aux")
-        cells = [f"`{Path(r['model']).name}`", cell(r["clean"]["min-aux"]), cell(get("pgd", "min-aux"))]
+        cells = [f"`{Path(r['model']).name}`", cell(r["clean"]["min-aux"]), cell(_attack_row(r, "pgd", "min-aux"))]
         cells += [
-            cell(get(n, "min-aux")) + (f" (n={a[n]['n']})" if n in a and a[n].get("n", r["n"]) != r["n"] else "")
+            cell(_attack_row(r, n, "min-aux"))
+            + (f" (n={a[n]['n']})" if n in a and a[n].get("n", r["n"]) != r["n"] else "")
             for n in names
         ]
         cells += [
             cell(worst) + (f" (n={worst['n']})" if worst and worst["n"] != r["n"] else ""),
-            cell(get("pgd", "none")),
-            cell(get("apgd-ce", "none")),
+            cell(_attack_row(r, "pgd", "none")),
+            cell(_attack_row(r, "apgd-ce", "none")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -240,9 +245,6 @@ def settings_lines(r: dict) -> list[str]:
 
 def refresh_checks(r: dict) -> None:
     """Add checks newer than the stored result (they only need its numbers); stored outcomes are kept."""
-    from dataclasses import asdict  # noqa: PLC0415
-
-    from .sanity import Extras, run_checks  # noqa: PLC0415
 
     extras = Extras(r.get("beta_sweep"), r.get("budget_sweep"), r.get("epsilon_zero") or {})
     known = {c["name"] for c in r["sanity_checks"]}
