@@ -14,6 +14,7 @@ import logging
 import random
 import re
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qs
@@ -25,6 +26,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import require_api_key
 from .batcher import BatchFailed, ClientGone, DeadlineExceeded, ItemResult, QueueFull, ShuttingDown, WorkItem
@@ -62,11 +64,11 @@ class RequestContext:
     less than a served request, or the refusals themselves become the overload.
     """
 
-    def __init__(self, app, runtime: ServiceRuntime) -> None:
+    def __init__(self, app: ASGIApp, runtime: ServiceRuntime) -> None:
         self.app = app
         self.runtime = runtime
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -77,7 +79,7 @@ class RequestContext:
         status = 500
         started = False
 
-        async def send_with_id(message) -> None:
+        async def send_with_id(message: Message) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 started, status = True, message["status"]
@@ -103,7 +105,7 @@ class RequestContext:
                 time.perf_counter() - start
             )
 
-    def _shed(self, scope) -> Response | None:
+    def _shed(self, scope: Scope) -> Response | None:
         """A 503 for POST /classify when the service drains, or when the request's model is known before its body
         is read and that model's queue is full; else None (the handler refuses it later if need be).
 
@@ -131,7 +133,7 @@ class RequestContext:
         return error_response(error.status, error.error, error.detail, error.headers)
 
 
-def _model_before_body(scope, runtime: ServiceRuntime) -> ModelRuntime | None:
+def _model_before_body(scope: Scope, runtime: ServiceRuntime) -> ModelRuntime | None:
     """The model a /classify request is for, as far as its head tells (see RequestContext._shed); None when only the
     body can tell, or when the query names no loaded model (the handler answers 404)."""
     query = scope.get("query_string", b"")
@@ -149,7 +151,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     runtime = ServiceRuntime(settings)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
         try:
             yield
@@ -197,8 +199,10 @@ def _options(query: dict[str, Any], body: dict[str, Any], query_model: str | Non
         raise ServiceError(422, "bad_options", problems, reason="bad_options", model=query_model) from None
 
 
-async def _decode_all(payloads: list[bytes], model: ModelRuntime, limits: DecodeLimits, limiter: anyio.CapacityLimiter):
-    images = []
+async def _decode_all(
+    payloads: list[bytes], model: ModelRuntime, limits: DecodeLimits, limiter: anyio.CapacityLimiter
+) -> list[torch.Tensor]:
+    images: list[torch.Tensor] = []
     for index, data in enumerate(payloads):
         try:
             source = open_image(data, limits)
@@ -212,7 +216,7 @@ async def _decode_all(payloads: list[bytes], model: ModelRuntime, limits: Decode
     return images
 
 
-async def _client_gone(receive) -> None:
+async def _client_gone(receive: Receive) -> None:
     """Returns when the client disconnects (the body has been read, so only http.disconnect can come)."""
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -325,7 +329,7 @@ _CLASSIFY_OPENAPI = {
     },
 }
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
         401: "missing or wrong API key",

@@ -63,7 +63,7 @@ class WorkItem:
     images: torch.Tensor
     request: PurifyRequest
     deadline: float
-    future: asyncio.Future
+    future: asyncio.Future[ItemResult]
     request_id: str = ""  # for the log when its batch fails
     enqueued_at: float = field(default_factory=time.monotonic)
     state: str = "queued"  # queued -> running, or queued -> cancelled
@@ -119,7 +119,7 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._closing = False
         self._draining = False
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None  # one timer for the earliest queued deadline
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"soap-{name}")
         self._seconds_per_image = 0.0  # moving average, for Retry-After
@@ -192,14 +192,14 @@ class Batcher:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, warmup: Callable[[], None] | None = None) -> asyncio.Task:
+    def start(self, warmup: Callable[[], None] | None = None) -> asyncio.Task[None]:
         """Start the worker; `warmup` runs first, in the compute thread."""
-        self._wakeup = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run(warmup), name=f"batcher-{self.name}")
+        self._wakeup = wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run(warmup, wakeup), name=f"batcher-{self.name}")
         self._task.add_done_callback(self._on_worker_exit)
         return self._task
 
-    def _on_worker_exit(self, task: asyncio.Task) -> None:
+    def _on_worker_exit(self, task: asyncio.Task[None]) -> None:
         """If the worker died (warm-up failed, or a bug), fail what is queued instead of leaving it hanging;
         `running` turns False, so /readyz reports the service not ready."""
         if task.cancelled() or task.exception() is None:
@@ -255,7 +255,7 @@ class Batcher:
         self._depth = depth
         self._on_depth(depth)
 
-    async def _run(self, warmup: Callable[[], None] | None) -> None:
+    async def _run(self, warmup: Callable[[], None] | None, wakeup: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         if warmup is not None:
             await loop.run_in_executor(self._executor, warmup)
@@ -263,8 +263,8 @@ class Batcher:
             if not self._queue:
                 if self._closing:
                     return
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                wakeup.clear()
+                await wakeup.wait()
                 continue
             head = self._queue[0]
             due = head.enqueued_at + self.max_delay_s
@@ -277,9 +277,9 @@ class Batcher:
                 remaining = due - time.monotonic()
                 if remaining <= 0:
                     break
-                self._wakeup.clear()
+                wakeup.clear()
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                    await asyncio.wait_for(wakeup.wait(), remaining)
                 except TimeoutError:
                     break
             if head.state != "queued":
