@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 
 import torch
 
+from .acceleration import AuxLossFn
 from .networks import SoapNetwork
 from .tasks import aux_loss
 
@@ -71,10 +73,10 @@ def _require_autograd() -> None:
         )
 
 
-def _aux_gradient(model: SoapNetwork, x: torch.Tensor) -> torch.Tensor:
+def _aux_gradient(loss_fn: AuxLossFn, x: torch.Tensor) -> torch.Tensor:
     """∇_x of the per-example auxiliary loss (the sum decouples examples), without parameter grads."""
     x = x.detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(aux_loss(model, x).sum(), x)
+    (grad,) = torch.autograd.grad(loss_fn(x).sum(), x)
     return grad
 
 
@@ -84,7 +86,7 @@ def _step(x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, gamma: float
 
 
 def _trajectories(
-    model: SoapNetwork, x: torch.Tensor, budgets: list[float], config: PurifierConfig
+    loss_fn: AuxLossFn, x: torch.Tensor, budgets: list[float], config: PurifierConfig
 ) -> tuple[list[torch.Tensor], int]:
     """Final δ for every budget, sharing the steps of identical trajectories. Returns (deltas, grad evals).
 
@@ -104,7 +106,7 @@ def _trajectories(
     for t in range(1, config.steps + 1):
         if not states:
             break
-        grads = _aux_gradient(model, torch.cat([x + d for d, _ in states])).split(b)
+        grads = _aux_gradient(loss_fn, torch.cat([x + d for d, _ in states])).split(b)
         grad_evals += len(states)
         next_states = []
         reach = t * gamma * (1 - 1e-6)
@@ -123,9 +125,9 @@ def _trajectories(
 
 
 @torch.no_grad()
-def _losses(model: SoapNetwork, images: list[torch.Tensor]) -> torch.Tensor:
+def _losses(loss_fn: AuxLossFn, images: list[torch.Tensor]) -> torch.Tensor:
     """Auxiliary loss of each candidate batch, shape [len(images), B], in one forward pass."""
-    return aux_loss(model, torch.cat(images)).view(len(images), -1)
+    return loss_fn(torch.cat(images)).view(len(images), -1)
 
 
 def purify(
@@ -135,12 +137,13 @@ def purify(
     mode: Mode | str = Mode.MIN_AUX,
     epsilon: float | None = None,
     return_candidates: bool = False,
+    loss_fn: AuxLossFn | None = None,
 ) -> PurifyResult:
     """Purify a batch of images in [0, 1]. Pure: neither `x` nor the model's parameters are changed.
 
     mode "min-aux" searches the config's budget grid per image; "fixed" purifies at `epsilon`; "none"
     only measures the auxiliary loss. The model is put in eval mode (BatchNorm/dropout must not couple
-    examples).
+    examples). `loss_fn` replaces the model's auxiliary loss by an accelerated one (models.acceleration).
     """
     if mode not in set(Mode):
         raise ValueError(f"unknown purification mode {mode!r}; expected one of {[m.value for m in Mode]}")
@@ -160,8 +163,9 @@ def purify(
         budgets = [0.0, fixed_epsilon] if fixed_epsilon > 0 else [0.0]
     else:
         budgets = config.budgets()
+    loss = loss_fn or partial(aux_loss, model)
     with torch.enable_grad():
-        deltas, grad_evals = _trajectories(model, x, budgets, config)
+        deltas, grad_evals = _trajectories(loss, x, budgets, config)
     # Budgets that end in the same state share one loss evaluation.
     unique: list[torch.Tensor] = []
     slot: dict[int, int] = {}
@@ -169,7 +173,7 @@ def purify(
         if id(d) not in slot:
             slot[id(d)] = len(unique)
             unique.append(x + d)
-    curve = _losses(model, unique)[[slot[id(d)] for d in deltas]].T  # [B, K]
+    curve = _losses(loss, unique)[[slot[id(d)] for d in deltas]].T  # [B, K]
     result = _select(x, [x + d for d in deltas], curve, budgets, fixed=mode is Mode.FIXED, grad_evals=grad_evals)
     if not return_candidates:
         result.candidates = None
@@ -213,7 +217,7 @@ def purify_naive(model: SoapNetwork, x: torch.Tensor, config: PurifierConfig) ->
             delta = torch.zeros_like(x)
             if eps > 0:
                 for _ in range(config.steps):
-                    delta = _step(x, delta, _aux_gradient(model, x + delta), config.step_size, eps)
+                    delta = _step(x, delta, _aux_gradient(partial(aux_loss, model), x + delta), config.step_size, eps)
                     grad_evals += 1
             images.append(x + delta)
     with torch.no_grad():
