@@ -22,6 +22,7 @@ from types import FrameType
 
 import torch
 import uvicorn
+from fastapi import FastAPI
 
 from models import CheckpointError
 
@@ -53,7 +54,7 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(app) -> None:
+def serve(app: FastAPI) -> None:
     settings: ServiceSettings = app.state.settings
     config = uvicorn.Config(
         app,
@@ -63,7 +64,8 @@ def serve(app) -> None:
         access_log=settings.access_log,
         # JSON: uvicorn's loggers go through the root handler (JSON, request id); text: uvicorn's own format.
         log_config=None if settings.log_format is LogFormat.JSON else uvicorn.config.LOGGING_CONFIG,
-        timeout_graceful_shutdown=settings.graceful_timeout_s,
+        # uvicorn annotates int, but waits with asyncio.wait_for, which takes fractional seconds
+        timeout_graceful_shutdown=settings.graceful_timeout_s,  # type: ignore[arg-type]
         lifespan="on",
     )
     DrainingServer(config, app.state.runtime, settings.shutdown_delay_s).run()

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 PROC = Path("/proc")
@@ -64,10 +64,10 @@ class ProcessCollector(Collector):
         self._targets = targets
         self._proc = proc
 
-    def describe(self) -> list:
+    def describe(self) -> list[Metric]:
         return []  # collected lazily: the children come and go
 
-    def collect(self) -> Iterator:
+    def collect(self) -> Iterator[Metric]:
         rss = GaugeMetricFamily(
             "soap_process_resident_memory_bytes",
             "Resident memory of the server and its compute children.",

@@ -13,6 +13,7 @@ from OTEL_EXPORTER_OTLP_ENDPOINT), else to the console.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -79,10 +80,9 @@ def _default_provider() -> TracerProvider:
 
     provider = SdkTracerProvider(resource=Resource.create({"service.name": "soap-serving"}))
     exporter: SpanExporter
-    try:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        exporter = OTLPSpanExporter()
+    try:  # an optional package the tracing extra does not pin: imported by name
+        otlp = importlib.import_module("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+        exporter = otlp.OTLPSpanExporter()
     except ImportError:
         log.warning("tracing: no OTLP exporter installed (opentelemetry-exporter-otlp-proto-http); spans go to stdout")
         exporter = ConsoleSpanExporter()
