@@ -56,16 +56,25 @@ CASES = [
 ]
 
 
-def matmul_gflops(sizes: tuple[int, ...], seconds: float) -> dict[int, float]:
-    """Best float32 GFLOP/s of n×n matmuls (each size repeated for `seconds`), per size."""
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work, so wall-clock timings measure it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(sizes: tuple[int, ...], seconds: float, device: torch.device | None = None) -> dict[int, float]:
+    """Best float32 GFLOP/s of n×n matmuls (each size repeated for `seconds`), per size, on `device` (CPU default)."""
+    device = device or torch.device("cpu")
     rates = {}
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
         a @ b
+        synchronize(device)
         best, deadline = float("inf"), time.perf_counter() + seconds
         while time.perf_counter() < deadline:
             start = time.perf_counter()
             a @ b
+            synchronize(device)
             best = min(best, time.perf_counter() - start)
         rates[n] = 2 * n**3 / best / 1e9
     return rates
