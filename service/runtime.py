@@ -17,10 +17,12 @@ import asyncio
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import get_args
 
 import torch
 
 from models import MODES, LoadedModel, load_checkpoint
+from models.purifier import Mode
 
 from .batcher import Batcher, BatchStats, Worker
 from .certify import CertifyLane, CertifyResult
@@ -77,13 +79,13 @@ class ModelRuntime:
         return self.loaded.meta.aux_head_trained
 
     @property
-    def modes(self) -> tuple[str, ...]:
+    def modes(self) -> tuple[Mode, ...]:
         """The purification modes this model serves: all of them, or only "none" when its auxiliary head is
         untrained (descending an untrained loss moves images along noise: a baseline answered 8 for a clean 7)."""
-        return MODES if self.purifies else ("none",)
+        return get_args(Mode) if self.purifies else ("none",)
 
     @property
-    def default_mode(self) -> str:
+    def default_mode(self) -> Mode:
         return "min-aux" if self.purifies else "none"
 
     def purify_request(self, mode: str | None, epsilon: float | None) -> PurifyRequest:

@@ -136,7 +136,8 @@ class DrainingServer(uvicorn.Server):
     async def _stop_listening(self, sockets: list[socket.socket] | None) -> None:
         """Step 3: refuse new connections in the kernel, answer the queued ones, then close the listening sockets."""
         listening = [sock for server in self.servers for sock in server.sockets]
-        if all([refuse_new_connections(sock) for sock in listening]):
+        refused = [refuse_new_connections(sock) for sock in listening]  # every socket, not up to the first failure
+        if all(refused):
             deadline = time.monotonic() + _ACCEPT_QUEUE_WAIT_S
             while any(_has_pending(sock) for sock in listening) and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)  # the event loop accepts them meanwhile
