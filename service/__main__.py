@@ -21,6 +21,7 @@ import sys
 
 import torch
 import uvicorn
+from fastapi import FastAPI
 
 from models import CheckpointError
 
@@ -29,7 +30,7 @@ from .config import ServiceSettings, load_settings
 from .server import DrainingServer
 
 
-def serve(app) -> None:
+def serve(app: FastAPI) -> None:
     settings: ServiceSettings = app.state.settings
     config = uvicorn.Config(
         app,
@@ -37,7 +38,8 @@ def serve(app) -> None:
         port=settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
-        timeout_graceful_shutdown=settings.graceful_timeout_s,
+        # uvicorn annotates int, but waits with asyncio.wait_for, which takes fractional seconds
+        timeout_graceful_shutdown=settings.graceful_timeout_s,  # type: ignore[arg-type]
         lifespan="on",
     )
     DrainingServer(config, app.state.runtime, settings.shutdown_delay_s).run()

@@ -15,9 +15,9 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, overload
 from urllib.parse import parse_qs
 
 import anyio
@@ -27,6 +27,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import require_api_key
 from .batcher import BatchFailed, ClientGone, DeadlineExceeded, ItemResult, QueueFull, ShuttingDown, WorkItem
@@ -70,11 +71,11 @@ class RequestContext:
     less than a served request, or the refusals themselves become the overload.
     """
 
-    def __init__(self, app, runtime: ServiceRuntime) -> None:
+    def __init__(self, app: ASGIApp, runtime: ServiceRuntime) -> None:
         self.app = app
         self.runtime = runtime
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -85,7 +86,7 @@ class RequestContext:
         status = 500
         started = False
 
-        async def send_with_id(message) -> None:
+        async def send_with_id(message: Message) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 started, status = True, message["status"]
@@ -116,7 +117,7 @@ class RequestContext:
                 time.perf_counter() - start
             )
 
-    def _shed(self, scope) -> Response | None:
+    def _shed(self, scope: Scope) -> Response | None:
         """A 503 for any POST when the service drains, or for POST /classify when the request's model is known
         before its body is read and that model's queue is full; else None (the handler refuses it later if need be).
 
@@ -146,7 +147,7 @@ class RequestContext:
         return error_response(error.status, error.error, error.detail, error.headers)
 
 
-async def _discard_body(receive, limit: int) -> None:
+async def _discard_body(receive: Receive, limit: int) -> None:
     """Read and drop the request body (up to `limit` bytes, at most _DRAIN_BODY_TIMEOUT_S)."""
     read = 0
     with contextlib.suppress(TimeoutError):
@@ -160,7 +161,7 @@ async def _discard_body(receive, limit: int) -> None:
                     return
 
 
-def _model_before_body(scope, runtime: ServiceRuntime) -> ModelRuntime | None:
+def _model_before_body(scope: Scope, runtime: ServiceRuntime) -> ModelRuntime | None:
     """The model a /classify request is for, as far as its head tells (see RequestContext._shed); None when only the
     body can tell, or when the query names no loaded model (the handler answers 404)."""
     query = scope.get("query_string", b"")
@@ -178,7 +179,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     runtime = ServiceRuntime(settings)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
         try:
             yield
@@ -248,8 +249,10 @@ def _options(query: dict[str, Any], body: dict[str, Any], query_model: str | Non
         raise ServiceError(422, "bad_options", problems, reason="bad_options", model=query_model) from None
 
 
-async def _decode_all(payloads: list[bytes], model: ModelRuntime, limits: DecodeLimits, limiter: anyio.CapacityLimiter):
-    images = []
+async def _decode_all(
+    payloads: list[bytes], model: ModelRuntime, limits: DecodeLimits, limiter: anyio.CapacityLimiter
+) -> list[torch.Tensor]:
+    images: list[torch.Tensor] = []
     for index, data in enumerate(payloads):
         try:
             source = open_image(data, limits)
@@ -263,20 +266,31 @@ async def _decode_all(payloads: list[bytes], model: ModelRuntime, limits: Decode
     return images
 
 
-async def _client_gone(receive) -> None:
+async def _client_gone(receive: Receive) -> None:
     """Returns when the client disconnects (the body has been read, so only http.disconnect can come)."""
     while (await receive())["type"] != "http.disconnect":
         pass
 
 
+@overload
 async def _await_result(
-    request: Request, model: ModelRuntime, item: WorkItem | CertifyJob, cancel: Callable[..., bool] | None = None
+    request: Request, model: ModelRuntime, item: WorkItem, cancel: Callable[..., object]
+) -> ItemResult: ...
+
+
+@overload
+async def _await_result(
+    request: Request, model: ModelRuntime, item: CertifyJob, cancel: Callable[..., object]
+) -> CertifyResult: ...
+
+
+async def _await_result(
+    request: Request, model: ModelRuntime, item: WorkItem | CertifyJob, cancel: Callable[..., object]
 ) -> ItemResult | CertifyResult:
     """Wait for the batch result. While the item is still queued, the batcher ends it with DeadlineExceeded at
     its deadline (-> 504) and a disconnect watcher with ClientGone (-> 499, dropped before compute). Once its
     batch runs, the result comes whatever happens. (A plain await on the future: asyncio.wait with a timeout per
     request cost more event-loop time than the rest of the request path.)"""
-    cancel = cancel or model.batcher.cancel
     watcher = asyncio.ensure_future(_client_gone(request.receive))
     watcher.add_done_callback(lambda w: None if w.cancelled() else cancel(item, ClientGone()))
     try:
@@ -378,7 +392,7 @@ _CLASSIFY_OPENAPI = {
     },
 }
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
         401: "missing or wrong API key",
@@ -447,7 +461,7 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
                 headers={"Retry-After": "5"},
             ) from None
         try:
-            result = await _await_result(request, model, item)
+            result = await _await_result(request, model, item, model.batcher.cancel)
         except BatchFailed as exc:  # this batch only; the message names the exception type, no internals
             raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
         body_out = {
@@ -471,6 +485,8 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         started: float,
     ) -> Response:
         lane = model.certify
+        if lane is None:  # _certify_request refused the request already
+            raise RuntimeError(f"model {model.name} has no certify lane")
         try:
             job = lane.submit(batch, certify, time.monotonic() + settings.request_timeout_s)
         except QueueFull as exc:
