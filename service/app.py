@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, overload
 from urllib.parse import parse_qs
 
 import anyio
@@ -26,6 +27,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import require_api_key
 from .batcher import BatchFailed, ClientGone, DeadlineExceeded, ItemResult, QueueFull, ShuttingDown, WorkItem
@@ -55,21 +57,25 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # at most _DECODE_THREADS at once, which bounds the memory a burst of huge images can take.
 _INLINE_DECODE_PIXELS = 256 * 256
 _DECODE_THREADS = 4
+# While draining, a refused request's body is read before the 503 (see _discard_body), but not for longer than this.
+_DRAIN_BODY_TIMEOUT_S = 1.0
 
 
 class RequestContext:
     """Pure ASGI middleware: request id (X-Request-ID, echoed or made), load shedding, request-duration metric by
-    model, route template and status, and a JSON 500 (no traceback) for anything unhandled.
+    model, route template and status, a JSON 500 (no traceback) for anything unhandled, and the drain's part of a
+    graceful shutdown (service/server.py): while draining, every response carries `Connection: close`, the one
+    clean way to end a keep-alive connection, and every POST (all of them are work) gets 503 with Retry-After.
 
     Shedding happens here, before routing, parsing or reading the body: under overload a refusal must cost far
     less than a served request, or the refusals themselves become the overload.
     """
 
-    def __init__(self, app, runtime: ServiceRuntime) -> None:
+    def __init__(self, app: ASGIApp, runtime: ServiceRuntime) -> None:
         self.app = app
         self.runtime = runtime
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -80,16 +86,21 @@ class RequestContext:
         status = 500
         started = False
 
-        async def send_with_id(message) -> None:
+        async def send_with_id(message: Message) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 started, status = True, message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())]}
+                headers = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+                if self.runtime.draining:  # uvicorn then closes the connection after this response
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
             refusal = self._shed(scope)
             if refusal is not None:
+                if self.runtime.draining:  # closing a socket with unread bytes would reset it under the response
+                    await _discard_body(receive, self.runtime.settings.max_body_bytes)
                 await refusal(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
@@ -106,9 +117,9 @@ class RequestContext:
                 time.perf_counter() - start
             )
 
-    def _shed(self, scope) -> Response | None:
-        """A 503 for POST /classify when the service drains, or when the request's model is known before its body
-        is read and that model's queue is full; else None (the handler refuses it later if need be).
+    def _shed(self, scope: Scope) -> Response | None:
+        """A 503 for any POST when the service drains, or for POST /classify when the request's model is known
+        before its body is read and that model's queue is full; else None (the handler refuses it later if need be).
 
         The model is known before the body when the query string names it (`?model=` routes the request; a body
         may repeat it but not name another, see `_options`), when the body is a raw image (it carries no options),
@@ -118,11 +129,13 @@ class RequestContext:
         its options are parsed, before its images are decoded. Clients that want the cheapest refusal under
         overload name the model in the query string.
         """
-        if scope["method"] != "POST" or scope["path"] != "/classify":
+        if scope["method"] != "POST":
             return None
         runtime = self.runtime
         if runtime.draining:
             error = _shutting_down()
+        elif scope["path"] != "/classify":
+            return None
         else:
             model = _model_before_body(scope, runtime)
             if model is None or model.batcher.has_room(1):
@@ -134,7 +147,21 @@ class RequestContext:
         return error_response(error.status, error.error, error.detail, error.headers)
 
 
-def _model_before_body(scope, runtime: ServiceRuntime) -> ModelRuntime | None:
+async def _discard_body(receive: Receive, limit: int) -> None:
+    """Read and drop the request body (up to `limit` bytes, at most _DRAIN_BODY_TIMEOUT_S)."""
+    read = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(_DRAIN_BODY_TIMEOUT_S):
+            while read <= limit:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                read += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
+
+
+def _model_before_body(scope: Scope, runtime: ServiceRuntime) -> ModelRuntime | None:
     """The model a /classify request is for, as far as its head tells (see RequestContext._shed); None when only the
     body can tell, or when the query names no loaded model (the handler answers 404)."""
     query = scope.get("query_string", b"")
@@ -152,7 +179,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     runtime = ServiceRuntime(settings)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
         try:
             yield
@@ -222,8 +249,10 @@ def _options(query: dict[str, Any], body: dict[str, Any], query_model: str | Non
         raise ServiceError(422, "bad_options", problems, reason="bad_options", model=query_model) from None
 
 
-async def _decode_all(payloads: list[bytes], model: ModelRuntime, limits: DecodeLimits, limiter: anyio.CapacityLimiter):
-    images = []
+async def _decode_all(
+    payloads: list[bytes], model: ModelRuntime, limits: DecodeLimits, limiter: anyio.CapacityLimiter
+) -> list[torch.Tensor]:
+    images: list[torch.Tensor] = []
     for index, data in enumerate(payloads):
         try:
             source = open_image(data, limits)
@@ -237,20 +266,31 @@ async def _decode_all(payloads: list[bytes], model: ModelRuntime, limits: Decode
     return images
 
 
-async def _client_gone(receive) -> None:
+async def _client_gone(receive: Receive) -> None:
     """Returns when the client disconnects (the body has been read, so only http.disconnect can come)."""
     while (await receive())["type"] != "http.disconnect":
         pass
 
 
+@overload
 async def _await_result(
-    request: Request, model: ModelRuntime, item: WorkItem | CertifyJob, cancel: Callable[..., bool] | None = None
+    request: Request, model: ModelRuntime, item: WorkItem, cancel: Callable[..., object]
+) -> ItemResult: ...
+
+
+@overload
+async def _await_result(
+    request: Request, model: ModelRuntime, item: CertifyJob, cancel: Callable[..., object]
+) -> CertifyResult: ...
+
+
+async def _await_result(
+    request: Request, model: ModelRuntime, item: WorkItem | CertifyJob, cancel: Callable[..., object]
 ) -> ItemResult | CertifyResult:
     """Wait for the batch result. While the item is still queued, the batcher ends it with DeadlineExceeded at
     its deadline (-> 504) and a disconnect watcher with ClientGone (-> 499, dropped before compute). Once its
     batch runs, the result comes whatever happens. (A plain await on the future: asyncio.wait with a timeout per
     request cost more event-loop time than the rest of the request path.)"""
-    cancel = cancel or model.batcher.cancel
     watcher = asyncio.ensure_future(_client_gone(request.receive))
     watcher.add_done_callback(lambda w: None if w.cancelled() else cancel(item, ClientGone()))
     try:
@@ -352,7 +392,7 @@ _CLASSIFY_OPENAPI = {
     },
 }
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
         401: "missing or wrong API key",
@@ -421,7 +461,7 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
                 headers={"Retry-After": "5"},
             ) from None
         try:
-            result = await _await_result(request, model, item)
+            result = await _await_result(request, model, item, model.batcher.cancel)
         except BatchFailed as exc:  # this batch only; the message names the exception type, no internals
             raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
         body_out = {
@@ -445,6 +485,8 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         started: float,
     ) -> Response:
         lane = model.certify
+        if lane is None:  # _certify_request refused the request already
+            raise RuntimeError(f"model {model.name} has no certify lane")
         try:
             job = lane.submit(batch, certify, time.monotonic() + settings.request_timeout_s)
         except QueueFull as exc:
