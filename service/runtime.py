@@ -155,12 +155,13 @@ class ServiceRuntime:
                         settings.compute_threads,
                         i,
                         settings.compute_nice,
+                        settings.acceleration,
                         on_restart=restarts[i].inc,
                     )
                     for i in range(workers)
                 ]
                 if settings.compute_process
-                else [InlineWorker(loaded, i) for i in range(workers)]
+                else [InlineWorker(loaded, i, settings.acceleration) for i in range(workers)]
             )
             self.models[path.name] = ModelRuntime(path.name, loaded, self.device, pool)
         self.default = settings.model_names[0]
