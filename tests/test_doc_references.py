@@ -1,5 +1,5 @@
 """Every Markdown file that the code, configuration or docs name exists (a review found three modules citing a
-CORE_API.md that never did)."""
+CORE_API contract file that never existed)."""
 
 from __future__ import annotations
 
