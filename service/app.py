@@ -16,7 +16,7 @@ import re
 import time
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 import anyio
 import orjson
@@ -32,6 +32,7 @@ from .config import ServiceSettings
 from .decode import DecodeLimits, ImageRejected, decode_opened, encode_png, open_image
 from .errors import ServiceError, error_response, install_error_handlers
 from .ingest import ACCEPTED_TYPES, check_media_type, media_type, parse_upload, read_body
+from .predict import PurifyRequest
 from .runtime import ModelRuntime, ServiceRuntime
 from .schemas import (
     BatchingInfo,
@@ -48,6 +49,7 @@ from .schemas import (
 log = logging.getLogger("service.app")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_V2_INFER = re.compile(r"^/v2/models/([^/]+)/infer$")
 # Images up to this many pixels decode on the event loop (tens of microseconds); larger ones in a thread,
 # at most _DECODE_THREADS at once, which bounds the memory a burst of huge images can take.
 _INLINE_DECODE_PIXELS = 256 * 256
@@ -93,7 +95,9 @@ class RequestContext:
         except Exception:  # noqa: BLE001 - last line of defence; the log has the traceback, the client does not
             log.exception("unhandled error in %s %s (request %s)", scope.get("method"), scope.get("path"), request_id)
             if not started:
-                response = error_response(500, "internal_error", f"unexpected server error; request id {request_id}")
+                response = error_response(
+                    500, "internal_error", f"unexpected server error; request id {request_id}", path=scope["path"]
+                )
                 await response(scope, receive, send_with_id)
         finally:
             route = getattr(scope.get("route"), "path", None) or (
@@ -115,20 +119,23 @@ class RequestContext:
         its options are parsed, before its images are decoded. Clients that want the cheapest refusal under
         overload name the model in the query string.
         """
-        if scope["method"] != "POST" or scope["path"] != "/classify":
+        if scope["method"] != "POST":
+            return None
+        v2_model = _V2_INFER.match(scope["path"])  # POST /v2/models/{name}/infer: the path names the model
+        if scope["path"] != "/classify" and v2_model is None:
             return None
         runtime = self.runtime
         if runtime.draining:
             error = _shutting_down()
         else:
-            model = _model_before_body(scope, runtime)
+            model = runtime.models.get(unquote(v2_model[1])) if v2_model else _model_before_body(scope, runtime)
             if model is None or model.batcher.has_room(1):
                 return None
-            error = _queue_full(model, model.batcher.retry_after_s())
+            error = queue_full(model, model.batcher.retry_after_s())
         scope["soap.model"] = runtime.metrics_label(error.model)
         if error.reason:
             runtime.metrics.reject(scope["soap.model"], error.reason)
-        return error_response(error.status, error.error, error.detail, error.headers)
+        return error_response(error.status, error.error, error.detail, error.headers, path=scope["path"])
 
 
 def _model_before_body(scope, runtime: ServiceRuntime) -> ModelRuntime | None:
@@ -170,7 +177,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     _add_routes(app, runtime)
 
     from service.demo import register_demo
+    from service.open_inference import router as open_inference
 
+    app.include_router(open_inference)
     register_demo(app)
     return app
 
@@ -197,7 +206,8 @@ def _options(query: dict[str, Any], body: dict[str, Any], query_model: str | Non
         raise ServiceError(422, "bad_options", problems, reason="bad_options", model=query_model) from None
 
 
-async def _decode_all(payloads: list[bytes], model: ModelRuntime, limits: DecodeLimits, limiter: anyio.CapacityLimiter):
+async def decode_all(payloads: list[bytes], model: ModelRuntime, limits: DecodeLimits, limiter: anyio.CapacityLimiter):
+    """The decode step: every payload to a [C, H, W] tensor of the model's input shape (422 for a bad image)."""
     images = []
     for index, data in enumerate(payloads):
         try:
@@ -247,6 +257,33 @@ async def _await_result(request: Request, model: ModelRuntime, item: WorkItem) -
         watcher.cancel()
 
 
+async def run_on_batcher(
+    request: Request, model: ModelRuntime, batch: torch.Tensor, purify_request: PurifyRequest
+) -> ItemResult:
+    """The batch step, shared by /classify and /v2 infer: queue `batch` on the model's batcher under the request's
+    deadline and wait for its rows; every way this can fail becomes a ServiceError (503, 504, 499, 500)."""
+    runtime: ServiceRuntime = request.app.state.runtime
+    deadline = time.monotonic() + runtime.settings.request_timeout_s
+    try:
+        item = model.batcher.submit(batch, purify_request, deadline, request.scope["soap.request_id"])
+    except QueueFull as exc:
+        raise queue_full(model, exc.retry_after_s) from None
+    except ShuttingDown:
+        if runtime.draining:
+            raise _shutting_down() from None
+        raise ServiceError(
+            503,
+            "model_unavailable",
+            f"model {model.name} is not serving (see the server log)",
+            model=model.name,
+            headers={"Retry-After": "5"},
+        ) from None
+    try:
+        return await _await_result(request, model, item)
+    except BatchFailed as exc:  # this batch only; the message names the exception type, no internals
+        raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
+
+
 def _results(model: ModelRuntime, result: ItemResult, options: ClassifyOptions) -> list[dict[str, Any]]:
     """The encode step: one JSON object per image."""
     p = result.predictions
@@ -277,7 +314,7 @@ def _results(model: ModelRuntime, result: ItemResult, options: ClassifyOptions) 
     return rows
 
 
-def _queue_full(model: ModelRuntime, retry_after_s: int) -> ServiceError:
+def queue_full(model: ModelRuntime, retry_after_s: int) -> ServiceError:
     return ServiceError(
         503,
         "queue_full",
@@ -341,6 +378,7 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
     settings = runtime.settings
     limits = DecodeLimits(settings.max_image_pixels, settings.max_image_side)
     decode_limiter = anyio.CapacityLimiter(_DECODE_THREADS)
+    app.state.decode_limits, app.state.decode_limiter = limits, decode_limiter  # shared with /v2 infer
     protected = [Depends(require_api_key)]
 
     @app.post(
@@ -365,29 +403,10 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         request.scope["soap.model"] = model.name
         purify_request = model.purify_request(options.mode, options.epsilon)
         if not model.batcher.has_room(len(upload.payloads)):  # refuse before decoding (RequestContext could not)
-            raise _queue_full(model, model.batcher.retry_after_s())
-        images = await _decode_all(upload.payloads, model, limits, decode_limiter)
+            raise queue_full(model, model.batcher.retry_after_s())
+        images = await decode_all(upload.payloads, model, limits, decode_limiter)
         batch = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
-        try:
-            item = model.batcher.submit(
-                batch, purify_request, time.monotonic() + settings.request_timeout_s, request.scope["soap.request_id"]
-            )
-        except QueueFull as exc:
-            raise _queue_full(model, exc.retry_after_s) from None
-        except ShuttingDown:
-            if runtime.draining:
-                raise _shutting_down() from None
-            raise ServiceError(
-                503,
-                "model_unavailable",
-                f"model {model.name} is not serving (see the server log)",
-                model=model.name,
-                headers={"Retry-After": "5"},
-            ) from None
-        try:
-            result = await _await_result(request, model, item)
-        except BatchFailed as exc:  # this batch only; the message names the exception type, no internals
-            raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
+        result = await run_on_batcher(request, model, batch, purify_request)
         body_out = {
             "request_id": request.scope["soap.request_id"],
             "model": model.name,
