@@ -202,7 +202,7 @@ def read_meta(path: str | Path) -> CheckpointMeta:
 def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights} is corrupt or truncated: {exc}") from None
 
@@ -263,7 +263,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify
     classifier = tensors.get("classifier.weight")
     if classifier is not None and classifier.ndim == 2 and classifier.shape[0] != len(meta.class_names):
         raise CheckpointError(
-            f"{META_FILE} lists {len(meta.class_names)} class names but the classifier in {weights} has {classifier.shape[0]} outputs"
+            f"{META_FILE} lists {len(meta.class_names)} class names but the classifier in {weights} has "
+            f"{classifier.shape[0]} outputs"
         )
     network = build_network(meta)
     check_state_dict(network, tensors, str(weights))
@@ -276,4 +277,4 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify
 
 
 def _close(a: list[float], b: list[float]) -> bool:
-    return len(a) == len(b) and all(abs(x - y) <= 1e-6 for x, y in zip(a, b))
+    return len(a) == len(b) and all(abs(x - y) <= 1e-6 for x, y in zip(a, b, strict=True))

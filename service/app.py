@@ -14,6 +14,7 @@ import logging
 import random
 import re
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qs, unquote
@@ -28,6 +29,7 @@ from pydantic import ValidationError
 
 from .auth import require_api_key
 from .batcher import BatchFailed, ClientGone, DeadlineExceeded, ItemResult, QueueFull, ShuttingDown, WorkItem
+from .certify import CertifyJob, CertifyRequest, CertifyResult
 from .config import ServiceSettings
 from .decode import DecodeLimits, ImageRejected, decode_opened, encode_png, open_image
 from .errors import ServiceError, error_response, install_error_handlers
@@ -36,6 +38,7 @@ from .predict import PurifyRequest
 from .runtime import ModelRuntime, ServiceRuntime
 from .schemas import (
     BatchingInfo,
+    CertifyResponse,
     ClassifyJSON,
     ClassifyOptions,
     ClassifyResponse,
@@ -187,6 +190,28 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 # ---------------------------------------------------------------------------------------------- /classify steps
 
 
+def _certify_request(options: ClassifyOptions, model: ModelRuntime, settings: ServiceSettings) -> CertifyRequest:
+    """mode=certify's settings, within the server's limits (422 beyond them)."""
+    if model.certify is None:
+        raise ServiceError(
+            422,
+            "bad_options",
+            f"model {model.name} records no training noise σ: it cannot certify",
+            reason="bad_options",
+            model=model.name,
+        )
+    samples = options.samples if options.samples is not None else settings.default_certify_samples
+    if samples > settings.max_certify_samples:
+        raise ServiceError(
+            422,
+            "bad_options",
+            f"samples {samples} exceeds this server's limit of {settings.max_certify_samples}",
+            reason="bad_options",
+            model=model.name,
+        )
+    return CertifyRequest(samples, options.alpha if options.alpha is not None else 0.001, options.seed)
+
+
 def _options(query: dict[str, Any], body: dict[str, Any], query_model: str | None) -> ClassifyOptions:
     """Query options, overridden by body options; but a body may not send the request to another model than the
     query string names (load shedding judged the request by the query's model before the body was read)."""
@@ -228,14 +253,16 @@ async def _client_gone(receive) -> None:
         pass
 
 
-async def _await_result(request: Request, model: ModelRuntime, item: WorkItem) -> ItemResult:
+async def _await_result(
+    request: Request, model: ModelRuntime, item: WorkItem | CertifyJob, cancel: Callable[..., bool] | None = None
+) -> ItemResult | CertifyResult:
     """Wait for the batch result. While the item is still queued, the batcher ends it with DeadlineExceeded at
     its deadline (-> 504) and a disconnect watcher with ClientGone (-> 499, dropped before compute). Once its
     batch runs, the result comes whatever happens. (A plain await on the future: asyncio.wait with a timeout per
     request cost more event-loop time than the rest of the request path.)"""
-    batcher = model.batcher
+    cancel = cancel or model.batcher.cancel
     watcher = asyncio.ensure_future(_client_gone(request.receive))
-    watcher.add_done_callback(lambda w: None if w.cancelled() else batcher.cancel(item, ClientGone()))
+    watcher.add_done_callback(lambda w: None if w.cancelled() else cancel(item, ClientGone()))
     try:
         return await item.future
     except DeadlineExceeded:
@@ -251,7 +278,7 @@ async def _await_result(request: Request, model: ModelRuntime, item: WorkItem) -
             499, "client_gone", "the client went away before compute started", reason="client_gone", model=model.name
         ) from None
     except asyncio.CancelledError:  # the server cancelled the handler: do not compute for nobody
-        batcher.cancel(item)
+        cancel(item)
         raise
     finally:
         watcher.cancel()
@@ -293,14 +320,18 @@ def _results(model: ModelRuntime, result: ItemResult, options: ClassifyOptions) 
     threshold = model.suspicious_threshold
     rows = []
     for j, (probs, labels, eps, after, before) in enumerate(
-        zip(top_p.tolist(), top_i.tolist(), p.epsilon.tolist(), p.aux_after.tolist(), p.aux_before.tolist())
+        zip(
+            top_p.tolist(), top_i.tolist(), p.epsilon.tolist(), p.aux_after.tolist(), p.aux_before.tolist(), strict=True
+        )
     ):
         rows.append(
             {
                 "label": labels[0],
                 "class_name": names[labels[0]],
                 "confidence": probs[0],
-                "top_k": [{"label": c, "class_name": names[c], "probability": q} for c, q in zip(labels, probs)],
+                "top_k": [
+                    {"label": c, "class_name": names[c], "probability": q} for c, q in zip(labels, probs, strict=True)
+                ],
                 "epsilon": round(eps, 7),  # float32 of a grid value: 0.05 rather than 0.05000000074505806
                 "aux_loss": after,
                 "aux_loss_before": before,
@@ -383,10 +414,10 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
 
     @app.post(
         "/classify",
-        response_model=ClassifyResponse,
+        response_model=ClassifyResponse | CertifyResponse,
         responses=_ERRORS,
         openapi_extra=_CLASSIFY_OPENAPI,
-        summary="Purify each image with SOAP, then classify it",
+        summary="Purify each image with SOAP, then classify it (mode=certify: a certified smoothed prediction instead)",
     )
     async def classify(request: Request) -> Response:
         started = time.perf_counter()
@@ -401,6 +432,11 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         options = _options(query, upload.options, query_model)
         model = runtime.get(options.model)
         request.scope["soap.model"] = model.name
+        if options.mode == "certify":
+            certify = _certify_request(options, model, settings)
+            images = await _decode_all(upload.payloads, model, limits, decode_limiter)
+            batch = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
+            return await _certify(request, model, batch, certify, settings, started)
         purify_request = model.purify_request(options.mode, options.epsilon)
         if not model.batcher.has_room(len(upload.payloads)):  # refuse before decoding (RequestContext could not)
             raise queue_full(model, model.batcher.retry_after_s())
@@ -414,6 +450,60 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
             "timing_ms": {
                 "queue": result.queue_s * 1000,
                 "compute": result.compute_s * 1000,
+                "total": (time.perf_counter() - started) * 1000,
+            },
+        }
+        return Response(orjson.dumps(body_out), media_type="application/json")
+
+    async def _certify(
+        request: Request,
+        model: ModelRuntime,
+        batch: torch.Tensor,
+        certify: CertifyRequest,
+        settings: ServiceSettings,
+        started: float,
+    ) -> Response:
+        lane = model.certify
+        try:
+            job = lane.submit(batch, certify, time.monotonic() + settings.request_timeout_s)
+        except QueueFull as exc:
+            raise ServiceError(
+                503,
+                "queue_full",
+                f"model {model.name}'s certify lane has {lane.queued_samples} forward passes queued "
+                f"(limit {lane.max_queue_samples}); retry later",
+                reason="queue_full",
+                model=model.name,
+                headers={"Retry-After": str(exc.retry_after_s)},
+            ) from None
+        except ShuttingDown:
+            raise _shutting_down() from None
+        try:
+            result = await _await_result(request, model, job, lane.cancel)
+        except BatchFailed as exc:
+            raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
+        names = model.class_names
+        body_out = {
+            "request_id": request.scope["soap.request_id"],
+            "model": model.name,
+            "results": [
+                {
+                    "label": c.label,
+                    "class_name": names[c.label] if c.label is not None else None,
+                    "certified_radius": c.radius,
+                    "abstained": c.abstained,
+                    "p_lower": c.p_lower,
+                    "sigma": c.sigma,
+                    "samples": c.samples,
+                    "alpha": certify.alpha,
+                    "seed": certify.seed + i,
+                }
+                for i, c in enumerate(result.certificates)
+            ],
+            "timing_ms": {
+                "queue": result.queue_s * 1000,
+                "compute": result.compute_s * 1000,
+                "paused": result.paused_s * 1000,
                 "total": (time.perf_counter() - started) * 1000,
             },
         }

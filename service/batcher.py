@@ -337,7 +337,7 @@ class Batcher:
         )
         self._on_batch(BatchStats(n, compute_s, waits, predictions, request))
         offset = 0
-        for item, wait in zip(batch, waits):
+        for item, wait in zip(batch, waits, strict=True):
             if not item.future.done():
                 item.future.set_result(ItemResult(predictions.rows(offset, offset + item.size), wait, compute_s, n))
             offset += item.size

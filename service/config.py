@@ -103,6 +103,20 @@ class ServiceSettings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads torch may use (None: all cores but one, left to the event loop)"
     )
+    max_certify_samples: int = Field(
+        100_000, ge=1, description="mode=certify: most noise samples per image a request may ask for (422 beyond)"
+    )
+    default_certify_samples: int = Field(10_000, ge=1, description="mode=certify: samples when a request names none")
+    max_certify_queue_samples: int = Field(
+        2_000_000, ge=1, description="mode=certify: forward passes (images × samples) queued per model (503 beyond)"
+    )
+    certify_slice_samples: int = Field(
+        2_000, ge=1, description="mode=certify: noise samples per image between two looks at the purification queue"
+    )
+    certify_share: float = Field(
+        0.5, gt=0, le=1, description="mode=certify: largest share of time certification takes while purification waits"
+    )
+    certify_batch: int = Field(1_000, ge=1, description="mode=certify: noisy copies per forward pass (memory bound)")
     access_log: bool = Field(False, description="log every request (off: the metrics cover it, and it costs CPU)")
     log_level: str = Field("info", description="uvicorn log level")
 

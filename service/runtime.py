@@ -22,6 +22,7 @@ import torch
 from models import MODES, LoadedModel, load_checkpoint
 
 from .batcher import Batcher, BatchStats
+from .certify import CertifyLane, CertifyResult
 from .compute_process import ComputeProcess
 from .config import ServiceSettings
 from .errors import ServiceError
@@ -48,6 +49,7 @@ class ModelRuntime:
     device: torch.device
     batcher: Batcher = field(init=False)
     process: ComputeProcess | None = None  # --compute-process: the predict step runs in this child
+    certify: CertifyLane | None = None  # mode=certify; None when the checkpoint records no training noise σ
     ready: bool = False
 
     @property
@@ -146,6 +148,7 @@ class ServiceRuntime:
         self._started = False
         for model in self.models.values():
             model.batcher = self._make_batcher(model)
+            model.certify = self._make_certify_lane(model)
             meta = model.loaded.meta
             self.metrics.model_info.labels(model.name, meta.network, meta.dataset, meta.aux_task, str(self.device)).set(
                 1
@@ -164,6 +167,24 @@ class ServiceRuntime:
             s.max_queue,
             on_batch=lambda stats: self._record_batch(model, stats),
             on_depth=depth.set,
+        )
+
+    def _make_certify_lane(self, model: ModelRuntime) -> CertifyLane | None:
+        sigma = model.loaded.meta.training_noise_std
+        if sigma is None:
+            return None
+        s = self.settings
+        return CertifyLane(
+            model.name,
+            model.loaded.network,
+            sigma,
+            s.max_certify_queue_samples,
+            s.certify_slice_samples,
+            s.certify_share,
+            s.certify_batch,
+            purification_waiting=lambda: model.batcher.depth > 0,
+            on_done=lambda result: self._record_certify(model, result),
+            on_queue=self.metrics.certify_queue.labels(model.name).set,
         )
 
     # ------------------------------------------------------------------ lookups
@@ -193,6 +214,8 @@ class ServiceRuntime:
         """Start every batcher; each warms its model up in its own thread before taking work."""
         for model in self.models.values():
             model.batcher.start(self._warmup_then_report(model))
+            if model.certify is not None:
+                model.certify.start()
         self._started = True
 
     def _warmup_then_report(self, model: ModelRuntime):
@@ -209,12 +232,15 @@ class ServiceRuntime:
         self.metrics.ready.set(0)
         for model in self.models.values():
             model.batcher.drain()
+            if model.certify is not None:
+                model.certify.drain()
         return first
 
     async def stop(self) -> None:
         """Finish everything queued, then stop the workers."""
         self.begin_drain()
         await asyncio.gather(*(m.batcher.close() for m in self.models.values()))
+        await asyncio.gather(*(m.certify.close() for m in self.models.values() if m.certify is not None))
         for model in self.models.values():
             if model.process is not None:
                 model.process.close()
@@ -235,10 +261,20 @@ class ServiceRuntime:
         eps, before, after = m.epsilon.labels(name), m.aux_before.labels(name), m.aux_after.labels(name)
         threshold = model.suspicious_threshold
         suspicious = 0
-        for e, b, a in zip(p.epsilon.tolist(), p.aux_before.tolist(), p.aux_after.tolist()):
+        for e, b, a in zip(p.epsilon.tolist(), p.aux_before.tolist(), p.aux_after.tolist(), strict=True):
             eps.observe(e)
             before.observe(b)
             after.observe(a)
             suspicious += b > threshold
         if suspicious:
             m.suspicious.labels(name).inc(suspicious)
+
+    def _record_certify(self, model: ModelRuntime, result: CertifyResult) -> None:
+        m, name = self.metrics, model.name
+        m.certify_requests.labels(name).inc()
+        m.certify_compute.labels(name).observe(result.compute_s)
+        radius = m.certified_radius.labels(name)
+        for cert in result.certificates:
+            m.certify_images.labels(name, "abstained" if cert.abstained else "certified").inc()
+            if cert.radius is not None:
+                radius.observe(cert.radius)

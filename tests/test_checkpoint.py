@@ -83,9 +83,13 @@ def test_round_trip_gives_identical_logits_and_metadata(ckpt: Path) -> None:
     assert not loaded.network.training
     assert not any(p.requires_grad for p in loaded.network.parameters())
     meta = loaded.meta
-    assert meta.network == "mnist-fcn-dr" and meta.dataset == "mnist" and meta.class_names == DIGITS
-    assert meta.input_shape == [1, 28, 28] and meta.aux_task == "reconstruction"
-    assert meta.training["seed"] == 7 and meta.metrics["clean_accuracy"] == 0.91
+    assert meta.network == "mnist-fcn-dr"
+    assert meta.dataset == "mnist"
+    assert meta.class_names == DIGITS
+    assert meta.input_shape == [1, 28, 28]
+    assert meta.aux_task == "reconstruction"
+    assert meta.training["seed"] == 7
+    assert meta.metrics["clean_accuracy"] == 0.91
     assert meta.calibration.suspicious_threshold == 0.05
     assert loaded.purifier == get_spec("mnist-fcn-dr").purifier
     assert meta.weights_sha256 == _sha256(ckpt / "model.safetensors")
@@ -190,7 +194,8 @@ def test_metadata_schema_errors_name_the_field(ckpt: Path) -> None:
     _edit_meta(ckpt, lambda m: (m.pop("dataset"), m.update(surprise=1)))
     with pytest.raises(CheckpointError, match="invalid metadata") as err:
         load_checkpoint(ckpt)
-    assert "dataset" in str(err.value) and "surprise" in str(err.value)
+    assert "dataset" in str(err.value)
+    assert "surprise" in str(err.value)
 
 
 def test_newer_format_version(ckpt: Path) -> None:

@@ -334,7 +334,8 @@ def test_attack_then_purify_when_enabled(page, servers):
     page.wait_for_selector("#attack-summary:not([hidden])")
     wait_for_result(page)
     assert resp.value.status == 200
-    assert attack["epsilon"] == pytest.approx(0.3) and attack["steps"] == 40
+    assert attack["epsilon"] == pytest.approx(0.3)
+    assert attack["steps"] == 40
     assert 0 < attack["linf"] <= 0.3 + 1e-6
     summary = page.locator("#attack-summary").inner_text()
     assert f"the undefended classifier says {attack['clean_label']} on the input" in summary
@@ -409,7 +410,8 @@ def test_drag_and_drop_and_model_picker(page, servers):
     page.wait_for_function(f"() => document.getElementById('timing').textContent.includes('model {SECOND}')")
     assert shown(page)["label"] == str(direct_classify(server, png)["label"])
     flagged = direct_classify(server, png, model=SECOND)
-    assert flagged["suspicious"] and not direct_classify(server, png)["suspicious"]
+    assert flagged["suspicious"]
+    assert not direct_classify(server, png)["suspicious"]
     assert shown(page)["suspicious"] == "yes (aux loss before > 1.000e-6, the clean-data threshold)"
 
 

@@ -28,6 +28,7 @@ from .attacks import paper_settings
 from .attacks.registry import ATTACKS, DEFAULT_ATTACKS, AttackContext, AttackSpec, get_attack
 from .attacks.settings import AttackSettings
 from .data import ImageData, is_image_folder, load_image_folder, load_splits
+from .report import write_all
 from .stats import Accuracy
 
 ROWS = ("none", "min-aux", "oracle")
@@ -145,7 +146,7 @@ def run_attack(
 ) -> Batchwise:
     """Attack all images batch by batch; score every row; record time, budget and range violations."""
     parts, seconds, max_linf, max_l2, bad = [], 0.0, 0.0, 0.0, 0
-    batches = list(zip(x.split(batch_size), y.split(batch_size)))
+    batches = list(zip(x.split(batch_size), y.split(batch_size), strict=True))
     for i, (xb, yb) in enumerate(tqdm(batches, desc=f"{spec.name:>13}", unit="batch", leave=False)):
         start = time.perf_counter()
         adv = spec.run(ctx, xb, yb).detach()
@@ -166,7 +167,7 @@ def run_attack(
 
 
 def evaluate(config: EvalConfig) -> dict:
-    from . import figures, sanity  # noqa: PLC0415  (matplotlib only when evaluating)
+    from . import figures, sanity  # here, not at the top: matplotlib loads only when evaluating
 
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
@@ -208,7 +209,9 @@ def evaluate(config: EvalConfig) -> dict:
     scorer = Scorer(loaded, rows)
     started = time.time()
 
-    clean = _cat([scorer.correct(xb, yb) for xb, yb in zip(x.split(config.batch_size), y.split(config.batch_size))])
+    clean = _cat(
+        [scorer.correct(xb, yb) for xb, yb in zip(x.split(config.batch_size), y.split(config.batch_size), strict=True)]
+    )
     columns: dict[str, Batchwise] = {}
     kept: dict[str, torch.Tensor] = {}
     for name in tqdm(attacks, desc="attacks", unit="attack"):
@@ -234,7 +237,9 @@ def evaluate(config: EvalConfig) -> dict:
         "settings": asdict(settings),
         "command": command_line(config),
         "git_commit": _git_commit(),
-        "host": f"{platform.machine()} {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "host": (
+            f"{platform.machine()} {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        ),
         "clean": {row: Accuracy.of(c).to_dict() for row, c in clean.items()},
         "purification_seconds_per_image": scorer.purify_seconds / max(scorer.purified_images, 1) if soap else None,
         "attacks": {},
@@ -269,7 +274,6 @@ def evaluate(config: EvalConfig) -> dict:
     config.out.mkdir(parents=True, exist_ok=True)
     if config.figures:
         result["figures"] = figures.make_all(result, loaded, x[:16], y[:16], kept, config.out)
-    from .report import write_all  # noqa: PLC0415
 
     write_all(result, config.out)
     return result
@@ -427,7 +431,7 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {config.out}/results.md, results.json, results.csv; "
         f"{len(failed)} sanity check(s) failed" + (": " + ", ".join(c["name"] for c in failed) if failed else "")
     )
-    print(json.dumps({k: v for k, v in result["clean"].items()}, indent=None))
+    print(json.dumps(dict(result["clean"].items()), indent=None))
     return 0
 
 

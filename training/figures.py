@@ -14,11 +14,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from models import purify  # noqa: E402
-from models.checkpoint import LoadedModel  # noqa: E402
+from models import purify
+from models.checkpoint import LoadedModel
+
+from .attacks import pgd
 
 
 def _title(result: dict) -> str:
@@ -108,7 +110,6 @@ def accuracy_vs_budget(result: dict, path: Path) -> None:
 
 def make_all(result: dict, loaded: LoadedModel, x: torch.Tensor, y: torch.Tensor, kept: dict, out: Path) -> list[str]:
     """Draw every figure the result supports; returns the file paths."""
-    from .attacks import pgd  # noqa: PLC0415
 
     s = result["settings"]
     adv = kept.get("pgd")

@@ -339,7 +339,8 @@ def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Pr
 
 
 def reproducing_options(config: TrainConfig, args: argparse.Namespace) -> list[str]:
-    """Options that reproduce this run, with the preset's values spelled out (options that do not change the result left out)."""
+    """Options that reproduce this run, with the preset's values spelled out (options that do not change the result
+    left out)."""
     options = ["--preset", config.preset]
     if config.recipe != get_preset(config.preset).recipe:
         options += ["--recipe", config.recipe]
