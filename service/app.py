@@ -190,7 +190,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 # ---------------------------------------------------------------------------------------------- /classify steps
 
 
-def _certify_request(options: ClassifyOptions, model: ModelRuntime, settings: ServiceSettings) -> CertifyRequest:
+def certify_request(options: ClassifyOptions, model: ModelRuntime, settings: ServiceSettings) -> CertifyRequest:
     """mode=certify's settings, within the server's limits (422 beyond them)."""
     if model.certify is None:
         raise ServiceError(
@@ -306,9 +306,42 @@ async def run_on_batcher(
             headers={"Retry-After": "5"},
         ) from None
     try:
-        return await _await_result(request, model, item)
+        result = await _await_result(request, model, item)
     except BatchFailed as exc:  # this batch only; the message names the exception type, no internals
         raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
+    assert isinstance(result, ItemResult)
+    return result
+
+
+async def run_certify(
+    request: Request, model: ModelRuntime, batch: torch.Tensor, certify: CertifyRequest
+) -> CertifyResult:
+    """The certify step, shared by /classify and /v2 infer (mode=certify): queue `batch` on the model's certify
+    lane under the request's deadline and wait for its certificates; failures become ServiceErrors."""
+    lane = model.certify
+    if lane is None:  # certify_request refuses such models first
+        raise ServiceError(422, "bad_options", f"model {model.name} cannot certify", model=model.name)
+    runtime: ServiceRuntime = request.app.state.runtime
+    try:
+        job = lane.submit(batch, certify, time.monotonic() + runtime.settings.request_timeout_s)
+    except QueueFull as exc:
+        raise ServiceError(
+            503,
+            "queue_full",
+            f"model {model.name}'s certify lane has {lane.queued_samples} forward passes queued "
+            f"(limit {lane.max_queue_samples}); retry later",
+            reason="queue_full",
+            model=model.name,
+            headers={"Retry-After": str(exc.retry_after_s)},
+        ) from None
+    except ShuttingDown:
+        raise _shutting_down() from None
+    try:
+        result = await _await_result(request, model, job, lane.cancel)
+    except BatchFailed as exc:
+        raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
+    assert isinstance(result, CertifyResult)
+    return result
 
 
 def _results(model: ModelRuntime, result: ItemResult, options: ClassifyOptions) -> list[dict[str, Any]]:
@@ -433,10 +466,10 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         model = runtime.get(options.model)
         request.scope["soap.model"] = model.name
         if options.mode == "certify":
-            certify = _certify_request(options, model, settings)
-            images = await _decode_all(upload.payloads, model, limits, decode_limiter)
+            certify = certify_request(options, model, settings)
+            images = await decode_all(upload.payloads, model, limits, decode_limiter)
             batch = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
-            return await _certify(request, model, batch, certify, settings, started)
+            return await _certify(request, model, batch, certify, started)
         purify_request = model.purify_request(options.mode, options.epsilon)
         if not model.batcher.has_room(len(upload.payloads)):  # refuse before decoding (RequestContext could not)
             raise queue_full(model, model.batcher.retry_after_s())
@@ -456,32 +489,9 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         return Response(orjson.dumps(body_out), media_type="application/json")
 
     async def _certify(
-        request: Request,
-        model: ModelRuntime,
-        batch: torch.Tensor,
-        certify: CertifyRequest,
-        settings: ServiceSettings,
-        started: float,
+        request: Request, model: ModelRuntime, batch: torch.Tensor, certify: CertifyRequest, started: float
     ) -> Response:
-        lane = model.certify
-        try:
-            job = lane.submit(batch, certify, time.monotonic() + settings.request_timeout_s)
-        except QueueFull as exc:
-            raise ServiceError(
-                503,
-                "queue_full",
-                f"model {model.name}'s certify lane has {lane.queued_samples} forward passes queued "
-                f"(limit {lane.max_queue_samples}); retry later",
-                reason="queue_full",
-                model=model.name,
-                headers={"Retry-After": str(exc.retry_after_s)},
-            ) from None
-        except ShuttingDown:
-            raise _shutting_down() from None
-        try:
-            result = await _await_result(request, model, job, lane.cancel)
-        except BatchFailed as exc:
-            raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
+        result = await run_certify(request, model, batch, certify)
         names = model.class_names
         body_out = {
             "request_id": request.scope["soap.request_id"],

@@ -6,6 +6,7 @@ errors (in the protocol's shape, {"error": "..."}, with /classify's status codes
     GET  /v2/models/{name}            model metadata           GET /v2/models/{name}/ready
     POST /v2/models/{name}/infer      one input: `images` (BYTES [N], encoded image files) or
                                       `pixels` (FP32 [N, C, H, W] in [0, 1]); parameters: mode, epsilon
+                                      (mode=certify: samples, alpha, seed; certificate outputs instead)
 
 The wire format (JSON and binary tensor data) is service/inference_protocol.py; this module is the thin HTTP layer.
 """
@@ -23,9 +24,10 @@ from pydantic import BaseModel, ValidationError
 
 from models import __version__
 
-from .app import decode_all, queue_full, run_on_batcher
+from .app import certify_request, decode_all, queue_full, run_certify, run_on_batcher
 from .auth import require_api_key
 from .batcher import ItemResult
+from .certify import CertifyRequest, CertifyResult
 from .errors import ServiceError
 from .inference_protocol import (
     HEADER_LENGTH,
@@ -50,7 +52,9 @@ from .schemas import ClassifyOptions
 IMAGES, PIXELS = "images", "pixels"
 OUTPUTS = ("label", "class_name", "probabilities", "epsilon", "aux_loss", "aux_loss_before", "suspicious")
 PURIFIED = "purified"  # only when asked for by name: N x C x H x W floats
-PURIFY_PARAMETERS = frozenset({"mode", "epsilon"})  # request parameters that choose the purification
+# mode=certify answers these instead (randomized smoothing; label -1 and class_name "" where it abstains)
+CERTIFY_OUTPUTS = ("label", "class_name", "certified_radius", "abstained", "p_lower", "sigma", "samples")
+PARAMETERS = frozenset({"mode", "epsilon", "samples", "alpha", "seed"})  # /classify's options, model aside
 
 
 class ProtocolErrorBody(BaseModel):
@@ -111,6 +115,11 @@ def model_metadata(model: ModelRuntime) -> ModelMetadata:
             TensorMetadata(name="aux_loss_before", datatype=Datatype.FP32, shape=[-1]),
             TensorMetadata(name="suspicious", datatype=Datatype.BOOL, shape=[-1]),
             TensorMetadata(name=PURIFIED, datatype=Datatype.FP32, shape=[-1, c, h, w]),
+            TensorMetadata(name="certified_radius", datatype=Datatype.FP32, shape=[-1]),
+            TensorMetadata(name="abstained", datatype=Datatype.BOOL, shape=[-1]),
+            TensorMetadata(name="p_lower", datatype=Datatype.FP32, shape=[-1]),
+            TensorMetadata(name="sigma", datatype=Datatype.FP32, shape=[-1]),
+            TensorMetadata(name="samples", datatype=Datatype.INT64, shape=[-1]),
         ],
     )
 
@@ -200,51 +209,58 @@ def _header_length(request: Request, model: ModelRuntime) -> int | None:
     return int(value)
 
 
-def _purify_request(parameters: dict[str, Any], model: ModelRuntime) -> tuple[PurifyRequest, bool]:
-    """The purification the request parameters choose (the same rules as /classify's options) and whether all
-    outputs go as binary data."""
+def _work(
+    parameters: dict[str, Any], model: ModelRuntime, request: Request
+) -> tuple[PurifyRequest | CertifyRequest, bool]:
+    """What the request parameters ask of the model (the same options and rules as /classify's): a purification
+    or, for mode=certify, a certification; and whether all outputs go as binary data."""
     options = dict(parameters)
     binary = options.pop("binary_data_output", False)
     if not isinstance(binary, bool):
         raise _bad_request("parameter binary_data_output must be true or false", model)
-    unknown = sorted(set(options) - PURIFY_PARAMETERS)
+    unknown = sorted(set(options) - PARAMETERS)
     if unknown:
-        raise _bad_request(f"unknown parameters {unknown}; this model takes {sorted(PURIFY_PARAMETERS)}", model)
+        raise _bad_request(f"unknown parameters {unknown}; this model takes {sorted(PARAMETERS)}", model)
     try:
         chosen = ClassifyOptions.model_validate(options)
     except ValidationError as exc:
         problems = [{"loc": ["parameters", *e["loc"]], "msg": e["msg"]} for e in exc.errors(include_url=False)]
         raise ServiceError(422, "bad_options", problems, reason="bad_options", model=model.name) from None
+    if chosen.mode == "certify":
+        return certify_request(chosen, model, _runtime(request).settings), binary
     return model.purify_request(chosen.mode, chosen.epsilon), binary
 
 
-def _requested(message: InferRequest, binary_all: bool, model: ModelRuntime) -> tuple[list[str], set[str]]:
+def _requested(
+    message: InferRequest, binary_all: bool, certify: bool, model: ModelRuntime
+) -> tuple[list[str], set[str]]:
     """Output names in order, and those that go as binary data."""
-    known = (*OUTPUTS, PURIFIED)
+    known = CERTIFY_OUTPUTS if certify else (*OUTPUTS, PURIFIED)
     if message.outputs is None:
-        names = list(OUTPUTS)
+        names = list(CERTIFY_OUTPUTS if certify else OUTPUTS)
         return names, set(names) if binary_all else set()
     names, binary = [], set()
     for out in message.outputs:
         if out.name not in known:
-            raise _bad_request(f"unknown output {out.name!r}; outputs are {list(known)}", model)
+            mode = "mode=certify" if certify else "this mode"
+            raise _bad_request(f"unknown output {out.name!r}; {mode} answers {list(known)}", model)
         names.append(out.name)
         if out.parameters.get("binary_data", binary_all):
             binary.add(out.name)
     return names, binary
 
 
-def _count_images(n: int, request: Request, model: ModelRuntime) -> None:
+def _count_images(n: int, request: Request, model: ModelRuntime, purify: bool) -> None:
     settings = _runtime(request).settings
     if n < 1:
         raise _bad_request("the input holds no image", model)
     if n > settings.max_images_per_request:
         raise too_many_images(settings.max_images_per_request, n, model.name)
-    if not model.batcher.has_room(n):  # refuse before decoding, as /classify does
+    if purify and not model.batcher.has_room(n):  # refuse before decoding, as /classify does
         raise queue_full(model, model.batcher.retry_after_s())
 
 
-async def _batch(tensor: Tensor, request: Request, model: ModelRuntime) -> torch.Tensor:
+async def _batch(tensor: Tensor, request: Request, model: ModelRuntime, purify: bool) -> torch.Tensor:
     """The input tensor as a [N, C, H, W] batch in [0, 1]: encoded images decoded like /classify's, or pixels
     checked against the model's input shape and range."""
     if tensor.name == IMAGES:
@@ -253,7 +269,7 @@ async def _batch(tensor: Tensor, request: Request, model: ModelRuntime) -> torch
         ):
             raise _bad_request(f"input {IMAGES!r} must be BYTES of shape [N] (encoded image files)", model)
         payloads = list(tensor.values.reshape(-1))
-        _count_images(len(payloads), request, model)
+        _count_images(len(payloads), request, model, purify)
         state = request.app.state
         images = await decode_all(payloads, model, state.decode_limits, state.decode_limiter)
         return torch.stack(images)
@@ -263,7 +279,7 @@ async def _batch(tensor: Tensor, request: Request, model: ModelRuntime) -> torch
             raise _bad_request(
                 f"input {PIXELS!r} must be FP32 of shape {expected}; got {tensor.datatype} {tensor.shape}", model
             )
-        _count_images(tensor.shape[0], request, model)
+        _count_images(tensor.shape[0], request, model, purify)
         values = tensor.values
         if not np.isfinite(values).all() or values.min() < 0.0 or values.max() > 1.0:
             raise ServiceError(
@@ -292,6 +308,23 @@ def _outputs(model: ModelRuntime, result: ItemResult, names: list[str]) -> list[
         "aux_loss_before": (Datatype.FP32, p.aux_before.numpy()),
         "suspicious": (Datatype.BOOL, (p.aux_before > model.suspicious_threshold).numpy()),
         PURIFIED: (Datatype.FP32, p.purified.numpy()),
+    }
+    return [Tensor(name, *values[name]) for name in names]
+
+
+def _certificate_outputs(model: ModelRuntime, result: CertifyResult, names: list[str]) -> list[Tensor]:
+    certificates = result.certificates
+    labels = np.array([-1 if c.label is None else c.label for c in certificates], dtype=np.int64)
+    class_names = np.empty(len(certificates), dtype=object)
+    class_names[:] = [b"" if c.label is None else model.class_names[c.label].encode() for c in certificates]
+    values = {
+        "label": (Datatype.INT64, labels),
+        "class_name": (Datatype.BYTES, class_names),
+        "certified_radius": (Datatype.FP32, np.array([c.radius or 0.0 for c in certificates], dtype=np.float32)),
+        "abstained": (Datatype.BOOL, np.array([c.abstained for c in certificates], dtype=bool)),
+        "p_lower": (Datatype.FP32, np.array([c.p_lower for c in certificates], dtype=np.float32)),
+        "sigma": (Datatype.FP32, np.array([c.sigma for c in certificates], dtype=np.float32)),
+        "samples": (Datatype.INT64, np.array([c.samples for c in certificates], dtype=np.int64)),
     }
     return [Tensor(name, *values[name]) for name in names]
 
@@ -326,17 +359,22 @@ async def infer(name: str, request: Request) -> Response:
         raise _bad_request(str(exc), model) from None
     if len(tensors) != 1:
         raise _bad_request(f"send exactly one input ({IMAGES!r} or {PIXELS!r}), not {len(tensors)}", model)
-    purify_request, binary_all = _purify_request(message.parameters, model)
-    names, binary = _requested(message, binary_all, model)
-    batch = await _batch(tensors[0], request, model)
-    result = await run_on_batcher(request, model, batch, purify_request)
-    timing = {
-        "request_id": request.scope["soap.request_id"],
-        "queue_ms": result.queue_s * 1000,
-        "compute_ms": result.compute_s * 1000,
-        "total_ms": (time.perf_counter() - started) * 1000,
-    }
-    content, json_length = encode_response(model.name, message.id, _outputs(model, result, names), binary, timing)
+    work, binary_all = _work(message.parameters, model, request)
+    certify = isinstance(work, CertifyRequest)
+    names, binary = _requested(message, binary_all, certify, model)
+    batch = await _batch(tensors[0], request, model, purify=not certify)
+    info: dict[str, Any] = {"request_id": request.scope["soap.request_id"]}
+    if isinstance(work, CertifyRequest):
+        certified = await run_certify(request, model, batch, work)
+        outputs = _certificate_outputs(model, certified, names)
+        info |= {"alpha": work.alpha, "seed": work.seed, "queue_ms": certified.queue_s * 1000}
+        info |= {"compute_ms": certified.compute_s * 1000, "paused_ms": certified.paused_s * 1000}
+    else:
+        result = await run_on_batcher(request, model, batch, work)
+        outputs = _outputs(model, result, names)
+        info |= {"queue_ms": result.queue_s * 1000, "compute_ms": result.compute_s * 1000}
+    info["total_ms"] = (time.perf_counter() - started) * 1000
+    content, json_length = encode_response(model.name, message.id, outputs, binary, info)
     if json_length is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(json_length)})

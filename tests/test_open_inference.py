@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 from PIL import Image
-from test_service_support import ServerProcess, mnist_files, model_dir  # noqa: F401
+from test_service_support import ServerProcess, mnist_files
 from tritonclient.utils import InferenceServerException
 
 from models import __version__
@@ -30,7 +30,7 @@ MAX_IMAGES = 12
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):  # noqa: F811
+def server(model_dir, tmp_path_factory):
     secret = tmp_path_factory.mktemp("secrets") / "soap_api_key"
     secret.write_text(KEY + "\n")
     proc = ServerProcess(
@@ -194,3 +194,39 @@ def test_errors_have_the_protocol_shape_and_the_service_survives(server, client,
     images = triton.InferInput("images", [1], "BYTES")
     images.set_data_from_numpy(np.array(pngs[:1], dtype=object))
     assert client.infer(MODEL, [images], headers=auth()).as_numpy("label").tolist() == labels[:1].tolist()
+
+
+def test_certify_mode_answers_the_same_certificates_as_classify(server, client, digits):
+    pngs, labels = digits
+    parameters = {"mode": "certify", "samples": 300, "alpha": 0.01, "seed": 3}
+    images = triton.InferInput("images", [2], "BYTES")
+    images.set_data_from_numpy(np.array(pngs[:2], dtype=object))
+    result = client.infer(MODEL, [images], headers=auth(), parameters=parameters)
+    response = result.get_response()
+    assert [o["name"] for o in response["outputs"]] == [
+        "label",
+        "class_name",
+        "certified_radius",
+        "abstained",
+        "p_lower",
+        "sigma",
+        "samples",
+    ]
+    assert response["parameters"]["seed"] == 3
+    np.testing.assert_array_equal(result.as_numpy("samples"), 400)  # n0 + n
+    files = [("file", (f"d{i}.png", png, "image/png")) for i, png in enumerate(pngs[:2])]
+    classify = httpx.post(f"{server.url}/classify", params=parameters, files=files, headers=auth(), timeout=120).json()[
+        "results"
+    ]
+    np.testing.assert_array_equal(result.as_numpy("label"), [r["label"] for r in classify])
+    np.testing.assert_allclose(result.as_numpy("p_lower"), [r["p_lower"] for r in classify], rtol=1e-6)
+    np.testing.assert_allclose(
+        result.as_numpy("certified_radius"), [r["certified_radius"] for r in classify], rtol=1e-6
+    )
+    assert not result.as_numpy("abstained").any()
+    np.testing.assert_array_equal(result.as_numpy("label"), labels[:2])
+    with pytest.raises(InferenceServerException) as info:
+        client.infer(
+            MODEL, [images], headers=auth(), outputs=[triton.InferRequestedOutput("epsilon")], parameters=parameters
+        )
+    assert _status(info.value) == 422
