@@ -70,6 +70,23 @@ def predict(model: LoadedModel, images: torch.Tensor, request: PurifyRequest) ->
     )
 
 
+class InlineWorker:
+    """A pool worker (batcher.Worker) that runs the predict step in the calling thread (--no-compute-process)."""
+
+    def __init__(self, model: LoadedModel, index: int = 0) -> None:
+        self.model = model
+        self.index = index
+
+    def start(self) -> None:
+        """Nothing to start: the model is loaded in this process."""
+
+    def compute(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
+        return predict(self.model, images, request)
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 

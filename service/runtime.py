@@ -7,6 +7,7 @@ models through it:
     model = runtime.get(name)          # ModelRuntime; name None -> the default model; unknown -> 404 ServiceError
     model.loaded                       # models.LoadedModel (network in eval mode, meta, path)
     model.batcher                      # service.batcher.Batcher (submit work like POST /classify does)
+    model.workers                      # its compute pool: ComputeProcess children, or one InlineWorker
     runtime.settings                   # service.config.ServiceSettings (e.g. enable_attack)
 """
 
@@ -21,13 +22,13 @@ import torch
 
 from models import MODES, LoadedModel, load_checkpoint
 
-from .batcher import Batcher, BatchStats
+from .batcher import Batcher, BatchStats, Worker
 from .certify import CertifyLane, CertifyResult
 from .compute_process import ComputeProcess
 from .config import ServiceSettings
 from .errors import ServiceError
 from .metrics import ServiceMetrics
-from .predict import Predictions, PurifyRequest, predict
+from .predict import InlineWorker, Predictions, PurifyRequest
 
 log = logging.getLogger("service.runtime")
 
@@ -42,15 +43,19 @@ def resolve_device(device: str) -> torch.device:
 
 @dataclass
 class ModelRuntime:
-    """One served model: the checkpoint on its device, its batcher, and whether it is warmed up."""
+    """One served model: the checkpoint, its compute workers and batcher, and which workers are warmed up."""
 
     name: str
     loaded: LoadedModel
     device: torch.device
+    workers: list[Worker]
     batcher: Batcher = field(init=False)
-    process: ComputeProcess | None = None  # --compute-process: the predict step runs in this child
     certify: CertifyLane | None = None  # mode=certify; None when the checkpoint records no training noise σ
-    ready: bool = False
+    warm: set[int] = field(default_factory=set)  # indices of the workers that have been warmed up
+
+    @property
+    def ready(self) -> bool:
+        return len(self.warm) == len(self.workers)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -107,20 +112,16 @@ class ModelRuntime:
         return PurifyRequest(mode, epsilon)
 
     def compute(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
-        """The predict step for one batch (runs in the batcher's thread; in the child process when there is one)."""
-        if self.process is not None:
-            return self.process(images, request)
-        return predict(self.loaded, images, request)
+        """The predict step for one batch on the first worker, outside the batcher (tools and tests)."""
+        return self.workers[0].compute(images, request)
 
-    def warmup(self) -> None:
-        """Start the compute process if any, then one batch of zeros in the model's default mode, so the first real
-        request pays no start-up, allocation or kernel-selection cost."""
-        if self.process is not None:
-            self.process.start()
-        zeros = torch.zeros((2, *self.input_shape))
-        self.compute(zeros, PurifyRequest(self.default_mode))
-        self.ready = True
-        log.info("model %s warmed up on %s", self.name, self.device)
+    def warmup(self, worker: Worker) -> None:
+        """(Re)start a worker, then one batch of zeros in the model's default mode, so its first real batch pays no
+        start-up, allocation or kernel-selection cost. Runs in the batcher's thread for that worker."""
+        worker.start()
+        worker.compute(torch.zeros((2, *self.input_shape)), PurifyRequest(self.default_mode))
+        self.warm.add(worker.index)
+        log.info("model %s worker %d warmed up on %s", self.name, worker.index, self.device)
 
 
 class ServiceRuntime:
@@ -135,14 +136,18 @@ class ServiceRuntime:
         # With compute processes the parent's copy of each model only answers metadata and the demo's attacks: it
         # stays on the CPU, so the parent never opens a CUDA context of its own next to the children's.
         home = torch.device("cpu") if settings.compute_process else self.device
+        workers = settings.pool_size(cuda=self.device.type == "cuda")
         for path in settings.models:
             loaded = load_checkpoint(path, home)
-            process = (
-                ComputeProcess(path.resolve(), self.device, settings.compute_threads)
+            pool: list[Worker] = (
+                [
+                    ComputeProcess(path.resolve(), self.device, settings.compute_threads, i, settings.compute_nice)
+                    for i in range(workers)
+                ]
                 if settings.compute_process
-                else None
+                else [InlineWorker(loaded, i) for i in range(workers)]
             )
-            self.models[path.name] = ModelRuntime(path.name, loaded, self.device, process=process)
+            self.models[path.name] = ModelRuntime(path.name, loaded, self.device, pool)
         self.default = settings.model_names[0]
         self.draining = False
         self._started = False
@@ -161,7 +166,7 @@ class ServiceRuntime:
         depth = self.metrics.queue_depth.labels(model.name)
         return Batcher(
             model.name,
-            model.compute,
+            model.workers,
             s.max_batch_size,
             s.max_delay_ms / 1000.0,
             s.max_queue,
@@ -211,7 +216,7 @@ class ServiceRuntime:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Start every batcher; each warms its model up in its own thread before taking work."""
+        """Start every batcher; each warms its model's workers up, each in its own thread, before taking work."""
         for model in self.models.values():
             model.batcher.start(self._warmup_then_report(model))
             if model.certify is not None:
@@ -219,8 +224,8 @@ class ServiceRuntime:
         self._started = True
 
     def _warmup_then_report(self, model: ModelRuntime):
-        def run() -> None:
-            model.warmup()
+        def run(worker: Worker) -> None:
+            model.warmup(worker)
             self.metrics.ready.set(1 if self.ready else 0)
 
         return run
@@ -242,8 +247,8 @@ class ServiceRuntime:
         await asyncio.gather(*(m.batcher.close() for m in self.models.values()))
         await asyncio.gather(*(m.certify.close() for m in self.models.values() if m.certify is not None))
         for model in self.models.values():
-            if model.process is not None:
-                model.process.close()
+            for worker in model.workers:
+                worker.close()
 
     # ------------------------------------------------------------------ metrics
 
