@@ -14,9 +14,9 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, overload
 from urllib.parse import parse_qs, unquote
 
 import anyio
@@ -26,6 +26,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import require_api_key
 from .batcher import BatchFailed, ClientGone, DeadlineExceeded, ItemResult, QueueFull, ShuttingDown, WorkItem
@@ -67,11 +68,11 @@ class RequestContext:
     less than a served request, or the refusals themselves become the overload.
     """
 
-    def __init__(self, app, runtime: ServiceRuntime) -> None:
+    def __init__(self, app: ASGIApp, runtime: ServiceRuntime) -> None:
         self.app = app
         self.runtime = runtime
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -82,7 +83,7 @@ class RequestContext:
         status = 500
         started = False
 
-        async def send_with_id(message) -> None:
+        async def send_with_id(message: Message) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 started, status = True, message["status"]
@@ -110,7 +111,7 @@ class RequestContext:
                 time.perf_counter() - start
             )
 
-    def _shed(self, scope) -> Response | None:
+    def _shed(self, scope: Scope) -> Response | None:
         """A 503 for POST /classify when the service drains, or when the request's model is known before its body
         is read and that model's queue is full; else None (the handler refuses it later if need be).
 
@@ -141,7 +142,7 @@ class RequestContext:
         return error_response(error.status, error.error, error.detail, error.headers, path=scope["path"])
 
 
-def _model_before_body(scope, runtime: ServiceRuntime) -> ModelRuntime | None:
+def _model_before_body(scope: Scope, runtime: ServiceRuntime) -> ModelRuntime | None:
     """The model a /classify request is for, as far as its head tells (see RequestContext._shed); None when only the
     body can tell, or when the query names no loaded model (the handler answers 404)."""
     query = scope.get("query_string", b"")
@@ -159,7 +160,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     runtime = ServiceRuntime(settings)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
         try:
             yield
@@ -231,9 +232,11 @@ def _options(query: dict[str, Any], body: dict[str, Any], query_model: str | Non
         raise ServiceError(422, "bad_options", problems, reason="bad_options", model=query_model) from None
 
 
-async def decode_all(payloads: list[bytes], model: ModelRuntime, limits: DecodeLimits, limiter: anyio.CapacityLimiter):
+async def decode_all(
+    payloads: list[bytes], model: ModelRuntime, limits: DecodeLimits, limiter: anyio.CapacityLimiter
+) -> list[torch.Tensor]:
     """The decode step: every payload to a [C, H, W] tensor of the model's input shape (422 for a bad image)."""
-    images = []
+    images: list[torch.Tensor] = []
     for index, data in enumerate(payloads):
         try:
             source = open_image(data, limits)
@@ -247,20 +250,31 @@ async def decode_all(payloads: list[bytes], model: ModelRuntime, limits: DecodeL
     return images
 
 
-async def _client_gone(receive) -> None:
+async def _client_gone(receive: Receive) -> None:
     """Returns when the client disconnects (the body has been read, so only http.disconnect can come)."""
     while (await receive())["type"] != "http.disconnect":
         pass
 
 
+@overload
 async def _await_result(
-    request: Request, model: ModelRuntime, item: WorkItem | CertifyJob, cancel: Callable[..., bool] | None = None
+    request: Request, model: ModelRuntime, item: WorkItem, cancel: Callable[..., object]
+) -> ItemResult: ...
+
+
+@overload
+async def _await_result(
+    request: Request, model: ModelRuntime, item: CertifyJob, cancel: Callable[..., object]
+) -> CertifyResult: ...
+
+
+async def _await_result(
+    request: Request, model: ModelRuntime, item: WorkItem | CertifyJob, cancel: Callable[..., object]
 ) -> ItemResult | CertifyResult:
     """Wait for the batch result. While the item is still queued, the batcher ends it with DeadlineExceeded at
     its deadline (-> 504) and a disconnect watcher with ClientGone (-> 499, dropped before compute). Once its
     batch runs, the result comes whatever happens. (A plain await on the future: asyncio.wait with a timeout per
     request cost more event-loop time than the rest of the request path.)"""
-    cancel = cancel or model.batcher.cancel
     watcher = asyncio.ensure_future(_client_gone(request.receive))
     watcher.add_done_callback(lambda w: None if w.cancelled() else cancel(item, ClientGone()))
     try:
@@ -306,11 +320,9 @@ async def run_on_batcher(
             headers={"Retry-After": "5"},
         ) from None
     try:
-        result = await _await_result(request, model, item)
+        return await _await_result(request, model, item, model.batcher.cancel)
     except BatchFailed as exc:  # this batch only; the message names the exception type, no internals
         raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
-    assert isinstance(result, ItemResult)
-    return result
 
 
 async def run_certify(
@@ -319,8 +331,8 @@ async def run_certify(
     """The certify step, shared by /classify and /v2 infer (mode=certify): queue `batch` on the model's certify
     lane under the request's deadline and wait for its certificates; failures become ServiceErrors."""
     lane = model.certify
-    if lane is None:  # certify_request refuses such models first
-        raise ServiceError(422, "bad_options", f"model {model.name} cannot certify", model=model.name)
+    if lane is None:  # certify_request refused the request already
+        raise RuntimeError(f"model {model.name} has no certify lane")
     runtime: ServiceRuntime = request.app.state.runtime
     try:
         job = lane.submit(batch, certify, time.monotonic() + runtime.settings.request_timeout_s)
@@ -337,11 +349,9 @@ async def run_certify(
     except ShuttingDown:
         raise _shutting_down() from None
     try:
-        result = await _await_result(request, model, job, lane.cancel)
+        return await _await_result(request, model, job, lane.cancel)
     except BatchFailed as exc:
         raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
-    assert isinstance(result, CertifyResult)
-    return result
 
 
 def _results(model: ModelRuntime, result: ItemResult, options: ClassifyOptions) -> list[dict[str, Any]]:
@@ -422,7 +432,7 @@ _CLASSIFY_OPENAPI = {
     },
 }
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
         401: "missing or wrong API key",

@@ -257,7 +257,7 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     """Command line over environment (os.environ unless given) over defaults. Raises SystemExit(2) with a
     readable message on bad values, SystemExit(0) after --help or --version."""
     parser = _parser()
-    cli = CliSettingsSource(ServiceSettings, root_parser=parser)
+    cli: CliSettingsSource[argparse.Namespace] = CliSettingsSource(ServiceSettings, root_parser=parser)
     args = list(sys.argv[1:] if argv is None else argv)
     with _environment(environ):
         try:

@@ -3,9 +3,10 @@ Open Inference Protocol) the same errors take that protocol's shape, {"error": "
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -46,7 +47,7 @@ def _message(detail: Any) -> str:
 
 
 def error_response(
-    status: int, error: str, detail: Any, headers: dict[str, str] | None = None, *, path: str = ""
+    status: int, error: str, detail: Any, headers: Mapping[str, str] | None = None, *, path: str = ""
 ) -> JSONResponse:
     """The JSON error for a request to `path`: {"error": code, "detail": ...}, or the protocol's {"error": "..."}
     on the /v2 routes."""
@@ -74,7 +75,8 @@ async def http_error_handler(request: Request, exc: StarletteHTTPException) -> J
     )
 
 
-def install_error_handlers(app) -> None:
-    app.add_exception_handler(ServiceError, service_error_handler)
-    app.add_exception_handler(RequestValidationError, validation_error_handler)
-    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+def install_error_handlers(app: FastAPI) -> None:
+    # FastAPI's decorator form, because Starlette types add_exception_handler's handler as taking any Exception
+    app.exception_handler(ServiceError)(service_error_handler)
+    app.exception_handler(RequestValidationError)(validation_error_handler)
+    app.exception_handler(StarletteHTTPException)(http_error_handler)

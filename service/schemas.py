@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.purifier import Mode
+from models import Mode
 
 
 class ClassifyOptions(BaseModel):
