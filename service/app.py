@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import random
 import re
@@ -58,11 +59,15 @@ _V2_INFER = re.compile(r"^/v2/models/([^/]+)/infer$")
 # at most _DECODE_THREADS at once, which bounds the memory a burst of huge images can take.
 _INLINE_DECODE_PIXELS = 256 * 256
 _DECODE_THREADS = 4
+# While draining, a refused request's body is read before the 503 (see _discard_body), but not for longer than this.
+_DRAIN_BODY_TIMEOUT_S = 1.0
 
 
 class RequestContext:
     """Pure ASGI middleware: request id (X-Request-ID, echoed or made), load shedding, request-duration metric by
-    model, route template and status, and a JSON 500 (no traceback) for anything unhandled.
+    model, route template and status, a JSON 500 (no traceback) for anything unhandled, and the drain's part of a
+    graceful shutdown (service/server.py): while draining, every response carries `Connection: close`, the one
+    clean way to end a keep-alive connection, and every POST (all of them are work) gets 503 with Retry-After.
 
     Shedding happens here, before routing, parsing or reading the body: under overload a refusal must cost far
     less than a served request, or the refusals themselves become the overload.
@@ -87,12 +92,17 @@ class RequestContext:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 started, status = True, message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())]}
+                headers = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+                if self.runtime.draining:  # uvicorn then closes the connection after this response
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
             refusal = self._shed(scope)
             if refusal is not None:
+                if self.runtime.draining:  # closing a socket with unread bytes would reset it under the response
+                    await _discard_body(receive, self.runtime.settings.max_body_bytes)
                 await refusal(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
@@ -112,8 +122,9 @@ class RequestContext:
             )
 
     def _shed(self, scope: Scope) -> Response | None:
-        """A 503 for POST /classify when the service drains, or when the request's model is known before its body
-        is read and that model's queue is full; else None (the handler refuses it later if need be).
+        """A 503 for any POST when the service drains, or for POST /classify and /v2/models/{name}/infer when the
+        request's model is known before its body is read and that model's queue is full; else None (the handler
+        refuses it later if need be).
 
         The model is known before the body when the query string names it (`?model=` routes the request; a body
         may repeat it but not name another, see `_options`), when the body is a raw image (it carries no options),
@@ -125,12 +136,12 @@ class RequestContext:
         """
         if scope["method"] != "POST":
             return None
-        v2_model = _V2_INFER.match(scope["path"])  # POST /v2/models/{name}/infer: the path names the model
-        if scope["path"] != "/classify" and v2_model is None:
-            return None
         runtime = self.runtime
+        v2_model = _V2_INFER.match(scope["path"])  # POST /v2/models/{name}/infer: the path names the model
         if runtime.draining:
             error = _shutting_down()
+        elif scope["path"] != "/classify" and v2_model is None:
+            return None
         else:
             model = runtime.models.get(unquote(v2_model[1])) if v2_model else _model_before_body(scope, runtime)
             if model is None or model.batcher.has_room(1):
@@ -140,6 +151,20 @@ class RequestContext:
         if error.reason:
             runtime.metrics.reject(scope["soap.model"], error.reason)
         return error_response(error.status, error.error, error.detail, error.headers, path=scope["path"])
+
+
+async def _discard_body(receive: Receive, limit: int) -> None:
+    """Read and drop the request body (up to `limit` bytes, at most _DRAIN_BODY_TIMEOUT_S)."""
+    read = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(_DRAIN_BODY_TIMEOUT_S):
+            while read <= limit:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                read += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
 
 
 def _model_before_body(scope: Scope, runtime: ServiceRuntime) -> ModelRuntime | None:

@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from training.attacks import pgd
+from models.attacks import pgd
 
 from .auth import require_api_key
 from .decode import DecodeLimits, ImageRejected, decode_image, encode_png

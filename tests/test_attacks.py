@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from models import aux_loss, load_checkpoint, purify
+from models.attacks.losses import input_gradient
 from training.attacks import (
     SubstituteConfig,
     apgd,
@@ -31,7 +32,6 @@ from training.attacks import (
     unrolled_purification,
 )
 from training.attacks.adaptive import chosen_epsilon
-from training.attacks.losses import input_gradient
 from training.attacks.registry import ATTACKS, AttackContext
 from training.stats import wilson_interval
 

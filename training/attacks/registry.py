@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from models import PurifierConfig, SoapNetwork
+from models.attacks.linf import fgsm, pgd, uniform_noise
 
 from .adaptive import bpda_objective, bpda_trajectory_objective, defended_logits, full_gradient_objective
 from .apgd import apgd
@@ -21,7 +22,6 @@ from .aux_aware import aux_aware_pgd
 from .blackbox import SubstituteConfig, substitute_fgsm, train_substitute
 from .eot import eot
 from .l2 import cw_l2, deepfool
-from .linf import fgsm, pgd, uniform_noise
 from .settings import AttackSettings
 
 Tensor = torch.Tensor
