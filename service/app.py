@@ -40,7 +40,6 @@ from .runtime import ModelRuntime, ServiceRuntime
 from .schemas import (
     BatchingInfo,
     CertifyResponse,
-    ClassifyJSON,
     ClassifyOptions,
     ClassifyResponse,
     ErrorResponse,
@@ -48,6 +47,8 @@ from .schemas import (
     ModelInfo,
     ModelList,
     PurifierInfo,
+    image_upload_body,
+    query_parameters,
 )
 
 log = logging.getLogger("service.app")
@@ -365,31 +366,9 @@ def _shutting_down() -> ServiceError:
     )
 
 
-_OPTION_SCHEMAS = ClassifyOptions.model_json_schema()["properties"]
 _CLASSIFY_OPENAPI = {
-    "parameters": [
-        {
-            "name": name,
-            "in": "query",
-            "required": False,
-            "description": field.description,
-            "schema": {k: v for k, v in _OPTION_SCHEMAS[name].items() if k != "description"},
-        }
-        for name, field in ClassifyOptions.model_fields.items()
-    ],
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                }
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "application/json": {"schema": ClassifyJSON.model_json_schema()},
-        },
-    },
+    "parameters": query_parameters(ClassifyOptions),
+    "requestBody": image_upload_body(None, ClassifyOptions, json_images=True),
 }
 
 _ERRORS: dict[int | str, dict[str, Any]] = {

@@ -56,7 +56,7 @@ DCGM_DEFAULT_COUNTERS = {
     "DCGM_FI_DEV_SM_CLOCK",
     "DCGM_FI_DEV_MEM_COPY_UTIL",
 }
-# The metric families of the contract (CORE_API.md); the dashboard shows every one of them.
+# The metric families of the contract (service/metrics.py, listed in docs/service.md); the dashboard shows every one.
 CONTRACT_METRICS = {
     "soap_request_duration_seconds",
     "soap_queue_wait_seconds",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 import time
 
 import aiohttp
@@ -65,7 +66,14 @@ def test_sigterm_under_keep_alive_load_loses_no_request(model_dir, delay):
     server = ServerProcess(["--model", str(model_dir), *options])
     try:
         server.wait_ready()
-        outcomes = asyncio.run(_run(server, started=4 * CLIENTS))
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as idle:
+            # A keep-alive connection that answered one request, then stays idle through the drain.
+            idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: soap\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"}"):
+                answer += idle.recv(4096)
+            outcomes = asyncio.run(_run(server, started=4 * CLIENTS))
+            assert idle.recv(1) == b""  # closed by the server with a FIN, not reset
         code = server.proc.wait(60)
     finally:
         server.stop()
