@@ -75,7 +75,7 @@ def test_extras_split_serving_from_training_and_dev_installs_everything():
     assert "matplotlib" not in serve
     assert "playwright" not in serve
     assert "torchvision" not in serve
-    assert {"fastapi", "uvicorn", "pydantic-settings", "swagger-ui-bundle"} <= serve
+    assert {"fastapi", "uvicorn", "pydantic-settings", "fastapi-swagger"} <= serve
     assert "matplotlib" in train
     dev = PROJECT["optional-dependencies"]["dev"]
     assert any(
