@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .auth import PROTECTED, SECURITY, require_api_key
+from .auth import PROTECTED, SECURITY, document_api_key, require_api_key
 from .batcher import BatchFailed, ClientGone, DeadlineExceeded, ItemResult, QueueFull, ShuttingDown, WorkItem
 from .certify import CertifyJob, CertifyRequest, CertifyResult
 from .config import ServiceSettings
@@ -215,6 +215,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.include_router(open_inference)
     register_docs(app)
     register_demo(app)
+    document_api_key(app, keyed=runtime.api_key is not None)
     return app
 
 
