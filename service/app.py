@@ -23,13 +23,13 @@ from urllib.parse import parse_qs, unquote
 import anyio
 import orjson
 import torch
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .auth import require_api_key
+from .auth import PROTECTED, SECURITY, document_api_key, require_api_key
 from .batcher import BatchFailed, ClientGone, DeadlineExceeded, ItemResult, QueueFull, ShuttingDown, WorkItem
 from .certify import CertifyJob, CertifyRequest, CertifyResult
 from .config import ServiceSettings
@@ -214,6 +214,8 @@ def create_app(settings: ServiceSettings, tracer_provider: TracerProvider | None
         version="0.1.0",
         lifespan=lifespan,
         responses={422: {"model": ErrorResponse}},
+        docs_url=None,  # served by service/api_docs.py from local files, not a CDN
+        redoc_url=None,
     )
     app.state.runtime = runtime
     app.state.settings = settings
@@ -221,11 +223,14 @@ def create_app(settings: ServiceSettings, tracer_provider: TracerProvider | None
     install_error_handlers(app)
     _add_routes(app, runtime)
 
+    from service.api_docs import register_docs
     from service.demo import register_demo
     from service.open_inference import router as open_inference
 
     app.include_router(open_inference)
+    register_docs(app)
     register_demo(app)
+    document_api_key(app, keyed=runtime.api_key is not None)
     return app
 
 
@@ -447,6 +452,7 @@ def _shutting_down() -> ServiceError:
 
 
 _CLASSIFY_OPENAPI = {
+    "security": SECURITY,  # require_api_key is called in the handler, not declared as a dependency
     "parameters": query_parameters(ClassifyOptions),
     "requestBody": image_upload_body(None, ClassifyOptions, json_images=True),
 }
@@ -473,7 +479,7 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
     limits = DecodeLimits(settings.max_image_pixels, settings.max_image_side)
     decode_limiter = anyio.CapacityLimiter(_DECODE_THREADS)
     app.state.decode_limits, app.state.decode_limiter = limits, decode_limiter  # shared with /v2 infer
-    protected = [Depends(require_api_key)]
+    protected = PROTECTED
 
     @app.post(
         "/classify",

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models import LoadedModel, Mode, load_checkpoint
+from models import LoadedModel, Mode, load_checkpoint, resolve_device
 
 from .batcher import Batcher, BatchStats, Worker
 from .certify import CertifyLane, CertifyResult
@@ -35,14 +35,6 @@ from .process_metrics import ProcessCollector, ProcessTarget
 from .tracing import RequestTracing
 
 log = logging.getLogger("service.runtime")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} asked for CUDA, but torch sees no CUDA device")
-    return torch.device(device)
 
 
 @dataclass

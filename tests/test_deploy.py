@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from test_service_support import mnist_path
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
@@ -41,7 +42,7 @@ NGINX = REPO / "docker" / "nginx" / "soap-lb.conf"
 K8S = REPO / "deploy" / "k8s"
 DOCS = REPO / "docs" / "deploy.md"
 DEFAULT_MODEL = REPO / "models" / "zoo" / "mnist-fcn-dr"
-MNIST_DIGIT = sorted((REPO / "tests" / "data" / "mnist" / "7").glob("*.png"))[0]
+MNIST_DIGIT = mnist_path(7)
 
 SERVICE_PORT = 8000  # the contract: the service listens on 8000 in every deployment
 # Series Prometheus itself attaches to every scraped sample; dashboards and rules may select on them. In

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from models import create_model, load_checkpoint, oracle_select, purify
+from models import create_model, load_checkpoint, oracle_select, purify, resolve_device
 from models.checkpoint import LoadedModel
 
 from . import provenance
@@ -30,10 +30,9 @@ from .attacks.registry import ATTACKS, DEFAULT_ATTACKS, AttackContext, AttackSpe
 from .attacks.settings import AttackSettings
 from .data import ImageData, load_test_data
 from .report import write_all
+from .rows import ROWS
 from .stats import Accuracy
 
-ROWS = ("none", "min-aux", "oracle")
-ROW_TITLES = {"none": "no purification (ε_pfy = 0)", "min-aux": "SOAP min-aux", "oracle": "oracle ε_pfy (upper bound)"}
 BASELINE_RECIPES = ("vanilla", "fgsm-at", "pgd-at")
 
 
@@ -67,12 +66,6 @@ class Batchwise:
 
 
 # ----------------------------------------------------------------------------- data and model
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def evaluation_order(data: ImageData, source: str) -> tuple[torch.Tensor, str]:

@@ -15,14 +15,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from models import CheckpointError, get_spec, save_checkpoint
+from models import CheckpointError, get_spec, resolve_device, save_checkpoint
 from models.checkpoint import meta_for
 from models.reference import convert_reference_state_dict, load_reference_state_dict
 
 from . import model_card, provenance
 from .calibration import calibrate, clean_accuracy
 from .data import CIFAR10_CLASSES, DatasetError, interleaved_order, load_test_data
-from .distributed import resolve_device
 
 REFERENCE_NETWORKS = ("cifar10-resnet18-lc", "cifar10-resnet18-rp")
 
