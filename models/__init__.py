@@ -7,8 +7,9 @@ __version__ = "0.1.0"  # the distribution's version (pyproject.toml reads it fro
 
 from .acceleration import Acceleration, AuxLossFn, Precision, aux_loss_fn
 from .checkpoint import CheckpointError, CheckpointMeta, LoadedModel, load_checkpoint, save_checkpoint
+from .device import resolve_device
 from .networks import SoapNetwork
-from .purifier import MODES, PurifierConfig, PurifyResult, oracle_select, purify, purify_naive
+from .purifier import Mode, PurifierConfig, PurifyResult, oracle_select, purify, purify_naive
 from .registry import ModelSpec, create_model, get_spec, list_models, register_model
 from .tasks import aux_loss, training_losses
 
@@ -23,8 +24,9 @@ __all__ = [
     "LoadedModel",
     "load_checkpoint",
     "save_checkpoint",
+    "resolve_device",
     "SoapNetwork",
-    "MODES",
+    "Mode",
     "PurifierConfig",
     "PurifyResult",
     "oracle_select",
