@@ -29,7 +29,7 @@ PROJECT = "soaptest"
 SERVICE = "soap-cpu"
 PNG = {"Content-Type": "image/png"}
 # Building from scratch on 2 cores takes several minutes; the fixture's setup counts against the first test.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = pytest.mark.timeout(1800)
 
 
 def free_port() -> int:
