@@ -135,6 +135,7 @@ FAST = dataclasses.replace(
     df_steps=20,
     adaptive_steps=5,
     apgd_steps=8,
+    square_queries=40,
 )
 SMALL_BUDGET = {"linf": 0.03, "l2": 0.3}
 
@@ -159,7 +160,8 @@ def contexts(loaded, batch):
             model=loaded.network,
             purifier=loaded.purifier,
             settings=settings,
-            generator=torch.Generator().manual_seed(0),
+            seed=0,
+            suspicious_threshold=loaded.meta.calibration.suspicious_threshold,
             substitute_seed=seed_images[-60:],
             substitute_factory=lambda: _fresh_fcn(loaded),
             substitute_config=SubstituteConfig(rounds=2, epochs=4),

@@ -1,0 +1,128 @@
+"""`python -m training evaluate` under torchrun (2 CPU processes, Gloo) writes the results.json one process writes;
+an evaluation killed half-way resumes from its per-batch partial results and ends with the same results.json.
+
+Real processes (torchrun's launcher, SIGKILL), the shipped MNIST FCN-DR checkpoint, real test digits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "zoo" / "mnist-fcn-dr"
+DIGITS = ROOT / "tests" / "data" / "mnist"
+ATTACKS = "noise,fgsm,pgd,aux-pgd,apgd-ce,bpda,full-grad,apgd-bpda,apgd-evade,square"
+ARGS = [
+    "evaluate",
+    "--model",
+    str(MODEL),
+    "--data-root",
+    str(DIGITS),
+    "--n",
+    "30",
+    "--batch-size",
+    "4",  # 8 batches: an odd last batch, and 4 batches per rank
+    "--seed",
+    "5",
+    "--attacks",
+    ATTACKS,
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--pgd-steps",
+    "5",
+    "--adaptive-steps",
+    "3",
+    "--apgd-steps",
+    "5",
+    "--apgd-restarts",
+    "2",
+    "--square-queries",
+    "10",
+    "--sanity-n",
+    "8",
+    "--beta-n",
+    "8",
+    "--no-figures",
+]
+VOLATILE = ("seconds", "command", "host", "resumed_batches")  # timing, the --out path, the work split
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _env() -> dict[str, str]:
+    return os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _stable(value: object) -> object:
+    """The result without what legitimately differs between runs of the same evaluation."""
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items() if not any(word in k for word in VOLATILE)}
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
+
+def _evaluate(out: Path, processes: int = 1) -> dict:
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    run = subprocess.run(
+        [*launcher, "-m", "training", *ARGS, "--out", str(out)],
+        env=_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> dict:
+    return _evaluate(tmp_path_factory.mktemp("single"))
+
+
+def test_torchrun_writes_the_single_process_result(single, tmp_path):
+    shared = _evaluate(tmp_path / "two", processes=2)
+    assert shared["attacks"]["apgd-bpda"]["n"] == 30 and set(shared["attacks"]) == set(ATTACKS.split(","))
+    assert _stable(shared) == _stable(single)
+    assert (tmp_path / "two" / "model_info.json").exists()
+    # both ranks did work: each batch file was written once, 8 per attack
+    partial = next((tmp_path / "two" / ".partial").iterdir())
+    assert len(list(partial.glob("apgd-bpda-*.pt"))) == 8
+
+
+def test_killed_evaluation_resumes(single, tmp_path):
+    out = tmp_path / "resumed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training", *ARGS, "--out", str(out)],
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(out.glob(".partial/*/bpda-*.pt"))) >= 2:  # the blind columns and part of BPDA are done
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the evaluation finished before it could be interrupted"
+    assert not (out / "results.json").exists()
+    result = _evaluate(out)
+    assert result["attacks"]["pgd"]["resumed_batches"] == 8
+    assert 2 <= result["attacks"]["bpda"]["resumed_batches"] < 8
+    assert result["attacks"]["apgd-evade"]["resumed_batches"] == 0
+    assert _stable(result) == _stable(single)
