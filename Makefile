@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= models/zoo/mnist-fcn-dr
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench results clean
+.PHONY: install run test lint bench gpu-check results clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,9 +24,20 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The rules and the formatting live in pyproject.toml ([tool.ruff]); .pre-commit-config.yaml runs the same checks.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 bench: $(STAMP)
 	$(PY) benchmarks/purifier.py --json benchmarks/results/purifier.json
 	$(PY) benchmarks/service_load.py --json benchmarks/results/service_load.json
+
+# The prepared GPU run (benchmarks/gpu_check.py): at most ~8 minutes on one GPU; JSON and a log under OUT.
+# `make gpu-check DRY_RUN=1` runs every step on the CPU at tiny sizes (the test suite does this too).
+OUT ?= out/gpu-check
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --out $(OUT) $(if $(DRY_RUN),--dry-run)
 
 # Evaluate the shipped models (long; CPU) and rewrite docs/results.md. Point the roots at your data, e.g.
 # make results MNIST_ROOT=../shared/data CIFAR10_ROOT=../shared/data/cifar10-jpeg

@@ -28,11 +28,11 @@ from pathlib import Path
 # on a CPU shared with other work. Must be set before torch starts its thread pool.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models import PurifierConfig, create_model, purify, purify_naive  # noqa: E402
+from models import PurifierConfig, create_model, purify, purify_naive
 
 
 @dataclass(frozen=True)
@@ -56,16 +56,25 @@ CASES = [
 ]
 
 
-def matmul_gflops(sizes: tuple[int, ...], seconds: float) -> dict[int, float]:
-    """Best float32 GFLOP/s of n×n matmuls (each size repeated for `seconds`), per size."""
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work, so wall-clock timings measure it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(sizes: tuple[int, ...], seconds: float, device: torch.device | None = None) -> dict[int, float]:
+    """Best float32 GFLOP/s of n×n matmuls (each size repeated for `seconds`), per size, on `device` (CPU default)."""
+    device = device or torch.device("cpu")
     rates = {}
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
         a @ b
+        synchronize(device)
         best, deadline = float("inf"), time.perf_counter() + seconds
         while time.perf_counter() < deadline:
             start = time.perf_counter()
             a @ b
+            synchronize(device)
             best = min(best, time.perf_counter() - start)
         rates[n] = 2 * n**3 / best / 1e9
     return rates
@@ -88,8 +97,13 @@ def bench(case: Case, batch: int, repeats: int, peak_gflops: float) -> dict:
     torch.manual_seed(0)
     model = create_model(case.network).eval().requires_grad_(False)
     x = torch.rand(batch, *model.input_shape, generator=torch.Generator().manual_seed(1))
-    ours = lambda: purify(model, x, case.config)  # noqa: E731
-    naive = lambda: purify_naive(model, x, case.config)  # noqa: E731
+
+    def ours() -> object:
+        return purify(model, x, case.config)
+
+    def naive() -> object:
+        return purify_naive(model, x, case.config)
+
     # The untimed warm-up runs count the FLOPs and give the results to compare.
     r_ours, f_ours = counting_flops(ours)
     r_naive, f_naive = counting_flops(naive)
@@ -146,7 +160,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"({', '.join(f'{n}: {r:.0f}' for n, r in matmul.items())})"
     )
     results = {}
-    header = f"{'network':22} {'batch':>5} {'naive img/s':>11} {'ours img/s':>10} {'speed-up':>8} {'grads/img':>9} {'naive':>5} {'FLOP frac':>9}"
+    header = (
+        f"{'network':22} {'batch':>5} {'naive img/s':>11} {'ours img/s':>10} {'speed-up':>8} {'grads/img':>9} "
+        f"{'naive':>5} {'FLOP frac':>9}"
+    )
     print(header)
     print("-" * len(header))
     for case in cases:
@@ -155,8 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
         results[case.network] = r
         print(
             f"{case.network:22} {batch:5d} {r['naive_images_per_s']:11.3g} {r['images_per_s']:10.3g} "
-            f"{r['speedup']:8.2f} {r['grad_evals_per_image']:9d} {r['naive_grad_evals_per_image']:5d} {r['flop_fraction']:9.3f}"
-            + ("" if r["same_epsilon_as_naive"] else "  (ε differs from naive!)")
+            f"{r['speedup']:8.2f} {r['grad_evals_per_image']:9d} {r['naive_grad_evals_per_image']:5d} "
+            f"{r['flop_fraction']:9.3f}" + ("" if r["same_epsilon_as_naive"] else "  (ε differs from naive!)")
         )
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),

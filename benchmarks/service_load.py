@@ -20,13 +20,15 @@ In one run it measures:
 Each level is bounded in time (--duration) and in count (--max-requests). Numbers depend on the machine and on
 whatever else runs on it; the JSON records the load average before and after, and, per level, the CPU the server
 process used (from /proc): cores used on average, and CPU microseconds per request in the event-loop thread and in
-all other threads and child processes (compute) — figures that let one project throughput onto a machine with idle cores.
+all other threads and child processes (compute) — figures that let one project throughput onto a machine with idle
+cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import gc
 import json
@@ -78,9 +80,11 @@ class Server:
     def __init__(self, args: list[str], ready_path: str) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(os.devnull, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, *args, "--port", str(self.port)], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
+            [sys.executable, *args, "--port", str(self.port)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
         )
         self.ready_path = ready_path
 
@@ -105,7 +109,6 @@ class Server:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        self.log.close()
 
 
 def service_server(model: str, **options) -> Server:
@@ -151,15 +154,11 @@ def _tree_ticks(pid: int) -> int:
     total = _cpu_ticks(pid)
     children = []
     for task in Path(f"/proc/{pid}/task").glob("*"):  # a child belongs to the thread that started it
-        try:
+        with contextlib.suppress(OSError):
             children += (task / "children").read_text().split()
-        except OSError:
-            pass
     for child in children:
-        try:
+        with contextlib.suppress(OSError):  # exited meanwhile
             total += _tree_ticks(int(child))
-        except OSError:  # exited meanwhile
-            pass
     return total
 
 
@@ -303,7 +302,7 @@ async def open_loop(
             async with session.post(url + "/classify", data=body, headers={"Content-Type": "image/png"}) as r:
                 await r.read()
                 by_status.setdefault(str(r.status), []).append(time.perf_counter() - start)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - any failure of a request counts as an error
             errors += 1
 
     began = time.monotonic()

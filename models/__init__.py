@@ -3,6 +3,9 @@
 This package must not import `training` or `service`.
 """
 
+__version__ = "0.1.0"  # the distribution's version (pyproject.toml reads it from here)
+
+from .acceleration import Acceleration, AuxLossFn, Precision, aux_loss_fn
 from .checkpoint import CheckpointError, CheckpointMeta, LoadedModel, load_checkpoint, save_checkpoint
 from .networks import SoapNetwork
 from .purifier import MODES, PurifierConfig, PurifyResult, oracle_select, purify, purify_naive
@@ -10,6 +13,11 @@ from .registry import ModelSpec, create_model, get_spec, list_models, register_m
 from .tasks import aux_loss, training_losses
 
 __all__ = [
+    "__version__",
+    "Acceleration",
+    "AuxLossFn",
+    "Precision",
+    "aux_loss_fn",
     "CheckpointError",
     "CheckpointMeta",
     "LoadedModel",

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .networks import SoapNetwork
 from .purifier import PurifierConfig
 from .registry import create_model, get_spec
+from .tasks import TRAINING_NOISE_STD
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -67,7 +68,21 @@ class Calibration(BaseModel):
         return self.aux_loss_quantiles[self.suspicious_quantile]
 
 
+# The training recipe that minimises the auxiliary loss (training/baselines.py); the baselines train L_cls alone.
+_AUX_RECIPE = "soap"
+
+
 class CheckpointMeta(BaseModel):
+    """A checkpoint's metadata (`model.json`).
+
+    `aux_head_trained` says whether training minimised the auxiliary loss (for reconstruction and rotation the
+    head h; for label consistency the classifier's agreement across views). Purification descends that loss, so on a
+    network where it was never trained it moves images along noise: the service refuses purification for such a
+    model. Metadata written before the field existed is read with the value its training record implies: true only
+    when `training.recipe` is "soap", false otherwise (baselines, imports, no record) — a checkpoint is never
+    purified without evidence that its auxiliary task was learnt.
+    """
+
     model_config = ConfigDict(extra="forbid")
 
     format_version: int = FORMAT_VERSION
@@ -77,11 +92,31 @@ class CheckpointMeta(BaseModel):
     input_shape: list[int] = Field(min_length=3, max_length=3)
     normalization: Normalization
     aux_task: str
+    aux_head_trained: bool = Field(description="training minimised the auxiliary loss, so purification is meaningful")
     purifier: PurifierSettings
     training: dict[str, Any] = {}
     metrics: dict[str, float] = {}
     calibration: Calibration | None = None
+    noise_std: float | None = Field(default=None, gt=0)  # σ of the training input noise (smoothing's default σ)
     weights_sha256: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_aux_head_trained(cls, data: Any) -> Any:
+        """Metadata from before `aux_head_trained`: infer it from the training record (see the class docstring)."""
+        if isinstance(data, dict) and "aux_head_trained" not in data:
+            training = data.get("training")
+            recipe = training.get("recipe") if isinstance(training, dict) else getattr(training, "recipe", None)
+            data = {**data, "aux_head_trained": str(getattr(recipe, "value", recipe)) == _AUX_RECIPE}
+        return data
+
+    @property
+    def training_noise_std(self) -> float | None:
+        """σ of the training input noise: the recorded value, else (metadata written before it was recorded) the
+        task's default when the SOAP recipe trained it, else None (a baseline: no noise known)."""
+        if self.noise_std is not None:
+            return self.noise_std
+        return TRAINING_NOISE_STD[self.aux_task] if self.aux_head_trained else None
 
 
 @dataclass
@@ -167,7 +202,7 @@ def read_meta(path: str | Path) -> CheckpointMeta:
 def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights} is corrupt or truncated: {exc}") from None
 
@@ -228,7 +263,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify
     classifier = tensors.get("classifier.weight")
     if classifier is not None and classifier.ndim == 2 and classifier.shape[0] != len(meta.class_names):
         raise CheckpointError(
-            f"{META_FILE} lists {len(meta.class_names)} class names but the classifier in {weights} has {classifier.shape[0]} outputs"
+            f"{META_FILE} lists {len(meta.class_names)} class names but the classifier in {weights} has "
+            f"{classifier.shape[0]} outputs"
         )
     network = build_network(meta)
     check_state_dict(network, tensors, str(weights))
@@ -241,4 +277,4 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify
 
 
 def _close(a: list[float], b: list[float]) -> bool:
-    return len(a) == len(b) and all(abs(x - y) <= 1e-6 for x, y in zip(a, b))
+    return len(a) == len(b) and all(abs(x - y) <= 1e-6 for x, y in zip(a, b, strict=True))

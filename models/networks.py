@@ -183,7 +183,7 @@ class WideResNetEncoder(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1)
         layers: list[nn.Module] = []
         in_planes = widths[0]
-        for stage, (planes, stride) in enumerate(zip(widths[1:], (1, 2, 2))):
+        for planes, stride in zip(widths[1:], (1, 2, 2), strict=True):
             blocks = []
             for i in range(n):
                 blocks.append(_WideBlock(in_planes, planes, stride if i == 0 else 1, dropout))

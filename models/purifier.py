@@ -12,10 +12,12 @@ gradient call per step (11 evaluations per image with Δ = γ, T = 5, 11 budgets
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
 
+from .acceleration import AuxLossFn
 from .networks import SoapNetwork
 from .tasks import aux_loss
 
@@ -66,10 +68,10 @@ def _require_autograd() -> None:
         )
 
 
-def _aux_gradient(model: SoapNetwork, x: torch.Tensor) -> torch.Tensor:
+def _aux_gradient(loss_fn: AuxLossFn, x: torch.Tensor) -> torch.Tensor:
     """∇_x of the per-example auxiliary loss (the sum decouples examples), without parameter grads."""
     x = x.detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(aux_loss(model, x).sum(), x)
+    (grad,) = torch.autograd.grad(loss_fn(x).sum(), x)
     return grad
 
 
@@ -79,7 +81,7 @@ def _step(x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, gamma: float
 
 
 def _trajectories(
-    model: SoapNetwork, x: torch.Tensor, budgets: list[float], config: PurifierConfig
+    loss_fn: AuxLossFn, x: torch.Tensor, budgets: list[float], config: PurifierConfig
 ) -> tuple[list[torch.Tensor], int]:
     """Final δ for every budget, sharing the steps of identical trajectories. Returns (deltas, grad evals).
 
@@ -99,11 +101,11 @@ def _trajectories(
     for t in range(1, config.steps + 1):
         if not states:
             break
-        grads = _aux_gradient(model, torch.cat([x + d for d, _ in states])).split(b)
+        grads = _aux_gradient(loss_fn, torch.cat([x + d for d, _ in states])).split(b)
         grad_evals += len(states)
         next_states = []
         reach = t * gamma * (1 - 1e-6)
-        for (delta, members), grad in zip(states, grads):
+        for (delta, members), grad in zip(states, grads, strict=True):
             shared = [e for e in members if budgets[e] >= reach]
             for e in members:
                 if budgets[e] < reach:
@@ -118,9 +120,9 @@ def _trajectories(
 
 
 @torch.no_grad()
-def _losses(model: SoapNetwork, images: list[torch.Tensor]) -> torch.Tensor:
+def _losses(loss_fn: AuxLossFn, images: list[torch.Tensor]) -> torch.Tensor:
     """Auxiliary loss of each candidate batch, shape [len(images), B], in one forward pass."""
-    return aux_loss(model, torch.cat(images)).view(len(images), -1)
+    return loss_fn(torch.cat(images)).view(len(images), -1)
 
 
 def purify(
@@ -131,12 +133,13 @@ def purify(
     epsilon: float | None = None,
     return_curve: bool = False,
     return_candidates: bool = False,
+    loss_fn: AuxLossFn | None = None,
 ) -> PurifyResult:
     """Purify a batch of images in [0, 1]. Pure: neither `x` nor the model's parameters are changed.
 
     mode "min-aux" searches the config's budget grid per image; "fixed" purifies at `epsilon`; "none"
     only measures the auxiliary loss. The model is put in eval mode (BatchNorm/dropout must not couple
-    examples).
+    examples). `loss_fn` replaces the model's auxiliary loss by an accelerated one (models.acceleration).
     """
     if mode not in MODES:
         raise ValueError(f"unknown purification mode {mode!r}; expected one of {MODES}")
@@ -152,8 +155,9 @@ def purify(
         budgets = [0.0, float(epsilon)] if epsilon > 0 else [0.0]
     else:
         budgets = config.budgets()
+    loss = loss_fn or partial(aux_loss, model)
     with torch.enable_grad():
-        deltas, grad_evals = _trajectories(model, x, budgets, config)
+        deltas, grad_evals = _trajectories(loss, x, budgets, config)
     # Budgets that end in the same state share one loss evaluation.
     unique: list[torch.Tensor] = []
     slot: dict[int, int] = {}
@@ -161,7 +165,7 @@ def purify(
         if id(d) not in slot:
             slot[id(d)] = len(unique)
             unique.append(x + d)
-    curve = _losses(model, unique)[[slot[id(d)] for d in deltas]].T  # [B, K]
+    curve = _losses(loss, unique)[[slot[id(d)] for d in deltas]].T  # [B, K]
     result = _select(x, [x + d for d in deltas], curve, budgets, fixed=mode == "fixed", grad_evals=grad_evals)
     if not return_curve:
         result.curve = None
@@ -176,10 +180,7 @@ def _select(
     """Pick per image the budget to keep: the last one for "fixed", else the first minimum of the curve
     (argmin returns the first minimum, i.e. the smallest ε attaining the lowest loss)."""
     b = x.shape[0]
-    if fixed:
-        choice = torch.full((b,), len(budgets) - 1, device=x.device, dtype=torch.long)
-    else:
-        choice = curve.argmin(dim=1)
+    choice = torch.full((b,), len(budgets) - 1, device=x.device, dtype=torch.long) if fixed else curve.argmin(dim=1)
     stacked = torch.stack(images)  # [K, B, ...]
     idx = torch.arange(b, device=x.device)
     budget_t = torch.tensor(budgets, device=x.device, dtype=x.dtype)
@@ -210,7 +211,7 @@ def purify_naive(model: SoapNetwork, x: torch.Tensor, config: PurifierConfig) ->
             delta = torch.zeros_like(x)
             if eps > 0:
                 for _ in range(config.steps):
-                    delta = _step(x, delta, _aux_gradient(model, x + delta), config.step_size, eps)
+                    delta = _step(x, delta, _aux_gradient(partial(aux_loss, model), x + delta), config.step_size, eps)
                     grad_evals += 1
             images.append(x + delta)
     with torch.no_grad():

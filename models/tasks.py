@@ -16,6 +16,8 @@ from .networks import SoapNetwork
 
 # The reference's "90°" is clockwise: rotation r is rot90(k=-r) on (H, W).
 ROTATIONS = (0, 1, 2, 3)
+# σ of the Gaussian input noise each task trains on (clamp(x + N(0, σ²), 0, 1)); randomized smoothing's default σ.
+TRAINING_NOISE_STD = {"reconstruction": 0.5, "rotation": 0.1, "label_consistency": 0.1}
 
 
 @dataclass
@@ -40,7 +42,7 @@ def _noisy(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def reconstruction_training(
-    model: SoapNetwork, x: torch.Tensor, y: torch.Tensor, noise_std: float = 0.5
+    model: SoapNetwork, x: torch.Tensor, y: torch.Tensor, noise_std: float = TRAINING_NOISE_STD["reconstruction"]
 ) -> TrainingLosses:
     z = model.encode(_noisy(x, noise_std))
     logits = model.classify(z)
@@ -64,7 +66,9 @@ def _all_rotations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return batch, labels
 
 
-def rotation_training(model: SoapNetwork, x: torch.Tensor, y: torch.Tensor, noise_std: float = 0.1) -> TrainingLosses:
+def rotation_training(
+    model: SoapNetwork, x: torch.Tensor, y: torch.Tensor, noise_std: float = TRAINING_NOISE_STD["rotation"]
+) -> TrainingLosses:
     batch, rot_labels = _all_rotations(x)
     z = model.encode(_noisy(batch, noise_std))
     logits = model.classify(z)
@@ -114,7 +118,7 @@ def random_view(x: torch.Tensor, noise_std: float = 0.1, min_scale: float = 0.75
 
 
 def label_consistency_training(
-    model: SoapNetwork, x: torch.Tensor, y: torch.Tensor, noise_std: float = 0.1
+    model: SoapNetwork, x: torch.Tensor, y: torch.Tensor, noise_std: float = TRAINING_NOISE_STD["label_consistency"]
 ) -> TrainingLosses:
     """Paper version: two independent random views with zero-mean noise; CE on both; squared logit distance."""
     b = x.shape[0]

@@ -1,4 +1,5 @@
-"""`python -m service --model PATH [...]`: load the models, then serve with uvicorn until SIGTERM/SIGINT.
+"""`python -m service --model PATH [...]` (or `soap-serve ...`): load the models, then serve with uvicorn until
+SIGTERM/SIGINT.
 
 On SIGTERM the service drains: /readyz turns 503 and new /classify requests get 503 (after
 --shutdown-delay-s the listener closes too), every accepted request is still answered, then the process exits 0.
@@ -12,21 +13,21 @@ import os
 # steal the cores the event loop needs (measured: 10x slower batches on a busy 2-core host with spinning).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import gc  # noqa: E402
-import logging  # noqa: E402
+import gc
+import logging
 import signal
 import sys
 import threading
 from types import FrameType
 
-import torch  # noqa: E402
-import uvicorn  # noqa: E402
+import torch
+import uvicorn
 
-from models import CheckpointError  # noqa: E402
+from models import CheckpointError
 
-from .app import create_app  # noqa: E402
-from .config import ServiceSettings, load_settings  # noqa: E402
-from .runtime import ServiceRuntime  # noqa: E402
+from .app import create_app
+from .config import ServiceSettings, load_settings
+from .runtime import ServiceRuntime
 
 log = logging.getLogger("service")
 

@@ -32,7 +32,6 @@ from .config import ServiceSettings
 from .decode import DecodeLimits, ImageRejected, decode_opened, encode_png, open_image
 from .errors import ServiceError, error_response, install_error_handlers
 from .ingest import ACCEPTED_TYPES, check_media_type, media_type, parse_upload, read_body
-from .predict import PurifyRequest
 from .runtime import ModelRuntime, ServiceRuntime
 from .schemas import (
     BatchingInfo,
@@ -105,17 +104,24 @@ class RequestContext:
             )
 
     def _shed(self, scope) -> Response | None:
-        """A 503 for POST /classify when the service drains or the target model's queue is full; else None."""
+        """A 503 for POST /classify when the service drains, or when the request's model is known before its body
+        is read and that model's queue is full; else None (the handler refuses it later if need be).
+
+        The model is known before the body when the query string names it (`?model=` routes the request; a body
+        may repeat it but not name another, see `_options`), when the body is a raw image (it carries no options),
+        or when only one model is loaded. A multipart or JSON request without `?model=` to a multi-model service
+        may name its model in the body: it is not judged here by the default model's queue (which would refuse it
+        for another model's load and count the refusal under the wrong model) but by its own model's queue once
+        its options are parsed, before its images are decoded. Clients that want the cheapest refusal under
+        overload name the model in the query string.
+        """
         if scope["method"] != "POST" or scope["path"] != "/classify":
             return None
         runtime = self.runtime
         if runtime.draining:
             error = _shutting_down()
         else:
-            name = None
-            if b"model=" in scope.get("query_string", b""):
-                name = parse_qs(scope["query_string"].decode("latin-1")).get("model", [None])[-1]
-            model = runtime.models.get(name or runtime.default)
+            model = _model_before_body(scope, runtime)
             if model is None or model.batcher.has_room(1):
                 return None
             error = _queue_full(model, model.batcher.retry_after_s())
@@ -123,6 +129,20 @@ class RequestContext:
         if error.reason:
             runtime.metrics.reject(scope["soap.model"], error.reason)
         return error_response(error.status, error.error, error.detail, error.headers)
+
+
+def _model_before_body(scope, runtime: ServiceRuntime) -> ModelRuntime | None:
+    """The model a /classify request is for, as far as its head tells (see RequestContext._shed); None when only the
+    body can tell, or when the query names no loaded model (the handler answers 404)."""
+    query = scope.get("query_string", b"")
+    if b"model=" in query:
+        name = parse_qs(query.decode("latin-1")).get("model", [None])[-1]
+        if name:
+            return runtime.models.get(name)
+    content_type = dict(scope.get("headers") or ()).get(b"content-type", b"")
+    if len(runtime.models) == 1 or content_type.strip().lower().startswith(b"image/"):
+        return runtime.models[runtime.default]
+    return None
 
 
 def create_app(settings: ServiceSettings) -> FastAPI:
@@ -158,24 +178,23 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 # ---------------------------------------------------------------------------------------------- /classify steps
 
 
-def _options(raw: dict[str, Any], query_model: str | None) -> ClassifyOptions:
-    try:
-        return ClassifyOptions.model_validate(raw)
-    except ValidationError as exc:
-        problems = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors(include_url=False)]
-        raise ServiceError(422, "bad_options", problems, reason="bad_options", model=query_model) from None
-
-
-def _check_for_model(options: ClassifyOptions, model: ModelRuntime) -> None:
-    max_budget = model.loaded.purifier.max_budget
-    if options.epsilon is not None and options.epsilon > max_budget + 1e-9:
+def _options(query: dict[str, Any], body: dict[str, Any], query_model: str | None) -> ClassifyOptions:
+    """Query options, overridden by body options; but a body may not send the request to another model than the
+    query string names (load shedding judged the request by the query's model before the body was read)."""
+    body_model = body.get("model")
+    if query_model and body_model is not None and body_model != query_model:
         raise ServiceError(
             422,
             "bad_options",
-            f"epsilon {options.epsilon} exceeds model {model.name}'s largest budget {max_budget:g}",
+            f"the query string names model {query_model!r} and the body {body_model!r}; name one",
             reason="bad_options",
-            model=model.name,
+            model=query_model,
         )
+    try:
+        return ClassifyOptions.model_validate({**query, **body})
+    except ValidationError as exc:
+        problems = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors(include_url=False)]
+        raise ServiceError(422, "bad_options", problems, reason="bad_options", model=query_model) from None
 
 
 async def _decode_all(payloads: list[bytes], model: ModelRuntime, limits: DecodeLimits, limiter: anyio.CapacityLimiter):
@@ -237,14 +256,18 @@ def _results(model: ModelRuntime, result: ItemResult, options: ClassifyOptions) 
     threshold = model.suspicious_threshold
     rows = []
     for j, (probs, labels, eps, after, before) in enumerate(
-        zip(top_p.tolist(), top_i.tolist(), p.epsilon.tolist(), p.aux_after.tolist(), p.aux_before.tolist())
+        zip(
+            top_p.tolist(), top_i.tolist(), p.epsilon.tolist(), p.aux_after.tolist(), p.aux_before.tolist(), strict=True
+        )
     ):
         rows.append(
             {
                 "label": labels[0],
                 "class_name": names[labels[0]],
                 "confidence": probs[0],
-                "top_k": [{"label": c, "class_name": names[c], "probability": q} for c, q in zip(labels, probs)],
+                "top_k": [
+                    {"label": c, "class_name": names[c], "probability": q} for c, q in zip(labels, probs, strict=True)
+                ],
                 "epsilon": round(eps, 7),  # float32 of a grid value: 0.05 rather than 0.05000000074505806
                 "aux_loss": after,
                 "aux_loss_before": before,
@@ -310,7 +333,7 @@ _ERRORS = {
         408: "the body did not arrive in time",
         413: "body or image count over the limit",
         415: f"Content-Type is not {ACCEPTED_TYPES}",
-        422: "bad image or bad options",
+        422: "bad image or bad options (or a purification mode the model does not serve)",
         500: "the batch holding this request failed",
         503: "queue full (see Retry-After) or shutting down",
         504: "compute did not start before the request's deadline",
@@ -337,19 +360,21 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         query = dict(request.query_params)
         query_model = query.get("model")
         request.scope["soap.model"] = runtime.metrics_label(query_model)
-        kind = media_type(request)  # (draining and full queues were refused by RequestContext already)
+        kind = media_type(request)  # (draining was refused by RequestContext, full queues where it knew the model)
         check_media_type(kind)
         body = await read_body(request, settings.max_body_bytes, query_model, settings.body_timeout_s)
         upload = await parse_upload(request, kind, body, settings.max_images_per_request, query_model)
-        options = _options({**query, **upload.options}, query_model)
+        options = _options(query, upload.options, query_model)
         model = runtime.get(options.model)
         request.scope["soap.model"] = model.name
-        _check_for_model(options, model)
+        purify_request = model.purify_request(options.mode, options.epsilon)
+        if not model.batcher.has_room(len(upload.payloads)):  # refuse before decoding (RequestContext could not)
+            raise _queue_full(model, model.batcher.retry_after_s())
         images = await _decode_all(upload.payloads, model, limits, decode_limiter)
         batch = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
         try:
             item = model.batcher.submit(
-                batch, PurifyRequest(options.mode, options.epsilon), time.monotonic() + settings.request_timeout_s
+                batch, purify_request, time.monotonic() + settings.request_timeout_s, request.scope["soap.request_id"]
             )
         except QueueFull as exc:
             raise _queue_full(model, exc.retry_after_s) from None
@@ -440,6 +465,9 @@ def _model_info(runtime: ServiceRuntime, model: ModelRuntime) -> ModelInfo:
         input_shape=list(meta.input_shape),
         device=str(model.device),
         ready=model.ready,
+        aux_head_trained=model.purifies,
+        modes=list(model.modes),
+        default_mode=model.default_mode,
         purifier=PurifierInfo(
             step_size=purifier.step_size,
             steps=purifier.steps,

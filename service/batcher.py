@@ -5,8 +5,9 @@ A batch goes when it holds `max_batch_size` images or its oldest image has waite
 with the same purification settings (mode, epsilon) share a batch. A request is never split between batches;
 one larger than `max_batch_size` forms a batch alone (and is computed in chunks).
 
-Failure isolation: images were decoded before they were queued, so a batch only fails on a compute error, and
-then only that batch's requests fail (BatchFailed); the worker keeps going. Requests cancelled while queued
+Failure isolation: images were decoded before they were queued, so a batch only fails on a compute error or a
+result without exactly one row per image (WrongRowCount), and then only that batch's requests fail (BatchFailed,
+their request ids logged); the worker keeps going. Requests cancelled while queued
 (deadline passed, client gone) leave the queue at once and are never computed.
 """
 
@@ -42,6 +43,11 @@ class ShuttingDown(Exception):
     pass
 
 
+class WrongRowCount(RuntimeError):
+    """The compute returned other than one row per image: its rows cannot be matched to requests, so the batch
+    fails rather than hand anyone another request's result (Ray Serve and LitServe check the same)."""
+
+
 class DeadlineExceeded(Exception):
     """The request was still queued at its deadline (set on its future by the batcher's one deadline timer)."""
 
@@ -58,6 +64,7 @@ class WorkItem:
     request: PurifyRequest
     deadline: float
     future: asyncio.Future
+    request_id: str = ""  # for the log when its batch fails
     enqueued_at: float = field(default_factory=time.monotonic)
     state: str = "queued"  # queued -> running, or queued -> cancelled
 
@@ -131,13 +138,13 @@ class Batcher:
         """Whole seconds until the current queue has probably drained (at least 1)."""
         return max(1, math.ceil(self._depth * self._seconds_per_image))
 
-    def submit(self, images: torch.Tensor, request: PurifyRequest, deadline: float) -> WorkItem:
+    def submit(self, images: torch.Tensor, request: PurifyRequest, deadline: float, request_id: str = "") -> WorkItem:
         """Queue a request's images, or raise QueueFull / ShuttingDown at once."""
         if self._closing or self._draining:
             raise ShuttingDown("the service is shutting down")
         if not self.has_room(images.shape[0]):
             raise QueueFull(self.retry_after_s())
-        item = WorkItem(images, request, deadline, asyncio.get_running_loop().create_future())
+        item = WorkItem(images, request, deadline, asyncio.get_running_loop().create_future(), request_id)
         self._queue.append(item)
         self._pending[request] += item.size
         self._set_depth(self._depth + item.size)
@@ -309,7 +316,12 @@ class Batcher:
                 self._executor, self._compute, images, request
             )
         except Exception as exc:  # noqa: BLE001 - isolate: fail this batch only, keep the worker alive
-            log.exception("batch of %d images on model %s failed", images.shape[0], self.name)
+            log.exception(
+                "batch of %d images on model %s failed; requests %s",
+                images.shape[0],
+                self.name,
+                ", ".join(it.request_id or "?" for it in batch),
+            )
             error = BatchFailed(
                 f"the batch holding this request failed ({type(exc).__name__}); other requests are unaffected"
             )
@@ -325,11 +337,14 @@ class Batcher:
         )
         self._on_batch(BatchStats(n, compute_s, waits, predictions, request))
         offset = 0
-        for item, wait in zip(batch, waits):
+        for item, wait in zip(batch, waits, strict=True):
             if not item.future.done():
                 item.future.set_result(ItemResult(predictions.rows(offset, offset + item.size), wait, compute_s, n))
             offset += item.size
 
     def _compute(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
         predictions, self.chunk_size = predict_in_chunks(lambda x: self.compute(x, request), images, self.chunk_size)
+        rows = sorted({t.shape[0] if t.ndim else -1 for t in predictions.tensors()})
+        if rows != [images.shape[0]]:
+            raise WrongRowCount(f"the compute returned {rows} rows for {images.shape[0]} images")
         return predictions

@@ -7,11 +7,13 @@ through a pipe and waits in recv (lock released) until the child answers with th
 
 The child is started with "spawn" (safe with CUDA and with the parent's threads), loads the checkpoint itself
 (the model's warm-up batch then goes through the pipe like any other) and ignores SIGINT/SIGTERM: the parent
-drains its queue on a signal and then closes the child. If the child dies, the batch in flight fails (ComputeProcessError) and the next batch starts a new child.
+drains its queue on a signal and then closes the child. If the child dies, the batch in flight fails
+(ComputeProcessError) and the next batch starts a new child.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import signal
@@ -92,10 +94,8 @@ class ComputeProcess:
         self._proc = self._conn = None
         if proc is None:
             return
-        try:
+        with contextlib.suppress(OSError):
             conn.send(None)
-        except OSError:
-            pass
         proc.join(5)
         if proc.is_alive():
             proc.kill()

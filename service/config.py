@@ -1,28 +1,72 @@
-"""Service settings: one typed object, filled from the command line, then environment variables, then defaults.
+"""Service settings (`python -m service` or `soap-serve`) on pydantic-settings: one typed object, filled from the
+command line, then `SOAP_*` environment variables, then defaults.
 
 Every option `--some-option` has the environment variable `SOAP_SOME_OPTION`; `--model` (repeatable) maps to
-`SOAP_MODELS` (comma-separated). The first model is the default one. An empty variable counts as unset.
+`SOAP_MODELS` (comma-separated). The first model is the default one. An empty (or blank) variable counts as unset.
+The API key never comes from the command line (it would show in `ps`): `--api-key-env NAME` names an environment
+variable that holds it, `--api-key-file PATH` a file (a mounted Kubernetes or Docker secret).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    CliSettingsSource,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings.sources.utils import parse_env_vars
+
+from models import __version__
 
 ENV_PREFIX = "SOAP_"
 
+# The environment the settings read: os.environ, or the mapping given to load_settings() for one call.
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("soap_settings_environ", default=None)
 
-class ServiceSettings(BaseModel):
-    """Everything the service reads at start. Field docs double as `--help` text."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _EnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source over `_ENVIRON` (default os.environ); blank values count as unset
+    (compose's `${X:-}` passes empty strings)."""
 
-    models: list[Path] = Field(min_length=1, description="checkpoint folders; the first is the default model")
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        environ = _ENVIRON.get()
+        environ = os.environ if environ is None else environ
+        present = {k: v for k, v in environ.items() if v.strip()}
+        return parse_env_vars(present, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
+class ServiceSettings(BaseSettings):
+    """Everything the service reads at start. Field descriptions double as `--help` text."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        cli_kebab_case=True,
+        cli_implicit_flags=True,  # bools: --flag / --no-flag
+        cli_shortcuts={"models": "model"},
+        cli_hide_none_type=True,
+        cli_avoid_json=True,
+    )
+
+    models: Annotated[list[Path], NoDecode] = Field(
+        min_length=1,
+        description="checkpoint folder (repeatable: --model A --model B; SOAP_MODELS=A,B); the first is the default "
+        "model; a model's name is its folder name",
+    )
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
@@ -40,6 +84,9 @@ class ServiceSettings(BaseModel):
     api_key_env: str | None = Field(
         None, description="name of the environment variable holding the API key (off when unset)"
     )
+    api_key_file: Path | None = Field(
+        None, description="file holding the API key, e.g. a mounted Kubernetes or Docker secret (off when unset)"
+    )
     protect_metrics: bool = Field(False, description="require the API key on /metrics too")
     enable_attack: bool = Field(False, description="enable the demo attack endpoint POST /v1/attack")
     shutdown_delay_s: float = Field(
@@ -50,13 +97,34 @@ class ServiceSettings(BaseModel):
     )
     compute_process: bool = Field(
         True,
-        description="run each model's purification in a child process, which shares no GIL with the event loop (--no-compute-process: a thread)",
+        description="run each model's purification in a child process, which shares no GIL with the event loop "
+        "(--no-compute-process: a thread)",
     )
     torch_threads: int | None = Field(
-        None, ge=1, description="CPU threads torch may use (default: all cores but one, left to the event loop)"
+        None, ge=1, description="CPU threads torch may use (None: all cores but one, left to the event loop)"
     )
     access_log: bool = Field(False, description="log every request (off: the metrics cover it, and it costs CPU)")
     log_level: str = Field("info", description="uvicorn log level")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Keyword arguments (load_settings passes the command line ahead of them) over the environment; no
+        .env file and no secrets directory (the one secret, the API key, has --api-key-env / --api-key-file)."""
+        return init_settings, _EnvSource(settings_cls)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, v: Any) -> Any:
+        if isinstance(v, str):  # SOAP_MODELS=a,b (the command line's repeated --model arrives joined the same way)
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
 
     @field_validator("device")
     @classmethod
@@ -75,6 +143,12 @@ class ServiceSettings(BaseModel):
             raise ValueError(f"model names (checkpoint folder names) must be unique; repeated: {dupes}")
         return v
 
+    @model_validator(mode="after")
+    def _one_key_source(self) -> ServiceSettings:
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("give the API key one way: --api-key-env or --api-key-file, not both")
+        return self
+
     @property
     def compute_threads(self) -> int:
         """torch's CPU threads: as configured, else all cores but one, which stays free for the event loop (on a
@@ -90,68 +164,69 @@ class ServiceSettings(BaseModel):
 
     @property
     def api_key(self) -> str | None:
-        """The key itself, read from the environment at call time (never stored in the settings)."""
-        if not self.api_key_env:
-            return None
-        key = os.environ.get(self.api_key_env, "")
-        if not key:
-            raise ValueError(
-                f"--api-key-env names {self.api_key_env!r}, but that environment variable is empty or unset"
-            )
-        return key
-
-
-_FLAGS = {name: "--" + name.replace("_", "-") for name in ServiceSettings.model_fields if name != "models"}
+        """The key itself, read from its variable or file at call time (never stored in the settings); None when
+        no key is configured. Raises ValueError when the named variable or file is empty or unreadable."""
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env, "")
+            if not key:
+                raise ValueError(
+                    f"--api-key-env names {self.api_key_env!r}, but that environment variable is empty or unset"
+                )
+            return key
+        if self.api_key_file:
+            try:
+                key = self.api_key_file.read_text().strip()  # a secret file usually ends with a newline
+            except OSError as exc:
+                raise ValueError(f"--api-key-file {self.api_key_file}: cannot read it ({exc.strerror})") from None
+            if not key:
+                raise ValueError(f"--api-key-file {self.api_key_file} is empty")
+            return key
+        return None
 
 
 def _env_name(field: str) -> str:
-    return ENV_PREFIX + ("MODELS" if field == "models" else field.upper())
+    return ENV_PREFIX + field.upper()
 
 
 def _parser() -> argparse.ArgumentParser:
+    script = os.path.basename(sys.argv[0])  # `soap-serve` when started by the console script
     parser = argparse.ArgumentParser(
-        prog="python -m service",
+        prog="python -m service" if script in ("__main__.py", "") else script,
         description="SOAP inference service: purify every image with min-aux SOAP, then classify it.",
         epilog=f"Every option can also be set with an environment variable {ENV_PREFIX}<OPTION> "
-        f"(e.g. {ENV_PREFIX}MAX_BATCH_SIZE); --model maps to {ENV_PREFIX}MODELS, comma-separated.",
+        f"(e.g. {ENV_PREFIX}MAX_BATCH_SIZE); --model maps to {ENV_PREFIX}MODELS, comma-separated. "
+        "The command line wins over the environment.",
     )
-    parser.add_argument(
-        "--model",
-        dest="models",
-        action="append",
-        metavar="PATH",
-        help="checkpoint folder (repeatable; the first is the default model; name = folder name)",
-    )
-    for name, flag in _FLAGS.items():
-        field = ServiceSettings.model_fields[name]
-        if field.annotation is bool:
-            parser.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=field.description
-            )
-        else:
-            parser.add_argument(flag, dest=name, default=None, help=f"{field.description} (default {field.default})")
+    parser.add_argument("--version", action="version", version=f"%(prog)s (soap-serving) {__version__}")
     return parser
 
 
-def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServiceSettings:
-    """Command line over environment over defaults. Raises SystemExit(2) with a readable message on bad values."""
-    environ = os.environ if environ is None else environ
-    parser = _parser()
-    args = vars(parser.parse_args(argv))
-    values: dict[str, Any] = {}
-    for name in ServiceSettings.model_fields:
-        if args.get(name) is not None:
-            values[name] = args[name]
-        elif environ.get(_env_name(name), "").strip():  # an empty variable counts as unset (compose's ${X:-})
-            raw = environ[_env_name(name)]
-            values[name] = [p.strip() for p in raw.split(",") if p.strip()] if name == "models" else raw
-    if not values.get("models"):
-        parser.error(f"no model: give --model PATH (repeatable) or set {ENV_PREFIX}MODELS")
+@contextmanager
+def _environment(environ: Mapping[str, str] | None) -> Iterator[None]:
+    token = _ENVIRON.set(environ)
     try:
-        return ServiceSettings(**values)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors(include_url=False)
-        )
-        parser.error(problems)
-        raise  # unreachable: parser.error exits
+        yield
+    finally:
+        _ENVIRON.reset(token)
+
+
+def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServiceSettings:
+    """Command line over environment (os.environ unless given) over defaults. Raises SystemExit(2) with a
+    readable message on bad values, SystemExit(0) after --help or --version."""
+    parser = _parser()
+    cli = CliSettingsSource(ServiceSettings, root_parser=parser)
+    args = list(sys.argv[1:] if argv is None else argv)
+    with _environment(environ):
+        try:
+            return ServiceSettings(_cli_settings_source=cli(args=args))
+        except ValidationError as exc:
+            problems = []
+            for e in exc.errors(include_url=False):
+                if e["type"] == "missing" and tuple(e["loc"]) == ("models",):
+                    problems.append(f"no model: give --model PATH (repeatable) or set {ENV_PREFIX}MODELS")
+                else:
+                    where = (
+                        "--" + "-".join(str(part) for part in e["loc"]).replace("_", "-") if e["loc"] else "settings"
+                    )
+                    problems.append(f"{where}: {e['msg']}")
+            parser.error("; ".join(problems))

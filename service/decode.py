@@ -153,11 +153,7 @@ def decode_opened(source: Image.Image, input_shape: tuple[int, int, int] | list[
     finally:
         source.close()
     tensor = torch.from_numpy(array.copy()).to(torch.float32).div_(255.0)
-    if tensor.dim() == 2:
-        tensor = tensor.unsqueeze(0)
-    else:
-        tensor = tensor.permute(2, 0, 1).contiguous()
-    return tensor
+    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1).contiguous()
 
 
 def encode_png(image: torch.Tensor) -> bytes:

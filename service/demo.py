@@ -97,7 +97,8 @@ def adversarial_example(network: torch.nn.Module, x: torch.Tensor, options: Atta
     """PGD on the undefended classifier, away from its own prediction on `x` ([C, H, W] in [0, 1]).
 
     The perturbation is rounded to 8-bit levels (within ε) before the label is taken, so the reported label
-    is the one of the PNG the client receives (for an 8-bit input). Runs with autograd (not under inference_mode); the network is not modified.
+    is the one of the PNG the client receives (for an 8-bit input). Runs with autograd (not under inference_mode);
+    the network is not modified.
     """
     device = next(network.buffers()).device
     batch = x.unsqueeze(0).to(device)

@@ -50,7 +50,7 @@ class Predictions:
     def concat(parts: list[Predictions]) -> Predictions:
         if len(parts) == 1:
             return parts[0]
-        return Predictions(*(torch.cat(ts) for ts in zip(*(p.tensors() for p in parts))))
+        return Predictions(*(torch.cat(ts) for ts in zip(*(p.tensors() for p in parts), strict=True)))
 
 
 def predict(model: LoadedModel, images: torch.Tensor, request: PurifyRequest) -> Predictions:

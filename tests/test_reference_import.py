@@ -93,7 +93,8 @@ def cifar() -> tuple[torch.Tensor, torch.Tensor]:
 def test_reference_file_is_the_documented_state_dict(original) -> None:
     assert len(original) == 107
     assert sum(v.numel() for k, v in original.items() if "running" not in k and "num_batches" not in k) == 175_818
-    assert "linear.weight" in original and not any(k.startswith("module.") for k in original)
+    assert "linear.weight" in original
+    assert not any(k.startswith("module.") for k in original)
 
 
 @needs_reference

@@ -7,16 +7,13 @@ import json
 
 import pytest
 from PIL import Image
-from test_service_support import (  # noqa: F401
-    anyio_backend,
+from test_service_support import (
     bad_images,
     encode,
-    fresh_model_dir,
     metric_value,
     mnist_files,
     mnist_image,
     mnist_png,
-    model_dir,
     serve_app,
     settings_for,
 )
@@ -30,7 +27,9 @@ PNG = {"Content-Type": "image/png"}
 def assert_error(response, status: int, error: str) -> dict:
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error", "detail"} and body["error"] == error and body["detail"]
+    assert set(body) == {"error", "detail"}
+    assert body["error"] == error
+    assert body["detail"]
     assert "Traceback" not in response.text
     return body
 
@@ -41,7 +40,8 @@ async def test_classify_raw_png_returns_the_documented_response(model_dir):
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) == {"request_id", "model", "results", "timing_ms"}
-    assert body["model"] == "mnist-fcn-dr" and r.headers["x-request-id"] == body["request_id"]
+    assert body["model"] == "mnist-fcn-dr"
+    assert r.headers["x-request-id"] == body["request_id"]
     (result,) = body["results"]
     assert set(result) == {
         "label",
@@ -55,8 +55,10 @@ async def test_classify_raw_png_returns_the_documented_response(model_dir):
         "purified_png",
         "aux_curve",
     }
-    assert result["label"] == 7 and result["class_name"] == "7"
-    assert len(result["top_k"]) == 5 and result["top_k"][0]["label"] == 7
+    assert result["label"] == 7
+    assert result["class_name"] == "7"
+    assert len(result["top_k"]) == 5
+    assert result["top_k"][0]["label"] == 7
     assert result["top_k"][0]["probability"] == pytest.approx(result["confidence"])
     assert sorted((t["probability"] for t in result["top_k"]), reverse=True) == [
         t["probability"] for t in result["top_k"]
@@ -64,7 +66,8 @@ async def test_classify_raw_png_returns_the_documented_response(model_dir):
     budgets = [e * 0.05 for e in range(11)]
     assert min(abs(result["epsilon"] - b) for b in budgets) < 1e-6
     assert result["aux_loss"] <= result["aux_loss_before"] + 1e-7  # min-aux never ends above the unpurified loss
-    assert result["purified_png"] is None and result["aux_curve"] is None
+    assert result["purified_png"] is None
+    assert result["aux_curve"] is None
     assert set(body["timing_ms"]) == {"queue", "compute", "total"}
     assert body["timing_ms"]["total"] >= body["timing_ms"]["compute"] > 0
 
@@ -80,11 +83,12 @@ async def test_real_digits_are_classified_correctly_through_all_three_body_shape
             "/classify", json={"images": [base64.b64encode(p.read_bytes()).decode() for _, p in files]}
         )
         raw = [await client.post("/classify", content=p.read_bytes(), headers=PNG) for _, p in files[:4]]
-    assert multipart.status_code == 200 and as_json.status_code == 200
+    assert multipart.status_code == 200
+    assert as_json.status_code == 200
     got = [r["label"] for r in multipart.json()["results"]]
     assert got == [r["label"] for r in as_json.json()["results"]]
     assert [r.json()["results"][0]["label"] for r in raw] == got[:4]
-    accuracy = sum(g == t for g, t in zip(got, labels)) / len(labels)
+    accuracy = sum(g == t for g, t in zip(got, labels, strict=True)) / len(labels)
     assert accuracy >= 0.8, (got, labels)
 
 
@@ -108,14 +112,19 @@ async def test_options_top_k_purified_image_curve_and_modes(model_dir):
         )
     result = r.json()["results"][0]
     assert len(result["top_k"]) == 3
-    assert len(result["aux_curve"]) == 11 and result["aux_curve"][0] == pytest.approx(result["aux_loss_before"])
+    assert len(result["aux_curve"]) == 11
+    assert result["aux_curve"][0] == pytest.approx(result["aux_loss_before"])
     assert min(result["aux_curve"]) == pytest.approx(result["aux_loss"])
     purified = Image.open(__import__("io").BytesIO(base64.b64decode(result["purified_png"])))
-    assert purified.format == "PNG" and purified.size == (28, 28)
+    assert purified.format == "PNG"
+    assert purified.size == (28, 28)
     f = fixed.json()["results"][0]
-    assert f["epsilon"] == pytest.approx(0.1) and len(f["aux_curve"]) == 2
+    assert f["epsilon"] == pytest.approx(0.1)
+    assert len(f["aux_curve"]) == 2
     n = none.json()["results"][0]
-    assert n["epsilon"] == 0 and n["aux_loss"] == pytest.approx(n["aux_loss_before"]) and len(n["top_k"]) == 10
+    assert n["epsilon"] == 0
+    assert n["aux_loss"] == pytest.approx(n["aux_loss_before"])
+    assert len(n["top_k"]) == 10
     assert form.json()["results"][0]["epsilon"] == 0  # options as multipart text fields
 
 
@@ -128,7 +137,7 @@ async def test_batched_results_equal_one_at_a_time_results(model_dir):
         assert app.state.runtime.metrics.batch_size.labels("mnist-fcn-dr")._sum.get() >= len(payloads)
     async with serve_app(settings_for(model_dir, max_batch_size=1)) as (app, client):
         single = [(await client.post(query, content=b, headers=PNG)).json()["results"][0] for b in payloads]
-    for one, many in zip(single, batched["results"]):
+    for one, many in zip(single, batched["results"], strict=True):
         assert one["label"] == many["label"]
         assert one["epsilon"] == pytest.approx(many["epsilon"])
         assert one["aux_curve"] == pytest.approx(many["aux_curve"], rel=1e-4, abs=1e-6)
@@ -164,7 +173,8 @@ async def test_a_large_photo_is_decoded_off_the_event_loop_and_classified(model_
         r = await client.post(
             "/classify", content=encode(big, "JPEG", quality=90), headers={"Content-Type": "image/jpeg"}
         )
-    assert r.status_code == 200 and r.json()["results"][0]["label"] == 4
+    assert r.status_code == 200
+    assert r.json()["results"][0]["label"] == 4
 
 
 @pytest.mark.parametrize("name", list(bad_images()))
@@ -280,14 +290,18 @@ async def test_unknown_model_is_404_and_models_are_listed(model_dir, fresh_model
         one = await client.get("/v1/models/tiny-fcn")
         absent = await client.get("/v1/models/nope")
     assert_error(missing, 404, "unknown_model")
-    assert chosen.status_code == 200 and chosen.json()["model"] == "tiny-fcn"
-    assert listing["default"] == "mnist-fcn-dr" and [m["name"] for m in listing["models"]] == [
+    assert chosen.status_code == 200
+    assert chosen.json()["model"] == "tiny-fcn"
+    assert listing["default"] == "mnist-fcn-dr"
+    assert [m["name"] for m in listing["models"]] == [
         "mnist-fcn-dr",
         "tiny-fcn",
     ]
     info = one.json()
-    assert info["input_shape"] == [1, 28, 28] and info["class_names"] == [str(i) for i in range(10)]
-    assert info["aux_task"] == "reconstruction" and info["purifier"]["num_budgets"] == 11
+    assert info["input_shape"] == [1, 28, 28]
+    assert info["class_names"] == [str(i) for i in range(10)]
+    assert info["aux_task"] == "reconstruction"
+    assert info["purifier"]["num_budgets"] == 11
     assert info["purifier"]["budgets"][-1] == pytest.approx(info["purifier"]["max_budget"]) == pytest.approx(0.5)
     assert info["calibration"]["suspicious_threshold"] == info["calibration"]["aux_loss_quantiles"]["0.99"]
     assert 0 <= info["metrics"]["clean_accuracy"] <= 1
@@ -302,7 +316,8 @@ async def test_suspicious_flag_follows_the_calibrated_threshold(fresh_model_dir)
         odd = (await client.post("/classify", content=noise, headers=PNG)).json()["results"][0]
         metrics = (await client.get("/metrics")).text
     assert clean["suspicious"] == (clean["aux_loss_before"] > threshold)
-    assert odd["suspicious"] and odd["aux_loss_before"] > threshold
+    assert odd["suspicious"]
+    assert odd["aux_loss_before"] > threshold
     assert metric_value(metrics, "soap_suspicious_inputs_total", model="tiny-fcn") == clean["suspicious"] + 1
 
 
@@ -317,7 +332,8 @@ async def test_api_key_protects_classify_and_model_routes_only(model_dir, monkey
     assert_error(no_key, 401, "unauthorized")
     assert no_key.headers["www-authenticate"] == "Bearer"
     assert_error(wrong, 401, "unauthorized")
-    assert bearer.status_code == 200 and header.status_code == 200
+    assert bearer.status_code == 200
+    assert header.status_code == 200
     assert [r.status_code for r in open_routes] == [200, 200, 200]
     assert metric_value(open_routes[2].text, "soap_rejections_total", reason="unauthorized") == 2
 
@@ -359,7 +375,8 @@ async def test_metrics_follow_the_contract(model_dir):
         metric_value(text, "soap_request_duration_seconds_count", model="mnist-fcn-dr", route="/classify", status="422")
         == 1
     )
-    assert 'le="0.001"' in text and 'le="30.0"' in text
+    assert 'le="0.001"' in text
+    assert 'le="30.0"' in text
     assert metric_value(text, "soap_images_total", model="mnist-fcn-dr", mode="min-aux") == 1
     assert (
         metric_value(
@@ -419,6 +436,7 @@ async def test_health_readiness_docs_and_request_id(model_dir):
         missing = await client.get("/no/such/route")
     assert echoed.headers["x-request-id"] == "abc-123"
     assert len(hostile.headers["x-request-id"]) == 32  # replaced, not echoed
-    assert "/classify" in schema["paths"] and "multipart/form-data" in str(schema["paths"]["/classify"])
+    assert "/classify" in schema["paths"]
+    assert "multipart/form-data" in str(schema["paths"]["/classify"])
     assert docs.status_code == 200
     assert_error(missing, 404, "not_found")

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 from prometheus_client import generate_latest
-from test_service_support import anyio_backend, metric_value, mnist_png, model_dir, serve_app, settings_for  # noqa: F401
+from test_service_support import metric_value, mnist_png, serve_app, settings_for
 
 from service.app import create_app
 from service.predict import Predictions, PurifyRequest, predict, predict_in_chunks
@@ -27,7 +27,8 @@ async def test_concurrent_requests_share_batches_counted_in_images(model_dir):
     assert all(r.status_code == 200 for r in responses)
     assert [r.json()["results"][0]["label"] for r in responses] == [d % 10 for d in range(16)]
     batches = sum(b.get() for b in hist._buckets)
-    assert hist._sum.get() == 16 and batches == 2  # two full batches of 8 images, not 16 batches of 1
+    assert hist._sum.get() == 16
+    assert batches == 2  # two full batches of 8 images, not 16 batches of 1
 
 
 async def test_a_lone_request_waits_at_most_max_delay(model_dir):
@@ -48,7 +49,8 @@ async def test_queue_full_answers_503_with_retry_after_at_once(model_dir):
         refused_after = loop.time() - start
         accepted = await asyncio.gather(*waiting)
         metrics = (await client.get("/metrics")).text
-    assert refused.status_code == 503 and refused.json()["error"] == "queue_full"
+    assert refused.status_code == 503
+    assert refused.json()["error"] == "queue_full"
     assert int(refused.headers["retry-after"]) >= 1
     assert refused_after < 0.3  # at once, not after the queued batch
     assert [r.status_code for r in accepted] == [200, 200]
@@ -61,7 +63,8 @@ async def test_deadline_gives_504_when_compute_has_not_started(model_dir):
         r = await client.post("/classify", content=mnist_png(5), headers=PNG)
         depth = app.state.runtime.models["mnist-fcn-dr"].batcher.depth
         metrics = (await client.get("/metrics")).text
-    assert r.status_code == 504 and r.json()["error"] == "deadline_exceeded"
+    assert r.status_code == 504
+    assert r.json()["error"] == "deadline_exceeded"
     assert depth == 0  # it left the queue
     assert metric_value(metrics, "soap_rejections_total", reason="deadline") == 1
     assert metric_value(metrics, "soap_images_total", mode="min-aux") == 0  # never computed
@@ -135,10 +138,48 @@ async def test_a_failing_batch_fails_only_its_requests_and_the_worker_survives(m
         ready = await client.get("/readyz")
     assert calls[0] == 3  # the three requests were one batch
     for r in failed:
-        assert r.status_code == 500 and r.json()["error"] == "batch_failed"
-        assert "/secret/path" not in r.text and "Traceback" not in r.text
-    assert after.status_code == 200 and after.json()["results"][0]["label"] == 8
+        assert r.status_code == 500
+        assert r.json()["error"] == "batch_failed"
+        assert "/secret/path" not in r.text
+        assert "Traceback" not in r.text
+    assert after.status_code == 200
+    assert after.json()["results"][0]["label"] == 8
     assert ready.status_code == 200
+
+
+@pytest.mark.parametrize("extra_rows", [-1, 1], ids=["a_row_short", "a_row_over"])
+async def test_a_result_without_one_row_per_image_fails_its_batch_and_names_the_requests(model_dir, caplog, extra_rows):
+    async with serve_app(settings_for(model_dir, max_batch_size=64, max_delay_ms=150)) as (app, client):
+        batcher = app.state.runtime.models["mnist-fcn-dr"].batcher
+        real = batcher.compute
+        calls = []
+
+        def wrong_rows_once(images, request):
+            calls.append(images.shape[0])
+            p = real(images, request)
+            if len(calls) > 1:
+                return p
+            rows = torch.arange(images.shape[0] + extra_rows) % images.shape[0]
+            return Predictions(*(t[rows] for t in p.tensors()))
+
+        batcher.compute = wrong_rows_once
+        ids = [f"d7-{d}" for d in range(3)]
+        failed = await asyncio.gather(
+            *(
+                client.post("/classify", content=mnist_png(d), headers={**PNG, "X-Request-ID": i})
+                for d, i in enumerate(ids)
+            )
+        )
+        after = await client.post("/classify", content=mnist_png(8), headers=PNG)
+    assert calls[0] == 3  # the three requests were one batch
+    for r in failed:
+        assert r.status_code == 500
+        assert r.json()["error"] == "batch_failed"
+        assert "WrongRowCount" in r.json()["detail"]
+    logged = [rec.getMessage() for rec in caplog.records if rec.name == "service.batcher"]
+    assert any(all(i in line for i in ids) for line in logged), logged
+    assert after.status_code == 200
+    assert after.json()["results"][0]["label"] == 8
 
 
 def test_out_of_memory_halves_the_chunk_and_gives_the_same_result(model_dir):
@@ -156,11 +197,13 @@ def test_out_of_memory_halves_the_chunk_and_gives_the_same_result(model_dir):
 
     result, chunk = predict_in_chunks(fits_three, x, 16)
     whole = predict(loaded, x, PurifyRequest())
-    assert chunk == 2 and sizes[:3] == [10, 8, 4]  # 16 -> 8 -> 4 -> 2, then slices of 2
-    assert torch.allclose(result.probs, whole.probs, atol=1e-5) and torch.equal(result.epsilon, whole.epsilon)
+    assert chunk == 2
+    assert sizes[:3] == [10, 8, 4]  # 16 -> 8 -> 4 -> 2, then slices of 2
+    assert torch.allclose(result.probs, whole.probs, atol=1e-5)
+    assert torch.equal(result.epsilon, whole.epsilon)
     with pytest.raises(torch.OutOfMemoryError):
         predict_in_chunks(lambda c: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory")), x, 4)
-    with pytest.raises(ValueError):  # other errors are not retried
+    with pytest.raises(ValueError, match="bad"):  # other errors are not retried
         predict_in_chunks(lambda c: (_ for _ in ()).throw(ValueError("bad")), x, 4)
 
 
@@ -192,10 +235,11 @@ async def test_draining_refuses_new_work_but_answers_accepted_work(model_dir):
         refused = await client.post("/classify", content=mnist_png(1), headers=PNG)
         done = await asyncio.gather(*accepted)
         metrics = (await client.get("/metrics")).text
-    assert ready.status_code == 503 and ready.json()["error"] == "not_ready"
-    assert (
-        refused.status_code == 503 and refused.json()["error"] == "shutting_down" and "retry-after" in refused.headers
-    )
+    assert ready.status_code == 503
+    assert ready.json()["error"] == "not_ready"
+    assert refused.status_code == 503
+    assert refused.json()["error"] == "shutting_down"
+    assert "retry-after" in refused.headers
     assert [r.status_code for r in done] == [200] * 5
     assert metric_value(metrics, "soap_ready") == 0
 
@@ -247,20 +291,24 @@ async def test_readyz_is_503_until_the_models_are_warmed_up(model_dir):
         real_warmup()
 
     model.warmup = slow_warmup
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            before = await client.get("/readyz")
-            alive = await client.get("/healthz")
-            release.set()
-            for _ in range(500):
-                if app.state.runtime.ready:
-                    break
-                await asyncio.sleep(0.01)
-            after = await client.get("/readyz")
-            metrics = (await client.get("/metrics")).text
-    assert before.status_code == 503 and before.json()["error"] == "not_ready"
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+    ):
+        before = await client.get("/readyz")
+        alive = await client.get("/healthz")
+        release.set()
+        for _ in range(500):
+            if app.state.runtime.ready:
+                break
+            await asyncio.sleep(0.01)
+        after = await client.get("/readyz")
+        metrics = (await client.get("/metrics")).text
+    assert before.status_code == 503
+    assert before.json()["error"] == "not_ready"
     assert alive.status_code == 200
-    assert after.status_code == 200 and metric_value(metrics, "soap_ready") == 1
+    assert after.status_code == 200
+    assert metric_value(metrics, "soap_ready") == 1
 
 
 async def test_a_failed_warm_up_fails_queued_requests_and_readiness(model_dir):
@@ -275,15 +323,19 @@ async def test_a_failed_warm_up_fails_queued_requests_and_readiness(model_dir):
         raise RuntimeError("device lost")
 
     model.warmup = broken_warmup
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            pending = asyncio.create_task(client.post("/classify", content=mnist_png(1), headers=PNG))
-            while model.batcher.depth == 0:
-                await asyncio.sleep(0.01)
-            release.set()
-            failed = await asyncio.wait_for(pending, 10)
-            ready = await client.get("/readyz")
-            refused = await client.post("/classify", content=mnist_png(1), headers=PNG)
-    assert failed.status_code == 500 and failed.json()["error"] == "batch_failed"
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+    ):
+        pending = asyncio.create_task(client.post("/classify", content=mnist_png(1), headers=PNG))
+        while model.batcher.depth == 0:
+            await asyncio.sleep(0.01)
+        release.set()
+        failed = await asyncio.wait_for(pending, 10)
+        ready = await client.get("/readyz")
+        refused = await client.post("/classify", content=mnist_png(1), headers=PNG)
+    assert failed.status_code == 500
+    assert failed.json()["error"] == "batch_failed"
     assert ready.status_code == 503
-    assert refused.status_code == 503 and refused.json()["error"] == "model_unavailable"
+    assert refused.status_code == 503
+    assert refused.json()["error"] == "model_unavailable"

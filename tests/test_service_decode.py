@@ -18,7 +18,7 @@ def reference(image: Image.Image) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "fmt,kwargs",
+    ("fmt", "kwargs"),
     [
         ("PNG", {}),
         ("BMP", {}),
@@ -30,7 +30,8 @@ def reference(image: Image.Image) -> torch.Tensor:
 def test_lossless_formats_decode_to_the_exact_pixels(fmt, kwargs):
     digit = mnist_image(5)
     decoded = decode_image(encode(digit, fmt, **kwargs), MNIST_SHAPE)
-    assert decoded.shape == MNIST_SHAPE and decoded.dtype == torch.float32
+    assert decoded.shape == MNIST_SHAPE
+    assert decoded.dtype == torch.float32
     assert torch.equal(decoded, reference(digit))
 
 
@@ -39,7 +40,8 @@ def test_jpeg_and_lossy_webp_decode_close_to_the_original():
     for fmt, kwargs in (("JPEG", {"quality": 95}), ("WEBP", {"quality": 95})):
         decoded = decode_image(encode(digit, fmt, **kwargs), MNIST_SHAPE)
         assert (decoded - reference(digit)).abs().mean() < 0.02, fmt
-        assert decoded.min() >= 0.0 and decoded.max() <= 1.0
+        assert decoded.min() >= 0.0
+        assert decoded.max() <= 1.0
 
 
 def test_gif_decodes_its_first_and_only_frame():
@@ -66,9 +68,9 @@ def test_colour_input_is_converted_to_the_models_channels():
     assert torch.equal(decode_image(encode(rgb, "PNG"), MNIST_SHAPE), reference(digit))
     # A 3-channel model gets the greyscale digit replicated into R, G and B.
     as_rgb = decode_image(encode(digit, "PNG"), (3, 28, 28))
-    assert (
-        as_rgb.shape == (3, 28, 28) and torch.equal(as_rgb[0], as_rgb[2]) and torch.equal(as_rgb[:1], reference(digit))
-    )
+    assert as_rgb.shape == (3, 28, 28)
+    assert torch.equal(as_rgb[0], as_rgb[2])
+    assert torch.equal(as_rgb[:1], reference(digit))
 
 
 def test_transparency_is_composited_onto_black():
@@ -108,7 +110,8 @@ def test_bad_images_are_refused_with_a_reason(name):
     payload, word = bad_images()[name]
     with pytest.raises(ImageRejected) as info:
         decode_image(payload, MNIST_SHAPE)
-    assert info.value.status == 422 and info.value.error == "bad_image"
+    assert info.value.status == 422
+    assert info.value.error == "bad_image"
     assert word in info.value.detail
 
 

@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from test_service_support import ROOT, ServerProcess, bad_images, metric_value, mnist_files, mnist_png, model_dir  # noqa: F401
+from test_service_support import ROOT, ServerProcess, bad_images, metric_value, mnist_files, mnist_png
 
 from service.config import ServiceSettings, load_settings
 
@@ -45,8 +45,9 @@ def test_smoke_cli_server_classifies_real_digits(server):
         metrics = client.get("/metrics").text
         docs = client.get("/docs")
     assert all(r.status_code == 200 for r in results)
-    assert sum(r.json()["results"][0]["label"] == d for r, (d, _) in zip(results, files)) >= 8
-    assert models["default"] == "mnist-fcn-dr" and models["models"][0]["batching"]["max_batch_size"] == 16
+    assert sum(r.json()["results"][0]["label"] == d for r, (d, _) in zip(results, files, strict=True)) >= 8
+    assert models["default"] == "mnist-fcn-dr"
+    assert models["models"][0]["batching"]["max_batch_size"] == 16
     assert metric_value(metrics, "soap_images_total", model="mnist-fcn-dr", mode="min-aux") == len(files)
     assert metric_value(metrics, "soap_ready") == 1
     assert docs.status_code == 200
@@ -98,8 +99,10 @@ def test_hostile_stream_leaves_the_server_healthy_with_bounded_memory(server):
     assert set(codes) <= {413, 415, 422}, sorted(set(codes))
     assert 500 not in codes
     assert grown < 40 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over {len(codes)} hostile requests"
-    assert good.status_code == 200 and good.json()["results"][0]["label"] == 7
-    assert health.status_code == 200 and ready.status_code == 200
+    assert good.status_code == 200
+    assert good.json()["results"][0]["label"] == 7
+    assert health.status_code == 200
+    assert ready.status_code == 200
 
 
 def test_a_stalled_body_gets_408_and_does_not_block_others(server):
@@ -115,7 +118,8 @@ def test_a_stalled_body_gets_408_and_does_not_block_others(server):
         started = time.monotonic()
         with httpx.Client(base_url=srv.url, timeout=30) as client:
             good = client.post("/classify", content=mnist_png(3), headers=PNG)
-            assert good.status_code == 200 and good.json()["results"][0]["label"] == 3
+            assert good.status_code == 200
+            assert good.json()["results"][0]["label"] == 3
             reply = b""
             while b"}" not in reply:  # headers and the JSON body may come in separate segments
                 chunk = stalled.recv(65536)
@@ -163,9 +167,10 @@ def test_sigterm_drains_every_accepted_request_then_exits(server):
     assert all(isinstance(r, int) and r < 10 for r in results), results  # every accepted request got its 200
     assert sum(r == i % 10 for i, r in enumerate(results)) >= 0.8 * n
     assert ready.status_code == 503
-    assert refused.status_code == 503 and refused.json()["error"] == "shutting_down"
+    assert refused.status_code == 503
+    assert refused.json()["error"] == "shutting_down"
     assert code == 0, srv.output()
-    with pytest.raises(OSError):
+    with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", srv.port), timeout=1).close()
 
 
@@ -182,7 +187,8 @@ def test_a_broken_checkpoint_stops_the_start_with_a_clear_message(tmp_path, mode
         timeout=120,
     )
     assert proc.returncode == 2
-    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert "error:" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_settings_come_from_cli_then_environment_then_defaults(tmp_path):
@@ -195,13 +201,21 @@ def test_settings_come_from_cli_then_environment_then_defaults(tmp_path):
         "SOAP_MAX_BODY_BYTES": "2048",
     }
     s = load_settings(["--max-batch-size", "8", "--no-enable-attack"], env)
-    assert [p.name for p in s.models] == ["m1", "m2"] and s.model_names[0] == "m1"
-    assert s.max_batch_size == 8 and s.max_delay_ms == 2.5 and s.enable_attack is False and s.device == "cpu"
-    assert s.max_body_bytes == 2048 and s.port == 8000 and s.max_queue == 512
+    assert [p.name for p in s.models] == ["m1", "m2"]
+    assert s.model_names[0] == "m1"
+    assert s.max_batch_size == 8
+    assert s.max_delay_ms == 2.5
+    assert s.enable_attack is False
+    assert s.device == "cpu"
+    assert s.max_body_bytes == 2048
+    assert s.port == 8000
+    assert s.max_queue == 512
     blank = load_settings([], {"SOAP_MODELS": "m", "SOAP_MAX_QUEUE": "", "SOAP_API_KEY_ENV": " "})
-    assert blank.max_queue == 512 and blank.api_key_env is None  # empty variables count as unset
+    assert blank.max_queue == 512
+    assert blank.api_key_env is None  # empty variables count as unset
     cli = load_settings(["--model", "x/first", "--model", "y/second", "--port", "9000"], env)
-    assert cli.model_names == ["first", "second"] and cli.port == 9000
+    assert cli.model_names == ["first", "second"]
+    assert cli.port == 9000
     for argv in (["--max-batch-size", "0"], ["--device", "tpu"], ["--model", "a/m", "--model", "b/m"], []):
         with pytest.raises(SystemExit) as info:
             load_settings(argv if argv and argv[0] == "--model" else ["--model", "m", *argv] if argv else [], {})
@@ -212,9 +226,10 @@ def test_api_key_env_must_name_a_non_empty_variable(monkeypatch):
     monkeypatch.delenv("SOAP_TEST_EMPTY_KEY", raising=False)
     settings = ServiceSettings(models=["m"], api_key_env="SOAP_TEST_EMPTY_KEY")
     with pytest.raises(ValueError, match="SOAP_TEST_EMPTY_KEY"):
-        settings.api_key
+        _ = settings.api_key
     monkeypatch.setenv("SOAP_TEST_EMPTY_KEY", "s3cret-value")
-    assert settings.api_key == "s3cret-value" and "s3cret" not in json.dumps(settings.model_dump(mode="json"))
+    assert settings.api_key == "s3cret-value"
+    assert "s3cret" not in json.dumps(settings.model_dump(mode="json"))
 
 
 def test_compute_threads_leave_one_core_to_the_event_loop(tmp_path):

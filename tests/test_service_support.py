@@ -19,11 +19,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
-from models import aux_loss, create_model, load_checkpoint, save_checkpoint, training_losses
+from models import aux_loss, create_model, save_checkpoint, training_losses
 from models.checkpoint import Calibration, meta_for
 from service.app import create_app
 from service.config import ServiceSettings
@@ -88,28 +87,12 @@ def train_tiny_checkpoint(directory: Path, steps: int = 30) -> Path:
         network="mnist-fcn-dr",
         dataset="mnist",
         class_names=[str(i) for i in range(10)],
+        aux_head_trained=True,  # trained with the reconstruction loss above
         training={"note": "test fixture: 30 SGD steps on tests/data/mnist"},
         metrics={"clean_accuracy": accuracy},
         calibration=Calibration(n=len(x), aux_loss_quantiles=quantiles, suspicious_quantile="0.99"),
     )
     return save_checkpoint(model, meta, directory)
-
-
-@pytest.fixture(scope="session")
-def model_dir() -> Path:
-    """The shipped default model, models/zoo/mnist-fcn-dr."""
-    load_checkpoint(SHIPPED)  # fails loudly (CheckpointError) if the zoo copy is missing or damaged
-    return SHIPPED
-
-
-@pytest.fixture(scope="session")
-def fresh_model_dir(tmp_path_factory) -> Path:
-    return train_tiny_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny-fcn")
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 def settings_for(*models: Path, **overrides) -> ServiceSettings:
@@ -160,7 +143,9 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server must never block on it
+        # A file, not a pipe: a chatty server must never block on it. It lives as long as the server (output() reads
+        # it), so no `with`.
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed with the server, see above
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port), *args],
             cwd=ROOT,

@@ -200,11 +200,14 @@ def test_label_consistency_training_leaves_input_alone_and_uses_two_random_views
     finally:
         hook.remove()
     assert torch.equal(x, original), "LC training modified the caller's batch in place"
-    assert len(seen) == 1 and seen[0].shape == (8, 3, 32, 32)  # one forward over both views
+    assert len(seen) == 1
+    assert seen[0].shape == (8, 3, 32, 32)  # one forward over both views
     view1, view2 = seen[0][:4], seen[0][4:]
     assert not torch.allclose(view1, view2, atol=1e-3)
-    assert not torch.allclose(view1, x, atol=1e-3) and not torch.allclose(view2, deterministic_view(x), atol=1e-3)
-    assert view1.min() >= 0 and view1.max() <= 1
+    assert not torch.allclose(view1, x, atol=1e-3)
+    assert not torch.allclose(view2, deterministic_view(x), atol=1e-3)
+    assert view1.min() >= 0
+    assert view1.max() <= 1
     # aux = squared logit distance between the views, CE on both views.
     with torch.no_grad():
         l1, l2 = lc(view1), lc(view2)

@@ -127,14 +127,16 @@ def servers(tmp_path_factory):
     shipped = load_checkpoint(MODEL)
     calibration = Calibration(n=1, aux_loss_quantiles={"0.99": TINY_THRESHOLD})
     save_checkpoint(shipped.network, shipped.meta.model_copy(update={"calibration": calibration}), zoo / SECOND)
-    # A three-channel model for the colour path: a real checkpoint of an untrained (seeded) CIFAR-10 network.
+    # A three-channel model for the colour path: a real checkpoint of an untrained (seeded) CIFAR-10 network, marked
+    # as having a trained auxiliary head so that the page's purification display runs on a colour model too.
     torch.manual_seed(0)
     cifar = zoo / CIFAR
     network = create_model("cifar10-resnet18-rp")
     classes = sorted(p.name for p in CIFAR10.iterdir())
-    save_checkpoint(
-        network, meta_for(network, network="cifar10-resnet18-rp", dataset="cifar10", class_names=classes), cifar
+    meta = meta_for(
+        network, network="cifar10-resnet18-rp", dataset="cifar10", class_names=classes, aux_head_trained=True
     )
+    save_checkpoint(network, meta, cifar)
     # The attack-enabled server also requires an API key, which the page asks for.
     off = Server("--model", str(cifar))
     on = Server("--enable-attack", "--model", str(zoo / SECOND), api_key="web-test-key")
@@ -332,7 +334,8 @@ def test_attack_then_purify_when_enabled(page, servers):
     page.wait_for_selector("#attack-summary:not([hidden])")
     wait_for_result(page)
     assert resp.value.status == 200
-    assert attack["epsilon"] == pytest.approx(0.3) and attack["steps"] == 40
+    assert attack["epsilon"] == pytest.approx(0.3)
+    assert attack["steps"] == 40
     assert 0 < attack["linf"] <= 0.3 + 1e-6
     summary = page.locator("#attack-summary").inner_text()
     assert f"the undefended classifier says {attack['clean_label']} on the input" in summary
@@ -407,7 +410,8 @@ def test_drag_and_drop_and_model_picker(page, servers):
     page.wait_for_function(f"() => document.getElementById('timing').textContent.includes('model {SECOND}')")
     assert shown(page)["label"] == str(direct_classify(server, png)["label"])
     flagged = direct_classify(server, png, model=SECOND)
-    assert flagged["suspicious"] and not direct_classify(server, png)["suspicious"]
+    assert flagged["suspicious"]
+    assert not direct_classify(server, png)["suspicious"]
     assert shown(page)["suspicious"] == "yes (aux loss before > 1.000e-6, the clean-data threshold)"
 
 

@@ -53,13 +53,15 @@ def _pixels(png: bytes) -> np.ndarray:
 
 def test_index_and_static_files_are_served(off):
     page = off.get("/")
-    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
     # Relative links, so the page also works behind a path prefix; every one of them resolves.
     refs = re.findall(r'(?:src|href)="(static/[^"]+)"', page.text)
     assert sorted(refs) == ["static/app.js", "static/style.css"]
     for ref in refs:
         r = off.get("/" + ref)
-        assert r.status_code == 200 and len(r.content) > 1000
+        assert r.status_code == 200
+        assert len(r.content) > 1000
     assert "javascript" in off.get("/static/app.js").headers["content-type"]
     assert off.get("/static/nope.js").status_code == 404
 
@@ -69,13 +71,15 @@ def test_page_is_self_contained():
     for path in STATIC_DIR.iterdir():
         text = path.read_text()
         assert not re.search(r"""(src|href|url)\s*[=(]\s*["']?(https?:)?//""", text), path.name
-        assert "@import" not in text and "import(" not in text, path.name
+        assert "@import" not in text, path.name
+        assert "import(" not in text, path.name
 
 
 def test_attack_info_reports_switch_and_limits(off, on):
     assert off.get("/v1/attack").json()["enabled"] is False
     info = on.get("/v1/attack").json()
-    assert info["enabled"] is True and info["max_steps"] == MAX_ATTACK_STEPS
+    assert info["enabled"] is True
+    assert info["max_steps"] == MAX_ATTACK_STEPS
     assert info["defaults"]["mnist-fcn-dr"] == {"epsilon": 0.3, "step_size": 0.01, "steps": 40}
 
 
@@ -107,7 +111,8 @@ def test_attack_returns_adversarial_png_within_budget(on):
     assert body["adversarial_label"] != body["clean_label"]
     # Purification through /classify uses the adversarial PNG like any other upload.
     c = on.post("/classify", params={"return_curve": "true"}, files={"file": ("adv.png", adv_png, "image/png")})
-    assert c.status_code == 200 and len(c.json()["results"][0]["aux_curve"]) == 11
+    assert c.status_code == 200
+    assert len(c.json()["results"][0]["aux_curve"]) == 11
 
 
 def test_attack_accepts_raw_image_body_and_form_fields(on):
@@ -122,7 +127,7 @@ def test_attack_accepts_raw_image_body_and_form_fields(on):
 
 
 @pytest.mark.parametrize(
-    "params, status, error",
+    ("params", "status", "error"),
     [
         ({"steps": MAX_ATTACK_STEPS + 1}, 422, "bad_options"),
         ({"epsilon": 0.9}, 422, "bad_options"),
@@ -139,15 +144,18 @@ def test_attack_rejects_bad_options(on, params, status, error):
 
 def test_attack_rejects_bad_uploads(on):
     not_image = on.post("/v1/attack", files={"file": ("x.png", b"plain text", "image/png")})
-    assert not_image.status_code == 422 and not_image.json()["error"] == "bad_image"
+    assert not_image.status_code == 422
+    assert not_image.json()["error"] == "bad_image"
     two = on.post(
         "/v1/attack", files=[("file", ("a.png", _png(2), "image/png")), ("file", ("b.png", _png(3), "image/png"))]
     )
     assert two.status_code == 413
     big = on.post("/v1/attack", content=b"\0" * (MAX_ATTACK_BYTES + 1), headers={"content-type": "image/png"})
-    assert big.status_code == 413 and big.json()["error"] == "payload_too_large"
+    assert big.status_code == 413
+    assert big.json()["error"] == "payload_too_large"
     as_json = on.post("/v1/attack", json={"images": [base64.b64encode(_png(2)).decode()]})
-    assert as_json.status_code == 415 and "multipart/form-data" in as_json.json()["detail"]
+    assert as_json.status_code == 415
+    assert "multipart/form-data" in as_json.json()["detail"]
     # The service is still healthy and attacks still work.
     assert on.post("/v1/attack", files={"file": ("x.png", _png(2), "image/png")}).status_code == 200
 
@@ -179,4 +187,5 @@ def test_one_attack_at_a_time():
     first, second = asyncio.run(both())
     assert sorted([first.status_code, second.status_code]) == [200, 503]
     busy = first if first.status_code == 503 else second
-    assert busy.json()["error"] == "attack_busy" and busy.headers["retry-after"] == "1"
+    assert busy.json()["error"] == "attack_busy"
+    assert busy.headers["retry-after"] == "1"

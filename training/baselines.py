@@ -31,6 +31,12 @@ class StepLosses:
     logits: torch.Tensor
 
 
+def trains_auxiliary(recipe: str) -> bool:
+    """Whether the recipe's objective includes the auxiliary loss (only soap's does): recorded in the checkpoint as
+    `aux_head_trained`, without which the service does not purify."""
+    return recipe == "soap"
+
+
 def adversarial_inputs(model: SoapNetwork, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     """The attack of the recipe on the current weights (eval mode); `x` itself for soap/vanilla."""
     if config.recipe not in ("fgsm-at", "pgd-at"):

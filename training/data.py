@@ -121,7 +121,7 @@ def is_image_folder(root: Path) -> bool:
 
 def _folder_key(root: Path, classes: list[Path], files: list[list[Path]], shape: tuple[int, int, int]) -> str:
     digest = hashlib.sha256(f"v{CACHE_FORMAT} {shape}".encode())
-    for cls, paths in zip(classes, files):
+    for paths in files:
         for p in paths:
             st = p.stat()
             digest.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -157,7 +157,7 @@ def load_image_folder(root: str | Path, shape: tuple[int, int, int], use_cache: 
             f"{root} is not an ImageFolder tree: expected one subfolder per class holding images "
             f"({', '.join(IMAGE_EXTENSIONS)}), found {len(classes)} subfolders and no images"
         )
-    empty = [c.name for c, f in zip(classes, files) if not f]
+    empty = [c.name for c, f in zip(classes, files, strict=True) if not f]
     if empty:
         raise DatasetError(f"class folder(s) {empty} under {root} hold no images; remove them or add images")
     key = _folder_key(root, classes, files, shape)
@@ -241,7 +241,8 @@ def load_splits(
 def load_test_data(
     dataset: str, root: str | Path, shape: tuple[int, int, int], download: bool = False
 ) -> tuple[ImageData, str]:
-    """Only the test split (root/test or root itself as ImageFolder, or torchvision's test set); no training set decoded."""
+    """Only the test split (root/test or root itself as ImageFolder, or torchvision's test set); no training set
+    decoded."""
     root = Path(root)
     if is_image_folder(root / "test"):
         return load_image_folder(root / "test", shape), f"ImageFolder {root}/test"

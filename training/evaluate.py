@@ -31,8 +31,9 @@ from .attacks.registry import ATTACKS, DEFAULT_ATTACKS, AttackContext, AttackSpe
 from .attacks.seeding import ImageGenerators, derive_seed
 from .attacks.settings import AttackSettings
 from .data import ImageData, is_image_folder, load_image_folder, load_splits
-from .distributed import Process
+from .distributed import Process, resolve_device  # noqa: F401  (certify and soundness import it from here)
 from .partial import BatchRecord, PartialResults, fingerprint
+from .report import write_all
 from .stats import Accuracy
 
 ROWS = ("none", "min-aux", "oracle")
@@ -232,7 +233,7 @@ def evaluate(config: EvalConfig) -> dict | None:
 
 
 def _evaluate(config: EvalConfig, process: Process) -> dict | None:
-    from . import figures, sanity  # noqa: PLC0415  (matplotlib only when evaluating)
+    from . import figures, sanity  # here, not at the top: matplotlib loads only when evaluating
 
     torch.manual_seed(config.seed)
     device = process.device
@@ -324,7 +325,9 @@ def _evaluate(config: EvalConfig, process: Process) -> dict | None:
         "settings": asdict(settings),
         "command": command_line(config),
         "git_commit": _git_commit(),
-        "host": f"{platform.machine()} {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "host": (
+            f"{platform.machine()} {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        ),
         "clean": {row: Accuracy.of(c).to_dict() for row, c in clean.items()},
         "purification_seconds_per_image": scorer.purify_seconds / max(scorer.purified_images, 1) if soap else None,
         "attacks": {},
@@ -369,8 +372,7 @@ def _evaluate(config: EvalConfig, process: Process) -> dict | None:
     config.out.mkdir(parents=True, exist_ok=True)
     if config.figures:
         result["figures"] = figures.make_all(result, loaded, x[:16], y[:16], kept, config.out)
-    from .model_info import write as write_model_info  # noqa: PLC0415
-    from .report import write_all  # noqa: PLC0415
+    from .model_info import write as write_model_info  # noqa: PLC0415  (model_info imports results_page)
 
     write_all(result, config.out)
     write_model_info(result, config.out)
@@ -489,6 +491,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-resume", action="store_true", help="recompute every batch (default: reuse OUT/.partial of this config)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    smooth = parser.add_argument_group("--attacks certify: randomized smoothing (Cohen et al. 2019)")
+    smooth.add_argument("--sigma", type=float, default=None, help="noise σ (default: the checkpoint's training noise)")
+    smooth.add_argument("--n0", type=int, default=100, help="noise samples to select the class")
+    smooth.add_argument("--certify-n", type=int, default=10_000, help="noise samples to estimate p_A")
+    smooth.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate")
+    smooth.add_argument("--noise-batch", type=int, default=1_000, help="noisy copies per forward pass (memory)")
+    smooth.add_argument("--bases", default="noisy,denoised", help="base classifiers: noisy, denoised")
+    smooth.add_argument("--no-clamp", action="store_true", help="do not clamp noisy inputs to [0, 1]")
     group = parser.add_argument_group("attack settings (defaults: the paper's for the checkpoint's dataset)")
     for flag, (name, kind) in _OVERRIDES.items():
         group.add_argument("--" + flag.replace("_", "-"), type=kind, default=None, help=f"override {name}")
@@ -521,10 +531,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         for name in config.attacks:
-            get_attack(name)
+            if name != "certify":
+                get_attack(name)
+        if "certify" in config.attacks and len(config.attacks) > 1:
+            raise ValueError("--attacks certify runs on its own (it certifies; it does not attack)")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if "certify" in config.attacks:
+        return _run_certify(config, args)
     result = evaluate(config)
     if result is None:  # a torchrun rank other than 0: rank 0 writes the result
         return 0
@@ -533,5 +548,25 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {config.out}/results.md, results.json, results.csv; "
         f"{len(failed)} sanity check(s) failed" + (": " + ", ".join(c["name"] for c in failed) if failed else "")
     )
-    print(json.dumps({k: v for k, v in result["clean"].items()}, indent=None))
+    print(json.dumps(dict(result["clean"].items()), indent=None))
+    return 0
+
+
+def _run_certify(config: EvalConfig, args: argparse.Namespace) -> int:
+    from .certify import CertifyOptions, evaluate_certify  # noqa: PLC0415
+
+    options = CertifyOptions(
+        sigma=args.sigma,
+        n0=args.n0,
+        n=args.certify_n,
+        alpha=args.alpha,
+        noise_batch=args.noise_batch,
+        bases=tuple(b.strip() for b in args.bases.split(",") if b.strip()),
+        clamp=not args.no_clamp,
+    )
+    result = evaluate_certify(config, options)
+    print(f"wrote {config.out}/certify.md, certify.json")
+    for kind, base in result["bases"].items():
+        cells = ", ".join(f"r={r}: {100 * base['certified_accuracy'][str(r)]['accuracy']:.1f}" for r in result["radii"])
+        print(f"{kind}: {cells}")
     return 0

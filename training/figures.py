@@ -14,11 +14,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from models import purify  # noqa: E402
-from models.checkpoint import LoadedModel  # noqa: E402
+from models import purify
+from models.checkpoint import LoadedModel
+
+from .attacks import pgd
 
 
 def _title(result: dict) -> str:
@@ -108,7 +110,6 @@ def accuracy_vs_budget(result: dict, path: Path) -> None:
 
 def make_all(result: dict, loaded: LoadedModel, x: torch.Tensor, y: torch.Tensor, kept: dict, out: Path) -> list[str]:
     """Draw every figure the result supports; returns the file paths."""
-    from .attacks import pgd  # noqa: PLC0415
 
     s = result["settings"]
     adv = kept.get("pgd")
@@ -127,3 +128,24 @@ def make_all(result: dict, loaded: LoadedModel, x: torch.Tensor, y: torch.Tensor
         accuracy_vs_budget(result, out / "accuracy_vs_budget.png")
         paths.append(out / "accuracy_vs_budget.png")
     return [str(p) for p in paths]
+
+
+def certified_accuracy_curve(result: dict, path: Path) -> None:
+    """Certified accuracy vs L2 radius, one line per base classifier (the curve of Cohen et al., Fig. 7)."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for kind, base in result["bases"].items():
+        radii = sorted(r for r in base["radii"] if r is not None)
+        n = base["n"]
+        grid = [i * 0.01 for i in range(int(100 * max(radii + [2.0])) + 2)]
+        acc = [sum(r >= t for r in radii) / n for t in grid]
+        ax.plot(grid, acc, label=f"{kind} (n={n})")
+    s = result["smoothing"]
+    ax.set_xlabel("L2 radius (pixels in [0, 1])")
+    ax.set_ylabel("certified accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(
+        f"{result['network']} · σ={s['sigma']} · n={s['n']} · α={s['alpha']} · seed {result['seed']}", fontsize=8
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)

@@ -101,6 +101,7 @@ def import_reference(args: argparse.Namespace) -> Path:
         network=args.network,
         dataset="cifar10",
         class_names=CIFAR10_CLASSES,
+        aux_head_trained=True,  # the released checkpoints were trained with SOAP's auxiliary task
         training=training,
         metrics=metrics,
         calibration=calibration,

@@ -21,6 +21,14 @@ def render(meta: CheckpointMeta, name: str, notes: str = "") -> str:
         f"SOAP network `{meta.network}` ({meta.aux_task} auxiliary task) for {meta.dataset}, "
         f"{len(meta.class_names)} classes, input {'x'.join(map(str, meta.input_shape))} in [0, 1].",
         "",
+    ]
+    if not meta.aux_head_trained:
+        lines += [
+            "Its auxiliary task was not trained (recipe without the auxiliary loss): the service serves it without "
+            "purification (mode none) and refuses the purification modes; the min-aux figure below shows why.",
+            "",
+        ]
+    lines += [
         "## Metrics",
         "",
     ]
@@ -40,9 +48,10 @@ def render(meta: CheckpointMeta, name: str, notes: str = "") -> str:
     if c is not None:
         q = ", ".join(f"q{k} = {v:.4g}" for k, v in c.aux_loss_quantiles.items())
         lines += [
-            f"- Calibration (clean held-out images, n = {c.n}): test-time auxiliary loss {q}; inputs above q{c.suspicious_quantile} "
-            "are flagged as suspicious by the service.",
-            f"- Mean auxiliary loss after purification per budget {meta.purifier.budget_step:.4g}·e, e = 0..{meta.purifier.num_budgets - 1} "
+            f"- Calibration (clean held-out images, n = {c.n}): test-time auxiliary loss {q}; "
+            f"inputs above q{c.suspicious_quantile} are flagged as suspicious by the service.",
+            f"- Mean auxiliary loss after purification per budget {meta.purifier.budget_step:.4g}·e, "
+            f"e = 0..{meta.purifier.num_budgets - 1} "
             f"(first {t.get('calibration_curve_images', '?')} held-out images): "
             + ", ".join(f"{v:.4g}" for v in c.mean_aux_loss_per_budget),
         ]

@@ -41,12 +41,16 @@ def hardware(process: Process) -> str:
     if process.device.type == "cuda":
         what = torch.cuda.get_device_name(process.device)
     else:
-        what = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores visible"
+        what = (
+            f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+            f"{os.cpu_count()} cores visible"
+        )
     return f"{process.world_size} x {what}" if process.distributed else what
 
 
 def command(subcommand: str, options: list[str], process: Process | None = None) -> str:
-    """The command line that reproduces a run: `python -m training SUBCOMMAND OPTIONS` (or torchrun with P processes)."""
+    """The command line that reproduces a run: `python -m training SUBCOMMAND OPTIONS` (or torchrun with P
+    processes)."""
     args = shlex.join([subcommand, *options])
     if process is not None and process.distributed:
         return f"torchrun --nproc_per_node {process.world_size} -m training {args}"

@@ -28,7 +28,8 @@ def provenance(result: dict) -> str:
         f"- data: {result['data']}; n = {result['n']} test images; attack seed {result['seed']}; "
         f"device {result['device']}; {result['host']}; git {result.get('git_commit') or '?'}",
         f"- purifier: γ = {result['purifier']['step_size']:.4g}, T = {result['purifier']['steps']}, "
-        f"budgets 0..{max(result['purifier']['budgets']):.4g} step {result['purifier']['budget_step']:.4g} (min-aux per image)",
+        f"budgets 0..{max(result['purifier']['budgets']):.4g} step {result['purifier']['budget_step']:.4g} "
+        "(min-aux per image)",
         f"- attack budgets: L∞ ε = {s['linf_eps']:.4g}, L2 ε = {s['l2_eps']:.4g}",
     ]
     if result.get("command"):

@@ -14,10 +14,12 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .attacks.registry import ATTACKS
 from .report import ROW_TITLES, cell
+from .sanity import Extras, run_checks
 
 PAPER_COLUMNS = ("fgsm", "pgd", "cw", "df")
 
@@ -74,7 +76,18 @@ BLIND = "noise,fgsm,pgd,cw,df,aux-pgd,blackbox,apgd-ce"
 # and the full gradient, the detector-aware APGD, and the blind attacks for the detector table. Hours per 100 images
 # on 2 shared CPU cores: results.json says how far a run got (n); AutoAttack and Square run separately (SUITE_LIBRARY).
 SUITE = "noise,fgsm,pgd,cw,df,aux-pgd,apgd-ce,apgd-bpda,apgd-dlr-bpda,apgd-full,apgd-dlr-full,apgd-evade"
-SUITE_EXTRA = ("--apgd-steps", "100", "--apgd-restarts", "2", "--batch-size", "10", "--sanity-n", "10", "--beta-n", "10")
+SUITE_EXTRA = (
+    "--apgd-steps",
+    "100",
+    "--apgd-restarts",
+    "2",
+    "--batch-size",
+    "10",
+    "--sanity-n",
+    "10",
+    "--beta-n",
+    "10",
+)
 ADAPTIVE = "bpda,bpda-traj,full-grad,apgd-bpda,apgd-dlr-bpda,apgd-full"
 PLAN = (
     Run("models/zoo/mnist-fcn-dr", "mnist", 1000, f"{BLIND},{ADAPTIVE}"),
@@ -126,7 +139,7 @@ BASELINE_SUFFIXES = ("vanilla", "fgsm-at", "pgd-at")
 
 
 def run_plan(args: argparse.Namespace) -> None:
-    from .__main__ import main  # noqa: PLC0415
+    from .__main__ import main  # here: the command line imports this module
 
     roots = {"mnist": args.mnist_root, "cifar10": args.cifar10_root}
     plan = list(PLAN)
@@ -208,15 +221,18 @@ def paper_table(results: list[dict]) -> str:
             label = r["recipe"] if r["recipe"] != "soap" else ROW_TITLES[row]
             cells = [f"`{Path(r['model']).name}`", label, str(r["n"]), _with_paper(r["clean"][row], paper and paper[0])]
             for i, col in enumerate(PAPER_COLUMNS, start=1):
-                acc = r["attacks"].get(col, {}).get("rows", {}).get(row)
+                acc = _attack_row(r, col, row)
                 cells.append(_with_paper(acc, paper and paper[i]))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def adaptive_table(results: list[dict]) -> str:
-    from .attacks.registry import ATTACKS  # noqa: PLC0415
+def _attack_row(result: dict, attack: str, row: str) -> dict | None:
+    """One row's accuracy under one attack in an evaluation result (None where that attack did not run)."""
+    return result["attacks"].get(attack, {}).get("rows", {}).get(row)
 
+
+def adaptive_table(results: list[dict]) -> str:
     present = {name for r in results for name, a in r["attacks"].items() if a["kind"] == "adaptive"}
     names = [name for name in ATTACKS if name in present]
     head = [
@@ -233,17 +249,17 @@ def adaptive_table(results: list[dict]) -> str:
         if "min-aux" not in r["rows"]:
             continue
         a = r["attacks"]
-        get = lambda name, row: a.get(name, {}).get("rows", {}).get(row)  # noqa: E731
         worst = r.get("worst_case", {}).get("adaptive", {}).get("min-aux")
-        cells = [f"`{label(r)}`", cell(r["clean"]["min-aux"]), cell(get("pgd", "min-aux"))]
+        cells = [f"`{label(r)}`", cell(r["clean"]["min-aux"]), cell(_attack_row(r, "pgd", "min-aux"))]
         cells += [
-            cell(get(n, "min-aux")) + (f" (n={a[n]['n']})" if n in a and a[n].get("n", r["n"]) != r["n"] else "")
+            cell(_attack_row(r, n, "min-aux"))
+            + (f" (n={a[n]['n']})" if n in a and a[n].get("n", r["n"]) != r["n"] else "")
             for n in names
         ]
         cells += [
             cell(worst) + (f" (n={worst['n']})" if worst and worst["n"] != r["n"] else ""),
-            cell(get("pgd", "none")),
-            cell(get("apgd-ce", "none")),
+            cell(_attack_row(r, "pgd", "none")),
+            cell(_attack_row(r, "apgd-ce", "none")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -271,7 +287,8 @@ def detector_table(results: list[dict]) -> str:
 
 def settings_lines(r: dict) -> list[str]:
     out = [
-        f"- **`{label(r)}`** (model `{Path(r['model']).name}`) — data: {r['data']}; n = {r['n']}; seed {r['seed']}; device {r['device']} "
+        f"- **`{label(r)}`** (model `{Path(r['model']).name}`) — data: {r['data']}; n = {r['n']}; seed {r['seed']}; "
+        f"device {r['device']} "
         f"({r['host']}); git {str(r.get('git_commit'))[:10]}; wall time {r.get('wall_seconds', 0) / 60:.1f} min"
     ]
     if r.get("command"):
@@ -285,9 +302,6 @@ def settings_lines(r: dict) -> list[str]:
 
 def refresh_checks(r: dict) -> None:
     """Add checks newer than the stored result (they only need its numbers); stored outcomes are kept."""
-    from dataclasses import asdict  # noqa: PLC0415
-
-    from .sanity import Extras, run_checks  # noqa: PLC0415
 
     extras = Extras(r.get("beta_sweep"), r.get("budget_sweep"), r.get("epsilon_zero") or {})
     known = {c["name"] for c in r["sanity_checks"]}

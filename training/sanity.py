@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -40,7 +41,7 @@ class Extras:
 
 
 def _accuracy(scorer, x, y, batch_size: int = 250) -> dict[str, float]:
-    parts = [scorer.correct(xb, yb) for xb, yb in zip(x.split(batch_size), y.split(batch_size))]
+    parts = [scorer.correct(xb, yb) for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True)]
     return {row: float(torch.cat([p[row] for p in parts]).float().mean()) for row in parts[0]}
 
 
@@ -99,7 +100,7 @@ def beta_sweep(ctx: AttackContext, scorer, x: torch.Tensor, y: torch.Tensor, bat
         adv = torch.cat(
             [
                 aux_aware_pgd(ctx.model, xb, yb, s.linf_eps, s.pgd_step, s.pgd_steps, beta=beta)
-                for xb, yb in zip(x.split(batch_size), y.split(batch_size))
+                for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True)
             ]
         )
         acc = _accuracy(scorer, adv, y)
@@ -159,14 +160,14 @@ def run_checks(result: dict, extras: Extras) -> list[Check]:
             accs = sweep.get(key) or []
             if not accs:
                 continue
-            monotone = all(b <= a + 1.0 / sweep["n"] + 1e-9 for a, b in zip(accs, accs[1:]))
+            monotone = all(b <= a + 1.0 / sweep["n"] + 1e-9 for a, b in itertools.pairwise(accs))
             ok = monotone and accs[-1] <= NEAR_ZERO
             checks.append(
                 Check(
                     f"accuracy-falls-with-budget ({key})",
                     ok,
                     f"{label} at ε = "
-                    + ", ".join(f"{e:.3g}: {100 * a:.1f} %" for e, a in zip(sweep["budgets"], accs))
+                    + ", ".join(f"{e:.3g}: {100 * a:.1f} %" for e, a in zip(sweep["budgets"], accs, strict=True))
                     + f" (n = {sweep['n']}; needs non-increasing and ≤ {100 * NEAR_ZERO:.0f} % at the largest)",
                 )
             )

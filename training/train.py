@@ -25,9 +25,10 @@ from tqdm import tqdm
 
 from models import SoapNetwork, create_model, get_spec, save_checkpoint
 from models.checkpoint import meta_for
+from models.tasks import TRAINING_NOISE_STD
 
 from . import distributed, model_card, provenance
-from .baselines import adversarial_inputs, step_losses
+from .baselines import adversarial_inputs, step_losses, trains_auxiliary
 from .calibration import calibrate, clean_accuracy
 from .data import DatasetError, ImageData, interleaved_order, load_splits, random_crop_flip
 from .presets import PRESETS, RECIPES, TrainConfig, get_preset
@@ -338,7 +339,8 @@ def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Pr
 
 
 def reproducing_options(config: TrainConfig, args: argparse.Namespace) -> list[str]:
-    """Options that reproduce this run, with the preset's values spelled out (options that do not change the result left out)."""
+    """Options that reproduce this run, with the preset's values spelled out (options that do not change the result
+    left out)."""
     options = ["--preset", config.preset]
     if config.recipe != get_preset(config.preset).recipe:
         options += ["--recipe", config.recipe]
@@ -400,9 +402,11 @@ def _save(network, config, splits, out, training, metrics, calibration=None):
         network=config.network,
         dataset=config.dataset,
         class_names=splits.train.class_names,
+        aux_head_trained=trains_auxiliary(config.recipe),
         training=training,
         metrics=metrics,
         calibration=calibration,
+        noise_std=TRAINING_NOISE_STD[network.aux_task] if trains_auxiliary(config.recipe) else None,
     )
     save_checkpoint(network, meta, out)
     return meta

@@ -172,7 +172,8 @@
       info.class_names && `${info.class_names.length} classes`,
     ].filter(Boolean);
     const p = info.purifier;
-    if (p) parts.push(`purifier: ${p.steps} steps of ${fmt(p.step_size)}, ε ∈ {0, ${fmt(p.budget_step)}, …, ${fmt((p.num_budgets - 1) * p.budget_step)}}`);
+    if (info.aux_head_trained === false) parts.push("no purification: its auxiliary head was not trained (mode none)");
+    else if (p) parts.push(`purifier: ${p.steps} steps of ${fmt(p.step_size)}, ε ∈ {0, ${fmt(p.budget_step)}, …, ${fmt((p.num_budgets - 1) * p.budget_step)}}`);
     $("model-info").textContent = parts.join(" · ");
     $("draw-panel").hidden = !isDrawable();
     applyAttackDefaults();

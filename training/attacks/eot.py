@@ -18,7 +18,7 @@ def eot(objective: Objective, samples: int) -> Objective:
         raise ValueError("EOT needs at least one sample")
 
     def averaged(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        losses, logits = zip(*(objective(x, y) for _ in range(samples)))
+        losses, logits = zip(*(objective(x, y) for _ in range(samples)), strict=True)
         return torch.stack(losses).mean(0), torch.stack(logits).mean(0)
 
     return averaged

@@ -115,7 +115,7 @@ def deepfool(
         c = num_classes or model(x[:1]).shape[1]
     total = torch.zeros_like(x)
     adv = x.clone()
-    others = [k for k in range(c)]
+    others = list(range(c))
     for _ in range(steps):
         with torch.enable_grad():
             a = adv.detach().requires_grad_(True)

@@ -69,7 +69,10 @@ def _substitute(ctx: AttackContext) -> torch.nn.Module:
     if "substitute" not in ctx.cache:
         if ctx.substitute_seed is None or ctx.substitute_factory is None:
             raise ValueError("the black-box attack needs seed images and a substitute architecture")
-        oracle = lambda x: defended_logits(ctx.model, ctx.purifier)(x).argmax(1)  # noqa: E731
+
+        def oracle(x: torch.Tensor) -> torch.Tensor:
+            return defended_logits(ctx.model, ctx.purifier)(x).argmax(1)
+
         generator = torch.Generator().manual_seed(ctx.seed)  # the same substitute in every process
         ctx.cache["substitute"] = train_substitute(
             ctx.substitute_factory(), oracle, ctx.substitute_seed, ctx.substitute_config, generator

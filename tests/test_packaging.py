@@ -1,0 +1,94 @@
+"""Packaging: each package's third-party imports are declared in the right place (models/ in the base install,
+service/ in the `serve` extra, training/ in `train`), the console scripts resolve and print the version, and the
+license metadata names the LICENSE file. Reads pyproject.toml and the source; builds nothing (fast)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.metadata
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from models import __version__
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+FIRST_PARTY = {"models", "service", "training"}
+
+
+def _name(requirement: str) -> str:
+    """The normalised distribution name of a requirement string ("uvloop>=0.19; ..." -> "uvloop")."""
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement).group(0)).lower()
+
+
+def _declared(*extras: str) -> set[str]:
+    names = {_name(r) for r in PROJECT["dependencies"]}
+    for extra in extras:
+        names |= {_name(r) for r in PROJECT["optional-dependencies"][extra]}
+    return names
+
+
+def _imported_distributions(package: str) -> dict[str, set[str]]:
+    """distribution -> the modules of `package` that import it (absolute, third-party imports only)."""
+    dists = importlib.metadata.packages_distributions()
+    found: dict[str, set[str]] = {}
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                tops = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops = [node.module.split(".")[0]]
+            else:
+                continue
+            for top in tops:
+                if top in sys.stdlib_module_names or top in FIRST_PARTY or top == "__future__":
+                    continue
+                for dist in dists.get(top, [top]):
+                    found.setdefault(_name(dist), set()).add(str(path.relative_to(ROOT)))
+    return found
+
+
+@pytest.mark.parametrize(("package", "extras"), [("models", ()), ("service", ("serve",)), ("training", ("train",))])
+def test_every_third_party_import_is_declared_where_it_is_used(package, extras):
+    missing = {d: sorted(m) for d, m in _imported_distributions(package).items() if d not in _declared(*extras)}
+    assert not missing, f"{package}/ imports distributions not in {extras or 'the base dependencies'}: {missing}"
+
+
+def test_extras_split_serving_from_training_and_dev_installs_everything():
+    serve, train = _declared("serve"), _declared("train")
+    assert "matplotlib" not in serve
+    assert "playwright" not in serve
+    assert "torchvision" not in serve
+    assert {"fastapi", "uvicorn", "pydantic-settings", "swagger-ui-bundle"} <= serve
+    assert "matplotlib" in train
+    dev = PROJECT["optional-dependencies"]["dev"]
+    assert any(
+        r.replace(" ", "").startswith("soap-serving[")
+        and {"serve", "train"} <= set(r.split("[", 1)[1].split("]", 1)[0].split(","))
+        for r in dev
+    ), "make test installs .[dev]: it must pull serve and train"
+
+
+def test_console_scripts_resolve_and_print_the_version(capsys):
+    scripts = PROJECT["scripts"]
+    assert set(scripts) == {"soap-serve", "soap-train"}
+    for script, target in scripts.items():
+        module, func = target.split(":")
+        main = getattr(importlib.import_module(module), func)
+        with pytest.raises(SystemExit) as info:
+            main(["--version"])
+        assert info.value.code == 0, script
+        assert capsys.readouterr().out.split()[-1] == __version__, script
+
+
+def test_license_is_mit_and_shipped():
+    assert PROJECT["license"] == "MIT"
+    assert PROJECT["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License")
+    assert "WITHOUT WARRANTY OF ANY KIND" in text

@@ -1,0 +1,58 @@
+"""The settings loader (service/config.py on pydantic-settings): help and version, the API key from a file, and the
+real environment as a source. (Precedence and bad values: tests/test_service_server.py.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from test_service_support import ROOT
+
+from models import __version__
+from service.config import ServiceSettings, _env_name, load_settings
+
+
+def test_help_lists_every_setting_and_version_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        load_settings(["--help"], {})
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for name in ServiceSettings.model_fields:
+        assert "--" + name.replace("_", "-") in text, name
+    assert "--model " in text
+    assert "SOAP_MODELS" in text
+    proc = subprocess.run(
+        [sys.executable, "-m", "service", "--version"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0
+    assert proc.stdout.split()[-1] == __version__
+
+
+def test_api_key_comes_from_a_secret_file(tmp_path):
+    secret = tmp_path / "soap_api_key"
+    secret.write_text("file-key-123\n")  # secret files usually end with a newline: it is not part of the key
+    settings = load_settings(["--model", "m"], {"SOAP_API_KEY_FILE": str(secret)})
+    assert settings.api_key_file == secret
+    assert settings.api_key == "file-key-123"
+    assert "file-key" not in json.dumps(settings.model_dump(mode="json"))
+    secret.write_text("  \n")
+    with pytest.raises(ValueError, match="is empty"):
+        _ = settings.api_key
+    with pytest.raises(ValueError, match="cannot read"):
+        _ = ServiceSettings(models=["m"], api_key_file=tmp_path / "missing").api_key
+    with pytest.raises(SystemExit) as info:
+        load_settings(["--model", "m", "--api-key-env", "X"], {"SOAP_API_KEY_FILE": str(secret)})
+    assert info.value.code == 2
+
+
+def test_process_environment_is_read_when_no_mapping_is_given(monkeypatch):
+    monkeypatch.setenv(_env_name("models"), "a/one,b/two")
+    monkeypatch.setenv(_env_name("max_queue"), "7")
+    monkeypatch.setenv(_env_name("compute_process"), "false")
+    settings = load_settings(["--max-queue", "9"])
+    assert settings.model_names == ["one", "two"]
+    assert settings.max_queue == 9
+    assert settings.compute_process is False
+    assert load_settings([], {"SOAP_MODELS": "c/three"}).model_names == ["three"]  # a given mapping replaces it

@@ -1,0 +1,187 @@
+"""`python -m training evaluate --attacks certify`: certified L2 accuracy of the smoothed classifier.
+
+For each base classifier (the network on noisy inputs, and denoised smoothing through the DR head) every
+test image is certified with Cohen et al.'s CERTIFY; certified accuracy at radius r is the fraction of images
+whose smoothed prediction is correct with a certified radius ≥ r. Per-image results go to a JSONL file as
+they are computed, so an interrupted run resumes where it stopped (same settings required).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from models import load_checkpoint
+from models.smoothing import BASE_CLASSIFIERS, SmoothingConfig, base_classifier, certify
+
+from .evaluate import EvalConfig, _git_commit, evaluation_order, load_test_data, resolve_device
+from .stats import Accuracy
+
+RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+
+
+@dataclass
+class CertifyOptions:
+    """The smoothing settings of `evaluate --attacks certify` (σ None: the checkpoint's training noise)."""
+
+    sigma: float | None = None
+    n0: int = 100
+    n: int = 10_000
+    alpha: float = 0.001
+    noise_batch: int = 1_000
+    bases: tuple[str, ...] = BASE_CLASSIFIERS
+    clamp: bool = True
+
+
+@dataclass
+class ImageResult:
+    index: int
+    label: int
+    predicted: int | None
+    radius: float | None
+    p_lower: float
+    seconds: float
+
+    @property
+    def correct(self) -> bool:
+        return self.predicted == self.label
+
+
+def certified_accuracy(results: list[ImageResult], radius: float) -> Accuracy:
+    """Correct and certified at ≥ radius (radius 0: correct and not abstained)."""
+    hits = torch.tensor([r.correct and r.radius is not None and r.radius >= radius for r in results])
+    return Accuracy.of(hits)
+
+
+def _load_done(path: Path, settings: dict) -> list[ImageResult]:
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    if not lines or json.loads(lines[0]) != settings:
+        raise ValueError(f"{path} was written with other settings; delete it or choose another --out")
+    return [ImageResult(**json.loads(line)) for line in lines[1:] if line.strip()]
+
+
+def certify_base(kind: str, config: EvalConfig, options: CertifyOptions, smoothing: SmoothingConfig, out: Path) -> dict:
+    """Certify the first n test images with one base classifier; resumable through `certify-<kind>.jsonl`.
+
+    The log keeps every image certified so far; a rerun with a larger --n continues it, a smaller one reads its head.
+    """
+    device = resolve_device(config.device)
+    loaded = load_checkpoint(config.model, device)
+    meta = loaded.meta
+    base = base_classifier(loaded.network, kind)
+    data, source = load_test_data(meta.dataset, config.data_root, tuple(meta.input_shape))
+    order, selection = evaluation_order(data, source)
+    n = min(config.n, len(data))
+    settings = {"model": str(config.model), "base": kind, "seed": config.seed} | asdict(smoothing)
+    path = out / f"certify-{kind}.jsonl"
+    done = _load_done(path, settings)[:n]  # a rerun with a smaller --n reuses the first n images
+    if not path.exists():
+        path.write_text(json.dumps(settings) + "\n")
+    with path.open("a") as log:
+        for i in tqdm(range(len(done), n), desc=f"certify {kind}", unit="img", initial=len(done), total=n):
+            x, y = data.batch(order[i : i + 1], device)
+            start = time.perf_counter()
+            cert = certify(base, x, smoothing, len(meta.class_names), seed=config.seed + int(order[i]))[0]
+            result = ImageResult(int(order[i]), int(y[0]), cert.label, cert.radius, cert.p_lower, 0.0)
+            result.seconds = time.perf_counter() - start
+            done.append(result)
+            log.write(json.dumps(asdict(result)) + "\n")
+            log.flush()
+    seconds = sum(r.seconds for r in done)
+    return {
+        "base": kind,
+        "data": f"{source}; {selection}",
+        "n": len(done),
+        "abstained": sum(r.predicted is None for r in done),
+        "certified_accuracy": {str(r): certified_accuracy(done, r).to_dict() for r in RADII},
+        "seconds_per_image": seconds / max(len(done), 1),
+        "forward_passes_per_second": len(done) * (smoothing.n0 + smoothing.n) / max(seconds, 1e-9),
+        "radii": [r.radius if r.correct else None for r in done],
+    }
+
+
+def evaluate_certify(config: EvalConfig, options: CertifyOptions) -> dict:
+    """Certify with every requested base classifier; write certify.json, certify.md and the figure."""
+    from . import figures  # noqa: PLC0415  (matplotlib only when evaluating)
+
+    meta = load_checkpoint(config.model, "cpu").meta
+    sigma = options.sigma if options.sigma is not None else meta.training_noise_std
+    if sigma is None:
+        raise ValueError(f"{config.model} records no training noise; give --sigma")
+    smoothing = SmoothingConfig(
+        sigma=sigma,
+        n0=options.n0,
+        n=options.n,
+        alpha=options.alpha,
+        batch_size=options.noise_batch,
+        clamp=options.clamp,
+    )
+    config.out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "model": str(config.model),
+        "network": meta.network,
+        "dataset": meta.dataset,
+        "smoothing": asdict(smoothing),
+        "sigma_source": "--sigma" if options.sigma is not None else "checkpoint training noise",
+        "seed": config.seed,
+        "device": str(resolve_device(config.device)),
+        "threads": torch.get_num_threads(),
+        "git_commit": _git_commit(),
+        "command": certify_command(config, options),
+        "radii": list(RADII),
+        "bases": {kind: certify_base(kind, config, options, smoothing, config.out) for kind in options.bases},
+    }
+    (config.out / "certify.json").write_text(json.dumps(result, indent=2) + "\n")
+    (config.out / "certify.md").write_text(markdown(result))
+    if config.figures:
+        figures.certified_accuracy_curve(result, config.out / "certified_accuracy.png")
+    return result
+
+
+def markdown(result: dict) -> str:
+    s = result["smoothing"]
+    lines = [
+        f"# Certified L2 accuracy: {result['network']} ({result['dataset']})",
+        "",
+        f"Randomized smoothing (Cohen et al. 2019), σ = {s['sigma']} ({result['sigma_source']}), n0 = {s['n0']}, "
+        f"n = {s['n']}, α = {s['alpha']}, clamp to [0, 1] = {s['clamp']}, seed {result['seed']}, "
+        f"device {result['device']} ({result['threads']} threads), commit {result['git_commit']}.",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        "| base classifier | n | " + " | ".join(f"r = {r}" for r in result["radii"]) + " | abstained | s/img |",
+        "| --- | --- | " + " | ".join("---" for _ in result["radii"]) + " | --- | --- |",
+    ]
+    for kind, b in result["bases"].items():
+        cells = [Accuracy(**b["certified_accuracy"][str(r)]).text() for r in result["radii"]]
+        lines.append(
+            f"| {kind} | {b['n']} | " + " | ".join(cells) + f" | {b['abstained']} | {b['seconds_per_image']:.2f} |"
+        )
+    lines += ["", "Cells: certified accuracy % [Wilson 95 % interval]. The radius is L2 on the [0, 1] pixel scale.", ""]
+    return "\n".join(lines)
+
+
+def certify_command(config: EvalConfig, options: CertifyOptions) -> str:
+    parts = ["python -m training evaluate", f"--model {config.model}"]
+    if config.data_root is not None:
+        parts.append(f"--data-root {config.data_root}")
+    parts += [f"--n {config.n}", "--attacks certify", f"--seed {config.seed}", f"--out {config.out}"]
+    if options.sigma is not None:
+        parts.append(f"--sigma {options.sigma}")
+    parts += [
+        f"--n0 {options.n0}",
+        f"--certify-n {options.n}",
+        f"--alpha {options.alpha}",
+        f"--noise-batch {options.noise_batch}",
+        f"--bases {','.join(options.bases)}",
+    ]
+    if not options.clamp:
+        parts.append("--no-clamp")
+    return " ".join(parts)

@@ -1,0 +1,173 @@
+"""`python -m training soundness`: try to break certificates with SmoothAdv (a check that can fail).
+
+Reads the per-image log of `evaluate --attacks certify` (certify-<base>.jsonl), takes the first n certified
+images, and attacks the smoothed classifier with SmoothAdv at L2 budgets k·R for each multiplier k (R: the
+image's certified radius). The smoothed prediction at the adversarial image is then estimated with PREDICT
+(fresh noise, n samples, level α). Randomized smoothing guarantees that no perturbation with k ≤ 1 changes it
+(up to the α failure probability of each certificate and of each PREDICT); the run fails if one does.
+Success at k > 1 shows that the attack can change the prediction when the guarantee no longer applies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from models import load_checkpoint
+from models.smoothing import SmoothingConfig, base_classifier, predict
+
+from .attacks.smoothadv import smoothadv_pgd
+from .evaluate import _git_commit, load_test_data, resolve_device
+from .stats import wilson_interval
+
+
+@dataclass
+class Outcome:
+    """PREDICT at the adversarial images of one budget multiplier."""
+
+    multiplier: float
+    attacked: int
+    changed: int  # a different class, significant at level α
+    abstained: int
+    mean_l2: float
+    max_l2_over_radius: float
+
+    @property
+    def success_rate(self) -> float:
+        return self.changed / self.attacked if self.attacked else 0.0
+
+
+def read_log(path: Path) -> tuple[dict, list[dict]]:
+    lines = path.read_text().splitlines()
+    return json.loads(lines[0]), [json.loads(line) for line in lines[1:] if line.strip()]
+
+
+def run_soundness(args: argparse.Namespace) -> dict:
+    settings, rows = read_log(args.certified)
+    certified = [r for r in rows if r["radius"] is not None][: args.n]
+    device = resolve_device(args.device)
+    loaded = load_checkpoint(settings["model"], device)
+    base = base_classifier(loaded.network, settings["base"])
+    meta = loaded.meta
+    data, source = load_test_data(meta.dataset, args.data_root, tuple(meta.input_shape))
+    x, _ = data.batch(torch.tensor([r["index"] for r in certified]), device)
+    c = torch.tensor([r["predicted"] for r in certified], device=device)
+    radius = torch.tensor([r["radius"] for r in certified], device=device, dtype=x.dtype)
+    sigma, clamp = settings["sigma"], settings["clamp"]
+    check = SmoothingConfig(
+        sigma=sigma, n=args.predict_n, alpha=args.alpha, batch_size=settings["batch_size"], clamp=clamp
+    )
+    generator = torch.Generator().manual_seed(args.seed)
+    outcomes = []
+    started = time.time()
+    for k in args.multipliers:
+        changed = abstained = 0
+        l2s, ratios = [], []
+        for lo in tqdm(range(0, len(certified), args.batch_size), desc=f"k={k}", unit="batch"):
+            sl = slice(lo, lo + args.batch_size)
+            adv = smoothadv_pgd(
+                base,
+                x[sl],
+                c[sl],
+                k * radius[sl],
+                sigma,
+                steps=args.steps,
+                samples=args.samples,
+                generator=generator,
+                clamp=clamp,
+            )
+            dist = (adv - x[sl]).flatten(1).norm(dim=1)
+            l2s += dist.tolist()
+            ratios += (dist / radius[sl]).tolist()
+            preds = predict(base, adv, check, len(meta.class_names), seed=args.seed + 1_000_000 + lo)
+            for p, target in zip(preds, c[sl].tolist(), strict=True):
+                changed += p.label is not None and p.label != target
+                abstained += p.abstained
+        outcomes.append(Outcome(k, len(certified), changed, abstained, sum(l2s) / len(l2s), max(ratios)))
+    inside = [o for o in outcomes if o.multiplier <= 1.0]
+    result = {
+        "certified_log": str(args.certified),
+        "model": settings["model"],
+        "base": settings["base"],
+        "data": source,
+        "smoothing": {k: settings[k] for k in ("sigma", "n0", "n", "alpha", "clamp")},
+        "attack": {"steps": args.steps, "samples": args.samples, "step_size": "2.5·ε/steps", "seed": args.seed},
+        "predict": {"n": args.predict_n, "alpha": args.alpha},
+        "images": len(certified),
+        "outcomes": [
+            asdict(o) | {"success_rate": o.success_rate, "ci95": wilson_interval(o.changed, o.attacked)}
+            for o in outcomes
+        ],
+        "passed": all(o.changed == 0 for o in inside),
+        "command": " ".join(["python -m training soundness", *sys.argv[2:]]),
+        "git_commit": _git_commit(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "wall_seconds": time.time() - started,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"soundness-{settings['base']}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"soundness-{settings['base']}.md").write_text(markdown(result))
+    return result
+
+
+def markdown(result: dict) -> str:
+    s, a = result["smoothing"], result["attack"]
+    verdict = (
+        "PASSED: no smoothed prediction changed within the certified radius (k ≤ 1)."
+        if result["passed"]
+        else "FAILED: a smoothed prediction changed within the certified radius."
+    )
+    lines = [
+        f"# SmoothAdv against the certificates: {result['model']} ({result['base']})",
+        "",
+        f"{result['images']} certified images (σ = {s['sigma']}, n = {s['n']}, α = {s['alpha']}); SmoothAdv L2 PGD, "
+        f"{a['steps']} steps, {a['samples']} noise samples per step, step {a['step_size']}, seed {a['seed']}; "
+        f"smoothed prediction at the adversarial image by PREDICT (n = {result['predict']['n']}, "
+        f"α = {result['predict']['alpha']}). {verdict}",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        "| budget (× certified radius) | images | prediction changed | 95 % interval | abstained | mean L2 |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for o in result["outcomes"]:
+        lo, hi = o["ci95"]
+        lines.append(
+            f"| {o['multiplier']} | {o['attacked']} | {o['changed']} ({100 * o['success_rate']:.1f} %) | "
+            f"[{100 * lo:.1f}, {100 * hi:.1f}] | {o['abstained']} | {o['mean_l2']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--certified", type=Path, required=True, help="certify-<base>.jsonl of evaluate --attacks certify"
+    )
+    parser.add_argument("--data-root", type=Path, default=None)
+    parser.add_argument("--n", type=int, default=100, help="certified images to attack (the first n)")
+    parser.add_argument("--multipliers", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 1.5, 2.0, 3.0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--samples", type=int, default=32, help="noise samples per attack step")
+    parser.add_argument("--predict-n", type=int, default=10_000)
+    parser.add_argument("--alpha", type=float, default=0.001)
+    parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_soundness(args)
+    print(markdown(result))
+    return 0 if result["passed"] else 1
