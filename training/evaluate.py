@@ -469,7 +469,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="dataset root: torchvision layout (MNIST/raw/...) or an ImageFolder tree (ROOT/test/<class>/)",
     )
-    parser.add_argument("--n", type=int, default=1000, help="number of test images (the first n; default 1000)")
+    parser.add_argument(
+        "--n",
+        "--images",
+        dest="n",
+        type=int,
+        default=1000,
+        help="number of test images (the first n; default 1000). Under torchrun write --images: torchrun's own "
+        "parser rejects --n as an ambiguous abbreviation of its options",
+    )
     parser.add_argument(
         "--attacks", default=",".join(DEFAULT_ATTACKS), help=f"comma-separated subset of: {', '.join(ATTACKS)}"
     )
