@@ -210,10 +210,19 @@ def certify(
     gens = generators(seed, x.shape[0])
     select = sample_counts(base, x, config.n0, config.sigma, num_classes, gens, config.batch_size, config.clamp)
     estimate = sample_counts(base, x, config.n, config.sigma, num_classes, gens, config.batch_size, config.clamp)
+    return certificates(select, estimate, config)
+
+
+def certificates(select: torch.Tensor, estimate: torch.Tensor, config: SmoothingConfig) -> list[Certificate]:
+    """CERTIFY's decision from the selection counts (n0 draws) and the estimation counts (n fresh draws), [B, K].
+
+    Callers that draw the n estimation samples in slices (the service, between other work) get the same answer
+    as `certify` when every slice is a multiple of `config.batch_size`: the generators then see the same calls.
+    """
     out = []
-    for i in range(x.shape[0]):
+    for i in range(select.shape[0]):
         top = int(select[i].argmax())
-        p_lower = lower_confidence_bound(int(estimate[i, top]), config.n, config.alpha)
+        p_lower = lower_confidence_bound(int(estimate[i, top]), int(estimate[i].sum()), config.alpha)
         radius = radius_of(p_lower, config.sigma)
         label = top if radius is not None else None
         out.append(Certificate(label, radius, p_lower, config.sigma, config.n0 + config.n))

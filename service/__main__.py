@@ -22,6 +22,7 @@ from types import FrameType
 
 import torch
 import uvicorn
+from fastapi import FastAPI
 
 from models import CheckpointError
 
@@ -52,7 +53,7 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(app) -> None:
+def serve(app: FastAPI) -> None:
     settings: ServiceSettings = app.state.settings
     config = uvicorn.Config(
         app,
@@ -60,7 +61,8 @@ def serve(app) -> None:
         port=settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
-        timeout_graceful_shutdown=settings.graceful_timeout_s,
+        # uvicorn annotates int, but waits with asyncio.wait_for, which takes fractional seconds
+        timeout_graceful_shutdown=settings.graceful_timeout_s,  # type: ignore[arg-type]
         lifespan="on",
     )
     DrainingServer(config, app.state.runtime, settings.shutdown_delay_s).run()

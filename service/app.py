@@ -14,8 +14,9 @@ import logging
 import random
 import re
 import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, overload
 from urllib.parse import parse_qs
 
 import anyio
@@ -25,9 +26,11 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import require_api_key
 from .batcher import BatchFailed, ClientGone, DeadlineExceeded, ItemResult, QueueFull, ShuttingDown, WorkItem
+from .certify import CertifyJob, CertifyRequest, CertifyResult
 from .config import ServiceSettings
 from .decode import DecodeLimits, ImageRejected, decode_opened, encode_png, open_image
 from .errors import ServiceError, error_response, install_error_handlers
@@ -35,6 +38,7 @@ from .ingest import ACCEPTED_TYPES, check_media_type, media_type, parse_upload, 
 from .runtime import ModelRuntime, ServiceRuntime
 from .schemas import (
     BatchingInfo,
+    CertifyResponse,
     ClassifyJSON,
     ClassifyOptions,
     ClassifyResponse,
@@ -62,11 +66,11 @@ class RequestContext:
     less than a served request, or the refusals themselves become the overload.
     """
 
-    def __init__(self, app, runtime: ServiceRuntime) -> None:
+    def __init__(self, app: ASGIApp, runtime: ServiceRuntime) -> None:
         self.app = app
         self.runtime = runtime
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -77,7 +81,7 @@ class RequestContext:
         status = 500
         started = False
 
-        async def send_with_id(message) -> None:
+        async def send_with_id(message: Message) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 started, status = True, message["status"]
@@ -103,7 +107,7 @@ class RequestContext:
                 time.perf_counter() - start
             )
 
-    def _shed(self, scope) -> Response | None:
+    def _shed(self, scope: Scope) -> Response | None:
         """A 503 for POST /classify when the service drains, or when the request's model is known before its body
         is read and that model's queue is full; else None (the handler refuses it later if need be).
 
@@ -131,7 +135,7 @@ class RequestContext:
         return error_response(error.status, error.error, error.detail, error.headers)
 
 
-def _model_before_body(scope, runtime: ServiceRuntime) -> ModelRuntime | None:
+def _model_before_body(scope: Scope, runtime: ServiceRuntime) -> ModelRuntime | None:
     """The model a /classify request is for, as far as its head tells (see RequestContext._shed); None when only the
     body can tell, or when the query names no loaded model (the handler answers 404)."""
     query = scope.get("query_string", b"")
@@ -149,7 +153,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     runtime = ServiceRuntime(settings)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
         try:
             yield
@@ -178,6 +182,28 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 # ---------------------------------------------------------------------------------------------- /classify steps
 
 
+def _certify_request(options: ClassifyOptions, model: ModelRuntime, settings: ServiceSettings) -> CertifyRequest:
+    """mode=certify's settings, within the server's limits (422 beyond them)."""
+    if model.certify is None:
+        raise ServiceError(
+            422,
+            "bad_options",
+            f"model {model.name} records no training noise σ: it cannot certify",
+            reason="bad_options",
+            model=model.name,
+        )
+    samples = options.samples if options.samples is not None else settings.default_certify_samples
+    if samples > settings.max_certify_samples:
+        raise ServiceError(
+            422,
+            "bad_options",
+            f"samples {samples} exceeds this server's limit of {settings.max_certify_samples}",
+            reason="bad_options",
+            model=model.name,
+        )
+    return CertifyRequest(samples, options.alpha if options.alpha is not None else 0.001, options.seed)
+
+
 def _options(query: dict[str, Any], body: dict[str, Any], query_model: str | None) -> ClassifyOptions:
     """Query options, overridden by body options; but a body may not send the request to another model than the
     query string names (load shedding judged the request by the query's model before the body was read)."""
@@ -197,8 +223,10 @@ def _options(query: dict[str, Any], body: dict[str, Any], query_model: str | Non
         raise ServiceError(422, "bad_options", problems, reason="bad_options", model=query_model) from None
 
 
-async def _decode_all(payloads: list[bytes], model: ModelRuntime, limits: DecodeLimits, limiter: anyio.CapacityLimiter):
-    images = []
+async def _decode_all(
+    payloads: list[bytes], model: ModelRuntime, limits: DecodeLimits, limiter: anyio.CapacityLimiter
+) -> list[torch.Tensor]:
+    images: list[torch.Tensor] = []
     for index, data in enumerate(payloads):
         try:
             source = open_image(data, limits)
@@ -212,20 +240,33 @@ async def _decode_all(payloads: list[bytes], model: ModelRuntime, limits: Decode
     return images
 
 
-async def _client_gone(receive) -> None:
+async def _client_gone(receive: Receive) -> None:
     """Returns when the client disconnects (the body has been read, so only http.disconnect can come)."""
     while (await receive())["type"] != "http.disconnect":
         pass
 
 
-async def _await_result(request: Request, model: ModelRuntime, item: WorkItem) -> ItemResult:
+@overload
+async def _await_result(
+    request: Request, model: ModelRuntime, item: WorkItem, cancel: Callable[..., object]
+) -> ItemResult: ...
+
+
+@overload
+async def _await_result(
+    request: Request, model: ModelRuntime, item: CertifyJob, cancel: Callable[..., object]
+) -> CertifyResult: ...
+
+
+async def _await_result(
+    request: Request, model: ModelRuntime, item: WorkItem | CertifyJob, cancel: Callable[..., object]
+) -> ItemResult | CertifyResult:
     """Wait for the batch result. While the item is still queued, the batcher ends it with DeadlineExceeded at
     its deadline (-> 504) and a disconnect watcher with ClientGone (-> 499, dropped before compute). Once its
     batch runs, the result comes whatever happens. (A plain await on the future: asyncio.wait with a timeout per
     request cost more event-loop time than the rest of the request path.)"""
-    batcher = model.batcher
     watcher = asyncio.ensure_future(_client_gone(request.receive))
-    watcher.add_done_callback(lambda w: None if w.cancelled() else batcher.cancel(item, ClientGone()))
+    watcher.add_done_callback(lambda w: None if w.cancelled() else cancel(item, ClientGone()))
     try:
         return await item.future
     except DeadlineExceeded:
@@ -241,7 +282,7 @@ async def _await_result(request: Request, model: ModelRuntime, item: WorkItem) -
             499, "client_gone", "the client went away before compute started", reason="client_gone", model=model.name
         ) from None
     except asyncio.CancelledError:  # the server cancelled the handler: do not compute for nobody
-        batcher.cancel(item)
+        cancel(item)
         raise
     finally:
         watcher.cancel()
@@ -325,7 +366,7 @@ _CLASSIFY_OPENAPI = {
     },
 }
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
         401: "missing or wrong API key",
@@ -349,10 +390,10 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
 
     @app.post(
         "/classify",
-        response_model=ClassifyResponse,
+        response_model=ClassifyResponse | CertifyResponse,
         responses=_ERRORS,
         openapi_extra=_CLASSIFY_OPENAPI,
-        summary="Purify each image with SOAP, then classify it",
+        summary="Purify each image with SOAP, then classify it (mode=certify: a certified smoothed prediction instead)",
     )
     async def classify(request: Request) -> Response:
         started = time.perf_counter()
@@ -367,6 +408,11 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         options = _options(query, upload.options, query_model)
         model = runtime.get(options.model)
         request.scope["soap.model"] = model.name
+        if options.mode == "certify":
+            certify = _certify_request(options, model, settings)
+            images = await _decode_all(upload.payloads, model, limits, decode_limiter)
+            batch = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
+            return await _certify(request, model, batch, certify, settings, started)
         purify_request = model.purify_request(options.mode, options.epsilon)
         if not model.batcher.has_room(len(upload.payloads)):  # refuse before decoding (RequestContext could not)
             raise _queue_full(model, model.batcher.retry_after_s())
@@ -389,7 +435,7 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
                 headers={"Retry-After": "5"},
             ) from None
         try:
-            result = await _await_result(request, model, item)
+            result = await _await_result(request, model, item, model.batcher.cancel)
         except BatchFailed as exc:  # this batch only; the message names the exception type, no internals
             raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
         body_out = {
@@ -399,6 +445,62 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
             "timing_ms": {
                 "queue": result.queue_s * 1000,
                 "compute": result.compute_s * 1000,
+                "total": (time.perf_counter() - started) * 1000,
+            },
+        }
+        return Response(orjson.dumps(body_out), media_type="application/json")
+
+    async def _certify(
+        request: Request,
+        model: ModelRuntime,
+        batch: torch.Tensor,
+        certify: CertifyRequest,
+        settings: ServiceSettings,
+        started: float,
+    ) -> Response:
+        lane = model.certify
+        if lane is None:  # _certify_request refused the request already
+            raise RuntimeError(f"model {model.name} has no certify lane")
+        try:
+            job = lane.submit(batch, certify, time.monotonic() + settings.request_timeout_s)
+        except QueueFull as exc:
+            raise ServiceError(
+                503,
+                "queue_full",
+                f"model {model.name}'s certify lane has {lane.queued_samples} forward passes queued "
+                f"(limit {lane.max_queue_samples}); retry later",
+                reason="queue_full",
+                model=model.name,
+                headers={"Retry-After": str(exc.retry_after_s)},
+            ) from None
+        except ShuttingDown:
+            raise _shutting_down() from None
+        try:
+            result = await _await_result(request, model, job, lane.cancel)
+        except BatchFailed as exc:
+            raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
+        names = model.class_names
+        body_out = {
+            "request_id": request.scope["soap.request_id"],
+            "model": model.name,
+            "results": [
+                {
+                    "label": c.label,
+                    "class_name": names[c.label] if c.label is not None else None,
+                    "certified_radius": c.radius,
+                    "abstained": c.abstained,
+                    "p_lower": c.p_lower,
+                    "sigma": c.sigma,
+                    "samples": c.samples,
+                    "alpha": certify.alpha,
+                    "seed": certify.seed + i,
+                }
+                for i, c in enumerate(result.certificates)
+            ],
+            "timing_ms": {
+                "queue": result.queue_s * 1000,
+                "compute": result.compute_s * 1000,
+                "paused": result.paused_s * 1000,
                 "total": (time.perf_counter() - started) * 1000,
             },
         }

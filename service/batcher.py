@@ -1,14 +1,17 @@
-"""Per-model micro-batcher: requests wait in a bounded queue (counted in images); one worker forms batches and
-runs them in a dedicated thread, so the event loop keeps accepting, decoding and answering meanwhile.
+"""Per-model micro-batcher feeding a pool of compute workers: requests wait in a bounded queue (counted in images);
+one dispatcher forms batches and hands each to whichever worker is free, so the event loop keeps accepting,
+decoding and answering meanwhile and every worker stays busy while there is work.
 
-A batch goes when it holds `max_batch_size` images or its oldest image has waited `max_delay_s`. Only requests
-with the same purification settings (mode, epsilon) share a batch. A request is never split between batches;
-one larger than `max_batch_size` forms a batch alone (and is computed in chunks).
+A batch goes when a worker is free and the batch holds `max_batch_size` images or its oldest image has waited
+`max_delay_s`. Only requests with the same purification settings (mode, epsilon) share a batch. A request is never
+split between batches; one larger than `max_batch_size` forms a batch alone (and is computed in chunks).
 
 Failure isolation: images were decoded before they were queued, so a batch only fails on a compute error or a
 result without exactly one row per image (WrongRowCount), and then only that batch's requests fail (BatchFailed,
-their request ids logged); the worker keeps going. Requests cancelled while queued
-(deadline passed, client gone) leave the queue at once and are never computed.
+their request ids logged); the workers keep going. A worker that dies during a batch (WorkerDied: killed, crashed)
+is restarted, and its batch — purification is a pure function — is computed again first thing by the next free
+worker; a batch during which workers died twice fails alone, so one poisonous input cannot take the pool down.
+Requests cancelled while queued (deadline passed, client gone) leave the queue at once and are never computed.
 """
 
 from __future__ import annotations
@@ -18,15 +21,18 @@ import collections
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from .predict import Predictions, PurifyRequest, predict_in_chunks
 
 log = logging.getLogger("service.batcher")
+
+MAX_ATTEMPTS = 2  # a batch whose worker died is computed once more; twice dead -> it fails alone
 
 
 class QueueFull(Exception):
@@ -56,6 +62,25 @@ class ClientGone(Exception):
     """The client disconnected while its request was still queued."""
 
 
+class WorkerDied(RuntimeError):
+    """The worker computing a batch died (killed, crashed). The batch may be innocent, so it is computed again."""
+
+
+class Worker(Protocol):
+    """One compute slot of a model's pool. The batcher calls it from a thread of its own, one batch at a time."""
+
+    index: int  # stable within the pool (0..n-1), also across restarts: a label for logs and metrics
+
+    def start(self) -> None:
+        """(Re)start the worker, blocking until it can compute (a process: spawned, model loaded)."""
+
+    def compute(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
+        """Purify and classify one batch (or raise; WorkerDied when the worker itself died meanwhile)."""
+
+    def close(self) -> None:
+        """Stop the worker for good (the service is stopping)."""
+
+
 @dataclass
 class WorkItem:
     """One request's images waiting for, or going through, compute."""
@@ -63,7 +88,7 @@ class WorkItem:
     images: torch.Tensor
     request: PurifyRequest
     deadline: float
-    future: asyncio.Future
+    future: asyncio.Future[ItemResult]
     request_id: str = ""  # for the log when its batch fails
     enqueued_at: float = field(default_factory=time.monotonic)
     state: str = "queued"  # queued -> running, or queued -> cancelled
@@ -71,6 +96,23 @@ class WorkItem:
     @property
     def size(self) -> int:
         return self.images.shape[0]
+
+
+@dataclass
+class Batch:
+    """Requests computed together; `attempts` counts the workers it was given to."""
+
+    items: list[WorkItem]
+    request: PurifyRequest
+    started: float = field(default_factory=time.monotonic)
+    attempts: int = 0
+
+    @property
+    def size(self) -> int:
+        return sum(item.size for item in self.items)
+
+    def images(self) -> torch.Tensor:
+        return self.items[0].images if len(self.items) == 1 else torch.cat([it.images for it in self.items])
 
 
 @dataclass
@@ -83,46 +125,52 @@ class ItemResult:
 
 @dataclass
 class BatchStats:
-    """What the worker reports per batch (metrics hook)."""
+    """What the batcher reports per finished batch (metrics hook); `predictions` is None when it failed."""
 
     size: int
     compute_s: float
     queue_waits: list[float]
     predictions: Predictions | None
     request: PurifyRequest
+    worker: int = 0
 
 
 class Batcher:
-    """Queue + worker for one model. Create and use it inside one running event loop."""
+    """Queue + dispatcher for one model's pool of workers. Create and use it inside one running event loop."""
 
     def __init__(
         self,
         name: str,
-        compute: Callable[[torch.Tensor, PurifyRequest], Predictions],
+        workers: Sequence[Worker],
         max_batch_size: int,
         max_delay_s: float,
         max_queue: int,
         on_batch: Callable[[BatchStats], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
     ) -> None:
+        if not workers:
+            raise ValueError("a batcher needs at least one worker")
         self.name = name
-        self.compute = compute
+        self.workers = list(workers)
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
-        self.chunk_size = max_batch_size  # halved on CUDA out-of-memory, and remembered
+        self.chunk_size = max_batch_size  # halved on CUDA out-of-memory, and remembered (same device for all)
         self._on_batch = on_batch or (lambda stats: None)
         self._on_depth = on_depth or (lambda depth: None)
         self._queue: collections.deque[WorkItem] = collections.deque()
         self._depth = 0
         self._pending: collections.Counter[PurifyRequest] = collections.Counter()  # queued images per settings
+        self._free: collections.deque[Worker] = collections.deque()  # warm workers waiting for a batch
+        self._retries: collections.deque[Batch] = collections.deque()  # batches whose worker died, go first
+        self._inflight: set[asyncio.Task[None]] = set()
         self._wakeup: asyncio.Event | None = None
         self._closing = False
         self._draining = False
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None  # one timer for the earliest queued deadline
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"soap-{name}")
-        self._seconds_per_image = 0.0  # moving average, for Retry-After
+        self._executor = ThreadPoolExecutor(max_workers=len(self.workers), thread_name_prefix=f"soap-{name}")
+        self._seconds_per_image = 0.0  # moving average of one worker's compute, for Retry-After
 
     # ------------------------------------------------------------------ request side (event loop)
 
@@ -136,7 +184,7 @@ class Batcher:
 
     def retry_after_s(self) -> int:
         """Whole seconds until the current queue has probably drained (at least 1)."""
-        return max(1, math.ceil(self._depth * self._seconds_per_image))
+        return max(1, math.ceil(self._depth * self._seconds_per_image / len(self.workers)))
 
     def submit(self, images: torch.Tensor, request: PurifyRequest, deadline: float, request_id: str = "") -> WorkItem:
         """Queue a request's images, or raise QueueFull / ShuttingDown at once."""
@@ -150,7 +198,7 @@ class Batcher:
         self._set_depth(self._depth + item.size)
         if self._deadline_timer is None:
             self._arm_deadline_timer()
-        # Wake the worker only when it has something new to decide: a first item, or a full batch.
+        # Wake the dispatcher only when it has something new to decide: a first item, or a full batch.
         if len(self._queue) == 1 or self._pending[request] >= self.max_batch_size:
             self._wake()
         return item
@@ -192,15 +240,17 @@ class Batcher:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, warmup: Callable[[], None] | None = None) -> asyncio.Task:
-        """Start the worker; `warmup` runs first, in the compute thread."""
-        self._wakeup = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run(warmup), name=f"batcher-{self.name}")
-        self._task.add_done_callback(self._on_worker_exit)
+    def start(self, warmup: Callable[[Worker], None] | None = None) -> asyncio.Task[None]:
+        """Start the dispatcher; `warmup(worker)` runs first for every worker at once, each in its own thread. It
+        runs again when a worker is restarted after dying."""
+        self._wakeup = wakeup = asyncio.Event()
+        self._warmup = warmup
+        self._task = asyncio.get_running_loop().create_task(self._run(wakeup), name=f"batcher-{self.name}")
+        self._task.add_done_callback(self._on_dispatcher_exit)
         return self._task
 
-    def _on_worker_exit(self, task: asyncio.Task) -> None:
-        """If the worker died (warm-up failed, or a bug), fail what is queued instead of leaving it hanging;
+    def _on_dispatcher_exit(self, task: asyncio.Task[None]) -> None:
+        """If the dispatcher died (a warm-up failed, or a bug), fail what is queued instead of leaving it hanging;
         `running` turns False, so /readyz reports the service not ready."""
         if task.cancelled() or task.exception() is None:
             return
@@ -212,6 +262,8 @@ class Batcher:
             item.state = "cancelled"
             if not item.future.done():
                 item.future.set_exception(error)
+        while self._retries:
+            self._fail(self._retries.popleft(), error)
         self._pending.clear()
         self._set_depth(0)
         self._arm_deadline_timer()  # cancels the timer: the queue is empty
@@ -222,7 +274,7 @@ class Batcher:
         self._wake()
 
     async def close(self) -> None:
-        """Refuse new work, finish everything already queued, then stop the worker and its thread."""
+        """Refuse new work, finish everything already queued, then stop the dispatcher and its threads."""
         self._closing = True
         self._wake()
         if self._task is not None:
@@ -230,15 +282,17 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-            except Exception:  # noqa: BLE001 - the worker already died and was logged by _on_worker_exit
+            except Exception:  # noqa: BLE001 - the dispatcher already died and was logged by _on_dispatcher_exit
                 pass
+        if self._inflight:  # only after a dispatcher failure: let running batches answer their requests
+            await asyncio.gather(*self._inflight, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    # ------------------------------------------------------------------ worker
+    # ------------------------------------------------------------------ dispatcher
 
     def _wake(self) -> None:
         if self._wakeup is not None:
@@ -255,16 +309,27 @@ class Batcher:
         self._depth = depth
         self._on_depth(depth)
 
-    async def _run(self, warmup: Callable[[], None] | None) -> None:
+    @staticmethod
+    async def _sleep_until_woken(wakeup: asyncio.Event) -> None:
+        wakeup.clear()
+        await wakeup.wait()
+
+    async def _run(self, wakeup: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        if warmup is not None:
-            await loop.run_in_executor(self._executor, warmup)
+        if self._warmup is not None:
+            await asyncio.gather(*(loop.run_in_executor(self._executor, self._warmup, w) for w in self.workers))
+        self._free.extend(self.workers)
         while True:
+            if not self._free:
+                await self._sleep_until_woken(wakeup)  # a worker coming back wakes us
+                continue
+            if self._retries:
+                self._launch(self._retries.popleft())
+                continue
             if not self._queue:
-                if self._closing:
+                if self._closing and not self._inflight:
                     return
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                await self._sleep_until_woken(wakeup)
                 continue
             head = self._queue[0]
             due = head.enqueued_at + self.max_delay_s
@@ -277,14 +342,18 @@ class Batcher:
                 remaining = due - time.monotonic()
                 if remaining <= 0:
                     break
-                self._wakeup.clear()
+                wakeup.clear()
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                    await asyncio.wait_for(wakeup.wait(), remaining)
                 except TimeoutError:
                     break
-            if head.state != "queued":
-                continue  # the head was cancelled while we waited: start over with the new head
-            await self._execute(self._take(head.request))
+            if head.state != "queued" or self._retries:
+                continue  # the head was cancelled, or a retry came first: decide again
+            self._launch(Batch(self._take(head.request), head.request))
+
+    def _launch(self, batch: Batch) -> None:
+        worker = self._free.popleft()
+        self._inflight.add(asyncio.get_running_loop().create_task(self._execute(worker, batch)))
 
     def _take(self, request: PurifyRequest) -> list[WorkItem]:
         """Remove up to max_batch_size images of requests sharing `request`, oldest first (one pass)."""
@@ -306,44 +375,86 @@ class Batcher:
         self._set_depth(self._depth - total)
         return batch
 
-    async def _execute(self, batch: list[WorkItem]) -> None:
-        started = time.monotonic()
-        request = batch[0].request
-        images = batch[0].images if len(batch) == 1 else torch.cat([it.images for it in batch])
-        waits = [started - it.enqueued_at for it in batch]
+    async def _execute(self, worker: Worker, batch: Batch) -> None:
+        """Run one batch on `worker`, then give the worker back (the dispatcher sees both at once when it wakes)."""
         try:
-            predictions = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._compute, images, request
-            )
-        except Exception as exc:  # noqa: BLE001 - isolate: fail this batch only, keep the worker alive
+            await self._compute_batch(worker, batch)
+        finally:
+            self._inflight.discard(asyncio.current_task())
+            self._free.append(worker)
+            self._wake()
+
+    async def _compute_batch(self, worker: Worker, batch: Batch) -> None:
+        loop = asyncio.get_running_loop()
+        batch.attempts += 1
+        images = batch.images()
+        started = time.monotonic()
+        try:
+            predictions = await loop.run_in_executor(self._executor, self._compute, worker, images, batch.request)
+        except WorkerDied as exc:
+            await self._after_death(worker, batch, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - isolate: fail this batch only, keep the worker
             log.exception(
-                "batch of %d images on model %s failed; requests %s",
-                images.shape[0],
-                self.name,
-                ", ".join(it.request_id or "?" for it in batch),
-            )
-            error = BatchFailed(
-                f"the batch holding this request failed ({type(exc).__name__}); other requests are unaffected"
-            )
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error)
-            self._on_batch(BatchStats(images.shape[0], time.monotonic() - started, waits, None, request))
+                "batch of %d images on model %s worker %d failed; requests %s",
+                batch.size, self.name, worker.index, ", ".join(it.request_id or "?" for it in batch.items),
+            )  # fmt: skip
+            self._fail(batch, self._batch_failed(exc), worker)
             return
         compute_s = time.monotonic() - started
         n = images.shape[0]
+        per_image = compute_s / n
         self._seconds_per_image = (
-            0.8 * self._seconds_per_image + 0.2 * (compute_s / n) if self._seconds_per_image else compute_s / n
+            0.8 * self._seconds_per_image + 0.2 * per_image if self._seconds_per_image else per_image
         )
-        self._on_batch(BatchStats(n, compute_s, waits, predictions, request))
+        waits = [batch.started - it.enqueued_at for it in batch.items]
+        self._on_batch(BatchStats(n, compute_s, waits, predictions, batch.request, worker.index))
         offset = 0
-        for item, wait in zip(batch, waits, strict=True):
+        for item, wait in zip(batch.items, waits, strict=True):
             if not item.future.done():
                 item.future.set_result(ItemResult(predictions.rows(offset, offset + item.size), wait, compute_s, n))
             offset += item.size
 
-    def _compute(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
-        predictions, self.chunk_size = predict_in_chunks(lambda x: self.compute(x, request), images, self.chunk_size)
+    async def _after_death(self, worker: Worker, batch: Batch, exc: WorkerDied) -> None:
+        """Give the batch to the next free worker (first in line) unless it has now seen two workers die; restart
+        this worker in its own thread meanwhile (it rejoins the pool when warm again)."""
+        ids = [it.request_id for it in batch.items]
+        if batch.attempts < MAX_ATTEMPTS:
+            log.warning(
+                "model %s worker %d died during a batch of %d images (%s); computing it again (requests %s)",
+                self.name, worker.index, batch.size, exc, ids,
+            )  # fmt: skip
+            self._retries.append(batch)
+            self._wake()
+        else:
+            log.error(
+                "model %s: workers died twice computing a batch of %d images (%s); failing it alone (requests %s)",
+                self.name, batch.size, exc, ids,
+            )  # fmt: skip
+            self._fail(batch, self._batch_failed(exc), worker)
+        if self._warmup is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self._warmup, worker)
+            except Exception:  # noqa: BLE001 - it restarts again on its next batch; that batch fails if it cannot
+                log.exception("model %s worker %d did not restart", self.name, worker.index)
+
+    def _batch_failed(self, exc: BaseException) -> BatchFailed:
+        return BatchFailed(
+            f"the batch holding this request failed ({type(exc).__name__}); other requests are unaffected"
+        )
+
+    def _fail(self, batch: Batch, error: BatchFailed, worker: Worker | None = None) -> None:
+        for item in batch.items:
+            if not item.future.done():
+                item.future.set_exception(error)
+        waits = [batch.started - it.enqueued_at for it in batch.items]
+        stats = BatchStats(batch.size, time.monotonic() - batch.started, waits, None, batch.request)
+        if worker is not None:
+            stats.worker = worker.index
+        self._on_batch(stats)
+
+    def _compute(self, worker: Worker, images: torch.Tensor, request: PurifyRequest) -> Predictions:
+        predictions, self.chunk_size = predict_in_chunks(lambda x: worker.compute(x, request), images, self.chunk_size)
         rows = sorted({t.shape[0] if t.ndim else -1 for t in predictions.tensors()})
         if rows != [images.shape[0]]:
             raise WrongRowCount(f"the compute returned {rows} rows for {images.shape[0]} images")

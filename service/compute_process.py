@@ -7,8 +7,10 @@ through a pipe and waits in recv (lock released) until the child answers with th
 
 The child is started with "spawn" (safe with CUDA and with the parent's threads), loads the checkpoint itself
 (the model's warm-up batch then goes through the pipe like any other) and ignores SIGINT/SIGTERM: the parent
-drains its queue on a signal and then closes the child. If the child dies, the batch in flight fails
-(ComputeProcessError) and the next batch starts a new child.
+drains its queue on a signal and then closes the child. A model's pool holds several such children
+(service/batcher.py hands each batch to a free one); each has a stable `index` for logs and metrics. If a child
+dies during a batch, the call raises ComputeProcessDied (a batcher.WorkerDied: the batcher restarts the child and
+computes the batch again); a child found dead before a batch is restarted first.
 """
 
 from __future__ import annotations
@@ -16,13 +18,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import signal
 import threading
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from .batcher import WorkerDied
 from .predict import Predictions, PurifyRequest, is_out_of_memory, predict
 
 log = logging.getLogger("service.compute_process")
@@ -32,13 +38,19 @@ class ComputeProcessError(RuntimeError):
     """The child failed to start, died, or raised; the message names the cause, never a traceback."""
 
 
-class ComputeProcess:
-    """Callable like `predict` for one model: `process(images, request) -> Predictions`. Thread-safe."""
+class ComputeProcessDied(ComputeProcessError, WorkerDied):
+    """The child exited (killed, crashed) while computing a batch."""
 
-    def __init__(self, checkpoint: Path, device: torch.device, threads: int) -> None:
-        self._args = (str(checkpoint), str(device), threads)
+
+class ComputeProcess:
+    """One worker of a model's pool (batcher.Worker): `process.compute(images, request) -> Predictions` like
+    `predict`, in the child. Thread-safe. `nice` lowers the child's scheduling priority (added to the parent's)."""
+
+    def __init__(self, checkpoint: Path, device: torch.device, threads: int, index: int = 0, nice: int = 0) -> None:
+        self.index = index
+        self._args = (str(checkpoint), str(device), threads, nice)
         self._proc: multiprocessing.process.BaseProcess | None = None
-        self._conn = None
+        self._conn: Connection[Any, Any] | None = None  # set together with _proc
         self._lock = threading.Lock()
 
     @property
@@ -50,11 +62,13 @@ class ComputeProcess:
         with self._lock:
             self._start_locked()
 
-    def _start_locked(self) -> None:
+    def _start_locked(self) -> Connection[Any, Any]:
         self._stop_locked()
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
-        proc = context.Process(target=_child_main, args=(child, *self._args), name="soap-compute", daemon=True)
+        proc = context.Process(
+            target=_child_main, args=(child, *self._args), name=f"soap-compute-{self.index}", daemon=True
+        )
         proc.start()
         child.close()
         try:
@@ -70,19 +84,24 @@ class ComputeProcess:
             proc.join(5)
             raise ComputeProcessError(f"the compute process could not start: {detail}")
         self._proc, self._conn = proc, parent
-        log.info("compute process %d serving %s", proc.pid, self._args[0])
+        log.info("compute process %d (worker %d) serving %s", proc.pid, self.index, self._args[0])
+        return parent
 
-    def __call__(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
+    def compute(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
         with self._lock:
-            if self._proc is None or not self._proc.is_alive():
-                self._start_locked()
+            conn = self._conn
+            if conn is None or self._proc is None or not self._proc.is_alive():
+                conn = self._start_locked()
             try:
-                self._conn.send((images.numpy(), request.mode, request.epsilon))
-                status, payload = self._conn.recv()
+                conn.send((images.numpy(), request.mode, request.epsilon))
+                status, payload = conn.recv()
             except (EOFError, OSError):
-                code = self._proc.exitcode if self._proc is not None else None
-                self._stop_locked()
-                raise ComputeProcessError(f"the compute process exited during a batch (exit code {code})") from None
+                proc = self._proc
+                self._stop_locked()  # reaps the child: its exit code is known after this
+                code = proc.exitcode if proc is not None else None
+                raise ComputeProcessDied(
+                    f"compute process (worker {self.index}) exited during a batch (exit code {code})"
+                ) from None
         return reply_to_predictions(status, payload)
 
     def close(self) -> None:
@@ -92,7 +111,7 @@ class ComputeProcess:
     def _stop_locked(self) -> None:
         proc, conn = self._proc, self._conn
         self._proc = self._conn = None
-        if proc is None:
+        if proc is None or conn is None:
             return
         with contextlib.suppress(OSError):
             conn.send(None)
@@ -103,7 +122,7 @@ class ComputeProcess:
         conn.close()
 
 
-def reply_to_predictions(status: str, payload) -> Predictions:
+def reply_to_predictions(status: str, payload: Any) -> Predictions:
     """The child's reply as the parent's result: predictions, or the error to raise. An out-of-memory error in the
     child becomes torch.OutOfMemoryError here, so predict_in_chunks halves the batch and retries as in-process."""
     if status == "ok":
@@ -114,10 +133,12 @@ def reply_to_predictions(status: str, payload) -> Predictions:
     raise ComputeProcessError(f"{kind} in the compute process: {message}")
 
 
-def _child_main(conn, checkpoint: str, device: str, threads: int) -> None:
+def _child_main(conn: Connection[Any, Any], checkpoint: str, device: str, threads: int, nice: int) -> None:
     """The child: load, then answer batches until told to stop (None) or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if nice:
+        os.nice(nice)
     torch.set_num_threads(threads)
     from models import load_checkpoint
 
@@ -137,7 +158,7 @@ def _child_main(conn, checkpoint: str, device: str, threads: int) -> None:
         images, mode, epsilon = message
         try:
             p = predict(loaded, torch.from_numpy(images), PurifyRequest(mode, epsilon))
-            reply = ("ok", tuple(np.ascontiguousarray(t.numpy()) for t in p.tensors()))
+            reply: tuple[str, object] = ("ok", tuple(np.ascontiguousarray(t.numpy()) for t in p.tensors()))
         except Exception as exc:  # noqa: BLE001 - this batch only; the child keeps serving
             kind = "out_of_memory" if is_out_of_memory(exc) else type(exc).__name__
             reply = ("error", (kind, str(exc)[:500]))

@@ -100,9 +100,36 @@ class ServiceSettings(BaseSettings):
         description="run each model's purification in a child process, which shares no GIL with the event loop "
         "(--no-compute-process: a thread)",
     )
-    torch_threads: int | None = Field(
-        None, ge=1, description="CPU threads torch may use (None: all cores but one, left to the event loop)"
+    compute_workers: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="compute workers per model, each a child process fed batches by the batcher (default: one per "
+        "CPU core on the CPU, one on a GPU, one with --no-compute-process)",
     )
+    compute_nice: int = Field(
+        0, ge=0, le=19, description="niceness added to the compute processes (higher: the event loop goes first)"
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads torch may use per worker (default: the cores shared among the workers; in a thread: "
+        "all cores but one, left to the event loop)",
+    )
+    max_certify_samples: int = Field(
+        100_000, ge=1, description="mode=certify: most noise samples per image a request may ask for (422 beyond)"
+    )
+    default_certify_samples: int = Field(10_000, ge=1, description="mode=certify: samples when a request names none")
+    max_certify_queue_samples: int = Field(
+        2_000_000, ge=1, description="mode=certify: forward passes (images × samples) queued per model (503 beyond)"
+    )
+    certify_slice_samples: int = Field(
+        2_000, ge=1, description="mode=certify: noise samples per image between two looks at the purification queue"
+    )
+    certify_share: float = Field(
+        0.5, gt=0, le=1, description="mode=certify: largest share of time certification takes while purification waits"
+    )
+    certify_batch: int = Field(1_000, ge=1, description="mode=certify: noisy copies per forward pass (memory bound)")
     access_log: bool = Field(False, description="log every request (off: the metrics cover it, and it costs CPU)")
     log_level: str = Field("info", description="uvicorn log level")
 
@@ -143,6 +170,16 @@ class ServiceSettings(BaseSettings):
             raise ValueError(f"model names (checkpoint folder names) must be unique; repeated: {dupes}")
         return v
 
+    def pool_size(self, cuda: bool = False) -> int:
+        """Compute workers per model: as configured, else one process per core on the CPU (on 2 cores two one-thread
+        processes purify MNIST faster than one two-thread process, and the kernel gives the event loop its share),
+        one on a GPU (it computes one batch at a time anyway), one thread without compute processes."""
+        if self.compute_workers:
+            return self.compute_workers
+        if cuda or not self.compute_process:
+            return 1
+        return _cores()
+
     @model_validator(mode="after")
     def _one_key_source(self) -> ServiceSettings:
         if self.api_key_env and self.api_key_file:
@@ -151,12 +188,14 @@ class ServiceSettings(BaseSettings):
 
     @property
     def compute_threads(self) -> int:
-        """torch's CPU threads: as configured, else all cores but one, which stays free for the event loop (on a
-        2-core host, 1 thread purified MNIST batches as fast as 2 and halved the p99 of 503s under overload)."""
+        """torch's CPU threads per worker: as configured, else the cores shared among the CPU workers; with the
+        compute in a thread of the server, all cores but one, which stays free for the event loop (on a 2-core
+        host, 1 thread purified MNIST batches as fast as 2 and halved the p99 of 503s under overload)."""
         if self.torch_threads:
             return self.torch_threads
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, cores - 1)
+        if not self.compute_process:
+            return max(1, _cores() - 1)
+        return max(1, _cores() // self.pool_size())
 
     @property
     def model_names(self) -> list[str]:
@@ -182,6 +221,10 @@ class ServiceSettings(BaseSettings):
                 raise ValueError(f"--api-key-file {self.api_key_file} is empty")
             return key
         return None
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _env_name(field: str) -> str:
@@ -214,7 +257,7 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     """Command line over environment (os.environ unless given) over defaults. Raises SystemExit(2) with a
     readable message on bad values, SystemExit(0) after --help or --version."""
     parser = _parser()
-    cli = CliSettingsSource(ServiceSettings, root_parser=parser)
+    cli: CliSettingsSource[argparse.Namespace] = CliSettingsSource(ServiceSettings, root_parser=parser)
     args = list(sys.argv[1:] if argv is None else argv)
     with _environment(environ):
         try:

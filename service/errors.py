@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,7 +34,7 @@ class ServiceError(Exception):
         self.headers = headers or {}
 
 
-def error_response(status: int, error: str, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(status: int, error: str, detail: Any, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
@@ -54,7 +55,8 @@ async def http_error_handler(request: Request, exc: StarletteHTTPException) -> J
     return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), exc.detail, exc.headers)
 
 
-def install_error_handlers(app) -> None:
-    app.add_exception_handler(ServiceError, service_error_handler)
-    app.add_exception_handler(RequestValidationError, validation_error_handler)
-    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+def install_error_handlers(app: FastAPI) -> None:
+    # FastAPI's decorator form, because Starlette types add_exception_handler's handler as taking any Exception
+    app.exception_handler(ServiceError)(service_error_handler)
+    app.exception_handler(RequestValidationError)(validation_error_handler)
+    app.exception_handler(StarletteHTTPException)(http_error_handler)

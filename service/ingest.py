@@ -18,6 +18,7 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request as StarletteRequest
+from starlette.types import Message
 
 from .errors import ServiceError
 from .schemas import ClassifyJSON
@@ -100,7 +101,7 @@ async def _parse_multipart(request: Request, body: bytes, max_images: int, model
     """Parse with Starlette's multipart parser from the already-bounded body."""
     sent = False
 
-    async def replay() -> dict:
+    async def replay() -> Message:
         nonlocal sent
         if sent:
             return {"type": "http.disconnect"}

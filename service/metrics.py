@@ -16,6 +16,10 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 EPSILON_BUCKETS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
 AUX_LOSS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
+# Certified L2 radii (pixel scale [0, 1]); σ = 0.5 with n = 10,000 and α = 0.001 cannot certify beyond ~1.6.
+RADIUS_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
+CERTIFY_OUTCOMES = ("certified", "abstained")
+
 REJECTION_REASONS = (
     "queue_full",
     "deadline",
@@ -91,6 +95,32 @@ class ServiceMetrics:
             registry=r,
         )
         self.images = Counter("soap_images", "Images classified, by purification mode.", ["model", "mode"], registry=r)
+        self.certify_requests = Counter(
+            "soap_certify_requests", "Certify requests answered (mode=certify).", ["model"], registry=r
+        )
+        self.certify_images = Counter(
+            "soap_certify_images",
+            "Images certified, by outcome (certified or abstained).",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.certified_radius = Histogram(
+            "soap_certified_radius",
+            "Certified L2 radius per non-abstaining image (pixel scale [0, 1]).",
+            ["model"],
+            buckets=RADIUS_BUCKETS,
+            registry=r,
+        )
+        self.certify_compute = Histogram(
+            "soap_certify_compute_seconds",
+            "Forward-pass time of one certify request (pauses for purification excluded).",
+            ["model"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.certify_queue = Gauge(
+            "soap_certify_queue_samples", "Forward passes waiting in the model's certify lane.", ["model"], registry=r
+        )
         self.model_info = Gauge(
             "soap_model_info",
             "Loaded models (value 1).",
@@ -109,7 +139,13 @@ class ServiceMetrics:
         for mode in modes:
             self.images.labels(model, mode)
         self.suspicious.labels(model)
+        self.certify_requests.labels(model)
+        for outcome in CERTIFY_OUTCOMES:
+            self.certify_images.labels(model, outcome)
+        self.certify_queue.labels(model).set(0)
         for histogram in (
+            self.certified_radius,
+            self.certify_compute,
             self.queue_wait,
             self.batch_compute,
             self.batch_size,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models import LoadedModel, purify
+from models import LoadedModel, Mode, purify
 
 log = logging.getLogger("service.predict")
 
@@ -22,7 +22,7 @@ log = logging.getLogger("service.predict")
 class PurifyRequest:
     """What every image of one batch shares: the purification mode and, for "fixed", the budget."""
 
-    mode: str = "min-aux"
+    mode: Mode = Mode.MIN_AUX
     epsilon: float | None = None
 
 
@@ -57,7 +57,7 @@ def predict(model: LoadedModel, images: torch.Tensor, request: PurifyRequest) ->
     """Purify `images` ([n, C, H, W] in [0, 1], any device) and classify the purified images."""
     device = next(model.network.buffers()).device
     x = images.to(device, non_blocking=True)
-    result = purify(model.network, x, model.purifier, mode=request.mode, epsilon=request.epsilon, return_curve=True)
+    result = purify(model.network, x, model.purifier, mode=request.mode, epsilon=request.epsilon)
     with torch.no_grad():
         probs = model.network(result.images).softmax(dim=1)
     return Predictions(
@@ -68,6 +68,23 @@ def predict(model: LoadedModel, images: torch.Tensor, request: PurifyRequest) ->
         curve=result.curve.float().cpu(),
         purified=result.images.float().cpu(),
     )
+
+
+class InlineWorker:
+    """A pool worker (batcher.Worker) that runs the predict step in the calling thread (--no-compute-process)."""
+
+    def __init__(self, model: LoadedModel, index: int = 0) -> None:
+        self.model = model
+        self.index = index
+
+    def start(self) -> None:
+        """Nothing to start: the model is loaded in this process."""
+
+    def compute(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
+        return predict(self.model, images, request)
+
+    def close(self) -> None:
+        """Nothing to stop."""
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -7,6 +7,7 @@ models through it:
     model = runtime.get(name)          # ModelRuntime; name None -> the default model; unknown -> 404 ServiceError
     model.loaded                       # models.LoadedModel (network in eval mode, meta, path)
     model.batcher                      # service.batcher.Batcher (submit work like POST /classify does)
+    model.workers                      # its compute pool: ComputeProcess children, or one InlineWorker
     runtime.settings                   # service.config.ServiceSettings (e.g. enable_attack)
 """
 
@@ -15,18 +16,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from models import MODES, LoadedModel, load_checkpoint
+from models import LoadedModel, Mode, load_checkpoint
 
-from .batcher import Batcher, BatchStats
+from .batcher import Batcher, BatchStats, Worker
+from .certify import CertifyLane, CertifyResult
 from .compute_process import ComputeProcess
 from .config import ServiceSettings
 from .errors import ServiceError
 from .metrics import ServiceMetrics
-from .predict import Predictions, PurifyRequest, predict
+from .predict import InlineWorker, Predictions, PurifyRequest
 
 log = logging.getLogger("service.runtime")
 
@@ -41,14 +44,19 @@ def resolve_device(device: str) -> torch.device:
 
 @dataclass
 class ModelRuntime:
-    """One served model: the checkpoint on its device, its batcher, and whether it is warmed up."""
+    """One served model: the checkpoint, its compute workers and batcher, and which workers are warmed up."""
 
     name: str
     loaded: LoadedModel
     device: torch.device
+    workers: list[Worker]
     batcher: Batcher = field(init=False)
-    process: ComputeProcess | None = None  # --compute-process: the predict step runs in this child
-    ready: bool = False
+    certify: CertifyLane | None = None  # mode=certify; None when the checkpoint records no training noise σ
+    warm: set[int] = field(default_factory=set)  # indices of the workers that have been warmed up
+
+    @property
+    def ready(self) -> bool:
+        return len(self.warm) == len(self.workers)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -70,16 +78,16 @@ class ModelRuntime:
         return self.loaded.meta.aux_head_trained
 
     @property
-    def modes(self) -> tuple[str, ...]:
+    def modes(self) -> tuple[Mode, ...]:
         """The purification modes this model serves: all of them, or only "none" when its auxiliary head is
         untrained (descending an untrained loss moves images along noise: a baseline answered 8 for a clean 7)."""
-        return MODES if self.purifies else ("none",)
+        return tuple(Mode) if self.purifies else (Mode.NONE,)
 
     @property
-    def default_mode(self) -> str:
-        return "min-aux" if self.purifies else "none"
+    def default_mode(self) -> Mode:
+        return Mode.MIN_AUX if self.purifies else Mode.NONE
 
-    def purify_request(self, mode: str | None, epsilon: float | None) -> PurifyRequest:
+    def purify_request(self, mode: Mode | None, epsilon: float | None) -> PurifyRequest:
         """What a request asks of this model's batches (mode None: the model's default); 422 ServiceError for a mode
         the model does not serve or a budget beyond its grid."""
         mode = mode or self.default_mode
@@ -105,20 +113,16 @@ class ModelRuntime:
         return PurifyRequest(mode, epsilon)
 
     def compute(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
-        """The predict step for one batch (runs in the batcher's thread; in the child process when there is one)."""
-        if self.process is not None:
-            return self.process(images, request)
-        return predict(self.loaded, images, request)
+        """The predict step for one batch on the first worker, outside the batcher (tools and tests)."""
+        return self.workers[0].compute(images, request)
 
-    def warmup(self) -> None:
-        """Start the compute process if any, then one batch of zeros in the model's default mode, so the first real
-        request pays no start-up, allocation or kernel-selection cost."""
-        if self.process is not None:
-            self.process.start()
-        zeros = torch.zeros((2, *self.input_shape))
-        self.compute(zeros, PurifyRequest(self.default_mode))
-        self.ready = True
-        log.info("model %s warmed up on %s", self.name, self.device)
+    def warmup(self, worker: Worker) -> None:
+        """(Re)start a worker, then one batch of zeros in the model's default mode, so its first real batch pays no
+        start-up, allocation or kernel-selection cost. Runs in the batcher's thread for that worker."""
+        worker.start()
+        worker.compute(torch.zeros((2, *self.input_shape)), PurifyRequest(self.default_mode))
+        self.warm.add(worker.index)
+        log.info("model %s worker %d warmed up on %s", self.name, worker.index, self.device)
 
 
 class ServiceRuntime:
@@ -133,24 +137,29 @@ class ServiceRuntime:
         # With compute processes the parent's copy of each model only answers metadata and the demo's attacks: it
         # stays on the CPU, so the parent never opens a CUDA context of its own next to the children's.
         home = torch.device("cpu") if settings.compute_process else self.device
+        workers = settings.pool_size(cuda=self.device.type == "cuda")
         for path in settings.models:
             loaded = load_checkpoint(path, home)
-            process = (
-                ComputeProcess(path.resolve(), self.device, settings.compute_threads)
+            pool: list[Worker] = (
+                [
+                    ComputeProcess(path.resolve(), self.device, settings.compute_threads, i, settings.compute_nice)
+                    for i in range(workers)
+                ]
                 if settings.compute_process
-                else None
+                else [InlineWorker(loaded, i) for i in range(workers)]
             )
-            self.models[path.name] = ModelRuntime(path.name, loaded, self.device, process=process)
+            self.models[path.name] = ModelRuntime(path.name, loaded, self.device, pool)
         self.default = settings.model_names[0]
         self.draining = False
         self._started = False
         for model in self.models.values():
             model.batcher = self._make_batcher(model)
+            model.certify = self._make_certify_lane(model)
             meta = model.loaded.meta
             self.metrics.model_info.labels(model.name, meta.network, meta.dataset, meta.aux_task, str(self.device)).set(
                 1
             )
-            self.metrics.declare_model(model.name, MODES)
+            self.metrics.declare_model(model.name, tuple(Mode))
         self.metrics.ready.set(0)
 
     def _make_batcher(self, model: ModelRuntime) -> Batcher:
@@ -158,12 +167,30 @@ class ServiceRuntime:
         depth = self.metrics.queue_depth.labels(model.name)
         return Batcher(
             model.name,
-            model.compute,
+            model.workers,
             s.max_batch_size,
             s.max_delay_ms / 1000.0,
             s.max_queue,
             on_batch=lambda stats: self._record_batch(model, stats),
             on_depth=depth.set,
+        )
+
+    def _make_certify_lane(self, model: ModelRuntime) -> CertifyLane | None:
+        sigma = model.loaded.meta.training_noise_std
+        if sigma is None:
+            return None
+        s = self.settings
+        return CertifyLane(
+            model.name,
+            model.loaded.network,
+            sigma,
+            s.max_certify_queue_samples,
+            s.certify_slice_samples,
+            s.certify_share,
+            s.certify_batch,
+            purification_waiting=lambda: model.batcher.depth > 0,
+            on_done=lambda result: self._record_certify(model, result),
+            on_queue=self.metrics.certify_queue.labels(model.name).set,
         )
 
     # ------------------------------------------------------------------ lookups
@@ -190,14 +217,16 @@ class ServiceRuntime:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Start every batcher; each warms its model up in its own thread before taking work."""
+        """Start every batcher; each warms its model's workers up, each in its own thread, before taking work."""
         for model in self.models.values():
             model.batcher.start(self._warmup_then_report(model))
+            if model.certify is not None:
+                model.certify.start()
         self._started = True
 
-    def _warmup_then_report(self, model: ModelRuntime):
-        def run() -> None:
-            model.warmup()
+    def _warmup_then_report(self, model: ModelRuntime) -> Callable[[Worker], None]:
+        def run(worker: Worker) -> None:
+            model.warmup(worker)
             self.metrics.ready.set(1 if self.ready else 0)
 
         return run
@@ -209,15 +238,18 @@ class ServiceRuntime:
         self.metrics.ready.set(0)
         for model in self.models.values():
             model.batcher.drain()
+            if model.certify is not None:
+                model.certify.drain()
         return first
 
     async def stop(self) -> None:
         """Finish everything queued, then stop the workers."""
         self.begin_drain()
         await asyncio.gather(*(m.batcher.close() for m in self.models.values()))
+        await asyncio.gather(*(m.certify.close() for m in self.models.values() if m.certify is not None))
         for model in self.models.values():
-            if model.process is not None:
-                model.process.close()
+            for worker in model.workers:
+                worker.close()
 
     # ------------------------------------------------------------------ metrics
 
@@ -242,3 +274,13 @@ class ServiceRuntime:
             suspicious += b > threshold
         if suspicious:
             m.suspicious.labels(name).inc(suspicious)
+
+    def _record_certify(self, model: ModelRuntime, result: CertifyResult) -> None:
+        m, name = self.metrics, model.name
+        m.certify_requests.labels(name).inc()
+        m.certify_compute.labels(name).observe(result.compute_s)
+        radius = m.certified_radius.labels(name)
+        for cert in result.certificates:
+            m.certify_images.labels(name, "abstained" if cert.abstained else "certified").inc()
+            if cert.radius is not None:
+                radius.observe(cert.radius)

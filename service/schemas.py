@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.purifier import Mode
+from models import Mode
 
 
 class ClassifyOptions(BaseModel):
@@ -15,11 +15,12 @@ class ClassifyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="model name (checkpoint folder name); default: the first model")
-    mode: Mode | None = Field(
+    mode: Mode | Literal["certify"] | None = Field(
         None,
-        description="min-aux: per-image budget search (SOAP); fixed: purify at `epsilon`; none: no purification. "
+        description="min-aux: per-image budget search (SOAP); fixed: purify at `epsilon`; none: no purification; "
+        "certify: randomized smoothing, a prediction with a certified L2 radius (no purification). "
         "Default: the model's `default_mode` (min-aux; none for a model whose auxiliary head was not trained, "
-        "which refuses the other modes with 422)",
+        "which refuses the other purification modes with 422)",
     )
     epsilon: float | None = Field(
         None, ge=0, description="L-inf budget for mode=fixed, at most the model's largest budget"
@@ -29,6 +30,13 @@ class ClassifyOptions(BaseModel):
     )
     return_purified: bool = Field(False, description="include the purified image as base64 PNG")
     return_curve: bool = Field(False, description="include the auxiliary loss at every evaluated budget")
+    samples: int | None = Field(
+        None, ge=1, description="mode=certify: noise samples per image to estimate p_A (default 10,000; server limit)"
+    )
+    alpha: float | None = Field(
+        None, gt=0, lt=0.5, description="mode=certify: failure probability of each certificate (default 0.001)"
+    )
+    seed: int = Field(0, ge=0, le=2**62, description="mode=certify: noise seed (image i uses seed + i)")
 
     @model_validator(mode="after")
     def _epsilon_goes_with_fixed(self) -> ClassifyOptions:
@@ -36,6 +44,10 @@ class ClassifyOptions(BaseModel):
             raise ValueError("mode=fixed needs epsilon")
         if self.mode != "fixed" and self.epsilon is not None:
             raise ValueError(f"epsilon is only used with mode=fixed (mode is {self.mode or 'the model default'})")
+        if self.mode != "certify" and (self.samples is not None or self.alpha is not None):
+            raise ValueError(
+                f"samples and alpha are only used with mode=certify (mode is {self.mode or 'the model default'})"
+            )
         return self
 
 
@@ -84,6 +96,37 @@ class ClassifyResponse(BaseModel):
     model: str
     results: list[ImageResult]
     timing_ms: Timing
+
+
+class CertifiedImage(BaseModel):
+    """mode=certify: the smoothed classifier's answer for one image (Cohen et al. 2019, CERTIFY)."""
+
+    label: int | None = Field(description="smoothed prediction; null when abstaining")
+    class_name: str | None
+    certified_radius: float | None = Field(
+        description="L2 radius (pixels in [0, 1]) within which the smoothed prediction provably does not change, "
+        "with probability ≥ 1 − alpha over the noise; null when abstaining"
+    )
+    abstained: bool = Field(description="p_lower ≤ 1/2: no certificate (and no prediction) for this image")
+    p_lower: float = Field(description="one-sided Clopper–Pearson lower bound on the top class's probability")
+    sigma: float = Field(description="standard deviation of the Gaussian noise (the model's training noise)")
+    samples: int = Field(description="forward passes spent on this image: n0 (selection) + samples (estimation)")
+    alpha: float
+    seed: int = Field(description="noise seed of this image (the request's seed + its index)")
+
+
+class CertifyTiming(BaseModel):
+    queue: float = Field(description="ms waiting for the certify lane")
+    compute: float = Field(description="ms of forward passes")
+    paused: float = Field(description="ms the lane yielded to queued purification work")
+    total: float = Field(description="ms from request start to response")
+
+
+class CertifyResponse(BaseModel):
+    request_id: str
+    model: str
+    results: list[CertifiedImage]
+    timing_ms: CertifyTiming
 
 
 class ErrorResponse(BaseModel):

@@ -34,19 +34,19 @@ def test_child_predictions_equal_in_process_predictions(process, model_dir):
     images = torch.rand(5, 1, 28, 28)
     torch.set_num_threads(1)
     here = predict(load_checkpoint(model_dir), images, PurifyRequest())
-    there = process(images, PurifyRequest())
+    there = process.compute(images, PurifyRequest())
     for a, b in zip(here.tensors(), there.tensors(), strict=True):
         assert a.shape == b.shape
         assert torch.allclose(a, b, atol=1e-6)
-    fixed = process(images, PurifyRequest("fixed", 0.2))
+    fixed = process.compute(images, PurifyRequest("fixed", 0.2))
     assert torch.allclose(fixed.epsilon, torch.full((5,), 0.2))
 
 
 def test_a_failing_batch_fails_alone_and_the_child_keeps_serving(process):
     with pytest.raises(ComputeProcessError, match="RuntimeError in the compute process"):
-        process(torch.rand(2, 3, 5, 5), PurifyRequest())  # wrong shape for the FCN
+        process.compute(torch.rand(2, 3, 5, 5), PurifyRequest())  # wrong shape for the FCN
     pid = process.pid
-    assert process(torch.rand(2, 1, 28, 28), PurifyRequest()).probs.shape == (2, 10)
+    assert process.compute(torch.rand(2, 1, 28, 28), PurifyRequest()).probs.shape == (2, 10)
     assert process.pid == pid  # same child
 
 
@@ -83,10 +83,10 @@ def test_a_dead_child_fails_its_batch_and_is_replaced(process):
     # first.
     failure = ""
     try:
-        result = process(torch.rand(1, 1, 28, 28), PurifyRequest())
+        result = process.compute(torch.rand(1, 1, 28, 28), PurifyRequest())
     except ComputeProcessError as exc:
         failure = str(exc)
-        result = process(torch.rand(1, 1, 28, 28), PurifyRequest())
+        result = process.compute(torch.rand(1, 1, 28, 28), PurifyRequest())
     assert not failure or "exited" in failure, failure
     assert result.probs.shape == (1, 10)
     assert process.pid not in (None, pid)
@@ -102,13 +102,13 @@ def test_a_bad_checkpoint_fails_the_start_with_its_reason(tmp_path):
 async def test_the_app_serves_through_the_child_and_closes_it(model_dir):
     async with serve_app(settings_for(model_dir, compute_process=True)) as (app, client):
         model = app.state.runtime.models["mnist-fcn-dr"]
-        pid = model.process.pid
+        pid = model.workers[0].pid
         assert pid is not None
         assert pid != os.getpid()
         r = await client.post("/classify", content=mnist_png(7), headers=PNG)
         assert r.status_code == 200
         assert r.json()["results"][0]["label"] == 7
-    assert model.process.pid is None  # the lifespan's end closed it
+    assert model.workers[0].pid is None  # the lifespan's end closed it
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
 

@@ -13,7 +13,8 @@ from PIL import Image
 from models import create_model, load_checkpoint, purify, save_checkpoint
 from models.checkpoint import meta_for
 from training.__main__ import main
-from training.evaluate import ROWS, evaluation_order, load_test_data
+from training.data import load_test_data
+from training.evaluate import ROWS, evaluation_order
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "zoo" / "mnist-fcn-dr"

@@ -122,8 +122,8 @@ async def test_a_client_that_went_away_is_dropped_before_compute(model_dir):
 
 async def test_a_failing_batch_fails_only_its_requests_and_the_worker_survives(model_dir):
     async with serve_app(settings_for(model_dir, max_batch_size=64, max_delay_ms=150)) as (app, client):
-        batcher = app.state.runtime.models["mnist-fcn-dr"].batcher
-        real = batcher.compute
+        worker = app.state.runtime.models["mnist-fcn-dr"].workers[0]
+        real = worker.compute
         calls = []
 
         def explode_once(images, request):
@@ -132,7 +132,7 @@ async def test_a_failing_batch_fails_only_its_requests_and_the_worker_survives(m
                 raise RuntimeError("simulated kernel failure in /secret/path")
             return real(images, request)
 
-        batcher.compute = explode_once
+        worker.compute = explode_once
         failed = await asyncio.gather(*(client.post("/classify", content=mnist_png(d), headers=PNG) for d in range(3)))
         after = await client.post("/classify", content=mnist_png(8), headers=PNG)
         ready = await client.get("/readyz")
@@ -150,8 +150,8 @@ async def test_a_failing_batch_fails_only_its_requests_and_the_worker_survives(m
 @pytest.mark.parametrize("extra_rows", [-1, 1], ids=["a_row_short", "a_row_over"])
 async def test_a_result_without_one_row_per_image_fails_its_batch_and_names_the_requests(model_dir, caplog, extra_rows):
     async with serve_app(settings_for(model_dir, max_batch_size=64, max_delay_ms=150)) as (app, client):
-        batcher = app.state.runtime.models["mnist-fcn-dr"].batcher
-        real = batcher.compute
+        worker = app.state.runtime.models["mnist-fcn-dr"].workers[0]
+        real = worker.compute
         calls = []
 
         def wrong_rows_once(images, request):
@@ -162,7 +162,7 @@ async def test_a_result_without_one_row_per_image_fails_its_batch_and_names_the_
             rows = torch.arange(images.shape[0] + extra_rows) % images.shape[0]
             return Predictions(*(t[rows] for t in p.tensors()))
 
-        batcher.compute = wrong_rows_once
+        worker.compute = wrong_rows_once
         ids = [f"d7-{d}" for d in range(3)]
         failed = await asyncio.gather(
             *(
@@ -210,14 +210,15 @@ def test_out_of_memory_halves_the_chunk_and_gives_the_same_result(model_dir):
 async def test_out_of_memory_inside_the_service_is_retried_in_halves(model_dir):
     async with serve_app(settings_for(model_dir, max_batch_size=8, max_delay_ms=150)) as (app, client):
         batcher = app.state.runtime.models["mnist-fcn-dr"].batcher
-        real = batcher.compute
+        worker = batcher.workers[0]
+        real = worker.compute
 
         def small_gpu(images, request):
             if images.shape[0] > 2:
                 raise torch.OutOfMemoryError("CUDA out of memory")
             return real(images, request)
 
-        batcher.compute = small_gpu
+        worker.compute = small_gpu
         rs = await asyncio.gather(*(client.post("/classify", content=mnist_png(d), headers=PNG) for d in range(6)))
     assert [r.status_code for r in rs] == [200] * 6
     assert [r.json()["results"][0]["label"] for r in rs] == list(range(6))
@@ -260,14 +261,14 @@ async def test_stopping_the_runtime_finishes_the_queue_first(model_dir):
 
 async def test_requests_with_different_settings_never_share_a_batch(model_dir):
     async with serve_app(settings_for(model_dir, max_batch_size=64, max_delay_ms=200)) as (app, client):
-        batcher = app.state.runtime.models["mnist-fcn-dr"].batcher
-        real, seen = batcher.compute, []
+        worker = app.state.runtime.models["mnist-fcn-dr"].workers[0]
+        real, seen = worker.compute, []
 
         def spy(images, request):
             seen.append((request.mode, request.epsilon, images.shape[0]))
             return real(images, request)
 
-        batcher.compute = spy
+        worker.compute = spy
         queries = ["", "?mode=none", "", "?mode=fixed&epsilon=0.2", "?mode=none", ""]
         rs = await asyncio.gather(
             *(client.post("/classify" + q, content=mnist_png(i), headers=PNG) for i, q in enumerate(queries))
@@ -286,9 +287,9 @@ async def test_readyz_is_503_until_the_models_are_warmed_up(model_dir):
     release = threading.Event()
     real_warmup = model.warmup
 
-    def slow_warmup():
+    def slow_warmup(worker):
         release.wait(10)
-        real_warmup()
+        real_warmup(worker)
 
     model.warmup = slow_warmup
     async with (
@@ -318,7 +319,7 @@ async def test_a_failed_warm_up_fails_queued_requests_and_readiness(model_dir):
     model = app.state.runtime.models["mnist-fcn-dr"]
     release = threading.Event()
 
-    def broken_warmup():
+    def broken_warmup(worker):
         release.wait(10)
         raise RuntimeError("device lost")
 

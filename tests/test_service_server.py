@@ -230,9 +230,3 @@ def test_api_key_env_must_name_a_non_empty_variable(monkeypatch):
     monkeypatch.setenv("SOAP_TEST_EMPTY_KEY", "s3cret-value")
     assert settings.api_key == "s3cret-value"
     assert "s3cret" not in json.dumps(settings.model_dump(mode="json"))
-
-
-def test_compute_threads_leave_one_core_to_the_event_loop(tmp_path):
-    cores = len(os.sched_getaffinity(0))
-    assert ServiceSettings(models=[tmp_path]).compute_threads == max(1, cores - 1)
-    assert ServiceSettings(models=[tmp_path], torch_threads=3).compute_threads == 3

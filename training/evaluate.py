@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,7 @@ from .attacks import paper_settings
 from .attacks.registry import ATTACKS, DEFAULT_ATTACKS, AttackContext, AttackSpec, get_attack
 from .attacks.seeding import ImageGenerators, derive_seed
 from .attacks.settings import AttackSettings
-from .data import ImageData, is_image_folder, load_image_folder, load_splits
+from .data import ImageData, load_test_data
 from .distributed import Process, resolve_device  # noqa: F401  (certify and soundness import it from here)
 from .partial import BatchRecord, PartialResults, fingerprint
 from .report import write_all
@@ -75,10 +76,10 @@ class Batchwise:
     @classmethod
     def of(cls, records: list[BatchRecord]) -> Batchwise:
         records = sorted(records, key=lambda r: r.start)
-        flagged = [r.flagged for r in records]
+        flagged = [r.flagged for r in records if r.flagged is not None]
         return cls(
             _cat([r.correct for r in records]),
-            torch.cat(flagged) if all(f is not None for f in flagged) else None,  # type: ignore[misc]
+            torch.cat(flagged) if flagged and len(flagged) == len(records) else None,
             sum(r.seconds for r in records),
             max(r.max_linf for r in records),
             max(r.max_l2 for r in records),
@@ -87,16 +88,6 @@ class Batchwise:
 
 
 # ----------------------------------------------------------------------------- data and model
-
-
-def load_test_data(dataset: str, root: Path | None, shape: tuple[int, int, int]) -> tuple[ImageData, str]:
-    """The test split: ROOT/test or ROOT as an ImageFolder tree, else torchvision's layout under ROOT."""
-    if root is not None and is_image_folder(root / "test"):
-        return load_image_folder(root / "test", shape), f"ImageFolder {root / 'test'}"
-    if root is not None and is_image_folder(root):
-        return load_image_folder(root, shape), f"ImageFolder {root}"
-    splits = load_splits(dataset, root, shape)
-    return splits.test, splits.source + " (test split)"
 
 
 def evaluation_order(data: ImageData, source: str) -> tuple[torch.Tensor, str]:
@@ -246,7 +237,7 @@ def _evaluate(config: EvalConfig, process: Process) -> dict | None:
     for a in config.attacks:
         get_attack(a)
 
-    data, data_source = load_test_data(meta.dataset, config.data_root, tuple(meta.input_shape))
+    data, data_source = load_test_data(meta.dataset, config.data_root, meta.input_shape)
     order, selection = evaluation_order(data, data_source)
     reserve = BLACKBOX_SEED_IMAGES if "blackbox" in attacks else 0
     n = min(config.n, len(data) - reserve)
@@ -306,9 +297,11 @@ def _evaluate(config: EvalConfig, process: Process) -> dict | None:
         scorer.score(xb, yb) for xb, yb in zip(x.split(config.batch_size), y.split(config.batch_size), strict=True)
     ]
     clean = _cat([c for c, _ in parts])
-    clean_flagged = torch.cat([f for _, f in parts]) if threshold is not None else None  # type: ignore[misc]
+    flags = [f for _, f in parts if f is not None]
+    clean_flagged = torch.cat(flags) if flags else None
 
-    result = {
+    attack_results: dict[str, dict[str, Any]] = {}
+    result: dict[str, Any] = {
         "model": str(config.model),
         "network": meta.network,
         "dataset": meta.dataset,
@@ -330,11 +323,11 @@ def _evaluate(config: EvalConfig, process: Process) -> dict | None:
         ),
         "clean": {row: Accuracy.of(c).to_dict() for row, c in clean.items()},
         "purification_seconds_per_image": scorer.purify_seconds / max(scorer.purified_images, 1) if soap else None,
-        "attacks": {},
+        "attacks": attack_results,
     }
     for name, col in columns.items():
         spec = get_attack(name)
-        result["attacks"][name] = {
+        attack_results[name] = {
             "kind": spec.kind,
             "norm": spec.norm,
             "budget": spec.budget(settings),
@@ -390,7 +383,7 @@ def detector_rates(flagged: torch.Tensor, correct: torch.Tensor) -> dict:
 
 def _worst_cases(columns: dict[str, Batchwise], clean: dict[str, torch.Tensor]) -> dict:
     """Per example, correct only if it survives every attack of the group (and is correct when clean)."""
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     groups = {
         "adaptive": [c for name, c in columns.items() if get_attack(name).kind == "adaptive"],
         "all": [c for name, c in columns.items() if get_attack(name).kind != "control"],

@@ -95,6 +95,7 @@
   function setBusy(busy) {
     state.busy = busy;
     for (const id of ["classify-drawing", "file"]) $(id).disabled = busy;
+    $("certify").disabled = busy || !state.current;
     updateAttackButton();
   }
 
@@ -398,6 +399,38 @@
     }
   }
 
+  /** mode=certify: the smoothed prediction of the current image with its certified L2 radius. */
+  async function certifyCurrent() {
+    if (!state.current) return;
+    clearError();
+    setBusy(true);
+    setStatus("Certifying (randomized smoothing)…");
+    const out = $("certificate");
+    try {
+      const form = new FormData();
+      form.append("file", state.current.blob, state.current.name);
+      const params = new URLSearchParams({
+        model: $("model").value, mode: "certify", samples: String($("certify-samples").value || 10000),
+      });
+      const body = await api(`classify?${params}`, {method: "POST", body: form});
+      const c = body.results[0];
+      const t = body.timing_ms || {};
+      out.textContent = c.abstained
+        ? `Abstained: the noisy votes do not single out a class with confidence 1 − α = ${1 - c.alpha} ` +
+          `(p_lower = ${fmt(c.p_lower, 4)} ≤ 0.5, σ = ${c.sigma}, ${c.samples} forward passes). No certificate.`
+        : `Smoothed prediction ${labelText(c.label, c.class_name)}, certified L2 radius ${fmt(c.certified_radius, 3)} ` +
+          `(pixels in [0, 1]; σ = ${c.sigma}, p_lower = ${fmt(c.p_lower, 4)}, α = ${c.alpha}, ` +
+          `${c.samples} forward passes, seed ${c.seed}; compute ${fmt(t.compute, 0)} ms).`;
+      out.hidden = false;
+      setStatus(c.abstained ? "Certify: abstained." : `Certified: ${labelText(c.label, c.class_name)} within L2 ${fmt(c.certified_radius, 3)}.`);
+    } catch (err) {
+      out.hidden = true;
+      showError(err);
+    } finally {
+      setBusy(false);
+    }
+  }
+
   function fmt(v, digits = 3) {
     if (v == null || Number.isNaN(v)) return "—";
     const a = Math.abs(v);
@@ -632,6 +665,7 @@
   $("classify-drawing").addEventListener("click", classifyDrawing);
   $("clear-drawing").addEventListener("click", () => { clearInk(); view.focus(); });
   $("attack").addEventListener("click", attack);
+  $("certify").addEventListener("click", certifyCurrent);
   $("api-key-apply").addEventListener("click", () => {
     state.apiKey = $("api-key").value.trim();
     loadAttackSettings();

@@ -1,0 +1,179 @@
+"""A model's compute pool (service/batcher.py + service/compute_process.py): batches run on several workers at once,
+a batch whose worker died is computed again, a batch that kills workers twice fails alone, and SIGKILL of a worker
+in a real server under load costs no request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_service_support import ServerProcess, metric_value, mnist_png, serve_app, settings_for
+
+from service.batcher import WorkerDied
+from service.config import ServiceSettings
+
+PNG = {"Content-Type": "image/png"}
+
+
+@pytest.mark.anyio
+async def test_two_workers_compute_two_batches_at_once(model_dir):
+    """Each worker waits for the other inside its batch: this only finishes if two batches run concurrently."""
+    settings = settings_for(model_dir, compute_workers=2, max_batch_size=4, max_delay_ms=100)
+    async with serve_app(settings) as (app, client):
+        model = app.state.runtime.models["mnist-fcn-dr"]
+        both = threading.Barrier(2, timeout=20)
+        seen: list[int] = []
+        for worker in model.workers:
+            real = worker.compute
+
+            def rendezvous(images, request, real=real, index=worker.index):
+                seen.append(index)
+                both.wait()
+                return real(images, request)
+
+            worker.compute = rendezvous
+        rs = await asyncio.gather(*(client.post("/classify", content=mnist_png(d), headers=PNG) for d in range(8)))
+    assert [r.status_code for r in rs] == [200] * 8
+    assert [r.json()["results"][0]["label"] for r in rs] == list(range(8))
+    assert sorted(seen) == [0, 1]  # two batches of 4, one per worker, computed side by side
+
+
+@pytest.mark.anyio
+async def test_a_batch_whose_worker_died_is_computed_again_and_the_worker_restarted(model_dir):
+    async with serve_app(settings_for(model_dir, max_batch_size=8, max_delay_ms=100)) as (app, client):
+        model = app.state.runtime.models["mnist-fcn-dr"]
+        worker = model.workers[0]
+        real, calls, restarts = worker.compute, [], []
+        real_start = worker.start
+
+        def dies_once(images, request):
+            calls.append(images.shape[0])
+            if len(calls) == 1:
+                raise WorkerDied("compute process exited during a batch (exit code -9)")
+            return real(images, request)
+
+        worker.compute = dies_once
+        worker.start = lambda: (restarts.append(1), real_start())
+        rs = await asyncio.gather(*(client.post("/classify", content=mnist_png(d), headers=PNG) for d in range(3)))
+        metrics = (await client.get("/metrics")).text
+    assert [r.status_code for r in rs] == [200] * 3
+    assert [r.json()["results"][0]["label"] for r in rs] == [0, 1, 2]
+    assert calls == [3, 2, 3]  # the batch, the restarted worker's warm-up batch, the same batch again
+    assert restarts == [1]  # the dead worker was started again before it took more work
+    assert metric_value(metrics, "soap_batch_size_images_count", model="mnist-fcn-dr") == 1  # reported once
+
+
+@pytest.mark.anyio
+async def test_a_batch_that_kills_workers_twice_fails_alone_with_its_request_ids_logged(model_dir, caplog):
+    """mode=none batches "kill" their worker every time (a poisonous input); min-aux batches beside them pass."""
+    settings = settings_for(model_dir, compute_workers=2, max_batch_size=8, max_delay_ms=100)
+    async with serve_app(settings) as (app, client):
+        model = app.state.runtime.models["mnist-fcn-dr"]
+        for worker in model.workers:
+            real = worker.compute
+
+            def poisoned(images, request, real=real):
+                if request.mode == "none":
+                    raise WorkerDied("compute process exited during a batch (exit code -11)")
+                return real(images, request)
+
+            worker.compute = poisoned
+        with caplog.at_level(logging.WARNING, logger="service.batcher"):
+            poison = [
+                client.post("/classify?mode=none", content=mnist_png(d), headers={**PNG, "X-Request-ID": f"poison-{d}"})
+                for d in range(2)
+            ]
+            fine = [client.post("/classify", content=mnist_png(d), headers=PNG) for d in range(6)]
+            rs = await asyncio.gather(*poison, *fine)
+            after = await client.post("/classify", content=mnist_png(9), headers=PNG)
+    assert [r.status_code for r in rs[:2]] == [500, 500]
+    assert all(r.json()["error"] == "batch_failed" and "WorkerDied" in r.json()["detail"] for r in rs[:2])
+    assert [r.status_code for r in rs[2:]] == [200] * 6
+    assert after.status_code == 200
+    assert after.json()["results"][0]["label"] == 9
+    failed = [r.getMessage() for r in caplog.records if "failing it alone" in r.getMessage()]
+    assert len(failed) == 1
+    assert "poison-0" in failed[0]
+    assert "poison-1" in failed[0]
+
+
+def _children(pid: int) -> list[int]:
+    """The compute processes of a server (multiprocessing's resource tracker is a child too)."""
+    kids = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+def _running(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
+
+
+@pytest.mark.timeout(180)
+def test_sigkill_of_a_worker_under_load_costs_no_request(model_dir):
+    """A real server with two compute processes, 64 clients; one child is killed while it computes a batch."""
+    import aiohttp
+
+    srv = ServerProcess(["--model", str(model_dir), "--compute-workers", "2", "--max-batch-size", "32"])
+    try:
+        srv.wait_ready()
+        workers = _children(srv.proc.pid)
+        assert len(workers) == 2
+        statuses: list[int] = []
+        killed: list[int] = []
+
+        async def load() -> None:
+            stop = time.monotonic() + 6
+
+            async def client(k: int, session: aiohttp.ClientSession) -> None:
+                while time.monotonic() < stop:
+                    async with session.post(srv.url + "/classify", data=mnist_png(k % 10), headers=PNG) as r:
+                        await r.read()
+                        statuses.append(r.status)
+
+            async def killer() -> None:
+                await asyncio.sleep(1.5)
+                until = time.monotonic() + 3
+                while not killed and time.monotonic() < until:
+                    victim = workers[0]
+                    if _running(victim):  # in recv when idle; running means it is computing a batch
+                        os.kill(victim, signal.SIGKILL)
+                        killed.append(victim)
+                    await asyncio.sleep(0.001)
+
+            connector = aiohttp.TCPConnector(limit=64)
+            async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+                await asyncio.gather(killer(), *(client(k, session) for k in range(64)))
+
+        asyncio.run(load())
+        deadline = time.monotonic() + 60
+        while len(set(_children(srv.proc.pid)) - set(workers)) < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        replaced = set(_children(srv.proc.pid)) - set(workers)
+    finally:
+        srv.stop()
+    output = srv.output()
+    assert killed, "the worker was never seen computing"
+    assert len(statuses) > 100
+    assert set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    assert "died during a batch" in output, output
+    assert "computing it again" in output, output
+    assert len(replaced) == 1  # the killed child was replaced by a new one
+
+
+def test_pool_size_defaults_to_one_worker_per_core_on_the_cpu(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    default = ServiceSettings(models=[tmp_path])
+    assert default.pool_size() == cores
+    assert default.compute_threads == 1
+    assert default.pool_size(cuda=True) == 1
+    assert ServiceSettings(models=[tmp_path], compute_process=False).pool_size() == 1
+    assert ServiceSettings(models=[tmp_path], compute_process=False).compute_threads == max(1, cores - 1)
+    custom = ServiceSettings(models=[tmp_path], compute_workers=3, torch_threads=2)
+    assert custom.pool_size() == 3
+    assert custom.pool_size(cuda=True) == 3
+    assert custom.compute_threads == 2

@@ -1,0 +1,170 @@
+"""mode=certify on POST /classify: the real app with the shipped model and real digits, a real uvicorn server,
+the server's limits (422/503), metrics, and the lane's policy beside purification."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_service_support import (
+    ServerProcess,
+    metric_value,
+    mnist_image,
+    mnist_png,
+    serve_app,
+    settings_for,
+)
+
+from models import load_checkpoint
+from models.smoothing import SmoothingConfig, certify, noisy_classifier
+
+pytestmark = pytest.mark.anyio
+PNG = {"Content-Type": "image/png"}
+FIELDS = {"label", "class_name", "certified_radius", "abstained", "p_lower", "sigma", "samples", "alpha", "seed"}
+
+
+def pixels(digit: int) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(mnist_image(digit), dtype=np.float32) / 255.0)[None, None]
+
+
+async def test_certify_answers_a_reproducible_certificate(model_dir):
+    async with serve_app(settings_for(model_dir, certify_slice_samples=500, certify_batch=250)) as (app, client):
+        r = await client.post(
+            "/classify?mode=certify&samples=1000&alpha=0.01&seed=5", content=mnist_png(7), headers=PNG
+        )
+        metrics = (await client.get("/metrics")).text
+    assert r.status_code == 200, r.text
+    (result,) = r.json()["results"]
+    assert set(result) == FIELDS
+    assert result["label"] == 7
+    assert result["class_name"] == "7"
+    assert not result["abstained"]
+    assert result["sigma"] == 0.5  # the checkpoint's training noise
+    assert result["samples"] == 1100  # n0 + n
+    assert 0 < result["certified_radius"] < 2.0
+    assert set(r.json()["timing_ms"]) == {"queue", "compute", "paused", "total"}
+    # The same answer offline, from the core module (slices of the service are whole noise batches).
+    loaded = load_checkpoint(model_dir)
+    config = SmoothingConfig(sigma=0.5, n0=100, n=1000, alpha=0.01, batch_size=250)
+    (offline,) = certify(noisy_classifier(loaded.network), pixels(7), config, 10, seed=5)
+    assert offline.label == result["label"]
+    assert offline.p_lower == pytest.approx(result["p_lower"], abs=1e-12)
+    assert offline.radius == pytest.approx(result["certified_radius"], abs=1e-12)
+    assert metric_value(metrics, "soap_certify_requests_total", model="mnist-fcn-dr") == 1
+    assert metric_value(metrics, "soap_certify_images_total", model="mnist-fcn-dr", outcome="certified") == 1
+    assert metric_value(metrics, "soap_certified_radius_count", model="mnist-fcn-dr") == 1
+
+
+async def test_noise_image_abstains(model_dir):
+    """A flat grey image sits between classes: with few samples and a strict α the smoothed classifier abstains."""
+    grey = Image.new("L", (28, 28), 128)
+    buffer = io.BytesIO()
+    grey.save(buffer, format="PNG")
+    async with serve_app(settings_for(model_dir)) as (app, client):
+        r = await client.post("/classify?mode=certify&samples=20&alpha=0.0001", content=buffer.getvalue(), headers=PNG)
+        metrics = (await client.get("/metrics")).text
+    (result,) = r.json()["results"]
+    assert result["abstained"]
+    assert result["label"] is None
+    assert result["certified_radius"] is None
+    assert result["p_lower"] <= 0.5
+    assert metric_value(metrics, "soap_certify_images_total", model="mnist-fcn-dr", outcome="abstained") == 1
+
+
+@pytest.mark.parametrize(
+    ("query", "needle"),
+    [
+        ("mode=certify&samples=5001", "limit of 5000"),
+        ("mode=certify&samples=0", "greater than or equal to 1"),
+        ("mode=certify&alpha=0.5", "less than 0.5"),
+        ("mode=min-aux&samples=100", "only used with mode=certify"),
+        ("mode=certify&seed=-1", "greater than or equal to 0"),
+    ],
+)
+async def test_certify_limits_are_422(model_dir, query, needle):
+    async with serve_app(settings_for(model_dir, max_certify_samples=5000)) as (app, client):
+        r = await client.post(f"/classify?{query}", content=mnist_png(3), headers=PNG)
+        ok = await client.post("/classify", content=mnist_png(3), headers=PNG)  # the service is unharmed
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == "bad_options"
+    assert needle in r.text
+    assert ok.status_code == 200
+
+
+async def test_full_certify_lane_is_503_and_purification_still_served(model_dir):
+    settings = settings_for(model_dir, max_certify_queue_samples=3_000, certify_slice_samples=1_000)
+    async with serve_app(settings) as (app, client):
+        first = asyncio.create_task(
+            client.post("/classify?mode=certify&samples=100000", content=mnist_png(1), headers=PNG)
+        )
+        await asyncio.sleep(0.3)  # the first request is running; the next two fill and overflow the queue
+        second = asyncio.create_task(
+            client.post("/classify?mode=certify&samples=2000", content=mnist_png(2), headers=PNG)
+        )
+        await asyncio.sleep(0.1)
+        third = await client.post("/classify?mode=certify&samples=2000", content=mnist_png(4), headers=PNG)
+        purified = await client.post("/classify", content=mnist_png(5), headers=PNG)  # not queued behind certify
+        results = [await first, await second]
+    assert third.status_code == 503
+    assert third.json()["error"] == "queue_full"
+    assert int(third.headers["retry-after"]) >= 1
+    assert purified.status_code == 200
+    assert purified.json()["results"][0]["label"] == 5
+    assert purified.json()["timing_ms"]["total"] < results[0].json()["timing_ms"]["total"]
+    assert [r.status_code for r in results] == [200, 200]
+
+
+async def test_certify_yields_to_queued_purification(model_dir):
+    """While min-aux requests keep arriving, the lane pauses after each slice (share 0.5: about as long as the
+    slice took); without purification work it never pauses."""
+    settings = settings_for(model_dir, certify_slice_samples=1_000, certify_share=0.5, max_delay_ms=50)
+    async with serve_app(settings) as (app, client):
+        alone = await client.post("/classify?mode=certify&samples=4000", content=mnist_png(6), headers=PNG)
+        task = asyncio.create_task(
+            client.post("/classify?mode=certify&samples=4000", content=mnist_png(6), headers=PNG)
+        )
+        served = 0
+        while not task.done():
+            r = await client.post("/classify", files=[("file", ("a.png", mnist_png(d), "image/png")) for d in range(8)])
+            served += r.status_code == 200
+        busy = await task
+    assert alone.json()["timing_ms"]["paused"] == 0
+    assert busy.json()["timing_ms"]["paused"] > 0
+    assert served >= 1
+    assert busy.json()["results"] == alone.json()["results"]  # pauses never change the answer
+
+
+def test_certify_through_a_real_server(model_dir):
+    srv = ServerProcess(["--model", str(model_dir), "--max-certify-samples", "3000"])
+    try:
+        srv.wait_ready()
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            files = [("file", (f"{d}.png", mnist_png(d), "image/png")) for d in (0, 8)]
+            r = client.post("/classify", params={"mode": "certify", "samples": 2000}, files=files)
+            over = client.post(
+                "/classify", params={"mode": "certify", "samples": 3001}, content=mnist_png(0), headers=PNG
+            )
+            metrics = client.get("/metrics").text
+    finally:
+        srv.stop()
+    assert r.status_code == 200, r.text
+    assert [x["label"] for x in r.json()["results"]] == [0, 8]
+    assert [x["seed"] for x in r.json()["results"]] == [0, 1]
+    assert all(x["certified_radius"] > 0.3 for x in r.json()["results"])
+    assert over.status_code == 422
+    assert metric_value(metrics, "soap_certify_images_total", model="mnist-fcn-dr", outcome="certified") == 2
+
+
+async def test_demo_page_offers_certify(model_dir):
+    async with serve_app(settings_for(model_dir)) as (app, client):
+        page = (await client.get("/")).text
+        script = (await client.get("/static/app.js")).text
+    assert 'id="certify"' in page
+    assert "L<sub>2</sub>" in page
+    assert 'mode: "certify"' in script
+    assert "certified_radius" in script
