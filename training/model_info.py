@@ -4,8 +4,9 @@
 
 `autoattack_acc` is the AutoAttack column (standard, through trajectory BPDA) when the evaluation ran it. Our
 honest number is `adaptive_worst_case_acc`, the per-image worst case over every adaptive attack that ran
-(min-aux row), with its n and interval; RobustBench would list a defence whose AutoAttack number is above it as
-`unreliable`. Accuracies are strings in percent with two decimals, as RobustBench writes them.
+(min-aux row), with its n and interval. `unreliable` (RobustBench's flag for a defence whose published number
+did not survive a later evaluation) is set when the upper end of that interval lies below the paper's reported
+robust accuracy. Accuracies are strings in percent with two decimals, as RobustBench writes them.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def model_info(result: dict) -> ModelInfo:
     # min-aux: one forward+backward of the auxiliary loss per distinct trajectory and step (at most T·K), the
     # loss of every candidate, and the classifier: an upper bound on the passes per image.
     passes = purifier["steps"] * len(purifier["budgets"]) + len(purifier["budgets"]) + 1 if soap else 1
-    unreliable = bool(autoattack and worst and autoattack["accuracy"] > worst["accuracy"])
+    unreliable = bool(paper and worst and 100 * worst["ci95"][1] < paper[2])
     return ModelInfo(
         link=PAPER_LINK,
         name=f"SOAP ({result['aux_task']}), {Path(result['model']).name}" if soap else Path(result["model"]).name,
