@@ -1,7 +1,9 @@
 """Model registry: one place that maps a network name to its architecture and defaults.
 
-Modelled on timm: `@register_model` adds a builder, `create_model(name)` builds it. No other module
-switches on architecture strings; everything else reads the `ModelSpec`.
+Modelled on timm: `@register_model` adds a builder, `create_model(name)` builds it, and code that builds or loads a
+network reads its `ModelSpec`. Two places still read a network's name, to reproduce the paper rather than to build
+anything: training/presets.py picks the paper's MNIST schedule for the CNN and derives baseline preset names from the
+backbone's, and training/results_page.py maps a network to its row of the paper's tables.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import random
 import re
@@ -17,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, overload
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 import anyio
 import orjson
@@ -35,11 +36,11 @@ from .config import ServiceSettings
 from .decode import DecodeLimits, ImageRejected, decode_opened, encode_png, open_image
 from .errors import ServiceError, error_response, install_error_handlers
 from .ingest import ACCEPTED_TYPES, check_media_type, media_type, parse_upload, read_body
+from .predict import PurifyRequest
 from .runtime import ModelRuntime, ServiceRuntime
 from .schemas import (
     BatchingInfo,
     CertifyResponse,
-    ClassifyJSON,
     ClassifyOptions,
     ClassifyResponse,
     ErrorResponse,
@@ -47,20 +48,27 @@ from .schemas import (
     ModelInfo,
     ModelList,
     PurifierInfo,
+    image_upload_body,
+    query_parameters,
 )
 
 log = logging.getLogger("service.app")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_V2_INFER = re.compile(r"^/v2/models/([^/]+)/infer$")
 # Images up to this many pixels decode on the event loop (tens of microseconds); larger ones in a thread,
 # at most _DECODE_THREADS at once, which bounds the memory a burst of huge images can take.
 _INLINE_DECODE_PIXELS = 256 * 256
 _DECODE_THREADS = 4
+# While draining, a refused request's body is read before the 503 (see _discard_body), but not for longer than this.
+_DRAIN_BODY_TIMEOUT_S = 1.0
 
 
 class RequestContext:
     """Pure ASGI middleware: request id (X-Request-ID, echoed or made), load shedding, request-duration metric by
-    model, route template and status, and a JSON 500 (no traceback) for anything unhandled.
+    model, route template and status, a JSON 500 (no traceback) for anything unhandled, and the drain's part of a
+    graceful shutdown (service/server.py): while draining, every response carries `Connection: close`, the one
+    clean way to end a keep-alive connection, and every POST (all of them are work) gets 503 with Retry-After.
 
     Shedding happens here, before routing, parsing or reading the body: under overload a refusal must cost far
     less than a served request, or the refusals themselves become the overload.
@@ -85,19 +93,26 @@ class RequestContext:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 started, status = True, message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())]}
+                headers = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+                if self.runtime.draining:  # uvicorn then closes the connection after this response
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
             refusal = self._shed(scope)
             if refusal is not None:
+                if self.runtime.draining:  # closing a socket with unread bytes would reset it under the response
+                    await _discard_body(receive, self.runtime.settings.max_body_bytes)
                 await refusal(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
         except Exception:  # noqa: BLE001 - last line of defence; the log has the traceback, the client does not
             log.exception("unhandled error in %s %s (request %s)", scope.get("method"), scope.get("path"), request_id)
             if not started:
-                response = error_response(500, "internal_error", f"unexpected server error; request id {request_id}")
+                response = error_response(
+                    500, "internal_error", f"unexpected server error; request id {request_id}", path=scope["path"]
+                )
                 await response(scope, receive, send_with_id)
         finally:
             route = getattr(scope.get("route"), "path", None) or (
@@ -108,8 +123,9 @@ class RequestContext:
             )
 
     def _shed(self, scope: Scope) -> Response | None:
-        """A 503 for POST /classify when the service drains, or when the request's model is known before its body
-        is read and that model's queue is full; else None (the handler refuses it later if need be).
+        """A 503 for any POST when the service drains, or for POST /classify and /v2/models/{name}/infer when the
+        request's model is known before its body is read and that model's queue is full; else None (the handler
+        refuses it later if need be).
 
         The model is known before the body when the query string names it (`?model=` routes the request; a body
         may repeat it but not name another, see `_options`), when the body is a raw image (it carries no options),
@@ -119,20 +135,37 @@ class RequestContext:
         its options are parsed, before its images are decoded. Clients that want the cheapest refusal under
         overload name the model in the query string.
         """
-        if scope["method"] != "POST" or scope["path"] != "/classify":
+        if scope["method"] != "POST":
             return None
         runtime = self.runtime
+        v2_model = _V2_INFER.match(scope["path"])  # POST /v2/models/{name}/infer: the path names the model
         if runtime.draining:
             error = _shutting_down()
+        elif scope["path"] != "/classify" and v2_model is None:
+            return None
         else:
-            model = _model_before_body(scope, runtime)
+            model = runtime.models.get(unquote(v2_model[1])) if v2_model else _model_before_body(scope, runtime)
             if model is None or model.batcher.has_room(1):
                 return None
-            error = _queue_full(model, model.batcher.retry_after_s())
+            error = queue_full(model, model.batcher.retry_after_s())
         scope["soap.model"] = runtime.metrics_label(error.model)
         if error.reason:
             runtime.metrics.reject(scope["soap.model"], error.reason)
-        return error_response(error.status, error.error, error.detail, error.headers)
+        return error_response(error.status, error.error, error.detail, error.headers, path=scope["path"])
+
+
+async def _discard_body(receive: Receive, limit: int) -> None:
+    """Read and drop the request body (up to `limit` bytes, at most _DRAIN_BODY_TIMEOUT_S)."""
+    read = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(_DRAIN_BODY_TIMEOUT_S):
+            while read <= limit:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                read += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
 
 
 def _model_before_body(scope: Scope, runtime: ServiceRuntime) -> ModelRuntime | None:
@@ -174,7 +207,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     _add_routes(app, runtime)
 
     from service.demo import register_demo
+    from service.open_inference import router as open_inference
 
+    app.include_router(open_inference)
     register_demo(app)
     return app
 
@@ -182,7 +217,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 # ---------------------------------------------------------------------------------------------- /classify steps
 
 
-def _certify_request(options: ClassifyOptions, model: ModelRuntime, settings: ServiceSettings) -> CertifyRequest:
+def certify_request(options: ClassifyOptions, model: ModelRuntime, settings: ServiceSettings) -> CertifyRequest:
     """mode=certify's settings, within the server's limits (422 beyond them)."""
     if model.certify is None:
         raise ServiceError(
@@ -223,9 +258,10 @@ def _options(query: dict[str, Any], body: dict[str, Any], query_model: str | Non
         raise ServiceError(422, "bad_options", problems, reason="bad_options", model=query_model) from None
 
 
-async def _decode_all(
+async def decode_all(
     payloads: list[bytes], model: ModelRuntime, limits: DecodeLimits, limiter: anyio.CapacityLimiter
 ) -> list[torch.Tensor]:
+    """The decode step: every payload to a [C, H, W] tensor of the model's input shape (422 for a bad image)."""
     images: list[torch.Tensor] = []
     for index, data in enumerate(payloads):
         try:
@@ -288,6 +324,62 @@ async def _await_result(
         watcher.cancel()
 
 
+async def run_on_batcher(
+    request: Request, model: ModelRuntime, batch: torch.Tensor, purify_request: PurifyRequest
+) -> ItemResult:
+    """The batch step, shared by /classify and /v2 infer: queue `batch` on the model's batcher under the request's
+    deadline and wait for its rows; every way this can fail becomes a ServiceError (503, 504, 499, 500)."""
+    runtime: ServiceRuntime = request.app.state.runtime
+    deadline = time.monotonic() + runtime.settings.request_timeout_s
+    try:
+        item = model.batcher.submit(batch, purify_request, deadline, request.scope["soap.request_id"])
+    except QueueFull as exc:
+        raise queue_full(model, exc.retry_after_s) from None
+    except ShuttingDown:
+        if runtime.draining:
+            raise _shutting_down() from None
+        raise ServiceError(
+            503,
+            "model_unavailable",
+            f"model {model.name} is not serving (see the server log)",
+            model=model.name,
+            headers={"Retry-After": "5"},
+        ) from None
+    try:
+        return await _await_result(request, model, item, model.batcher.cancel)
+    except BatchFailed as exc:  # this batch only; the message names the exception type, no internals
+        raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
+
+
+async def run_certify(
+    request: Request, model: ModelRuntime, batch: torch.Tensor, certify: CertifyRequest
+) -> CertifyResult:
+    """The certify step, shared by /classify and /v2 infer (mode=certify): queue `batch` on the model's certify
+    lane under the request's deadline and wait for its certificates; failures become ServiceErrors."""
+    lane = model.certify
+    if lane is None:  # certify_request refused the request already
+        raise RuntimeError(f"model {model.name} has no certify lane")
+    runtime: ServiceRuntime = request.app.state.runtime
+    try:
+        job = lane.submit(batch, certify, time.monotonic() + runtime.settings.request_timeout_s)
+    except QueueFull as exc:
+        raise ServiceError(
+            503,
+            "queue_full",
+            f"model {model.name}'s certify lane has {lane.queued_samples} forward passes queued "
+            f"(limit {lane.max_queue_samples}); retry later",
+            reason="queue_full",
+            model=model.name,
+            headers={"Retry-After": str(exc.retry_after_s)},
+        ) from None
+    except ShuttingDown:
+        raise _shutting_down() from None
+    try:
+        return await _await_result(request, model, job, lane.cancel)
+    except BatchFailed as exc:
+        raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
+
+
 def _results(model: ModelRuntime, result: ItemResult, options: ClassifyOptions) -> list[dict[str, Any]]:
     """The encode step: one JSON object per image."""
     p = result.predictions
@@ -322,7 +414,7 @@ def _results(model: ModelRuntime, result: ItemResult, options: ClassifyOptions) 
     return rows
 
 
-def _queue_full(model: ModelRuntime, retry_after_s: int) -> ServiceError:
+def queue_full(model: ModelRuntime, retry_after_s: int) -> ServiceError:
     return ServiceError(
         503,
         "queue_full",
@@ -339,31 +431,9 @@ def _shutting_down() -> ServiceError:
     )
 
 
-_OPTION_SCHEMAS = ClassifyOptions.model_json_schema()["properties"]
 _CLASSIFY_OPENAPI = {
-    "parameters": [
-        {
-            "name": name,
-            "in": "query",
-            "required": False,
-            "description": field.description,
-            "schema": {k: v for k, v in _OPTION_SCHEMAS[name].items() if k != "description"},
-        }
-        for name, field in ClassifyOptions.model_fields.items()
-    ],
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                }
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "application/json": {"schema": ClassifyJSON.model_json_schema()},
-        },
-    },
+    "parameters": query_parameters(ClassifyOptions),
+    "requestBody": image_upload_body(None, ClassifyOptions, json_images=True),
 }
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -386,6 +456,7 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
     settings = runtime.settings
     limits = DecodeLimits(settings.max_image_pixels, settings.max_image_side)
     decode_limiter = anyio.CapacityLimiter(_DECODE_THREADS)
+    app.state.decode_limits, app.state.decode_limiter = limits, decode_limiter  # shared with /v2 infer
     protected = [Depends(require_api_key)]
 
     @app.post(
@@ -409,35 +480,16 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         model = runtime.get(options.model)
         request.scope["soap.model"] = model.name
         if options.mode == "certify":
-            certify = _certify_request(options, model, settings)
-            images = await _decode_all(upload.payloads, model, limits, decode_limiter)
+            certify = certify_request(options, model, settings)
+            images = await decode_all(upload.payloads, model, limits, decode_limiter)
             batch = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
-            return await _certify(request, model, batch, certify, settings, started)
+            return await _certify(request, model, batch, certify, started)
         purify_request = model.purify_request(options.mode, options.epsilon)
         if not model.batcher.has_room(len(upload.payloads)):  # refuse before decoding (RequestContext could not)
-            raise _queue_full(model, model.batcher.retry_after_s())
-        images = await _decode_all(upload.payloads, model, limits, decode_limiter)
+            raise queue_full(model, model.batcher.retry_after_s())
+        images = await decode_all(upload.payloads, model, limits, decode_limiter)
         batch = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
-        try:
-            item = model.batcher.submit(
-                batch, purify_request, time.monotonic() + settings.request_timeout_s, request.scope["soap.request_id"]
-            )
-        except QueueFull as exc:
-            raise _queue_full(model, exc.retry_after_s) from None
-        except ShuttingDown:
-            if runtime.draining:
-                raise _shutting_down() from None
-            raise ServiceError(
-                503,
-                "model_unavailable",
-                f"model {model.name} is not serving (see the server log)",
-                model=model.name,
-                headers={"Retry-After": "5"},
-            ) from None
-        try:
-            result = await _await_result(request, model, item, model.batcher.cancel)
-        except BatchFailed as exc:  # this batch only; the message names the exception type, no internals
-            raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
+        result = await run_on_batcher(request, model, batch, purify_request)
         body_out = {
             "request_id": request.scope["soap.request_id"],
             "model": model.name,
@@ -451,34 +503,9 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         return Response(orjson.dumps(body_out), media_type="application/json")
 
     async def _certify(
-        request: Request,
-        model: ModelRuntime,
-        batch: torch.Tensor,
-        certify: CertifyRequest,
-        settings: ServiceSettings,
-        started: float,
+        request: Request, model: ModelRuntime, batch: torch.Tensor, certify: CertifyRequest, started: float
     ) -> Response:
-        lane = model.certify
-        if lane is None:  # _certify_request refused the request already
-            raise RuntimeError(f"model {model.name} has no certify lane")
-        try:
-            job = lane.submit(batch, certify, time.monotonic() + settings.request_timeout_s)
-        except QueueFull as exc:
-            raise ServiceError(
-                503,
-                "queue_full",
-                f"model {model.name}'s certify lane has {lane.queued_samples} forward passes queued "
-                f"(limit {lane.max_queue_samples}); retry later",
-                reason="queue_full",
-                model=model.name,
-                headers={"Retry-After": str(exc.retry_after_s)},
-            ) from None
-        except ShuttingDown:
-            raise _shutting_down() from None
-        try:
-            result = await _await_result(request, model, job, lane.cancel)
-        except BatchFailed as exc:
-            raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
+        result = await run_certify(request, model, batch, certify)
         names = model.class_names
         body_out = {
             "request_id": request.scope["soap.request_id"],

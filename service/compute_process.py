@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from models import Acceleration
+
 from .batcher import WorkerDied
 from .predict import Predictions, PurifyRequest, is_out_of_memory, predict
 
@@ -46,9 +48,17 @@ class ComputeProcess:
     """One worker of a model's pool (batcher.Worker): `process.compute(images, request) -> Predictions` like
     `predict`, in the child. Thread-safe. `nice` lowers the child's scheduling priority (added to the parent's)."""
 
-    def __init__(self, checkpoint: Path, device: torch.device, threads: int, index: int = 0, nice: int = 0) -> None:
+    def __init__(
+        self,
+        checkpoint: Path,
+        device: torch.device,
+        threads: int,
+        index: int = 0,
+        nice: int = 0,
+        acceleration: Acceleration | None = None,
+    ) -> None:
         self.index = index
-        self._args = (str(checkpoint), str(device), threads, nice)
+        self._args = (str(checkpoint), str(device), threads, nice, acceleration or Acceleration())
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection[Any, Any] | None = None  # set together with _proc
         self._lock = threading.Lock()
@@ -133,17 +143,20 @@ def reply_to_predictions(status: str, payload: Any) -> Predictions:
     raise ComputeProcessError(f"{kind} in the compute process: {message}")
 
 
-def _child_main(conn: Connection[Any, Any], checkpoint: str, device: str, threads: int, nice: int) -> None:
+def _child_main(
+    conn: Connection[Any, Any], checkpoint: str, device: str, threads: int, nice: int, acceleration: Acceleration
+) -> None:
     """The child: load, then answer batches until told to stop (None) or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if nice:
         os.nice(nice)
     torch.set_num_threads(threads)
-    from models import load_checkpoint
+    from models import aux_loss_fn, load_checkpoint
 
     try:
         loaded = load_checkpoint(checkpoint, torch.device(device))  # the parent's warm-up batch comes next
+        loss_fn = aux_loss_fn(loaded.network, acceleration) if acceleration.enabled else None
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
@@ -157,7 +170,7 @@ def _child_main(conn: Connection[Any, Any], checkpoint: str, device: str, thread
             return
         images, mode, epsilon = message
         try:
-            p = predict(loaded, torch.from_numpy(images), PurifyRequest(mode, epsilon))
+            p = predict(loaded, torch.from_numpy(images), PurifyRequest(mode, epsilon), loss_fn)
             reply: tuple[str, object] = ("ok", tuple(np.ascontiguousarray(t.numpy()) for t in p.tensors()))
         except Exception as exc:  # noqa: BLE001 - this batch only; the child keeps serving
             kind = "out_of_memory" if is_out_of_memory(exc) else type(exc).__name__

@@ -142,11 +142,18 @@ class ServiceRuntime:
             loaded = load_checkpoint(path, home)
             pool: list[Worker] = (
                 [
-                    ComputeProcess(path.resolve(), self.device, settings.compute_threads, i, settings.compute_nice)
+                    ComputeProcess(
+                        path.resolve(),
+                        self.device,
+                        settings.compute_threads,
+                        i,
+                        settings.compute_nice,
+                        settings.acceleration,
+                    )
                     for i in range(workers)
                 ]
                 if settings.compute_process
-                else [InlineWorker(loaded, i) for i in range(workers)]
+                else [InlineWorker(loaded, i, settings.acceleration) for i in range(workers)]
             )
             self.models[path.name] = ModelRuntime(path.name, loaded, self.device, pool)
         self.default = settings.model_names[0]

@@ -123,7 +123,6 @@ def test_library_attacks_run_on_the_defended_model(loaded, digits):
             assert _robust(defended, adv, ys).float().mean().item() < clean, name
 
 
-@pytest.mark.slow
 def test_autoattack_rand_runs_on_the_defended_model(loaded, digits):
     """AutoAttack's `rand` version (APGD-CE and APGD-DLR with EOT over 20 draws, 100 iterations) on one digit:
     ~25 s here, so one image; SOAP's purifier is deterministic, so EOT adds cost and no strength."""

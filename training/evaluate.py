@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,12 +23,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from models import create_model, load_checkpoint, oracle_select, purify
+from models.attacks.seeding import ImageGenerators, derive_seed
 from models.checkpoint import LoadedModel
 
-from . import distributed
+from . import distributed, provenance
 from .attacks import paper_settings
 from .attacks.registry import ATTACKS, DEFAULT_ATTACKS, AttackContext, AttackSpec, get_attack
-from .attacks.seeding import ImageGenerators, derive_seed
 from .attacks.settings import AttackSettings
 from .data import ImageData, load_test_data
 from .distributed import Process, resolve_device  # noqa: F401  (certify and soundness import it from here)
@@ -39,7 +38,6 @@ from .stats import Accuracy
 
 ROWS = ("none", "min-aux", "oracle")
 ROW_TITLES = {"none": "no purification (ε_pfy = 0)", "min-aux": "SOAP min-aux", "oracle": "oracle ε_pfy (upper bound)"}
-BLACKBOX_SEED_IMAGES = 150
 BASELINE_RECIPES = ("vanilla", "fgsm-at", "pgd-at")
 
 
@@ -239,7 +237,7 @@ def _evaluate(config: EvalConfig, process: Process) -> dict | None:
 
     data, data_source = load_test_data(meta.dataset, config.data_root, meta.input_shape)
     order, selection = evaluation_order(data, data_source)
-    reserve = BLACKBOX_SEED_IMAGES if "blackbox" in attacks else 0
+    reserve = settings.blackbox_seed_images if "blackbox" in attacks else 0
     n = min(config.n, len(data) - reserve)
     if n <= 0:
         raise ValueError(f"the test set has {len(data)} images; the black-box attack reserves {reserve}")
@@ -317,7 +315,7 @@ def _evaluate(config: EvalConfig, process: Process) -> dict | None:
         "rows": list(rows),
         "settings": asdict(settings),
         "command": command_line(config),
-        "git_commit": _git_commit(),
+        "git_commit": provenance.git_commit(),
         "host": (
             f"{platform.machine()} {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
         ),
@@ -422,18 +420,6 @@ def command_line(config: EvalConfig) -> str:
     flags = {name: flag for flag, (name, _) in _OVERRIDES.items()}
     parts += [f"--{flags[k].replace('_', '-')} {v}" for k, v in config.settings.items() if v is not None]
     return " ".join(parts)
-
-
-def _git_commit() -> str | None:
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 # ----------------------------------------------------------------------------- CLI

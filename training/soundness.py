@@ -23,9 +23,10 @@ from tqdm import tqdm
 from models import load_checkpoint
 from models.smoothing import SmoothingConfig, base_classifier, predict
 
+from . import provenance
 from .attacks.smoothadv import smoothadv_pgd
 from .data import load_test_data
-from .evaluate import _git_commit, resolve_device
+from .evaluate import resolve_device
 from .stats import wilson_interval
 
 
@@ -108,7 +109,7 @@ def run_soundness(args: argparse.Namespace) -> dict:
         ],
         "passed": all(o.changed == 0 for o in inside),
         "command": " ".join(["python -m training soundness", *sys.argv[2:]]),
-        "git_commit": _git_commit(),
+        "git_commit": provenance.git_commit(),
         "threads": torch.get_num_threads(),
         "device": str(device),
         "wall_seconds": time.time() - started,

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from models import PurifierConfig, SoapNetwork, purify
+from models.attacks.losses import Tensor
 
 from .adaptive import SignBackward, _straight_through, chosen_epsilon, unrolled_purification
-from .losses import Tensor
 
 
 class Backward(StrEnum):

@@ -13,8 +13,7 @@ import torch
 from torch.nn.functional import one_hot
 
 from models import SoapNetwork, aux_loss
-
-from .losses import Objective, Tensor
+from models.attacks.losses import Objective, Tensor
 
 
 def evasion_objective(

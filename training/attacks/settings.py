@@ -6,7 +6,9 @@ with every result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+
+from .blackbox import SubstituteConfig
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class AttackSettings:
     apgd_restarts: int = 1  # APGD random restarts (each image keeps its best run)
     square_queries: int = 5000  # Square attack: the query budget per image (AutoAttack's)
     eot_samples: int = 1  # SOAP's purifier is deterministic: one sample is exact
+    blackbox_seed_images: int = 150  # held-out test images the black-box substitute starts from
+    substitute: SubstituteConfig = field(default_factory=SubstituteConfig)  # its training (Papernot et al.)
 
     def with_overrides(self, **changes) -> AttackSettings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
