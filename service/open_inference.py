@@ -18,14 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from models import __version__
 
 from .app import certify_request, decode_all, queue_full, run_certify, run_on_batcher
-from .auth import require_api_key
+from .auth import PROTECTED, SECURITY, require_api_key
 from .batcher import ItemResult
 from .certify import CertifyRequest, CertifyResult
 from .errors import ServiceError
@@ -82,7 +82,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
-_protected = [Depends(require_api_key)]
 
 
 def _runtime(request: Request) -> ServiceRuntime:
@@ -149,7 +148,7 @@ async def server_ready(request: Request) -> Response:
     "/models/{name}",
     response_model=ModelMetadata,
     responses={k: _ERRORS[k] for k in (401, 404)},
-    dependencies=_protected,
+    dependencies=PROTECTED,
     summary="Model metadata: its inputs (send one) and outputs",
 )
 async def get_model_metadata(name: str, request: Request) -> ModelMetadata:
@@ -160,7 +159,7 @@ async def get_model_metadata(name: str, request: Request) -> ModelMetadata:
     "/models/{name}/ready",
     response_model=ModelReady,
     responses={503: {"model": ModelReady}, **{k: _ERRORS[k] for k in (401, 404)}},
-    dependencies=_protected,
+    dependencies=PROTECTED,
     summary="Model readiness: warmed up, its batcher running, not shutting down",
 )
 async def get_model_ready(name: str, request: Request) -> Response:
@@ -191,12 +190,13 @@ def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 _INFER_OPENAPI = {
+    "security": SECURITY,
     "requestBody": {
         "required": True,
         "description": "JSON; or, with the Inference-Header-Content-Length header, that many bytes of JSON followed "
         "by the binary data of each input whose parameters give binary_data_size",
         "content": {"application/json": {"schema": _inline_refs(InferRequest.model_json_schema())}},
-    }
+    },
 }
 
 

@@ -31,13 +31,12 @@ from .attacks import paper_settings
 from .attacks.registry import ATTACKS, DEFAULT_ATTACKS, AttackContext, AttackSpec, get_attack
 from .attacks.settings import AttackSettings
 from .data import ImageData, load_test_data
-from .distributed import Process, resolve_device  # noqa: F401  (certify and soundness import it from here)
+from .distributed import Process
 from .partial import BatchRecord, PartialResults, fingerprint
 from .report import write_all
+from .rows import ROWS
 from .stats import Accuracy
 
-ROWS = ("none", "min-aux", "oracle")
-ROW_TITLES = {"none": "no purification (ε_pfy = 0)", "min-aux": "SOAP min-aux", "oracle": "oracle ε_pfy (upper bound)"}
 BASELINE_RECIPES = ("vanilla", "fgsm-at", "pgd-at")
 
 

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .attacks.registry import ATTACKS
-from .report import ROW_TITLES, cell
+from .report import cell
+from .rows import ROW_TITLES
 from .sanity import Extras, run_checks
 
 PAPER_COLUMNS = ("fgsm", "pgd", "cw", "df")
@@ -190,14 +191,14 @@ def _load(results: Path) -> list[dict]:
     return sorted(found, key=lambda r: (r["dataset"] != "mnist", r["dataset"], Path(r["model"]).name))
 
 
-def label(r: dict) -> str:
+def evaluation_name(r: dict) -> str:
     """The evaluation's folder name: the model's name, or e.g. `mnist-cnn-dr-pinned` for a second evaluation."""
     return r["_dir"].name if "_dir" in r else Path(r["model"]).name
 
 
 def is_main_evaluation(r: dict) -> bool:
     """The model's own evaluation (its folder is named after it); other folders hold extra suites."""
-    return label(r) == Path(r["model"]).name
+    return evaluation_name(r) == Path(r["model"]).name
 
 
 def _with_paper(acc: dict | None, paper: float | None) -> str:
@@ -255,7 +256,7 @@ def adaptive_table(results: list[dict]) -> str:
             continue
         a = r["attacks"]
         worst = r.get("worst_case", {}).get("adaptive", {}).get("min-aux")
-        cells = [f"`{label(r)}`", cell(r["clean"]["min-aux"]), cell(_attack_row(r, "pgd", "min-aux"))]
+        cells = [f"`{evaluation_name(r)}`", cell(r["clean"]["min-aux"]), cell(_attack_row(r, "pgd", "min-aux"))]
         cells += [
             cell(_attack_row(r, n, "min-aux"))
             + (f" (n={a[n]['n']})" if n in a and a[n].get("n", r["n"]) != r["n"] else "")
@@ -285,15 +286,22 @@ def detector_table(results: list[dict]) -> str:
                 wrong = {**acc, "accuracy": 1 - acc["accuracy"], "ci95": (1 - acc["ci95"][1], 1 - acc["ci95"][0])}
                 rows.append((name, a["detector"], wrong, a["n"]))
         for name, det, wrong, n in rows:
-            cells = [f"`{label(r)}`", name, str(n), cell(det["flagged"]), cell(wrong), cell(det["fooled_unflagged"])]
+            cells = [
+                f"`{evaluation_name(r)}`",
+                name,
+                str(n),
+                cell(det["flagged"]),
+                cell(wrong),
+                cell(det["fooled_unflagged"]),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def settings_lines(r: dict) -> list[str]:
     out = [
-        f"- **`{label(r)}`** (model `{Path(r['model']).name}`) — data: {r['data']}; n = {r['n']}; seed {r['seed']}; "
-        f"device {r['device']} "
+        f"- **`{evaluation_name(r)}`** (model `{Path(r['model']).name}`) — data: {r['data']}; n = {r['n']}; "
+        f"seed {r['seed']}; device {r['device']} "
         f"({r['host']}); git {str(r.get('git_commit'))[:10]}; wall time {r.get('wall_seconds', 0) / 60:.1f} min"
     ]
     if r.get("command"):
@@ -317,8 +325,8 @@ def sanity_block(r: dict) -> list[str]:
     refresh_checks(r)
     failed = [c for c in r["sanity_checks"] if not c["passed"]]
     if not failed:
-        return [f"- `{label(r)}`: all {len(r['sanity_checks'])} sanity checks passed"]
-    return [f"- `{label(r)}`: **WARNING** {c['name']} failed — {c['detail']}" for c in failed]
+        return [f"- `{evaluation_name(r)}`: all {len(r['sanity_checks'])} sanity checks passed"]
+    return [f"- `{evaluation_name(r)}`: **WARNING** {c['name']} failed — {c['detail']}" for c in failed]
 
 
 def figures_block(r: dict, page_dir: Path) -> list[str]:
@@ -327,7 +335,7 @@ def figures_block(r: dict, page_dir: Path) -> list[str]:
         path = r["_dir"] / Path(fig).name
         if path.exists():
             link = os.path.relpath(path.resolve(), page_dir.resolve())
-            out.append(f"![{label(r)}: {path.stem}]({Path(link).as_posix()})")
+            out.append(f"![{evaluation_name(r)}: {path.stem}]({Path(link).as_posix()})")
     return out
 
 
