@@ -14,7 +14,7 @@ def _fmt(value) -> str:
 
 
 def render(meta: CheckpointMeta, name: str, notes: str = "") -> str:
-    t, m, c = meta.training, meta.metrics, meta.calibration
+    t, m, c = meta.training.model_dump(mode="json"), meta.metrics, meta.calibration
     lines = [
         f"# {name}",
         "",
@@ -58,6 +58,7 @@ def render(meta: CheckpointMeta, name: str, notes: str = "") -> str:
     lines += ["", "## Training", ""]
     for key in (
         "recipe",
+        "origin",
         "data",
         "epochs",
         "epochs_planned",
