@@ -378,7 +378,7 @@ def test_shipped_model_loads_with_calibration_metrics_card_and_claimed_accuracy(
     assert meta.metrics["clean_accuracy"] > 0.3
     assert meta.metrics["test_images"] >= 1000
     assert meta.training.command.startswith("python -m training ")
-    assert "Reproduce with" in (path / "MODEL_CARD.md").read_text()
+    assert "## How to reproduce" in (path / "MODEL_CARD.md").read_text()
     assert meta.metrics["clean_accuracy"] >= MIN_ACCURACY.get(path.name, 0.0)
     # The weights do what the metadata says: accuracy on the committed real test images is close to the claim.
     folder, shape = (TESTS / "mnist", (1, 28, 28)) if meta.dataset == "mnist" else (TESTS / "cifar10", (3, 32, 32))

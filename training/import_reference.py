@@ -11,6 +11,7 @@ images are taken by (NNNN, class): the first 1000 are images 0000-0099 of every 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -107,6 +108,9 @@ def import_reference(args: argparse.Namespace) -> Path:
         calibration=calibration,
     )
     save_checkpoint(network, meta, args.out)
+    licence = Path(args.path).parent / model_card.WEIGHTS_LICENSE_FILE
+    if licence.is_file():  # the authors' licence travels with their weights (and is quoted in the card)
+        shutil.copyfile(licence, Path(args.out) / model_card.WEIGHTS_LICENSE_FILE)
     model_card.write(
         args.out,
         meta,
