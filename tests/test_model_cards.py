@@ -86,7 +86,7 @@ def test_card_sections_state_the_limitations(name):
     ):
         assert heading in text, heading
     assert results["command"] in text, "the evaluation command"
-    if "command" in meta.training:
+    if meta.training.command:
         assert meta.training.command in text
     limitations = text.split("## Limitations", 1)[1].split("\n## ", 1)[0]
     if not meta.aux_head_trained:
