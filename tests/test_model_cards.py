@@ -129,3 +129,28 @@ def test_card_on_disk_is_what_the_generator_makes(name):
     assert (directory / model_card.CARD_FILE).read_text() == expected, (
         f"stale card: run python -m training.model_card models/zoo/{name}"
     )
+
+
+@pytest.mark.anyio
+async def test_service_serves_the_card_and_states_the_robustness_truth(model_dir):
+    """GET /v1/models/{name} says what purification resists (blind attacks) and what not (adaptive), and
+    GET /v1/models/{name}/card serves the shipped card as is; a baseline resists nothing."""
+    from test_service_support import serve_app, settings_for
+
+    baseline = ZOO / "mnist-fcn-dr-vanilla"
+    async with serve_app(settings_for(model_dir, baseline)) as (_, client):
+        info = (await client.get("/v1/models/mnist-fcn-dr")).json()["robustness"]
+        card = await client.get(info["model_card"])
+        plain = (await client.get("/v1/models/mnist-fcn-dr-vanilla")).json()["robustness"]
+        missing = await client.get("/v1/models/no-such-model/card")
+    assert info["purifies"] is True
+    assert info["resists"].startswith("purifier-blind attacks")
+    assert info["does_not_resist"].startswith("adaptive attacks")
+    assert info["results"] == "docs/results.md"
+    assert card.status_code == 200
+    assert card.headers["content-type"].startswith("text/markdown")
+    assert card.text == (model_dir / "MODEL_CARD.md").read_text()
+    assert plain["purifies"] is False
+    assert plain["resists"] is None
+    assert missing.status_code == 404
+    assert missing.json()["error"] == "unknown_model"
