@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from models import create_model, load_checkpoint, oracle_select, purify
+from models import Recipe, create_model, load_checkpoint, oracle_select, purify
 from models.attacks.seeding import ImageGenerators, derive_seed
 from models.checkpoint import LoadedModel
 
@@ -37,7 +37,7 @@ from .report import write_all
 from .rows import ROWS
 from .stats import Accuracy
 
-BASELINE_RECIPES = ("vanilla", "fgsm-at", "pgd-at")
+BASELINE_RECIPES = (Recipe.VANILLA, Recipe.FGSM_AT, Recipe.PGD_AT)
 
 
 @dataclass
@@ -99,7 +99,7 @@ def evaluation_order(data: ImageData, source: str) -> tuple[torch.Tensor, str]:
 
 def is_soap(loaded: LoadedModel) -> bool:
     """Baselines (vanilla / FGSM-AT / PGD-AT) have no trained auxiliary head to purify with."""
-    return loaded.meta.training.get("recipe", "soap") not in BASELINE_RECIPES
+    return loaded.meta.training.recipe not in BASELINE_RECIPES
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -302,8 +302,8 @@ def _evaluate(config: EvalConfig, process: Process) -> dict | None:
         "model": str(config.model),
         "network": meta.network,
         "dataset": meta.dataset,
-        "recipe": "soap" if soap else meta.training["recipe"],
-        "provenance": str(meta.training.get("recipe", "soap")),
+        "recipe": "soap" if soap else str(meta.training.recipe),
+        "provenance": meta.training.provenance,
         "aux_task": meta.aux_task,
         "purifier": asdict(loaded.purifier) | {"budgets": loaded.purifier.budgets()},
         "data": data_source,
