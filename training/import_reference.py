@@ -11,10 +11,11 @@ images are taken by (NNNN, class): the first 1000 are images 0000-0099 of every 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
-from models import CheckpointError, get_spec, resolve_device, save_checkpoint
+from models import CheckpointError, Recipe, get_spec, resolve_device, save_checkpoint
 from models.checkpoint import meta_for
 from models.reference import convert_reference_state_dict, load_reference_state_dict
 
@@ -69,7 +70,8 @@ def import_reference(args: argparse.Namespace) -> Path:
     spec = get_spec(args.network)
     training: dict[str, object] = {
         "command": provenance.command("import-reference", reproducing_options(args)),
-        "recipe": "imported: authors' released checkpoint (GitHub Mishne-Lab/SOAP, commit 0953512)",
+        "recipe": Recipe.IMPORTED,
+        "origin": "authors' released checkpoint (GitHub Mishne-Lab/SOAP, commit 0953512)",
         "source": str(args.path),
         "git_commit": provenance.git_commit(),
         "finished_utc": provenance.now_utc(),
@@ -106,6 +108,9 @@ def import_reference(args: argparse.Namespace) -> Path:
         calibration=calibration,
     )
     save_checkpoint(network, meta, args.out)
+    licence = Path(args.path).parent / model_card.WEIGHTS_LICENSE_FILE
+    if licence.is_file():  # the authors' licence travels with their weights (and is quoted in the card)
+        shutil.copyfile(licence, Path(args.out) / model_card.WEIGHTS_LICENSE_FILE)
     model_card.write(
         args.out,
         meta,
