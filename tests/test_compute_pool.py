@@ -165,15 +165,44 @@ def test_sigkill_of_a_worker_under_load_costs_no_request(model_dir):
     assert len(replaced) == 1  # the killed child was replaced by a new one
 
 
-def test_pool_size_defaults_to_one_worker_per_core_on_the_cpu(tmp_path):
-    cores = len(os.sched_getaffinity(0))
+def test_pool_size_defaults_to_one_worker_per_core_on_the_cpu(tmp_path, monkeypatch):
+    from service import config
+
+    monkeypatch.setattr(config, "_cores", lambda: 64)
+    monkeypatch.setattr(config, "_memory_bytes", lambda: 128 << 30)
     default = ServiceSettings(models=[tmp_path])
-    assert default.pool_size() == cores
+    assert default.pool_size() == 64
     assert default.compute_threads == 1
     assert default.pool_size(cuda=True) == 1
+    monkeypatch.setattr(config, "_memory_bytes", lambda: 8 << 30)  # a pod's 8 GiB: 7 workers, not 64
+    assert default.pool_size() == 7
     assert ServiceSettings(models=[tmp_path], compute_process=False).pool_size() == 1
-    assert ServiceSettings(models=[tmp_path], compute_process=False).compute_threads == max(1, cores - 1)
+    assert ServiceSettings(models=[tmp_path], compute_process=False).compute_threads == 63
     custom = ServiceSettings(models=[tmp_path], compute_workers=3, torch_threads=2)
     assert custom.pool_size() == 3
     assert custom.pool_size(cuda=True) == 3
     assert custom.compute_threads == 2
+
+
+def test_container_limits_are_read_from_cgroup_files(tmp_path):
+    from service.config import cgroup_cpus, cgroup_memory_bytes
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("200000 100000\n")
+    (v2 / "memory.max").write_text("8589934592\n")
+    assert cgroup_cpus(v2) == 2.0
+    assert cgroup_memory_bytes(v2) == 8 << 30
+    (v2 / "cpu.max").write_text("max 100000\n")
+    (v2 / "memory.max").write_text("max\n")
+    assert cgroup_cpus(v2) is None
+    assert cgroup_memory_bytes(v2) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "memory").mkdir()
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("150000")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(str(2**63 - 4096))  # v1's "no limit"
+    assert cgroup_cpus(v1) == 1.5
+    assert cgroup_memory_bytes(v1) is None
+    assert cgroup_cpus(tmp_path / "absent") is None
