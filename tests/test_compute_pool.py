@@ -113,44 +113,45 @@ def _running(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(600)
 def test_sigkill_of_a_worker_under_load_costs_no_request(model_dir):
-    """A real server with two compute processes, 64 clients; one child is killed while it computes a batch."""
+    """A real server with two compute processes, 64 clients; one child is killed while it computes a batch, and the
+    load goes on for 4 s more (the retried batch, the restart and what follows)."""
     import aiohttp
 
     srv = ServerProcess(["--model", str(model_dir), "--compute-workers", "2", "--max-batch-size", "32"])
     try:
-        srv.wait_ready()
+        srv.wait_ready(timeout=300)  # three interpreters importing torch: slow on a busy 2-core machine
         workers = _children(srv.proc.pid)
         assert len(workers) == 2
         statuses: list[int] = []
         killed: list[int] = []
 
         async def load() -> None:
-            stop = time.monotonic() + 6
+            stop = [time.monotonic() + 30]
 
             async def client(k: int, session: aiohttp.ClientSession) -> None:
-                while time.monotonic() < stop:
+                while time.monotonic() < stop[0]:
                     async with session.post(srv.url + "/classify", data=mnist_png(k % 10), headers=PNG) as r:
                         await r.read()
                         statuses.append(r.status)
 
             async def killer() -> None:
                 await asyncio.sleep(1.5)
-                until = time.monotonic() + 3
-                while not killed and time.monotonic() < until:
+                while not killed and time.monotonic() < stop[0] - 5:
                     victim = workers[0]
                     if _running(victim):  # in recv when idle; running means it is computing a batch
                         os.kill(victim, signal.SIGKILL)
-                        killed.append(victim)
+                        killed.append(len(statuses))
+                        stop[0] = time.monotonic() + 4
                     await asyncio.sleep(0.001)
 
             connector = aiohttp.TCPConnector(limit=64)
-            async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+            async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
                 await asyncio.gather(killer(), *(client(k, session) for k in range(64)))
 
         asyncio.run(load())
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while len(set(_children(srv.proc.pid)) - set(workers)) < 1 and time.monotonic() < deadline:
             time.sleep(0.1)
         replaced = set(_children(srv.proc.pid)) - set(workers)
@@ -158,7 +159,7 @@ def test_sigkill_of_a_worker_under_load_costs_no_request(model_dir):
         srv.stop()
     output = srv.output()
     assert killed, "the worker was never seen computing"
-    assert len(statuses) > 100
+    assert len(statuses) > killed[0]  # answers came after the kill
     assert set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
     assert "died during a batch" in output, output
     assert "computing it again" in output, output
