@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= models/zoo/mnist-fcn-dr
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint bench gpu-check results clean
+.PHONY: install run test lint typecheck bench gpu-check results clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# mypy: strict on models/ and service/, checked on training/ ([tool.mypy] in pyproject.toml says what and why).
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) benchmarks/purifier.py --json benchmarks/results/purifier.json

@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                 "plain_over_certify": plain / passes,
             }
             out["results"].append(row)
-            print(f"{name:<14} {n:>7} {row['images_per_s']:>9.2f} {passes:>10.0f} {plain:>15.0f} {plain / passes:>6.2f}")
+            print(
+                f"{name:<14} {n:>7} {row['images_per_s']:>9.2f} {passes:>10.0f} {plain:>15.0f} {plain / passes:>6.2f}"
+            )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")

@@ -8,7 +8,7 @@ __version__ = "0.1.0"  # the distribution's version (pyproject.toml reads it fro
 from .acceleration import Acceleration, AuxLossFn, Precision, aux_loss_fn
 from .checkpoint import CheckpointError, CheckpointMeta, LoadedModel, load_checkpoint, save_checkpoint
 from .networks import SoapNetwork
-from .purifier import MODES, PurifierConfig, PurifyResult, oracle_select, purify, purify_naive
+from .purifier import Mode, PurifierConfig, PurifyResult, oracle_select, purify, purify_naive
 from .registry import ModelSpec, create_model, get_spec, list_models, register_model
 from .tasks import aux_loss, training_losses
 
@@ -24,7 +24,7 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
     "SoapNetwork",
-    "MODES",
+    "Mode",
     "PurifierConfig",
     "PurifyResult",
     "oracle_select",

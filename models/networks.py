@@ -22,10 +22,13 @@ class SoapNetwork(nn.Module):
     `forward(x)` returns logits so that the network plugs into any attack library unchanged.
     """
 
+    mean: torch.Tensor  # [1, C, 1, 1] buffers, saved with the weights
+    std: torch.Tensor
+
     def __init__(
         self,
         encoder: nn.Module,
-        classifier: nn.Module,
+        classifier: nn.Linear,
         aux_head: nn.Module | None,
         aux_task: str,
         input_shape: Sequence[int],
@@ -77,7 +80,7 @@ class _Reshape(nn.Module):
         return x.reshape(x.shape[0], *self.shape)
 
 
-def fcn_dr(num_classes: int, input_shape: Sequence[int], mean, std) -> SoapNetwork:
+def fcn_dr(num_classes: int, input_shape: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> SoapNetwork:
     """MNIST FCN-DR: 784-256-128 encoder, linear classifier, 128-256-784 sigmoid decoder."""
     c, h, w = input_shape
     d = c * h * w
@@ -86,7 +89,7 @@ def fcn_dr(num_classes: int, input_shape: Sequence[int], mean, std) -> SoapNetwo
     return SoapNetwork(encoder, nn.Linear(128, num_classes), decoder, "reconstruction", input_shape, mean, std)
 
 
-def cnn_dr(num_classes: int, input_shape: Sequence[int], mean, std) -> SoapNetwork:
+def cnn_dr(num_classes: int, input_shape: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> SoapNetwork:
     """MNIST CNN-DR: two stride-2 convs + FC 1024 encoder, mirrored transposed-conv decoder."""
     c, h, w = input_shape
     if h % 4 or w % 4:
@@ -202,14 +205,18 @@ def _rotation_head(features: int) -> nn.Module:
     return nn.Linear(features, 4)
 
 
-def resnet18_thin(num_classes: int, input_shape: Sequence[int], mean, std, aux_task: str) -> SoapNetwork:
+def resnet18_thin(
+    num_classes: int, input_shape: Sequence[int], mean: Sequence[float], std: Sequence[float], aux_task: str
+) -> SoapNetwork:
     head = _rotation_head(64) if aux_task == "rotation" else None
     return SoapNetwork(
         ThinResNetEncoder(input_shape[0]), nn.Linear(64, num_classes), head, aux_task, input_shape, mean, std
     )
 
 
-def wrn28_10(num_classes: int, input_shape: Sequence[int], mean, std, aux_task: str) -> SoapNetwork:
+def wrn28_10(
+    num_classes: int, input_shape: Sequence[int], mean: Sequence[float], std: Sequence[float], aux_task: str
+) -> SoapNetwork:
     head = _rotation_head(640) if aux_task == "rotation" else None
     return SoapNetwork(
         WideResNetEncoder(input_shape[0]), nn.Linear(640, num_classes), head, aux_task, input_shape, mean, std

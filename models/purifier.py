@@ -12,8 +12,8 @@ gradient call per step (11 evaluations per image with Δ = γ, T = 5, 11 budgets
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import partial
-from typing import Literal
 
 import torch
 
@@ -21,8 +21,13 @@ from .acceleration import AuxLossFn
 from .networks import SoapNetwork
 from .tasks import aux_loss
 
-Mode = Literal["min-aux", "fixed", "none"]
-MODES: tuple[str, ...] = ("min-aux", "fixed", "none")
+
+class Mode(StrEnum):
+    """The purification modes, a closed set: the values are what the API, the metrics and the results name."""
+
+    MIN_AUX = "min-aux"  # per-image budget search (SOAP's Algorithm 2)
+    FIXED = "fixed"  # purify at one given budget
+    NONE = "none"  # no purification; the auxiliary loss is still measured
 
 
 @dataclass(frozen=True)
@@ -46,9 +51,9 @@ class PurifierConfig:
 class PurifyResult:
     """Purified images and, per image, the chosen ε and the auxiliary loss before/after.
 
-    `curve[i, e]` is image i's auxiliary loss after purification at budget e (paper Fig. 3);
-    `candidates[e]` are the purified images at budget e (for the oracle). `grad_evals` counts the
-    auxiliary-gradient evaluations per image.
+    `curve[i, e]` is image i's auxiliary loss after purification at budget e (paper Fig. 3; always there: the
+    selection computes it); `candidates[e]` are the purified images at budget e (for the oracle; only when asked,
+    being K copies of the batch). `grad_evals` counts the auxiliary-gradient evaluations per image.
     """
 
     images: torch.Tensor
@@ -57,7 +62,7 @@ class PurifyResult:
     aux_after: torch.Tensor
     budgets: torch.Tensor
     grad_evals: int
-    curve: torch.Tensor | None = None
+    curve: torch.Tensor
     candidates: torch.Tensor | None = None
 
 
@@ -129,9 +134,8 @@ def purify(
     model: SoapNetwork,
     x: torch.Tensor,
     config: PurifierConfig,
-    mode: Mode = "min-aux",
+    mode: Mode | str = Mode.MIN_AUX,
     epsilon: float | None = None,
-    return_curve: bool = False,
     return_candidates: bool = False,
     loss_fn: AuxLossFn | None = None,
 ) -> PurifyResult:
@@ -141,18 +145,22 @@ def purify(
     only measures the auxiliary loss. The model is put in eval mode (BatchNorm/dropout must not couple
     examples). `loss_fn` replaces the model's auxiliary loss by an accelerated one (models.acceleration).
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown purification mode {mode!r}; expected one of {MODES}")
-    if mode == "fixed" and (epsilon is None or epsilon < 0):
-        raise ValueError("mode 'fixed' needs a non-negative epsilon")
-    if mode != "none":
+    if mode not in set(Mode):
+        raise ValueError(f"unknown purification mode {mode!r}; expected one of {[m.value for m in Mode]}")
+    mode = Mode(mode)
+    fixed_epsilon = 0.0
+    if mode is Mode.FIXED:
+        if epsilon is None or epsilon < 0:
+            raise ValueError("mode 'fixed' needs a non-negative epsilon")
+        fixed_epsilon = float(epsilon)
+    if mode is not Mode.NONE:
         _require_autograd()
     model.eval()
     x = x.detach()
-    if mode == "none":
+    if mode is Mode.NONE:
         budgets = [0.0]
-    elif mode == "fixed":
-        budgets = [0.0, float(epsilon)] if epsilon > 0 else [0.0]
+    elif mode is Mode.FIXED:
+        budgets = [0.0, fixed_epsilon] if fixed_epsilon > 0 else [0.0]
     else:
         budgets = config.budgets()
     loss = loss_fn or partial(aux_loss, model)
@@ -166,9 +174,7 @@ def purify(
             slot[id(d)] = len(unique)
             unique.append(x + d)
     curve = _losses(loss, unique)[[slot[id(d)] for d in deltas]].T  # [B, K]
-    result = _select(x, [x + d for d in deltas], curve, budgets, fixed=mode == "fixed", grad_evals=grad_evals)
-    if not return_curve:
-        result.curve = None
+    result = _select(x, [x + d for d in deltas], curve, budgets, fixed=mode is Mode.FIXED, grad_evals=grad_evals)
     if not return_candidates:
         result.candidates = None
     return result

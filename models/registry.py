@@ -1,12 +1,14 @@
 """Model registry: one place that maps a network name to its architecture and defaults.
 
-Modelled on timm: `@register_model` adds a builder, `create_model(name)` builds it. No other module
-switches on architecture strings; everything else reads the `ModelSpec`.
+Modelled on timm: `@register_model` adds a builder, `create_model(name)` builds it, and code that builds or loads a
+network reads its `ModelSpec`. Two places still read a network's name, to reproduce the paper rather than to build
+anything: training/presets.py picks the paper's MNIST schedule for the CNN and derives baseline preset names from the
+backbone's, and training/results_page.py maps a network to its row of the paper's tables.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .networks import SoapNetwork, cnn_dr, fcn_dr, resnet18_thin, wrn28_10
@@ -33,7 +35,7 @@ class ModelSpec:
     std: tuple[float, ...]
     aux_task: str
     purifier: PurifierConfig
-    builder_kwargs: dict = field(default_factory=dict)
+    builder_kwargs: dict[str, object] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -60,9 +62,9 @@ def get_spec(name: str) -> ModelSpec:
 def create_model(
     name: str,
     num_classes: int | None = None,
-    input_shape: tuple[int, int, int] | None = None,
-    mean: tuple[float, ...] | None = None,
-    std: tuple[float, ...] | None = None,
+    input_shape: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> SoapNetwork:
     """Build network `name` with random weights; any default of its spec can be overridden."""
     spec = get_spec(name)
@@ -78,7 +80,8 @@ def create_model(
 
 
 def _register_defaults() -> None:
-    for arch, builder in (("fcn-dr", fcn_dr), ("cnn-dr", cnn_dr)):
+    builders: tuple[tuple[str, Callable[..., SoapNetwork]], ...] = (("fcn-dr", fcn_dr), ("cnn-dr", cnn_dr))
+    for arch, builder in builders:
         register_model(
             ModelSpec(
                 f"mnist-{arch}",
@@ -96,7 +99,8 @@ def _register_defaults() -> None:
         ("cifar10", 10, CIFAR10_MEAN, CIFAR10_STD),
         ("cifar100", 100, CIFAR100_MEAN, CIFAR100_STD),
     ):
-        for arch, builder in (("resnet18", resnet18_thin), ("wrn28", wrn28_10)):
+        builders = (("resnet18", resnet18_thin), ("wrn28", wrn28_10))
+        for arch, builder in builders:
             for suffix, task in (("rp", "rotation"), ("lc", "label_consistency")):
                 register_model(
                     ModelSpec(

@@ -1,8 +1,9 @@
 """`python -m service --model PATH [...]` (or `soap-serve ...`): load the models, then serve with uvicorn until
 SIGTERM/SIGINT.
 
-On SIGTERM the service drains: /readyz turns 503 and new /classify requests get 503 (after
---shutdown-delay-s the listener closes too), every accepted request is still answered, then the process exits 0.
+On SIGTERM the service drains (service/server.py): /readyz turns 503, new work gets 503, every response closes its
+connection, idle connections and then the listener close, every request a client sent is answered, and the process
+exits 0.
 """
 
 from __future__ import annotations
@@ -17,42 +18,19 @@ import gc
 import logging
 import signal
 import sys
-import threading
-from types import FrameType
 
 import torch
 import uvicorn
+from fastapi import FastAPI
 
 from models import CheckpointError
 
 from .app import create_app
 from .config import ServiceSettings, load_settings
-from .runtime import ServiceRuntime
-
-log = logging.getLogger("service")
+from .server import DrainingServer
 
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn.Server that marks the runtime as draining the moment a shutdown signal arrives, and can hold the
-    listener open `delay_s` longer so load balancers see /readyz fail before connections are refused."""
-
-    def __init__(self, config: uvicorn.Config, runtime: ServiceRuntime, delay_s: float) -> None:
-        super().__init__(config)
-        self.runtime = runtime
-        self.delay_s = delay_s
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        first = self.runtime.begin_drain()
-        if first and self.delay_s > 0:
-            log.info("draining: not ready; closing the listener in %.1f s", self.delay_s)
-            timer = threading.Timer(self.delay_s, super().handle_exit, (sig, frame))
-            timer.daemon = True
-            timer.start()
-            return
-        super().handle_exit(sig, frame)
-
-
-def serve(app) -> None:
+def serve(app: FastAPI) -> None:
     settings: ServiceSettings = app.state.settings
     config = uvicorn.Config(
         app,
@@ -60,7 +38,8 @@ def serve(app) -> None:
         port=settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
-        timeout_graceful_shutdown=settings.graceful_timeout_s,
+        # uvicorn annotates int, but waits with asyncio.wait_for, which takes fractional seconds
+        timeout_graceful_shutdown=settings.graceful_timeout_s,  # type: ignore[arg-type]
         lifespan="on",
     )
     DrainingServer(config, app.state.runtime, settings.shutdown_delay_s).run()

@@ -10,35 +10,37 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
-from urllib.parse import parse_qs
+from typing import Any, overload
+from urllib.parse import parse_qs, unquote
 
 import anyio
 import orjson
 import torch
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .auth import require_api_key
+from .auth import PROTECTED, SECURITY, require_api_key
 from .batcher import BatchFailed, ClientGone, DeadlineExceeded, ItemResult, QueueFull, ShuttingDown, WorkItem
 from .certify import CertifyJob, CertifyRequest, CertifyResult
 from .config import ServiceSettings
 from .decode import DecodeLimits, ImageRejected, decode_opened, encode_png, open_image
 from .errors import ServiceError, error_response, install_error_handlers
 from .ingest import ACCEPTED_TYPES, check_media_type, media_type, parse_upload, read_body
+from .predict import PurifyRequest
 from .runtime import ModelRuntime, ServiceRuntime
 from .schemas import (
     BatchingInfo,
     CertifyResponse,
-    ClassifyJSON,
     ClassifyOptions,
     ClassifyResponse,
     ErrorResponse,
@@ -46,30 +48,37 @@ from .schemas import (
     ModelInfo,
     ModelList,
     PurifierInfo,
+    image_upload_body,
+    query_parameters,
 )
 
 log = logging.getLogger("service.app")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_V2_INFER = re.compile(r"^/v2/models/([^/]+)/infer$")
 # Images up to this many pixels decode on the event loop (tens of microseconds); larger ones in a thread,
 # at most _DECODE_THREADS at once, which bounds the memory a burst of huge images can take.
 _INLINE_DECODE_PIXELS = 256 * 256
 _DECODE_THREADS = 4
+# While draining, a refused request's body is read before the 503 (see _discard_body), but not for longer than this.
+_DRAIN_BODY_TIMEOUT_S = 1.0
 
 
 class RequestContext:
     """Pure ASGI middleware: request id (X-Request-ID, echoed or made), load shedding, request-duration metric by
-    model, route template and status, and a JSON 500 (no traceback) for anything unhandled.
+    model, route template and status, a JSON 500 (no traceback) for anything unhandled, and the drain's part of a
+    graceful shutdown (service/server.py): while draining, every response carries `Connection: close`, the one
+    clean way to end a keep-alive connection, and every POST (all of them are work) gets 503 with Retry-After.
 
     Shedding happens here, before routing, parsing or reading the body: under overload a refusal must cost far
     less than a served request, or the refusals themselves become the overload.
     """
 
-    def __init__(self, app, runtime: ServiceRuntime) -> None:
+    def __init__(self, app: ASGIApp, runtime: ServiceRuntime) -> None:
         self.app = app
         self.runtime = runtime
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -80,23 +89,30 @@ class RequestContext:
         status = 500
         started = False
 
-        async def send_with_id(message) -> None:
+        async def send_with_id(message: Message) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 started, status = True, message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())]}
+                headers = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+                if self.runtime.draining:  # uvicorn then closes the connection after this response
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
             refusal = self._shed(scope)
             if refusal is not None:
+                if self.runtime.draining:  # closing a socket with unread bytes would reset it under the response
+                    await _discard_body(receive, self.runtime.settings.max_body_bytes)
                 await refusal(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
         except Exception:  # noqa: BLE001 - last line of defence; the log has the traceback, the client does not
             log.exception("unhandled error in %s %s (request %s)", scope.get("method"), scope.get("path"), request_id)
             if not started:
-                response = error_response(500, "internal_error", f"unexpected server error; request id {request_id}")
+                response = error_response(
+                    500, "internal_error", f"unexpected server error; request id {request_id}", path=scope["path"]
+                )
                 await response(scope, receive, send_with_id)
         finally:
             route = getattr(scope.get("route"), "path", None) or (
@@ -106,9 +122,10 @@ class RequestContext:
                 time.perf_counter() - start
             )
 
-    def _shed(self, scope) -> Response | None:
-        """A 503 for POST /classify when the service drains, or when the request's model is known before its body
-        is read and that model's queue is full; else None (the handler refuses it later if need be).
+    def _shed(self, scope: Scope) -> Response | None:
+        """A 503 for any POST when the service drains, or for POST /classify and /v2/models/{name}/infer when the
+        request's model is known before its body is read and that model's queue is full; else None (the handler
+        refuses it later if need be).
 
         The model is known before the body when the query string names it (`?model=` routes the request; a body
         may repeat it but not name another, see `_options`), when the body is a raw image (it carries no options),
@@ -118,23 +135,40 @@ class RequestContext:
         its options are parsed, before its images are decoded. Clients that want the cheapest refusal under
         overload name the model in the query string.
         """
-        if scope["method"] != "POST" or scope["path"] != "/classify":
+        if scope["method"] != "POST":
             return None
         runtime = self.runtime
+        v2_model = _V2_INFER.match(scope["path"])  # POST /v2/models/{name}/infer: the path names the model
         if runtime.draining:
             error = _shutting_down()
+        elif scope["path"] != "/classify" and v2_model is None:
+            return None
         else:
-            model = _model_before_body(scope, runtime)
+            model = runtime.models.get(unquote(v2_model[1])) if v2_model else _model_before_body(scope, runtime)
             if model is None or model.batcher.has_room(1):
                 return None
-            error = _queue_full(model, model.batcher.retry_after_s())
+            error = queue_full(model, model.batcher.retry_after_s())
         scope["soap.model"] = runtime.metrics_label(error.model)
         if error.reason:
             runtime.metrics.reject(scope["soap.model"], error.reason)
-        return error_response(error.status, error.error, error.detail, error.headers)
+        return error_response(error.status, error.error, error.detail, error.headers, path=scope["path"])
 
 
-def _model_before_body(scope, runtime: ServiceRuntime) -> ModelRuntime | None:
+async def _discard_body(receive: Receive, limit: int) -> None:
+    """Read and drop the request body (up to `limit` bytes, at most _DRAIN_BODY_TIMEOUT_S)."""
+    read = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(_DRAIN_BODY_TIMEOUT_S):
+            while read <= limit:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                read += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
+
+
+def _model_before_body(scope: Scope, runtime: ServiceRuntime) -> ModelRuntime | None:
     """The model a /classify request is for, as far as its head tells (see RequestContext._shed); None when only the
     body can tell, or when the query names no loaded model (the handler answers 404)."""
     query = scope.get("query_string", b"")
@@ -152,7 +186,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     runtime = ServiceRuntime(settings)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
         try:
             yield
@@ -165,6 +199,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         responses={422: {"model": ErrorResponse}},
+        docs_url=None,  # served by service/api_docs.py from local files, not a CDN
+        redoc_url=None,
     )
     app.state.runtime = runtime
     app.state.settings = settings
@@ -172,8 +208,12 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     install_error_handlers(app)
     _add_routes(app, runtime)
 
+    from service.api_docs import register_docs
     from service.demo import register_demo
+    from service.open_inference import router as open_inference
 
+    app.include_router(open_inference)
+    register_docs(app)
     register_demo(app)
     return app
 
@@ -181,7 +221,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 # ---------------------------------------------------------------------------------------------- /classify steps
 
 
-def _certify_request(options: ClassifyOptions, model: ModelRuntime, settings: ServiceSettings) -> CertifyRequest:
+def certify_request(options: ClassifyOptions, model: ModelRuntime, settings: ServiceSettings) -> CertifyRequest:
     """mode=certify's settings, within the server's limits (422 beyond them)."""
     if model.certify is None:
         raise ServiceError(
@@ -222,8 +262,11 @@ def _options(query: dict[str, Any], body: dict[str, Any], query_model: str | Non
         raise ServiceError(422, "bad_options", problems, reason="bad_options", model=query_model) from None
 
 
-async def _decode_all(payloads: list[bytes], model: ModelRuntime, limits: DecodeLimits, limiter: anyio.CapacityLimiter):
-    images = []
+async def decode_all(
+    payloads: list[bytes], model: ModelRuntime, limits: DecodeLimits, limiter: anyio.CapacityLimiter
+) -> list[torch.Tensor]:
+    """The decode step: every payload to a [C, H, W] tensor of the model's input shape (422 for a bad image)."""
+    images: list[torch.Tensor] = []
     for index, data in enumerate(payloads):
         try:
             source = open_image(data, limits)
@@ -237,20 +280,31 @@ async def _decode_all(payloads: list[bytes], model: ModelRuntime, limits: Decode
     return images
 
 
-async def _client_gone(receive) -> None:
+async def _client_gone(receive: Receive) -> None:
     """Returns when the client disconnects (the body has been read, so only http.disconnect can come)."""
     while (await receive())["type"] != "http.disconnect":
         pass
 
 
+@overload
 async def _await_result(
-    request: Request, model: ModelRuntime, item: WorkItem | CertifyJob, cancel: Callable[..., bool] | None = None
+    request: Request, model: ModelRuntime, item: WorkItem, cancel: Callable[..., object]
+) -> ItemResult: ...
+
+
+@overload
+async def _await_result(
+    request: Request, model: ModelRuntime, item: CertifyJob, cancel: Callable[..., object]
+) -> CertifyResult: ...
+
+
+async def _await_result(
+    request: Request, model: ModelRuntime, item: WorkItem | CertifyJob, cancel: Callable[..., object]
 ) -> ItemResult | CertifyResult:
     """Wait for the batch result. While the item is still queued, the batcher ends it with DeadlineExceeded at
     its deadline (-> 504) and a disconnect watcher with ClientGone (-> 499, dropped before compute). Once its
     batch runs, the result comes whatever happens. (A plain await on the future: asyncio.wait with a timeout per
     request cost more event-loop time than the rest of the request path.)"""
-    cancel = cancel or model.batcher.cancel
     watcher = asyncio.ensure_future(_client_gone(request.receive))
     watcher.add_done_callback(lambda w: None if w.cancelled() else cancel(item, ClientGone()))
     try:
@@ -272,6 +326,62 @@ async def _await_result(
         raise
     finally:
         watcher.cancel()
+
+
+async def run_on_batcher(
+    request: Request, model: ModelRuntime, batch: torch.Tensor, purify_request: PurifyRequest
+) -> ItemResult:
+    """The batch step, shared by /classify and /v2 infer: queue `batch` on the model's batcher under the request's
+    deadline and wait for its rows; every way this can fail becomes a ServiceError (503, 504, 499, 500)."""
+    runtime: ServiceRuntime = request.app.state.runtime
+    deadline = time.monotonic() + runtime.settings.request_timeout_s
+    try:
+        item = model.batcher.submit(batch, purify_request, deadline, request.scope["soap.request_id"])
+    except QueueFull as exc:
+        raise queue_full(model, exc.retry_after_s) from None
+    except ShuttingDown:
+        if runtime.draining:
+            raise _shutting_down() from None
+        raise ServiceError(
+            503,
+            "model_unavailable",
+            f"model {model.name} is not serving (see the server log)",
+            model=model.name,
+            headers={"Retry-After": "5"},
+        ) from None
+    try:
+        return await _await_result(request, model, item, model.batcher.cancel)
+    except BatchFailed as exc:  # this batch only; the message names the exception type, no internals
+        raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
+
+
+async def run_certify(
+    request: Request, model: ModelRuntime, batch: torch.Tensor, certify: CertifyRequest
+) -> CertifyResult:
+    """The certify step, shared by /classify and /v2 infer (mode=certify): queue `batch` on the model's certify
+    lane under the request's deadline and wait for its certificates; failures become ServiceErrors."""
+    lane = model.certify
+    if lane is None:  # certify_request refused the request already
+        raise RuntimeError(f"model {model.name} has no certify lane")
+    runtime: ServiceRuntime = request.app.state.runtime
+    try:
+        job = lane.submit(batch, certify, time.monotonic() + runtime.settings.request_timeout_s)
+    except QueueFull as exc:
+        raise ServiceError(
+            503,
+            "queue_full",
+            f"model {model.name}'s certify lane has {lane.queued_samples} forward passes queued "
+            f"(limit {lane.max_queue_samples}); retry later",
+            reason="queue_full",
+            model=model.name,
+            headers={"Retry-After": str(exc.retry_after_s)},
+        ) from None
+    except ShuttingDown:
+        raise _shutting_down() from None
+    try:
+        return await _await_result(request, model, job, lane.cancel)
+    except BatchFailed as exc:
+        raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
 
 
 def _results(model: ModelRuntime, result: ItemResult, options: ClassifyOptions) -> list[dict[str, Any]]:
@@ -308,7 +418,7 @@ def _results(model: ModelRuntime, result: ItemResult, options: ClassifyOptions) 
     return rows
 
 
-def _queue_full(model: ModelRuntime, retry_after_s: int) -> ServiceError:
+def queue_full(model: ModelRuntime, retry_after_s: int) -> ServiceError:
     return ServiceError(
         503,
         "queue_full",
@@ -325,34 +435,13 @@ def _shutting_down() -> ServiceError:
     )
 
 
-_OPTION_SCHEMAS = ClassifyOptions.model_json_schema()["properties"]
 _CLASSIFY_OPENAPI = {
-    "parameters": [
-        {
-            "name": name,
-            "in": "query",
-            "required": False,
-            "description": field.description,
-            "schema": {k: v for k, v in _OPTION_SCHEMAS[name].items() if k != "description"},
-        }
-        for name, field in ClassifyOptions.model_fields.items()
-    ],
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                }
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "application/json": {"schema": ClassifyJSON.model_json_schema()},
-        },
-    },
+    "security": SECURITY,  # require_api_key is called in the handler, not declared as a dependency
+    "parameters": query_parameters(ClassifyOptions),
+    "requestBody": image_upload_body(None, ClassifyOptions, json_images=True),
 }
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
         401: "missing or wrong API key",
@@ -372,7 +461,8 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
     settings = runtime.settings
     limits = DecodeLimits(settings.max_image_pixels, settings.max_image_side)
     decode_limiter = anyio.CapacityLimiter(_DECODE_THREADS)
-    protected = [Depends(require_api_key)]
+    app.state.decode_limits, app.state.decode_limiter = limits, decode_limiter  # shared with /v2 infer
+    protected = PROTECTED
 
     @app.post(
         "/classify",
@@ -395,35 +485,16 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         model = runtime.get(options.model)
         request.scope["soap.model"] = model.name
         if options.mode == "certify":
-            certify = _certify_request(options, model, settings)
-            images = await _decode_all(upload.payloads, model, limits, decode_limiter)
+            certify = certify_request(options, model, settings)
+            images = await decode_all(upload.payloads, model, limits, decode_limiter)
             batch = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
-            return await _certify(request, model, batch, certify, settings, started)
+            return await _certify(request, model, batch, certify, started)
         purify_request = model.purify_request(options.mode, options.epsilon)
         if not model.batcher.has_room(len(upload.payloads)):  # refuse before decoding (RequestContext could not)
-            raise _queue_full(model, model.batcher.retry_after_s())
-        images = await _decode_all(upload.payloads, model, limits, decode_limiter)
+            raise queue_full(model, model.batcher.retry_after_s())
+        images = await decode_all(upload.payloads, model, limits, decode_limiter)
         batch = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
-        try:
-            item = model.batcher.submit(
-                batch, purify_request, time.monotonic() + settings.request_timeout_s, request.scope["soap.request_id"]
-            )
-        except QueueFull as exc:
-            raise _queue_full(model, exc.retry_after_s) from None
-        except ShuttingDown:
-            if runtime.draining:
-                raise _shutting_down() from None
-            raise ServiceError(
-                503,
-                "model_unavailable",
-                f"model {model.name} is not serving (see the server log)",
-                model=model.name,
-                headers={"Retry-After": "5"},
-            ) from None
-        try:
-            result = await _await_result(request, model, item)
-        except BatchFailed as exc:  # this batch only; the message names the exception type, no internals
-            raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
+        result = await run_on_batcher(request, model, batch, purify_request)
         body_out = {
             "request_id": request.scope["soap.request_id"],
             "model": model.name,
@@ -437,32 +508,9 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         return Response(orjson.dumps(body_out), media_type="application/json")
 
     async def _certify(
-        request: Request,
-        model: ModelRuntime,
-        batch: torch.Tensor,
-        certify: CertifyRequest,
-        settings: ServiceSettings,
-        started: float,
+        request: Request, model: ModelRuntime, batch: torch.Tensor, certify: CertifyRequest, started: float
     ) -> Response:
-        lane = model.certify
-        try:
-            job = lane.submit(batch, certify, time.monotonic() + settings.request_timeout_s)
-        except QueueFull as exc:
-            raise ServiceError(
-                503,
-                "queue_full",
-                f"model {model.name}'s certify lane has {lane.queued_samples} forward passes queued "
-                f"(limit {lane.max_queue_samples}); retry later",
-                reason="queue_full",
-                model=model.name,
-                headers={"Retry-After": str(exc.retry_after_s)},
-            ) from None
-        except ShuttingDown:
-            raise _shutting_down() from None
-        try:
-            result = await _await_result(request, model, job, lane.cancel)
-        except BatchFailed as exc:
-            raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
+        result = await run_certify(request, model, batch, certify)
         names = model.class_names
         body_out = {
             "request_id": request.scope["soap.request_id"],

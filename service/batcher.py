@@ -88,7 +88,7 @@ class WorkItem:
     images: torch.Tensor
     request: PurifyRequest
     deadline: float
-    future: asyncio.Future
+    future: asyncio.Future[ItemResult]
     request_id: str = ""  # for the log when its batch fails
     enqueued_at: float = field(default_factory=time.monotonic)
     state: str = "queued"  # queued -> running, or queued -> cancelled
@@ -163,11 +163,11 @@ class Batcher:
         self._pending: collections.Counter[PurifyRequest] = collections.Counter()  # queued images per settings
         self._free: collections.deque[Worker] = collections.deque()  # warm workers waiting for a batch
         self._retries: collections.deque[Batch] = collections.deque()  # batches whose worker died, go first
-        self._inflight: set[asyncio.Task] = set()
+        self._inflight: set[asyncio.Task[None]] = set()
         self._wakeup: asyncio.Event | None = None
         self._closing = False
         self._draining = False
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None  # one timer for the earliest queued deadline
         self._executor = ThreadPoolExecutor(max_workers=len(self.workers), thread_name_prefix=f"soap-{name}")
         self._seconds_per_image = 0.0  # moving average of one worker's compute, for Retry-After
@@ -240,16 +240,16 @@ class Batcher:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, warmup: Callable[[Worker], None] | None = None) -> asyncio.Task:
+    def start(self, warmup: Callable[[Worker], None] | None = None) -> asyncio.Task[None]:
         """Start the dispatcher; `warmup(worker)` runs first for every worker at once, each in its own thread. It
         runs again when a worker is restarted after dying."""
-        self._wakeup = asyncio.Event()
+        self._wakeup = wakeup = asyncio.Event()
         self._warmup = warmup
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
+        self._task = asyncio.get_running_loop().create_task(self._run(wakeup), name=f"batcher-{self.name}")
         self._task.add_done_callback(self._on_dispatcher_exit)
         return self._task
 
-    def _on_dispatcher_exit(self, task: asyncio.Task) -> None:
+    def _on_dispatcher_exit(self, task: asyncio.Task[None]) -> None:
         """If the dispatcher died (a warm-up failed, or a bug), fail what is queued instead of leaving it hanging;
         `running` turns False, so /readyz reports the service not ready."""
         if task.cancelled() or task.exception() is None:
@@ -309,18 +309,19 @@ class Batcher:
         self._depth = depth
         self._on_depth(depth)
 
-    async def _sleep_until_woken(self) -> None:
-        self._wakeup.clear()
-        await self._wakeup.wait()
+    @staticmethod
+    async def _sleep_until_woken(wakeup: asyncio.Event) -> None:
+        wakeup.clear()
+        await wakeup.wait()
 
-    async def _run(self) -> None:
+    async def _run(self, wakeup: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         if self._warmup is not None:
             await asyncio.gather(*(loop.run_in_executor(self._executor, self._warmup, w) for w in self.workers))
         self._free.extend(self.workers)
         while True:
             if not self._free:
-                await self._sleep_until_woken()  # a worker coming back wakes us
+                await self._sleep_until_woken(wakeup)  # a worker coming back wakes us
                 continue
             if self._retries:
                 self._launch(self._retries.popleft())
@@ -328,7 +329,7 @@ class Batcher:
             if not self._queue:
                 if self._closing and not self._inflight:
                     return
-                await self._sleep_until_woken()
+                await self._sleep_until_woken(wakeup)
                 continue
             head = self._queue[0]
             due = head.enqueued_at + self.max_delay_s
@@ -341,9 +342,9 @@ class Batcher:
                 remaining = due - time.monotonic()
                 if remaining <= 0:
                     break
-                self._wakeup.clear()
+                wakeup.clear()
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                    await asyncio.wait_for(wakeup.wait(), remaining)
                 except TimeoutError:
                     break
             if head.state != "queued" or self._retries:
@@ -379,7 +380,7 @@ class Batcher:
         try:
             await self._compute_batch(worker, batch)
         finally:
-            self._inflight.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._inflight.discard(asyncio.current_task())
             self._free.append(worker)
             self._wake()
 

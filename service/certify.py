@@ -62,7 +62,7 @@ class CertifyJob:
     images: torch.Tensor
     request: CertifyRequest
     deadline: float
-    future: asyncio.Future
+    future: asyncio.Future[CertifyResult]
     enqueued_at: float = field(default_factory=time.monotonic)
     state: str = "queued"  # queued -> running, or queued -> cancelled
 
@@ -113,7 +113,7 @@ class CertifyLane:
         self._closing = False
         self._stop = threading.Event()  # wakes a pausing worker at shutdown
         self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"soap-certify-{name}")
         self._seconds_per_pass = 0.0  # moving average, for Retry-After
 
@@ -168,8 +168,8 @@ class CertifyLane:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self._wakeup = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"certify-{self.name}")
+        self._wakeup = wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run(wakeup), name=f"certify-{self.name}")
 
     def drain(self) -> None:
         """Refuse new work; queued work still runs, without pausing for purification."""
@@ -194,14 +194,14 @@ class CertifyLane:
 
     # ------------------------------------------------------------------ worker
 
-    async def _run(self) -> None:
+    async def _run(self, wakeup: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
                 if self._closing:
                     return
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                wakeup.clear()
+                await wakeup.wait()
                 continue
             job = self._queue.popleft()
             job.state = "running"

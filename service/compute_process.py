@@ -21,10 +21,14 @@ import multiprocessing
 import os
 import signal
 import threading
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+from models import Acceleration
 
 from .batcher import WorkerDied
 from .predict import Predictions, PurifyRequest, is_out_of_memory, predict
@@ -44,11 +48,19 @@ class ComputeProcess:
     """One worker of a model's pool (batcher.Worker): `process.compute(images, request) -> Predictions` like
     `predict`, in the child. Thread-safe. `nice` lowers the child's scheduling priority (added to the parent's)."""
 
-    def __init__(self, checkpoint: Path, device: torch.device, threads: int, index: int = 0, nice: int = 0) -> None:
+    def __init__(
+        self,
+        checkpoint: Path,
+        device: torch.device,
+        threads: int,
+        index: int = 0,
+        nice: int = 0,
+        acceleration: Acceleration | None = None,
+    ) -> None:
         self.index = index
-        self._args = (str(checkpoint), str(device), threads, nice)
+        self._args = (str(checkpoint), str(device), threads, nice, acceleration or Acceleration())
         self._proc: multiprocessing.process.BaseProcess | None = None
-        self._conn = None
+        self._conn: Connection[Any, Any] | None = None  # set together with _proc
         self._lock = threading.Lock()
 
     @property
@@ -60,7 +72,7 @@ class ComputeProcess:
         with self._lock:
             self._start_locked()
 
-    def _start_locked(self) -> None:
+    def _start_locked(self) -> Connection[Any, Any]:
         self._stop_locked()
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
@@ -83,14 +95,16 @@ class ComputeProcess:
             raise ComputeProcessError(f"the compute process could not start: {detail}")
         self._proc, self._conn = proc, parent
         log.info("compute process %d (worker %d) serving %s", proc.pid, self.index, self._args[0])
+        return parent
 
     def compute(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
         with self._lock:
-            if self._proc is None or not self._proc.is_alive():
-                self._start_locked()
+            conn = self._conn
+            if conn is None or self._proc is None or not self._proc.is_alive():
+                conn = self._start_locked()
             try:
-                self._conn.send((images.numpy(), request.mode, request.epsilon))
-                status, payload = self._conn.recv()
+                conn.send((images.numpy(), request.mode, request.epsilon))
+                status, payload = conn.recv()
             except (EOFError, OSError):
                 proc = self._proc
                 self._stop_locked()  # reaps the child: its exit code is known after this
@@ -107,7 +121,7 @@ class ComputeProcess:
     def _stop_locked(self) -> None:
         proc, conn = self._proc, self._conn
         self._proc = self._conn = None
-        if proc is None:
+        if proc is None or conn is None:
             return
         with contextlib.suppress(OSError):
             conn.send(None)
@@ -118,7 +132,7 @@ class ComputeProcess:
         conn.close()
 
 
-def reply_to_predictions(status: str, payload) -> Predictions:
+def reply_to_predictions(status: str, payload: Any) -> Predictions:
     """The child's reply as the parent's result: predictions, or the error to raise. An out-of-memory error in the
     child becomes torch.OutOfMemoryError here, so predict_in_chunks halves the batch and retries as in-process."""
     if status == "ok":
@@ -129,17 +143,20 @@ def reply_to_predictions(status: str, payload) -> Predictions:
     raise ComputeProcessError(f"{kind} in the compute process: {message}")
 
 
-def _child_main(conn, checkpoint: str, device: str, threads: int, nice: int) -> None:
+def _child_main(
+    conn: Connection[Any, Any], checkpoint: str, device: str, threads: int, nice: int, acceleration: Acceleration
+) -> None:
     """The child: load, then answer batches until told to stop (None) or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if nice:
         os.nice(nice)
     torch.set_num_threads(threads)
-    from models import load_checkpoint
+    from models import aux_loss_fn, load_checkpoint
 
     try:
         loaded = load_checkpoint(checkpoint, torch.device(device))  # the parent's warm-up batch comes next
+        loss_fn = aux_loss_fn(loaded.network, acceleration) if acceleration.enabled else None
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
@@ -153,8 +170,8 @@ def _child_main(conn, checkpoint: str, device: str, threads: int, nice: int) -> 
             return
         images, mode, epsilon = message
         try:
-            p = predict(loaded, torch.from_numpy(images), PurifyRequest(mode, epsilon))
-            reply = ("ok", tuple(np.ascontiguousarray(t.numpy()) for t in p.tensors()))
+            p = predict(loaded, torch.from_numpy(images), PurifyRequest(mode, epsilon), loss_fn)
+            reply: tuple[str, object] = ("ok", tuple(np.ascontiguousarray(t.numpy()) for t in p.tensors()))
         except Exception as exc:  # noqa: BLE001 - this batch only; the child keeps serving
             kind = "out_of_memory" if is_out_of_memory(exc) else type(exc).__name__
             reply = ("error", (kind, str(exc)[:500]))

@@ -29,7 +29,7 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources.utils import parse_env_vars
 
-from models import __version__
+from models import Acceleration, Precision, __version__
 
 ENV_PREFIX = "SOAP_"
 
@@ -109,6 +109,16 @@ class ServiceSettings(BaseSettings):
     )
     compute_nice: int = Field(
         0, ge=0, le=19, description="niceness added to the compute processes (higher: the event loop goes first)"
+    )
+    purifier_precision: Precision = Field(
+        Precision.FLOAT32,
+        description="precision of the purifier's auxiliary loss: bfloat16 runs it under autocast (off by default: on "
+        "the CPU it chose the same ε for only 86 of 100 MNIST test digits; benchmarks/gpu_check.py measures the GPU)",
+    )
+    compile_purifier: bool = Field(
+        False,
+        description="compile the purifier's auxiliary loss with torch.compile (the first batch of each shape "
+        "compiles; off until measured on a GPU)",
     )
     torch_threads: int | None = Field(
         None,
@@ -198,6 +208,11 @@ class ServiceSettings(BaseSettings):
         if not self.compute_process:
             return max(1, _cores() - 1)
         return max(1, _cores() // self.pool_size())
+
+    @property
+    def acceleration(self) -> Acceleration:
+        """How the compute workers evaluate the purifier's auxiliary loss (models.acceleration)."""
+        return Acceleration(precision=self.purifier_precision, compile=self.compile_purifier)
 
     @property
     def model_names(self) -> list[str]:
@@ -301,7 +316,7 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     """Command line over environment (os.environ unless given) over defaults. Raises SystemExit(2) with a
     readable message on bad values, SystemExit(0) after --help or --version."""
     parser = _parser()
-    cli = CliSettingsSource(ServiceSettings, root_parser=parser)
+    cli: CliSettingsSource[argparse.Namespace] = CliSettingsSource(ServiceSettings, root_parser=parser)
     args = list(sys.argv[1:] if argv is None else argv)
     with _environment(environ):
         try:

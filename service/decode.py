@@ -162,8 +162,8 @@ def decode_opened(source: Image.Image, input_shape: tuple[int, int, int] | list[
 
 def encode_png(image: torch.Tensor) -> bytes:
     """[C, H, W] tensor in [0, 1] -> PNG bytes (rounded to 8 bits)."""
-    array = image.detach().cpu().clamp(0, 1).mul(255).round().to(torch.uint8)
-    array = array[0].numpy() if array.shape[0] == 1 else array.permute(1, 2, 0).numpy()
+    pixels = image.detach().cpu().clamp(0, 1).mul(255).round().to(torch.uint8)
+    array = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()

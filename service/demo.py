@@ -19,18 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from training.attacks import pgd
+from models.attacks import pgd
 
-from .auth import require_api_key
+from .auth import PROTECTED
 from .decode import DecodeLimits, ImageRejected, decode_image, encode_png
 from .errors import ServiceError
 from .ingest import media_type, parse_upload, read_body
+from .schemas import ErrorResponse, image_upload_body, query_parameters
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -142,7 +143,7 @@ def register_demo(app: FastAPI) -> None:
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
-    @app.get("/v1/attack", response_model=AttackInfo, dependencies=[Depends(require_api_key)], tags=["demo"])
+    @app.get("/v1/attack", response_model=AttackInfo, dependencies=PROTECTED, tags=["demo"])
     async def attack_info(request: Request) -> AttackInfo:
         """Whether POST /v1/attack is enabled, its limits and the default PGD settings per model."""
         runtime = request.app.state.runtime
@@ -159,9 +160,25 @@ def register_demo(app: FastAPI) -> None:
     @app.post(
         "/v1/attack",
         response_model=AttackResponse,
-        dependencies=[Depends(require_api_key)],
+        dependencies=PROTECTED,
         tags=["demo"],
-        responses={403: {"description": "the attack endpoint is off (start with --enable-attack)"}},
+        responses={
+            status: {"model": ErrorResponse, "description": text}
+            for status, text in {
+                401: "missing or wrong API key",
+                403: "the attack endpoint is off (start with --enable-attack)",
+                404: "unknown model",
+                408: "the body did not arrive in time",
+                413: "body over the limit",
+                415: "Content-Type is not multipart/form-data or image/*",
+                422: "bad image or bad options",
+                503: "another attack is running, or shutting down (see Retry-After)",
+            }.items()
+        },
+        openapi_extra={
+            "parameters": query_parameters(AttackOptions),
+            "requestBody": image_upload_body(1, AttackOptions),
+        },
     )
     async def attack(request: Request) -> AttackResponse:
         """PGD adversarial version of one image against the undefended classifier (demo; off by default).

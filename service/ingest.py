@@ -18,6 +18,7 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request as StarletteRequest
+from starlette.types import Message
 
 from .errors import ServiceError
 from .schemas import ClassifyJSON
@@ -100,7 +101,7 @@ async def _parse_multipart(request: Request, body: bytes, max_images: int, model
     """Parse with Starlette's multipart parser from the already-bounded body."""
     sent = False
 
-    async def replay() -> dict:
+    async def replay() -> Message:
         nonlocal sent
         if sent:
             return {"type": "http.disconnect"}
@@ -113,7 +114,7 @@ async def _parse_multipart(request: Request, body: bytes, max_images: int, model
     except Exception as exc:  # noqa: BLE001 - python-multipart raises several types for malformed bodies
         detail = str(getattr(exc, "detail", None) or exc or type(exc).__name__)
         if "too many files" in detail.lower():
-            raise _too_many(max_images, max_images + 1, model) from None
+            raise too_many_images(max_images, max_images + 1, model) from None
         raise _bad_image(f"malformed multipart body: {detail}", model) from None
     try:
         payloads: list[bytes] = []
@@ -170,11 +171,11 @@ async def parse_upload(request: Request, kind: str, body: bytes, max_images: int
             raise _bad_image("the request body is empty", model)
         upload = Upload([body])
     if len(upload.payloads) > max_images:
-        raise _too_many(max_images, len(upload.payloads), model)
+        raise too_many_images(max_images, len(upload.payloads), model)
     return upload
 
 
-def _too_many(limit: int, count: int, model: str | None) -> ServiceError:
+def too_many_images(limit: int, count: int, model: str | None) -> ServiceError:
     return ServiceError(
         413,
         "payload_too_large",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models import LoadedModel, purify
+from models import Acceleration, AuxLossFn, LoadedModel, Mode, aux_loss_fn, purify
 
 log = logging.getLogger("service.predict")
 
@@ -22,7 +22,7 @@ log = logging.getLogger("service.predict")
 class PurifyRequest:
     """What every image of one batch shares: the purification mode and, for "fixed", the budget."""
 
-    mode: str = "min-aux"
+    mode: Mode = Mode.MIN_AUX
     epsilon: float | None = None
 
 
@@ -53,11 +53,14 @@ class Predictions:
         return Predictions(*(torch.cat(ts) for ts in zip(*(p.tensors() for p in parts), strict=True)))
 
 
-def predict(model: LoadedModel, images: torch.Tensor, request: PurifyRequest) -> Predictions:
-    """Purify `images` ([n, C, H, W] in [0, 1], any device) and classify the purified images."""
+def predict(
+    model: LoadedModel, images: torch.Tensor, request: PurifyRequest, loss_fn: AuxLossFn | None = None
+) -> Predictions:
+    """Purify `images` ([n, C, H, W] in [0, 1], any device) and classify the purified images. `loss_fn`: an
+    accelerated auxiliary loss (models.aux_loss_fn), built once per worker; None is the model's own."""
     device = next(model.network.buffers()).device
     x = images.to(device, non_blocking=True)
-    result = purify(model.network, x, model.purifier, mode=request.mode, epsilon=request.epsilon, return_curve=True)
+    result = purify(model.network, x, model.purifier, mode=request.mode, epsilon=request.epsilon, loss_fn=loss_fn)
     with torch.no_grad():
         probs = model.network(result.images).softmax(dim=1)
     return Predictions(
@@ -73,15 +76,16 @@ def predict(model: LoadedModel, images: torch.Tensor, request: PurifyRequest) ->
 class InlineWorker:
     """A pool worker (batcher.Worker) that runs the predict step in the calling thread (--no-compute-process)."""
 
-    def __init__(self, model: LoadedModel, index: int = 0) -> None:
+    def __init__(self, model: LoadedModel, index: int = 0, acceleration: Acceleration | None = None) -> None:
         self.model = model
         self.index = index
+        self.loss_fn = aux_loss_fn(model.network, acceleration) if acceleration and acceleration.enabled else None
 
     def start(self) -> None:
         """Nothing to start: the model is loaded in this process."""
 
     def compute(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
-        return predict(self.model, images, request)
+        return predict(self.model, images, request, self.loss_fn)
 
     def close(self) -> None:
         """Nothing to stop."""

@@ -17,11 +17,12 @@ import asyncio
 import functools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from models import MODES, LoadedModel, load_checkpoint
+from models import LoadedModel, Mode, load_checkpoint
 
 from .batcher import Batcher, BatchStats, Worker
 from .certify import CertifyLane, CertifyResult
@@ -83,16 +84,16 @@ class ModelRuntime:
         return self.loaded.meta.aux_head_trained
 
     @property
-    def modes(self) -> tuple[str, ...]:
+    def modes(self) -> tuple[Mode, ...]:
         """The purification modes this model serves: all of them, or only "none" when its auxiliary head is
         untrained (descending an untrained loss moves images along noise: a baseline answered 8 for a clean 7)."""
-        return MODES if self.purifies else ("none",)
+        return tuple(Mode) if self.purifies else (Mode.NONE,)
 
     @property
-    def default_mode(self) -> str:
-        return "min-aux" if self.purifies else "none"
+    def default_mode(self) -> Mode:
+        return Mode.MIN_AUX if self.purifies else Mode.NONE
 
-    def purify_request(self, mode: str | None, epsilon: float | None) -> PurifyRequest:
+    def purify_request(self, mode: Mode | None, epsilon: float | None) -> PurifyRequest:
         """What a request asks of this model's batches (mode None: the model's default); 422 ServiceError for a mode
         the model does not serve or a budget beyond its grid."""
         mode = mode or self.default_mode
@@ -147,11 +148,18 @@ class ServiceRuntime:
             loaded = load_checkpoint(path, home)
             pool: list[Worker] = (
                 [
-                    ComputeProcess(path.resolve(), self.device, settings.compute_threads, i, settings.compute_nice)
+                    ComputeProcess(
+                        path.resolve(),
+                        self.device,
+                        settings.compute_threads,
+                        i,
+                        settings.compute_nice,
+                        settings.acceleration,
+                    )
                     for i in range(workers)
                 ]
                 if settings.compute_process
-                else [InlineWorker(loaded, i) for i in range(workers)]
+                else [InlineWorker(loaded, i, settings.acceleration) for i in range(workers)]
             )
             self.models[path.name] = ModelRuntime(path.name, loaded, self.device, pool)
         self.default = settings.model_names[0]
@@ -164,7 +172,7 @@ class ServiceRuntime:
             self.metrics.model_info.labels(model.name, meta.network, meta.dataset, meta.aux_task, str(self.device)).set(
                 1
             )
-            self.metrics.declare_model(model.name, MODES)
+            self.metrics.declare_model(model.name, tuple(Mode))
         self.metrics.ready.set(0)
 
     def _make_batcher(self, model: ModelRuntime) -> Batcher:
@@ -229,7 +237,7 @@ class ServiceRuntime:
                 model.certify.start()
         self._started = True
 
-    def _warmup_then_report(self, model: ModelRuntime):
+    def _warmup_then_report(self, model: ModelRuntime) -> Callable[[Worker], None]:
         def run(worker: Worker) -> None:
             model.warmup(worker)
             self.metrics.ready.set(1 if self.ready else 0)

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.purifier import Mode
+from models import Mode
 
 
 class ClassifyOptions(BaseModel):
@@ -183,3 +183,51 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: str
     detail: str | None = None
+
+
+def query_parameters(options: type[BaseModel]) -> list[dict[str, Any]]:
+    """An options model's fields as OpenAPI query parameters: JSON schemas inlined (a `$defs` reference would dangle
+    in the OpenAPI document) and without the `null` branch of optional fields (a query parameter is absent, never
+    null)."""
+    schema = options.model_json_schema()
+    defs = schema.get("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    parameters = []
+    for name, field in options.model_fields.items():
+        prop = {k: v for k, v in inline(schema["properties"][name]).items() if k not in ("description", "title")}
+        if "anyOf" in prop:
+            branches = [b for b in prop.pop("anyOf") if b != {"type": "null"}]
+            prop |= branches[0] if len(branches) == 1 else {"anyOf": branches}
+        if prop.get("default", ...) is None:
+            del prop["default"]
+        parameters.append(
+            {"name": name, "in": "query", "required": False, "description": field.description, "schema": prop}
+        )
+    return parameters
+
+
+def image_upload_body(max_files: int | None, options: type[BaseModel], *, json_images: bool = False) -> dict[str, Any]:
+    """The OpenAPI request body of a route taking images: multipart `file` parts (required) with the options as
+    text fields, a raw `image/*` body, and optionally JSON `{"images": [base64, ...], ...options}`."""
+    part: dict[str, Any] = {"type": "string", "format": "binary"}
+    files = part if max_files == 1 else {"type": "array", "minItems": 1, "items": part}
+    fields = {p["name"]: p["schema"] for p in query_parameters(options)}
+
+    def body(required: str, images: dict[str, Any]) -> dict[str, Any]:
+        properties = {required: images, **fields}
+        return {"type": "object", "required": [required], "properties": properties, "additionalProperties": False}
+
+    content: dict[str, Any] = {"multipart/form-data": {"schema": body("file", files)}, "image/*": {"schema": part}}
+    if json_images:
+        base64_images = {"type": "array", "minItems": 1, "items": {"type": "string", "format": "byte"}}
+        content["application/json"] = {"schema": body("images", base64_images)}
+    return {"required": True, "content": content}

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_service_support import mnist_files, serve_app, settings_for
 
 from models import Acceleration, Precision, aux_loss, aux_loss_fn, load_checkpoint, purify
+from service.predict import InlineWorker, PurifyRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -77,3 +79,35 @@ def test_bf16_keeps_predictions_and_float32_outputs(fcn, digits) -> None:
     # hence off by default; the assertions catch a broken path (wrong dtype, garbage gradients), not the target.
     assert same_epsilon >= 0.8
     assert abs(acc_fast - acc_eager) <= 0.02
+
+
+def test_inline_worker_with_compiled_loss_predicts_like_plain(fcn, digits) -> None:
+    x, _ = digits
+    request = PurifyRequest()
+    plain = InlineWorker(fcn, 0).compute(x[:20], request)
+    compiled = InlineWorker(fcn, 0, Acceleration(compile=True, compile_backend="aot_eager")).compute(x[:20], request)
+    assert torch.equal(compiled.epsilon, plain.epsilon)
+    assert torch.allclose(compiled.probs, plain.probs, atol=1e-6)
+
+
+@pytest.mark.anyio
+async def test_service_option_runs_bf16_purification_in_the_compute_process(model_dir) -> None:
+    """--purifier-precision bfloat16 reaches the compute child: real digits keep their labels, and the ε it reports
+    differ from float32's for some digit (so the option did change the computation)."""
+    files = mnist_files(per_digit=2)
+    settings = {"compute_process": True, "compute_workers": 1, "torch_threads": 1}
+    answers = {}
+    for precision in (Precision.FLOAT32, Precision.BFLOAT16):
+        async with serve_app(settings_for(model_dir, purifier_precision=precision, **settings)) as (_, client):
+            results = []
+            for _, path in files:
+                r = await client.post("/classify", files={"file": (path.name, path.read_bytes(), "image/png")})
+                assert r.status_code == 200, r.text
+                results.append(r.json()["results"][0])
+            answers[precision] = results
+    labels = [digit for digit, _ in files]
+    assert [r["label"] for r in answers[Precision.BFLOAT16]] == labels
+    assert [r["label"] for r in answers[Precision.FLOAT32]] == labels
+    eps32 = [r["epsilon"] for r in answers[Precision.FLOAT32]]
+    eps16 = [r["epsilon"] for r in answers[Precision.BFLOAT16]]
+    assert eps16 != eps32

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from models import aux_loss, load_checkpoint, purify
+from models.attacks.losses import input_gradient
 from training.attacks import (
     SubstituteConfig,
     apgd,
@@ -31,7 +32,6 @@ from training.attacks import (
     unrolled_purification,
 )
 from training.attacks.adaptive import chosen_epsilon
-from training.attacks.losses import input_gradient
 from training.attacks.registry import ATTACKS, AttackContext
 from training.stats import wilson_interval
 
@@ -130,6 +130,7 @@ def test_cw_and_deepfool_agree_with_foolbox(model, batch):
 
 FAST = dataclasses.replace(
     paper_settings("mnist"),
+    substitute=SubstituteConfig(rounds=2, epochs=4),
     pgd_steps=10,
     pgd_step=0.04,
     cw_binary_steps=3,
@@ -164,7 +165,6 @@ def contexts(loaded, batch):
             generator=torch.Generator().manual_seed(0),
             substitute_seed=seed_images[-60:],
             substitute_factory=lambda: _fresh_fcn(loaded),
-            substitute_config=SubstituteConfig(rounds=2, epochs=4),
             cache=cache,
         )
 
@@ -301,3 +301,15 @@ def test_chosen_epsilon_is_on_the_grid(loaded, batch):
     eps = chosen_epsilon(loaded.network, batch[0], loaded.purifier)
     grid = torch.tensor(loaded.purifier.budgets())
     assert ((eps[:, None] - grid[None]).abs().min(1).values < 1e-6).all()
+
+
+def test_blackbox_description_states_the_settings_it_runs_with() -> None:
+    """D6: the results describe the black-box attack from its actual settings, not from a fixed text."""
+    settings = paper_settings("mnist").with_overrides(
+        blackbox_seed_images=60, substitute=SubstituteConfig(rounds=2, epochs=4, lam=0.05)
+    )
+    text = ATTACKS["blackbox"].description(settings)
+    assert "60 held-out test images" in text
+    assert "2 Jacobian-augmentation rounds of 4 epochs" in text
+    assert "λ=0.05" in text
+    assert "ε=0.3" in text

@@ -64,6 +64,18 @@ def test_certify_writes_table_figure_and_resumes(tmp_path):
     assert [o["multiplier"] for o in sound["outcomes"]] == [1.0, 3.0]
     assert sound["outcomes"][0]["max_l2_over_radius"] <= 1.0 + 1e-5
 
+    # the check can fail: a log whose radii were inflated 4x is caught (SmoothAdv flips predictions "inside" them)
+    lines = (tmp_path / "certify-noisy.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines[1:]]
+    forged = [json.dumps(r | {"radius": 4 * r["radius"]}) for r in rows if r["radius"] is not None]
+    (tmp_path / "forged" / "certify-noisy.jsonl").parent.mkdir()
+    (tmp_path / "forged" / "certify-noisy.jsonl").write_text("\n".join([lines[0], *forged]) + "\n")
+    argv[argv.index("--certified") + 1] = str(tmp_path / "forged" / "certify-noisy.jsonl")
+    argv[argv.index("--multipliers") + 1] = "1.0"
+    argv[argv.index("--out") + 1] = str(tmp_path / "forged")
+    assert main(argv) == 1
+    assert not json.loads((tmp_path / "forged" / "soundness-noisy.json").read_text())["passed"]
+
 
 def test_certify_cannot_be_mixed_with_attacks(tmp_path, capsys):
     code = main(["evaluate", "--model", str(ROOT / "models" / "zoo" / "mnist-fcn-dr"), "--attacks", "pgd,certify"])

@@ -56,7 +56,7 @@ DCGM_DEFAULT_COUNTERS = {
     "DCGM_FI_DEV_SM_CLOCK",
     "DCGM_FI_DEV_MEM_COPY_UTIL",
 }
-# The metric families of the contract (CORE_API.md); the dashboard shows every one of them.
+# The metric families of the contract (service/metrics.py, listed in docs/service.md); the dashboard shows every one.
 CONTRACT_METRICS = {
     "soap_request_duration_seconds",
     "soap_queue_wait_seconds",
@@ -676,6 +676,70 @@ def test_kubernetes_validator_rejects_a_broken_manifest():
     deploy["spec"]["template"]["spec"]["containers"][0]["readinessProbez"] = {}
     with pytest.raises(kv.ValidationError):
         kv.validate(deploy, kv.latest_version(), strict=True)
+
+
+KSERVE = K8S / "kserve" / "inferenceservice.yaml"
+PREDICTOR_FIELDS = {  # KServe v1beta1 PredictorSpec: custom containers plus the component extension fields
+    "containers",
+    "volumes",
+    "minReplicas",
+    "maxReplicas",
+    "scaleTarget",
+    "scaleMetric",
+    "containerConcurrency",
+    "timeout",
+    "canaryTrafficPercent",
+    "serviceAccountName",
+    "nodeSelector",
+    "tolerations",
+    "affinity",
+    "securityContext",
+    "imagePullSecrets",
+    "logger",
+    "batcher",
+    "labels",
+    "annotations",
+}
+
+
+def test_kserve_inference_service_example_runs_the_open_inference_routes():
+    """deploy/k8s/kserve: the InferenceService's shape (KServe's CRD is not available offline), its container strictly
+    validated as a Kubernetes container, its environment accepted by the service, its probes on real /v2 routes."""
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (dev extra) validates the schemas")
+    from service.config import load_settings
+    from service.open_inference import router
+
+    (isvc,) = [d for d in yaml.safe_load_all(KSERVE.read_text()) if d]
+    assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", isvc["metadata"]["name"])
+    assert set(isvc) == {"apiVersion", "kind", "metadata", "spec"}
+    assert set(isvc["spec"]) == {"predictor"}
+    predictor = isvc["spec"]["predictor"]
+    assert set(predictor) <= PREDICTOR_FIELDS, sorted(set(predictor) - PREDICTOR_FIELDS)
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "kserve-predictor"},
+        "spec": {"containers": predictor["containers"], "volumes": predictor.get("volumes", [])},
+    }
+    kv.validate(pod, kv.latest_version(), strict=True)
+
+    settings = load_settings([], environ={e["name"]: e["value"] for e in container["env"]})
+    (port,) = container["ports"]
+    assert settings.port == port["containerPort"] == 8080
+    assert settings.models[0] == Path("/app/models/zoo/mnist-fcn-dr")
+    assert isvc["metadata"]["annotations"]["prometheus.io/port"] == "8080"
+    routes = {route.path for route in router.routes}
+    for probe, path in (("readinessProbe", "/v2/health/ready"), ("livenessProbe", "/v2/health/live")):
+        assert container[probe]["httpGet"] == {"path": path, "port": 8080}
+        assert path in routes
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "allow loading and warm-up"
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "/tmp" in mounts  # the image's caches go to /tmp
 
 
 # ------------------------------------------------------------------------------------ the real service process

@@ -12,8 +12,10 @@ from PIL import Image
 
 from models import create_model, load_checkpoint, purify, save_checkpoint
 from models.checkpoint import meta_for
+from training import provenance
 from training.__main__ import main
-from training.evaluate import ROWS, evaluation_order, load_test_data
+from training.data import load_test_data
+from training.evaluate import ROWS, evaluation_order
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "zoo" / "mnist-fcn-dr"
@@ -40,10 +42,20 @@ FAST = [
 ]
 
 
+RECORDED_COMMIT = "0123abcd+dirty"  # what provenance.git_commit answers during the run below
+
+
 @pytest.fixture(scope="module")
 def evaluation(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
-    code = main(
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(provenance, "git_commit", lambda: RECORDED_COMMIT)
+        code = run_evaluation(out)
+    return code, out, json.loads((out / "results.json").read_text())
+
+
+def run_evaluation(out: Path) -> int:
+    return main(
         [
             "evaluate",
             "--model",
@@ -65,7 +77,12 @@ def evaluation(tmp_path_factory):
             *FAST,
         ]
     )
-    return code, out, json.loads((out / "results.json").read_text())
+
+
+def test_records_the_commit_as_provenance_does_with_its_dirty_marker(evaluation):
+    """D3: the result names the code that produced it, "+dirty" included (one git provenance function)."""
+    _, _, result = evaluation
+    assert result["git_commit"] == RECORDED_COMMIT
 
 
 def test_writes_markdown_json_csv_and_figures(evaluation):

@@ -36,4 +36,7 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path: Path) -> None:
         assert 0 <= row["same_epsilon_share"] <= 1
         assert row["speedup"] > 0
     assert steps["compiled"]["result"]["same_epsilon_everywhere"] is True
+    certify = steps["certify"]["result"]["rows"]
+    assert set(certify) == {"mnist-fcn-dr n=100", "mnist-cnn-dr n=100"}
+    assert all(r["forward_passes_per_s"] > 0 for r in certify.values())
     assert (tmp_path / "gpu_check.log").read_text().count(": ok in") == len(steps)

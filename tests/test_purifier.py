@@ -158,12 +158,12 @@ def get_case(name: str) -> Case:
         x = _inputs(model.input_shape, batch, seed=1)
         x_before = x.clone()
         with GradCounter(model, batch) as counted:
-            result = purify(model, x, config, return_curve=True, return_candidates=True)
+            result = purify(model, x, config, return_candidates=True)
         training_after = [m.training for m in model.modules()]
         param_grads = [n for n, p in model.named_parameters() if p.grad is not None]
         with GradCounter(model, batch) as counted_naive:
             naive = purify_naive(model, x, config)
-        alone = {i: purify(model, x[i : i + 1], config, return_curve=True) for i in range(batch)}
+        alone = {i: purify(model, x[i : i + 1], config) for i in range(batch)}
         _CASES[name] = Case(
             name, model, config, x, x_before, result, naive, alone, counted, counted_naive, training_after, param_grads
         )
@@ -358,7 +358,7 @@ def test_none_mode_only_measures() -> None:
     torch.manual_seed(0)
     model = create_model("mnist-fcn-dr")
     x = _inputs(model.input_shape, 3, seed=5)
-    result = purify(model, x, get_spec("mnist-fcn-dr").purifier, mode="none", return_curve=True)
+    result = purify(model, x, get_spec("mnist-fcn-dr").purifier, mode="none")
     assert torch.equal(result.images, x)
     assert (result.epsilon == 0).all()
     assert result.grad_evals == 0
@@ -380,10 +380,10 @@ def test_bad_mode_and_epsilon_are_rejected() -> None:
         purify(model, x, config, mode="fixed", epsilon=-0.1)
 
 
-def test_results_are_optional_unless_asked() -> None:
+def test_candidates_are_optional_unless_asked() -> None:
     case = get_case("mnist-fcn-dr")
     plain = purify(case.model, case.x, case.config)
-    assert plain.curve is None
+    assert torch.equal(plain.curve, case.result.curve)
     assert plain.candidates is None
     assert torch.equal(plain.images, case.result.images)
 
@@ -492,7 +492,7 @@ def test_purify_on_cuda(name: str, monkeypatch) -> None:
             torch.cuda.set_sync_debug_mode("default")
 
     monkeypatch.setattr(purifier_module, "_trajectories", no_sync)
-    result = purify(model, x, config, return_curve=True)
+    result = purify(model, x, config)
     assert result.images.device.type == "cuda"
     assert result.epsilon.device.type == "cuda"
     assert torch.equal(x, x_before)

@@ -74,7 +74,7 @@ def calibrate(
     correct = 0
     for idx in _batches(n_curve, batch_size):
         x, y = data.batch(idx, device)
-        result = purify(model, x, purifier, mode="min-aux", return_curve=True)
+        result = purify(model, x, purifier, mode="min-aux")
         curve_sum += result.curve.double().sum(0).cpu()
         with torch.no_grad():
             correct += (model(result.images).argmax(1) == y).sum().item()

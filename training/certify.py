@@ -19,7 +19,9 @@ from tqdm import tqdm
 from models import load_checkpoint
 from models.smoothing import BASE_CLASSIFIERS, SmoothingConfig, base_classifier, certify
 
-from .evaluate import EvalConfig, _git_commit, evaluation_order, load_test_data, resolve_device
+from . import provenance
+from .data import load_test_data
+from .evaluate import EvalConfig, evaluation_order, resolve_device
 from .stats import Accuracy
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
@@ -76,7 +78,7 @@ def certify_base(kind: str, config: EvalConfig, options: CertifyOptions, smoothi
     loaded = load_checkpoint(config.model, device)
     meta = loaded.meta
     base = base_classifier(loaded.network, kind)
-    data, source = load_test_data(meta.dataset, config.data_root, tuple(meta.input_shape))
+    data, source = load_test_data(meta.dataset, config.data_root, meta.input_shape)
     order, selection = evaluation_order(data, source)
     n = min(config.n, len(data))
     settings = {"model": str(config.model), "base": kind, "seed": config.seed} | asdict(smoothing)
@@ -133,7 +135,7 @@ def evaluate_certify(config: EvalConfig, options: CertifyOptions) -> dict:
         "seed": config.seed,
         "device": str(resolve_device(config.device)),
         "threads": torch.get_num_threads(),
-        "git_commit": _git_commit(),
+        "git_commit": provenance.git_commit(),
         "command": certify_command(config, options),
         "radii": list(RADII),
         "bases": {kind: certify_base(kind, config, options, smoothing, config.out) for kind in options.bases},

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,10 +132,10 @@ def _folder_key(root: Path, classes: list[Path], files: list[list[Path]], shape:
 def _decode(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     channels, height, width = shape
     try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
+        with Image.open(path) as source:
+            img = source.convert("L" if channels == 1 else "RGB")
             if img.size != (width, height):
-                img = img.resize((width, height), Image.BILINEAR)
+                img = img.resize((width, height), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DatasetError(f"{path} is not a readable image ({exc}); remove or replace it, then run again") from None
@@ -239,11 +240,13 @@ def load_splits(
 
 
 def load_test_data(
-    dataset: str, root: str | Path, shape: tuple[int, int, int], download: bool = False
+    dataset: str, root: str | Path | None, input_shape: Sequence[int], download: bool = False
 ) -> tuple[ImageData, str]:
     """Only the test split (root/test or root itself as ImageFolder, or torchvision's test set); no training set
-    decoded."""
-    root = Path(root)
+    decoded. `input_shape` is [C, H, W] (a checkpoint's `input_shape`); root None: as load_splits."""
+    channels, height, width = input_shape
+    shape = (channels, height, width)
+    root = Path(root) if root is not None else cache_dir() / "datasets"
     if is_image_folder(root / "test"):
         return load_image_folder(root / "test", shape), f"ImageFolder {root}/test"
     if is_image_folder(root):

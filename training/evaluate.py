@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -24,16 +24,16 @@ from tqdm import tqdm
 from models import create_model, load_checkpoint, oracle_select, purify
 from models.checkpoint import LoadedModel
 
+from . import provenance
 from .attacks import paper_settings
 from .attacks.registry import ATTACKS, DEFAULT_ATTACKS, AttackContext, AttackSpec, get_attack
 from .attacks.settings import AttackSettings
-from .data import ImageData, is_image_folder, load_image_folder, load_splits
+from .data import ImageData, load_test_data
 from .report import write_all
 from .stats import Accuracy
 
 ROWS = ("none", "min-aux", "oracle")
 ROW_TITLES = {"none": "no purification (ε_pfy = 0)", "min-aux": "SOAP min-aux", "oracle": "oracle ε_pfy (upper bound)"}
-BLACKBOX_SEED_IMAGES = 150
 BASELINE_RECIPES = ("vanilla", "fgsm-at", "pgd-at")
 
 
@@ -73,16 +73,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def load_test_data(dataset: str, root: Path | None, shape: tuple[int, int, int]) -> tuple[ImageData, str]:
-    """The test split: ROOT/test or ROOT as an ImageFolder tree, else torchvision's layout under ROOT."""
-    if root is not None and is_image_folder(root / "test"):
-        return load_image_folder(root / "test", shape), f"ImageFolder {root / 'test'}"
-    if root is not None and is_image_folder(root):
-        return load_image_folder(root, shape), f"ImageFolder {root}"
-    splits = load_splits(dataset, root, shape)
-    return splits.test, splits.source + " (test split)"
 
 
 def evaluation_order(data: ImageData, source: str) -> tuple[torch.Tensor, str]:
@@ -180,9 +170,9 @@ def evaluate(config: EvalConfig) -> dict:
     for a in config.attacks:
         get_attack(a)
 
-    data, data_source = load_test_data(meta.dataset, config.data_root, tuple(meta.input_shape))
+    data, data_source = load_test_data(meta.dataset, config.data_root, meta.input_shape)
     order, selection = evaluation_order(data, data_source)
-    reserve = BLACKBOX_SEED_IMAGES if "blackbox" in attacks else 0
+    reserve = settings.blackbox_seed_images if "blackbox" in attacks else 0
     n = min(config.n, len(data) - reserve)
     if n <= 0:
         raise ValueError(f"the test set has {len(data)} images; the black-box attack reserves {reserve}")
@@ -220,7 +210,8 @@ def evaluate(config: EvalConfig) -> dict:
         m = n if get_attack(name).kind != "adaptive" or not config.adaptive_n else min(n, config.adaptive_n)
         columns[name] = run_attack(get_attack(name), ctx, scorer, x[:m], y[:m], config.batch_size, keep=kept)
 
-    result = {
+    attack_results: dict[str, dict[str, Any]] = {}
+    result: dict[str, Any] = {
         "model": str(config.model),
         "network": meta.network,
         "dataset": meta.dataset,
@@ -236,17 +227,17 @@ def evaluate(config: EvalConfig) -> dict:
         "rows": list(rows),
         "settings": asdict(settings),
         "command": command_line(config),
-        "git_commit": _git_commit(),
+        "git_commit": provenance.git_commit(),
         "host": (
             f"{platform.machine()} {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
         ),
         "clean": {row: Accuracy.of(c).to_dict() for row, c in clean.items()},
         "purification_seconds_per_image": scorer.purify_seconds / max(scorer.purified_images, 1) if soap else None,
-        "attacks": {},
+        "attacks": attack_results,
     }
     for name, col in columns.items():
         spec = get_attack(name)
-        result["attacks"][name] = {
+        attack_results[name] = {
             "kind": spec.kind,
             "norm": spec.norm,
             "budget": spec.budget(settings),
@@ -281,7 +272,7 @@ def evaluate(config: EvalConfig) -> dict:
 
 def _worst_cases(columns: dict[str, Batchwise], clean: dict[str, torch.Tensor]) -> dict:
     """Per example, correct only if it survives every attack of the group (and is correct when clean)."""
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     groups = {
         "adaptive": [c for name, c in columns.items() if get_attack(name).kind == "adaptive"],
         "all": [c for name, c in columns.items() if get_attack(name).kind != "control"],
@@ -320,18 +311,6 @@ def command_line(config: EvalConfig) -> str:
     flags = {name: flag for flag, (name, _) in _OVERRIDES.items()}
     parts += [f"--{flags[k].replace('_', '-')} {v}" for k, v in config.settings.items() if v is not None]
     return " ".join(parts)
-
-
-def _git_commit() -> str | None:
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -38,7 +38,7 @@ def aux_loss_curve(result: dict, loaded: LoadedModel, clean: torch.Tensor, adv: 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     budgets = cfg.budgets()
     for images, label, colour in ((clean, "clean", "tab:blue"), (adv, "PGD adversarial", "tab:red")):
-        curve = purify(model, images, cfg, return_curve=True).curve.mean(0).cpu().numpy()
+        curve = purify(model, images, cfg).curve.mean(0).cpu().numpy()
         ax.plot(budgets, curve, marker="o", color=colour, label=f"{label}, purified at ε_pfy")
         ax.axhline(float(curve[0]), color=colour, linestyle="--", linewidth=0.8)
     ax.set_xlabel("purification budget ε_pfy")

@@ -68,7 +68,7 @@ def import_reference(args: argparse.Namespace) -> Path:
     device = resolve_device(args.device)
     network = convert_reference_state_dict(load_reference_state_dict(args.path), args.network).to(device)
     spec = get_spec(args.network)
-    training = {
+    training: dict[str, object] = {
         "command": provenance.command("import-reference", reproducing_options(args)),
         "recipe": "imported: authors' released checkpoint (GitHub Mishne-Lab/SOAP, commit 0953512)",
         "source": str(args.path),

@@ -88,7 +88,7 @@ def _baseline_presets() -> dict[str, TrainConfig]:
     """Baselines on the SOAP backbones: the MNIST DR networks, and the CIFAR LC networks (no extra head)."""
     out = {}
     for network in list_models():
-        if network.endswith("-rp"):
+        if get_spec(network).aux_task == "rotation":  # its extra head is not part of the backbone
             continue
         base = _soap_preset(network)
         stem = network.removesuffix("-dr").removesuffix("-lc")

@@ -18,10 +18,13 @@ def now_utc() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def git_commit() -> str:
-    """HEAD of the repository this code runs from, with "+dirty" when models/ or training/ have local changes."""
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def git_commit(root: Path = REPOSITORY) -> str:
+    """HEAD of the repository at `root` (this code's), with "+dirty" when models/ or training/ have local changes:
+    the one record of which code produced a model or a result ("unknown" outside a git checkout)."""
     try:
-        root = Path(__file__).resolve().parent.parent
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
         ).stdout.strip()

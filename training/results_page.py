@@ -183,10 +183,15 @@ def paper_table(results: list[dict]) -> str:
         for row in r["rows"]:
             paper = PAPER.get((key, r["recipe"], row))
             label = r["recipe"] if r["recipe"] != "soap" else ROW_TITLES[row]
-            cells = [f"`{Path(r['model']).name}`", label, str(r["n"]), _with_paper(r["clean"][row], paper and paper[0])]
+            cells = [
+                f"`{Path(r['model']).name}`",
+                label,
+                str(r["n"]),
+                _with_paper(r["clean"][row], paper[0] if paper else None),
+            ]
             for i, col in enumerate(PAPER_COLUMNS, start=1):
                 acc = _attack_row(r, col, row)
-                cells.append(_with_paper(acc, paper and paper[i]))
+                cells.append(_with_paper(acc, paper[i] if paper else None))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -49,7 +49,7 @@ def epsilon_zero(ctx: AttackContext, scorer, x: torch.Tensor, y: torch.Tensor) -
     """FGSM and PGD with ε = 0 must return the images unchanged and leave every row's accuracy as it was."""
     s = ctx.settings
     clean = _accuracy(scorer, x, y)
-    out = {"n": int(x.shape[0])}
+    out: dict[str, object] = {"n": int(x.shape[0])}
     for name, adv in (
         ("fgsm", fgsm(ctx.model, x, y, 0.0)),
         ("pgd", pgd(ctx.model, x, y, 0.0, s.pgd_step, s.pgd_steps)),
@@ -65,18 +65,20 @@ def budget_sweep(ctx: AttackContext, scorer, x: torch.Tensor, y: torch.Tensor, d
     """Accuracy against PGD (bare network) and BPDA-PGD (SOAP min-aux) as ε grows to 4× the paper's budget."""
     s = ctx.settings
     budgets = [min(1.0, m * s.linf_eps) for m in BUDGET_MULTIPLIERS]
+    bare: list[float] = []
+    bpda: list[float] = []
     out = {
         "n": int(x.shape[0]),
         "budgets": budgets,
-        "bare_pgd": [],
-        "bpda_min_aux": [],
+        "bare_pgd": bare,
+        "bpda_min_aux": bpda,
         "bare_settings": f"PGD {s.pgd_steps} steps of max(step, 2.5ε/steps), no random start",
         "bpda_settings": f"BPDA-PGD {min(s.adaptive_steps, 10)} steps of 2.5ε/steps, best iterate kept",
     }
     steps_bpda = min(s.adaptive_steps, 10)
     for eps in budgets:
         adv = pgd(ctx.model, x, y, eps, max(s.pgd_step, 2.5 * eps / s.pgd_steps), s.pgd_steps)
-        out["bare_pgd"].append(_accuracy(scorer, adv, y)["none"])
+        bare.append(_accuracy(scorer, adv, y)["none"])
         if defended:
             adv = pgd(
                 ctx.model,
@@ -88,14 +90,16 @@ def budget_sweep(ctx: AttackContext, scorer, x: torch.Tensor, y: torch.Tensor, d
                 keep_best=True,
                 objective=bpda_objective(ctx.model, ctx.purifier),
             )
-            out["bpda_min_aux"].append(_accuracy(scorer, adv, y)["min-aux"])
+            bpda.append(_accuracy(scorer, adv, y)["min-aux"])
     return out
 
 
 def beta_sweep(ctx: AttackContext, scorer, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict:
     """Paper Fig. 5: accuracy before/after purification under aux-aware PGD for each β."""
     s = ctx.settings
-    out = {"n": int(x.shape[0]), "betas": list(s.aux_betas), "none": [], "min-aux": []}
+    undefended: list[float] = []
+    purified: list[float | None] = []
+    out = {"n": int(x.shape[0]), "betas": list(s.aux_betas), "none": undefended, "min-aux": purified}
     for beta in s.aux_betas:
         adv = torch.cat(
             [
@@ -104,8 +108,8 @@ def beta_sweep(ctx: AttackContext, scorer, x: torch.Tensor, y: torch.Tensor, bat
             ]
         )
         acc = _accuracy(scorer, adv, y)
-        out["none"].append(acc["none"])
-        out["min-aux"].append(acc.get("min-aux"))
+        undefended.append(acc["none"])
+        purified.append(acc.get("min-aux"))
     return out
 
 
@@ -144,7 +148,8 @@ def run_checks(result: dict, extras: Extras) -> list[Check]:
     )
     f = _acc(result, "fgsm", "none")
     if f is not None:
-        iterative = {k: _acc(result, k, "none") for k in ("pgd", "apgd-ce") if _acc(result, k, "none") is not None}
+        found = {k: _acc(result, k, "none") for k in ("pgd", "apgd-ce")}
+        iterative = {k: v for k, v in found.items() if v is not None}
         weaker = {k: v for k, v in iterative.items() if v > f}
         checks.append(
             Check(
@@ -201,7 +206,8 @@ def run_checks(result: dict, extras: Extras) -> list[Check]:
         noise = _acc(result, "noise", row)
         if noise is None:
             continue
-        gradient = {k: _acc(result, k, row) for k in ("fgsm", "pgd") if _acc(result, k, row) is not None}
+        found = {k: _acc(result, k, row) for k in ("fgsm", "pgd")}
+        gradient = {k: v for k, v in found.items() if v is not None}
         stronger = {k: v for k, v in gradient.items() if v > noise}
         checks.append(
             Check(

@@ -23,8 +23,10 @@ from tqdm import tqdm
 from models import load_checkpoint
 from models.smoothing import SmoothingConfig, base_classifier, predict
 
+from . import provenance
 from .attacks.smoothadv import smoothadv_pgd
-from .evaluate import _git_commit, load_test_data, resolve_device
+from .data import load_test_data
+from .evaluate import resolve_device
 from .stats import wilson_interval
 
 
@@ -56,7 +58,7 @@ def run_soundness(args: argparse.Namespace) -> dict:
     loaded = load_checkpoint(settings["model"], device)
     base = base_classifier(loaded.network, settings["base"])
     meta = loaded.meta
-    data, source = load_test_data(meta.dataset, args.data_root, tuple(meta.input_shape))
+    data, source = load_test_data(meta.dataset, args.data_root, meta.input_shape)
     x, _ = data.batch(torch.tensor([r["index"] for r in certified]), device)
     c = torch.tensor([r["predicted"] for r in certified], device=device)
     radius = torch.tensor([r["radius"] for r in certified], device=device, dtype=x.dtype)
@@ -107,7 +109,7 @@ def run_soundness(args: argparse.Namespace) -> dict:
         ],
         "passed": all(o.changed == 0 for o in inside),
         "command": " ".join(["python -m training soundness", *sys.argv[2:]]),
-        "git_commit": _git_commit(),
+        "git_commit": provenance.git_commit(),
         "threads": torch.get_num_threads(),
         "device": str(device),
         "wall_seconds": time.time() - started,

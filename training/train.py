@@ -233,11 +233,15 @@ def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Pr
         raise SystemExit(f"--batch-size {config.batch_size} is not divisible by {process.world_size} processes")
     spec = get_spec(config.network)
     splits = load_splits(config.dataset, args.data_root, spec.input_shape, download=args.download)
+    train_data = splits.train
+    if train_data is None:
+        raise SystemExit(f"{args.data_root} holds no training split for {config.dataset}")
     if process.device.type == "cuda":
-        splits = replace(splits, train=splits.train.to(process.device), test=splits.test.to(process.device))
+        train_data = train_data.to(process.device)
+        splits = replace(splits, train=train_data, test=splits.test.to(process.device))
 
     torch.manual_seed(config.seed)
-    network = create_model(config.network, num_classes=len(splits.train.class_names)).to(process.device)
+    network = create_model(config.network, num_classes=len(train_data.class_names)).to(process.device)
     optimizer = make_optimizer(network, config)
     start_epoch, elapsed = 0, 0.0
     state_file = out / STATE_FILE
@@ -270,7 +274,7 @@ def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Pr
             group["lr"] = lr_at(config, epoch)
         epoch_config = replace(config, attack_eps=config.attack_eps_at(epoch))  # the ε ramp, when one is set
         stats = train_one_epoch(
-            objective, network, optimizer, splits.train, epoch_config, epoch, process, args.max_steps_per_epoch
+            objective, network, optimizer, train_data, epoch_config, epoch, process, args.max_steps_per_epoch
         )
         if config.recipe in ("fgsm-at", "pgd-at"):
             stats["attack_eps"] = epoch_config.attack_eps

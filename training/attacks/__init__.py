@@ -1,14 +1,18 @@
 """Attacks as pure functions of (model, images, labels, settings). Batched; CPU and CUDA.
 
 `model` is any logits function of pixels in [0, 1] (a SoapNetwork in eval mode, or a substitute).
-Gradient attacks also accept an `objective` (losses.Objective) in place of the model's own loss: that
+Gradient attacks also accept an `objective` (models.attacks.losses.Objective) in place of the model's own loss: that
 is how the adaptive attacks of `adaptive` drive PGD, APGD and FGSM through the purifier. No attack
 modifies its inputs or the model's parameters.
 
-Modules: linf (FGSM, PGD, uniform noise), l2 (CW-L2, DeepFool), aux_aware (paper Eq. 9), apgd
-(APGD-CE/DLR), adaptive (BPDA, trajectory BPDA, full gradient), eot, blackbox (Papernot substitute),
-settings (paper defaults per dataset).
+Modules: l2 (CW-L2, DeepFool), aux_aware (paper Eq. 9), apgd (APGD-CE/DLR), adaptive (BPDA, trajectory BPDA,
+full gradient), eot, blackbox (Papernot substitute), settings (paper defaults per dataset). FGSM, PGD, uniform
+noise and the losses live in models.attacks (linf, losses), which the service's demo uses too; they are re-exported
+here.
 """
+
+from models.attacks.linf import fgsm, pgd, project_linf, uniform_noise
+from models.attacks.losses import Objective, classifier_objective, cross_entropy, dlr, margin
 
 from .adaptive import (
     bpda_objective,
@@ -22,8 +26,6 @@ from .aux_aware import BETA_SCALE, aux_aware_objective, aux_aware_pgd
 from .blackbox import SubstituteConfig, substitute_fgsm, train_substitute
 from .eot import eot
 from .l2 import cw_l2, deepfool, project_l2
-from .linf import fgsm, pgd, project_linf, uniform_noise
-from .losses import Objective, classifier_objective, cross_entropy, dlr, margin
 from .settings import PAPER_SETTINGS, AttackSettings, paper_settings
 
 __all__ = [

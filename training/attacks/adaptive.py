@@ -28,8 +28,7 @@ from typing import Literal
 import torch
 
 from models import PurifierConfig, SoapNetwork, aux_loss, purify
-
-from .losses import LossFn, LossName, Objective, Tensor, resolve_loss
+from models.attacks.losses import LossFn, LossName, Objective, Tensor, resolve_loss
 
 SignBackward = Literal["zero", "tanh"]
 

@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from .linf import _keep_better, _score, uniform_noise
-from .losses import LogitsFn, LossFn, LossName, Objective, Tensor, classifier_objective, input_gradient
+from models.attacks.linf import _keep_better, _score, uniform_noise
+from models.attacks.losses import LogitsFn, LossFn, LossName, Objective, Tensor, classifier_objective, input_gradient
 
 
 def _checkpoints(steps: int) -> list[int]:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 
 from models import SoapNetwork, aux_loss
-
-from .linf import pgd
-from .losses import Objective, Tensor, cross_entropy
+from models.attacks.linf import pgd
+from models.attacks.losses import Objective, Tensor, cross_entropy
 
 BETA_SCALE = 100.0
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linf import fgsm
-from .losses import Tensor
+from models.attacks.linf import fgsm
+from models.attacks.losses import Tensor
 
 LabelOracle = Callable[[Tensor], Tensor]
 

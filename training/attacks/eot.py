@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .losses import Objective, Tensor
+from models.attacks.losses import Objective, Tensor
 
 
 def eot(objective: Objective, samples: int) -> Objective:

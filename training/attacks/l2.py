@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .losses import LogitsFn, Tensor, margin
+from models.attacks.losses import LogitsFn, Tensor, margin
 
 
 def _norms(d: Tensor) -> Tensor:

@@ -14,14 +14,14 @@ from typing import Literal
 import torch
 
 from models import PurifierConfig, SoapNetwork
+from models.attacks.linf import fgsm, pgd, uniform_noise
 
 from .adaptive import bpda_objective, bpda_trajectory_objective, defended_logits, full_gradient_objective
 from .apgd import apgd
 from .aux_aware import aux_aware_pgd
-from .blackbox import SubstituteConfig, substitute_fgsm, train_substitute
+from .blackbox import substitute_fgsm, train_substitute
 from .eot import eot
 from .l2 import cw_l2, deepfool
-from .linf import fgsm, pgd, uniform_noise
 from .settings import AttackSettings
 
 Tensor = torch.Tensor
@@ -38,7 +38,6 @@ class AttackContext:
     beta: float = 0.5
     substitute_seed: Tensor | None = None  # images the black-box attacker may label (never scored)
     substitute_factory: Callable[[], torch.nn.Module] | None = None
-    substitute_config: SubstituteConfig = field(default_factory=SubstituteConfig)
     cache: dict = field(default_factory=dict)  # e.g. the trained substitute, reused across batches
 
 
@@ -63,7 +62,7 @@ def _substitute(ctx: AttackContext) -> torch.nn.Module:
             return defended_logits(ctx.model, ctx.purifier)(x).argmax(1)
 
         ctx.cache["substitute"] = train_substitute(
-            ctx.substitute_factory(), oracle, ctx.substitute_seed, ctx.substitute_config, ctx.generator
+            ctx.substitute_factory(), oracle, ctx.substitute_seed, ctx.settings.substitute, ctx.generator
         )
     return ctx.cache["substitute"]
 
@@ -170,8 +169,9 @@ ATTACKS: dict[str, AttackSpec] = {
             "blind",
             "linf",
             lambda s: (
-                f"black-box: substitute trained on 150 held-out test images labelled by the defended "
-                f"model (min-aux), 6 Jacobian-augmentation rounds λ=0.1, FGSM ε={s.linf_eps:.4g} on it"
+                f"black-box: substitute trained on {s.blackbox_seed_images} held-out test images labelled by the "
+                f"defended model (min-aux), {s.substitute.rounds} Jacobian-augmentation rounds of "
+                f"{s.substitute.epochs} epochs, λ={s.substitute.lam:g}, FGSM ε={s.linf_eps:.4g} on it"
             ),
             lambda c, x, y: substitute_fgsm(_substitute(c), x, y, c.settings.linf_eps),
         ),
@@ -227,7 +227,6 @@ ATTACKS: dict[str, AttackSpec] = {
     ]
 }
 
-PAPER_ATTACKS = ("fgsm", "pgd", "cw", "df")
 DEFAULT_ATTACKS = (
     "noise",
     "fgsm",

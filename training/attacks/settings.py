@@ -6,7 +6,9 @@ with every result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+
+from .blackbox import SubstituteConfig
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class AttackSettings:
     adaptive_steps: int = 40  # BPDA / full-gradient PGD iterations (step = pgd_step scaled to reach ε)
     apgd_steps: int = 100
     eot_samples: int = 1  # SOAP's purifier is deterministic: one sample is exact
+    blackbox_seed_images: int = 150  # held-out test images the black-box substitute starts from
+    substitute: SubstituteConfig = field(default_factory=SubstituteConfig)  # its training (Papernot et al.)
 
     def with_overrides(self, **changes) -> AttackSettings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

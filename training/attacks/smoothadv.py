@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from models.attacks.losses import LogitsFn, Tensor
+
 from .l2 import _expand, _norms
-from .losses import LogitsFn, Tensor
 
 
 def soft_smoothed_log_prob(
