@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 from urllib.parse import parse_qs, unquote
 
 import anyio
@@ -29,16 +29,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .auth import PROTECTED, SECURITY, require_api_key
+from .auth import PROTECTED, SECURITY, document_api_key, require_api_key
 from .batcher import BatchFailed, ClientGone, DeadlineExceeded, ItemResult, QueueFull, ShuttingDown, WorkItem
 from .certify import CertifyJob, CertifyRequest, CertifyResult
 from .config import ServiceSettings
 from .decode import DecodeLimits, ImageRejected, decode_opened, encode_png, open_image
 from .errors import ServiceError, error_response, install_error_handlers
 from .ingest import ACCEPTED_TYPES, check_media_type, media_type, parse_upload, read_body
+from .logs import REQUEST_ID
 from .predict import PurifyRequest
 from .runtime import ModelRuntime, ServiceRuntime
 from .schemas import (
+    ADAPTIVE_ATTACKS,
+    BLIND_ATTACKS,
+    RESULTS_PAGE,
     BatchingInfo,
     CertifyResponse,
     ClassifyOptions,
@@ -48,17 +52,25 @@ from .schemas import (
     ModelInfo,
     ModelList,
     PurifierInfo,
+    RobustnessInfo,
     image_upload_body,
     query_parameters,
 )
+from .tracing import make_tracing
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger("service.app")
+MODEL_CARD_FILE = "MODEL_CARD.md"  # next to the weights (training/model_card.py writes it)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _V2_INFER = re.compile(r"^/v2/models/([^/]+)/infer$")
 # Images up to this many pixels decode on the event loop (tens of microseconds); larger ones in a thread,
 # at most _DECODE_THREADS at once, which bounds the memory a burst of huge images can take.
 _INLINE_DECODE_PIXELS = 256 * 256
+# Not load: Prometheus' scrapes and the kubelet's probes would count as in-flight requests on an idle replica.
+_UNCOUNTED_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 _DECODE_THREADS = 4
 # While draining, a refused request's body is read before the 503 (see _discard_body), but not for longer than this.
 _DRAIN_BODY_TIMEOUT_S = 1.0
@@ -86,6 +98,10 @@ class RequestContext:
         incoming = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _REQUEST_ID.match(incoming) else f"{random.getrandbits(128):032x}"
         scope["soap.request_id"] = request_id
+        token = REQUEST_ID.set(request_id)
+        counted = scope["path"] not in _UNCOUNTED_PATHS
+        if counted:
+            self.runtime.metrics.in_flight.inc()
         status = 500
         started = False
 
@@ -121,6 +137,9 @@ class RequestContext:
             self.runtime.metrics.request_duration.labels(scope.get("soap.model", ""), route, str(status)).observe(
                 time.perf_counter() - start
             )
+            if counted:
+                self.runtime.metrics.in_flight.dec()
+            REQUEST_ID.reset(token)
 
     def _shed(self, scope: Scope) -> Response | None:
         """A 503 for any POST when the service drains, or for POST /classify and /v2/models/{name}/infer when the
@@ -182,8 +201,9 @@ def _model_before_body(scope: Scope, runtime: ServiceRuntime) -> ModelRuntime | 
     return None
 
 
-def create_app(settings: ServiceSettings) -> FastAPI:
-    runtime = ServiceRuntime(settings)
+def create_app(settings: ServiceSettings, tracer_provider: TracerProvider | None = None) -> FastAPI:
+    """The app. `tracer_provider`: where --tracing sends spans (default: the process's; tests pass their own)."""
+    runtime = ServiceRuntime(settings, tracing=make_tracing(settings.tracing, tracer_provider))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -215,6 +235,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.include_router(open_inference)
     register_docs(app)
     register_demo(app)
+    document_api_key(app, keyed=runtime.api_key is not None)
     return app
 
 
@@ -459,6 +480,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
     settings = runtime.settings
+    tracing = runtime.tracing
     limits = DecodeLimits(settings.max_image_pixels, settings.max_image_side)
     decode_limiter = anyio.CapacityLimiter(_DECODE_THREADS)
     app.state.decode_limits, app.state.decode_limiter = limits, decode_limiter  # shared with /v2 infer
@@ -472,6 +494,10 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         summary="Purify each image with SOAP, then classify it (mode=certify: a certified smoothed prediction instead)",
     )
     async def classify(request: Request) -> Response:
+        with tracing.span("classify", request_id=request.scope["soap.request_id"]):
+            return await _classify(request)
+
+    async def _classify(request: Request) -> Response:
         started = time.perf_counter()
         await require_api_key(request)  # called directly: FastAPI's dependency machinery costs more per request
         query = dict(request.query_params)
@@ -479,8 +505,9 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         request.scope["soap.model"] = runtime.metrics_label(query_model)
         kind = media_type(request)  # (draining was refused by RequestContext, full queues where it knew the model)
         check_media_type(kind)
-        body = await read_body(request, settings.max_body_bytes, query_model, settings.body_timeout_s)
-        upload = await parse_upload(request, kind, body, settings.max_images_per_request, query_model)
+        with tracing.span("read"):
+            body = await read_body(request, settings.max_body_bytes, query_model, settings.body_timeout_s)
+            upload = await parse_upload(request, kind, body, settings.max_images_per_request, query_model)
         options = _options(query, upload.options, query_model)
         model = runtime.get(options.model)
         request.scope["soap.model"] = model.name
@@ -492,20 +519,27 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         purify_request = model.purify_request(options.mode, options.epsilon)
         if not model.batcher.has_room(len(upload.payloads)):  # refuse before decoding (RequestContext could not)
             raise queue_full(model, model.batcher.retry_after_s())
-        images = await decode_all(upload.payloads, model, limits, decode_limiter)
-        batch = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
+        with tracing.span("decode", images=len(upload.payloads)):
+            images = await decode_all(upload.payloads, model, limits, decode_limiter)
+            batch = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
         result = await run_on_batcher(request, model, batch, purify_request)
-        body_out = {
-            "request_id": request.scope["soap.request_id"],
-            "model": model.name,
-            "results": _results(model, result, options),
-            "timing_ms": {
-                "queue": result.queue_s * 1000,
-                "compute": result.compute_s * 1000,
-                "total": (time.perf_counter() - started) * 1000,
-            },
-        }
-        return Response(orjson.dumps(body_out), media_type="application/json")
+        if tracing.enabled:  # the batcher measured these for the whole batch; the batch ended just now
+            waited = result.compute_s + result.queue_s
+            tracing.record("queue_wait", waited, result.compute_s, model=model.name)
+            tracing.record("compute", result.compute_s, 0.0, model=model.name, batch_images=result.batch_images)
+        with tracing.span("encode"):
+            body_out = {
+                "request_id": request.scope["soap.request_id"],
+                "model": model.name,
+                "results": _results(model, result, options),
+                "timing_ms": {
+                    "queue": result.queue_s * 1000,
+                    "compute": result.compute_s * 1000,
+                    "total": (time.perf_counter() - started) * 1000,
+                },
+            }
+            encoded = orjson.dumps(body_out)
+        return Response(encoded, media_type="application/json")
 
     async def _certify(
         request: Request, model: ModelRuntime, batch: torch.Tensor, certify: CertifyRequest, started: float
@@ -551,6 +585,23 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
     )
     async def model_info(name: str) -> ModelInfo:
         return _model_info(runtime, runtime.get(name))
+
+    @app.get(
+        "/v1/models/{name}/card",
+        response_class=Response,
+        responses={
+            200: {"content": {"text/markdown": {"schema": {"type": "string"}}}},
+            404: {"model": ErrorResponse},
+        },
+        dependencies=protected,
+        summary="The model card (MODEL_CARD.md): evaluation, limitations, licence",
+    )
+    async def model_card(name: str) -> Response:
+        model = runtime.get(name)
+        card = model.loaded.path / MODEL_CARD_FILE
+        if not card.is_file():
+            raise ServiceError(404, "not_found", f"model {model.name} has no {MODEL_CARD_FILE}")
+        return Response(card.read_bytes(), media_type="text/markdown; charset=utf-8")
 
     @app.get("/healthz", response_model=Health, summary="Liveness: the process answers")
     async def healthz() -> Health:
@@ -610,9 +661,16 @@ def _model_info(runtime: ServiceRuntime, model: ModelRuntime) -> ModelInfo:
             budgets=purifier.budgets(),
             max_budget=purifier.max_budget,
         ),
+        robustness=RobustnessInfo(
+            purifies=model.purifies,
+            resists=BLIND_ATTACKS if model.purifies else None,
+            does_not_resist=ADAPTIVE_ATTACKS if model.purifies else "adversarial examples of any kind (no defence)",
+            results=RESULTS_PAGE,
+            model_card=f"v1/models/{model.name}/card",
+        ),
         calibration=calibration,
         metrics=meta.metrics,
-        training=meta.training,
+        training=meta.training.model_dump(mode="json"),
         batching=BatchingInfo(
             max_batch_size=s.max_batch_size,
             max_delay_ms=s.max_delay_ms,

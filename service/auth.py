@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, FastAPI, Request, Security
 from fastapi.security import APIKeyHeader, HTTPBearer
 
 from .errors import ServiceError
@@ -50,3 +50,22 @@ async def require_api_key(request: Request) -> None:
 
 # The security dependencies only read headers (auto_error=False): require_api_key decides, with the service's errors.
 PROTECTED: list[Any] = [Security(API_KEY_HEADER), Security(BEARER), Depends(require_api_key)]
+
+
+def document_api_key(app: FastAPI, keyed: bool) -> None:
+    """Keep the OpenAPI document true to this server: with no key configured, no operation needs one, so the
+    security schemes and requirements are left out (Swagger UI then shows no locks)."""
+    if keyed:
+        return
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = original()
+        schema.get("components", {}).pop("securitySchemes", None)
+        for item in schema.get("paths", {}).values():
+            for operation in item.values():
+                if isinstance(operation, dict):
+                    operation.pop("security", None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

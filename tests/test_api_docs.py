@@ -64,3 +64,11 @@ async def test_docs_are_served_locally_with_no_external_host(model_dir):
     assert "javascript" in bundle.headers["content-type"]
     assert "SwaggerUIBundle" in bundle.text
     assert redoc.status_code == 404  # FastAPI's ReDoc page loads from a CDN: off
+
+
+async def test_a_server_without_a_key_documents_none(model_dir):
+    async with serve_app(settings_for(model_dir)) as (app, client):
+        schema = (await client.get("/openapi.json")).json()
+    assert "securitySchemes" not in schema.get("components", {})
+    assert "security" not in schema["paths"]["/classify"]["post"]
+    assert "security" not in schema["paths"]["/v1/models"]["get"]

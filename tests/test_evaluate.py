@@ -15,7 +15,8 @@ from models.checkpoint import meta_for
 from training import provenance
 from training.__main__ import main
 from training.data import load_test_data
-from training.evaluate import ROWS, evaluation_order
+from training.evaluate import evaluation_order
+from training.rows import ROWS
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "zoo" / "mnist-fcn-dr"

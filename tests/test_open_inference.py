@@ -4,6 +4,7 @@ FP32 inference on real MNIST digits (binary and JSON tensors), and the refusals 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 from PIL import Image
-from test_service_support import ServerProcess, mnist_files
+from test_service_support import ServerProcess, mnist_files, serve_app, settings_for
 from tritonclient.utils import InferenceServerException
 
 from models import __version__
@@ -230,3 +231,23 @@ def test_certify_mode_answers_the_same_certificates_as_classify(server, client, 
             MODEL, [images], headers=auth(), outputs=[triton.InferRequestedOutput("epsilon")], parameters=parameters
         )
     assert _status(info.value) == 422
+
+
+@pytest.mark.anyio
+async def test_a_full_queue_refuses_v2_infer_with_503_in_the_protocol_shape(model_dir):
+    """The same admission control as /classify: with the model's queue full, POST /v2/models/{name}/infer gets 503
+    with Retry-After, shaped {"error": "queue_full: ..."}; the queued request is still served."""
+    body = {"inputs": [{"name": "pixels", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.5] * 784}]}
+    async with serve_app(settings_for(model_dir, max_queue=1, max_delay_ms=2000)) as (app, client):
+        model = app.state.runtime.models[MODEL]
+        first = asyncio.create_task(client.post(f"/v2/models/{MODEL}/infer", json=body))
+        while model.batcher.depth < 1:  # the first request's image waits for its batch (2 s)
+            await asyncio.sleep(0.01)
+        refused = await client.post(f"/v2/models/{MODEL}/infer", json=body)
+        served = await first
+    assert refused.status_code == 503
+    assert refused.json()["error"].startswith("queue_full: ")
+    assert set(refused.json()) == {"error"}
+    assert int(refused.headers["retry-after"]) >= 1
+    assert served.status_code == 200
+    assert [o["name"] for o in served.json()["outputs"]][:2] == ["label", "class_name"]

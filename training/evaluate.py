@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from models import create_model, load_checkpoint, oracle_select, purify
+from models import Recipe, create_model, load_checkpoint, oracle_select, purify, resolve_device
 from models.checkpoint import LoadedModel
 
 from . import provenance
@@ -30,11 +30,10 @@ from .attacks.registry import ATTACKS, DEFAULT_ATTACKS, AttackContext, AttackSpe
 from .attacks.settings import AttackSettings
 from .data import ImageData, load_test_data
 from .report import write_all
+from .rows import ROWS
 from .stats import Accuracy
 
-ROWS = ("none", "min-aux", "oracle")
-ROW_TITLES = {"none": "no purification (ε_pfy = 0)", "min-aux": "SOAP min-aux", "oracle": "oracle ε_pfy (upper bound)"}
-BASELINE_RECIPES = ("vanilla", "fgsm-at", "pgd-at")
+BASELINE_RECIPES = (Recipe.VANILLA, Recipe.FGSM_AT, Recipe.PGD_AT)
 
 
 @dataclass
@@ -69,12 +68,6 @@ class Batchwise:
 # ----------------------------------------------------------------------------- data and model
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def evaluation_order(data: ImageData, source: str) -> tuple[torch.Tensor, str]:
     """The order in which test images are taken: canonical for torchvision sets (the first n, as Croce et al.),
     a fixed random permutation (seed 0) for ImageFolder trees, whose files are sorted by class."""
@@ -87,7 +80,7 @@ def evaluation_order(data: ImageData, source: str) -> tuple[torch.Tensor, str]:
 
 def is_soap(loaded: LoadedModel) -> bool:
     """Baselines (vanilla / FGSM-AT / PGD-AT) have no trained auxiliary head to purify with."""
-    return loaded.meta.training.get("recipe", "soap") not in BASELINE_RECIPES
+    return loaded.meta.training.recipe not in BASELINE_RECIPES
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -215,8 +208,8 @@ def evaluate(config: EvalConfig) -> dict:
         "model": str(config.model),
         "network": meta.network,
         "dataset": meta.dataset,
-        "recipe": "soap" if soap else meta.training["recipe"],
-        "provenance": str(meta.training.get("recipe", "soap")),
+        "recipe": "soap" if soap else str(meta.training.recipe),
+        "provenance": meta.training.provenance,
         "aux_task": meta.aux_task,
         "purifier": asdict(loaded.purifier) | {"budgets": loaded.purifier.budgets()},
         "data": data_source,

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .attacks.registry import ATTACKS
-from .report import ROW_TITLES, cell
+from .report import cell
+from .rows import ROW_TITLES
 from .sanity import Extras, run_checks
 
 PAPER_COLUMNS = ("fgsm", "pgd", "cw", "df")
