@@ -27,7 +27,10 @@ from models import CheckpointError
 
 from .app import create_app
 from .config import ServiceSettings, load_settings
+from .logs import LogFormat, configure_logging
 from .server import DrainingServer
+
+log = logging.getLogger("service")
 
 
 def serve(app: FastAPI) -> None:
@@ -38,6 +41,8 @@ def serve(app: FastAPI) -> None:
         port=settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
+        # JSON: uvicorn's loggers go through the root handler (JSON, request id); text: uvicorn's own format.
+        log_config=None if settings.log_format is LogFormat.JSON else uvicorn.config.LOGGING_CONFIG,
         # uvicorn annotates int, but waits with asyncio.wait_for, which takes fractional seconds
         timeout_graceful_shutdown=settings.graceful_timeout_s,  # type: ignore[arg-type]
         lifespan="on",
@@ -47,7 +52,7 @@ def serve(app: FastAPI) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     settings = load_settings(argv)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_format, settings.log_level)
     torch.set_num_threads(settings.compute_threads)
     # uvicorn re-raises the shutdown signal after a graceful exit; make that a clean exit status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

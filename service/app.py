@@ -17,27 +17,32 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, overload
-from urllib.parse import parse_qs
+from typing import TYPE_CHECKING, Any, overload
+from urllib.parse import parse_qs, unquote
 
 import anyio
 import orjson
 import torch
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .auth import require_api_key
+from .auth import PROTECTED, SECURITY, document_api_key, require_api_key
 from .batcher import BatchFailed, ClientGone, DeadlineExceeded, ItemResult, QueueFull, ShuttingDown, WorkItem
 from .certify import CertifyJob, CertifyRequest, CertifyResult
 from .config import ServiceSettings
 from .decode import DecodeLimits, ImageRejected, decode_opened, encode_png, open_image
 from .errors import ServiceError, error_response, install_error_handlers
 from .ingest import ACCEPTED_TYPES, check_media_type, media_type, parse_upload, read_body
+from .logs import REQUEST_ID
+from .predict import PurifyRequest
 from .runtime import ModelRuntime, ServiceRuntime
 from .schemas import (
+    ADAPTIVE_ATTACKS,
+    BLIND_ATTACKS,
+    RESULTS_PAGE,
     BatchingInfo,
     CertifyResponse,
     ClassifyOptions,
@@ -47,16 +52,25 @@ from .schemas import (
     ModelInfo,
     ModelList,
     PurifierInfo,
+    RobustnessInfo,
     image_upload_body,
     query_parameters,
 )
+from .tracing import make_tracing
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger("service.app")
+MODEL_CARD_FILE = "MODEL_CARD.md"  # next to the weights (training/model_card.py writes it)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_V2_INFER = re.compile(r"^/v2/models/([^/]+)/infer$")
 # Images up to this many pixels decode on the event loop (tens of microseconds); larger ones in a thread,
 # at most _DECODE_THREADS at once, which bounds the memory a burst of huge images can take.
 _INLINE_DECODE_PIXELS = 256 * 256
+# Not load: Prometheus' scrapes and the kubelet's probes would count as in-flight requests on an idle replica.
+_UNCOUNTED_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 _DECODE_THREADS = 4
 # While draining, a refused request's body is read before the 503 (see _discard_body), but not for longer than this.
 _DRAIN_BODY_TIMEOUT_S = 1.0
@@ -84,6 +98,10 @@ class RequestContext:
         incoming = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _REQUEST_ID.match(incoming) else f"{random.getrandbits(128):032x}"
         scope["soap.request_id"] = request_id
+        token = REQUEST_ID.set(request_id)
+        counted = scope["path"] not in _UNCOUNTED_PATHS
+        if counted:
+            self.runtime.metrics.in_flight.inc()
         status = 500
         started = False
 
@@ -108,7 +126,9 @@ class RequestContext:
         except Exception:  # noqa: BLE001 - last line of defence; the log has the traceback, the client does not
             log.exception("unhandled error in %s %s (request %s)", scope.get("method"), scope.get("path"), request_id)
             if not started:
-                response = error_response(500, "internal_error", f"unexpected server error; request id {request_id}")
+                response = error_response(
+                    500, "internal_error", f"unexpected server error; request id {request_id}", path=scope["path"]
+                )
                 await response(scope, receive, send_with_id)
         finally:
             route = getattr(scope.get("route"), "path", None) or (
@@ -117,10 +137,14 @@ class RequestContext:
             self.runtime.metrics.request_duration.labels(scope.get("soap.model", ""), route, str(status)).observe(
                 time.perf_counter() - start
             )
+            if counted:
+                self.runtime.metrics.in_flight.dec()
+            REQUEST_ID.reset(token)
 
     def _shed(self, scope: Scope) -> Response | None:
-        """A 503 for any POST when the service drains, or for POST /classify when the request's model is known
-        before its body is read and that model's queue is full; else None (the handler refuses it later if need be).
+        """A 503 for any POST when the service drains, or for POST /classify and /v2/models/{name}/infer when the
+        request's model is known before its body is read and that model's queue is full; else None (the handler
+        refuses it later if need be).
 
         The model is known before the body when the query string names it (`?model=` routes the request; a body
         may repeat it but not name another, see `_options`), when the body is a raw image (it carries no options),
@@ -133,19 +157,20 @@ class RequestContext:
         if scope["method"] != "POST":
             return None
         runtime = self.runtime
+        v2_model = _V2_INFER.match(scope["path"])  # POST /v2/models/{name}/infer: the path names the model
         if runtime.draining:
             error = _shutting_down()
-        elif scope["path"] != "/classify":
+        elif scope["path"] != "/classify" and v2_model is None:
             return None
         else:
-            model = _model_before_body(scope, runtime)
+            model = runtime.models.get(unquote(v2_model[1])) if v2_model else _model_before_body(scope, runtime)
             if model is None or model.batcher.has_room(1):
                 return None
-            error = _queue_full(model, model.batcher.retry_after_s())
+            error = queue_full(model, model.batcher.retry_after_s())
         scope["soap.model"] = runtime.metrics_label(error.model)
         if error.reason:
             runtime.metrics.reject(scope["soap.model"], error.reason)
-        return error_response(error.status, error.error, error.detail, error.headers)
+        return error_response(error.status, error.error, error.detail, error.headers, path=scope["path"])
 
 
 async def _discard_body(receive: Receive, limit: int) -> None:
@@ -176,8 +201,9 @@ def _model_before_body(scope: Scope, runtime: ServiceRuntime) -> ModelRuntime | 
     return None
 
 
-def create_app(settings: ServiceSettings) -> FastAPI:
-    runtime = ServiceRuntime(settings)
+def create_app(settings: ServiceSettings, tracer_provider: TracerProvider | None = None) -> FastAPI:
+    """The app. `tracer_provider`: where --tracing sends spans (default: the process's; tests pass their own)."""
+    runtime = ServiceRuntime(settings, tracing=make_tracing(settings.tracing, tracer_provider))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -193,6 +219,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         responses={422: {"model": ErrorResponse}},
+        docs_url=None,  # served by service/api_docs.py from local files, not a CDN
+        redoc_url=None,
     )
     app.state.runtime = runtime
     app.state.settings = settings
@@ -200,16 +228,21 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     install_error_handlers(app)
     _add_routes(app, runtime)
 
+    from service.api_docs import register_docs
     from service.demo import register_demo
+    from service.open_inference import router as open_inference
 
+    app.include_router(open_inference)
+    register_docs(app)
     register_demo(app)
+    document_api_key(app, keyed=runtime.api_key is not None)
     return app
 
 
 # ---------------------------------------------------------------------------------------------- /classify steps
 
 
-def _certify_request(options: ClassifyOptions, model: ModelRuntime, settings: ServiceSettings) -> CertifyRequest:
+def certify_request(options: ClassifyOptions, model: ModelRuntime, settings: ServiceSettings) -> CertifyRequest:
     """mode=certify's settings, within the server's limits (422 beyond them)."""
     if model.certify is None:
         raise ServiceError(
@@ -250,9 +283,10 @@ def _options(query: dict[str, Any], body: dict[str, Any], query_model: str | Non
         raise ServiceError(422, "bad_options", problems, reason="bad_options", model=query_model) from None
 
 
-async def _decode_all(
+async def decode_all(
     payloads: list[bytes], model: ModelRuntime, limits: DecodeLimits, limiter: anyio.CapacityLimiter
 ) -> list[torch.Tensor]:
+    """The decode step: every payload to a [C, H, W] tensor of the model's input shape (422 for a bad image)."""
     images: list[torch.Tensor] = []
     for index, data in enumerate(payloads):
         try:
@@ -315,6 +349,62 @@ async def _await_result(
         watcher.cancel()
 
 
+async def run_on_batcher(
+    request: Request, model: ModelRuntime, batch: torch.Tensor, purify_request: PurifyRequest
+) -> ItemResult:
+    """The batch step, shared by /classify and /v2 infer: queue `batch` on the model's batcher under the request's
+    deadline and wait for its rows; every way this can fail becomes a ServiceError (503, 504, 499, 500)."""
+    runtime: ServiceRuntime = request.app.state.runtime
+    deadline = time.monotonic() + runtime.settings.request_timeout_s
+    try:
+        item = model.batcher.submit(batch, purify_request, deadline, request.scope["soap.request_id"])
+    except QueueFull as exc:
+        raise queue_full(model, exc.retry_after_s) from None
+    except ShuttingDown:
+        if runtime.draining:
+            raise _shutting_down() from None
+        raise ServiceError(
+            503,
+            "model_unavailable",
+            f"model {model.name} is not serving (see the server log)",
+            model=model.name,
+            headers={"Retry-After": "5"},
+        ) from None
+    try:
+        return await _await_result(request, model, item, model.batcher.cancel)
+    except BatchFailed as exc:  # this batch only; the message names the exception type, no internals
+        raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
+
+
+async def run_certify(
+    request: Request, model: ModelRuntime, batch: torch.Tensor, certify: CertifyRequest
+) -> CertifyResult:
+    """The certify step, shared by /classify and /v2 infer (mode=certify): queue `batch` on the model's certify
+    lane under the request's deadline and wait for its certificates; failures become ServiceErrors."""
+    lane = model.certify
+    if lane is None:  # certify_request refused the request already
+        raise RuntimeError(f"model {model.name} has no certify lane")
+    runtime: ServiceRuntime = request.app.state.runtime
+    try:
+        job = lane.submit(batch, certify, time.monotonic() + runtime.settings.request_timeout_s)
+    except QueueFull as exc:
+        raise ServiceError(
+            503,
+            "queue_full",
+            f"model {model.name}'s certify lane has {lane.queued_samples} forward passes queued "
+            f"(limit {lane.max_queue_samples}); retry later",
+            reason="queue_full",
+            model=model.name,
+            headers={"Retry-After": str(exc.retry_after_s)},
+        ) from None
+    except ShuttingDown:
+        raise _shutting_down() from None
+    try:
+        return await _await_result(request, model, job, lane.cancel)
+    except BatchFailed as exc:
+        raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
+
+
 def _results(model: ModelRuntime, result: ItemResult, options: ClassifyOptions) -> list[dict[str, Any]]:
     """The encode step: one JSON object per image."""
     p = result.predictions
@@ -349,7 +439,7 @@ def _results(model: ModelRuntime, result: ItemResult, options: ClassifyOptions) 
     return rows
 
 
-def _queue_full(model: ModelRuntime, retry_after_s: int) -> ServiceError:
+def queue_full(model: ModelRuntime, retry_after_s: int) -> ServiceError:
     return ServiceError(
         503,
         "queue_full",
@@ -367,6 +457,7 @@ def _shutting_down() -> ServiceError:
 
 
 _CLASSIFY_OPENAPI = {
+    "security": SECURITY,  # require_api_key is called in the handler, not declared as a dependency
     "parameters": query_parameters(ClassifyOptions),
     "requestBody": image_upload_body(None, ClassifyOptions, json_images=True),
 }
@@ -389,9 +480,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
     settings = runtime.settings
+    tracing = runtime.tracing
     limits = DecodeLimits(settings.max_image_pixels, settings.max_image_side)
     decode_limiter = anyio.CapacityLimiter(_DECODE_THREADS)
-    protected = [Depends(require_api_key)]
+    app.state.decode_limits, app.state.decode_limiter = limits, decode_limiter  # shared with /v2 infer
+    protected = PROTECTED
 
     @app.post(
         "/classify",
@@ -401,6 +494,10 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         summary="Purify each image with SOAP, then classify it (mode=certify: a certified smoothed prediction instead)",
     )
     async def classify(request: Request) -> Response:
+        with tracing.span("classify", request_id=request.scope["soap.request_id"]):
+            return await _classify(request)
+
+    async def _classify(request: Request) -> Response:
         started = time.perf_counter()
         await require_api_key(request)  # called directly: FastAPI's dependency machinery costs more per request
         query = dict(request.query_params)
@@ -408,82 +505,46 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
         request.scope["soap.model"] = runtime.metrics_label(query_model)
         kind = media_type(request)  # (draining was refused by RequestContext, full queues where it knew the model)
         check_media_type(kind)
-        body = await read_body(request, settings.max_body_bytes, query_model, settings.body_timeout_s)
-        upload = await parse_upload(request, kind, body, settings.max_images_per_request, query_model)
+        with tracing.span("read"):
+            body = await read_body(request, settings.max_body_bytes, query_model, settings.body_timeout_s)
+            upload = await parse_upload(request, kind, body, settings.max_images_per_request, query_model)
         options = _options(query, upload.options, query_model)
         model = runtime.get(options.model)
         request.scope["soap.model"] = model.name
         if options.mode == "certify":
-            certify = _certify_request(options, model, settings)
-            images = await _decode_all(upload.payloads, model, limits, decode_limiter)
+            certify = certify_request(options, model, settings)
+            images = await decode_all(upload.payloads, model, limits, decode_limiter)
             batch = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
-            return await _certify(request, model, batch, certify, settings, started)
+            return await _certify(request, model, batch, certify, started)
         purify_request = model.purify_request(options.mode, options.epsilon)
         if not model.batcher.has_room(len(upload.payloads)):  # refuse before decoding (RequestContext could not)
-            raise _queue_full(model, model.batcher.retry_after_s())
-        images = await _decode_all(upload.payloads, model, limits, decode_limiter)
-        batch = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
-        try:
-            item = model.batcher.submit(
-                batch, purify_request, time.monotonic() + settings.request_timeout_s, request.scope["soap.request_id"]
-            )
-        except QueueFull as exc:
-            raise _queue_full(model, exc.retry_after_s) from None
-        except ShuttingDown:
-            if runtime.draining:
-                raise _shutting_down() from None
-            raise ServiceError(
-                503,
-                "model_unavailable",
-                f"model {model.name} is not serving (see the server log)",
-                model=model.name,
-                headers={"Retry-After": "5"},
-            ) from None
-        try:
-            result = await _await_result(request, model, item, model.batcher.cancel)
-        except BatchFailed as exc:  # this batch only; the message names the exception type, no internals
-            raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
-        body_out = {
-            "request_id": request.scope["soap.request_id"],
-            "model": model.name,
-            "results": _results(model, result, options),
-            "timing_ms": {
-                "queue": result.queue_s * 1000,
-                "compute": result.compute_s * 1000,
-                "total": (time.perf_counter() - started) * 1000,
-            },
-        }
-        return Response(orjson.dumps(body_out), media_type="application/json")
+            raise queue_full(model, model.batcher.retry_after_s())
+        with tracing.span("decode", images=len(upload.payloads)):
+            images = await decode_all(upload.payloads, model, limits, decode_limiter)
+            batch = images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
+        result = await run_on_batcher(request, model, batch, purify_request)
+        if tracing.enabled:  # the batcher measured these for the whole batch; the batch ended just now
+            waited = result.compute_s + result.queue_s
+            tracing.record("queue_wait", waited, result.compute_s, model=model.name)
+            tracing.record("compute", result.compute_s, 0.0, model=model.name, batch_images=result.batch_images)
+        with tracing.span("encode"):
+            body_out = {
+                "request_id": request.scope["soap.request_id"],
+                "model": model.name,
+                "results": _results(model, result, options),
+                "timing_ms": {
+                    "queue": result.queue_s * 1000,
+                    "compute": result.compute_s * 1000,
+                    "total": (time.perf_counter() - started) * 1000,
+                },
+            }
+            encoded = orjson.dumps(body_out)
+        return Response(encoded, media_type="application/json")
 
     async def _certify(
-        request: Request,
-        model: ModelRuntime,
-        batch: torch.Tensor,
-        certify: CertifyRequest,
-        settings: ServiceSettings,
-        started: float,
+        request: Request, model: ModelRuntime, batch: torch.Tensor, certify: CertifyRequest, started: float
     ) -> Response:
-        lane = model.certify
-        if lane is None:  # _certify_request refused the request already
-            raise RuntimeError(f"model {model.name} has no certify lane")
-        try:
-            job = lane.submit(batch, certify, time.monotonic() + settings.request_timeout_s)
-        except QueueFull as exc:
-            raise ServiceError(
-                503,
-                "queue_full",
-                f"model {model.name}'s certify lane has {lane.queued_samples} forward passes queued "
-                f"(limit {lane.max_queue_samples}); retry later",
-                reason="queue_full",
-                model=model.name,
-                headers={"Retry-After": str(exc.retry_after_s)},
-            ) from None
-        except ShuttingDown:
-            raise _shutting_down() from None
-        try:
-            result = await _await_result(request, model, job, lane.cancel)
-        except BatchFailed as exc:
-            raise ServiceError(500, "batch_failed", str(exc), model=model.name) from None
+        result = await run_certify(request, model, batch, certify)
         names = model.class_names
         body_out = {
             "request_id": request.scope["soap.request_id"],
@@ -524,6 +585,23 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
     )
     async def model_info(name: str) -> ModelInfo:
         return _model_info(runtime, runtime.get(name))
+
+    @app.get(
+        "/v1/models/{name}/card",
+        response_class=Response,
+        responses={
+            200: {"content": {"text/markdown": {"schema": {"type": "string"}}}},
+            404: {"model": ErrorResponse},
+        },
+        dependencies=protected,
+        summary="The model card (MODEL_CARD.md): evaluation, limitations, licence",
+    )
+    async def model_card(name: str) -> Response:
+        model = runtime.get(name)
+        card = model.loaded.path / MODEL_CARD_FILE
+        if not card.is_file():
+            raise ServiceError(404, "not_found", f"model {model.name} has no {MODEL_CARD_FILE}")
+        return Response(card.read_bytes(), media_type="text/markdown; charset=utf-8")
 
     @app.get("/healthz", response_model=Health, summary="Liveness: the process answers")
     async def healthz() -> Health:
@@ -583,9 +661,16 @@ def _model_info(runtime: ServiceRuntime, model: ModelRuntime) -> ModelInfo:
             budgets=purifier.budgets(),
             max_budget=purifier.max_budget,
         ),
+        robustness=RobustnessInfo(
+            purifies=model.purifies,
+            resists=BLIND_ATTACKS if model.purifies else None,
+            does_not_resist=ADAPTIVE_ATTACKS if model.purifies else "adversarial examples of any kind (no defence)",
+            results=RESULTS_PAGE,
+            model_card=f"v1/models/{model.name}/card",
+        ),
         calibration=calibration,
         metrics=meta.metrics,
-        training=meta.training,
+        training=meta.training.model_dump(mode="json"),
         batching=BatchingInfo(
             max_batch_size=s.max_batch_size,
             max_delay_ms=s.max_delay_ms,

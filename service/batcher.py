@@ -395,9 +395,10 @@ class Batcher:
             await self._after_death(worker, batch, exc)
             return
         except Exception as exc:  # noqa: BLE001 - isolate: fail this batch only, keep the worker
+            ids = [it.request_id or "?" for it in batch.items]
             log.exception(
                 "batch of %d images on model %s worker %d failed; requests %s",
-                batch.size, self.name, worker.index, ", ".join(it.request_id or "?" for it in batch.items),
+                batch.size, self.name, worker.index, ", ".join(ids), extra={"request_ids": ids},
             )  # fmt: skip
             self._fail(batch, self._batch_failed(exc), worker)
             return
@@ -422,14 +423,14 @@ class Batcher:
         if batch.attempts < MAX_ATTEMPTS:
             log.warning(
                 "model %s worker %d died during a batch of %d images (%s); computing it again (requests %s)",
-                self.name, worker.index, batch.size, exc, ids,
+                self.name, worker.index, batch.size, exc, ids, extra={"request_ids": ids},
             )  # fmt: skip
             self._retries.append(batch)
             self._wake()
         else:
             log.error(
                 "model %s: workers died twice computing a batch of %d images (%s); failing it alone (requests %s)",
-                self.name, batch.size, exc, ids,
+                self.name, batch.size, exc, ids, extra={"request_ids": ids},
             )  # fmt: skip
             self._fail(batch, self._batch_failed(exc), worker)
         if self._warmup is not None:

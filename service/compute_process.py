@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import signal
 import threading
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -56,12 +57,15 @@ class ComputeProcess:
         index: int = 0,
         nice: int = 0,
         acceleration: Acceleration | None = None,
+        on_restart: Callable[[], None] | None = None,
     ) -> None:
         self.index = index
         self._args = (str(checkpoint), str(device), threads, nice, acceleration or Acceleration())
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection[Any, Any] | None = None  # set together with _proc
         self._lock = threading.Lock()
+        self._on_restart = on_restart or (lambda: None)  # metrics: soap_compute_restarts_total
+        self._starts = 0
 
     @property
     def pid(self) -> int | None:
@@ -74,6 +78,9 @@ class ComputeProcess:
 
     def _start_locked(self) -> Connection[Any, Any]:
         self._stop_locked()
+        self._starts += 1
+        if self._starts > 1:  # every start after the first (successful or not) is a restart: crash loops count
+            self._on_restart()
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
         proc = context.Process(

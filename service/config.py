@@ -31,6 +31,8 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from models import Acceleration, Precision, __version__
 
+from .logs import LogFormat
+
 ENV_PREFIX = "SOAP_"
 
 # The environment the settings read: os.environ, or the mapping given to load_settings() for one call.
@@ -142,6 +144,14 @@ class ServiceSettings(BaseSettings):
     certify_batch: int = Field(1_000, ge=1, description="mode=certify: noisy copies per forward pass (memory bound)")
     access_log: bool = Field(False, description="log every request (off: the metrics cover it, and it costs CPU)")
     log_level: str = Field("info", description="uvicorn log level")
+    log_format: LogFormat = Field(
+        LogFormat.TEXT, description="text, or json: one JSON object per line, with the request id on each"
+    )
+    tracing: bool = Field(
+        False,
+        description="OpenTelemetry spans for /classify: read, decode, queue wait, compute, encode (needs the tracing "
+        "extra; exported over OTLP when opentelemetry-exporter-otlp-proto-http is installed)",
+    )
 
     @classmethod
     def settings_customise_sources(

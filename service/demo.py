@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from models.attacks import pgd
 
-from .auth import require_api_key
+from .auth import PROTECTED
 from .decode import DecodeLimits, ImageRejected, decode_image, encode_png
 from .errors import ServiceError
 from .ingest import media_type, parse_upload, read_body
@@ -143,7 +143,7 @@ def register_demo(app: FastAPI) -> None:
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
-    @app.get("/v1/attack", response_model=AttackInfo, dependencies=[Depends(require_api_key)], tags=["demo"])
+    @app.get("/v1/attack", response_model=AttackInfo, dependencies=PROTECTED, tags=["demo"])
     async def attack_info(request: Request) -> AttackInfo:
         """Whether POST /v1/attack is enabled, its limits and the default PGD settings per model."""
         runtime = request.app.state.runtime
@@ -160,7 +160,7 @@ def register_demo(app: FastAPI) -> None:
     @app.post(
         "/v1/attack",
         response_model=AttackResponse,
-        dependencies=[Depends(require_api_key)],
+        dependencies=PROTECTED,
         tags=["demo"],
         responses={
             status: {"model": ErrorResponse, "description": text}

@@ -1,4 +1,5 @@
-"""One exception type for every refusal, rendered as JSON {"error", "detail"} — never a traceback."""
+"""One exception type for every refusal, rendered as JSON {"error", "detail"} — never a traceback. Under /v2 (the
+Open Inference Protocol) the same errors take that protocol's shape, {"error": "<code>: <message>"}."""
 
 from __future__ import annotations
 
@@ -35,7 +36,24 @@ class ServiceError(Exception):
         self.headers = headers or {}
 
 
-def error_response(status: int, error: str, detail: Any, headers: Mapping[str, str] | None = None) -> JSONResponse:
+def is_open_inference(path: str) -> bool:
+    """Whether `path` is an Open Inference Protocol (KServe v2) route."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def _message(detail: Any) -> str:
+    if isinstance(detail, list) and all(isinstance(p, dict) and "msg" in p for p in detail):
+        return "; ".join(f"{'.'.join(map(str, p.get('loc', ()))) or 'request'}: {p['msg']}" for p in detail)
+    return str(detail)
+
+
+def error_response(
+    status: int, error: str, detail: Any, headers: Mapping[str, str] | None = None, *, path: str = ""
+) -> JSONResponse:
+    """The JSON error for a request to `path`: {"error": code, "detail": ...}, or the protocol's {"error": "..."}
+    on the /v2 routes."""
+    if is_open_inference(path):
+        return JSONResponse({"error": f"{error}: {_message(detail)}"}, status_code=status, headers=headers)
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
@@ -43,12 +61,12 @@ async def service_error_handler(request: Request, exc: ServiceError) -> JSONResp
     if exc.reason is not None:
         runtime = request.app.state.runtime
         runtime.metrics.reject(runtime.metrics_label(exc.model), exc.reason)
-    return error_response(exc.status, exc.error, exc.detail, exc.headers)
+    return error_response(exc.status, exc.error, exc.detail, exc.headers, path=request.url.path)
 
 
 async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
-    return error_response(422, "bad_options", problems)
+    return error_response(422, "bad_options", problems, path=request.url.path)
 
 
 async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -56,7 +74,9 @@ async def http_error_handler(request: Request, exc: StarletteHTTPException) -> J
     headers = exc.headers
     if exc.status_code == 405:
         headers = {**(headers or {}), "Allow": allowed_methods(request)}
-    return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), exc.detail, headers)
+    return error_response(
+        exc.status_code, codes.get(exc.status_code, "http_error"), exc.detail, headers, path=request.url.path
+    )
 
 
 def allowed_methods(request: Request) -> str:

@@ -114,7 +114,7 @@ async def _parse_multipart(request: Request, body: bytes, max_images: int, model
     except Exception as exc:  # noqa: BLE001 - python-multipart raises several types for malformed bodies
         detail = str(getattr(exc, "detail", None) or exc or type(exc).__name__)
         if "too many files" in detail.lower():
-            raise _too_many(max_images, max_images + 1, model) from None
+            raise too_many_images(max_images, max_images + 1, model) from None
         raise _bad_image(f"malformed multipart body: {detail}", model) from None
     try:
         payloads: list[bytes] = []
@@ -171,11 +171,11 @@ async def parse_upload(request: Request, kind: str, body: bytes, max_images: int
             raise _bad_image("the request body is empty", model)
         upload = Upload([body])
     if len(upload.payloads) > max_images:
-        raise _too_many(max_images, len(upload.payloads), model)
+        raise too_many_images(max_images, len(upload.payloads), model)
     return upload
 
 
-def _too_many(limit: int, count: int, model: str | None) -> ServiceError:
+def too_many_images(limit: int, count: int, model: str | None) -> ServiceError:
     return ServiceError(
         413,
         "payload_too_large",

@@ -7,7 +7,14 @@ Each app gets its own CollectorRegistry, so several apps (tests) can live in one
 
 from __future__ import annotations
 
+import os
+import subprocess
+from functools import cache
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from models import __version__
 
 disable_created_metrics()  # the *_created series double the exposition and nobody reads them
 
@@ -131,6 +138,30 @@ class ServiceMetrics:
         self.ready = Gauge(
             "soap_ready", "1 when every model is loaded and warmed up and the service is not shutting down.", registry=r
         )
+        self.in_flight = Gauge(
+            "soap_in_flight_requests",
+            "HTTP requests being served now (probes and /metrics excluded): the per-replica load autoscaling reads.",
+            registry=r,
+        )
+        self.batch_failures = Counter(
+            "soap_batch_failures",
+            "Batches whose compute raised (every request in them got 500).",
+            ["model"],
+            registry=r,
+        )
+        self.compute_restarts = Counter(
+            "soap_compute_restarts",
+            "Compute children started again after one died or failed (the first start is not counted).",
+            ["model", "worker"],
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "soap_build_info",
+            "The running build (value 1): package version and source commit.",
+            ["version", "commit"],
+            registry=r,
+        )
+        self.build_info.labels(*build_info()).set(1)
 
     def declare_model(self, model: str, modes: tuple[str, ...]) -> None:
         """Create every labelled series of `model` at zero, so dashboards and rate() see 0, not "No data",
@@ -140,6 +171,7 @@ class ServiceMetrics:
         for mode in modes:
             self.images.labels(model, mode)
         self.suspicious.labels(model)
+        self.batch_failures.labels(model)
         self.certify_requests.labels(model)
         for outcome in CERTIFY_OUTCOMES:
             self.certify_images.labels(model, outcome)
@@ -161,3 +193,23 @@ class ServiceMetrics:
         if reason not in REJECTION_REASONS:
             raise ValueError(f"unknown rejection reason {reason!r}")
         self.rejections.labels(model, reason).inc()
+
+
+@cache
+def build_info() -> tuple[str, str]:
+    """(version, commit): the package's version; the commit from $BUILD_COMMIT (set when the image is built), else
+    `git rev-parse` when running from a checkout, else "unknown"."""
+    commit = os.environ.get("BUILD_COMMIT", "").strip()
+    if not commit:
+        try:
+            result = subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                cwd=Path(__file__).resolve().parent,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
+            commit = result.stdout.strip() if result.returncode == 0 else ""
+        except (OSError, subprocess.SubprocessError):
+            commit = ""
+    return __version__, commit or "unknown"

@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from models import LoadedModel, Mode, load_checkpoint
+from models import LoadedModel, Mode, load_checkpoint, resolve_device
 
 from .batcher import Batcher, BatchStats, Worker
 from .certify import CertifyLane, CertifyResult
@@ -30,16 +31,10 @@ from .config import ServiceSettings
 from .errors import ServiceError
 from .metrics import ServiceMetrics
 from .predict import InlineWorker, Predictions, PurifyRequest
+from .process_metrics import ProcessCollector, ProcessTarget
+from .tracing import RequestTracing
 
 log = logging.getLogger("service.runtime")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} asked for CUDA, but torch sees no CUDA device")
-    return torch.device(device)
 
 
 @dataclass
@@ -128,9 +123,12 @@ class ModelRuntime:
 class ServiceRuntime:
     """Settings, metrics and the served models; lifecycle of their batchers; readiness and draining."""
 
-    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics | None = None) -> None:
+    def __init__(
+        self, settings: ServiceSettings, metrics: ServiceMetrics | None = None, tracing: RequestTracing | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = metrics or ServiceMetrics()
+        self.tracing = tracing or RequestTracing()
         self.api_key = settings.api_key  # raises now if --api-key-env names an empty variable
         self.device = resolve_device(settings.device)
         self.models: dict[str, ModelRuntime] = {}
@@ -140,6 +138,7 @@ class ServiceRuntime:
         workers = settings.pool_size(cuda=self.device.type == "cuda")
         for path in settings.models:
             loaded = load_checkpoint(path, home)
+            restarts = [self.metrics.compute_restarts.labels(path.name, str(i)) for i in range(workers)]
             pool: list[Worker] = (
                 [
                     ComputeProcess(
@@ -149,6 +148,7 @@ class ServiceRuntime:
                         i,
                         settings.compute_nice,
                         settings.acceleration,
+                        on_restart=restarts[i].inc,
                     )
                     for i in range(workers)
                 ]
@@ -168,6 +168,17 @@ class ServiceRuntime:
             )
             self.metrics.declare_model(model.name, tuple(Mode))
         self.metrics.ready.set(0)
+        self.metrics.registry.register(ProcessCollector(self.processes))
+
+    def processes(self) -> list[ProcessTarget]:
+        """The server and its live compute children, for the per-process metrics."""
+        targets = [ProcessTarget(os.getpid(), "server")]
+        for model in self.models.values():
+            for worker in model.workers:
+                pid = worker.pid if isinstance(worker, ComputeProcess) else None
+                if pid is not None:
+                    targets.append(ProcessTarget(pid, "compute", model.name, str(worker.index)))
+        return targets
 
     def _make_batcher(self, model: ModelRuntime) -> Batcher:
         s = self.settings
@@ -269,6 +280,7 @@ class ServiceRuntime:
             wait.observe(seconds)
         p = stats.predictions
         if p is None:
+            m.batch_failures.labels(name).inc()
             return
         m.images.labels(name, stats.request.mode).inc(len(p))
         eps, before, after = m.epsilon.labels(name), m.aux_before.labels(name), m.aux_after.labels(name)

@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from test_service_support import mnist_path
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
@@ -41,11 +42,12 @@ NGINX = REPO / "docker" / "nginx" / "soap-lb.conf"
 K8S = REPO / "deploy" / "k8s"
 DOCS = REPO / "docs" / "deploy.md"
 DEFAULT_MODEL = REPO / "models" / "zoo" / "mnist-fcn-dr"
-MNIST_DIGIT = sorted((REPO / "tests" / "data" / "mnist" / "7").glob("*.png"))[0]
+MNIST_DIGIT = mnist_path(7)
 
 SERVICE_PORT = 8000  # the contract: the service listens on 8000 in every deployment
-# Series Prometheus itself attaches to every scraped sample; dashboards and rules may select on them.
-TARGET_LABELS = {"job", "instance"}
+# Series Prometheus itself attaches to every scraped sample; dashboards and rules may select on them. In
+# Kubernetes the pod's namespace and name come too (kubernetes-pods job and PodMonitor alike).
+TARGET_LABELS = {"job", "instance", "namespace", "pod"}
 # dcgm-exporter's default counters the dashboard's GPU row reads (exporter profile gpu-metrics).
 DCGM_DEFAULT_COUNTERS = {
     "DCGM_FI_DEV_GPU_UTIL",
@@ -379,6 +381,18 @@ def test_promtool_checks_alert_rules():
     assert {"SoapHighP99Latency", "SoapQueueGrowing", "SoapServerErrors", "SoapSuspiciousInputSpike"} <= names
 
 
+def test_alert_rules_name_no_scrape_job():
+    """The job label is whatever the scrape configuration calls it (`soap`, `kubernetes-pods`, `soap/soap`...):
+    no rule may select on it, or it would stay silent under the other setups."""
+    for rule in alert_rules():
+        assert not any(label == "job" for _, matchers in selectors(rule["expr"]) for label, _, _ in matchers), rule[
+            "alert"
+        ]
+    assert {"SoapTargetDown", "SoapNoReadyReplica", "SoapComputeChildRestarts", "SoapMemoryGrowing"} <= {
+        r["alert"] for r in alert_rules()
+    }
+
+
 def test_alert_rules_fire_on_their_patterns_only():
     """promtool's rule unit tests: each alert fires on synthetic series showing its problem and not otherwise."""
     result = run([promtool(), "test", "rules", str(RULE_TESTS)], cwd=RULE_TESTS.parent)
@@ -449,10 +463,8 @@ def test_dashboard_is_provisioned_and_covers_the_service():
     datasource = load_yaml(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")["datasources"][0]
     assert datasource["type"] == "prometheus"
     assert datasource["url"] == "http://prometheus:9090"
-    for p in panels:
-        if p["type"] != "row":
-            assert p["datasource"]["uid"] == datasource["uid"], p["title"]
-            assert all(t["datasource"]["uid"] == datasource["uid"] for t in p["targets"]), p["title"]
+    # compose provisions Prometheus as the default data source, which the `datasource` variable starts on
+    assert datasource["isDefault"] is True
     provider = load_yaml(GRAFANA / "provisioning" / "dashboards" / "soap.yml")["providers"][0]
     assert provider["options"]["path"] == "/etc/grafana/dashboards"
 
@@ -462,7 +474,7 @@ def test_dashboard_is_provisioned_and_covers_the_service():
     gpu = {u for u in used if u.startswith("DCGM_")}
     assert gpu, "no panel reads a DCGM (GPU) metric"
     assert gpu <= DCGM_DEFAULT_COUNTERS, f"GPU panels read {sorted(gpu)}"
-    assert {v["name"] for v in dash["templating"]["list"]} == {"model", "instance"}
+    assert {v["name"] for v in dash["templating"]["list"]} == {"datasource", "model", "instance"}
     titles = " ".join(p["title"].lower() for p in panels)
     for topic in (
         "request rate",
@@ -475,8 +487,43 @@ def test_dashboard_is_provisioned_and_covers_the_service():
         "auxiliary loss",
         "suspicious",
         "gpu utilisation",
+        "in-flight",
+        "resident memory",
+        "cpu by process",
+        "open files",
+        "compute child restarts",
+        "batch failures",
+        "build",
     ):
         assert topic in titles, f"no panel about {topic}"
+
+
+def datasource_refs(node, where: str = "dashboard") -> list[tuple[str, object]]:
+    """Every `datasource` value anywhere in the dashboard JSON, with where it is."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "datasource":
+                found.append((where, value))
+            found += datasource_refs(value, f"{where}.{node.get('title') or node.get('name') or key}")
+    elif isinstance(node, list):
+        for item in node:
+            found += datasource_refs(item, where)
+    return found
+
+
+def test_dashboard_names_no_fixed_datasource():
+    """Importable into any Grafana: every panel, query and variable reads the data source through the
+    `datasource` variable (a Prometheus picker), never a fixed uid, which an existing Grafana would not have."""
+    dash = dashboard()
+    (picker,) = [v for v in dash["templating"]["list"] if v["name"] == "datasource"]
+    assert picker["type"] == "datasource"
+    assert picker["query"] == "prometheus"
+    refs = datasource_refs(dash)
+    assert len(refs) >= len([p for p in dashboard_panels() if p["type"] != "row"]) * 2
+    fixed = [(w, r) for w, r in refs if not isinstance(r, dict) or r.get("uid") != "${datasource}"]
+    assert not fixed, f"fixed data sources: {fixed}"
+    assert "__inputs" not in dash, "an import-time input would be a second way to pick the data source"
 
 
 # --------------------------------------------------------------------------------------------------- PromQL
@@ -609,19 +656,60 @@ def kustomize(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(result.stdout) if d]
 
 
-@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
-def test_kubernetes_manifests_build_and_validate(overlay):
-    docs = kustomize(K8S if overlay == "gpu" else K8S / overlay)
+OVERLAYS = {"gpu": K8S, "cpu": K8S / "cpu", "monitoring": K8S / "monitoring", "autoscaling": K8S / "autoscaling"}
+# Custom resources kubernetes-validate does not know: checked against schemas written from each project's API
+# reference (tests/crd_schemas; the fields this repository may use, unknown fields rejected).
+CRD_SCHEMAS = {
+    "PodMonitor": "podmonitor",
+    "PrometheusRule": "prometheusrule",
+    "ScaledObject": "scaledobject",
+}
+SCRAPE_ANNOTATIONS = ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")
+
+
+def validate_manifest(doc: dict) -> None:
+    """The Kubernetes API schema (kubernetes-validate, strict) for built-in kinds; our CRD schemas otherwise."""
+    if doc["kind"] in CRD_SCHEMAS:
+        import jsonschema
+
+        path = REPO / "tests" / "crd_schemas" / f"{CRD_SCHEMAS[doc['kind']]}.schema.json"
+        jsonschema.validate(doc, json.loads(path.read_text()), cls=jsonschema.Draft202012Validator)
+        return
     kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (dev extra) validates the schemas")
+    kv.validate(doc, kv.latest_version(), strict=True)
+
+
+def annotated_objects(docs: list[dict]) -> list[str]:
+    """Where the prometheus.io scrape annotations are: objects and pod templates, by kind/name."""
+    where = []
+    for doc in docs:
+        holders = [(doc["kind"], doc["metadata"])]
+        template = (doc.get("spec") or {}).get("template")
+        if isinstance(template, dict) and "metadata" in template:
+            holders.append((f"{doc['kind']} pod template", template["metadata"]))
+        for kind, meta in holders:
+            if set(SCRAPE_ANNOTATIONS) & set(meta.get("annotations") or {}):
+                where.append(f"{kind} {doc['metadata']['name']}")
+    return where
+
+
+@pytest.mark.parametrize("overlay", list(OVERLAYS))
+def test_kubernetes_manifests_build_and_validate(overlay):
+    docs = kustomize(OVERLAYS[overlay])
     for doc in docs:  # schema of the Kubernetes API, unknown fields rejected (kubeconform-style, offline)
-        kv.validate(doc, kv.latest_version(), strict=True)
-    by_kind = {d["kind"]: d for d in docs}
+        validate_manifest(doc)
+    # one object of each kind, besides the monitoring's dashboard ConfigMap
+    by_kind = {d["kind"]: d for d in docs if d["metadata"]["name"] != "soap-grafana-dashboard"}
+    assert len(by_kind) == len(docs) - ("PodMonitor" in by_kind)
     assert {"Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget"} <= set(by_kind)
     assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"soap"}
 
     deploy = by_kind["Deployment"]
     pod = deploy["spec"]["template"]
-    assert deploy["spec"]["replicas"] >= 2
+    if overlay == "autoscaling":
+        assert "replicas" not in deploy["spec"], "the HPA owns the replica count; apply must not reset it"
+    else:
+        assert deploy["spec"]["replicas"] >= 2
     assert deploy["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     (container,) = pod["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -637,18 +725,24 @@ def test_kubernetes_manifests_build_and_validate(overlay):
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "allow loading and warm-up"
     limits = container["resources"]["limits"]
-    if overlay == "gpu":
-        assert limits["nvidia.com/gpu"] == 1
-        assert container["image"].endswith(":gpu")
-    else:
+    if overlay == "cpu":
         assert "nvidia.com/gpu" not in limits
         assert container["image"].endswith(":cpu")
         assert "tolerations" not in pod["spec"]
+    else:
+        assert limits["nvidia.com/gpu"] == 1
+        assert container["image"].endswith(":gpu")
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     assert pod["spec"]["securityContext"]["runAsUser"] != 0
 
-    for annotated in (pod, by_kind["Service"]):
-        notes = annotated["metadata"]["annotations"]
+    # One scrape path per replica, whatever the Prometheus: the annotations on the Pods and nowhere else (so the
+    # chart's `kubernetes-pods` and `kubernetes-service-endpoints` jobs cannot both pick a replica up), or, with
+    # the operator's PodMonitor, no annotations at all.
+    if "PodMonitor" in by_kind:
+        assert annotated_objects(docs) == []
+    else:
+        assert annotated_objects(docs) == ["Deployment pod template soap"]
+        notes = pod["metadata"]["annotations"]
         assert notes["prometheus.io/scrape"] == "true"
         assert int(notes["prometheus.io/port"]) == SERVICE_PORT
         assert notes["prometheus.io/path"] == "/metrics"
@@ -666,8 +760,113 @@ def test_kubernetes_manifests_build_and_validate(overlay):
     assert set(config) <= known, f"not service settings: {sorted(set(config) - known)}"
     settings = load_settings([], environ=config)
     assert settings.port == SERVICE_PORT
-    assert settings.device == ("auto" if overlay == "gpu" else "cpu")
+    assert settings.device == ("cpu" if overlay == "cpu" else "auto")
     assert pod["spec"]["terminationGracePeriodSeconds"] > settings.shutdown_delay_s + settings.graceful_timeout_s
+
+
+def test_podmonitor_scrapes_each_soap_pod_on_the_metrics_port():
+    docs = kustomize(OVERLAYS["monitoring"])
+    by_kind = {d["kind"]: d for d in docs}
+    monitor, deploy = by_kind["PodMonitor"], by_kind["Deployment"]
+    pod = deploy["spec"]["template"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert "namespaceSelector" not in monitor["spec"], "the PodMonitor's own namespace is the service's"
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    (container,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports[endpoint["port"]] == SERVICE_PORT
+    assert endpoint["path"] == "/metrics"
+    # kube-prometheus-stack selects monitors and rules by its release label: both carry the same one.
+    assert monitor["metadata"]["labels"]["release"] == by_kind["PrometheusRule"]["metadata"]["labels"]["release"]
+
+
+def load_generator():
+    import importlib.util
+
+    path = K8S / "components" / "monitoring" / "generate.py"
+    spec = importlib.util.spec_from_file_location("generate_monitoring", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_monitoring_manifests_are_generated_from_the_compose_rules_and_dashboard():
+    """The PrometheusRule and the dashboard ConfigMap are the compose stack's rules and dashboard, unchanged:
+    the committed files equal what generate.py makes now (run it after editing docker/prometheus or grafana)."""
+    generator = load_generator()
+    assert generator.main(["--check"]) == 0
+    docs = {d["kind"]: d for d in kustomize(OVERLAYS["monitoring"])}
+    assert docs["PrometheusRule"]["spec"]["groups"] == load_yaml(RULES)["groups"]
+    (configmap,) = [d for d in kustomize(OVERLAYS["monitoring"]) if d["metadata"]["name"] == "soap-grafana-dashboard"]
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(configmap["data"][DASHBOARD.name]) == dashboard()
+
+
+def test_prometheusrule_passes_promtool(tmp_path):
+    """promtool checks the rule groups as the operator hands them to Prometheus, and runs the rule unit tests
+    against them (not only against the compose copy)."""
+    rule = next(d for d in kustomize(OVERLAYS["monitoring"]) if d["kind"] == "PrometheusRule")
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "soap-alerts.yml").write_text(yaml.safe_dump(rule["spec"]))
+    checked = run([promtool(), "check", "rules", str(tmp_path / "rules" / "soap-alerts.yml")])
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    (tmp_path / "tests").mkdir()
+    shutil.copy(RULE_TESTS, tmp_path / "tests" / RULE_TESTS.name)
+    tested = run([promtool(), "test", "rules", RULE_TESTS.name], cwd=tmp_path / "tests")
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def scaled_object() -> dict:
+    return next(d for d in kustomize(OVERLAYS["autoscaling"]) if d["kind"] == "ScaledObject")
+
+
+def test_scaledobject_scales_the_deployment_on_load_per_replica(tmp_path):
+    docs = {d["kind"]: d for d in kustomize(OVERLAYS["autoscaling"])}
+    scaled, deploy, pdb = docs["ScaledObject"], docs["Deployment"], docs["PodDisruptionBudget"]
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deploy["metadata"]["name"]}
+    assert spec["minReplicaCount"] > pdb["spec"]["minAvailable"], "a drain must be able to evict a replica"
+    assert spec["maxReplicaCount"] >= spec["minReplicaCount"]
+    assert spec["fallback"]["replicas"] >= spec["minReplicaCount"]
+    triggers = {t["name"]: t for t in spec["triggers"]}
+    assert set(triggers) == {"queue-depth", "in-flight"}
+    for trigger in triggers.values():
+        assert trigger["type"] == "prometheus"
+        assert trigger["metricType"] == "AverageValue"
+        assert float(trigger["metadata"]["threshold"]) > 0
+    assert "soap_queue_depth_images" in triggers["queue-depth"]["metadata"]["query"]
+    assert "soap_in_flight_requests" in triggers["in-flight"]["metadata"]["query"]
+    assert not any(t["type"] == "cpu" for t in spec["triggers"]), "CPU utilisation is the wrong signal (docs)"
+    queries = {"groups": [{"name": "keda", "rules": [
+        {"record": "keda:" + name.replace("-", "_"), "expr": t["metadata"]["query"]} for name, t in triggers.items()
+    ]}]}  # fmt: skip
+    (tmp_path / "keda.yml").write_text(yaml.safe_dump(queries))
+    checked = run([promtool(), "check", "rules", str(tmp_path / "keda.yml")])
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_crd_schemas_reject_broken_resources():
+    """The hand-written CRD schemas really check: a misspelt field, a missing required one, a number where KEDA
+    wants a string are errors."""
+    import jsonschema
+
+    docs = {d["kind"]: d for d in kustomize(OVERLAYS["autoscaling"])}
+    broken = []
+    monitor = json.loads(json.dumps(docs["PodMonitor"]))
+    monitor["spec"]["podMetricsEndpoints"][0]["intervall"] = "15s"
+    broken.append(monitor)
+    rule = json.loads(json.dumps(docs["PrometheusRule"]))
+    del rule["spec"]["groups"][0]["rules"][0]["expr"]
+    broken.append(rule)
+    scaled = json.loads(json.dumps(docs["ScaledObject"]))
+    scaled["spec"]["triggers"][0]["metadata"]["threshold"] = 64
+    broken.append(scaled)
+    scaled = json.loads(json.dumps(docs["ScaledObject"]))
+    del scaled["spec"]["triggers"][1]["metadata"]["serverAddress"]
+    broken.append(scaled)
+    for doc in broken:
+        with pytest.raises(jsonschema.ValidationError):
+            validate_manifest(doc)
 
 
 def test_kubernetes_validator_rejects_a_broken_manifest():
@@ -676,6 +875,70 @@ def test_kubernetes_validator_rejects_a_broken_manifest():
     deploy["spec"]["template"]["spec"]["containers"][0]["readinessProbez"] = {}
     with pytest.raises(kv.ValidationError):
         kv.validate(deploy, kv.latest_version(), strict=True)
+
+
+KSERVE = K8S / "kserve" / "inferenceservice.yaml"
+PREDICTOR_FIELDS = {  # KServe v1beta1 PredictorSpec: custom containers plus the component extension fields
+    "containers",
+    "volumes",
+    "minReplicas",
+    "maxReplicas",
+    "scaleTarget",
+    "scaleMetric",
+    "containerConcurrency",
+    "timeout",
+    "canaryTrafficPercent",
+    "serviceAccountName",
+    "nodeSelector",
+    "tolerations",
+    "affinity",
+    "securityContext",
+    "imagePullSecrets",
+    "logger",
+    "batcher",
+    "labels",
+    "annotations",
+}
+
+
+def test_kserve_inference_service_example_runs_the_open_inference_routes():
+    """deploy/k8s/kserve: the InferenceService's shape (KServe's CRD is not available offline), its container strictly
+    validated as a Kubernetes container, its environment accepted by the service, its probes on real /v2 routes."""
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (dev extra) validates the schemas")
+    from service.config import load_settings
+    from service.open_inference import router
+
+    (isvc,) = [d for d in yaml.safe_load_all(KSERVE.read_text()) if d]
+    assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", isvc["metadata"]["name"])
+    assert set(isvc) == {"apiVersion", "kind", "metadata", "spec"}
+    assert set(isvc["spec"]) == {"predictor"}
+    predictor = isvc["spec"]["predictor"]
+    assert set(predictor) <= PREDICTOR_FIELDS, sorted(set(predictor) - PREDICTOR_FIELDS)
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "kserve-predictor"},
+        "spec": {"containers": predictor["containers"], "volumes": predictor.get("volumes", [])},
+    }
+    kv.validate(pod, kv.latest_version(), strict=True)
+
+    settings = load_settings([], environ={e["name"]: e["value"] for e in container["env"]})
+    (port,) = container["ports"]
+    assert settings.port == port["containerPort"] == 8080
+    assert settings.models[0] == Path("/app/models/zoo/mnist-fcn-dr")
+    assert isvc["metadata"]["annotations"]["prometheus.io/port"] == "8080"
+    routes = {route.path for route in router.routes}
+    for probe, path in (("readinessProbe", "/v2/health/ready"), ("livenessProbe", "/v2/health/live")):
+        assert container[probe]["httpGet"] == {"path": path, "port": 8080}
+        assert path in routes
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "allow loading and warm-up"
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "/tmp" in mounts  # the image's caches go to /tmp
 
 
 # ------------------------------------------------------------------------------------ the real service process
@@ -789,9 +1052,12 @@ def noise_png() -> str:
 
 
 def rule_and_dashboard_exprs() -> list[tuple[str, str]]:
-    return [(f"alert {r['alert']}", r["expr"]) for r in alert_rules()] + [
-        (f"panel {t}", grafana_to_promql(e)) for t, e in dashboard_exprs()
-    ]
+    """Every query of the deployment: alert rules, dashboard panels and the autoscaler's triggers."""
+    return (
+        [(f"alert {r['alert']}", r["expr"]) for r in alert_rules()]
+        + [(f"panel {t}", grafana_to_promql(e)) for t, e in dashboard_exprs()]
+        + [(f"KEDA trigger {t['name']}", t["metadata"]["query"]) for t in scaled_object()["spec"]["triggers"]]
+    )
 
 
 def test_dashboard_and_alerts_read_only_exported_series(scraped):

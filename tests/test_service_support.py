@@ -37,8 +37,14 @@ def mnist_files(per_digit: int = 3) -> list[tuple[int, Path]]:
     return [(d, p) for d in range(10) for p in sorted((MNIST / str(d)).glob("*.png"))[:per_digit]]
 
 
+def mnist_path(digit: int = 7, index: int = 0) -> Path:
+    """The `index`-th real MNIST test image of class `digit` (tests/data/mnist), as a file."""
+    return sorted((MNIST / str(digit)).glob("*.png"))[index]
+
+
 def mnist_png(digit: int = 7, index: int = 0) -> bytes:
-    return sorted((MNIST / str(digit)).glob("*.png"))[index].read_bytes()
+    """The same image's PNG bytes."""
+    return mnist_path(digit, index).read_bytes()
 
 
 def mnist_image(digit: int = 7, index: int = 0) -> Image.Image:

@@ -19,13 +19,13 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from test_service_support import mnist_path
 
 from models import create_model, load_checkpoint, save_checkpoint
 from models.checkpoint import Calibration, meta_for
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "zoo" / "mnist-fcn-dr"
-MNIST = ROOT / "tests" / "data" / "mnist"
 CIFAR10 = ROOT / "tests" / "data" / "cifar10"
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -248,10 +248,6 @@ def shown_input_png(page) -> bytes:
     return base64.b64decode(b64)
 
 
-def mnist_png(digit: int) -> Path:
-    return sorted((MNIST / str(digit)).glob("*.png"))[0]
-
-
 # ----------------------------------------------------------------------------- tests
 
 
@@ -281,7 +277,7 @@ def test_draw_stroke_shows_prediction_consistent_with_api(page, servers):
 def test_upload_real_mnist_png_matches_direct_classify(page, servers):
     server = servers["off"]
     open_page(page, server)
-    path = mnist_png(3)
+    path = mnist_path(3)
     page.set_input_files("#file", str(path))
     wait_for_result(page)
     result = direct_classify(server, path.read_bytes())
@@ -304,18 +300,18 @@ def test_non_image_upload_shows_plain_error(page, servers, tmp_path):
     assert page.locator("#error").get_attribute("role") == "alert"
     page.screenshot(path=str(ARTIFACTS / "web-error.png"), full_page=True)
     # A good upload afterwards clears the error.
-    page.set_input_files("#file", str(mnist_png(1)))
+    page.set_input_files("#file", str(mnist_path(1)))
     wait_for_result(page)
 
 
 def test_attack_button_disabled_and_endpoint_403_when_off(page, servers):
     server = servers["off"]
     open_page(page, server)
-    page.set_input_files("#file", str(mnist_png(2)))
+    page.set_input_files("#file", str(mnist_path(2)))
     wait_for_result(page)
     assert page.locator("#attack").is_disabled()
     assert "switched off" in page.locator("#attack-note").inner_text()
-    r = httpx.post(f"{server.url}/v1/attack", files={"file": ("x.png", mnist_png(2).read_bytes(), "image/png")})
+    r = httpx.post(f"{server.url}/v1/attack", files={"file": ("x.png", mnist_path(2).read_bytes(), "image/png")})
     assert r.status_code == 403
     assert r.json()["error"] == "attack_disabled"
     assert "--enable-attack" in r.json()["detail"]
@@ -324,7 +320,7 @@ def test_attack_button_disabled_and_endpoint_403_when_off(page, servers):
 def test_attack_then_purify_when_enabled(page, servers):
     server = servers["on"]
     open_page(page, server)
-    path = mnist_png(7)
+    path = mnist_path(7)
     page.set_input_files("#file", str(path))
     wait_for_result(page)
     sync_api.expect(page.locator("#attack")).to_be_enabled()
@@ -390,7 +386,7 @@ def test_drag_and_drop_and_model_picker(page, servers):
     server = servers["on"]
     open_page(page, server)
     assert page.locator("#model option").all_inner_texts() == ["mnist-fcn-dr (mnist)", f"{SECOND} (mnist)"]
-    png = mnist_png(9).read_bytes()
+    png = mnist_path(9).read_bytes()
     page.evaluate(
         """(b64) => {
         const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
@@ -430,3 +426,24 @@ def test_colour_model_hides_canvas_and_classifies_upload(page, servers):
     assert " (class " in shown(page)["label"]  # class names are shown with their index
     assert page.locator("#pred-eps-255").inner_text() == f" (= {round(result['epsilon'] * 255)}/255)"
     page.screenshot(path=str(ARTIFACTS / "web-colour.png"), full_page=True)
+
+
+def test_page_states_what_purification_resists_and_what_it_does_not(page, servers):
+    """Next to the purification: purifier-blind attacks are resisted, adaptive ones are not, with the model card
+    (served by the service) and docs/results.md for the numbers."""
+    server = servers["off"]
+    open_page(page, server)
+    truth = page.locator("#robustness-truth").inner_text()
+    assert "purifier-blind" in truth
+    assert "does not resist adaptive attacks" in truth
+    assert "docs/results.md" in truth
+    page.wait_for_function("() => document.getElementById('model-robustness').textContent.includes('Does not resist')")
+    robustness = page.locator("#model-robustness").inner_text()
+    assert "Resists: purifier-blind attacks" in robustness
+    assert "docs/results.md" in robustness
+    href = page.locator("#model-robustness a").get_attribute("href")
+    assert href == "v1/models/mnist-fcn-dr/card"
+    card = page.request.get(f"{server.url}/{href}")
+    assert card.status == 200
+    assert card.headers["content-type"].startswith("text/markdown")
+    assert "## Limitations" in card.text()

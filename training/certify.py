@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models import load_checkpoint
+from models import load_checkpoint, resolve_device
 from models.smoothing import BASE_CLASSIFIERS, SmoothingConfig, base_classifier, certify
 
 from . import provenance
 from .data import load_test_data
-from .evaluate import EvalConfig, evaluation_order, resolve_device
+from .evaluate import EvalConfig, evaluation_order
 from .stats import Accuracy
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)

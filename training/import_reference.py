@@ -11,17 +11,17 @@ images are taken by (NNNN, class): the first 1000 are images 0000-0099 of every 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
-from models import CheckpointError, get_spec, save_checkpoint
+from models import CheckpointError, Recipe, get_spec, resolve_device, save_checkpoint
 from models.checkpoint import meta_for
 from models.reference import convert_reference_state_dict, load_reference_state_dict
 
 from . import model_card, provenance
 from .calibration import calibrate, clean_accuracy
 from .data import CIFAR10_CLASSES, DatasetError, interleaved_order, load_test_data
-from .distributed import resolve_device
 
 REFERENCE_NETWORKS = ("cifar10-resnet18-lc", "cifar10-resnet18-rp")
 
@@ -70,7 +70,8 @@ def import_reference(args: argparse.Namespace) -> Path:
     spec = get_spec(args.network)
     training: dict[str, object] = {
         "command": provenance.command("import-reference", reproducing_options(args)),
-        "recipe": "imported: authors' released checkpoint (GitHub Mishne-Lab/SOAP, commit 0953512)",
+        "recipe": Recipe.IMPORTED,
+        "origin": "authors' released checkpoint (GitHub Mishne-Lab/SOAP, commit 0953512)",
         "source": str(args.path),
         "git_commit": provenance.git_commit(),
         "finished_utc": provenance.now_utc(),
@@ -107,6 +108,9 @@ def import_reference(args: argparse.Namespace) -> Path:
         calibration=calibration,
     )
     save_checkpoint(network, meta, args.out)
+    licence = Path(args.path).parent / model_card.WEIGHTS_LICENSE_FILE
+    if licence.is_file():  # the authors' licence travels with their weights (and is quoted in the card)
+        shutil.copyfile(licence, Path(args.out) / model_card.WEIGHTS_LICENSE_FILE)
     model_card.write(
         args.out,
         meta,

@@ -1,88 +1,399 @@
-"""MODEL_CARD.md next to the weights: data, recipe, epochs, command, metrics, time and hardware."""
+"""MODEL_CARD.md next to the weights, in the Hugging Face format: YAML front matter (licence, library, datasets,
+tags, metrics and a model-index with the evaluation results) written through huggingface_hub's ModelCardData, then
+intended use, evaluation, limitations (what purification resists and what it does not), how to reproduce, and the
+source and licence of the weights.
+
+The evaluation comes from the model's `results.json` (docs/results/<name>/, written by `python -m training
+evaluate`); a card written at the end of training, before any evaluation, has the training metrics only. The
+hand-written `## Notes` section of an existing card is kept when the card is regenerated:
+
+    python -m training.model_card models/zoo/*          # rewrite every shipped card from model.json + results.json
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from models import CheckpointMeta
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from models import CheckpointMeta, Recipe, load_checkpoint
 
 CARD_FILE = "MODEL_CARD.md"
+WEIGHTS_LICENSE_FILE = "LICENSE"  # next to imported weights: the licence they were released under
+RESULTS_ROOT = Path("docs/results")
+RESULTS_PAGE = "docs/results.md"
+DATASETS = {"mnist": ("mnist", "MNIST"), "cifar10": ("cifar10", "CIFAR-10")}
+NORMS = {"linf": "L∞", "l2": "L2"}
+KINDS = {"control": "control", "blind": "purifier-blind", "adaptive": "adaptive"}
+ROW_NAMES = {"none": "no purification", "min-aux": "min-aux purification"}
+NOTES_HEADING = "## Notes"
+WORST_ADAPTIVE = "worst-adaptive"
 
 
-def _fmt(value) -> str:
+@dataclass(frozen=True)
+class Score:
+    """One evaluated accuracy: an attack (or "clean") against one row (defence), with its interval."""
+
+    attack: str
+    kind: str
+    threat: str
+    row: str
+    n: int
+    accuracy: float
+    ci95: tuple[float, float]
+
+    @property
+    def config(self) -> str:
+        """The model-index's metric `config`: attack/row, how a reader (or a test) finds one number."""
+        return f"{self.attack}/{self.row}"
+
+    def pct(self) -> str:
+        lo, hi = self.ci95
+        return f"{100 * self.accuracy:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def is_baseline(meta: CheckpointMeta) -> bool:
+    """A network whose auxiliary task was never trained: purification is meaningless and the service refuses it."""
+    return not meta.aux_head_trained
+
+
+def _threat(attack: dict[str, Any]) -> str:
+    budget = attack.get("budget")
+    if budget is None:
+        return ""
+    value = f"{budget * 255:.0f}/255" if budget < 0.1 else f"{budget:g}"
+    return f"{NORMS.get(attack.get('norm', ''), attack.get('norm', ''))} ε = {value}"
+
+
+def scores(results: dict[str, Any], baseline: bool) -> list[Score]:
+    """The card's numbers from results.json: clean and every attack, for no purification and (SOAP models) min-aux.
+    The oracle row (best budget chosen with the label) is not a deployable defence and stays in results.md."""
+    rows = [r for r in ("none", "min-aux") if r in results["rows"] and not (baseline and r != "none")]
+    out = []
+    for row in rows:
+        clean = results["clean"][row]
+        out.append(Score("clean", "clean", "", row, clean["n"], clean["accuracy"], tuple(clean["ci95"])))
+    for name, attack in results["attacks"].items():
+        for row in rows:
+            r = attack["rows"].get(row)
+            if r is not None:
+                kind = KINDS.get(attack["kind"], attack["kind"])
+                out.append(Score(name, kind, _threat(attack), row, r["n"], r["accuracy"], tuple(r["ci95"])))
+    worst = (results.get("worst_case") or {}).get("adaptive")
+    if worst is not None and not baseline:  # per image, the strongest of the adaptive attacks
+        for row in rows:
+            if row in worst:
+                w = worst[row]
+                threat = "worst of " + ", ".join(worst["attacks"])
+                out.append(Score(WORST_ADAPTIVE, "adaptive", threat, row, w["n"], w["accuracy"], tuple(w["ci95"])))
+    return out
+
+
+def _worst_adaptive(results: dict[str, Any]) -> tuple[dict[str, Any], list[str]] | None:
+    worst = (results.get("worst_case") or {}).get("adaptive")
+    if not worst or "min-aux" not in worst:
+        return None
+    return worst["min-aux"], worst["attacks"]
+
+
+def card_data(meta: CheckpointMeta, name: str, results: dict[str, Any] | None) -> ModelCardData:
+    dataset_id, dataset_name = DATASETS.get(meta.dataset, (meta.dataset, meta.dataset))
+    evals = []
+    for s in scores(results, is_baseline(meta)) if results else []:
+        label = "clean" if s.attack == "clean" else f"{s.attack} ({s.kind}, {s.threat})"
+        evals.append(
+            EvalResult(
+                task_type="image-classification",
+                dataset_type=dataset_id,
+                dataset_name=dataset_name,
+                dataset_split="test",
+                metric_type="accuracy",
+                metric_value=round(s.accuracy, 4),
+                metric_name=f"accuracy, {label}, {ROW_NAMES[s.row]} (n = {s.n})",
+                metric_config=s.config,
+            )
+        )
+    tags = ["image-classification", "adversarial-robustness", "soap", meta.aux_task.replace("_", "-")]
+    tags.append("baseline" if is_baseline(meta) else "adversarial-purification")
+    return ModelCardData(
+        model_name=name,
+        license="mit",
+        library_name="pytorch",
+        pipeline_tag="image-classification",
+        datasets=[dataset_id],
+        tags=tags,
+        metrics=["accuracy"],
+        eval_results=evals or None,
+    )
+
+
+def _evaluation_section(meta: CheckpointMeta, results: dict[str, Any]) -> list[str]:
+    baseline = is_baseline(meta)
+    columns = ["none"] if baseline else ["none", "min-aux"]
+    table: dict[tuple[str, str, str], dict[str, Score]] = {}
+    for s in scores(results, baseline):
+        table.setdefault((s.attack, s.kind, s.threat), {})[s.row] = s
+    lines = [
+        "## Evaluation",
+        "",
+        f"From `{RESULTS_ROOT / Path(results['model']).name / 'results.json'}` (summarised in `{RESULTS_PAGE}`): "
+        f"{results['data']}; n = {results['n']} unless the row says otherwise, seed {results['seed']}, "
+        f"{results['device']} ({results['host']}). Accuracy in %, 95 % interval in brackets (as in docs/results.md).",
+        "",
+        "| attack | kind | threat | n | " + " | ".join(ROW_NAMES[c] for c in columns) + " |",
+        "| --- | --- | --- | --- | " + " | ".join("---" for _ in columns) + " |",
+    ]
+    for (attack, kind, threat), by_row in table.items():
+        n = next(iter(by_row.values())).n
+        cells = " | ".join(by_row[c].pct() if c in by_row else "" for c in columns)
+        lines.append(f"| {attack} | {kind} | {threat} | {n} | {cells} |")
+    return [*lines, ""]
+
+
+def _limitations_section(meta: CheckpointMeta, results: dict[str, Any] | None) -> list[str]:
+    lines = ["## Limitations", ""]
+    if is_baseline(meta):
+        lines += [
+            "- A baseline without SOAP: its auxiliary task was not trained (`aux_head_trained: false`), so purifying "
+            "would only move images along noise. The service serves it with purification mode `none` and refuses "
+            "`min-aux` and `fixed`; there is no purification row.",
+        ]
+    if results is None:
+        lines += [
+            "- Not evaluated under attack yet (no results.json): nothing is known about its robustness.",
+            "",
+        ]
+        return lines
+    found = scores(results, is_baseline(meta))
+    by = {(s.attack, s.row): s for s in found}
+    if not is_baseline(meta):
+        blind = [s for s in found if s.kind == "purifier-blind" and s.row == "min-aux"]
+        adaptive = [s for s in found if s.kind == "adaptive" and s.row == "min-aux" and s.attack != WORST_ADAPTIVE]
+        if blind:
+            pairs = ", ".join(
+                f"{s.attack} {100 * by[(s.attack, 'none')].accuracy:.1f} → {100 * s.accuracy:.1f} %"
+                for s in blind
+                if (s.attack, "none") in by
+            )
+            lines.append(
+                "- **Purifier-blind attacks** (adversarial examples computed on the bare network, the paper's "
+                f"threat model), accuracy without → with min-aux purification: {pairs}."
+            )
+        worst = _worst_adaptive(results)
+        if adaptive:
+            each = ", ".join(f"{s.attack} {s.pct()}" for s in adaptive)
+            lines.append(
+                "- **Purification does not resist adaptive attacks** (attacks through purify-then-classify), with "
+                f"min-aux purification: {each}."
+            )
+        if worst is not None:
+            w, names = worst
+            lines.append(
+                f"  Worst case over {', '.join(names)}: **{100 * w['accuracy']:.1f} % "
+                f"[{100 * w['ci95'][0]:.1f}, {100 * w['ci95'][1]:.1f}]** (n = {w['n']}). Do not rely on it against an "
+                "adversary who knows the defence."
+            )
+        if not adaptive:
+            lines.append(
+                "- Not evaluated under adaptive attacks: expect them to break purification, as they do for the "
+                f"other SOAP models ({RESULTS_PAGE})."
+            )
+    else:
+        worst = (results.get("worst_case") or {}).get("all", {}).get("none")
+        if worst is not None:
+            lines.append(
+                f"- Worst case over the attacks evaluated: {100 * worst['accuracy']:.1f} % "
+                f"[{100 * worst['ci95'][0]:.1f}, {100 * worst['ci95'][1]:.1f}] (n = {worst['n']})."
+            )
+    certified = results.get("certified")
+    if certified:
+        lines.append(f"- Certified (randomized smoothing) results: see `{RESULTS_PAGE}` and the results.json.")
+    else:
+        lines.append("- No certified robustness result for this model: nothing here is a guarantee.")
+    if results.get("jpeg_caveat"):
+        lines.append(
+            "- Evaluated on the JPEG re-encoded CIFAR-10 test set (quality ~75): accuracies are slightly below "
+            "numbers on the original images."
+        )
+    return [*lines, ""]
+
+
+def _licence_section(meta: CheckpointMeta, directory: Path | None) -> list[str]:
+    licence = directory / WEIGHTS_LICENSE_FILE if directory is not None else None
+    record = meta.training
+    imported = record.recipe is Recipe.IMPORTED
+    lines = ["## Source and licence of the weights", ""]
+    if imported and licence is not None and licence.is_file():
+        lines += [
+            f"Imported, not trained here: {record.origin or 'origin not recorded'}, converted by "
+            "`python -m training import-reference` (command under How to reproduce). The authors' repository is "
+            "released under the "
+            f"MIT License; its text, kept next to the weights in `{WEIGHTS_LICENSE_FILE}`:",
+            "",
+            "```",
+            licence.read_text().strip(),
+            "```",
+        ]
+    elif imported:
+        lines += [f"Imported: {record.provenance}. The licence file of the source was not found next to the weights."]
+    else:
+        lines += [
+            "Trained in this repository (command under How to reproduce); released with it under the MIT License "
+            "(`LICENSE` at the repository root)."
+        ]
+    return [*lines, ""]
+
+
+def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def render(meta: CheckpointMeta, name: str, notes: str = "") -> str:
-    t, m, c = meta.training, meta.metrics, meta.calibration
-    lines = [
+TRAINING_KEYS = (
+    "recipe",
+    "origin",
+    "data",
+    "test_data",
+    "epochs",
+    "epochs_planned",
+    "lr",
+    "lr_milestones",
+    "batch_size",
+    "alpha",
+    "seed",
+    "world_size",
+    "hardware",
+    "started_utc",
+    "finished_utc",
+    "duration_seconds",
+    "git_commit",
+)
+
+
+def render(
+    meta: CheckpointMeta,
+    name: str,
+    notes: str = "",
+    results: dict[str, Any] | None = None,
+    directory: Path | None = None,
+) -> str:
+    """The card's text. `results`: the model's results.json, if evaluated; `directory`: where the weights live (for
+    the licence file of imported weights)."""
+    t, m, c = meta.training.model_dump(mode="json"), meta.metrics, meta.calibration
+    kind = "baseline without purification" if is_baseline(meta) else "SOAP (self-supervised online purification)"
+    body = [
         f"# {name}",
         "",
-        f"SOAP network `{meta.network}` ({meta.aux_task} auxiliary task) for {meta.dataset}, "
+        f"`{meta.network}` ({meta.aux_task} auxiliary task), {kind}, for {meta.dataset}: "
         f"{len(meta.class_names)} classes, input {'x'.join(map(str, meta.input_shape))} in [0, 1].",
         "",
-    ]
-    if not meta.aux_head_trained:
-        lines += [
-            "Its auxiliary task was not trained (recipe without the auxiliary loss): the service serves it without "
-            "purification (mode none) and refuses the purification modes; the min-aux figure below shows why.",
-            "",
-        ]
-    lines += [
-        "## Metrics",
+        "## Intended use",
+        "",
+        "Research and demonstration of test-time adversarial purification (Shi, Holtz & Mishne, ICLR 2021): "
+        "served by this repository's service (`python -m service --model models/zoo/"
+        + name
+        + "`), which "
+        + (
+            "classifies without purification."
+            if is_baseline(meta)
+            else "purifies every input by minimising the auxiliary loss, then classifies it, and flags inputs whose "
+            "auxiliary loss exceeds the calibrated clean quantile as suspicious."
+        )
+        + (
+            " Not robust to adversarial examples (see Limitations); "
+            if is_baseline(meta)
+            else " Not a defence against an adversary who knows the model and the purifier (see Limitations); "
+        )
+        + f"not for {meta.dataset} look-alikes outside its test distribution.",
         "",
     ]
+    if results is not None:
+        body += _evaluation_section(meta, results)
+    body += _limitations_section(meta, results)
+    body += ["## Metrics at training time", ""]
     if "clean_accuracy" in m:
-        lines.append(
+        body.append(
             f"- Clean test accuracy: **{100 * m['clean_accuracy']:.2f} %** on {int(m.get('test_images', 0))} "
             f"test images ({t.get('test_data', t.get('data', '?'))}), no purification."
         )
-    if "min_aux_accuracy" in m:
-        lines.append(
-            f"- Accuracy after min-aux purification (no attack): **{100 * m['min_aux_accuracy']:.2f} %** on the first "
-            f"{int(m.get('min_aux_images', 0))} of those test images."
+    if "min_aux_accuracy" in m and not is_baseline(meta):
+        body.append(
+            f"- Accuracy after min-aux purification (no attack): **{100 * m['min_aux_accuracy']:.2f} %** on the "
+            f"first {int(m.get('min_aux_images', 0))} of those test images."
         )
     for key, value in m.items():
         if key not in ("clean_accuracy", "test_images", "min_aux_accuracy", "min_aux_images"):
-            lines.append(f"- {key}: {_fmt(value)}")
+            body.append(f"- {key}: {_fmt(value)}")
     if c is not None:
         q = ", ".join(f"q{k} = {v:.4g}" for k, v in c.aux_loss_quantiles.items())
-        lines += [
-            f"- Calibration (clean held-out images, n = {c.n}): test-time auxiliary loss {q}; "
-            f"inputs above q{c.suspicious_quantile} are flagged as suspicious by the service.",
-            f"- Mean auxiliary loss after purification per budget {meta.purifier.budget_step:.4g}·e, "
-            f"e = 0..{meta.purifier.num_budgets - 1} "
-            f"(first {t.get('calibration_curve_images', '?')} held-out images): "
-            + ", ".join(f"{v:.4g}" for v in c.mean_aux_loss_per_budget),
-        ]
-    lines += ["", "## Training", ""]
-    for key in (
-        "recipe",
-        "data",
-        "epochs",
-        "epochs_planned",
-        "lr",
-        "lr_milestones",
-        "batch_size",
-        "alpha",
-        "seed",
-        "world_size",
-        "hardware",
-        "started_utc",
-        "finished_utc",
-        "duration_seconds",
-        "git_commit",
-    ):
-        if key in t:
-            lines.append(f"- {key}: {_fmt(t[key])}")
+        body.append(
+            f"- Calibration (clean held-out images, n = {c.n}): test-time auxiliary loss {q}; inputs above "
+            f"q{c.suspicious_quantile} are flagged as suspicious by the service."
+        )
+        if not is_baseline(meta):
+            body.append(
+                f"- Mean auxiliary loss after purification per budget {meta.purifier.budget_step:.4g}·e, e = "
+                f"0..{meta.purifier.num_budgets - 1} (first {t.get('calibration_curve_images', '?')} held-out "
+                "images): " + ", ".join(f"{v:.4g}" for v in c.mean_aux_loss_per_budget)
+            )
+    body += ["", "## How to reproduce", ""]
     if "command" in t:
-        lines += ["", "Reproduce with:", "", "```", t["command"], "```"]
+        body += ["Weights:", "", "```", t["command"], "```", ""]
+    if results is not None:
+        body += ["Evaluation (then `python -m training.results_page` for the results page):", ""]
+        body += ["```", results["command"], "```", ""]
+    body += ["Details of the run:", ""]
+    body += [f"- {key}: {_fmt(t[key])}" for key in TRAINING_KEYS if key in t]
+    body.append("")
+    body += _licence_section(meta, directory)
     if notes:
-        lines += ["", "## Notes", "", notes]
-    return "\n".join(lines) + "\n"
+        body += [NOTES_HEADING, "", notes.strip(), ""]
+    card = ModelCard(f"---\n{card_data(meta, name, results).to_yaml()}\n---\n\n" + "\n".join(body))
+    return str(card).rstrip("\n") + "\n"
 
 
-def write(directory: str | Path, meta: CheckpointMeta, notes: str = "") -> Path:
-    path = Path(directory) / CARD_FILE
-    path.write_text(render(meta, Path(directory).name, notes))
+def read_notes(card_path: Path) -> str:
+    """The `## Notes` section of an existing card (hand-written; kept across regenerations), or ""."""
+    if not card_path.is_file():
+        return ""
+    match = re.search(rf"^{re.escape(NOTES_HEADING)}\n(.*)\Z", card_path.read_text(), flags=re.M | re.S)
+    return match.group(1).strip() if match else ""
+
+
+def load_results(name: str, results_root: Path = RESULTS_ROOT) -> dict[str, Any] | None:
+    path = results_root / name / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write(directory: str | Path, meta: CheckpointMeta, notes: str = "", results: dict[str, Any] | None = None) -> Path:
+    directory = Path(directory)
+    path = directory / CARD_FILE
+    path.write_text(render(meta, directory.name, notes, results, directory))
     return path
+
+
+def regenerate(directory: Path, results_root: Path = RESULTS_ROOT) -> Path:
+    """Rewrite a checkpoint's card from its model.json and results.json, keeping its Notes."""
+    meta = load_checkpoint(directory).meta
+    notes = read_notes(directory / CARD_FILE)
+    return write(directory, meta, notes, load_results(directory.name, results_root))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.model_card", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint folders (models/zoo/NAME)")
+    parser.add_argument("--results-root", type=Path, default=RESULTS_ROOT, help="where NAME/results.json live")
+    args = parser.parse_args(argv)
+    for directory in args.checkpoints:
+        print(f"wrote {regenerate(directory, args.results_root)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,7 @@ import csv
 import json
 from pathlib import Path
 
-ROW_TITLES = {"none": "no purification (ε_pfy = 0)", "min-aux": "SOAP min-aux", "oracle": "oracle ε_pfy (upper bound)"}
+from .rows import ROW_TITLES
 
 
 def pct(value: float | None, digits: int = 2) -> str:

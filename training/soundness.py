@@ -20,13 +20,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models import load_checkpoint
+from models import load_checkpoint, resolve_device
 from models.smoothing import SmoothingConfig, base_classifier, predict
 
 from . import provenance
 from .attacks.smoothadv import smoothadv_pgd
 from .data import load_test_data
-from .evaluate import resolve_device
 from .stats import wilson_interval
 
 

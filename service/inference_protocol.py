@@ -1,0 +1,304 @@
+"""The Open Inference Protocol (KServe v2 REST) on the wire: typed messages and tensor (de)serialisation, JSON and
+the binary tensor data extension (a JSON header, then raw tensor bytes; `Inference-Header-Content-Length` says where
+the JSON ends). Pure functions of bytes and arrays, no HTTP: service/open_inference.py is the HTTP layer.
+
+Binary layout per datatype (little-endian, row-major): FP32 4 bytes, INT64 8 bytes, BOOL 1 byte, BYTES each element
+as a 4-byte length then its bytes. In JSON a BYTES input element is base64 (KServe's convention for binary content,
+e.g. encoded images); BYTES outputs here are UTF-8 text (class names) and go out as plain strings.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import struct
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+class Datatype(StrEnum):
+    """The tensor datatypes this service reads or writes (the protocol has more; others are refused)."""
+
+    BOOL = "BOOL"
+    INT64 = "INT64"
+    FP32 = "FP32"
+    BYTES = "BYTES"
+
+
+_NUMPY = {Datatype.BOOL: np.dtype("?"), Datatype.INT64: np.dtype("<i8"), Datatype.FP32: np.dtype("<f4")}
+
+
+class ProtocolError(ValueError):
+    """The request does not follow the protocol or the model's tensor metadata (the HTTP layer answers 422)."""
+
+
+# ------------------------------------------------------------------------------------------------ messages
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: Datatype
+    shape: list[int] = Field(description="-1 for a dimension of any size")
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str] = Field(default_factory=list)
+    platform: str
+    inputs: list[TensorMetadata] = Field(description="send exactly one of these per request")
+    outputs: list[TensorMetadata]
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class RequestInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    data: list[Any] | None = Field(None, description="row-major values; absent when sent as binary data")
+
+
+class RequestOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = None
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="mode (min-aux, fixed, none), epsilon (with fixed), binary_data_output"
+    )
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = Field(None, description="which outputs to return (default: all but purified)")
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: Datatype
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[ResponseOutput]
+
+
+# ------------------------------------------------------------------------------------------------ tensors
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One decoded tensor: `values` is a numpy array of `shape` (object array of bytes for BYTES)."""
+
+    name: str
+    datatype: Datatype
+    values: np.ndarray
+
+    @property
+    def shape(self) -> list[int]:
+        return list(self.values.shape)
+
+
+def _count(shape: list[int]) -> int:
+    if any(d < 0 for d in shape):
+        raise ProtocolError(f"shape {shape} has a negative dimension")
+    return math.prod(shape)
+
+
+def _flatten(data: list[Any]) -> list[Any]:
+    """Row-major data may come flat or nested (the protocol allows both)."""
+    if not any(isinstance(v, list) for v in data):
+        return data
+    flat: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for v in stack[-1]:
+            if isinstance(v, list):
+                stack.append(iter(v))
+                break
+            flat.append(v)
+        else:
+            stack.pop()
+    return flat
+
+
+def _split_bytes(raw: bytes, count: int, name: str) -> np.ndarray:
+    out = np.empty(count, dtype=object)
+    offset = 0
+    for i in range(count):
+        if offset + 4 > len(raw):
+            raise ProtocolError(f"input {name!r}: binary BYTES data ends inside element {i}")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise ProtocolError(f"input {name!r}: binary BYTES element {i} is longer than the data")
+        out[i] = raw[offset : offset + length]
+        offset += length
+    if offset != len(raw):
+        raise ProtocolError(f"input {name!r}: {len(raw) - offset} bytes left after {count} BYTES elements")
+    return out
+
+
+def _unbase64(text: Any, name: str, index: int) -> bytes:
+    if not isinstance(text, str):
+        raise ProtocolError(f"input {name!r}: BYTES element {index} must be a base64 string in JSON")
+    if text.startswith("data:"):
+        _, _, text = text.partition(",")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(f"input {name!r}: BYTES element {index} is not valid base64") from None
+
+
+def decode_input(spec: RequestInput, raw: bytes | None) -> Tensor:
+    """The tensor an input carries, from its JSON `data` or its binary bytes, checked against its shape."""
+    try:
+        datatype = Datatype(spec.datatype)
+    except ValueError:
+        raise ProtocolError(f"input {spec.name!r}: datatype {spec.datatype} is not supported") from None
+    count = _count(spec.shape)
+    if raw is None and spec.data is None:
+        raise ProtocolError(f"input {spec.name!r} has neither data nor binary_data_size")
+    if raw is not None and spec.data is not None:
+        raise ProtocolError(f"input {spec.name!r} has both data and binary_data_size")
+    if datatype is Datatype.BYTES:
+        if raw is not None:
+            flat = _split_bytes(raw, count, spec.name)
+        else:
+            items = _flatten(spec.data or [])
+            if len(items) != count:
+                raise ProtocolError(f"input {spec.name!r}: shape {spec.shape} needs {count} elements, got {len(items)}")
+            flat = np.empty(count, dtype=object)
+            for i, item in enumerate(items):
+                flat[i] = _unbase64(item, spec.name, i)
+        return Tensor(spec.name, datatype, flat.reshape(spec.shape))
+    dtype = _NUMPY[datatype]
+    if raw is not None:
+        if len(raw) != count * dtype.itemsize:
+            raise ProtocolError(
+                f"input {spec.name!r}: shape {spec.shape} {datatype} needs {count * dtype.itemsize} bytes, "
+                f"got {len(raw)}"
+            )
+        values = np.frombuffer(raw, dtype=dtype)
+    else:
+        items = _flatten(spec.data or [])
+        if len(items) != count:
+            raise ProtocolError(f"input {spec.name!r}: shape {spec.shape} needs {count} elements, got {len(items)}")
+        if datatype is not Datatype.BOOL and any(isinstance(v, bool) or not isinstance(v, int | float) for v in items):
+            raise ProtocolError(f"input {spec.name!r}: {datatype} data must be numbers")
+        try:
+            values = np.asarray(items, dtype=dtype)
+        except (TypeError, ValueError, OverflowError):
+            raise ProtocolError(f"input {spec.name!r}: data are not {datatype} values") from None
+    return Tensor(spec.name, datatype, values.reshape(spec.shape))
+
+
+def parse_request(body: bytes, header_length: int | None) -> tuple[InferRequest, list[Tensor]]:
+    """The request and its input tensors. `header_length` is the Inference-Header-Content-Length header (None
+    when the whole body is JSON); binary inputs follow the JSON in the order of `inputs`."""
+    if header_length is not None and not 0 < header_length <= len(body):
+        raise ProtocolError(f"{HEADER_LENGTH} {header_length} does not fit a body of {len(body)} bytes")
+    head = body if header_length is None else body[:header_length]
+    try:
+        message = orjson.loads(head)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"the inference request is not valid JSON: {exc}") from None
+    try:
+        request = InferRequest.model_validate(message)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors(include_url=False)
+        )
+        raise ProtocolError(problems) from None
+    offset = len(head)
+    tensors = []
+    for spec in request.inputs:
+        raw = None
+        size = spec.parameters.get("binary_data_size")
+        if size is not None:
+            if header_length is None:
+                raise ProtocolError(f"input {spec.name!r} has binary_data_size but the request has no {HEADER_LENGTH}")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(body):
+                raise ProtocolError(f"input {spec.name!r}: binary_data_size {size} does not fit the body")
+            raw = body[offset : offset + size]
+            offset += size
+        tensors.append(decode_input(spec, raw))
+    if offset != len(body):
+        raise ProtocolError(f"{len(body) - offset} bytes of binary data belong to no input")
+    return request, tensors
+
+
+def _binary(tensor: Tensor) -> bytes:
+    if tensor.datatype is Datatype.BYTES:
+        return b"".join(struct.pack("<I", len(b)) + b for b in tensor.values.reshape(-1))
+    return np.ascontiguousarray(tensor.values, dtype=_NUMPY[tensor.datatype]).tobytes()
+
+
+def _json_data(tensor: Tensor) -> list[Any]:
+    flat = tensor.values.reshape(-1)
+    if tensor.datatype is Datatype.BYTES:
+        return [b.decode() for b in flat]
+    return flat.tolist()
+
+
+def encode_response(
+    model_name: str,
+    request_id: str | None,
+    outputs: list[Tensor],
+    binary: set[str],
+    parameters: dict[str, Any] | None = None,
+) -> tuple[bytes, int | None]:
+    """The response body and, when any output in `binary` goes as binary data, the JSON header's length (for
+    Inference-Header-Content-Length)."""
+    entries = []
+    chunks = []
+    for tensor in outputs:
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype.value, "shape": tensor.shape}
+        if tensor.name in binary:
+            chunk = _binary(tensor)
+            entry["parameters"] = {"binary_data_size": len(chunk)}
+            chunks.append(chunk)
+        else:
+            entry["data"] = _json_data(tensor)
+        entries.append(entry)
+    message: dict[str, Any] = {"model_name": model_name, "outputs": entries}
+    if request_id is not None:
+        message["id"] = request_id
+    if parameters:
+        message["parameters"] = parameters
+    head = orjson.dumps(message, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return head, None
+    return head + b"".join(chunks), len(head)

@@ -1,0 +1,380 @@
+"""Open Inference Protocol (KServe v2) REST routes beside /classify, on the same batchers, limits, API key and
+errors (in the protocol's shape, {"error": "..."}, with /classify's status codes), so that standard clients
+(tritonclient, KServe's InferenceService, perf_analyzer) talk to the service.
+
+    GET  /v2                          server metadata          GET /v2/health/live, /v2/health/ready
+    GET  /v2/models/{name}            model metadata           GET /v2/models/{name}/ready
+    POST /v2/models/{name}/infer      one input: `images` (BYTES [N], encoded image files) or
+                                      `pixels` (FP32 [N, C, H, W] in [0, 1]); parameters: mode, epsilon
+                                      (mode=certify: samples, alpha, seed; certificate outputs instead)
+
+The wire format (JSON and binary tensor data) is service/inference_protocol.py; this module is the thin HTTP layer.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+
+from models import __version__
+
+from .app import certify_request, decode_all, queue_full, run_certify, run_on_batcher
+from .auth import PROTECTED, SECURITY, require_api_key
+from .batcher import ItemResult
+from .certify import CertifyRequest, CertifyResult
+from .errors import ServiceError
+from .inference_protocol import (
+    HEADER_LENGTH,
+    Datatype,
+    InferRequest,
+    InferResponse,
+    Live,
+    ModelMetadata,
+    ProtocolError,
+    Ready,
+    ServerMetadata,
+    Tensor,
+    TensorMetadata,
+    encode_response,
+    parse_request,
+)
+from .ingest import read_body, too_many_images
+from .predict import PurifyRequest
+from .runtime import ModelRuntime, ServiceRuntime
+from .schemas import ClassifyOptions
+
+IMAGES, PIXELS = "images", "pixels"
+OUTPUTS = ("label", "class_name", "probabilities", "epsilon", "aux_loss", "aux_loss_before", "suspicious")
+PURIFIED = "purified"  # only when asked for by name: N x C x H x W floats
+# mode=certify answers these instead (randomized smoothing; label -1 and class_name "" where it abstains)
+CERTIFY_OUTPUTS = ("label", "class_name", "certified_radius", "abstained", "p_lower", "sigma", "samples")
+PARAMETERS = frozenset({"mode", "epsilon", "samples", "alpha", "seed"})  # /classify's options, model aside
+
+
+class ProtocolErrorBody(BaseModel):
+    error: str
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ProtocolErrorBody, "description": text}
+    for status, text in {
+        401: "missing or wrong API key",
+        404: "unknown model",
+        408: "the body did not arrive in time",
+        413: "body or image count over the limit",
+        415: "compressed request bodies (Content-Encoding) are not accepted",
+        422: "a request, tensor, image or parameter the model cannot take",
+        500: "the batch holding this request failed",
+        503: "queue full (see Retry-After) or shutting down",
+        504: "compute did not start before the request's deadline",
+    }.items()
+}
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
+
+
+def _runtime(request: Request) -> ServiceRuntime:
+    runtime: ServiceRuntime = request.app.state.runtime
+    return runtime
+
+
+def _bad_request(detail: str, model: ModelRuntime) -> ServiceError:
+    return ServiceError(422, "bad_request", detail, reason="bad_options", model=model.name)
+
+
+# ------------------------------------------------------------------------------------------------ metadata
+
+
+def model_metadata(model: ModelRuntime) -> ModelMetadata:
+    c, h, w = model.input_shape
+    return ModelMetadata(
+        name=model.name,
+        platform="soap-pytorch",
+        inputs=[
+            TensorMetadata(name=IMAGES, datatype=Datatype.BYTES, shape=[-1]),
+            TensorMetadata(name=PIXELS, datatype=Datatype.FP32, shape=[-1, c, h, w]),
+        ],
+        outputs=[
+            TensorMetadata(name="label", datatype=Datatype.INT64, shape=[-1]),
+            TensorMetadata(name="class_name", datatype=Datatype.BYTES, shape=[-1]),
+            TensorMetadata(name="probabilities", datatype=Datatype.FP32, shape=[-1, len(model.class_names)]),
+            TensorMetadata(name="epsilon", datatype=Datatype.FP32, shape=[-1]),
+            TensorMetadata(name="aux_loss", datatype=Datatype.FP32, shape=[-1]),
+            TensorMetadata(name="aux_loss_before", datatype=Datatype.FP32, shape=[-1]),
+            TensorMetadata(name="suspicious", datatype=Datatype.BOOL, shape=[-1]),
+            TensorMetadata(name=PURIFIED, datatype=Datatype.FP32, shape=[-1, c, h, w]),
+            TensorMetadata(name="certified_radius", datatype=Datatype.FP32, shape=[-1]),
+            TensorMetadata(name="abstained", datatype=Datatype.BOOL, shape=[-1]),
+            TensorMetadata(name="p_lower", datatype=Datatype.FP32, shape=[-1]),
+            TensorMetadata(name="sigma", datatype=Datatype.FP32, shape=[-1]),
+            TensorMetadata(name="samples", datatype=Datatype.INT64, shape=[-1]),
+        ],
+    )
+
+
+@router.get("", response_model=ServerMetadata, summary="Server metadata")
+async def server_metadata() -> ServerMetadata:
+    return ServerMetadata(name="soap-serving", version=__version__, extensions=["binary_tensor_data"])
+
+
+@router.get("/health/live", response_model=Live, summary="Liveness: the process answers")
+async def server_live() -> Live:
+    return Live(live=True)
+
+
+@router.get(
+    "/health/ready",
+    response_model=Ready,
+    responses={503: {"model": Ready}},
+    summary="Readiness: every model loaded and warmed up, not shutting down",
+)
+async def server_ready(request: Request) -> Response:
+    ready = _runtime(request).ready
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+
+@router.get(
+    "/models/{name}",
+    response_model=ModelMetadata,
+    responses={k: _ERRORS[k] for k in (401, 404)},
+    dependencies=PROTECTED,
+    summary="Model metadata: its inputs (send one) and outputs",
+)
+async def get_model_metadata(name: str, request: Request) -> ModelMetadata:
+    return model_metadata(_runtime(request).get(name))
+
+
+@router.get(
+    "/models/{name}/ready",
+    response_model=ModelReady,
+    responses={503: {"model": ModelReady}, **{k: _ERRORS[k] for k in (401, 404)}},
+    dependencies=PROTECTED,
+    summary="Model readiness: warmed up, its batcher running, not shutting down",
+)
+async def get_model_ready(name: str, request: Request) -> Response:
+    runtime = _runtime(request)
+    model = runtime.get(name)
+    ready = model.ready and model.batcher.running and not runtime.draining
+    return JSONResponse({"name": model.name, "ready": ready}, status_code=200 if ready else 503)
+
+
+# ------------------------------------------------------------------------------------------------ inference
+
+
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its $defs inlined (OpenAPI resolves refs from the document root)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return walk(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    inlined: dict[str, Any] = walk(schema)
+    return inlined
+
+
+_INFER_OPENAPI = {
+    "security": SECURITY,
+    "requestBody": {
+        "required": True,
+        "description": "JSON; or, with the Inference-Header-Content-Length header, that many bytes of JSON followed "
+        "by the binary data of each input whose parameters give binary_data_size",
+        "content": {"application/json": {"schema": _inline_refs(InferRequest.model_json_schema())}},
+    },
+}
+
+
+def _header_length(request: Request, model: ModelRuntime) -> int | None:
+    value = request.headers.get(HEADER_LENGTH.lower())
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise _bad_request(f"{HEADER_LENGTH} must be a byte count, not {value!r}", model)
+    return int(value)
+
+
+def _work(
+    parameters: dict[str, Any], model: ModelRuntime, request: Request
+) -> tuple[PurifyRequest | CertifyRequest, bool]:
+    """What the request parameters ask of the model (the same options and rules as /classify's): a purification
+    or, for mode=certify, a certification; and whether all outputs go as binary data."""
+    options = dict(parameters)
+    binary = options.pop("binary_data_output", False)
+    if not isinstance(binary, bool):
+        raise _bad_request("parameter binary_data_output must be true or false", model)
+    unknown = sorted(set(options) - PARAMETERS)
+    if unknown:
+        raise _bad_request(f"unknown parameters {unknown}; this model takes {sorted(PARAMETERS)}", model)
+    try:
+        chosen = ClassifyOptions.model_validate(options)
+    except ValidationError as exc:
+        problems = [{"loc": ["parameters", *e["loc"]], "msg": e["msg"]} for e in exc.errors(include_url=False)]
+        raise ServiceError(422, "bad_options", problems, reason="bad_options", model=model.name) from None
+    if chosen.mode == "certify":
+        return certify_request(chosen, model, _runtime(request).settings), binary
+    return model.purify_request(chosen.mode, chosen.epsilon), binary
+
+
+def _requested(
+    message: InferRequest, binary_all: bool, certify: bool, model: ModelRuntime
+) -> tuple[list[str], set[str]]:
+    """Output names in order, and those that go as binary data."""
+    known = CERTIFY_OUTPUTS if certify else (*OUTPUTS, PURIFIED)
+    if message.outputs is None:
+        names = list(CERTIFY_OUTPUTS if certify else OUTPUTS)
+        return names, set(names) if binary_all else set()
+    names, binary = [], set()
+    for out in message.outputs:
+        if out.name not in known:
+            mode = "mode=certify" if certify else "this mode"
+            raise _bad_request(f"unknown output {out.name!r}; {mode} answers {list(known)}", model)
+        names.append(out.name)
+        if out.parameters.get("binary_data", binary_all):
+            binary.add(out.name)
+    return names, binary
+
+
+def _count_images(n: int, request: Request, model: ModelRuntime, purify: bool) -> None:
+    settings = _runtime(request).settings
+    if n < 1:
+        raise _bad_request("the input holds no image", model)
+    if n > settings.max_images_per_request:
+        raise too_many_images(settings.max_images_per_request, n, model.name)
+    if purify and not model.batcher.has_room(n):  # refuse before decoding, as /classify does
+        raise queue_full(model, model.batcher.retry_after_s())
+
+
+async def _batch(tensor: Tensor, request: Request, model: ModelRuntime, purify: bool) -> torch.Tensor:
+    """The input tensor as a [N, C, H, W] batch in [0, 1]: encoded images decoded like /classify's, or pixels
+    checked against the model's input shape and range."""
+    if tensor.name == IMAGES:
+        if tensor.datatype is not Datatype.BYTES or not (
+            tensor.values.ndim == 1 or (tensor.values.ndim == 2 and tensor.values.shape[1] == 1)
+        ):
+            raise _bad_request(f"input {IMAGES!r} must be BYTES of shape [N] (encoded image files)", model)
+        payloads = list(tensor.values.reshape(-1))
+        _count_images(len(payloads), request, model, purify)
+        state = request.app.state
+        images = await decode_all(payloads, model, state.decode_limits, state.decode_limiter)
+        return torch.stack(images)
+    if tensor.name == PIXELS:
+        expected = [-1, *model.input_shape]
+        if tensor.datatype is not Datatype.FP32 or tensor.values.ndim != 4 or tensor.shape[1:] != expected[1:]:
+            raise _bad_request(
+                f"input {PIXELS!r} must be FP32 of shape {expected}; got {tensor.datatype} {tensor.shape}", model
+            )
+        _count_images(tensor.shape[0], request, model, purify)
+        values = tensor.values
+        if not np.isfinite(values).all() or values.min() < 0.0 or values.max() > 1.0:
+            raise ServiceError(
+                422,
+                "bad_image",
+                f"input {PIXELS!r} must hold finite values in [0, 1]",
+                reason="bad_image",
+                model=model.name,
+            )
+        return torch.from_numpy(np.array(values, dtype=np.float32))  # a copy: binary input is a read-only view
+    raise _bad_request(f"unknown input {tensor.name!r}; send one input, {IMAGES!r} or {PIXELS!r}", model)
+
+
+def _outputs(model: ModelRuntime, result: ItemResult, names: list[str]) -> list[Tensor]:
+    """The encode step: the batch's rows as named output tensors."""
+    p = result.predictions
+    labels = p.probs.argmax(dim=1)
+    class_names = np.empty(len(labels), dtype=object)
+    class_names[:] = [model.class_names[i].encode() for i in labels.tolist()]
+    values = {
+        "label": (Datatype.INT64, labels.numpy()),
+        "class_name": (Datatype.BYTES, class_names),
+        "probabilities": (Datatype.FP32, p.probs.numpy()),
+        "epsilon": (Datatype.FP32, p.epsilon.numpy()),
+        "aux_loss": (Datatype.FP32, p.aux_after.numpy()),
+        "aux_loss_before": (Datatype.FP32, p.aux_before.numpy()),
+        "suspicious": (Datatype.BOOL, (p.aux_before > model.suspicious_threshold).numpy()),
+        PURIFIED: (Datatype.FP32, p.purified.numpy()),
+    }
+    return [Tensor(name, *values[name]) for name in names]
+
+
+def _certificate_outputs(model: ModelRuntime, result: CertifyResult, names: list[str]) -> list[Tensor]:
+    certificates = result.certificates
+    labels = np.array([-1 if c.label is None else c.label for c in certificates], dtype=np.int64)
+    class_names = np.empty(len(certificates), dtype=object)
+    class_names[:] = [b"" if c.label is None else model.class_names[c.label].encode() for c in certificates]
+    values = {
+        "label": (Datatype.INT64, labels),
+        "class_name": (Datatype.BYTES, class_names),
+        "certified_radius": (Datatype.FP32, np.array([c.radius or 0.0 for c in certificates], dtype=np.float32)),
+        "abstained": (Datatype.BOOL, np.array([c.abstained for c in certificates], dtype=bool)),
+        "p_lower": (Datatype.FP32, np.array([c.p_lower for c in certificates], dtype=np.float32)),
+        "sigma": (Datatype.FP32, np.array([c.sigma for c in certificates], dtype=np.float32)),
+        "samples": (Datatype.INT64, np.array([c.samples for c in certificates], dtype=np.int64)),
+    }
+    return [Tensor(name, *values[name]) for name in names]
+
+
+@router.post(
+    "/models/{name}/infer",
+    response_model=InferResponse,
+    responses=_ERRORS,
+    openapi_extra=_INFER_OPENAPI,
+    summary="Purify each image with SOAP, then classify it (Open Inference Protocol)",
+)
+async def infer(name: str, request: Request) -> Response:
+    started = time.perf_counter()
+    await require_api_key(request)
+    runtime = _runtime(request)
+    settings = runtime.settings
+    model = runtime.get(name)
+    request.scope["soap.model"] = model.name
+    if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
+        raise ServiceError(
+            415,
+            "unsupported_media_type",
+            "compressed request bodies (Content-Encoding) are not accepted",
+            reason="unsupported_media_type",
+            model=model.name,
+        )
+    header_length = _header_length(request, model)
+    body = await read_body(request, settings.max_body_bytes, model.name, settings.body_timeout_s)
+    try:
+        message, tensors = parse_request(body, header_length)
+    except ProtocolError as exc:
+        raise _bad_request(str(exc), model) from None
+    if len(tensors) != 1:
+        raise _bad_request(f"send exactly one input ({IMAGES!r} or {PIXELS!r}), not {len(tensors)}", model)
+    work, binary_all = _work(message.parameters, model, request)
+    certify = isinstance(work, CertifyRequest)
+    names, binary = _requested(message, binary_all, certify, model)
+    batch = await _batch(tensors[0], request, model, purify=not certify)
+    info: dict[str, Any] = {"request_id": request.scope["soap.request_id"]}
+    if isinstance(work, CertifyRequest):
+        certified = await run_certify(request, model, batch, work)
+        outputs = _certificate_outputs(model, certified, names)
+        info |= {"alpha": work.alpha, "seed": work.seed, "queue_ms": certified.queue_s * 1000}
+        info |= {"compute_ms": certified.compute_s * 1000, "paused_ms": certified.paused_s * 1000}
+    else:
+        result = await run_on_batcher(request, model, batch, work)
+        outputs = _outputs(model, result, names)
+        info |= {"queue_ms": result.queue_s * 1000, "compute_ms": result.compute_s * 1000}
+    info["total_ms"] = (time.perf_counter() - started) * 1000
+    content, json_length = encode_response(model.name, message.id, outputs, binary, info)
+    if json_length is None:
+        return Response(content, media_type="application/json")
+    return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(json_length)})

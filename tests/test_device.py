@@ -1,0 +1,38 @@
+"""models.resolve_device: the one reading of a `--device` option, for training, evaluation and the service."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import service.runtime
+import training.certify
+import training.distributed
+import training.evaluate
+import training.import_reference
+import training.soundness
+from models import resolve_device
+
+
+def test_every_command_resolves_devices_the_same_way() -> None:
+    users = (service.runtime, training.distributed, training.evaluate, training.certify, training.soundness)
+    assert all(module.resolve_device is resolve_device for module in (*users, training.import_reference))
+
+
+def test_auto_is_cuda_when_there_is_one_else_cpu() -> None:
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_cuda_without_one_is_an_error_not_a_cpu_run() -> None:
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda:1")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_without_an_index_is_this_process_gpu() -> None:
+    assert resolve_device("cuda", local_rank=0) == torch.device("cuda", 0)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
