@@ -670,7 +670,7 @@ def _model_info(runtime: ServiceRuntime, model: ModelRuntime) -> ModelInfo:
         ),
         calibration=calibration,
         metrics=meta.metrics,
-        training=meta.training,
+        training=meta.training.model_dump(mode="json"),
         batching=BatchingInfo(
             max_batch_size=s.max_batch_size,
             max_delay_ms=s.max_delay_ms,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from models import load_checkpoint
+from models import Recipe, load_checkpoint
 from training import model_card
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,8 +94,8 @@ def test_card_sections_state_the_limitations(name):
     ):
         assert heading in text, heading
     assert results["command"] in text, "the evaluation command"
-    if "command" in meta.training:
-        assert meta.training["command"] in text
+    if meta.training.command:
+        assert meta.training.command in text
     limitations = text.split("## Limitations", 1)[1].split("\n## ", 1)[0]
     if not meta.aux_head_trained:
         assert "min-aux purification" not in text, "a baseline card has no purification row"
@@ -122,7 +122,7 @@ def test_card_sections_state_the_limitations(name):
 
 
 def test_imported_weights_carry_the_authors_licence():
-    imported = [n for n in SHIPPED if str(load_checkpoint(ZOO / n).meta.training.get("recipe", "")).startswith("imp")]
+    imported = [n for n in SHIPPED if load_checkpoint(ZOO / n).meta.training.recipe is Recipe.IMPORTED]
     assert imported == ["cifar10-resnet18-lc-official"]
     for name in imported:
         licence = (ZOO / name / model_card.WEIGHTS_LICENSE_FILE).read_text()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from models import create_model, load_checkpoint, oracle_select, purify, resolve_device
+from models import Recipe, create_model, load_checkpoint, oracle_select, purify, resolve_device
 from models.checkpoint import LoadedModel
 
 from . import provenance
@@ -33,7 +33,7 @@ from .report import write_all
 from .rows import ROWS
 from .stats import Accuracy
 
-BASELINE_RECIPES = ("vanilla", "fgsm-at", "pgd-at")
+BASELINE_RECIPES = (Recipe.VANILLA, Recipe.FGSM_AT, Recipe.PGD_AT)
 
 
 @dataclass
@@ -80,7 +80,7 @@ def evaluation_order(data: ImageData, source: str) -> tuple[torch.Tensor, str]:
 
 def is_soap(loaded: LoadedModel) -> bool:
     """Baselines (vanilla / FGSM-AT / PGD-AT) have no trained auxiliary head to purify with."""
-    return loaded.meta.training.get("recipe", "soap") not in BASELINE_RECIPES
+    return loaded.meta.training.recipe not in BASELINE_RECIPES
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -208,8 +208,8 @@ def evaluate(config: EvalConfig) -> dict:
         "model": str(config.model),
         "network": meta.network,
         "dataset": meta.dataset,
-        "recipe": "soap" if soap else meta.training["recipe"],
-        "provenance": str(meta.training.get("recipe", "soap")),
+        "recipe": "soap" if soap else str(meta.training.recipe),
+        "provenance": meta.training.provenance,
         "aux_task": meta.aux_task,
         "purifier": asdict(loaded.purifier) | {"budgets": loaded.purifier.budgets()},
         "data": data_source,

@@ -23,7 +23,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from models import CheckpointMeta, load_checkpoint
+from models import CheckpointMeta, Recipe, load_checkpoint
 
 CARD_FILE = "MODEL_CARD.md"
 WEIGHTS_LICENSE_FILE = "LICENSE"  # next to imported weights: the licence they were released under
@@ -258,11 +258,12 @@ def _certified_lines(certified: dict[str, Any]) -> list[str]:
 
 def _licence_section(meta: CheckpointMeta, directory: Path | None) -> list[str]:
     licence = directory / WEIGHTS_LICENSE_FILE if directory is not None else None
-    recipe = str(meta.training.get("recipe", ""))
+    record = meta.training
+    imported = record.recipe is Recipe.IMPORTED
     lines = ["## Source and licence of the weights", ""]
-    if recipe.startswith("imported") and licence is not None and licence.is_file():
+    if imported and licence is not None and licence.is_file():
         lines += [
-            f"Imported, not trained here: {recipe.removeprefix('imported: ')}, converted by "
+            f"Imported, not trained here: {record.origin or 'origin not recorded'}, converted by "
             "`python -m training import-reference` (command under How to reproduce). The authors' repository is "
             "released under the "
             f"MIT License; its text, kept next to the weights in `{WEIGHTS_LICENSE_FILE}`:",
@@ -271,8 +272,8 @@ def _licence_section(meta: CheckpointMeta, directory: Path | None) -> list[str]:
             licence.read_text().strip(),
             "```",
         ]
-    elif recipe.startswith("imported"):
-        lines += [f"Imported: {recipe}. The licence file of the source was not found next to the weights."]
+    elif imported:
+        lines += [f"Imported: {record.provenance}. The licence file of the source was not found next to the weights."]
     else:
         lines += [
             "Trained in this repository (command under How to reproduce); released with it under the MIT License "
@@ -287,6 +288,7 @@ def _fmt(value: Any) -> str:
 
 TRAINING_KEYS = (
     "recipe",
+    "origin",
     "data",
     "test_data",
     "epochs",
@@ -314,7 +316,7 @@ def render(
 ) -> str:
     """The card's text. `results`: the model's results.json, if evaluated; `directory`: where the weights live (for
     the licence file of imported weights)."""
-    t, m, c = meta.training, meta.metrics, meta.calibration
+    t, m, c = meta.training.model_dump(mode="json"), meta.metrics, meta.calibration
     kind = "baseline without purification" if is_baseline(meta) else "SOAP (self-supervised online purification)"
     body = [
         f"# {name}",
