@@ -21,8 +21,16 @@ SHIPPED = sorted(p.name for p in ZOO.iterdir() if (p / "model.json").is_file())
 
 
 def results_of(name: str) -> dict | None:
-    path = RESULTS / name / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The model's evaluation as the card generator reads it (results.json plus certify/certify.json)."""
+    return model_card.load_results(name, RESULTS)
+
+
+def test_results_are_read_from_results_json_and_certify_json():
+    results = results_of("mnist-fcn-dr")
+    assert results["attacks"] == json.loads((RESULTS / "mnist-fcn-dr" / "results.json").read_text())["attacks"]
+    certify = RESULTS / "mnist-fcn-dr" / "certify" / "certify.json"
+    if certify.is_file():
+        assert results["certified"] == json.loads(certify.read_text())
 
 
 def expected_index(results: dict, baseline: bool) -> dict[str, float]:
@@ -106,6 +114,11 @@ def test_card_sections_state_the_limitations(name):
         assert "Not evaluated under adaptive attacks" in limitations
     if not results.get("certified"):
         assert "No certified robustness result" in limitations
+    else:
+        noisy = results["certified"]["bases"]["noisy"]["certified_accuracy"]["0.5"]
+        assert "**Certified**" in limitations
+        assert f"r = 0.5: {100 * noisy['accuracy']:.1f} %" in limitations
+        assert results["certified"]["command"] in limitations
 
 
 def test_imported_weights_carry_the_authors_licence():
