@@ -162,6 +162,12 @@ def _tree_ticks(pid: int) -> int:
     return total
 
 
+def _machine_busy_ticks() -> int:
+    """Non-idle CPU ticks of the whole machine (all processes, everyone's), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields) - fields[3] - fields[4]  # minus idle and iowait
+
+
 def _pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -213,6 +219,7 @@ async def closed_loop(
     warmup: float,
     name: str,
     server_pid: int | None = None,
+    content_type: str = "image/png",
 ) -> LevelResult:
     """`concurrency` clients, each sending its next request as soon as the previous one is answered."""
     latencies: list[float] = []
@@ -230,7 +237,7 @@ async def closed_loop(
             i += concurrency
             start = time.perf_counter()
             try:
-                async with session.post(url + path, data=body, headers={"Content-Type": "image/png"}) as r:
+                async with session.post(url + path, data=body, headers={"Content-Type": content_type}) as r:
                     await r.read()
                     status = r.status
             except Exception:  # noqa: BLE001 - counted, reported
@@ -246,6 +253,7 @@ async def closed_loop(
     await asyncio.sleep(warmup)
     before = await _metric_sums(session, url, "soap_batch_size_images") if path == "/classify" else None
     cpu_before = (_cpu_ticks(server_pid, server_pid), _tree_ticks(server_pid)) if server_pid else None
+    machine_before, generator_before = _machine_busy_ticks(), time.process_time()
     measuring = True
     began = time.monotonic()
     await asyncio.gather(*tasks)
@@ -255,10 +263,14 @@ async def closed_loop(
         hz = os.sysconf("SC_CLK_TCK")
         loop_s = (_cpu_ticks(server_pid, server_pid) - cpu_before[0]) / hz  # the main thread runs the event loop
         total_s = (_tree_ticks(server_pid) - cpu_before[1]) / hz  # with the compute processes
+        generator_s = time.process_time() - generator_before
+        machine_s = (_machine_busy_ticks() - machine_before) / hz
         extra = {
             "server_cpu_cores_used": round(total_s / elapsed, 2),
             "event_loop_cpu_us_per_request": round(loop_s / sent * 1e6),
             "other_threads_cpu_us_per_request": round((total_s - loop_s) / sent * 1e6),
+            "generator_cpu_cores_used": round(generator_s / elapsed, 2),
+            "others_cpu_cores_used": round(max(0.0, machine_s - total_s - generator_s) / elapsed, 2),
         }
     mean_batch = None
     if before is not None:
@@ -388,10 +400,10 @@ def compute_alone(model_dir: Path, threads: int | None, seconds: float = 3.0) ->
     return out
 
 
-def _payloads(images: Path) -> list[bytes]:
-    files = sorted(images.glob("*/*.png"))
+def _payloads(images: Path, suffix: str = "png") -> list[bytes]:
+    files = sorted(images.glob(f"*/*.{suffix}"))
     if not files:
-        raise SystemExit(f"no PNG images under {images}/<class>/")
+        raise SystemExit(f"no {suffix} images under {images}/<class>/")
     return [f.read_bytes() for f in files]
 
 
@@ -403,6 +415,152 @@ def _row(r: LevelResult, batch: int | str) -> str:
         f"{r.extra.get('server_cpu_cores_used', '-')} | {r.extra.get('event_loop_cpu_us_per_request', '-')} | "
         f"{r.extra.get('other_threads_cpu_us_per_request', '-')} |"
     )
+
+
+# ---------------------------------------------------------------------------------------------- machine ceiling
+
+
+def _ceiling_worker(model_dir: str, batch: int, threads: int, seconds: float, barrier, results) -> None:
+    """One process of the ceiling: the predict step on one batch of uniform random images, again and again."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from models import load_checkpoint
+    from service.predict import PurifyRequest, predict
+
+    torch.set_num_threads(threads)
+    model = load_checkpoint(model_dir)
+    x = torch.rand(batch, *model.meta.input_shape)
+    predict(model, x, PurifyRequest())  # warm-up
+    barrier.wait()
+    done, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds or done < 2 * batch:
+        predict(model, x, PurifyRequest())
+        done += batch
+    results.put(done / (time.perf_counter() - began))
+
+
+def machine_ceiling(model_dir: Path, batch: int, seconds: float) -> dict:
+    """Images/s of purification + classification alone (no HTTP, no queue) on every core of the machine, at the
+    served batch size: the best of one process per core with one torch thread each, and one process with a torch
+    thread per core. Also the CPU that other processes (other people's jobs) took meanwhile."""
+    import multiprocessing
+    import resource
+
+    cores = len(os.sched_getaffinity(0))
+    layouts = {f"{cores} processes x 1 thread": (cores, 1), f"1 process x {cores} threads": (1, cores)}
+    context = multiprocessing.get_context("spawn")
+    out: dict = {"batch": batch, "cores": cores, "layouts": {}, "others_cpu_cores_used": {}}
+    hz = os.sysconf("SC_CLK_TCK")
+    for name, (processes, threads) in layouts.items():
+        barrier, results = context.Barrier(processes + 1), context.Queue()
+        procs = [
+            context.Process(target=_ceiling_worker, args=(str(model_dir), batch, threads, seconds, barrier, results))
+            for _ in range(processes)
+        ]
+        for proc in procs:
+            proc.start()
+        barrier.wait()  # every process loaded and warmed up: measure from here
+        machine, ours, began = _machine_busy_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
+        rate = sum(results.get() for _ in procs)
+        for proc in procs:
+            proc.join()
+        elapsed = time.monotonic() - began
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        ours_s = after.ru_utime + after.ru_stime - ours.ru_utime - ours.ru_stime  # includes their warm-up: a bound
+        others = max(0.0, (_machine_busy_ticks() - machine) / hz - ours_s) / elapsed
+        out["layouts"][name] = round(rate, 1)
+        out["others_cpu_cores_used"][name] = round(others, 2)
+    out["images_s"] = max(out["layouts"].values())
+    return out
+
+
+def _dataset_images(model_dir: Path) -> tuple[Path, str, str]:
+    """The real test images of the model's dataset: folder, file suffix, Content-Type."""
+    dataset = json.loads((model_dir / "model.json").read_text())["dataset"]
+    folder = ROOT / "tests" / "data" / dataset
+    return (folder, "jpg", "image/jpeg") if dataset.startswith("cifar") else (folder, "png", "image/png")
+
+
+# Server variants of the ceiling comparison: the default pool (one one-thread worker per core), the layout before
+# the pool (one worker with all cores but one as torch threads), and the pool with its workers at nice 10.
+POOL_VARIANTS: dict[str, dict] = {
+    "pool": {},
+    "one-worker": {"compute_workers": 1, "torch_threads": "cores-1"},
+    "pool-nice10": {"compute_nice": 10},
+}
+
+
+async def ceiling_comparison(session, args, model_dir: Path) -> dict:
+    """The service against the machine's compute ceiling, measured in the same run and interleaved: ceiling, then
+    each server variant at each concurrency, repeated; the ceiling is measured again at the end, and each level is
+    compared with the mean of the two ceilings around it (the machine is shared: its load drifts)."""
+    cores = len(os.sched_getaffinity(0))
+    folder, suffix, content_type = _dataset_images(model_dir)
+    payloads = _payloads(folder, suffix)
+    ceilings = [machine_ceiling(model_dir, args.max_batch_size, args.ceiling_seconds)]
+    print(f"ceiling {model_dir.name}: {json.dumps(ceilings[-1])}", flush=True)
+    # Enough measured time for ~10 full batches per level even for the slow models (CIFAR: ~25 images/s).
+    duration = min(45.0, max(args.duration, 10 * args.max_batch_size / max(ceilings[0]["images_s"], 1e-9)))
+    warmup = max(args.warmup, 2 * args.max_batch_size / max(ceilings[0]["images_s"], 1e-9))
+    levels = []
+    for repeat in range(args.repeats):
+        for variant in args.pool_variants:
+            options = {k: (max(1, cores - 1) if v == "cores-1" else v) for k, v in POOL_VARIANTS[variant].items()}
+            server = service_server(
+                str(model_dir),
+                max_batch_size=args.max_batch_size,
+                max_delay_ms=args.max_delay_ms,
+                max_queue=args.max_queue,
+                request_timeout_s=120,  # CIFAR at concurrency 256 queues for ~10 s: measure throughput, not 504s
+                **options,
+            )
+            try:
+                await server.wait_ready(session)
+                for c in args.ceiling_concurrency:
+                    level = await closed_loop(
+                        session, server.url, "/classify", payloads, c, duration, args.max_requests, warmup,
+                        variant, server.proc.pid, content_type,
+                    )  # fmt: skip
+                    levels.append({"repeat": repeat, "ceiling_index": repeat, **asdict(level)})
+                    print(f"{model_dir.name} r{repeat}: {_row(level, args.max_batch_size)}", flush=True)
+            finally:
+                server.stop()
+        ceilings.append(machine_ceiling(model_dir, args.max_batch_size, args.ceiling_seconds))
+        print(f"ceiling {model_dir.name}: {json.dumps(ceilings[-1])}", flush=True)
+    for level in levels:
+        i = level["ceiling_index"]
+        around = (ceilings[i]["images_s"] + ceilings[i + 1]["images_s"]) / 2
+        level["ceiling_images_s"] = round(around, 1)
+        level["fraction_of_ceiling"] = round(level["throughput_images_s"] / around, 3)
+    return {"model": model_dir.name, "duration_s": duration, "warmup_s": warmup, "ceilings": ceilings, "levels": levels}
+
+
+def ceiling_table(comparisons: list[dict]) -> str:
+    """Markdown: per model, variant and concurrency, the mean over repeats (and the spread) of the fraction."""
+    rows = [
+        "| model | server | concurrency | ceiling images/s | service images/s | fraction of ceiling | p50 ms | p99 ms "
+        "| non-200 | mean batch | loop CPU µs/req | generator cores | others' cores |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for comparison in comparisons:
+        groups: dict[tuple[str, int], list[dict]] = {}
+        for level in comparison["levels"]:
+            groups.setdefault((level["name"], level["concurrency"]), []).append(level)
+        for (variant, concurrency), group in groups.items():
+
+            def values(key: str, group: list[dict] = group) -> str:
+                return " / ".join(str(g[key] if key in g else g["extra"].get(key, "-")) for g in group)
+
+            non200 = " / ".join(str(g["requests"] - g["ok"] + g["errors"]) for g in group)
+            rows.append(
+                f"| {comparison['model']} | {variant} | {concurrency} | {values('ceiling_images_s')} | "
+                f"{values('throughput_images_s')} | **{values('fraction_of_ceiling')}** | {values('p50_ms')} | "
+                f"{values('p99_ms')} | {non200} | {values('mean_batch_size')} | "
+                f"{values('event_loop_cpu_us_per_request')} | {values('generator_cpu_cores_used')} | "
+                f"{values('others_cpu_cores_used')} |"
+            )
+    return "\n".join(rows)
 
 
 async def run(args) -> dict:
@@ -434,6 +592,11 @@ async def run(args) -> dict:
         },
     }
     rows = []
+    if args.parts == "ceiling":
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            await _ceiling_part(session, args, report)
+        report["host"]["loadavg_after"] = os.getloadavg()
+        return report
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         # 1. generator ceiling
         trivial = Server([str(Path(__file__).resolve()), "--serve-trivial"], "/healthz")
@@ -564,6 +727,9 @@ async def run(args) -> dict:
         print(rows[-1], flush=True)
         report["overload"] = asdict(over)
 
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await _ceiling_part(session, args, report)
+
     report["compute_alone"] = compute_alone(Path(args.model), args.torch_threads)
     print("compute alone:", json.dumps(report["compute_alone"]), flush=True)
 
@@ -586,6 +752,22 @@ async def run(args) -> dict:
     return report
 
 
+async def _ceiling_part(session, args, report: dict) -> None:
+    """6. each model of --ceiling-models against the machine's compute ceiling (see ceiling_comparison)."""
+    comparisons = [await ceiling_comparison(session, args, Path(m)) for m in args.ceiling_models]
+    report["ceiling_comparison"] = comparisons
+    report["ceiling_table_markdown"] = ceiling_table(comparisons)
+    report["ceiling_targets"] = {}
+    for c in comparisons:
+        pool_64 = [lv for lv in c["levels"] if lv["name"] == "pool" and lv["concurrency"] == 64]
+        report["ceiling_targets"][c["model"]] = {
+            "fraction_at_64_per_repeat": [lv["fraction_of_ceiling"] for lv in pool_64],
+            "p99_ms_at_64_per_repeat": [lv["p99_ms"] for lv in pool_64],
+            "non_200_at_64": sum(lv["requests"] - lv["ok"] + lv["errors"] for lv in pool_64),
+        }
+    print(report["ceiling_table_markdown"], flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the report here")
@@ -600,6 +782,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queue", type=int, default=1024)
     parser.add_argument("--overload-queue", type=int, default=32, help="the small queue of the overload test")
     parser.add_argument("--torch-threads", type=int, help="passed to the service (default: the service's default)")
+    parser.add_argument(
+        "--parts", choices=["all", "ceiling"], default="all", help="ceiling: only the comparison with the ceiling"
+    )
+    parser.add_argument(
+        "--ceiling-models",
+        type=lambda s: [x.strip() for x in s.split(",")],
+        default=[str(ROOT / "models" / "zoo" / m) for m in ("mnist-fcn-dr", "cifar10-resnet18-lc")],
+        help="checkpoints compared with the machine's compute ceiling (comma-separated)",
+    )
+    parser.add_argument("--ceiling-concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[64, 256])
+    parser.add_argument("--ceiling-seconds", type=float, default=8.0, help="measured seconds per ceiling layout")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the ceiling comparison")
+    parser.add_argument(
+        "--pool-variants",
+        type=lambda s: [x.strip() for x in s.split(",")],
+        default=["pool", "one-worker"],
+        help=f"server variants in the ceiling comparison, of {sorted(POOL_VARIANTS)}",
+    )
     parser.add_argument("--serve-trivial", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -608,7 +808,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report = asyncio.run(run(args))
     print()
+    if args.parts == "ceiling":
+        print(report["ceiling_table_markdown"])
+        print("ceiling targets:", json.dumps(report["ceiling_targets"]))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        return 0
     print(report["table_markdown"])
+    print(report["ceiling_table_markdown"])
     print(f"batching gain at concurrency 64: {report['batching_gain_at_64']}x")
     print(f"compute process vs thread at concurrency 64: {report['compute_process_gain_at_64']}x")
     print("overload:", json.dumps(report["overload"]["extra"]))

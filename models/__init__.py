@@ -6,7 +6,15 @@ This package must not import `training` or `service`.
 __version__ = "0.1.0"  # the distribution's version (pyproject.toml reads it from here)
 
 from .acceleration import Acceleration, AuxLossFn, Precision, aux_loss_fn
-from .checkpoint import CheckpointError, CheckpointMeta, LoadedModel, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    CheckpointMeta,
+    LoadedModel,
+    Recipe,
+    TrainingRecord,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .device import resolve_device
 from .networks import SoapNetwork
 from .purifier import Mode, PurifierConfig, PurifyResult, oracle_select, purify, purify_naive
@@ -22,6 +30,8 @@ __all__ = [
     "CheckpointError",
     "CheckpointMeta",
     "LoadedModel",
+    "Recipe",
+    "TrainingRecord",
     "load_checkpoint",
     "save_checkpoint",
     "resolve_device",

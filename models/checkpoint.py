@@ -9,11 +9,20 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -68,8 +77,49 @@ class Calibration(BaseModel):
         return self.aux_loss_quantiles[self.suspicious_quantile]
 
 
-# The training recipe that minimises the auxiliary loss (training/baselines.py); the baselines train L_cls alone.
-_AUX_RECIPE = "soap"
+class Recipe(StrEnum):
+    """How a checkpoint's weights came about (a closed set)."""
+
+    SOAP = "soap"  # joint training with the auxiliary loss (paper Eq. 2): the only recipe that trains it
+    VANILLA = "vanilla"  # the baselines train L_cls alone (training/baselines.py)
+    FGSM_AT = "fgsm-at"
+    PGD_AT = "pgd-at"
+    IMPORTED = "imported"  # converted from another codebase's release; `origin` says whose
+
+
+_AUX_RECIPE = Recipe.SOAP
+_IMPORTED_PROSE = "imported:"  # how records before Recipe wrote an import: "imported: <origin>"
+
+
+class TrainingRecord(BaseModel):
+    """A checkpoint's training record. What other modules read is typed; the run's details as the training command
+    recorded them (preset, schedule, config, hardware, durations, data, ...) stay as extra fields, for the model card.
+    Records that predate the enum (an import's recipe written as prose) read as `imported` with that `origin`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    recipe: Recipe | None = None  # None: not recorded (hand-written or test metadata)
+    command: str | None = None  # the command that reproduces the weights
+    git_commit: str | None = None  # training.provenance.git_commit
+    origin: str | None = None  # imported weights: whose release, which version
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_imported_prose(cls, data: Any) -> Any:
+        recipe = data.get("recipe") if isinstance(data, dict) else None
+        if isinstance(recipe, str) and recipe.startswith(_IMPORTED_PROSE):
+            data = {**data, "recipe": Recipe.IMPORTED, "origin": recipe.removeprefix(_IMPORTED_PROSE).strip()}
+        return data
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Fields that are None are left out of model.json, as before the record was typed."""
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+    @property
+    def provenance(self) -> str:
+        """One line: the recipe, and for imports whose weights (the prose records before the enum carried)."""
+        return str(self.recipe or Recipe.SOAP) + (f": {self.origin}" if self.origin else "")
 
 
 class CheckpointMeta(BaseModel):
@@ -94,7 +144,7 @@ class CheckpointMeta(BaseModel):
     aux_task: str
     aux_head_trained: bool = Field(description="training minimised the auxiliary loss, so purification is meaningful")
     purifier: PurifierSettings
-    training: dict[str, Any] = {}
+    training: TrainingRecord = Field(default_factory=TrainingRecord)
     metrics: dict[str, float] = {}
     calibration: Calibration | None = None
     noise_std: float | None = Field(default=None, gt=0)  # σ of the training input noise (smoothing's default σ)

@@ -40,6 +40,9 @@ from .logs import REQUEST_ID
 from .predict import PurifyRequest
 from .runtime import ModelRuntime, ServiceRuntime
 from .schemas import (
+    ADAPTIVE_ATTACKS,
+    BLIND_ATTACKS,
+    RESULTS_PAGE,
     BatchingInfo,
     CertifyResponse,
     ClassifyOptions,
@@ -49,6 +52,7 @@ from .schemas import (
     ModelInfo,
     ModelList,
     PurifierInfo,
+    RobustnessInfo,
     image_upload_body,
     query_parameters,
 )
@@ -58,6 +62,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger("service.app")
+MODEL_CARD_FILE = "MODEL_CARD.md"  # next to the weights (training/model_card.py writes it)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _V2_INFER = re.compile(r"^/v2/models/([^/]+)/infer$")
@@ -581,6 +586,23 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
     async def model_info(name: str) -> ModelInfo:
         return _model_info(runtime, runtime.get(name))
 
+    @app.get(
+        "/v1/models/{name}/card",
+        response_class=Response,
+        responses={
+            200: {"content": {"text/markdown": {"schema": {"type": "string"}}}},
+            404: {"model": ErrorResponse},
+        },
+        dependencies=protected,
+        summary="The model card (MODEL_CARD.md): evaluation, limitations, licence",
+    )
+    async def model_card(name: str) -> Response:
+        model = runtime.get(name)
+        card = model.loaded.path / MODEL_CARD_FILE
+        if not card.is_file():
+            raise ServiceError(404, "not_found", f"model {model.name} has no {MODEL_CARD_FILE}")
+        return Response(card.read_bytes(), media_type="text/markdown; charset=utf-8")
+
     @app.get("/healthz", response_model=Health, summary="Liveness: the process answers")
     async def healthz() -> Health:
         return Health(status="ok")
@@ -639,9 +661,16 @@ def _model_info(runtime: ServiceRuntime, model: ModelRuntime) -> ModelInfo:
             budgets=purifier.budgets(),
             max_budget=purifier.max_budget,
         ),
+        robustness=RobustnessInfo(
+            purifies=model.purifies,
+            resists=BLIND_ATTACKS if model.purifies else None,
+            does_not_resist=ADAPTIVE_ATTACKS if model.purifies else "adversarial examples of any kind (no defence)",
+            results=RESULTS_PAGE,
+            model_card=f"v1/models/{model.name}/card",
+        ),
         calibration=calibration,
         metrics=meta.metrics,
-        training=meta.training,
+        training=meta.training.model_dump(mode="json"),
         batching=BatchingInfo(
             max_batch_size=s.max_batch_size,
             max_delay_ms=s.max_delay_ms,

@@ -191,14 +191,16 @@ class ServiceSettings(BaseSettings):
         return v
 
     def pool_size(self, cuda: bool = False) -> int:
-        """Compute workers per model: as configured, else one process per core on the CPU (on 2 cores two one-thread
-        processes purify MNIST faster than one two-thread process, and the kernel gives the event loop its share),
-        one on a GPU (it computes one batch at a time anyway), one thread without compute processes."""
+        """Compute workers per model: as configured, else on the CPU one process per usable core, within the
+        container's CPU and memory limits (on 2 cores two one-thread processes purify MNIST faster than one
+        two-thread process, and the kernel gives the event loop its share); one on a GPU (it computes one batch at a
+        time anyway); one thread without compute processes."""
         if self.compute_workers:
             return self.compute_workers
         if cuda or not self.compute_process:
             return 1
-        return _cores()
+        # Capped by memory: one worker per GiB beyond the first (the server's own process).
+        return max(1, min(_cores(), _memory_bytes() // WORKER_MEMORY_BYTES - 1))
 
     @model_validator(mode="after")
     def _one_key_source(self) -> ServiceSettings:
@@ -248,8 +250,50 @@ class ServiceSettings(BaseSettings):
         return None
 
 
+CGROUP = Path("/sys/fs/cgroup")
+WORKER_MEMORY_BYTES = 1 << 30  # per compute process: ~600 MB resident measured (mostly torch), plus batches
+
+
+def cgroup_cpus(root: Path = CGROUP) -> float | None:
+    """The container's CPU limit in cores (cgroup v2 cpu.max or v1 cfs quota), None when unlimited or unknown."""
+    try:
+        if (root / "cpu.max").exists():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
+def cgroup_memory_bytes(root: Path = CGROUP) -> int | None:
+    """The container's memory limit (cgroup v2 memory.max or v1 limit_in_bytes), None when unlimited or unknown."""
+    for path in (root / "memory.max", root / "memory" / "memory.limit_in_bytes"):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text == "max" or not text.isdigit() or int(text) >= 1 << 60:  # v1 writes a huge number for "none"
+            return None
+        return int(text)
+    return None
+
+
 def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """Cores this process may use: its CPU affinity, capped by a container's CPU limit (a pod limited to 2 CPUs on
+    a 64-core node sees 64 cores in its affinity mask)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cgroup_cpus()
+    return max(1, min(cores, int(limit + 0.5))) if limit is not None else cores
+
+
+def _memory_bytes() -> int:
+    """Memory this process may use: a container's limit, else the machine's RAM."""
+    limit = cgroup_memory_bytes()
+    if limit is not None:
+        return limit
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _env_name(field: str) -> str:

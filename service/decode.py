@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 # Camera JPEGs with an embedded preview are MPO files whose first frame is the photo itself.
@@ -140,10 +140,14 @@ def decode_opened(source: Image.Image, input_shape: tuple[int, int, int] | list[
             side = max(height, width)
             source.draft("L" if channels == 1 else "RGB", (side, side))
         source.load()  # decodes the pixels; raises on truncated data
-        image = ImageOps.exif_transpose(source)
+        image = source
+        # exif_transpose reads the same tag but copies every image, rotated or not (~30 µs of event loop per
+        # 28x28 digit): only rotate images that say they need it.
+        if source.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+            image = ImageOps.exif_transpose(source)
         image = _to_channels(image, channels)
         image = _resize(image, height, width)
-        array = np.asarray(image, dtype=np.uint8)
+        array = np.asarray(image, dtype=np.float32)  # one copy, straight to float (was: uint8, copy, float)
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, MemoryError):
@@ -152,7 +156,7 @@ def decode_opened(source: Image.Image, input_shape: tuple[int, int, int] | list[
         raise _bad(f"truncated or corrupt image data: {exc}") from None
     finally:
         source.close()
-    tensor = torch.from_numpy(array.copy()).to(torch.float32).div_(255.0)
+    tensor = torch.from_numpy(array).div_(255.0)
     return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1).contiguous()
 
 

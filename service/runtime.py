@@ -14,6 +14,7 @@ models through it:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -52,6 +53,11 @@ class ModelRuntime:
     @property
     def ready(self) -> bool:
         return len(self.warm) == len(self.workers)
+
+    @functools.cached_property
+    def max_budget(self) -> float:
+        """The largest purification budget. Checked on every request: `loaded.purifier` builds its config anew."""
+        return self.loaded.purifier.max_budget
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -96,7 +102,7 @@ class ModelRuntime:
                 reason="bad_options",
                 model=self.name,
             )
-        max_budget = self.loaded.purifier.max_budget
+        max_budget = self.max_budget
         if epsilon is not None and epsilon > max_budget + 1e-9:
             raise ServiceError(
                 422,

@@ -134,6 +134,28 @@ class ErrorResponse(BaseModel):
     detail: Any = Field(description="human-readable explanation (or a list of validation problems)")
 
 
+RESULTS_PAGE = "docs/results.md"
+BLIND_ATTACKS = (
+    "purifier-blind attacks: adversarial examples computed on the classifier alone, as if there were no purifier "
+    "(the paper's FGSM, PGD, CW and DeepFool; this service's demo attack)"
+)
+ADAPTIVE_ATTACKS = (
+    "adaptive attacks that attack purify-then-classify as a whole (BPDA or the full gradient through the purifier, "
+    "APGD): accuracy with purification falls to a few percent or less"
+)
+
+
+class RobustnessInfo(BaseModel):
+    """What purification does and does not defend against, next to the purification itself (measured: the model
+    card and docs/results.md of the source repository)."""
+
+    purifies: bool = Field(description="the model purifies its inputs (false: a baseline served with mode none)")
+    resists: str | None = Field(description="what purification resists (None when the model does not purify)")
+    does_not_resist: str = Field(description="what it does not resist: the model is not robust against these")
+    results: str = Field(description="where the measured accuracies are, in the source repository")
+    model_card: str = Field(description="the model's card with its measured accuracies (relative URL on this service)")
+
+
 class PurifierInfo(BaseModel):
     step_size: float
     steps: int
@@ -167,6 +189,7 @@ class ModelInfo(BaseModel):
     modes: list[Mode] = Field(description="purification modes this model serves")
     default_mode: Mode = Field(description="the mode of a request that names none")
     purifier: PurifierInfo
+    robustness: RobustnessInfo = Field(description="which attacks purification resists and which it does not")
     calibration: dict[str, Any] | None = Field(
         description="clean-data auxiliary-loss quantiles and the suspicious threshold, if the checkpoint has them"
     )

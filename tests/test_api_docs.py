@@ -4,9 +4,10 @@ it), and /docs is Swagger UI served by the service itself: no external host, eve
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
-from test_service_support import serve_app, settings_for
+from test_service_support import ServerProcess, serve_app, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -72,3 +73,47 @@ async def test_a_server_without_a_key_documents_none(model_dir):
     assert "securitySchemes" not in schema.get("components", {})
     assert "security" not in schema["paths"]["/classify"]["post"]
     assert "security" not in schema["paths"]["/v1/models"]["get"]
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)")
+def test_swagger_ui_renders_offline_and_authorize_sends_the_key(model_dir):
+    """Headless chromium on /docs of a keyed real server: the OpenAPI 3.1 document renders, nothing is fetched from
+    outside the service, and after Authorize (X-API-Key) "Try it out" on GET /v1/models answers 200."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    server = ServerProcess(
+        ["--model", str(model_dir)], {"SOAP_API_KEY_ENV": "SOAP_DOCS_UI_KEY", "SOAP_DOCS_UI_KEY": "ui-key"}
+    )
+    external: list[str] = []
+    errors: list[str] = []
+    try:
+        server.wait_ready()
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.set_default_timeout(20_000)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("request", lambda r: None if r.url.startswith(server.url) else external.append(r.url))
+            page.goto(server.url + "/docs")
+            page.wait_for_selector('.opblock-summary-path[data-path="/v2/models/{name}/infer"]')
+            assert page.locator(".opblock").count() >= 10
+            page.click("button.authorize")
+            page.fill("input[type=text], input[type=password]", "ui-key")
+            page.click(".auth-btn-wrapper button.authorize")
+            page.click("button.btn-done")
+            block = page.locator('.opblock-get:has(.opblock-summary-path[data-path="/v1/models"])')
+            block.locator(".opblock-summary").click()
+            block.locator("button.try-out__btn").click()
+            block.locator("button.execute").click()
+            status = block.locator(".live-responses-table tbody .response-col_status").first
+            status.wait_for()
+            assert status.inner_text().strip().startswith("200")
+            browser.close()
+    finally:
+        server.stop()
+    assert not errors, errors
+    assert not external, f"/docs reached outside the service: {external}"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models import CheckpointError, create_model, get_spec, load_checkpoint, save_checkpoint
+from models import CheckpointError, Recipe, create_model, get_spec, load_checkpoint, save_checkpoint
 from models.checkpoint import Calibration, _sha256, meta_for, read_meta
 
 DIGITS = [str(i) for i in range(10)]
@@ -88,7 +88,7 @@ def test_round_trip_gives_identical_logits_and_metadata(ckpt: Path) -> None:
     assert meta.class_names == DIGITS
     assert meta.input_shape == [1, 28, 28]
     assert meta.aux_task == "reconstruction"
-    assert meta.training["seed"] == 7
+    assert meta.training.model_extra["seed"] == 7
     assert meta.metrics["clean_accuracy"] == 0.91
     assert meta.calibration.suspicious_threshold == 0.05
     assert loaded.purifier == get_spec("mnist-fcn-dr").purifier
@@ -306,3 +306,32 @@ def test_metadata_without_the_field_reads_it_from_the_training_recipe(ckpt: Path
 def test_the_field_round_trips_and_overrides_the_recipe(ckpt: Path) -> None:
     _edit_meta(ckpt, lambda m: m.update(aux_head_trained=False, training={"recipe": "soap"}))
     assert read_meta(ckpt).aux_head_trained is False
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in ZOO.iterdir() if (p / "model.json").is_file()))
+def test_shipped_training_records_read_as_typed_records_and_write_back_unchanged(name: str) -> None:
+    """The training record's recipe is a closed enum; the shipped model.json files (written before it) still read,
+    and everything but the prose of a pre-enum import writes back as it was."""
+    raw = json.loads((ZOO / name / "model.json").read_text())["training"]
+    record = read_meta(ZOO / name).training
+    assert isinstance(record.recipe, Recipe)
+    if raw["recipe"].startswith("imported:"):
+        assert record.recipe is Recipe.IMPORTED
+        assert record.provenance == raw["recipe"]  # "imported: authors' released checkpoint (...)", as before
+        raw = {**raw, "recipe": "imported", "origin": record.origin}
+    assert record.model_dump(mode="json") == raw
+
+
+def test_a_recipe_outside_the_closed_set_is_refused(ckpt: Path) -> None:
+    _edit_meta(ckpt, lambda m: m.update(training={"recipe": "trained somehow"}))
+    with pytest.raises(CheckpointError, match="recipe"):
+        load_checkpoint(ckpt)
+
+
+def test_training_record_round_trips_recipe_and_run_details(tmp_path: Path) -> None:
+    meta = meta_for(_fcn(), "mnist-fcn-dr", "mnist", DIGITS, training={"recipe": "pgd-at", "epochs": 3})
+    save_checkpoint(_fcn(), meta, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["training"] == {"recipe": "pgd-at", "epochs": 3}
+    record = read_meta(tmp_path / "m").training
+    assert record.recipe is Recipe.PGD_AT
+    assert record.model_extra == {"epochs": 3}

@@ -113,44 +113,45 @@ def _running(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(600)
 def test_sigkill_of_a_worker_under_load_costs_no_request(model_dir):
-    """A real server with two compute processes, 64 clients; one child is killed while it computes a batch."""
+    """A real server with two compute processes, 64 clients; one child is killed while it computes a batch, and the
+    load goes on for 4 s more (the retried batch, the restart and what follows)."""
     import aiohttp
 
     srv = ServerProcess(["--model", str(model_dir), "--compute-workers", "2", "--max-batch-size", "32"])
     try:
-        srv.wait_ready()
+        srv.wait_ready(timeout=300)  # three interpreters importing torch: slow on a busy 2-core machine
         workers = _children(srv.proc.pid)
         assert len(workers) == 2
         statuses: list[int] = []
         killed: list[int] = []
 
         async def load() -> None:
-            stop = time.monotonic() + 6
+            stop = [time.monotonic() + 30]
 
             async def client(k: int, session: aiohttp.ClientSession) -> None:
-                while time.monotonic() < stop:
+                while time.monotonic() < stop[0]:
                     async with session.post(srv.url + "/classify", data=mnist_png(k % 10), headers=PNG) as r:
                         await r.read()
                         statuses.append(r.status)
 
             async def killer() -> None:
                 await asyncio.sleep(1.5)
-                until = time.monotonic() + 3
-                while not killed and time.monotonic() < until:
+                while not killed and time.monotonic() < stop[0] - 5:
                     victim = workers[0]
                     if _running(victim):  # in recv when idle; running means it is computing a batch
                         os.kill(victim, signal.SIGKILL)
-                        killed.append(victim)
+                        killed.append(len(statuses))
+                        stop[0] = time.monotonic() + 4
                     await asyncio.sleep(0.001)
 
             connector = aiohttp.TCPConnector(limit=64)
-            async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+            async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
                 await asyncio.gather(killer(), *(client(k, session) for k in range(64)))
 
         asyncio.run(load())
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while len(set(_children(srv.proc.pid)) - set(workers)) < 1 and time.monotonic() < deadline:
             time.sleep(0.1)
         replaced = set(_children(srv.proc.pid)) - set(workers)
@@ -158,22 +159,51 @@ def test_sigkill_of_a_worker_under_load_costs_no_request(model_dir):
         srv.stop()
     output = srv.output()
     assert killed, "the worker was never seen computing"
-    assert len(statuses) > 100
+    assert len(statuses) > killed[0]  # answers came after the kill
     assert set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
     assert "died during a batch" in output, output
     assert "computing it again" in output, output
     assert len(replaced) == 1  # the killed child was replaced by a new one
 
 
-def test_pool_size_defaults_to_one_worker_per_core_on_the_cpu(tmp_path):
-    cores = len(os.sched_getaffinity(0))
+def test_pool_size_defaults_to_one_worker_per_core_on_the_cpu(tmp_path, monkeypatch):
+    from service import config
+
+    monkeypatch.setattr(config, "_cores", lambda: 64)
+    monkeypatch.setattr(config, "_memory_bytes", lambda: 128 << 30)
     default = ServiceSettings(models=[tmp_path])
-    assert default.pool_size() == cores
+    assert default.pool_size() == 64
     assert default.compute_threads == 1
     assert default.pool_size(cuda=True) == 1
+    monkeypatch.setattr(config, "_memory_bytes", lambda: 8 << 30)  # a pod's 8 GiB: 7 workers, not 64
+    assert default.pool_size() == 7
     assert ServiceSettings(models=[tmp_path], compute_process=False).pool_size() == 1
-    assert ServiceSettings(models=[tmp_path], compute_process=False).compute_threads == max(1, cores - 1)
+    assert ServiceSettings(models=[tmp_path], compute_process=False).compute_threads == 63
     custom = ServiceSettings(models=[tmp_path], compute_workers=3, torch_threads=2)
     assert custom.pool_size() == 3
     assert custom.pool_size(cuda=True) == 3
     assert custom.compute_threads == 2
+
+
+def test_container_limits_are_read_from_cgroup_files(tmp_path):
+    from service.config import cgroup_cpus, cgroup_memory_bytes
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("200000 100000\n")
+    (v2 / "memory.max").write_text("8589934592\n")
+    assert cgroup_cpus(v2) == 2.0
+    assert cgroup_memory_bytes(v2) == 8 << 30
+    (v2 / "cpu.max").write_text("max 100000\n")
+    (v2 / "memory.max").write_text("max\n")
+    assert cgroup_cpus(v2) is None
+    assert cgroup_memory_bytes(v2) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "memory").mkdir()
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("150000")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(str(2**63 - 4096))  # v1's "no limit"
+    assert cgroup_cpus(v1) == 1.5
+    assert cgroup_memory_bytes(v1) is None
+    assert cgroup_cpus(tmp_path / "absent") is None

@@ -86,6 +86,27 @@ def test_records_the_commit_as_provenance_does_with_its_dirty_marker(evaluation)
     assert result["git_commit"] == RECORDED_COMMIT
 
 
+def test_detector_rates_and_model_info(evaluation):
+    """Every attack records how often the `suspicious` flag fires and how often it is fooled unflagged; the clean row
+    measures the calibrated false-positive rate; model_info.json carries the RobustBench fields."""
+    _, out, result = evaluation
+    detector = result["detector"]
+    assert detector["quantile"] == "0.99"
+    assert detector["threshold"] > 0
+    assert detector["clean"]["flagged"]["correct"] <= 2  # 1 % false positives on 24 clean digits
+    for name, attack in result["attacks"].items():
+        rates = attack["detector"]
+        fooled = attack["rows"]["min-aux"]["n"] - attack["rows"]["min-aux"]["correct"]
+        assert rates["fooled_unflagged"]["correct"] <= fooled, name
+        assert rates["flagged"]["n"] == attack["n"]
+    assert result["attacks"]["noise"]["detector"]["flagged"]["accuracy"] > 0.5  # uniform noise trips the flag
+    info = json.loads((out / "model_info.json").read_text())
+    assert info["clean_acc"] == f"{100 * result['clean']['min-aux']['accuracy']:.2f}"
+    assert info["eps"] == "0.3"
+    assert info["adaptive_worst_case_n"] == 12
+    assert info["reported"] == "61.88"
+
+
 def test_writes_markdown_json_csv_and_figures(evaluation):
     code, out, result = evaluation
     assert code == 0

@@ -69,7 +69,7 @@ def test_import_with_data_root_writes_a_calibrated_checkpoint(tmp_path):
     data = load_image_folder(ROOT / "tests" / "data" / "cifar10", (3, 32, 32))
     first16 = data.subset(interleaved_order(data.labels)[:16])
     assert cal.mean_aux_loss_per_budget[0] == pytest.approx(aux_losses(loaded.network, first16).mean().item(), rel=1e-4)
-    assert meta.training["command"].startswith("python -m training import-reference")
+    assert meta.training.command.startswith("python -m training import-reference")
     assert "released" in (out / "MODEL_CARD.md").read_text()
     assert json.loads((out / "model.json").read_text())["aux_head_trained"] is True  # SOAP-trained by the authors
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from models import load_checkpoint
+from models import Recipe, load_checkpoint
 from training import model_card
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,8 +21,16 @@ SHIPPED = sorted(p.name for p in ZOO.iterdir() if (p / "model.json").is_file())
 
 
 def results_of(name: str) -> dict | None:
-    path = RESULTS / name / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The model's evaluation as the card generator reads it (results.json plus certify/certify.json)."""
+    return model_card.load_results(name, RESULTS)
+
+
+def test_results_are_read_from_results_json_and_certify_json():
+    results = results_of("mnist-fcn-dr")
+    assert results["attacks"] == json.loads((RESULTS / "mnist-fcn-dr" / "results.json").read_text())["attacks"]
+    certify = RESULTS / "mnist-fcn-dr" / "certify" / "certify.json"
+    if certify.is_file():
+        assert results["certified"] == json.loads(certify.read_text())
 
 
 def expected_index(results: dict, baseline: bool) -> dict[str, float]:
@@ -86,8 +94,8 @@ def test_card_sections_state_the_limitations(name):
     ):
         assert heading in text, heading
     assert results["command"] in text, "the evaluation command"
-    if "command" in meta.training:
-        assert meta.training["command"] in text
+    if meta.training.command:
+        assert meta.training.command in text
     limitations = text.split("## Limitations", 1)[1].split("\n## ", 1)[0]
     if not meta.aux_head_trained:
         assert "min-aux purification" not in text, "a baseline card has no purification row"
@@ -106,10 +114,15 @@ def test_card_sections_state_the_limitations(name):
         assert "Not evaluated under adaptive attacks" in limitations
     if not results.get("certified"):
         assert "No certified robustness result" in limitations
+    else:
+        noisy = results["certified"]["bases"]["noisy"]["certified_accuracy"]["0.5"]
+        assert "**Certified**" in limitations
+        assert f"r = 0.5: {100 * noisy['accuracy']:.1f} %" in limitations
+        assert results["certified"]["command"] in limitations
 
 
 def test_imported_weights_carry_the_authors_licence():
-    imported = [n for n in SHIPPED if str(load_checkpoint(ZOO / n).meta.training.get("recipe", "")).startswith("imp")]
+    imported = [n for n in SHIPPED if load_checkpoint(ZOO / n).meta.training.recipe is Recipe.IMPORTED]
     assert imported == ["cifar10-resnet18-lc-official"]
     for name in imported:
         licence = (ZOO / name / model_card.WEIGHTS_LICENSE_FILE).read_text()
@@ -129,3 +142,28 @@ def test_card_on_disk_is_what_the_generator_makes(name):
     assert (directory / model_card.CARD_FILE).read_text() == expected, (
         f"stale card: run python -m training.model_card models/zoo/{name}"
     )
+
+
+@pytest.mark.anyio
+async def test_service_serves_the_card_and_states_the_robustness_truth(model_dir):
+    """GET /v1/models/{name} says what purification resists (blind attacks) and what not (adaptive), and
+    GET /v1/models/{name}/card serves the shipped card as is; a baseline resists nothing."""
+    from test_service_support import serve_app, settings_for
+
+    baseline = ZOO / "mnist-fcn-dr-vanilla"
+    async with serve_app(settings_for(model_dir, baseline)) as (_, client):
+        info = (await client.get("/v1/models/mnist-fcn-dr")).json()["robustness"]
+        card = await client.get(info["model_card"])
+        plain = (await client.get("/v1/models/mnist-fcn-dr-vanilla")).json()["robustness"]
+        missing = await client.get("/v1/models/no-such-model/card")
+    assert info["purifies"] is True
+    assert info["resists"].startswith("purifier-blind attacks")
+    assert info["does_not_resist"].startswith("adaptive attacks")
+    assert info["results"] == "docs/results.md"
+    assert card.status_code == 200
+    assert card.headers["content-type"].startswith("text/markdown")
+    assert card.text == (model_dir / "MODEL_CARD.md").read_text()
+    assert plain["purifies"] is False
+    assert plain["resists"] is None
+    assert missing.status_code == 404
+    assert missing.json()["error"] == "unknown_model"

@@ -90,7 +90,7 @@ def test_every_preset_and_baseline_trains_and_writes_a_loadable_checkpoint(prese
     assert rc == 0
     loaded = load_checkpoint(out)
     assert loaded.meta.network == config.network
-    assert loaded.meta.training["recipe"] == config.recipe
+    assert loaded.meta.training.recipe == config.recipe
     # written explicitly (not left to the legacy inference): only soap's objective trains the auxiliary head
     assert json.loads((out / "model.json").read_text())["aux_head_trained"] is (config.recipe == "soap")
     assert len(loaded.meta.class_names) == (100 if config.dataset == "cifar100" else 10)
@@ -314,13 +314,13 @@ def test_checkpoint_from_training_loads_in_core_and_service(tmp_path):
     assert len(cal.mean_aux_loss_per_budget) == loaded.purifier.num_budgets
     assert cal.mean_aux_loss_per_budget[-1] < cal.mean_aux_loss_per_budget[0]  # purification lowers the aux loss
     training = loaded.meta.training
-    assert training["command"].startswith("python -m training train --preset mnist-fcn-dr")
-    assert training["epochs"] == 3
-    assert training["seed"] == 0
-    assert training["git_commit"]
-    assert training["hardware"]
+    assert training.command.startswith("python -m training train --preset mnist-fcn-dr")
+    assert training.model_extra["epochs"] == 3
+    assert training.model_extra["seed"] == 0
+    assert training.git_commit
+    assert training.model_extra["hardware"]
     card = (out / "MODEL_CARD.md").read_text()
-    assert training["command"] in card
+    assert training.command in card
     assert "Clean test accuracy" in card
 
     from service.config import ServiceSettings
@@ -377,7 +377,7 @@ def test_shipped_model_loads_with_calibration_metrics_card_and_claimed_accuracy(
     assert meta.calibration.n >= 1000
     assert meta.metrics["clean_accuracy"] > 0.3
     assert meta.metrics["test_images"] >= 1000
-    assert meta.training["command"].startswith("python -m training ")
+    assert meta.training.command.startswith("python -m training ")
     assert "## How to reproduce" in (path / "MODEL_CARD.md").read_text()
     assert meta.metrics["clean_accuracy"] >= MIN_ACCURACY.get(path.name, 0.0)
     # The weights do what the metadata says: accuracy on the committed real test images is close to the claim.
@@ -423,6 +423,6 @@ def test_warmup_and_eps_ramp_follow_their_schedules(tmp_path):
     rows = metrics(out)
     assert [r["attack_eps"] for r in rows] == pytest.approx([0.1, 0.2, 0.3])
     assert [r["lr"] for r in rows] == pytest.approx([0.01, 0.01, 0.001])  # in force at the end of each epoch
-    command = load_checkpoint(out).meta.training["command"]
+    command = load_checkpoint(out).meta.training.command
     assert "--warmup-epochs 1" in command
     assert "--attack-eps-ramp-epochs 2" in command

@@ -426,3 +426,24 @@ def test_colour_model_hides_canvas_and_classifies_upload(page, servers):
     assert " (class " in shown(page)["label"]  # class names are shown with their index
     assert page.locator("#pred-eps-255").inner_text() == f" (= {round(result['epsilon'] * 255)}/255)"
     page.screenshot(path=str(ARTIFACTS / "web-colour.png"), full_page=True)
+
+
+def test_page_states_what_purification_resists_and_what_it_does_not(page, servers):
+    """Next to the purification: purifier-blind attacks are resisted, adaptive ones are not, with the model card
+    (served by the service) and docs/results.md for the numbers."""
+    server = servers["off"]
+    open_page(page, server)
+    truth = page.locator("#robustness-truth").inner_text()
+    assert "purifier-blind" in truth
+    assert "does not resist adaptive attacks" in truth
+    assert "docs/results.md" in truth
+    page.wait_for_function("() => document.getElementById('model-robustness').textContent.includes('Does not resist')")
+    robustness = page.locator("#model-robustness").inner_text()
+    assert "Resists: purifier-blind attacks" in robustness
+    assert "docs/results.md" in robustness
+    href = page.locator("#model-robustness a").get_attribute("href")
+    assert href == "v1/models/mnist-fcn-dr/card"
+    card = page.request.get(f"{server.url}/{href}")
+    assert card.status == 200
+    assert card.headers["content-type"].startswith("text/markdown")
+    assert "## Limitations" in card.text()

@@ -19,21 +19,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
-from models import create_model, load_checkpoint, oracle_select, purify, resolve_device
+from models import Recipe, create_model, load_checkpoint, oracle_select, purify
+from models.attacks.seeding import ImageGenerators, derive_seed
 from models.checkpoint import LoadedModel
 
-from . import provenance
+from . import distributed, provenance
 from .attacks import paper_settings
 from .attacks.registry import ATTACKS, DEFAULT_ATTACKS, AttackContext, AttackSpec, get_attack
 from .attacks.settings import AttackSettings
 from .data import ImageData, load_test_data
+from .distributed import Process
+from .partial import BatchRecord, PartialResults, fingerprint
 from .report import write_all
 from .rows import ROWS
 from .stats import Accuracy
 
-BASELINE_RECIPES = ("vanilla", "fgsm-at", "pgd-at")
+BASELINE_RECIPES = (Recipe.VANILLA, Recipe.FGSM_AT, Recipe.PGD_AT)
 
 
 @dataclass
@@ -52,6 +56,7 @@ class EvalConfig:
     sanity_n: int = 100
     beta_n: int = 500
     adaptive_n: int | None = None  # adaptive attacks on the first adaptive_n images only (CPU budget)
+    resume: bool = True  # reuse the per-batch partial results under out/.partial (same configuration only)
 
 
 @dataclass
@@ -59,10 +64,24 @@ class Batchwise:
     """Per-example outcome of one column of the table."""
 
     correct: dict[str, torch.Tensor]
+    flagged: torch.Tensor | None = None
     seconds: float = 0.0
     max_linf: float = 0.0
     max_l2: float = 0.0
     out_of_range: int = 0
+
+    @classmethod
+    def of(cls, records: list[BatchRecord]) -> Batchwise:
+        records = sorted(records, key=lambda r: r.start)
+        flagged = [r.flagged for r in records if r.flagged is not None]
+        return cls(
+            _cat([r.correct for r in records]),
+            torch.cat(flagged) if flagged and len(flagged) == len(records) else None,
+            sum(r.seconds for r in records),
+            max(r.max_linf for r in records),
+            max(r.max_l2 for r in records),
+            sum(r.out_of_range for r in records),
+        )
 
 
 # ----------------------------------------------------------------------------- data and model
@@ -80,7 +99,7 @@ def evaluation_order(data: ImageData, source: str) -> tuple[torch.Tensor, str]:
 
 def is_soap(loaded: LoadedModel) -> bool:
     """Baselines (vanilla / FGSM-AT / PGD-AT) have no trained auxiliary head to purify with."""
-    return loaded.meta.training.get("recipe", "soap") not in BASELINE_RECIPES
+    return loaded.meta.training.recipe not in BASELINE_RECIPES
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -89,10 +108,11 @@ def is_soap(loaded: LoadedModel) -> bool:
 class Scorer:
     """Classify images under each row of the table; times the purifier."""
 
-    def __init__(self, loaded: LoadedModel, rows: tuple[str, ...]):
+    def __init__(self, loaded: LoadedModel, rows: tuple[str, ...], threshold: float | None = None):
         self.model = loaded.network
         self.purifier = loaded.purifier
         self.rows = rows
+        self.threshold = threshold  # the service's `suspicious` flag: aux loss before purification above it
         self.purify_seconds = 0.0
         self.purified_images = 0
 
@@ -100,8 +120,10 @@ class Scorer:
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x).argmax(1)
 
-    def correct(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def score(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Per row, whether each image is classified correctly; and whether the detector flags it (or None)."""
         out = {"none": (self._predict(x) == y).cpu()}
+        flagged = None
         if "min-aux" in self.rows:
             start = time.perf_counter()
             result = purify(self.model, x, self.purifier, return_candidates="oracle" in self.rows)
@@ -111,11 +133,44 @@ class Scorer:
             if "oracle" in self.rows:
                 images, _ = oracle_select(self.model, result, y)
                 out["oracle"] = (self._predict(images) == y).cpu()
-        return out
+            if self.threshold is not None:
+                flagged = (result.aux_before > self.threshold).cpu()
+        return out, flagged
+
+    def correct(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.score(x, y)[0]
 
 
 def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {row: torch.cat([p[row] for p in parts]) for row in parts[0]}
+
+
+def attack_batch(
+    spec: AttackSpec, ctx: AttackContext, scorer: Scorer, x: torch.Tensor, y: torch.Tensor, start: int, keep: bool
+) -> BatchRecord:
+    """Attack images [start, start + len(x)) with per-image seeds; score every row; time it; check the budget."""
+    indices = range(start, start + x.shape[0])
+    ctx.rng = ImageGenerators(ctx.seed, spec.name, indices)
+    ctx.batch_seed = derive_seed(ctx.seed, spec.name, start) % (1 << 31)
+    torch.manual_seed(ctx.batch_seed)  # libraries that draw from the global generator
+    began = time.perf_counter()
+    adv = spec.run(ctx, x, y).detach()
+    if adv.is_cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - began
+    delta = (adv - x).flatten(1)
+    correct, flagged = scorer.score(adv, y)
+    return BatchRecord(
+        start=start,
+        stop=start + x.shape[0],
+        correct=correct,
+        flagged=flagged,
+        seconds=seconds,
+        max_linf=float(delta.abs().max()),
+        max_l2=float(delta.norm(dim=1).max()),
+        out_of_range=int(((adv < 0) | (adv > 1)).flatten(1).any(1).sum()),
+        kept=adv[:16].cpu() if keep else None,
+    )
 
 
 def run_attack(
@@ -125,35 +180,51 @@ def run_attack(
     x: torch.Tensor,
     y: torch.Tensor,
     batch_size: int,
-    keep: dict | None = None,
-) -> Batchwise:
-    """Attack all images batch by batch; score every row; record time, budget and range violations."""
-    parts, seconds, max_linf, max_l2, bad = [], 0.0, 0.0, 0.0, 0
-    batches = list(zip(x.split(batch_size), y.split(batch_size), strict=True))
-    for i, (xb, yb) in enumerate(tqdm(batches, desc=f"{spec.name:>13}", unit="batch", leave=False)):
-        start = time.perf_counter()
-        adv = spec.run(ctx, xb, yb).detach()
-        if adv.is_cuda:
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - start
-        delta = (adv - xb).flatten(1)
-        max_linf = max(max_linf, float(delta.abs().max()))
-        max_l2 = max(max_l2, float(delta.norm(dim=1).max()))
-        bad += int(((adv < 0) | (adv > 1)).flatten(1).any(1).sum())
-        parts.append(scorer.correct(adv, yb))
-        if keep is not None and i == 0:
-            keep[spec.name] = adv[:16].cpu()
-    return Batchwise(_cat(parts), seconds, max_linf, max_l2, bad)
+    process: Process,
+    store: PartialResults | None = None,
+) -> tuple[list[BatchRecord], int]:
+    """This process's share of the batches (batch i goes to rank i mod world size), each resumed from `store`
+    when it holds it. Returns the records of every batch on rank 0 (empty elsewhere) and the number resumed."""
+    starts = list(range(0, x.shape[0], batch_size))[process.rank :: process.world_size]
+    records, resumed = [], 0
+    for start in tqdm(starts, desc=f"{spec.name:>13}", unit="batch", leave=False, disable=not process.is_main):
+        stop = min(start + batch_size, x.shape[0])
+        record = store.load(spec.name, start, stop) if store is not None else None
+        if record is None:
+            record = attack_batch(spec, ctx, scorer, x[start:stop], y[start:stop], start, keep=start == 0)
+            if store is not None:
+                store.save(spec.name, record)
+        else:
+            resumed += 1
+        records.append(record)
+    if process.distributed:
+        gathered: list[tuple[list[BatchRecord], int]] = [([], 0) for _ in range(process.world_size)]
+        dist.gather_object((records, resumed), gathered if process.is_main else None, dst=0)
+        if not process.is_main:
+            return [], resumed
+        records = [r for part, _ in gathered for r in part]
+        resumed = sum(k for _, k in gathered)
+    return records, resumed
 
 
 # ----------------------------------------------------------------------------- the evaluation
 
 
-def evaluate(config: EvalConfig) -> dict:
+def evaluate(config: EvalConfig) -> dict | None:
+    """Run the evaluation; under torchrun the attacks' batches are shared out over the ranks and rank 0 writes
+    (and returns) the result, which equals a single process's. Other ranks return None."""
+    process = distributed.start(config.device)
+    try:
+        return _evaluate(config, process)
+    finally:
+        distributed.stop(process)
+
+
+def _evaluate(config: EvalConfig, process: Process) -> dict | None:
     from . import figures, sanity  # here, not at the top: matplotlib loads only when evaluating
 
     torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
+    device = process.device
     loaded = load_checkpoint(config.model, device)
     model, meta = loaded.network, loaded.meta
     soap = is_soap(loaded)
@@ -173,12 +244,13 @@ def evaluate(config: EvalConfig) -> dict:
     seed_images = data.batch(order[len(data) - reserve :], device)[0] if reserve else None
     data_source += f"; {selection}" + (f"; black-box seed: the last {reserve} images of that order" if reserve else "")
 
-    generator = torch.Generator().manual_seed(config.seed)
+    threshold = meta.calibration.suspicious_threshold if soap and meta.calibration is not None else None
     ctx = AttackContext(
         model=model,
         purifier=loaded.purifier,
         settings=settings,
-        generator=generator,
+        seed=config.seed,
+        suspicious_threshold=threshold,
         beta=config.beta,
         substitute_seed=seed_images,
         substitute_factory=lambda: create_model(
@@ -189,27 +261,49 @@ def evaluate(config: EvalConfig) -> dict:
             std=meta.normalization.std,
         ).to(device),
     )
-    scorer = Scorer(loaded, rows)
+    scorer = Scorer(loaded, rows, threshold)
     started = time.time()
+    store = None
+    if config.resume:
+        key = fingerprint(
+            config.model / "model.safetensors",
+            data=data_source,
+            settings=asdict(settings),
+            seed=config.seed,
+            beta=config.beta,
+            batch_size=config.batch_size,
+            threshold=threshold,
+            device=device.type,
+        )
+        store = PartialResults(config.out, key)
 
-    clean = _cat(
-        [scorer.correct(xb, yb) for xb, yb in zip(x.split(config.batch_size), y.split(config.batch_size), strict=True)]
-    )
     columns: dict[str, Batchwise] = {}
     kept: dict[str, torch.Tensor] = {}
-    for name in tqdm(attacks, desc="attacks", unit="attack"):
-        torch.manual_seed(config.seed)  # each column is reproducible on its own, whatever the attack list
-        ctx.generator.manual_seed(config.seed)
-        m = n if get_attack(name).kind != "adaptive" or not config.adaptive_n else min(n, config.adaptive_n)
-        columns[name] = run_attack(get_attack(name), ctx, scorer, x[:m], y[:m], config.batch_size, keep=kept)
+    resumed: dict[str, int] = {}
+    for name in tqdm(attacks, desc="attacks", unit="attack", disable=not process.is_main):
+        spec = get_attack(name)
+        m = n if spec.kind != "adaptive" or not config.adaptive_n else min(n, config.adaptive_n)
+        records, resumed[name] = run_attack(spec, ctx, scorer, x[:m], y[:m], config.batch_size, process, store)
+        if process.is_main:
+            columns[name] = Batchwise.of(records)
+            kept.update((name, r.kept) for r in records if r.kept is not None)
+    if not process.is_main:
+        return None
+
+    parts = [
+        scorer.score(xb, yb) for xb, yb in zip(x.split(config.batch_size), y.split(config.batch_size), strict=True)
+    ]
+    clean = _cat([c for c, _ in parts])
+    flags = [f for _, f in parts if f is not None]
+    clean_flagged = torch.cat(flags) if flags else None
 
     attack_results: dict[str, dict[str, Any]] = {}
     result: dict[str, Any] = {
         "model": str(config.model),
         "network": meta.network,
         "dataset": meta.dataset,
-        "recipe": "soap" if soap else meta.training["recipe"],
-        "provenance": str(meta.training.get("recipe", "soap")),
+        "recipe": "soap" if soap else str(meta.training.recipe),
+        "provenance": meta.training.provenance,
         "aux_task": meta.aux_task,
         "purifier": asdict(loaded.purifier) | {"budgets": loaded.purifier.budgets()},
         "data": data_source,
@@ -241,6 +335,16 @@ def evaluate(config: EvalConfig) -> dict:
             "max_l2": col.max_l2,
             "out_of_range_images": col.out_of_range,
             "rows": {row: Accuracy.of(c, clean[row][: len(c)]).to_dict() for row, c in col.correct.items()},
+            "resumed_batches": resumed[name],
+        }
+        if col.flagged is not None:
+            result["attacks"][name]["detector"] = detector_rates(col.flagged, col.correct["min-aux"])
+    if clean_flagged is not None and meta.calibration is not None:
+        result["detector"] = {
+            "threshold": threshold,
+            "quantile": meta.calibration.suspicious_quantile,
+            "calibration_images": meta.calibration.n,
+            "clean": detector_rates(clean_flagged, clean["min-aux"]),
         }
     result["worst_case"] = _worst_cases(columns, clean)
 
@@ -258,9 +362,20 @@ def evaluate(config: EvalConfig) -> dict:
     config.out.mkdir(parents=True, exist_ok=True)
     if config.figures:
         result["figures"] = figures.make_all(result, loaded, x[:16], y[:16], kept, config.out)
+    from .model_info import write as write_model_info  # noqa: PLC0415  (model_info imports results_page)
 
     write_all(result, config.out)
+    write_model_info(result, config.out)
     return result
+
+
+def detector_rates(flagged: torch.Tensor, correct: torch.Tensor) -> dict:
+    """How often the `suspicious` flag fires, and how often an image is misclassified (min-aux) and not flagged:
+    what fools a user who acts on the flag. Rates as Accuracy records (Wilson intervals)."""
+    return {
+        "flagged": Accuracy.of(flagged).to_dict(),
+        "fooled_unflagged": Accuracy.of(~correct & ~flagged).to_dict(),
+    }
 
 
 def _worst_cases(columns: dict[str, Batchwise], clean: dict[str, torch.Tensor]) -> dict:
@@ -318,6 +433,8 @@ _OVERRIDES = {  # CLI flag -> AttackSettings field
     "df_steps": ("df_steps", int),
     "adaptive_steps": ("adaptive_steps", int),
     "apgd_steps": ("apgd_steps", int),
+    "apgd_restarts": ("apgd_restarts", int),
+    "square_queries": ("square_queries", int),
     "eot_samples": ("eot_samples", int),
 }
 
@@ -330,7 +447,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="dataset root: torchvision layout (MNIST/raw/...) or an ImageFolder tree (ROOT/test/<class>/)",
     )
-    parser.add_argument("--n", type=int, default=1000, help="number of test images (the first n; default 1000)")
+    parser.add_argument(
+        "--n",
+        "--images",
+        dest="n",
+        type=int,
+        default=1000,
+        help="number of test images (the first n; default 1000). Under torchrun write --images: torchrun's own "
+        "parser rejects --n as an ambiguous abbreviation of its options",
+    )
     parser.add_argument(
         "--attacks", default=",".join(DEFAULT_ATTACKS), help=f"comma-separated subset of: {', '.join(ATTACKS)}"
     )
@@ -348,6 +473,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run adaptive attacks on the first N of the n images only (they cost ~T·K gradients per step)",
     )
     parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument(
+        "--no-resume", action="store_true", help="recompute every batch (default: reuse OUT/.partial of this config)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     smooth = parser.add_argument_group("--attacks certify: randomized smoothing (Cohen et al. 2019)")
     smooth.add_argument("--sigma", type=float, default=None, help="noise σ (default: the checkpoint's training noise)")
@@ -378,6 +506,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         sanity_n=args.sanity_n,
         beta_n=args.beta_n,
         adaptive_n=args.adaptive_n,
+        resume=not args.no_resume,
         settings={name: getattr(args, flag) for flag, (name, _) in _OVERRIDES.items()},
     )
 
@@ -398,6 +527,8 @@ def run(args: argparse.Namespace) -> int:
     if "certify" in config.attacks:
         return _run_certify(config, args)
     result = evaluate(config)
+    if result is None:  # a torchrun rank other than 0: rank 0 writes the result
+        return 0
     failed = [c for c in result["sanity_checks"] if not c["passed"]]
     print(
         f"wrote {config.out}/results.md, results.json, results.csv; "

@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from models import CheckpointError, get_spec, resolve_device, save_checkpoint
+from models import CheckpointError, Recipe, get_spec, resolve_device, save_checkpoint
 from models.checkpoint import meta_for
 from models.reference import convert_reference_state_dict, load_reference_state_dict
 
@@ -70,7 +70,8 @@ def import_reference(args: argparse.Namespace) -> Path:
     spec = get_spec(args.network)
     training: dict[str, object] = {
         "command": provenance.command("import-reference", reproducing_options(args)),
-        "recipe": "imported: authors' released checkpoint (GitHub Mishne-Lab/SOAP, commit 0953512)",
+        "recipe": Recipe.IMPORTED,
+        "origin": "authors' released checkpoint (GitHub Mishne-Lab/SOAP, commit 0953512)",
         "source": str(args.path),
         "git_commit": provenance.git_commit(),
         "finished_utc": provenance.now_utc(),

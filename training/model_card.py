@@ -23,7 +23,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from models import CheckpointMeta, load_checkpoint
+from models import CheckpointMeta, Recipe, load_checkpoint
 
 CARD_FILE = "MODEL_CARD.md"
 WEIGHTS_LICENSE_FILE = "LICENSE"  # next to imported weights: the licence they were released under
@@ -214,7 +214,7 @@ def _limitations_section(meta: CheckpointMeta, results: dict[str, Any] | None) -
             )
     certified = results.get("certified")
     if certified:
-        lines.append(f"- Certified (randomized smoothing) results: see `{RESULTS_PAGE}` and the results.json.")
+        lines += _certified_lines(certified)
     else:
         lines.append("- No certified robustness result for this model: nothing here is a guarantee.")
     if results.get("jpeg_caveat"):
@@ -225,13 +225,45 @@ def _limitations_section(meta: CheckpointMeta, results: dict[str, Any] | None) -
     return [*lines, ""]
 
 
+CERTIFIED_RADII = ("0.5", "1.0")
+
+
+def _pct_ci(row: dict[str, Any]) -> str:
+    lo, hi = row["ci95"]
+    return f"{100 * row['accuracy']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _certified_lines(certified: dict[str, Any]) -> list[str]:
+    """Randomized smoothing's certified L2 accuracy (docs/results/<name>/certify/certify.json), per base classifier."""
+    sm = certified["smoothing"]
+    per_base = "; ".join(
+        f"{base}: "
+        + ", ".join(
+            f"r = {r}: {_pct_ci(b['certified_accuracy'][r])}" for r in CERTIFIED_RADII if r in b["certified_accuracy"]
+        )
+        + f" (n = {b['n']})"
+        for base, b in certified["bases"].items()
+    )
+    return [
+        f"- **Certified** (randomized smoothing, σ = {sm['sigma']:g}, n = {sm['n']}, α = {sm['alpha']:g}; served as "
+        "`mode=certify`, without purification): an L2 guarantee, not an L∞ one (L∞ ε = 0.3 can be an L2 norm of 8 "
+        f"on MNIST). Certified accuracy at L2 radius {per_base}.",
+        "  Reproduce with:",
+        "",
+        "  ```",
+        f"  {certified['command']}",
+        "  ```",
+    ]
+
+
 def _licence_section(meta: CheckpointMeta, directory: Path | None) -> list[str]:
     licence = directory / WEIGHTS_LICENSE_FILE if directory is not None else None
-    recipe = str(meta.training.get("recipe", ""))
+    record = meta.training
+    imported = record.recipe is Recipe.IMPORTED
     lines = ["## Source and licence of the weights", ""]
-    if recipe.startswith("imported") and licence is not None and licence.is_file():
+    if imported and licence is not None and licence.is_file():
         lines += [
-            f"Imported, not trained here: {recipe.removeprefix('imported: ')}, converted by "
+            f"Imported, not trained here: {record.origin or 'origin not recorded'}, converted by "
             "`python -m training import-reference` (command under How to reproduce). The authors' repository is "
             "released under the "
             f"MIT License; its text, kept next to the weights in `{WEIGHTS_LICENSE_FILE}`:",
@@ -240,8 +272,8 @@ def _licence_section(meta: CheckpointMeta, directory: Path | None) -> list[str]:
             licence.read_text().strip(),
             "```",
         ]
-    elif recipe.startswith("imported"):
-        lines += [f"Imported: {recipe}. The licence file of the source was not found next to the weights."]
+    elif imported:
+        lines += [f"Imported: {record.provenance}. The licence file of the source was not found next to the weights."]
     else:
         lines += [
             "Trained in this repository (command under How to reproduce); released with it under the MIT License "
@@ -256,6 +288,7 @@ def _fmt(value: Any) -> str:
 
 TRAINING_KEYS = (
     "recipe",
+    "origin",
     "data",
     "test_data",
     "epochs",
@@ -283,7 +316,7 @@ def render(
 ) -> str:
     """The card's text. `results`: the model's results.json, if evaluated; `directory`: where the weights live (for
     the licence file of imported weights)."""
-    t, m, c = meta.training, meta.metrics, meta.calibration
+    t, m, c = meta.training.model_dump(mode="json"), meta.metrics, meta.calibration
     kind = "baseline without purification" if is_baseline(meta) else "SOAP (self-supervised online purification)"
     body = [
         f"# {name}",
@@ -365,8 +398,15 @@ def read_notes(card_path: Path) -> str:
 
 
 def load_results(name: str, results_root: Path = RESULTS_ROOT) -> dict[str, Any] | None:
+    """results.json of the model, with its certification (certify/certify.json) under "certified" if there is one."""
     path = results_root / name / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    results: dict[str, Any] = json.loads(path.read_text())
+    certify = results_root / name / "certify" / "certify.json"
+    if certify.is_file() and "certified" not in results:
+        results["certified"] = json.loads(certify.read_text())
+    return results
 
 
 def write(directory: str | Path, meta: CheckpointMeta, notes: str = "", results: dict[str, Any] | None = None) -> Path:

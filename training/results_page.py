@@ -69,13 +69,48 @@ class Run:
     attacks: str
     adaptive_n: int | None = None
     extra: tuple[str, ...] = field(default_factory=tuple)
+    out: str | None = None  # output folder name under docs/results (default: the model's name)
 
 
 BLIND = "noise,fgsm,pgd,cw,df,aux-pgd,blackbox,apgd-ce"
+# The full-strength suite for the CNN (issue 16): APGD-CE/DLR, 100 iterations, 2 restarts, through trajectory BPDA
+# and the full gradient, the detector-aware APGD, and the blind attacks for the detector table. Hours per 100 images
+# on 2 shared CPU cores: results.json says how far a run got (n); AutoAttack and Square run separately (SUITE_LIBRARY).
+SUITE = "noise,fgsm,pgd,cw,df,aux-pgd,apgd-ce,apgd-bpda,apgd-dlr-bpda,apgd-full,apgd-dlr-full,apgd-evade"
+SUITE_EXTRA = (
+    "--apgd-steps",
+    "100",
+    "--apgd-restarts",
+    "2",
+    "--batch-size",
+    "10",
+    "--sanity-n",
+    "10",
+    "--beta-n",
+    "10",
+)
 ADAPTIVE = "bpda,bpda-traj,full-grad,apgd-bpda,apgd-dlr-bpda,apgd-full"
 PLAN = (
     Run("models/zoo/mnist-fcn-dr", "mnist", 1000, f"{BLIND},{ADAPTIVE}"),
     Run("models/zoo/mnist-cnn-dr", "mnist", 1000, f"{BLIND},{ADAPTIVE}", adaptive_n=100, extra=("--apgd-steps", "30")),
+    Run("models/zoo/mnist-cnn-dr", "mnist", 200, SUITE, extra=SUITE_EXTRA, out="mnist-cnn-dr-pinned"),
+    # the detector table on the shipped default model (its blind and adaptive attacks, and the detector-aware APGD)
+    Run(
+        "models/zoo/mnist-fcn-dr",
+        "mnist",
+        200,
+        "noise,fgsm,pgd,cw,df,aux-pgd,apgd-ce,bpda,bpda-traj,full-grad,apgd-bpda,apgd-dlr-bpda,apgd-full,apgd-evade",
+        extra=("--batch-size", "50", "--sanity-n", "20", "--beta-n", "50"),
+        out="mnist-fcn-dr-detector",
+    ),
+    Run(
+        "models/zoo/mnist-cnn-dr",
+        "mnist",
+        100,
+        "autoattack,square",
+        extra=("--batch-size", "10", "--sanity-n", "10"),
+        out="mnist-cnn-dr-library",
+    ),
     Run(
         "models/zoo/cifar10-resnet18-lc-official",
         "cifar10",
@@ -124,7 +159,7 @@ def run_plan(args: argparse.Namespace) -> None:
             if path.is_dir():
                 plan.append(Run(str(path), run.dataset, run.n, "fgsm,pgd,cw,df", extra=run.extra))
     if args.only:
-        plan = [run for run in plan if Path(run.model).name in args.only]
+        plan = [run for run in plan if (run.out or Path(run.model).name) in args.only]
     for run in plan:
         if not Path(run.model).is_dir() or roots.get(run.dataset) is None:
             print(f"skipping {run.model}: checkpoint or --{run.dataset}-root missing", file=sys.stderr)
@@ -142,7 +177,7 @@ def run_plan(args: argparse.Namespace) -> None:
             "--seed",
             str(args.seed),
             "--out",
-            str(args.results / Path(run.model).name),
+            str(args.results / (run.out or Path(run.model).name)),
             "--threads",
             str(args.threads),
             *run.extra,
@@ -163,6 +198,16 @@ def _load(results: Path) -> list[dict]:
         result["_dir"] = path.parent
         found.append(result)
     return sorted(found, key=lambda r: (r["dataset"] != "mnist", r["dataset"], Path(r["model"]).name))
+
+
+def evaluation_name(r: dict) -> str:
+    """The evaluation's folder name: the model's name, or e.g. `mnist-cnn-dr-pinned` for a second evaluation."""
+    return r["_dir"].name if "_dir" in r else Path(r["model"]).name
+
+
+def is_main_evaluation(r: dict) -> bool:
+    """The model's own evaluation (its folder is named after it); other folders hold extra suites."""
+    return evaluation_name(r) == Path(r["model"]).name
 
 
 def _with_paper(acc: dict | None, paper: float | None) -> str:
@@ -220,7 +265,7 @@ def adaptive_table(results: list[dict]) -> str:
             continue
         a = r["attacks"]
         worst = r.get("worst_case", {}).get("adaptive", {}).get("min-aux")
-        cells = [f"`{Path(r['model']).name}`", cell(r["clean"]["min-aux"]), cell(_attack_row(r, "pgd", "min-aux"))]
+        cells = [f"`{evaluation_name(r)}`", cell(r["clean"]["min-aux"]), cell(_attack_row(r, "pgd", "min-aux"))]
         cells += [
             cell(_attack_row(r, n, "min-aux"))
             + (f" (n={a[n]['n']})" if n in a and a[n].get("n", r["n"]) != r["n"] else "")
@@ -235,9 +280,37 @@ def adaptive_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def detector_table(results: list[dict]) -> str:
+    head = ["evaluation", "attack", "n", "flagged", "misclassified (min-aux)", "misclassified and not flagged"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        d = r["detector"]
+        clean_wrong = {**r["clean"]["min-aux"]}
+        clean_wrong["accuracy"] = 1 - clean_wrong["accuracy"]
+        clean_wrong["ci95"] = (1 - clean_wrong["ci95"][1], 1 - clean_wrong["ci95"][0])
+        rows = [("none (clean)", d["clean"], clean_wrong, r["n"])]
+        for name, a in r["attacks"].items():
+            if "detector" in a:
+                acc = a["rows"]["min-aux"]
+                wrong = {**acc, "accuracy": 1 - acc["accuracy"], "ci95": (1 - acc["ci95"][1], 1 - acc["ci95"][0])}
+                rows.append((name, a["detector"], wrong, a["n"]))
+        for name, det, wrong, n in rows:
+            cells = [
+                f"`{evaluation_name(r)}`",
+                name,
+                str(n),
+                cell(det["flagged"]),
+                cell(wrong),
+                cell(det["fooled_unflagged"]),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def settings_lines(r: dict) -> list[str]:
     out = [
-        f"- **`{Path(r['model']).name}`** — data: {r['data']}; n = {r['n']}; seed {r['seed']}; device {r['device']} "
+        f"- **`{evaluation_name(r)}`** (model `{Path(r['model']).name}`) — data: {r['data']}; n = {r['n']}; "
+        f"seed {r['seed']}; device {r['device']} "
         f"({r['host']}); git {str(r.get('git_commit'))[:10]}; wall time {r.get('wall_seconds', 0) / 60:.1f} min"
     ]
     if r.get("command"):
@@ -261,8 +334,8 @@ def sanity_block(r: dict) -> list[str]:
     refresh_checks(r)
     failed = [c for c in r["sanity_checks"] if not c["passed"]]
     if not failed:
-        return [f"- `{Path(r['model']).name}`: all {len(r['sanity_checks'])} sanity checks passed"]
-    return [f"- `{Path(r['model']).name}`: **WARNING** {c['name']} failed — {c['detail']}" for c in failed]
+        return [f"- `{evaluation_name(r)}`: all {len(r['sanity_checks'])} sanity checks passed"]
+    return [f"- `{evaluation_name(r)}`: **WARNING** {c['name']} failed — {c['detail']}" for c in failed]
 
 
 def figures_block(r: dict, page_dir: Path) -> list[str]:
@@ -271,7 +344,7 @@ def figures_block(r: dict, page_dir: Path) -> list[str]:
         path = r["_dir"] / Path(fig).name
         if path.exists():
             link = os.path.relpath(path.resolve(), page_dir.resolve())
-            out.append(f"![{Path(r['model']).name}: {path.stem}]({Path(link).as_posix()})")
+            out.append(f"![{evaluation_name(r)}: {path.stem}]({Path(link).as_posix()})")
     return out
 
 
@@ -364,8 +437,8 @@ def certified_section(results: list[dict], page_dir: Path) -> list[str]:
 
 def build_page(results: list[dict], page: Path, notes: str = "") -> str:
     page_dir = page.parent
-    mnist = [r for r in results if r["dataset"] == "mnist"]
-    cifar = [r for r in results if r["dataset"].startswith("cifar")]
+    mnist = [r for r in results if r["dataset"] == "mnist" and is_main_evaluation(r)]
+    cifar = [r for r in results if r["dataset"].startswith("cifar") and is_main_evaluation(r)]
     parts = [
         "# Results",
         "",
@@ -396,6 +469,26 @@ def build_page(results: list[dict], page: Path, notes: str = "") -> str:
         adaptive_table(results),
         "",
     ]
+    detected = [r for r in results if r.get("detector")]
+    if detected:
+        parts += [
+            "## The `suspicious` flag under attack",
+            "",
+            "The service flags an input whose auxiliary loss before purification exceeds the checkpoint's calibrated "
+            "quantile of clean test images (`calibration.suspicious_quantile`, the 0.99 quantile over the 10,000 "
+            "test images: a 1 % false-positive rate by construction, measured again on the clean row). For each "
+            "attack: how often the flag fires on its adversarial images, how often min-aux misclassifies them, and "
+            "how often both misclassified and not flagged (what fools a user who acts on the flag). `apgd-evade` "
+            "maximises the classification loss through trajectory BPDA while penalising the auxiliary loss above "
+            "0.9 × the threshold.",
+            "",
+            detector_table(detected),
+            "",
+            "Commands (n, seeds and timings per attack under *Settings of every number*):",
+            "",
+            *[f"- `{evaluation_name(r)}`: `{r.get('command', '?')}`" for r in detected],
+            "",
+        ]
     parts += certified_section(results, page_dir)
     parts += ["## Sanity checks", ""]
     for r in results:

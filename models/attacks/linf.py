@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 
 from .losses import LogitsFn, LossFn, LossName, Objective, Tensor, classifier_objective, input_gradient
+from .seeding import ImageGenerators
+
+Random = torch.Generator | ImageGenerators | None
 
 
 def project_linf(x0: Tensor, x: Tensor, eps: float) -> Tensor:
@@ -39,10 +42,14 @@ def fgsm(
     return (x + eps * grad.sign()).clamp(0.0, 1.0)
 
 
-def uniform_noise(x: Tensor, eps: float, generator: torch.Generator | None = None) -> Tensor:
+def uniform_noise(x: Tensor, eps: float, generator: Random = None) -> Tensor:
     """Uniform noise in the L∞ ball: the control every gradient attack must beat."""
-    device = generator.device if generator is not None else x.device
-    noise = (torch.rand(x.shape, generator=generator, device=device, dtype=x.dtype) * 2 - 1).to(x.device)
+    if isinstance(generator, ImageGenerators):
+        unit = generator.rand(x.shape, x.dtype, x.device)
+    else:
+        device = generator.device if generator is not None else x.device
+        unit = torch.rand(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    noise = unit * 2 - 1
     return (x.detach() + eps * noise).clamp(0.0, 1.0)
 
 
@@ -59,7 +66,7 @@ def pgd(
     keep_best: bool = False,
     loss: LossName | LossFn = "ce",
     objective: Objective | None = None,
-    generator: torch.Generator | None = None,
+    generator: Random = None,
 ) -> Tensor:
     """Projected gradient ascent in the L∞ ball (Madry et al. 2018).
 

@@ -176,10 +176,26 @@
     if (info.aux_head_trained === false) parts.push("no purification: its auxiliary head was not trained (mode none)");
     else if (p) parts.push(`purifier: ${p.steps} steps of ${fmt(p.step_size)}, ε ∈ {0, ${fmt(p.budget_step)}, …, ${fmt((p.num_budgets - 1) * p.budget_step)}}`);
     $("model-info").textContent = parts.join(" · ");
+    showRobustness(info);
     $("draw-panel").hidden = !isDrawable();
     applyAttackDefaults();
     if (state.current) await classifyCurrent();
     else setStatus(isDrawable() ? "Draw a digit or upload an image." : "Upload an image.");
+  }
+
+  // The robustness truth next to the purification: what it resists, what it does not, where the numbers are.
+  function showRobustness(info) {
+    const r = info.robustness;
+    const box = $("model-robustness");
+    box.textContent = "";
+    if (!r) return;
+    if (r.resists) box.append(`Resists: ${r.resists}. `);
+    box.append(`Does not resist: ${r.does_not_resist}. `);
+    const card = document.createElement("a");
+    card.href = r.model_card;
+    card.textContent = "model card";
+    box.append("Measured accuracies: ", card, ` and ${r.results} in the repository.`);
+    $("model-card-link").href = r.model_card;
   }
 
   // ------------------------------------------------------------------ drawing

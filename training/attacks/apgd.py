@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from models.attacks.linf import _keep_better, _score, uniform_noise
+from models.attacks.linf import Random, _keep_better, _score, uniform_noise
 from models.attacks.losses import LogitsFn, LossFn, LossName, Objective, Tensor, classifier_objective, input_gradient
 
 
@@ -36,7 +36,7 @@ def apgd(
     random_start: bool = True,
     rho: float = 0.75,
     momentum: float = 0.75,
-    generator: torch.Generator | None = None,
+    generator: Random = None,
 ) -> Tensor:
     x = x.detach()
     if eps == 0 or steps == 0:

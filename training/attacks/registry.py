@@ -15,12 +15,16 @@ import torch
 
 from models import PurifierConfig, SoapNetwork
 from models.attacks.linf import fgsm, pgd, uniform_noise
+from models.attacks.losses import Objective
+from models.attacks.seeding import ImageGenerators
 
 from .adaptive import bpda_objective, bpda_trajectory_objective, defended_logits, full_gradient_objective
 from .apgd import apgd
 from .aux_aware import aux_aware_pgd
 from .blackbox import substitute_fgsm, train_substitute
+from .defended import Backward, DefendedClassifier
 from .eot import eot
+from .evasion import evasion_objective
 from .l2 import cw_l2, deepfool
 from .settings import AttackSettings
 
@@ -29,12 +33,19 @@ Tensor = torch.Tensor
 
 @dataclass
 class AttackContext:
-    """Everything an attack may use: the network, its purifier, settings, randomness, black-box seed data."""
+    """Everything an attack may use: the network, its purifier, settings, randomness, black-box seed data.
+
+    `rng` holds one generator per image of the current batch and `batch_seed` seeds libraries that take one
+    seed per call (torchattacks); the harness sets both before every batch, from the images' indices.
+    """
 
     model: SoapNetwork
     purifier: PurifierConfig
     settings: AttackSettings
-    generator: torch.Generator
+    seed: int = 0
+    rng: ImageGenerators | None = None
+    batch_seed: int = 0
+    suspicious_threshold: float | None = None  # the checkpoint's calibrated flag (aux loss before purification)
     beta: float = 0.5
     substitute_seed: Tensor | None = None  # images the black-box attacker may label (never scored)
     substitute_factory: Callable[[], torch.nn.Module] | None = None
@@ -61,8 +72,9 @@ def _substitute(ctx: AttackContext) -> torch.nn.Module:
         def oracle(x: torch.Tensor) -> torch.Tensor:
             return defended_logits(ctx.model, ctx.purifier)(x).argmax(1)
 
+        generator = torch.Generator().manual_seed(ctx.seed)  # the same substitute in every process
         ctx.cache["substitute"] = train_substitute(
-            ctx.substitute_factory(), oracle, ctx.substitute_seed, ctx.settings.substitute, ctx.generator
+            ctx.substitute_factory(), oracle, ctx.substitute_seed, ctx.settings.substitute, generator
         )
     return ctx.cache["substitute"]
 
@@ -80,9 +92,50 @@ def _adaptive_apgd(objective_factory):
     def run(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:
         s = ctx.settings
         objective = eot(objective_factory(ctx), s.eot_samples)
-        return apgd(ctx.model, x, y, s.linf_eps, s.apgd_steps, objective=objective, generator=ctx.generator)
+        return apgd(
+            ctx.model,
+            x,
+            y,
+            s.linf_eps,
+            s.apgd_steps,
+            objective=objective,
+            restarts=s.apgd_restarts,
+            generator=ctx.rng,
+        )
 
     return run
+
+
+def _evasion(ctx: AttackContext) -> Objective:
+    if ctx.suspicious_threshold is None:
+        raise ValueError("the detector-aware attack needs the checkpoint's calibrated suspicious threshold")
+    base = bpda_trajectory_objective(ctx.model, ctx.purifier)
+    return evasion_objective(base, ctx.model, ctx.suspicious_threshold)
+
+
+def _autoattack(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:
+    import torchattacks  # noqa: PLC0415  (only when this column is asked for)
+
+    defended = DefendedClassifier(ctx.model, ctx.purifier, Backward.TRAJECTORY)
+    attack = torchattacks.AutoAttack(
+        defended,
+        norm="Linf",
+        eps=ctx.settings.linf_eps,
+        version="standard",
+        n_classes=ctx.model.num_classes,
+        seed=ctx.batch_seed,
+    )
+    return attack(x, y)
+
+
+def _square(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:
+    import torchattacks  # noqa: PLC0415
+
+    defended = DefendedClassifier(ctx.model, ctx.purifier, Backward.BPDA)  # gradient-free: backward unused
+    attack = torchattacks.Square(
+        defended, norm="Linf", eps=ctx.settings.linf_eps, n_queries=ctx.settings.square_queries, seed=ctx.batch_seed
+    )
+    return attack(x, y)
 
 
 def _pgd_text(s: AttackSettings) -> str:
@@ -97,7 +150,11 @@ def _adaptive_text(what: str):
 
 
 def _apgd_text(what: str):
-    return lambda s: f"{what}; L∞ ε={s.linf_eps:.4g}, {s.apgd_steps} iterations, 1 random start, EOT {s.eot_samples}"
+    return lambda s: (
+        f"{what}; L∞ ε={s.linf_eps:.4g}, {s.apgd_steps} iterations, {s.apgd_restarts} random start"
+        + ("s" if s.apgd_restarts > 1 else "")
+        + f", EOT {s.eot_samples}"
+    )
 
 
 ATTACKS: dict[str, AttackSpec] = {
@@ -108,7 +165,7 @@ ATTACKS: dict[str, AttackSpec] = {
             "control",
             "linf",
             lambda s: f"uniform noise in the L∞ ball ε={s.linf_eps:.4g}",
-            lambda c, x, y: uniform_noise(x, c.settings.linf_eps, c.generator),
+            lambda c, x, y: uniform_noise(x, c.settings.linf_eps, c.rng),
         ),
         AttackSpec(
             "fgsm",
@@ -180,7 +237,15 @@ ATTACKS: dict[str, AttackSpec] = {
             "blind",
             "linf",
             _apgd_text("APGD-CE on the bare network"),
-            lambda c, x, y: apgd(c.model, x, y, c.settings.linf_eps, c.settings.apgd_steps, generator=c.generator),
+            lambda c, x, y: apgd(
+                c.model,
+                x,
+                y,
+                c.settings.linf_eps,
+                c.settings.apgd_steps,
+                restarts=c.settings.apgd_restarts,
+                generator=c.rng,
+            ),
         ),
         AttackSpec(
             "bpda",
@@ -223,6 +288,43 @@ ATTACKS: dict[str, AttackSpec] = {
             "linf",
             _apgd_text("APGD-CE, full gradient through the unrolled purifier"),
             _adaptive_apgd(lambda c: full_gradient_objective(c.model, c.purifier)),
+        ),
+        AttackSpec(
+            "apgd-dlr-full",
+            "adaptive",
+            "linf",
+            _apgd_text("APGD-DLR, full gradient through the unrolled purifier"),
+            _adaptive_apgd(lambda c: full_gradient_objective(c.model, c.purifier, loss="dlr")),
+        ),
+        AttackSpec(
+            "autoattack",
+            "adaptive",
+            "linf",
+            lambda s: (
+                "AutoAttack standard (torchattacks: APGD-CE, APGD-T, FAB-T, Square 5000 queries) on the defended "
+                f"model, trajectory-BPDA backward; L∞ ε={s.linf_eps:.4g}"
+            ),
+            _autoattack,
+        ),
+        AttackSpec(
+            "square",
+            "adaptive",
+            "linf",
+            lambda s: (
+                f"Square (gradient-free, torchattacks) on the defended model, {s.square_queries} queries per "
+                f"image at most; L∞ ε={s.linf_eps:.4g}"
+            ),
+            _square,
+        ),
+        AttackSpec(
+            "apgd-evade",
+            "adaptive",
+            "linf",
+            _apgd_text(
+                "APGD-CE through trajectory BPDA that keeps the auxiliary loss under the suspicious threshold "
+                "(penalty 10·relu(L_aux/(0.9·threshold) − 1)); success = misclassified and not flagged"
+            ),
+            _adaptive_apgd(_evasion),
         ),
     ]
 }

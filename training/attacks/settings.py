@@ -26,6 +26,8 @@ class AttackSettings:
     aux_betas: tuple[float, ...] = (-1.0, -0.1, -0.01, -0.001, 0.0, 0.001, 0.01, 0.1, 1.0)
     adaptive_steps: int = 40  # BPDA / full-gradient PGD iterations (step = pgd_step scaled to reach ε)
     apgd_steps: int = 100
+    apgd_restarts: int = 1  # APGD random restarts (each image keeps its best run)
+    square_queries: int = 5000  # Square attack: the query budget per image (AutoAttack's)
     eot_samples: int = 1  # SOAP's purifier is deterministic: one sample is exact
     blackbox_seed_images: int = 150  # held-out test images the black-box substitute starts from
     substitute: SubstituteConfig = field(default_factory=SubstituteConfig)  # its training (Papernot et al.)
