@@ -94,6 +94,15 @@ PLAN = (
     Run("models/zoo/mnist-fcn-dr", "mnist", 1000, f"{BLIND},{ADAPTIVE}"),
     Run("models/zoo/mnist-cnn-dr", "mnist", 1000, f"{BLIND},{ADAPTIVE}", adaptive_n=100, extra=("--apgd-steps", "30")),
     Run("models/zoo/mnist-cnn-dr", "mnist", 200, SUITE, extra=SUITE_EXTRA, out="mnist-cnn-dr-pinned"),
+    # the detector table on the shipped default model (its blind and adaptive attacks, and the detector-aware APGD)
+    Run(
+        "models/zoo/mnist-fcn-dr",
+        "mnist",
+        200,
+        "noise,fgsm,pgd,cw,df,aux-pgd,apgd-ce,bpda,bpda-traj,full-grad,apgd-bpda,apgd-dlr-bpda,apgd-full,apgd-evade",
+        extra=("--batch-size", "50", "--sanity-n", "20", "--beta-n", "50"),
+        out="mnist-fcn-dr-detector",
+    ),
     Run(
         "models/zoo/mnist-cnn-dr",
         "mnist",
@@ -474,6 +483,10 @@ def build_page(results: list[dict], page: Path, notes: str = "") -> str:
             "0.9 × the threshold.",
             "",
             detector_table(detected),
+            "",
+            "Commands (n, seeds and timings per attack under *Settings of every number*):",
+            "",
+            *[f"- `{evaluation_name(r)}`: `{r.get('command', '?')}`" for r in detected],
             "",
         ]
     parts += certified_section(results, page_dir)
