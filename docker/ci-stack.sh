@@ -35,8 +35,9 @@ log() { printf '[ci-stack %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 debian_mirror() {
   if [[ -n ${DEBIAN_MIRROR:-} ]]; then echo "$DEBIAN_MIRROR"; return; fi
   # deb822 (`URIs: ...`) or one-line (`deb URI suite ...`) sources; the main archive, not security.
-  cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null \
-    | sed -nE 's/^(URIs:|deb(\s+\[[^]]*\])?)\s+(\S+).*/\3/p' | grep -E '/debian/?$' | head -n1
+  # (Some of these files do not exist: `cat` fails, which must not end the script under pipefail.)
+  { cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null || true; } \
+    | sed -nE 's/^(URIs:|deb(\s+\[[^]]*\])?)\s+(\S+).*/\3/p' | { grep -E '/debian/?$' || true; } | head -n1
 }
 
 build_base() {
