@@ -286,7 +286,10 @@ def test_dockerfile_is_a_cuda_nonroot_image_with_models_and_healthcheck():
     froms = [rest for word, rest in instr if word == "FROM"]
     assert "${GPU_BASE} AS base-gpu" in froms
     assert "${CPU_BASE} AS base-cpu" in froms
-    assert froms[-1].startswith("base-${VARIANT}"), "the final stage must build on the base VARIANT picks"
+    # The final stage builds on the base VARIANT picks, through the install stage PIP_SOURCE picks.
+    assert "base-${VARIANT} AS app" in froms
+    assert froms[-1].startswith("install-${PIP_SOURCE}")
+    assert {"app AS install-index", "app AS install-wheelhouse"} <= set(froms)
 
     user = [rest for word, rest in instr if word == "USER"][-1]
     assert user.split(":")[0] not in ("root", "0")
