@@ -440,19 +440,21 @@ def _ceiling_worker(model_dir: str, batch: int, threads: int, seconds: float, ba
     results.put(done / (time.perf_counter() - began))
 
 
-def machine_ceiling(model_dir: Path, batch: int, seconds: float) -> dict:
-    """Images/s of purification + classification alone (no HTTP, no queue) on every core of the machine, at the
-    served batch size: the best of one process per core with one torch thread each, and one process with a torch
-    thread per core. Also the CPU that other processes (other people's jobs) took meanwhile."""
+def machine_ceiling(model_dir: Path, batches: list[int], seconds: float) -> dict:
+    """Images/s of purification + classification alone (no HTTP, no queue) on every core of the machine: the best
+    over the batch sizes the service may form (a big batch is not always the fastest per image: ResNet-18 ran
+    faster per image at the ~18 the service formed than at 64) and two layouts, one process per core with one torch
+    thread each, and one process with a torch thread per core. Also the CPU other processes took meanwhile."""
     import multiprocessing
     import resource
 
     cores = len(os.sched_getaffinity(0))
     layouts = {f"{cores} processes x 1 thread": (cores, 1), f"1 process x {cores} threads": (1, cores)}
     context = multiprocessing.get_context("spawn")
-    out: dict = {"batch": batch, "cores": cores, "layouts": {}, "others_cpu_cores_used": {}}
+    out: dict = {"batches": batches, "cores": cores, "layouts": {}, "others_cpu_cores_used": {}}
     hz = os.sysconf("SC_CLK_TCK")
-    for name, (processes, threads) in layouts.items():
+    for batch, (layout, (processes, threads)) in ((b, item) for b in batches for item in layouts.items()):
+        name = f"batch {batch}, {layout}"
         barrier, results = context.Barrier(processes + 1), context.Queue()
         procs = [
             context.Process(target=_ceiling_worker, args=(str(model_dir), batch, threads, seconds, barrier, results))
@@ -498,7 +500,8 @@ async def ceiling_comparison(session, args, model_dir: Path) -> dict:
     cores = len(os.sched_getaffinity(0))
     folder, suffix, content_type = _dataset_images(model_dir)
     payloads = _payloads(folder, suffix)
-    ceilings = [machine_ceiling(model_dir, args.max_batch_size, args.ceiling_seconds)]
+    batches = sorted({b for b in args.ceiling_batches if b <= args.max_batch_size} | {args.max_batch_size})
+    ceilings = [machine_ceiling(model_dir, batches, args.ceiling_seconds)]
     print(f"ceiling {model_dir.name}: {json.dumps(ceilings[-1])}", flush=True)
     # Enough measured time for ~10 full batches per level even for the slow models (CIFAR: ~25 images/s).
     duration = min(45.0, max(args.duration, 10 * args.max_batch_size / max(ceilings[0]["images_s"], 1e-9)))
@@ -526,7 +529,7 @@ async def ceiling_comparison(session, args, model_dir: Path) -> dict:
                     print(f"{model_dir.name} r{repeat}: {_row(level, args.max_batch_size)}", flush=True)
             finally:
                 server.stop()
-        ceilings.append(machine_ceiling(model_dir, args.max_batch_size, args.ceiling_seconds))
+        ceilings.append(machine_ceiling(model_dir, batches, args.ceiling_seconds))
         print(f"ceiling {model_dir.name}: {json.dumps(ceilings[-1])}", flush=True)
     for level in levels:
         i = level["ceiling_index"]
@@ -792,6 +795,12 @@ def main(argv: list[str] | None = None) -> int:
         help="checkpoints compared with the machine's compute ceiling (comma-separated)",
     )
     parser.add_argument("--ceiling-concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[64, 256])
+    parser.add_argument(
+        "--ceiling-batches",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[16, 32],
+        help="batch sizes the ceiling also tries, besides --max-batch-size (the best counts)",
+    )
     parser.add_argument("--ceiling-seconds", type=float, default=8.0, help="measured seconds per ceiling layout")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the ceiling comparison")
     parser.add_argument(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import Callable
 
 import httpx
 import numpy as np
@@ -22,6 +23,7 @@ from test_service_support import (
 
 from models import load_checkpoint
 from models.smoothing import SmoothingConfig, certify, noisy_classifier
+from service.certify import CertifyJob
 
 pytestmark = pytest.mark.anyio
 PNG = {"Content-Type": "image/png"}
@@ -99,14 +101,26 @@ async def test_certify_limits_are_422(model_dir, query, needle):
 async def test_full_certify_lane_is_503_and_purification_still_served(model_dir):
     settings = settings_for(model_dir, max_certify_queue_samples=3_000, certify_slice_samples=1_000)
     async with serve_app(settings) as (app, client):
+        lane = app.state.runtime.models["mnist-fcn-dr"].certify
+        jobs: list[CertifyJob] = []
+        submit = lane.submit
+        lane.submit = lambda *args: jobs.append(submit(*args)) or jobs[-1]  # observe the jobs, change nothing
+
+        async def until(condition: Callable[[], bool]) -> None:  # state, not sleeps: a loaded CI machine is slow
+            for _ in range(6000):
+                if condition():
+                    return
+                await asyncio.sleep(0.01)
+            raise TimeoutError("the certify lane did not reach the expected state")
+
         first = asyncio.create_task(
             client.post("/classify?mode=certify&samples=100000", content=mnist_png(1), headers=PNG)
         )
-        await asyncio.sleep(0.3)  # the first request is running; the next two fill and overflow the queue
+        await until(lambda: len(jobs) == 1 and jobs[0].state == "running")  # the next two fill and overflow the queue
         second = asyncio.create_task(
             client.post("/classify?mode=certify&samples=2000", content=mnist_png(2), headers=PNG)
         )
-        await asyncio.sleep(0.1)
+        await until(lambda: len(jobs) == 2)
         third = await client.post("/classify?mode=certify&samples=2000", content=mnist_png(4), headers=PNG)
         purified = await client.post("/classify", content=mnist_png(5), headers=PNG)  # not queued behind certify
         results = [await first, await second]
