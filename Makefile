@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	# torchattacks pins an old `requests`; it is a test-only cross-check, so install it without deps.
+	# torchattacks (the `attacks` extra) pins an old `requests` no resolver can satisfy: installed without deps.
 	$(PY) -m pip install -q --no-deps torchattacks
 	touch $(STAMP)
 

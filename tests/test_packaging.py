@@ -63,7 +63,7 @@ CLIENT = ROOT / "service" / "client.py"  # the `client` extra; the rest of servi
         ("models", ()),
         ("service", ("serve", "tracing")),
         ("service/client.py", ("client",)),
-        ("training", ("train",)),
+        ("training", ("train", "attacks")),
     ],
 )
 def test_every_third_party_import_is_declared_where_it_is_used(where, extras):
