@@ -254,6 +254,8 @@ def step_service_load(plan: Plan, out: Path) -> dict[str, Any]:
     cmd = [
         sys.executable,
         "benchmarks/service_load.py",
+        "--parts",
+        "load",  # the CPU compute-ceiling comparison belongs to the CPU pool, not to the device check
         "--json",
         str(report),
         "--concurrency",

@@ -39,6 +39,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,27 +81,35 @@ class Server:
     def __init__(self, args: list[str], ready_path: str) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # The server's output goes to a temporary file, so that a server that never becomes ready can say why.
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server; closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, *args, "--port", str(self.port)],
             cwd=ROOT,
-            stdout=subprocess.DEVNULL,
+            stdout=self.log,
             stderr=subprocess.STDOUT,
         )
         self.ready_path = ready_path
 
+    def log_tail(self, chars: int = 3000) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-chars:]
+
     async def wait_ready(self, session, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
+        last = "none"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 async with session.get(self.url + self.ready_path) as r:
                     if r.status == 200:
                         return
-            except Exception:  # noqa: BLE001 - not listening yet
-                pass
+                    last = f"HTTP {r.status}: {(await r.text())[:300]}"
+            except Exception as exc:  # noqa: BLE001 - not listening yet
+                last = repr(exc)
             await asyncio.sleep(0.2)
-        raise TimeoutError("server did not become ready")
+        raise TimeoutError(f"server did not become ready in {timeout:.0f} s (last answer: {last}):\n{self.log_tail()}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -109,6 +118,7 @@ class Server:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        self.log.close()
 
 
 def service_server(model: str, **options) -> Server:
@@ -570,8 +580,12 @@ async def run(args) -> dict:
     import aiohttp
 
     payloads = _payloads(Path(args.images))
-    connector = aiohttp.TCPConnector(limit=2048, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=600)  # CIFAR at 256 clients on a busy machine waits minutes
+    def new_session() -> aiohttp.ClientSession:
+        # A session closes its connector when it ends, so each session gets its own.
+        connector = aiohttp.TCPConnector(limit=2048, force_close=False)
+        timeout = aiohttp.ClientTimeout(total=600)  # CIFAR at 256 clients on a busy machine waits minutes
+        return aiohttp.ClientSession(connector=connector, timeout=timeout)
+
     report: dict = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -596,11 +610,11 @@ async def run(args) -> dict:
     }
     rows = []
     if args.parts == "ceiling":
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async with new_session() as session:
             await _ceiling_part(session, args, report)
         report["host"]["loadavg_after"] = os.getloadavg()
         return report
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with new_session() as session:
         # 1. generator ceiling
         trivial = Server([str(Path(__file__).resolve()), "--serve-trivial"], "/healthz")
         try:
@@ -730,8 +744,9 @@ async def run(args) -> dict:
         print(rows[-1], flush=True)
         report["overload"] = asdict(over)
 
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await _ceiling_part(session, args, report)
+    if args.parts == "all":
+        async with new_session() as session:
+            await _ceiling_part(session, args, report)
 
     report["compute_alone"] = compute_alone(Path(args.model), args.torch_threads)
     print("compute alone:", json.dumps(report["compute_alone"]), flush=True)
@@ -786,7 +801,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overload-queue", type=int, default=32, help="the small queue of the overload test")
     parser.add_argument("--torch-threads", type=int, help="passed to the service (default: the service's default)")
     parser.add_argument(
-        "--parts", choices=["all", "ceiling"], default="all", help="ceiling: only the comparison with the ceiling"
+        "--parts",
+        choices=["all", "ceiling", "load"],
+        default="all",
+        help="ceiling: only the comparison with the compute ceiling; load: everything but that comparison",
     )
     parser.add_argument(
         "--ceiling-models",
@@ -825,7 +843,8 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         return 0
     print(report["table_markdown"])
-    print(report["ceiling_table_markdown"])
+    if "ceiling_table_markdown" in report:
+        print(report["ceiling_table_markdown"])
     print(f"batching gain at concurrency 64: {report['batching_gain_at_64']}x")
     print(f"compute process vs thread at concurrency 64: {report['compute_process_gain_at_64']}x")
     print("overload:", json.dumps(report["overload"]["extra"]))

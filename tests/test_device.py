@@ -15,8 +15,11 @@ from models import resolve_device
 
 
 def test_every_command_resolves_devices_the_same_way() -> None:
-    users = (service.runtime, training.distributed, training.evaluate, training.certify, training.soundness)
-    assert all(module.resolve_device is resolve_device for module in (*users, training.import_reference))
+    users = (service.runtime, training.distributed, training.certify, training.soundness, training.import_reference)
+    assert all(module.resolve_device is resolve_device for module in users)
+    # Evaluation resolves its device through the distributed launcher (one process per rank).
+    assert training.evaluate.distributed is training.distributed
+    assert training.distributed.start("cpu").device == resolve_device("cpu")
 
 
 def test_auto_is_cuda_when_there_is_one_else_cpu() -> None:

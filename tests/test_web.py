@@ -363,13 +363,14 @@ def test_keyboard_only_drawing_and_labels(page, servers):
     assert unlabeled == []
     assert page.locator("#result").get_attribute("aria-live") == "polite"
     assert page.locator("#status").get_attribute("aria-live") == "polite"
-    # Tab order reaches the controls in reading order.
+    # Tab order reaches the controls in reading order (the model card link sits under the model picker).
+    page.wait_for_function("() => document.getElementById('model-robustness').textContent.includes('Does not resist')")
     order = []
     page.locator("#model").focus()
     for _ in range(5):
         order.append(page.evaluate("document.activeElement.id"))
         page.keyboard.press("Tab")
-    assert order[:4] == ["model", "draw", "classify-drawing", "clear-drawing"]
+    assert order == ["model", "model-robustness-card", "draw", "classify-drawing", "clear-drawing"]
     # Draw a vertical bar (a "1") with Shift+arrows on the focused canvas, then Enter to classify.
     page.locator("#draw").focus()
     for _ in range(4):

@@ -192,6 +192,7 @@
     if (r.resists) box.append(`Resists: ${r.resists}. `);
     box.append(`Does not resist: ${r.does_not_resist}. `);
     const card = document.createElement("a");
+    card.id = "model-robustness-card";
     card.href = r.model_card;
     card.textContent = "model card";
     box.append("Measured accuracies: ", card, ` and ${r.results} in the repository.`);
