@@ -580,6 +580,7 @@ async def run(args) -> dict:
     import aiohttp
 
     payloads = _payloads(Path(args.images))
+
     def new_session() -> aiohttp.ClientSession:
         # A session closes its connector when it ends, so each session gets its own.
         connector = aiohttp.TCPConnector(limit=2048, force_close=False)
