@@ -16,6 +16,10 @@ COMMANDS = {
     "train": ("training.train", "train a SOAP model or a baseline from a preset"),
     "evaluate": ("training.evaluate", "attack and evaluate a checkpoint; write tables and figures"),
     "soundness": ("training.soundness", "SmoothAdv against certified radii: a check that certificates hold"),
+    "published-certify": (
+        "training.published_certify",
+        "certified accuracy of published MNIST smoothing baselines, from the authors' released logs",
+    ),
     "import-reference": ("training.import_reference", "convert the authors' checkpoint into our format"),
 }
 
