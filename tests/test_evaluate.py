@@ -177,36 +177,34 @@ def test_sanity_checks_are_reported(evaluation):
 
 
 def test_failed_sanity_check_is_a_warning_in_the_report():
+    """A stored baseline evaluation with two broken columns: FGSM over its budget, PGD weaker than FGSM."""
+    from training.records import AttackColumn, load_evaluation
     from training.report import sanity_lines
-    from training.sanity import Extras, run_checks
+    from training.sanity import run_checks
+    from training.stats import Accuracy
 
-    result = {
-        "rows": ["none"],
-        "attacks": {
-            "fgsm": {
-                "kind": "blind",
-                "norm": "linf",
-                "budget": 0.3,
-                "max_linf": 0.5,
-                "max_l2": 1.0,
-                "out_of_range_images": 0,
-                "rows": {"none": {"accuracy": 0.2}},
-            },
-            "pgd": {
-                "kind": "blind",
-                "norm": "linf",
-                "budget": 0.3,
-                "max_linf": 0.3,
-                "max_l2": 1.0,
-                "out_of_range_images": 0,
-                "rows": {"none": {"accuracy": 0.4}},
-            },
-        },
-    }
-    checks = run_checks(result, Extras())
+    def column(max_linf: float, correct: int) -> AttackColumn:
+        acc = Accuracy(correct=correct, n=10, accuracy=correct / 10, ci95=(0.0, 1.0))
+        return AttackColumn(
+            kind="blind",
+            norm="linf",
+            budget=0.3,
+            description="",
+            n=10,
+            seconds_per_image=0.1,
+            max_linf=max_linf,
+            max_l2=1.0,
+            out_of_range_images=0,
+            rows={"none": acc},
+        )
+
+    stored = load_evaluation(ROOT / "docs" / "results" / "mnist-fcn-dr-vanilla" / "results.json")
+    assert stored.rows == ["none"]
+    result = stored.model_copy(update={"attacks": {"fgsm": column(0.5, 2), "pgd": column(0.3, 4)}})
+    checks = run_checks(result)
     failed = {c.name for c in checks if not c.passed}
     assert failed == {"within-budget-and-range", "iterative-at-least-fgsm"}
-    lines = sanity_lines({"sanity_checks": [c.__dict__ for c in checks]})
+    lines = sanity_lines(checks)
     assert sum("WARNING" in line for line in lines) == 2
 
 

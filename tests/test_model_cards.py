@@ -20,31 +20,33 @@ RESULTS = ROOT / "docs" / "results"
 SHIPPED = sorted(p.name for p in ZOO.iterdir() if (p / "model.json").is_file())
 
 
-def results_of(name: str) -> dict | None:
+def results_of(name: str) -> model_card.Evaluated | None:
     """The model's evaluation as the card generator reads it (results.json plus certify/certify.json)."""
     return model_card.load_results(name, RESULTS)
 
 
 def test_results_are_read_from_results_json_and_certify_json():
-    results = results_of("mnist-fcn-dr")
-    assert results["attacks"] == json.loads((RESULTS / "mnist-fcn-dr" / "results.json").read_text())["attacks"]
+    evaluated = results_of("mnist-fcn-dr")
+    stored = json.loads((RESULTS / "mnist-fcn-dr" / "results.json").read_text())
+    assert evaluated.result.model_dump(mode="json", by_alias=True)["attacks"] == stored["attacks"]
     certify = RESULTS / "mnist-fcn-dr" / "certify" / "certify.json"
     if certify.is_file():
-        assert results["certified"] == json.loads(certify.read_text())
+        assert evaluated.certified.model_dump(mode="json") == json.loads(certify.read_text())
 
 
-def expected_index(results: dict, baseline: bool) -> dict[str, float]:
+def expected_index(evaluated: model_card.Evaluated, baseline: bool) -> dict[str, float]:
     """attack/row -> accuracy, straight from results.json: clean and every attack, no purification and (SOAP
     models) min-aux; never the oracle row."""
+    results = evaluated.result
     rows = ["none"] if baseline else ["none", "min-aux"]
-    out = {f"clean/{r}": results["clean"][r]["accuracy"] for r in rows if r in results["clean"]}
-    for name, attack in results["attacks"].items():
+    out = {f"clean/{r}": results.clean[r].accuracy for r in rows if r in results.clean}
+    for name, attack in results.attacks.items():
         for r in rows:
-            if r in attack["rows"]:
-                out[f"{name}/{r}"] = attack["rows"][r]["accuracy"]
-    worst = results.get("worst_case", {}).get("adaptive")
+            if r in attack.rows:
+                out[f"{name}/{r}"] = attack.rows[r].accuracy
+    worst = results.worst_case.get("adaptive")
     if worst and not baseline:
-        out |= {f"worst-adaptive/{r}": worst[r]["accuracy"] for r in rows}
+        out |= {f"worst-adaptive/{r}": worst.rows[r].accuracy for r in rows}
     return out
 
 
@@ -83,7 +85,8 @@ def test_card_front_matter_matches_results_json(name):
 @pytest.mark.parametrize("name", SHIPPED)
 def test_card_sections_state_the_limitations(name):
     meta = load_checkpoint(ZOO / name).meta
-    results = results_of(name)
+    evaluated = results_of(name)
+    results = evaluated.result
     text = (ZOO / name / "MODEL_CARD.md").read_text()
     for heading in (
         "## Intended use",
@@ -93,7 +96,7 @@ def test_card_sections_state_the_limitations(name):
         "## Source and licence of the weights",
     ):
         assert heading in text, heading
-    assert results["command"] in text, "the evaluation command"
+    assert results.command in text, "the evaluation command"
     if meta.training.command:
         assert meta.training.command in text
     limitations = text.split("## Limitations", 1)[1].split("\n## ", 1)[0]
@@ -101,24 +104,24 @@ def test_card_sections_state_the_limitations(name):
         assert "min-aux purification" not in text, "a baseline card has no purification row"
         assert "no purification row" in limitations
         return
-    kinds = {a["kind"] for a in results["attacks"].values()}
+    kinds = {a.kind for a in results.attacks.values()}
     if "blind" in kinds:
         assert "**Purifier-blind attacks**" in limitations
-        pgd = results["attacks"]["pgd"]["rows"]
-        assert f"pgd {100 * pgd['none']['accuracy']:.1f} → {100 * pgd['min-aux']['accuracy']:.1f} %" in limitations
+        pgd = results.attacks["pgd"].rows
+        assert f"pgd {100 * pgd['none'].accuracy:.1f} → {100 * pgd['min-aux'].accuracy:.1f} %" in limitations
     if "adaptive" in kinds:
         assert "does not resist adaptive attacks" in limitations
-        worst = results["worst_case"]["adaptive"]["min-aux"]
-        assert f"**{100 * worst['accuracy']:.1f} %" in limitations
+        worst = results.worst_case["adaptive"].rows["min-aux"]
+        assert f"**{100 * worst.accuracy:.1f} %" in limitations
     else:
         assert "Not evaluated under adaptive attacks" in limitations
-    if not results.get("certified"):
+    if evaluated.certified is None:
         assert "No certified robustness result" in limitations
     else:
-        noisy = results["certified"]["bases"]["noisy"]["certified_accuracy"]["0.5"]
+        noisy = evaluated.certified.bases["noisy"].certified_accuracy["0.5"]
         assert "**Certified**" in limitations
-        assert f"r = 0.5: {100 * noisy['accuracy']:.1f} %" in limitations
-        assert results["certified"]["command"] in limitations
+        assert f"r = 0.5: {100 * noisy.accuracy:.1f} %" in limitations
+        assert evaluated.certified.command in limitations
 
 
 def test_imported_weights_carry_the_authors_licence():

@@ -22,6 +22,7 @@ from models.smoothing import BASE_CLASSIFIERS, SmoothingConfig, base_classifier,
 from . import provenance
 from .data import load_test_data
 from .evaluate import EvalConfig, evaluation_order
+from .records import CERTIFY_FILE, CertifiedBase, CertifyResult
 from .stats import Accuracy
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
@@ -69,7 +70,9 @@ def _load_done(path: Path, settings: dict) -> list[ImageResult]:
     return [ImageResult(**json.loads(line)) for line in lines[1:] if line.strip()]
 
 
-def certify_base(kind: str, config: EvalConfig, options: CertifyOptions, smoothing: SmoothingConfig, out: Path) -> dict:
+def certify_base(
+    kind: str, config: EvalConfig, options: CertifyOptions, smoothing: SmoothingConfig, out: Path
+) -> CertifiedBase:
     """Certify the first n test images with one base classifier; resumable through `certify-<kind>.jsonl`.
 
     The log keeps every image certified so far; a rerun with a larger --n continues it, a smaller one reads its head.
@@ -97,19 +100,19 @@ def certify_base(kind: str, config: EvalConfig, options: CertifyOptions, smoothi
             log.write(json.dumps(asdict(result)) + "\n")
             log.flush()
     seconds = sum(r.seconds for r in done)
-    return {
-        "base": kind,
-        "data": f"{source}; {selection}",
-        "n": len(done),
-        "abstained": sum(r.predicted is None for r in done),
-        "certified_accuracy": {str(r): certified_accuracy(done, r).to_dict() for r in RADII},
-        "seconds_per_image": seconds / max(len(done), 1),
-        "forward_passes_per_second": len(done) * (smoothing.n0 + smoothing.n) / max(seconds, 1e-9),
-        "radii": [r.radius if r.correct else None for r in done],
-    }
+    return CertifiedBase(
+        base=kind,
+        data=f"{source}; {selection}",
+        n=len(done),
+        abstained=sum(r.predicted is None for r in done),
+        certified_accuracy={str(r): certified_accuracy(done, r) for r in RADII},
+        seconds_per_image=seconds / max(len(done), 1),
+        forward_passes_per_second=len(done) * (smoothing.n0 + smoothing.n) / max(seconds, 1e-9),
+        radii=[r.radius if r.correct else None for r in done],
+    )
 
 
-def evaluate_certify(config: EvalConfig, options: CertifyOptions) -> dict:
+def evaluate_certify(config: EvalConfig, options: CertifyOptions) -> CertifyResult:
     """Certify with every requested base classifier; write certify.json, certify.md and the figure."""
     from . import figures  # noqa: PLC0415  (matplotlib only when evaluating)
 
@@ -126,46 +129,44 @@ def evaluate_certify(config: EvalConfig, options: CertifyOptions) -> dict:
         clamp=options.clamp,
     )
     config.out.mkdir(parents=True, exist_ok=True)
-    result = {
-        "model": str(config.model),
-        "network": meta.network,
-        "dataset": meta.dataset,
-        "smoothing": asdict(smoothing),
-        "sigma_source": "--sigma" if options.sigma is not None else "checkpoint training noise",
-        "seed": config.seed,
-        "device": str(resolve_device(config.device)),
-        "threads": torch.get_num_threads(),
-        "git_commit": provenance.git_commit(),
-        "command": certify_command(config, options),
-        "radii": list(RADII),
-        "bases": {kind: certify_base(kind, config, options, smoothing, config.out) for kind in options.bases},
-    }
-    (config.out / "certify.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = CertifyResult(
+        model=str(config.model),
+        network=meta.network,
+        dataset=meta.dataset,
+        smoothing=smoothing,
+        sigma_source="--sigma" if options.sigma is not None else "checkpoint training noise",
+        seed=config.seed,
+        device=str(resolve_device(config.device)),
+        threads=torch.get_num_threads(),
+        git_commit=provenance.git_commit(),
+        command=certify_command(config, options),
+        radii=list(RADII),
+        bases={kind: certify_base(kind, config, options, smoothing, config.out) for kind in options.bases},
+    )
+    (config.out / CERTIFY_FILE).write_text(result.to_json())
     (config.out / "certify.md").write_text(markdown(result))
     if config.figures:
         figures.certified_accuracy_curve(result, config.out / "certified_accuracy.png")
     return result
 
 
-def markdown(result: dict) -> str:
-    s = result["smoothing"]
+def markdown(result: CertifyResult) -> str:
+    s = result.smoothing
     lines = [
-        f"# Certified L2 accuracy: {result['network']} ({result['dataset']})",
+        f"# Certified L2 accuracy: {result.network} ({result.dataset})",
         "",
-        f"Randomized smoothing (Cohen et al. 2019), σ = {s['sigma']} ({result['sigma_source']}), n0 = {s['n0']}, "
-        f"n = {s['n']}, α = {s['alpha']}, clamp to [0, 1] = {s['clamp']}, seed {result['seed']}, "
-        f"device {result['device']} ({result['threads']} threads), commit {result['git_commit']}.",
+        f"Randomized smoothing (Cohen et al. 2019), σ = {s.sigma} ({result.sigma_source}), n0 = {s.n0}, "
+        f"n = {s.n}, α = {s.alpha}, clamp to [0, 1] = {s.clamp}, seed {result.seed}, "
+        f"device {result.device} ({result.threads} threads), commit {result.git_commit}.",
         "",
-        f"Command: `{result['command']}`",
+        f"Command: `{result.command}`",
         "",
-        "| base classifier | n | " + " | ".join(f"r = {r}" for r in result["radii"]) + " | abstained | s/img |",
-        "| --- | --- | " + " | ".join("---" for _ in result["radii"]) + " | --- | --- |",
+        "| base classifier | n | " + " | ".join(f"r = {r}" for r in result.radii) + " | abstained | s/img |",
+        "| --- | --- | " + " | ".join("---" for _ in result.radii) + " | --- | --- |",
     ]
-    for kind, b in result["bases"].items():
-        cells = [Accuracy(**b["certified_accuracy"][str(r)]).text() for r in result["radii"]]
-        lines.append(
-            f"| {kind} | {b['n']} | " + " | ".join(cells) + f" | {b['abstained']} | {b['seconds_per_image']:.2f} |"
-        )
+    for kind, b in result.bases.items():
+        cells = [b.certified_accuracy[str(r)].text() for r in result.radii]
+        lines.append(f"| {kind} | {b.n} | " + " | ".join(cells) + f" | {b.abstained} | {b.seconds_per_image:.2f} |")
     lines += ["", "Cells: certified accuracy % [Wilson 95 % interval]. The radius is L2 on the [0, 1] pixel scale.", ""]
     return "\n".join(lines)
 

@@ -16,7 +16,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,8 +32,18 @@ from .attacks.settings import AttackSettings
 from .data import ImageData, load_test_data
 from .distributed import Process
 from .partial import BatchRecord, PartialResults, fingerprint
+from .records import (
+    AttackColumn,
+    Detector,
+    DetectorRates,
+    EvaluationResult,
+    PurifierRecord,
+    SettingsRecord,
+    WorstCase,
+    WorstCaseGroup,
+)
 from .report import write_all
-from .rows import ROWS
+from .rows import ROWS, Row
 from .stats import Accuracy
 
 BASELINE_RECIPES = (Recipe.VANILLA, Recipe.FGSM_AT, Recipe.PGD_AT)
@@ -63,7 +72,7 @@ class EvalConfig:
 class Batchwise:
     """Per-example outcome of one column of the table."""
 
-    correct: dict[str, torch.Tensor]
+    correct: dict[Row, torch.Tensor]
     flagged: torch.Tensor | None = None
     seconds: float = 0.0
     max_linf: float = 0.0
@@ -108,7 +117,7 @@ def is_soap(loaded: LoadedModel) -> bool:
 class Scorer:
     """Classify images under each row of the table; times the purifier."""
 
-    def __init__(self, loaded: LoadedModel, rows: tuple[str, ...], threshold: float | None = None):
+    def __init__(self, loaded: LoadedModel, rows: tuple[Row, ...], threshold: float | None = None):
         self.model = loaded.network
         self.purifier = loaded.purifier
         self.rows = rows
@@ -120,9 +129,9 @@ class Scorer:
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x).argmax(1)
 
-    def score(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    def score(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[Row, torch.Tensor], torch.Tensor | None]:
         """Per row, whether each image is classified correctly; and whether the detector flags it (or None)."""
-        out = {"none": (self._predict(x) == y).cpu()}
+        out: dict[Row, torch.Tensor] = {"none": (self._predict(x) == y).cpu()}
         flagged = None
         if "min-aux" in self.rows:
             start = time.perf_counter()
@@ -137,11 +146,11 @@ class Scorer:
                 flagged = (result.aux_before > self.threshold).cpu()
         return out, flagged
 
-    def correct(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def correct(self, x: torch.Tensor, y: torch.Tensor) -> dict[Row, torch.Tensor]:
         return self.score(x, y)[0]
 
 
-def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def _cat(parts: list[dict[Row, torch.Tensor]]) -> dict[Row, torch.Tensor]:
     return {row: torch.cat([p[row] for p in parts]) for row in parts[0]}
 
 
@@ -210,7 +219,7 @@ def run_attack(
 # ----------------------------------------------------------------------------- the evaluation
 
 
-def evaluate(config: EvalConfig) -> dict | None:
+def evaluate(config: EvalConfig) -> EvaluationResult | None:
     """Run the evaluation; under torchrun the attacks' batches are shared out over the ranks and rank 0 writes
     (and returns) the result, which equals a single process's. Other ranks return None."""
     process = distributed.start(config.device)
@@ -220,7 +229,7 @@ def evaluate(config: EvalConfig) -> dict | None:
         distributed.stop(process)
 
 
-def _evaluate(config: EvalConfig, process: Process) -> dict | None:
+def _evaluate(config: EvalConfig, process: Process) -> EvaluationResult | None:
     from . import figures, sanity  # here, not at the top: matplotlib loads only when evaluating
 
     torch.manual_seed(config.seed)
@@ -228,7 +237,7 @@ def _evaluate(config: EvalConfig, process: Process) -> dict | None:
     loaded = load_checkpoint(config.model, device)
     model, meta = loaded.network, loaded.meta
     soap = is_soap(loaded)
-    rows = ROWS if soap else ("none",)
+    rows: tuple[Row, ...] = ROWS if soap else ("none",)
     settings: AttackSettings = paper_settings(meta.dataset).with_overrides(**config.settings)
     attacks = [a for a in config.attacks if soap or get_attack(a).kind != "adaptive"]
     for a in config.attacks:
@@ -297,71 +306,54 @@ def _evaluate(config: EvalConfig, process: Process) -> dict | None:
     flags = [f for _, f in parts if f is not None]
     clean_flagged = torch.cat(flags) if flags else None
 
-    attack_results: dict[str, dict[str, Any]] = {}
-    result: dict[str, Any] = {
-        "model": str(config.model),
-        "network": meta.network,
-        "dataset": meta.dataset,
-        "recipe": "soap" if soap else str(meta.training.recipe),
-        "provenance": meta.training.provenance,
-        "aux_task": meta.aux_task,
-        "purifier": asdict(loaded.purifier) | {"budgets": loaded.purifier.budgets()},
-        "data": data_source,
-        "jpeg_caveat": "jpeg" in data_source.lower(),
-        "n": n,
-        "seed": config.seed,
-        "device": str(device),
-        "rows": list(rows),
-        "settings": asdict(settings),
-        "command": command_line(config),
-        "git_commit": provenance.git_commit(),
-        "host": (
-            f"{platform.machine()} {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-        ),
-        "clean": {row: Accuracy.of(c).to_dict() for row, c in clean.items()},
-        "purification_seconds_per_image": scorer.purify_seconds / max(scorer.purified_images, 1) if soap else None,
-        "attacks": attack_results,
-    }
-    for name, col in columns.items():
-        spec = get_attack(name)
-        attack_results[name] = {
-            "kind": spec.kind,
-            "norm": spec.norm,
-            "budget": spec.budget(settings),
-            "description": spec.description(settings) + (f" (β = {config.beta})" if name == "aux-pgd" else ""),
-            "n": len(col.correct["none"]),
-            "seconds_per_image": col.seconds / len(col.correct["none"]),
-            "max_linf": col.max_linf,
-            "max_l2": col.max_l2,
-            "out_of_range_images": col.out_of_range,
-            "rows": {row: Accuracy.of(c, clean[row][: len(c)]).to_dict() for row, c in col.correct.items()},
-            "resumed_batches": resumed[name],
-        }
-        if col.flagged is not None:
-            result["attacks"][name]["detector"] = detector_rates(col.flagged, col.correct["min-aux"])
-    if clean_flagged is not None and meta.calibration is not None:
-        result["detector"] = {
-            "threshold": threshold,
-            "quantile": meta.calibration.suspicious_quantile,
-            "calibration_images": meta.calibration.n,
-            "clean": detector_rates(clean_flagged, clean["min-aux"]),
-        }
-    result["worst_case"] = _worst_cases(columns, clean)
-
-    extras = sanity.Extras()
+    detector = None
+    if clean_flagged is not None and meta.calibration is not None and threshold is not None:
+        detector = Detector(
+            threshold=threshold,
+            quantile=meta.calibration.suspicious_quantile,
+            calibration_images=meta.calibration.n,
+            clean=detector_rates(clean_flagged, clean["min-aux"]),
+        )
+    beta_sweep = None
     if soap and "aux-pgd" in attacks:
-        extras.beta_sweep = sanity.beta_sweep(ctx, scorer, x[: config.beta_n], y[: config.beta_n], config.batch_size)
-    extras.budget_sweep = sanity.budget_sweep(ctx, scorer, x[: config.sanity_n], y[: config.sanity_n], soap)
-    extras.epsilon_zero = sanity.epsilon_zero(ctx, scorer, x[: config.sanity_n], y[: config.sanity_n])
-    result["beta_sweep"] = extras.beta_sweep
-    result["budget_sweep"] = extras.budget_sweep
-    result["epsilon_zero"] = extras.epsilon_zero
-    result["sanity_checks"] = [asdict(c) for c in sanity.run_checks(result, extras)]
-    result["wall_seconds"] = time.time() - started
+        beta_sweep = sanity.beta_sweep(ctx, scorer, x[: config.beta_n], y[: config.beta_n], config.batch_size)
+    result = EvaluationResult(
+        model=str(config.model),
+        network=meta.network,
+        dataset=meta.dataset,
+        recipe=Recipe.SOAP if soap else meta.training.recipe,
+        provenance=meta.training.provenance,
+        aux_task=meta.aux_task,
+        purifier=PurifierRecord.of(loaded.purifier),
+        data=data_source,
+        jpeg_caveat="jpeg" in data_source.lower(),
+        n=n,
+        seed=config.seed,
+        device=str(device),
+        rows=list(rows),
+        settings=SettingsRecord.model_validate(asdict(settings)),
+        command=command_line(config),
+        git_commit=provenance.git_commit(),
+        host=f"{platform.machine()} {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        clean={row: Accuracy.of(c) for row, c in clean.items()},
+        purification_seconds_per_image=scorer.purify_seconds / max(scorer.purified_images, 1) if soap else None,
+        attacks={
+            name: attack_column(name, col, clean, settings, config.beta, resumed[name]) for name, col in columns.items()
+        },
+        detector=detector,
+        worst_case=_worst_cases(columns, clean),
+        beta_sweep=beta_sweep,
+        budget_sweep=sanity.budget_sweep(ctx, scorer, x[: config.sanity_n], y[: config.sanity_n], soap),
+        epsilon_zero=sanity.epsilon_zero(ctx, scorer, x[: config.sanity_n], y[: config.sanity_n]),
+        sanity_checks=[],
+        wall_seconds=0.0,
+    )
+    result.sanity_checks = sanity.run_checks(result)
+    result.wall_seconds = time.time() - started
 
     config.out.mkdir(parents=True, exist_ok=True)
     if config.figures:
-        result["figures"] = figures.make_all(result, loaded, x[:16], y[:16], kept, config.out)
+        result.figures = figures.make_all(result, loaded, x[:16], y[:16], kept, config.out)
     from .model_info import write as write_model_info  # noqa: PLC0415  (model_info imports results_page)
 
     write_all(result, config.out)
@@ -369,33 +361,52 @@ def _evaluate(config: EvalConfig, process: Process) -> dict | None:
     return result
 
 
-def detector_rates(flagged: torch.Tensor, correct: torch.Tensor) -> dict:
+def attack_column(
+    name: str, col: Batchwise, clean: dict[Row, torch.Tensor], settings: AttackSettings, beta: float, resumed: int
+) -> AttackColumn:
+    """One attack's column: success rates against the same images clean (the first len(col) of them)."""
+    spec = get_attack(name)
+    n = len(col.correct["none"])
+    return AttackColumn(
+        kind=spec.kind,
+        norm=spec.norm,
+        budget=spec.budget(settings),
+        description=spec.description(settings) + (f" (β = {beta})" if name == "aux-pgd" else ""),
+        n=n,
+        seconds_per_image=col.seconds / n,
+        max_linf=col.max_linf,
+        max_l2=col.max_l2,
+        out_of_range_images=col.out_of_range,
+        rows={row: Accuracy.of(c, clean[row][: len(c)]) for row, c in col.correct.items()},
+        resumed_batches=resumed,
+        detector=detector_rates(col.flagged, col.correct["min-aux"]) if col.flagged is not None else None,
+    )
+
+
+def detector_rates(flagged: torch.Tensor, correct: torch.Tensor) -> DetectorRates:
     """How often the `suspicious` flag fires, and how often an image is misclassified (min-aux) and not flagged:
     what fools a user who acts on the flag. Rates as Accuracy records (Wilson intervals)."""
-    return {
-        "flagged": Accuracy.of(flagged).to_dict(),
-        "fooled_unflagged": Accuracy.of(~correct & ~flagged).to_dict(),
-    }
+    return DetectorRates(flagged=Accuracy.of(flagged), fooled_unflagged=Accuracy.of(~correct & ~flagged))
 
 
-def _worst_cases(columns: dict[str, Batchwise], clean: dict[str, torch.Tensor]) -> dict:
+def _worst_cases(columns: dict[str, Batchwise], clean: dict[Row, torch.Tensor]) -> dict[WorstCaseGroup, WorstCase]:
     """Per example, correct only if it survives every attack of the group (and is correct when clean)."""
-    out: dict[str, dict[str, Any]] = {}
-    groups = {
+    out: dict[WorstCaseGroup, WorstCase] = {}
+    groups: dict[WorstCaseGroup, list[Batchwise]] = {
         "adaptive": [c for name, c in columns.items() if get_attack(name).kind == "adaptive"],
         "all": [c for name, c in columns.items() if get_attack(name).kind != "control"],
     }
     for group, cols in groups.items():
         if not cols:
             continue
-        out[group] = {}
         m = min(len(c.correct["none"]) for c in cols)  # the images every attack of the group saw
+        rows = {}
         for row in clean:
             survived = clean[row][:m].clone()
             for c in cols:
                 survived &= c.correct[row][:m]
-            out[group][row] = Accuracy.of(survived, clean[row][:m]).to_dict()
-        out[group]["attacks"] = [n for n, c in columns.items() if any(c is x for x in cols)]
+            rows[row] = Accuracy.of(survived, clean[row][:m])
+        out[group] = WorstCase(rows=rows, attacks=[n for n, c in columns.items() if any(c is x for x in cols)])
     return out
 
 
@@ -529,12 +540,12 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(config)
     if result is None:  # a torchrun rank other than 0: rank 0 writes the result
         return 0
-    failed = [c for c in result["sanity_checks"] if not c["passed"]]
+    failed = [c for c in result.sanity_checks if not c.passed]
     print(
         f"wrote {config.out}/results.md, results.json, results.csv; "
-        f"{len(failed)} sanity check(s) failed" + (": " + ", ".join(c["name"] for c in failed) if failed else "")
+        f"{len(failed)} sanity check(s) failed" + (": " + ", ".join(c.name for c in failed) if failed else "")
     )
-    print(json.dumps(dict(result["clean"].items()), indent=None))
+    print(json.dumps(result.model_dump(mode="json")["clean"]))
     return 0
 
 
@@ -552,7 +563,7 @@ def _run_certify(config: EvalConfig, args: argparse.Namespace) -> int:
     )
     result = evaluate_certify(config, options)
     print(f"wrote {config.out}/certify.md, certify.json")
-    for kind, base in result["bases"].items():
-        cells = ", ".join(f"r={r}: {100 * base['certified_accuracy'][str(r)]['accuracy']:.1f}" for r in result["radii"])
+    for kind, base in result.bases.items():
+        cells = ", ".join(f"r={r}: {100 * base.certified_accuracy[str(r)].accuracy:.1f}" for r in result.radii)
         print(f"{kind}: {cells}")
     return 0

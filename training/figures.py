@@ -21,10 +21,11 @@ from models import purify
 from models.checkpoint import LoadedModel
 
 from .attacks import pgd
+from .records import BetaSweep, CertifyResult, EvaluationResult
 
 
-def _title(result: dict) -> str:
-    return f"{result['network']} · {result['dataset']} · n={result['n']} · seed {result['seed']}"
+def _title(result: EvaluationResult) -> str:
+    return f"{result.network} · {result.dataset} · n={result.n} · seed {result.seed}"
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -33,7 +34,9 @@ def _save(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
-def aux_loss_curve(result: dict, loaded: LoadedModel, clean: torch.Tensor, adv: torch.Tensor, path: Path) -> None:
+def aux_loss_curve(
+    result: EvaluationResult, loaded: LoadedModel, clean: torch.Tensor, adv: torch.Tensor, path: Path
+) -> None:
     model, cfg = loaded.network, loaded.purifier
     fig, ax = plt.subplots(figsize=(5, 3.5))
     budgets = cfg.budgets()
@@ -49,7 +52,7 @@ def aux_loss_curve(result: dict, loaded: LoadedModel, clean: torch.Tensor, adv: 
 
 
 def examples(
-    result: dict, loaded: LoadedModel, clean: torch.Tensor, y: torch.Tensor, adv: torch.Tensor, path: Path
+    result: EvaluationResult, loaded: LoadedModel, clean: torch.Tensor, y: torch.Tensor, adv: torch.Tensor, path: Path
 ) -> None:
     model, cfg = loaded.network, loaded.purifier
     names = loaded.meta.class_names
@@ -82,70 +85,73 @@ def examples(
     _save(fig, path)
 
 
-def accuracy_vs_beta(result: dict, path: Path) -> None:
-    sweep = result["beta_sweep"]
+def accuracy_vs_beta(result: EvaluationResult, sweep: BetaSweep, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(sweep["betas"], [100 * a for a in sweep["none"]], marker="o", label="before purification")
-    ax.plot(sweep["betas"], [100 * a for a in sweep["min-aux"]], marker="o", label="after purification (min-aux)")
+    ax.plot(sweep.betas, [100 * a for a in sweep.none], marker="o", label="before purification")
+    ax.plot(sweep.betas, [100 * a for a in sweep.min_aux], marker="o", label="after purification (min-aux)")
     ax.set_xscale("symlog", linthresh=1e-3)
     ax.set_xlabel("β (paper scale; objective CE − 100·β·L_aux; symlog axis)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"Aux-aware PGD, n={sweep['n']}\n{_title(result)}", fontsize=8)
+    ax.set_title(f"Aux-aware PGD, n={sweep.n}\n{_title(result)}", fontsize=8)
     ax.legend(fontsize=7)
     _save(fig, path)
 
 
-def accuracy_vs_budget(result: dict, path: Path) -> None:
-    sweep = result["budget_sweep"]
+def accuracy_vs_budget(result: EvaluationResult, path: Path) -> None:
+    sweep = result.budget_sweep
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(sweep["budgets"], [100 * a for a in sweep["bare_pgd"]], marker="o", label="PGD, bare network")
-    if sweep.get("bpda_min_aux"):
-        ax.plot(sweep["budgets"], [100 * a for a in sweep["bpda_min_aux"]], marker="o", label="BPDA, SOAP min-aux")
+    ax.plot(sweep.budgets, [100 * a for a in sweep.bare_pgd], marker="o", label="PGD, bare network")
+    if sweep.bpda_min_aux:
+        ax.plot(sweep.budgets, [100 * a for a in sweep.bpda_min_aux], marker="o", label="BPDA, SOAP min-aux")
     ax.set_xlabel("attack budget ε (L∞)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"Accuracy vs attack budget, n={sweep['n']}\n{_title(result)}", fontsize=8)
+    ax.set_title(f"Accuracy vs attack budget, n={sweep.n}\n{_title(result)}", fontsize=8)
     ax.legend(fontsize=7)
     _save(fig, path)
 
 
-def make_all(result: dict, loaded: LoadedModel, x: torch.Tensor, y: torch.Tensor, kept: dict, out: Path) -> list[str]:
+def make_all(
+    result: EvaluationResult,
+    loaded: LoadedModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    kept: dict[str, torch.Tensor],
+    out: Path,
+) -> list[str]:
     """Draw every figure the result supports; returns the file paths."""
 
-    s = result["settings"]
+    s = result.settings
     adv = kept.get("pgd")
     if adv is None:
-        adv = pgd(loaded.network, x, y, s["linf_eps"], s["pgd_step"], s["pgd_steps"])
+        adv = pgd(loaded.network, x, y, s.linf_eps, s.pgd_step, s.pgd_steps)
     adv = adv.to(x.device)[: x.shape[0]]
     paths = []
-    if "min-aux" in result["rows"]:
+    if "min-aux" in result.rows:
         aux_loss_curve(result, loaded, x, adv, out / "aux_loss_vs_budget.png")
         examples(result, loaded, x, y, adv, out / "examples.png")
         paths += [out / "aux_loss_vs_budget.png", out / "examples.png"]
-    if result.get("beta_sweep"):
-        accuracy_vs_beta(result, out / "accuracy_vs_beta.png")
+    if result.beta_sweep is not None:
+        accuracy_vs_beta(result, result.beta_sweep, out / "accuracy_vs_beta.png")
         paths.append(out / "accuracy_vs_beta.png")
-    if result.get("budget_sweep"):
-        accuracy_vs_budget(result, out / "accuracy_vs_budget.png")
-        paths.append(out / "accuracy_vs_budget.png")
+    accuracy_vs_budget(result, out / "accuracy_vs_budget.png")
+    paths.append(out / "accuracy_vs_budget.png")
     return [str(p) for p in paths]
 
 
-def certified_accuracy_curve(result: dict, path: Path) -> None:
+def certified_accuracy_curve(result: CertifyResult, path: Path) -> None:
     """Certified accuracy vs L2 radius, one line per base classifier (the curve of Cohen et al., Fig. 7)."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for kind, base in result["bases"].items():
-        radii = sorted(r for r in base["radii"] if r is not None)
-        n = base["n"]
+    for kind, base in result.bases.items():
+        radii = sorted(r for r in base.radii if r is not None)
+        n = base.n
         grid = [i * 0.01 for i in range(int(100 * max(radii + [2.0])) + 2)]
         acc = [sum(r >= t for r in radii) / n for t in grid]
         ax.plot(grid, acc, label=f"{kind} (n={n})")
-    s = result["smoothing"]
+    s = result.smoothing
     ax.set_xlabel("L2 radius (pixels in [0, 1])")
     ax.set_ylabel("certified accuracy")
     ax.set_ylim(0, 1)
-    ax.set_title(
-        f"{result['network']} · σ={s['sigma']} · n={s['n']} · α={s['alpha']} · seed {result['seed']}", fontsize=8
-    )
+    ax.set_title(f"{result.network} · σ={s.sigma} · n={s.n} · α={s.alpha} · seed {result.seed}", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     _save(fig, path)

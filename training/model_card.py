@@ -13,7 +13,6 @@ hand-written `## Notes` section of an existing card is kept when the card is reg
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections.abc import Sequence
@@ -24,6 +23,19 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from models import CheckpointMeta, Recipe, load_checkpoint
+
+from .records import (
+    CERTIFY_FILE,
+    RESULTS_FILE,
+    AttackColumn,
+    CertifyResult,
+    EvaluationResult,
+    WorstCase,
+    load_certification,
+    load_evaluation,
+)
+from .rows import Row
+from .stats import Accuracy
 
 CARD_FILE = "MODEL_CARD.md"
 WEIGHTS_LICENSE_FILE = "LICENSE"  # next to imported weights: the licence they were released under
@@ -38,16 +50,28 @@ WORST_ADAPTIVE = "worst-adaptive"
 
 
 @dataclass(frozen=True)
+class Evaluated:
+    """A model's evaluation as its card reads it: its results.json and, if it was certified, certify/certify.json."""
+
+    result: EvaluationResult
+    certified: CertifyResult | None = None
+
+
+@dataclass(frozen=True)
 class Score:
     """One evaluated accuracy: an attack (or "clean") against one row (defence), with its interval."""
 
     attack: str
     kind: str
     threat: str
-    row: str
+    row: Row
     n: int
     accuracy: float
     ci95: tuple[float, float]
+
+    @classmethod
+    def of(cls, attack: str, kind: str, threat: str, row: Row, acc: Accuracy) -> Score:
+        return cls(attack, kind, threat, row, acc.n, acc.accuracy, acc.ci95)
 
     @property
     def config(self) -> str:
@@ -64,46 +88,35 @@ def is_baseline(meta: CheckpointMeta) -> bool:
     return not meta.aux_head_trained
 
 
-def _threat(attack: dict[str, Any]) -> str:
-    budget = attack.get("budget")
-    if budget is None:
-        return ""
-    value = f"{budget * 255:.0f}/255" if budget < 0.1 else f"{budget:g}"
-    return f"{NORMS.get(attack.get('norm', ''), attack.get('norm', ''))} ε = {value}"
+def _threat(attack: AttackColumn) -> str:
+    value = f"{attack.budget * 255:.0f}/255" if attack.budget < 0.1 else f"{attack.budget:g}"
+    return f"{NORMS[attack.norm]} ε = {value}"
 
 
-def scores(results: dict[str, Any], baseline: bool) -> list[Score]:
+def scores(results: EvaluationResult, baseline: bool) -> list[Score]:
     """The card's numbers from results.json: clean and every attack, for no purification and (SOAP models) min-aux.
     The oracle row (best budget chosen with the label) is not a deployable defence and stays in results.md."""
-    rows = [r for r in ("none", "min-aux") if r in results["rows"] and not (baseline and r != "none")]
-    out = []
-    for row in rows:
-        clean = results["clean"][row]
-        out.append(Score("clean", "clean", "", row, clean["n"], clean["accuracy"], tuple(clean["ci95"])))
-    for name, attack in results["attacks"].items():
+    candidates: tuple[Row, ...] = ("none",) if baseline else ("none", "min-aux")
+    rows = [r for r in candidates if r in results.rows]
+    out = [Score.of("clean", "clean", "", row, results.clean[row]) for row in rows]
+    for name, attack in results.attacks.items():
         for row in rows:
-            r = attack["rows"].get(row)
+            r = attack.rows.get(row)
             if r is not None:
-                kind = KINDS.get(attack["kind"], attack["kind"])
-                out.append(Score(name, kind, _threat(attack), row, r["n"], r["accuracy"], tuple(r["ci95"])))
-    worst = (results.get("worst_case") or {}).get("adaptive")
+                out.append(Score.of(name, KINDS[attack.kind], _threat(attack), row, r))
+    worst = results.worst_case.get("adaptive")
     if worst is not None and not baseline:  # per image, the strongest of the adaptive attacks
-        for row in rows:
-            if row in worst:
-                w = worst[row]
-                threat = "worst of " + ", ".join(worst["attacks"])
-                out.append(Score(WORST_ADAPTIVE, "adaptive", threat, row, w["n"], w["accuracy"], tuple(w["ci95"])))
+        threat = "worst of " + ", ".join(worst.attacks)
+        out += [Score.of(WORST_ADAPTIVE, "adaptive", threat, row, worst.rows[row]) for row in rows if row in worst.rows]
     return out
 
 
-def _worst_adaptive(results: dict[str, Any]) -> tuple[dict[str, Any], list[str]] | None:
-    worst = (results.get("worst_case") or {}).get("adaptive")
-    if not worst or "min-aux" not in worst:
-        return None
-    return worst["min-aux"], worst["attacks"]
+def _worst_adaptive(results: EvaluationResult) -> WorstCase | None:
+    worst = results.worst_case.get("adaptive")
+    return worst if worst is not None and "min-aux" in worst.rows else None
 
 
-def card_data(meta: CheckpointMeta, name: str, results: dict[str, Any] | None) -> ModelCardData:
+def card_data(meta: CheckpointMeta, name: str, results: EvaluationResult | None) -> ModelCardData:
     dataset_id, dataset_name = DATASETS.get(meta.dataset, (meta.dataset, meta.dataset))
     evals = []
     for s in scores(results, is_baseline(meta)) if results else []:
@@ -134,7 +147,7 @@ def card_data(meta: CheckpointMeta, name: str, results: dict[str, Any] | None) -
     )
 
 
-def _evaluation_section(meta: CheckpointMeta, results: dict[str, Any]) -> list[str]:
+def _evaluation_section(meta: CheckpointMeta, results: EvaluationResult) -> list[str]:
     baseline = is_baseline(meta)
     columns = ["none"] if baseline else ["none", "min-aux"]
     table: dict[tuple[str, str, str], dict[str, Score]] = {}
@@ -143,9 +156,9 @@ def _evaluation_section(meta: CheckpointMeta, results: dict[str, Any]) -> list[s
     lines = [
         "## Evaluation",
         "",
-        f"From `{RESULTS_ROOT / Path(results['model']).name / 'results.json'}` (summarised in `{RESULTS_PAGE}`): "
-        f"{results['data']}; n = {results['n']} unless the row says otherwise, seed {results['seed']}, "
-        f"{results['device']} ({results['host']}). Accuracy in %, 95 % interval in brackets (as in docs/results.md).",
+        f"From `{RESULTS_ROOT / Path(results.model).name / RESULTS_FILE}` (summarised in `{RESULTS_PAGE}`): "
+        f"{results.data}; n = {results.n} unless the row says otherwise, seed {results.seed}, "
+        f"{results.device} ({results.host}). Accuracy in %, 95 % interval in brackets (as in docs/results.md).",
         "",
         "| attack | kind | threat | n | " + " | ".join(ROW_NAMES[c] for c in columns) + " |",
         "| --- | --- | --- | --- | " + " | ".join("---" for _ in columns) + " |",
@@ -157,7 +170,7 @@ def _evaluation_section(meta: CheckpointMeta, results: dict[str, Any]) -> list[s
     return [*lines, ""]
 
 
-def _limitations_section(meta: CheckpointMeta, results: dict[str, Any] | None) -> list[str]:
+def _limitations_section(meta: CheckpointMeta, evaluated: Evaluated | None) -> list[str]:
     lines = ["## Limitations", ""]
     if is_baseline(meta):
         lines += [
@@ -165,12 +178,13 @@ def _limitations_section(meta: CheckpointMeta, results: dict[str, Any] | None) -
             "would only move images along noise. The service serves it with purification mode `none` and refuses "
             "`min-aux` and `fixed`; there is no purification row.",
         ]
-    if results is None:
+    if evaluated is None:
         lines += [
             "- Not evaluated under attack yet (no results.json): nothing is known about its robustness.",
             "",
         ]
         return lines
+    results = evaluated.result
     found = scores(results, is_baseline(meta))
     by = {(s.attack, s.row): s for s in found}
     if not is_baseline(meta):
@@ -194,10 +208,10 @@ def _limitations_section(meta: CheckpointMeta, results: dict[str, Any] | None) -
                 f"min-aux purification: {each}."
             )
         if worst is not None:
-            w, names = worst
+            w = worst.rows["min-aux"]
             lines.append(
-                f"  Worst case over {', '.join(names)}: **{100 * w['accuracy']:.1f} % "
-                f"[{100 * w['ci95'][0]:.1f}, {100 * w['ci95'][1]:.1f}]** (n = {w['n']}). Do not rely on it against an "
+                f"  Worst case over {', '.join(worst.attacks)}: **{100 * w.accuracy:.1f} % "
+                f"[{100 * w.ci95[0]:.1f}, {100 * w.ci95[1]:.1f}]** (n = {w.n}). Do not rely on it against an "
                 "adversary who knows the defence."
             )
         if not adaptive:
@@ -206,18 +220,15 @@ def _limitations_section(meta: CheckpointMeta, results: dict[str, Any] | None) -
                 f"other SOAP models ({RESULTS_PAGE})."
             )
     else:
-        worst = (results.get("worst_case") or {}).get("all", {}).get("none")
-        if worst is not None:
-            lines.append(
-                f"- Worst case over the attacks evaluated: {100 * worst['accuracy']:.1f} % "
-                f"[{100 * worst['ci95'][0]:.1f}, {100 * worst['ci95'][1]:.1f}] (n = {worst['n']})."
-            )
-    certified = results.get("certified")
-    if certified:
-        lines += _certified_lines(certified)
+        every = results.worst_case.get("all")
+        overall = every.rows.get("none") if every is not None else None
+        if overall is not None:
+            lines.append(f"- Worst case over the attacks evaluated: {_pct_ci(overall)} (n = {overall.n}).")
+    if evaluated.certified is not None:
+        lines += _certified_lines(evaluated.certified)
     else:
         lines.append("- No certified robustness result for this model: nothing here is a guarantee.")
-    if results.get("jpeg_caveat"):
+    if results.jpeg_caveat:
         lines.append(
             "- Evaluated on the JPEG re-encoded CIFAR-10 test set (quality ~75): accuracies are slightly below "
             "numbers on the original images."
@@ -228,30 +239,30 @@ def _limitations_section(meta: CheckpointMeta, results: dict[str, Any] | None) -
 CERTIFIED_RADII = ("0.5", "1.0")
 
 
-def _pct_ci(row: dict[str, Any]) -> str:
-    lo, hi = row["ci95"]
-    return f"{100 * row['accuracy']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
+def _pct_ci(acc: Accuracy) -> str:
+    lo, hi = acc.ci95
+    return f"{100 * acc.accuracy:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
-def _certified_lines(certified: dict[str, Any]) -> list[str]:
+def _certified_lines(certified: CertifyResult) -> list[str]:
     """Randomized smoothing's certified L2 accuracy (docs/results/<name>/certify/certify.json), per base classifier."""
-    sm = certified["smoothing"]
+    sm = certified.smoothing
     per_base = "; ".join(
         f"{base}: "
         + ", ".join(
-            f"r = {r}: {_pct_ci(b['certified_accuracy'][r])}" for r in CERTIFIED_RADII if r in b["certified_accuracy"]
+            f"r = {r}: {_pct_ci(b.certified_accuracy[r])}" for r in CERTIFIED_RADII if r in b.certified_accuracy
         )
-        + f" (n = {b['n']})"
-        for base, b in certified["bases"].items()
+        + f" (n = {b.n})"
+        for base, b in certified.bases.items()
     )
     return [
-        f"- **Certified** (randomized smoothing, σ = {sm['sigma']:g}, n = {sm['n']}, α = {sm['alpha']:g}; served as "
+        f"- **Certified** (randomized smoothing, σ = {sm.sigma:g}, n = {sm.n}, α = {sm.alpha:g}; served as "
         "`mode=certify`, without purification): an L2 guarantee, not an L∞ one (L∞ ε = 0.3 can be an L2 norm of 8 "
         f"on MNIST). Certified accuracy at L2 radius {per_base}.",
         "  Reproduce with:",
         "",
         "  ```",
-        f"  {certified['command']}",
+        f"  {certified.command}",
         "  ```",
     ]
 
@@ -311,11 +322,12 @@ def render(
     meta: CheckpointMeta,
     name: str,
     notes: str = "",
-    results: dict[str, Any] | None = None,
+    evaluated: Evaluated | None = None,
     directory: Path | None = None,
 ) -> str:
-    """The card's text. `results`: the model's results.json, if evaluated; `directory`: where the weights live (for
-    the licence file of imported weights)."""
+    """The card's text. `evaluated`: the model's results.json (and certify.json), if evaluated; `directory`: where
+    the weights live (for the licence file of imported weights)."""
+    results = evaluated.result if evaluated is not None else None
     t, m, c = meta.training.model_dump(mode="json"), meta.metrics, meta.calibration
     kind = "baseline without purification" if is_baseline(meta) else "SOAP (self-supervised online purification)"
     body = [
@@ -346,7 +358,7 @@ def render(
     ]
     if results is not None:
         body += _evaluation_section(meta, results)
-    body += _limitations_section(meta, results)
+    body += _limitations_section(meta, evaluated)
     body += ["## Metrics at training time", ""]
     if "clean_accuracy" in m:
         body.append(
@@ -378,7 +390,7 @@ def render(
         body += ["Weights:", "", "```", t["command"], "```", ""]
     if results is not None:
         body += ["Evaluation (then `python -m training.results_page` for the results page):", ""]
-        body += ["```", results["command"], "```", ""]
+        body += ["```", results.command, "```", ""]
     body += ["Details of the run:", ""]
     body += [f"- {key}: {_fmt(t[key])}" for key in TRAINING_KEYS if key in t]
     body.append("")
@@ -397,22 +409,19 @@ def read_notes(card_path: Path) -> str:
     return match.group(1).strip() if match else ""
 
 
-def load_results(name: str, results_root: Path = RESULTS_ROOT) -> dict[str, Any] | None:
-    """results.json of the model, with its certification (certify/certify.json) under "certified" if there is one."""
-    path = results_root / name / "results.json"
+def load_results(name: str, results_root: Path = RESULTS_ROOT) -> Evaluated | None:
+    """results.json of the model, with its certification (certify/certify.json) if there is one."""
+    path = results_root / name / RESULTS_FILE
     if not path.is_file():
         return None
-    results: dict[str, Any] = json.loads(path.read_text())
-    certify = results_root / name / "certify" / "certify.json"
-    if certify.is_file() and "certified" not in results:
-        results["certified"] = json.loads(certify.read_text())
-    return results
+    certify = results_root / name / "certify" / CERTIFY_FILE
+    return Evaluated(load_evaluation(path), load_certification(certify) if certify.is_file() else None)
 
 
-def write(directory: str | Path, meta: CheckpointMeta, notes: str = "", results: dict[str, Any] | None = None) -> Path:
+def write(directory: str | Path, meta: CheckpointMeta, notes: str = "", evaluated: Evaluated | None = None) -> Path:
     directory = Path(directory)
     path = directory / CARD_FILE
-    path.write_text(render(meta, directory.name, notes, results, directory))
+    path.write_text(render(meta, directory.name, notes, evaluated, directory))
     return path
 
 

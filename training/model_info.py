@@ -17,7 +17,11 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from models import Recipe
+
+from .records import EvaluationResult, load_evaluation
 from .results_page import PAPER, paper_key
+from .rows import Row
 
 MODEL_INFO = "model_info.json"
 PAPER_LINK = "https://openreview.net/forum?id=_i3ASPp12WS"
@@ -54,45 +58,46 @@ def _eps_text(eps: float) -> str:
     return f"{round(eps * 255)}/255" if abs(eps * 255 - round(eps * 255)) < 1e-6 and eps < 0.1 else f"{eps:g}"
 
 
-def model_info(result: dict) -> ModelInfo:
+def model_info(result: EvaluationResult) -> ModelInfo:
     """The model_info record of one results.json."""
-    soap = result["recipe"] == "soap"
-    row = "min-aux" if soap else "none"
-    network = result["network"]
+    soap = result.recipe is Recipe.SOAP
+    row: Row = "min-aux" if soap else "none"
+    network = result.network
     stem = network.rsplit("-", 1)[0] if network.startswith("cifar") else network
-    autoattack = result["attacks"].get("autoattack", {}).get("rows", {}).get(row)
-    worst = result.get("worst_case", {}).get("adaptive", {}).get(row)
-    paper = PAPER.get((paper_key(network, result["recipe"]), result["recipe"], row))
-    purifier = result["purifier"]
+    autoattack = result.accuracy("autoattack", row)
+    adaptive = result.worst_case.get("adaptive")
+    worst = adaptive.rows.get(row) if adaptive is not None else None
+    paper = PAPER.get((paper_key(network, result.recipe), result.recipe, row))
+    purifier = result.purifier
     # min-aux: one forward+backward of the auxiliary loss per distinct trajectory and step (at most T·K), the
     # loss of every candidate, and the classifier: an upper bound on the passes per image.
-    passes = purifier["steps"] * len(purifier["budgets"]) + len(purifier["budgets"]) + 1 if soap else 1
-    unreliable = bool(paper and worst and 100 * worst["ci95"][1] < paper[2])
+    passes = purifier.steps * len(purifier.budgets) + len(purifier.budgets) + 1 if soap else 1
+    unreliable = bool(paper and worst and 100 * worst.ci95[1] < paper[2])
     return ModelInfo(
         link=PAPER_LINK,
-        name=f"SOAP ({result['aux_task']}), {Path(result['model']).name}" if soap else Path(result["model"]).name,
+        name=f"SOAP ({result.aux_task}), {Path(result.model).name}" if soap else Path(result.model).name,
         authors=PAPER_AUTHORS if soap else "baseline trained in this repository",
         additional_data=False,
         number_forward_passes=passes,
-        dataset=result["dataset"],
+        dataset=result.dataset,
         venue="ICLR 2021" if soap else "",
         architecture=ARCHITECTURES.get(stem, network),
-        eps=_eps_text(result["settings"]["linf_eps"]),
-        clean_acc=_pct(result["clean"][row]["accuracy"]),
+        eps=_eps_text(result.settings.linf_eps),
+        clean_acc=_pct(result.clean[row].accuracy),
         reported=f"{paper[2]:.2f}" if paper else None,  # the paper's PGD column (the only L∞ robustness it reports)
-        autoattack_acc=_pct(autoattack["accuracy"]) if autoattack else None,
-        adaptive_worst_case_acc=_pct(worst["accuracy"]) if worst else None,
-        adaptive_worst_case_n=worst["n"] if worst else None,
-        adaptive_worst_case_ci95=(_pct(worst["ci95"][0]), _pct(worst["ci95"][1])) if worst else None,
+        autoattack_acc=_pct(autoattack.accuracy) if autoattack else None,
+        adaptive_worst_case_acc=_pct(worst.accuracy) if worst else None,
+        adaptive_worst_case_n=worst.n if worst else None,
+        adaptive_worst_case_ci95=(_pct(worst.ci95[0]), _pct(worst.ci95[1])) if worst else None,
         unreliable=unreliable,
         footnote=(
-            f"n = {result['n']} test images ({result['data']}); reported = the paper's PGD-then-purify number, an "
-            f"attack blind to the purifier; evaluation command: {result.get('command', '?')}"
+            f"n = {result.n} test images ({result.data}); reported = the paper's PGD-then-purify number, an "
+            f"attack blind to the purifier; evaluation command: {result.command}"
         ),
     )
 
 
-def write(result: dict, out: Path) -> Path:
+def write(result: EvaluationResult, out: Path) -> Path:
     path = out / MODEL_INFO
     path.write_text(json.dumps(asdict(model_info(result)), indent=2) + "\n")
     return path
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", nargs="+", type=Path, help="results.json files")
     args = parser.parse_args(argv)
     for path in args.results:
-        print(write(json.loads(path.read_text()), path.parent))
+        print(write(load_evaluation(path), path.parent))
     return 0
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .rows import Row
+
 
 @dataclass
 class BatchRecord:
@@ -23,7 +25,7 @@ class BatchRecord:
 
     start: int
     stop: int
-    correct: dict[str, torch.Tensor]
+    correct: dict[Row, torch.Tensor]
     flagged: torch.Tensor | None  # the detector fired on the adversarial image (aux loss above the threshold)
     seconds: float
     max_linf: float

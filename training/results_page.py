@@ -11,16 +11,27 @@ cores); every number on the page also carries them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from models import Recipe
+
 from .attacks.registry import ATTACKS
+from .records import (
+    CERTIFY_FILE,
+    RESULTS_FILE,
+    EvaluationResult,
+    SanityCheck,
+    load_certification,
+    load_evaluation,
+    load_soundness,
+)
 from .report import cell
 from .rows import ROW_TITLES
-from .sanity import Extras, run_checks
+from .sanity import run_checks
+from .stats import Accuracy
 
 PAPER_COLUMNS = ("fgsm", "pgd", "cw", "df")
 
@@ -191,64 +202,63 @@ def run_plan(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- the page
 
 
-def _load(results: Path) -> list[dict]:
-    found = []
-    for path in sorted(results.glob("*/results.json")):
-        result = json.loads(path.read_text())
-        result["_dir"] = path.parent
-        found.append(result)
-    return sorted(found, key=lambda r: (r["dataset"] != "mnist", r["dataset"], Path(r["model"]).name))
+@dataclass(frozen=True)
+class Evaluation:
+    """A stored evaluation and the folder it was read from: the folder's name tells a model's own evaluation from the
+    extra suites run on it (e.g. `mnist-cnn-dr-pinned`), and its figures and certifications live there."""
+
+    folder: Path
+    result: EvaluationResult
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def is_main(self) -> bool:
+        """The model's own evaluation (its folder is named after it); other folders hold extra suites."""
+        return self.name == Path(self.result.model).name
 
 
-def evaluation_name(r: dict) -> str:
-    """The evaluation's folder name: the model's name, or e.g. `mnist-cnn-dr-pinned` for a second evaluation."""
-    return r["_dir"].name if "_dir" in r else Path(r["model"]).name
+def _load(results: Path) -> list[Evaluation]:
+    found = [Evaluation(path.parent, load_evaluation(path)) for path in sorted(results.glob(f"*/{RESULTS_FILE}"))]
+    return sorted(found, key=lambda e: (e.result.dataset != "mnist", e.result.dataset, Path(e.result.model).name))
 
 
-def is_main_evaluation(r: dict) -> bool:
-    """The model's own evaluation (its folder is named after it); other folders hold extra suites."""
-    return evaluation_name(r) == Path(r["model"]).name
-
-
-def _with_paper(acc: dict | None, paper: float | None) -> str:
+def _with_paper(acc: Accuracy | None, paper: float | None) -> str:
     if acc is None:
         return "–"
     text = cell(acc)
     if paper is None:
         return text
-    lo, hi = acc["ci95"]
+    lo, hi = acc.ci95
     flag = "" if lo * 100 - 0.05 <= paper <= hi * 100 + 0.05 else " ≠"
     return f"{text} ({paper:.2f}{flag})"
 
 
-def paper_table(results: list[dict]) -> str:
+def paper_table(evaluations: list[Evaluation]) -> str:
     head = ["model", "row", "n", "no attack"] + [c.upper() if c != "df" else "DeepFool" for c in PAPER_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        key = paper_key(r["network"], r["recipe"])
-        for row in r["rows"]:
-            paper = PAPER.get((key, r["recipe"], row))
-            label = r["recipe"] if r["recipe"] != "soap" else ROW_TITLES[row]
+    for e in evaluations:
+        r = e.result
+        key = paper_key(r.network, r.recipe)
+        for row in r.rows:
+            paper = PAPER.get((key, r.recipe, row))
+            label = r.recipe if r.recipe is not Recipe.SOAP else ROW_TITLES[row]
             cells = [
-                f"`{Path(r['model']).name}`",
+                f"`{Path(r.model).name}`",
                 label,
-                str(r["n"]),
-                _with_paper(r["clean"][row], paper[0] if paper else None),
+                str(r.n),
+                _with_paper(r.clean[row], paper[0] if paper else None),
             ]
             for i, col in enumerate(PAPER_COLUMNS, start=1):
-                acc = _attack_row(r, col, row)
-                cells.append(_with_paper(acc, paper[i] if paper else None))
+                cells.append(_with_paper(r.accuracy(col, row), paper[i] if paper else None))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _attack_row(result: dict, attack: str, row: str) -> dict | None:
-    """One row's accuracy under one attack in an evaluation result (None where that attack did not run)."""
-    return result["attacks"].get(attack, {}).get("rows", {}).get(row)
-
-
-def adaptive_table(results: list[dict]) -> str:
-    present = {name for r in results for name, a in r["attacks"].items() if a["kind"] == "adaptive"}
+def adaptive_table(evaluations: list[Evaluation]) -> str:
+    present = {name for e in evaluations for name, a in e.result.attacks.items() if a.kind == "adaptive"}
     names = [name for name in ATTACKS if name in present]
     head = [
         "model",
@@ -260,91 +270,87 @@ def adaptive_table(results: list[dict]) -> str:
         "undefended: APGD-CE",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        if "min-aux" not in r["rows"]:
+    for e in evaluations:
+        r = e.result
+        if "min-aux" not in r.rows:
             continue
-        a = r["attacks"]
-        worst = r.get("worst_case", {}).get("adaptive", {}).get("min-aux")
-        cells = [f"`{evaluation_name(r)}`", cell(r["clean"]["min-aux"]), cell(_attack_row(r, "pgd", "min-aux"))]
+        a = r.attacks
+        adaptive = r.worst_case.get("adaptive")
+        worst = adaptive.rows.get("min-aux") if adaptive is not None else None
+        cells = [f"`{e.name}`", cell(r.clean["min-aux"]), cell(r.accuracy("pgd", "min-aux"))]
         cells += [
-            cell(_attack_row(r, n, "min-aux"))
-            + (f" (n={a[n]['n']})" if n in a and a[n].get("n", r["n"]) != r["n"] else "")
-            for n in names
+            cell(r.accuracy(n, "min-aux")) + (f" (n={a[n].n})" if n in a and a[n].n != r.n else "") for n in names
         ]
         cells += [
-            cell(worst) + (f" (n={worst['n']})" if worst and worst["n"] != r["n"] else ""),
-            cell(_attack_row(r, "pgd", "none")),
-            cell(_attack_row(r, "apgd-ce", "none")),
+            cell(worst) + (f" (n={worst.n})" if worst and worst.n != r.n else ""),
+            cell(r.accuracy("pgd", "none")),
+            cell(r.accuracy("apgd-ce", "none")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def detector_table(results: list[dict]) -> str:
+def _misclassified(acc: Accuracy) -> Accuracy:
+    """The complementary rate (misclassified instead of correct), for the cells that print it."""
+    lo, hi = acc.ci95
+    return acc.model_copy(update={"accuracy": 1 - acc.accuracy, "ci95": (1 - hi, 1 - lo)})
+
+
+def detector_table(evaluations: list[Evaluation]) -> str:
     head = ["evaluation", "attack", "n", "flagged", "misclassified (min-aux)", "misclassified and not flagged"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        d = r["detector"]
-        clean_wrong = {**r["clean"]["min-aux"]}
-        clean_wrong["accuracy"] = 1 - clean_wrong["accuracy"]
-        clean_wrong["ci95"] = (1 - clean_wrong["ci95"][1], 1 - clean_wrong["ci95"][0])
-        rows = [("none (clean)", d["clean"], clean_wrong, r["n"])]
-        for name, a in r["attacks"].items():
-            if "detector" in a:
-                acc = a["rows"]["min-aux"]
-                wrong = {**acc, "accuracy": 1 - acc["accuracy"], "ci95": (1 - acc["ci95"][1], 1 - acc["ci95"][0])}
-                rows.append((name, a["detector"], wrong, a["n"]))
+    for e in evaluations:
+        r = e.result
+        if r.detector is None:
+            continue
+        rows = [("none (clean)", r.detector.clean, _misclassified(r.clean["min-aux"]), r.n)]
+        rows += [
+            (name, a.detector, _misclassified(a.rows["min-aux"]), a.n)
+            for name, a in r.attacks.items()
+            if a.detector is not None
+        ]
         for name, det, wrong, n in rows:
-            cells = [
-                f"`{evaluation_name(r)}`",
-                name,
-                str(n),
-                cell(det["flagged"]),
-                cell(wrong),
-                cell(det["fooled_unflagged"]),
-            ]
+            cells = [f"`{e.name}`", name, str(n), cell(det.flagged), cell(wrong), cell(det.fooled_unflagged)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def settings_lines(r: dict) -> list[str]:
+def settings_lines(e: Evaluation) -> list[str]:
+    r = e.result
     out = [
-        f"- **`{evaluation_name(r)}`** (model `{Path(r['model']).name}`) — data: {r['data']}; n = {r['n']}; "
-        f"seed {r['seed']}; device {r['device']} "
-        f"({r['host']}); git {str(r.get('git_commit'))[:10]}; wall time {r.get('wall_seconds', 0) / 60:.1f} min"
+        f"- **`{e.name}`** (model `{Path(r.model).name}`) — data: {r.data}; n = {r.n}; seed {r.seed}; device "
+        f"{r.device} ({r.host}); git {r.git_commit[:10]}; wall time {r.wall_seconds / 60:.1f} min"
     ]
-    if r.get("command"):
-        out.append(f"  - command: `{r['command']}`")
-    for name, a in r["attacks"].items():
-        out.append(f"  - {name}: {a['description']}; n = {a.get('n', r['n'])}; {a['seconds_per_image']:.3f} s/image")
-    if r.get("purification_seconds_per_image") is not None:
-        out.append(f"  - purification (min-aux): {1000 * r['purification_seconds_per_image']:.1f} ms/image")
+    if r.command:
+        out.append(f"  - command: `{r.command}`")
+    for name, a in r.attacks.items():
+        out.append(f"  - {name}: {a.description}; n = {a.n}; {a.seconds_per_image:.3f} s/image")
+    if r.purification_seconds_per_image is not None:
+        out.append(f"  - purification (min-aux): {1000 * r.purification_seconds_per_image:.1f} ms/image")
     return out
 
 
-def refresh_checks(r: dict) -> None:
-    """Add checks newer than the stored result (they only need its numbers); stored outcomes are kept."""
-
-    extras = Extras(r.get("beta_sweep"), r.get("budget_sweep"), r.get("epsilon_zero") or {})
-    known = {c["name"] for c in r["sanity_checks"]}
-    r["sanity_checks"] += [asdict(c) for c in run_checks(r, extras) if c.name not in known]
+def refreshed_checks(result: EvaluationResult) -> list[SanityCheck]:
+    """The stored checks, and after them the checks newer than the stored result (they only need its numbers)."""
+    known = {c.name for c in result.sanity_checks}
+    return result.sanity_checks + [c for c in run_checks(result) if c.name not in known]
 
 
-def sanity_block(r: dict) -> list[str]:
-    refresh_checks(r)
-    failed = [c for c in r["sanity_checks"] if not c["passed"]]
+def sanity_block(e: Evaluation) -> list[str]:
+    checks = refreshed_checks(e.result)
+    failed = [c for c in checks if not c.passed]
     if not failed:
-        return [f"- `{evaluation_name(r)}`: all {len(r['sanity_checks'])} sanity checks passed"]
-    return [f"- `{evaluation_name(r)}`: **WARNING** {c['name']} failed — {c['detail']}" for c in failed]
+        return [f"- `{e.name}`: all {len(checks)} sanity checks passed"]
+    return [f"- `{e.name}`: **WARNING** {c.name} failed — {c.detail}" for c in failed]
 
 
-def figures_block(r: dict, page_dir: Path) -> list[str]:
+def figures_block(e: Evaluation, page_dir: Path) -> list[str]:
     out = []
-    for fig in r.get("figures") or []:
-        path = r["_dir"] / Path(fig).name
+    for fig in e.result.figures or []:
+        path = e.folder / Path(fig).name
         if path.exists():
             link = os.path.relpath(path.resolve(), page_dir.resolve())
-            out.append(f"![{evaluation_name(r)}: {path.stem}]({Path(link).as_posix()})")
+            out.append(f"![{e.name}: {path.stem}]({Path(link).as_posix()})")
     return out
 
 
@@ -357,16 +363,16 @@ CERTIFY_PUBLISHED = (
 )
 
 
-def certified_section(results: list[dict], page_dir: Path) -> list[str]:
+def certified_section(evaluations: list[Evaluation], page_dir: Path) -> list[str]:
     """Randomized smoothing: certified L2 accuracy (evaluate --attacks certify) and the SmoothAdv soundness check."""
     runs = [
-        json.loads(p.read_text()) | {"_path": p}
-        for r in results
-        for p in sorted(r["_dir"].glob("certify*/certify.json"))
+        (p.parent, load_certification(p))
+        for e in evaluations
+        for p in sorted(e.folder.glob(f"certify*/{CERTIFY_FILE}"))
     ]
     if not runs:
         return []
-    radii = runs[0]["radii"]
+    radii = runs[0][1].radii
     out = [
         "## Certified L2 robustness (randomized smoothing)",
         "",
@@ -381,24 +387,23 @@ def certified_section(results: list[dict], page_dir: Path) -> list[str]:
         "| model | base | σ | n (images) | samples | " + " | ".join(f"r = {r}" for r in radii) + " | abstained |",
         "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in radii) + " | --- |",
     ]
-    for run in runs:
-        sm = run["smoothing"]
-        for kind, b in run["bases"].items():
-            cells = " | ".join(cell(b["certified_accuracy"][str(r)]) for r in radii)
+    for _, run in runs:
+        sm = run.smoothing
+        for kind, b in run.bases.items():
+            cells = " | ".join(cell(b.certified_accuracy[str(r)]) for r in radii)
             out.append(
-                f"| {run['network']} | {kind} | {sm['sigma']} | {b['n']} | {sm['n']} (α = {sm['alpha']}) | {cells} | "
-                f"{b['abstained']} |"
+                f"| {run.network} | {kind} | {sm.sigma} | {b.n} | {sm.n} (α = {sm.alpha}) | {cells} | {b.abstained} |"
             )
     out += ["", CERTIFY_PUBLISHED, ""]
-    for run in runs:
-        sm = run["smoothing"]
-        timing = "; ".join(f"{k} {b['seconds_per_image']:.2f} s/image" for k, b in run["bases"].items())
+    for _, run in runs:
+        sm = run.smoothing
+        timing = "; ".join(f"{k} {b.seconds_per_image:.2f} s/image" for k, b in run.bases.items())
         out.append(
-            f"- `{run['network']}` ({', '.join(run['bases'])}): n0 = {sm['n0']}, clamp = {sm['clamp']}, seed "
-            f"{run['seed']} (image i seeded seed + its test index), {run['device']}, {run['threads']} thread(s), "
-            f"shared 2-core machine ({timing}), commit {str(run['git_commit'])[:10]}: `{run['command']}`"
+            f"- `{run.network}` ({', '.join(run.bases)}): n0 = {sm.n0}, clamp = {sm.clamp}, seed "
+            f"{run.seed} (image i seeded seed + its test index), {run.device}, {run.threads} thread(s), "
+            f"shared 2-core machine ({timing}), commit {run.git_commit[:10]}: `{run.command}`"
         )
-    sound = [json.loads(p.read_text()) for r in results for p in sorted(r["_dir"].glob("certify*/soundness-*.json"))]
+    sound = [load_soundness(p) for e in evaluations for p in sorted(e.folder.glob("certify*/soundness-*.json"))]
     if sound:
         out += [
             "",
@@ -411,34 +416,34 @@ def certified_section(results: list[dict], page_dir: Path) -> list[str]:
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for s in sound:
-            name = Path(s["model"]).name
-            for o in s["outcomes"]:
-                lo, hi = o["ci95"]
+            name = Path(s.model).name
+            for o in s.outcomes:
+                lo, hi = o.ci95
                 out.append(
-                    f"| {name} | {s['base']} | {o['attacked']} | {o['multiplier']} | {o['changed']} "
-                    f"({100 * o['success_rate']:.1f} %) | [{100 * lo:.1f}, {100 * hi:.1f}] | {o['abstained']} |"
+                    f"| {name} | {s.base} | {o.attacked} | {o.multiplier} | {o.changed} "
+                    f"({100 * o.success_rate:.1f} %) | [{100 * lo:.1f}, {100 * hi:.1f}] | {o.abstained} |"
                 )
         out.append("")
         for s in sound:
-            a = s["attack"]
-            verdict = "passed" if s["passed"] else "FAILED"
+            a = s.attack
+            verdict = "passed" if s.passed else "FAILED"
             out.append(
-                f"- {Path(s['model']).name} ({s['base']}): {verdict}; {a['steps']} steps, {a['samples']} noise samples "
-                f"per step, PREDICT n = {s['predict']['n']}, α = {s['predict']['alpha']}: `{s['command']}`"
+                f"- {Path(s.model).name} ({s.base}): {verdict}; {a.steps} steps, {a.samples} noise samples "
+                f"per step, PREDICT n = {s.predict.n}, α = {s.predict.alpha}: `{s.command}`"
             )
     out.append("")
-    for run in runs:
-        figure = run["_path"].parent / "certified_accuracy.png"
+    for folder, run in runs:
+        figure = folder / "certified_accuracy.png"
         if figure.exists():
             link = Path(os.path.relpath(figure.resolve(), page_dir.resolve())).as_posix()
-            out.append(f"![{run['network']}: certified accuracy vs L2 radius]({link})")
+            out.append(f"![{run.network}: certified accuracy vs L2 radius]({link})")
     return out + [""]
 
 
-def build_page(results: list[dict], page: Path, notes: str = "") -> str:
+def build_page(results: list[Evaluation], page: Path, notes: str = "") -> str:
     page_dir = page.parent
-    mnist = [r for r in results if r["dataset"] == "mnist" and is_main_evaluation(r)]
-    cifar = [r for r in results if r["dataset"].startswith("cifar") and is_main_evaluation(r)]
+    mnist = [e for e in results if e.result.dataset == "mnist" and e.is_main]
+    cifar = [e for e in results if e.result.dataset.startswith("cifar") and e.is_main]
     parts = [
         "# Results",
         "",
@@ -469,7 +474,7 @@ def build_page(results: list[dict], page: Path, notes: str = "") -> str:
         adaptive_table(results),
         "",
     ]
-    detected = [r for r in results if r.get("detector")]
+    detected = [e for e in results if e.result.detector is not None]
     if detected:
         parts += [
             "## The `suspicious` flag under attack",
@@ -486,19 +491,19 @@ def build_page(results: list[dict], page: Path, notes: str = "") -> str:
             "",
             "Commands (n, seeds and timings per attack under *Settings of every number*):",
             "",
-            *[f"- `{evaluation_name(r)}`: `{r.get('command', '?')}`" for r in detected],
+            *[f"- `{e.name}`: `{e.result.command}`" for e in detected],
             "",
         ]
     parts += certified_section(results, page_dir)
     parts += ["## Sanity checks", ""]
-    for r in results:
-        parts += sanity_block(r)
+    for e in results:
+        parts += sanity_block(e)
     parts += ["", "## Settings of every number", ""]
-    for r in results:
-        parts += settings_lines(r)
+    for e in results:
+        parts += settings_lines(e)
     parts += ["", "## Figures", ""]
-    for r in results:
-        parts += figures_block(r, page_dir)
+    for e in results:
+        parts += figures_block(e, page_dir)
     return "\n".join(parts) + "\n"
 
 

@@ -14,7 +14,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -26,23 +25,7 @@ from models.smoothing import SmoothingConfig, base_classifier, predict
 from . import provenance
 from .attacks.smoothadv import smoothadv_pgd
 from .data import load_test_data
-from .stats import wilson_interval
-
-
-@dataclass
-class Outcome:
-    """PREDICT at the adversarial images of one budget multiplier."""
-
-    multiplier: float
-    attacked: int
-    changed: int  # a different class, significant at level α
-    abstained: int
-    mean_l2: float
-    max_l2_over_radius: float
-
-    @property
-    def success_rate(self) -> float:
-        return self.changed / self.attacked if self.attacked else 0.0
+from .records import PredictSettings, SmoothAdvSettings, SoundnessOutcome, SoundnessResult, SoundnessSmoothing
 
 
 def read_log(path: Path) -> tuple[dict, list[dict]]:
@@ -50,7 +33,7 @@ def read_log(path: Path) -> tuple[dict, list[dict]]:
     return json.loads(lines[0]), [json.loads(line) for line in lines[1:] if line.strip()]
 
 
-def run_soundness(args: argparse.Namespace) -> dict:
+def run_soundness(args: argparse.Namespace) -> SoundnessResult:
     settings, rows = read_log(args.certified)
     certified = [r for r in rows if r["radius"] is not None][: args.n]
     device = resolve_device(args.device)
@@ -91,59 +74,56 @@ def run_soundness(args: argparse.Namespace) -> dict:
             for p, target in zip(preds, c[sl].tolist(), strict=True):
                 changed += p.label is not None and p.label != target
                 abstained += p.abstained
-        outcomes.append(Outcome(k, len(certified), changed, abstained, sum(l2s) / len(l2s), max(ratios)))
+        outcomes.append(SoundnessOutcome.of(k, len(certified), changed, abstained, sum(l2s) / len(l2s), max(ratios)))
     inside = [o for o in outcomes if o.multiplier <= 1.0]
-    result = {
-        "certified_log": str(args.certified),
-        "model": settings["model"],
-        "base": settings["base"],
-        "data": source,
-        "smoothing": {k: settings[k] for k in ("sigma", "n0", "n", "alpha", "clamp")},
-        "attack": {"steps": args.steps, "samples": args.samples, "step_size": "2.5·ε/steps", "seed": args.seed},
-        "predict": {"n": args.predict_n, "alpha": args.alpha},
-        "images": len(certified),
-        "outcomes": [
-            asdict(o) | {"success_rate": o.success_rate, "ci95": wilson_interval(o.changed, o.attacked)}
-            for o in outcomes
-        ],
-        "passed": all(o.changed == 0 for o in inside),
-        "command": " ".join(["python -m training soundness", *sys.argv[2:]]),
-        "git_commit": provenance.git_commit(),
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-        "wall_seconds": time.time() - started,
-    }
+    result = SoundnessResult(
+        certified_log=str(args.certified),
+        model=settings["model"],
+        base=settings["base"],
+        data=source,
+        smoothing=SoundnessSmoothing.model_validate({k: settings[k] for k in ("sigma", "n0", "n", "alpha", "clamp")}),
+        attack=SmoothAdvSettings(steps=args.steps, samples=args.samples, step_size="2.5·ε/steps", seed=args.seed),
+        predict=PredictSettings(n=args.predict_n, alpha=args.alpha),
+        images=len(certified),
+        outcomes=outcomes,
+        passed=all(o.changed == 0 for o in inside),
+        command=" ".join(["python -m training soundness", *sys.argv[2:]]),
+        git_commit=provenance.git_commit(),
+        threads=torch.get_num_threads(),
+        device=str(device),
+        wall_seconds=time.time() - started,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"soundness-{settings['base']}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"soundness-{settings['base']}.json").write_text(result.to_json())
     (args.out / f"soundness-{settings['base']}.md").write_text(markdown(result))
     return result
 
 
-def markdown(result: dict) -> str:
-    s, a = result["smoothing"], result["attack"]
+def markdown(result: SoundnessResult) -> str:
+    s, a = result.smoothing, result.attack
     verdict = (
         "PASSED: no smoothed prediction changed within the certified radius (k ≤ 1)."
-        if result["passed"]
+        if result.passed
         else "FAILED: a smoothed prediction changed within the certified radius."
     )
     lines = [
-        f"# SmoothAdv against the certificates: {result['model']} ({result['base']})",
+        f"# SmoothAdv against the certificates: {result.model} ({result.base})",
         "",
-        f"{result['images']} certified images (σ = {s['sigma']}, n = {s['n']}, α = {s['alpha']}); SmoothAdv L2 PGD, "
-        f"{a['steps']} steps, {a['samples']} noise samples per step, step {a['step_size']}, seed {a['seed']}; "
-        f"smoothed prediction at the adversarial image by PREDICT (n = {result['predict']['n']}, "
-        f"α = {result['predict']['alpha']}). {verdict}",
+        f"{result.images} certified images (σ = {s.sigma}, n = {s.n}, α = {s.alpha}); SmoothAdv L2 PGD, "
+        f"{a.steps} steps, {a.samples} noise samples per step, step {a.step_size}, seed {a.seed}; "
+        f"smoothed prediction at the adversarial image by PREDICT (n = {result.predict.n}, "
+        f"α = {result.predict.alpha}). {verdict}",
         "",
-        f"Command: `{result['command']}`",
+        f"Command: `{result.command}`",
         "",
         "| budget (× certified radius) | images | prediction changed | 95 % interval | abstained | mean L2 |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for o in result["outcomes"]:
-        lo, hi = o["ci95"]
+    for o in result.outcomes:
+        lo, hi = o.ci95
         lines.append(
-            f"| {o['multiplier']} | {o['attacked']} | {o['changed']} ({100 * o['success_rate']:.1f} %) | "
-            f"[{100 * lo:.1f}, {100 * hi:.1f}] | {o['abstained']} | {o['mean_l2']:.3f} |"
+            f"| {o.multiplier} | {o.attacked} | {o.changed} ({100 * o.success_rate:.1f} %) | "
+            f"[{100 * lo:.1f}, {100 * hi:.1f}] | {o.abstained} | {o.mean_l2:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -171,4 +151,4 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     result = run_soundness(args)
     print(markdown(result))
-    return 0 if result["passed"] else 1
+    return 0 if result.passed else 1

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 Z95 = 1.959963984540054
 
@@ -23,8 +23,12 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return lo, hi
 
 
-@dataclass
-class Accuracy:
+class Accuracy(BaseModel):
+    """An accuracy (or any rate) with its Wilson 95 % interval: every cell of every table, and the record each one is
+    stored as in results.json and certify.json (one definition, validated when a stored file is read back)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     correct: int
     n: int
     accuracy: float
@@ -37,10 +41,7 @@ class Accuracy:
         success = None
         if clean_correct is not None and int(clean_correct.sum()) > 0:
             success = float((clean_correct & ~correct).sum()) / float(clean_correct.sum())
-        return cls(k, n, k / n if n else 0.0, wilson_interval(k, n), success)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        return cls(correct=k, n=n, accuracy=k / n if n else 0.0, ci95=wilson_interval(k, n), success_rate=success)
 
     def text(self) -> str:
         lo, hi = self.ci95

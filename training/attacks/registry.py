@@ -29,6 +29,8 @@ from .l2 import cw_l2, deepfool
 from .settings import AttackSettings
 
 Tensor = torch.Tensor
+AttackKind = Literal["blind", "adaptive", "control"]  # purifier-blind (the paper's), adaptive, or a control (noise)
+Norm = Literal["linf", "l2"]  # the norm of the attack's budget
 
 
 @dataclass
@@ -55,8 +57,8 @@ class AttackContext:
 @dataclass(frozen=True)
 class AttackSpec:
     name: str
-    kind: Literal["blind", "adaptive", "control"]
-    norm: Literal["linf", "l2"]
+    kind: AttackKind
+    norm: Norm
     description: Callable[[AttackSettings], str]
     run: Callable[[AttackContext, Tensor, Tensor], Tensor]
 

@@ -1,0 +1,130 @@
+"""The typed result records (training/records.py) against the stored results under docs/results/: every stored file
+validates and dumps back to the same data, a damaged file is rejected with its name and the field's, and the pages
+built from the records are the committed ones."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from training import certify, model_info, report, results_page, soundness
+from training.records import (
+    StoredResultError,
+    load_certification,
+    load_evaluation,
+    load_soundness,
+)
+from training.rows import ROWS
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+EVALUATIONS = sorted(RESULTS.glob("*/results.json"))
+CERTIFICATIONS = sorted(RESULTS.glob("*/certify*/certify.json"))
+SOUNDNESS = sorted(RESULTS.glob("*/certify*/soundness-*.json"))
+
+
+def _id(path: Path) -> str:
+    return str(path.relative_to(RESULTS))
+
+
+def test_the_stored_results_are_found():
+    assert len(EVALUATIONS) >= 10
+    assert CERTIFICATIONS
+    assert SOUNDNESS
+
+
+@pytest.mark.parametrize("path", EVALUATIONS, ids=_id)
+def test_every_stored_evaluation_validates_and_round_trips(path):
+    result = load_evaluation(path)
+    assert json.loads(result.to_json()) == json.loads(path.read_text())
+    assert set(result.rows) <= set(ROWS)
+    assert all(a.n <= result.n for a in result.attacks.values())
+
+
+@pytest.mark.parametrize("path", CERTIFICATIONS, ids=_id)
+def test_every_stored_certification_validates_and_round_trips(path):
+    assert json.loads(load_certification(path).to_json()) == json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("path", SOUNDNESS, ids=_id)
+def test_every_stored_soundness_check_validates_and_round_trips(path):
+    assert json.loads(load_soundness(path).to_json()) == json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("path", EVALUATIONS, ids=_id)
+def test_stored_reports_and_model_info_are_what_the_records_give(path):
+    """results.md, results.csv's rows and model_info.json beside each results.json follow from the record."""
+    result = load_evaluation(path)
+    assert report.markdown(result) == (path.parent / "results.md").read_text()
+    info = json.loads((path.parent / model_info.MODEL_INFO).read_text())
+    assert json.loads(json.dumps(asdict(model_info.model_info(result)))) == info
+    assert len(report.csv_rows(result)) == sum(
+        1 + sum(row in a.rows for a in result.attacks.values()) for row in result.rows
+    )
+
+
+def test_stored_certify_and_soundness_pages_are_what_the_records_give():
+    for path in CERTIFICATIONS:
+        assert certify.markdown(load_certification(path)) == (path.parent / "certify.md").read_text()
+    for path in SOUNDNESS:
+        assert soundness.markdown(load_soundness(path)) == path.with_suffix(".md").read_text()
+
+
+def test_docs_results_page_is_regenerated_exactly():
+    """`python -m training.results_page --notes docs/results-notes.md` rewrites docs/results.md to what is committed."""
+    page = ROOT / "docs" / "results.md"
+    notes = (ROOT / "docs" / "results-notes.md").read_text()
+    assert results_page.build_page(results_page._load(RESULTS), page, notes) == page.read_text()
+
+
+def _damaged(tmp_path: Path, change) -> Path:
+    data = json.loads((RESULTS / "mnist-fcn-dr" / "results.json").read_text())
+    change(data)
+    path = tmp_path / "mnist-fcn-dr" / "results.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda d: d.pop("clean"), "clean"),
+        (lambda d: d["attacks"]["pgd"].pop("max_l2"), "attacks.pgd.max_l2"),
+        (lambda d: d["attacks"]["pgd"].update(n="many"), "attacks.pgd.n"),
+        (lambda d: d["attacks"]["pgd"].update(kind="sneaky"), "attacks.pgd.kind"),
+        (lambda d: d["clean"]["none"].update(ci95=[0.5]), "clean.none.ci95"),
+        (lambda d: d["clean"].update(denoised=d["clean"]["none"]), "clean.denoised"),
+        (lambda d: d["worst_case"]["adaptive"]["min-aux"].update(accuracy="high"), "min-aux.accuracy"),
+        (lambda d: d.update(recipe="magic"), "recipe"),
+        (lambda d: d.update(accuracy=1.0), "accuracy"),  # an unknown key: a misspelling is not dropped in silence
+    ],
+)
+def test_a_damaged_evaluation_is_rejected_naming_the_file_and_the_field(tmp_path, change, field):
+    path = _damaged(tmp_path, change)
+    with pytest.raises(StoredResultError) as caught:
+        load_evaluation(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert field in message
+
+
+def test_the_results_page_names_a_damaged_file(tmp_path):
+    path = _damaged(tmp_path, lambda d: d.pop("attacks"))
+    with pytest.raises(StoredResultError, match="attacks") as caught:
+        results_page.main(["--results", str(tmp_path), "--page", str(tmp_path / "results.md")])
+    assert str(path) in str(caught.value)
+
+
+def test_absent_and_null_fields_stay_as_they_were():
+    """Optional parts the evaluation leaves out (detector, epsilon_zero, resumed_batches, figures) stay out of the
+    JSON when absent; those it writes as null (beta_sweep, purification time) stay null."""
+    baseline = json.loads(load_evaluation(RESULTS / "mnist-fcn-dr-vanilla" / "results.json").to_json())
+    assert "detector" not in baseline
+    assert baseline["purification_seconds_per_image"] is None
+    assert baseline["beta_sweep"] is None
+    result = load_evaluation(RESULTS / "mnist-fcn-dr" / "results.json").model_copy(update={"figures": None})
+    assert "figures" not in json.loads(result.to_json())
