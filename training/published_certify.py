@@ -16,10 +16,11 @@ import gzip
 import json
 import math
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from .certify import RADII, ImageResult, certified_accuracy
+from .records import Record
 from .stats import Accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,15 +55,13 @@ RUNS = (
 )
 
 
-@dataclass
-class SeedResult:
+class SeedResult(Record):
     log: str
     first_n: dict[str, Accuracy]  # radius -> certified accuracy on the first n test images
     test_set: dict[str, Accuracy]  # radius -> on all images of the log
 
 
-@dataclass
-class RunResult:
+class RunResult(Record):
     name: str
     recipe: str
     upstream: str
@@ -101,19 +100,19 @@ def evaluate_run(run: PublishedRun, n: int, source: Path = SOURCE) -> RunResult:
             raise ValueError(f"{log}: {len(first)} of the first {n} test images, expected all of them")
         seeds.append(
             SeedResult(
-                log,
-                {str(r): certified_accuracy(first, r) for r in RADII},
-                {str(r): certified_accuracy(images, r) for r in RADII},
+                log=log,
+                first_n={str(r): certified_accuracy(first, r) for r in RADII},
+                test_set={str(r): certified_accuracy(images, r) for r in RADII},
             )
         )
     per_radius = {str(r): [s.first_n[str(r)].accuracy for s in seeds] for r in RADII}
     return RunResult(
-        run.name,
-        run.recipe,
-        f"{UPSTREAM}: data/certify/mnist/{run.upstream_dir}/",
-        seeds,
-        {r: statistics.fmean(v) for r, v in per_radius.items()},
-        {r: statistics.stdev(v) if len(v) > 1 else 0.0 for r, v in per_radius.items()},
+        name=run.name,
+        recipe=run.recipe,
+        upstream=f"{UPSTREAM}: data/certify/mnist/{run.upstream_dir}/",
+        seeds=seeds,
+        mean_first_n={r: statistics.fmean(v) for r, v in per_radius.items()},
+        sd_first_n={r: statistics.stdev(v) if len(v) > 1 else 0.0 for r, v in per_radius.items()},
     )
 
 
@@ -153,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         "n": args.n,
         "radii": list(RADII),
         "upstream": UPSTREAM,
-        "runs": [asdict(r) for r in results],
+        "runs": [r.model_dump(mode="json") for r in results],
         "table_markdown": table(results, args.n),
     }
     (args.out / "published-certify.json").write_text(json.dumps(report, indent=2) + "\n")
