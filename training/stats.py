@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from pydantic import BaseModel, ConfigDict
+from scipy.stats import binomtest
 
-Z95 = 1.959963984540054
 
-
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion k/n (Wilson 1927); (0, 1) when n = 0."""
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion k/n (Wilson 1927; scipy's); (0, 1) when n = 0."""
     if n == 0:
         return 0.0, 1.0
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    lo = 0.0 if k == 0 else max(0.0, centre - half)  # exact at the ends (no rounding residue)
-    hi = 1.0 if k == n else min(1.0, centre + half)
+    ci = binomtest(k, n).proportion_ci(confidence, method="wilson")
+    lo = 0.0 if k == 0 else max(0.0, float(ci.low))  # exact at the ends (no rounding residue)
+    hi = 1.0 if k == n else min(1.0, float(ci.high))
     return lo, hi
 
 
