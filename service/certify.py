@@ -13,10 +13,10 @@ request queued behind it would miss its deadline). Policy, per model:
   progresses at ≥ share of it, so neither starves the other.
 - The deadline (`request_timeout_s`) applies to the start of a request's first slice, as for purification.
 
-The lane runs the model in the service's own process (its copy of the network), on the CPU or the service's
-device when there are no compute processes. Every image's noise comes from its own generator (seed + index), so
-an answer depends only on the image, the request's seed and the settings: it can be reproduced offline with
-`models.smoothing.certify` (the test suite checks that).
+The lane runs the model in the service's own process, on the service's device: with compute processes on a GPU
+the lane keeps its own copy of the network there (the parent's other copy stays on the CPU). Every image's noise
+comes from its own generator (seed + index), so an answer depends only on the image, the request's seed and the
+settings: it can be reproduced offline with `models.smoothing.certify` (the test suite checks that).
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ class CertifyLane:
             raise ValueError(f"certify share must be in (0, 1], got {share}")
         self.name = name
         self.base = noisy_classifier(network)
+        self.device = next(network.parameters()).device  # the service's device, also with compute processes
         self.num_classes = network.num_classes
         self.sigma = sigma
         self.max_queue_samples = max_queue_samples
@@ -226,7 +227,7 @@ class CertifyLane:
         """CERTIFY in slices (runs in the lane's thread). Slices are whole multiples of the noise batch, so the
         generators see the same calls as one `models.smoothing.certify` and the answer is the same."""
         config = self.config(job.request)
-        x = job.images
+        x = job.images.to(self.device)
         gens = generators(job.request.seed, x.shape[0])
         compute_s = paused_s = 0.0
         t0 = time.perf_counter()

@@ -14,6 +14,7 @@ models through it:
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import logging
 import math
@@ -204,9 +205,15 @@ class ServiceRuntime:
         if sigma is None:
             return None
         s = self.settings
+        network = model.loaded.network
+        if next(network.parameters()).device != self.device:
+            # Compute processes keep the parent's copy on the CPU; certification is thousands of forward passes per
+            # image, so on a GPU deployment the lane gets its own copy on the device (children are spawned, so the
+            # parent's CUDA context is safe for them).
+            network = copy.deepcopy(network).to(self.device).eval()
         return CertifyLane(
             model.name,
-            model.loaded.network,
+            network,
             sigma,
             s.max_certify_queue_samples,
             s.certify_slice_samples,

@@ -182,3 +182,23 @@ async def test_demo_page_offers_certify(model_dir):
     assert "L<sub>2</sub>" in page
     assert 'mode: "certify"' in script
     assert "certified_radius" in script
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+async def test_on_cuda_with_compute_processes_the_lane_certifies_on_the_gpu(model_dir):
+    settings = settings_for(model_dir, compute_process=True, device="cuda", certify_batch=250)
+    async with serve_app(settings) as (app, client):
+        model = app.state.runtime.models["mnist-fcn-dr"]
+        assert next(model.loaded.network.parameters()).device.type == "cpu"  # the parent's metadata copy
+        assert model.certify is not None
+        assert model.certify.device.type == "cuda"
+        r = await client.post(
+            "/classify?mode=certify&samples=1000&alpha=0.01&seed=5", content=mnist_png(7), headers=PNG
+        )
+    assert r.status_code == 200, r.text
+    (result,) = r.json()["results"]
+    # The same noise (CPU generators) through the same weights: the CPU certificate, up to float rounding.
+    config = SmoothingConfig(sigma=0.5, n0=100, n=1000, alpha=0.01, batch_size=250)
+    (offline,) = certify(noisy_classifier(load_checkpoint(model_dir).network), pixels(7), config, 10, seed=5)
+    assert result["label"] == offline.label == 7
+    assert result["p_lower"] == pytest.approx(offline.p_lower, abs=0.01)
