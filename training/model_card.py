@@ -297,6 +297,7 @@ TRAINING_KEYS = (
     "lr_milestones",
     "batch_size",
     "alpha",
+    "consistency",
     "seed",
     "world_size",
     "hardware",
