@@ -357,13 +357,31 @@ CERTIFY_PUBLISHED = (
 )
 
 
+CERTIFY_NOTES = "NOTES.md"  # in a certify folder: Markdown printed below the certified table's command lines
+
+
+def _certify_runs(results: list[dict]) -> list[dict]:
+    """certify.json of every evaluation folder, then of the folders under the same root that hold certify runs
+    but no results.json (a model certified only, e.g. a training variant compared with a shipped model)."""
+    dirs = [r["_dir"] for r in results]
+    roots = sorted({d.parent for d in dirs})
+    extra = sorted(
+        {p.parent.parent for root in roots for p in root.glob("*/certify*/certify.json")} - set(dirs),
+        key=lambda d: d.name,
+    )
+    return [
+        json.loads(p.read_text()) | {"_path": p} for d in dirs + extra for p in sorted(d.glob("certify*/certify.json"))
+    ]
+
+
+def _certified_name(run: dict) -> str:
+    """The row's name: the evaluation folder's (the network's name for the shipped models)."""
+    return run["_path"].parent.parent.name
+
+
 def certified_section(results: list[dict], page_dir: Path) -> list[str]:
     """Randomized smoothing: certified L2 accuracy (evaluate --attacks certify) and the SmoothAdv soundness check."""
-    runs = [
-        json.loads(p.read_text()) | {"_path": p}
-        for r in results
-        for p in sorted(r["_dir"].glob("certify*/certify.json"))
-    ]
+    runs = _certify_runs(results)
     if not runs:
         return []
     radii = runs[0]["radii"]
@@ -386,18 +404,22 @@ def certified_section(results: list[dict], page_dir: Path) -> list[str]:
         for kind, b in run["bases"].items():
             cells = " | ".join(cell(b["certified_accuracy"][str(r)]) for r in radii)
             out.append(
-                f"| {run['network']} | {kind} | {sm['sigma']} | {b['n']} | {sm['n']} (α = {sm['alpha']}) | {cells} | "
-                f"{b['abstained']} |"
+                f"| {_certified_name(run)} | {kind} | {sm['sigma']} | {b['n']} | {sm['n']} (α = {sm['alpha']}) | "
+                f"{cells} | {b['abstained']} |"
             )
     out += ["", CERTIFY_PUBLISHED, ""]
     for run in runs:
         sm = run["smoothing"]
         timing = "; ".join(f"{k} {b['seconds_per_image']:.2f} s/image" for k, b in run["bases"].items())
         out.append(
-            f"- `{run['network']}` ({', '.join(run['bases'])}): n0 = {sm['n0']}, clamp = {sm['clamp']}, seed "
+            f"- `{_certified_name(run)}` ({', '.join(run['bases'])}): n0 = {sm['n0']}, clamp = {sm['clamp']}, seed "
             f"{run['seed']} (image i seeded seed + its test index), {run['device']}, {run['threads']} thread(s), "
             f"shared 2-core machine ({timing}), commit {str(run['git_commit'])[:10]}: `{run['command']}`"
         )
+    for run in runs:
+        notes = run["_path"].parent / CERTIFY_NOTES
+        if notes.is_file():
+            out += ["", notes.read_text().strip()]
     sound = [json.loads(p.read_text()) for r in results for p in sorted(r["_dir"].glob("certify*/soundness-*.json"))]
     if sound:
         out += [
@@ -431,7 +453,7 @@ def certified_section(results: list[dict], page_dir: Path) -> list[str]:
         figure = run["_path"].parent / "certified_accuracy.png"
         if figure.exists():
             link = Path(os.path.relpath(figure.resolve(), page_dir.resolve())).as_posix()
-            out.append(f"![{run['network']}: certified accuracy vs L2 radius]({link})")
+            out.append(f"![{_certified_name(run)}: certified accuracy vs L2 radius]({link})")
     return out + [""]
 
 
