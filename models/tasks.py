@@ -27,6 +27,7 @@ class TrainingLosses:
     cls_loss: torch.Tensor
     aux_loss: torch.Tensor
     logits: torch.Tensor
+    consistency_loss: torch.Tensor | None = None  # the weighted consistency term, when it is trained (else None)
 
 
 def rotate(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -48,6 +49,49 @@ def reconstruction_training(
     logits = model.classify(z)
     recon = model.auxiliary(z)
     return TrainingLosses(F.cross_entropy(logits, y), F.mse_loss(recon, x), logits)
+
+
+def consistency_loss(logits: torch.Tensor, lam: float, eta: float) -> torch.Tensor:
+    """Consistency regularisation of the noisy copies (Jeong & Shin, NeurIPS 2020, Eq. 8), batch mean.
+
+    `logits`: [m, B, K], the classifier on m independent noisy copies of each of B images. With p_i the softmax of
+    copy i and p̂ = (1/m) Σ_i p_i: λ · (1/m) Σ_i KL(p̂ ‖ p_i) + η · H(p̂). The KL term is 0 when the copies agree;
+    the entropy term keeps the (then consistent) prediction confident. p̂ is not detached (as in the paper).
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [copies, batch, classes], got shape {tuple(logits.shape)}")
+    log_p = logits.log_softmax(dim=-1)
+    p_hat = log_p.exp().mean(dim=0)
+    p_hat_log_p_hat = torch.xlogy(p_hat, p_hat)  # 0 · log 0 = 0
+    kl = (p_hat_log_p_hat - p_hat * log_p).sum(dim=-1).mean(dim=0)  # [B]: mean over copies of KL(p̂ ‖ p_i)
+    entropy = -p_hat_log_p_hat.sum(dim=-1)  # [B]
+    return (lam * kl + eta * entropy).mean()
+
+
+def reconstruction_consistency_training(
+    model: SoapNetwork,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    copies: int,
+    lam: float,
+    eta: float,
+    noise_std: float = TRAINING_NOISE_STD["reconstruction"],
+) -> TrainingLosses:
+    """The DR training loss on `copies` independent noisy copies of each image, plus the consistency term.
+
+    Cross-entropy and reconstruction MSE (target: the clean image) are averaged over all copies; `logits` are those
+    of the first copy (as in `reconstruction_training`, a noisy view).
+    """
+    if copies < 1:
+        raise ValueError(f"copies must be >= 1, got {copies}")
+    b = x.shape[0]
+    z = model.encode(_noisy(x.repeat(copies, *([1] * (x.dim() - 1))), noise_std))
+    logits = model.classify(z)
+    targets = x.repeat(copies, *([1] * (x.dim() - 1)))
+    cls = F.cross_entropy(logits, y.repeat(copies))
+    aux = F.mse_loss(model.auxiliary(z), targets)
+    consistency = consistency_loss(logits.view(copies, b, -1), lam, eta)
+    return TrainingLosses(cls, aux, logits[:b], consistency)
 
 
 def reconstruction_loss(model: SoapNetwork, x: torch.Tensor) -> torch.Tensor:

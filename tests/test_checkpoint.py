@@ -280,6 +280,7 @@ ZOO = Path(__file__).resolve().parents[1] / "models" / "zoo"
     [
         ("mnist-fcn-dr", True),
         ("mnist-cnn-dr", True),
+        ("mnist-fcn-dr-consistency", True),
         ("cifar10-resnet18-lc", True),
         ("cifar10-resnet18-rp", True),
         ("cifar10-resnet18-lc-official", True),

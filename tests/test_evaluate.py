@@ -276,3 +276,24 @@ def test_results_page_puts_paper_numbers_beside_ours(evaluation, tmp_path):
     assert "(61.88" in text  # the paper's min-aux clean and PGD numbers
     assert "results/mnist-fcn-dr/examples.png" in text
     assert f"n = {result['n']}; seed {result['seed']}" in text
+
+
+def test_certified_section_lists_certify_only_folders_by_name_with_their_notes(tmp_path):
+    """A model certified but not evaluated (a training variant next to a shipped model, same network): its row is
+    named after its folder, and the folder's NOTES.md is printed below the table."""
+    import shutil
+
+    from training.records import load_evaluation
+    from training.results_page import Evaluation, certified_section
+
+    shipped = ROOT / "docs" / "results" / "mnist-fcn-dr" / "certify" / "certify.json"
+    for name in ("mnist-fcn-dr", "mnist-fcn-dr-variant"):
+        (tmp_path / name / "certify").mkdir(parents=True)
+        shutil.copy(shipped, tmp_path / name / "certify" / "certify.json")
+    (tmp_path / "mnist-fcn-dr-variant" / "certify" / "NOTES.md").write_text("The variant, compared.\n")
+    stored = load_evaluation(ROOT / "docs" / "results" / "mnist-fcn-dr" / "results.json")
+    lines = certified_section([Evaluation(tmp_path / "mnist-fcn-dr", stored)], tmp_path)
+    rows = [line.split(" | ")[0] for line in lines if line.startswith("| mnist")]
+    assert rows == ["| mnist-fcn-dr"] * 2 + ["| mnist-fcn-dr-variant"] * 2  # noisy and denoised bases each
+    assert any(line.startswith("- `mnist-fcn-dr-variant` (noisy, denoised)") for line in lines)
+    assert "The variant, compared." in lines

@@ -8,9 +8,11 @@ import torch.nn.functional as F
 
 from models import aux_loss, create_model, training_losses
 from models.tasks import (
+    consistency_loss,
     deterministic_view,
     label_consistency_training,
     random_view,
+    reconstruction_consistency_training,
     reconstruction_training,
     rotate,
     rotation_training,
@@ -234,3 +236,66 @@ def test_label_consistency_noise_is_zero_mean() -> None:
     assert abs(noise.mean().item()) < 0.005
     assert 0.45 < (noise < 0).float().mean().item() < 0.55
     assert 0.09 < noise.std().item() < 0.11
+
+
+# ----------------------------------------------------------------------------- consistency regularisation
+
+
+def test_consistency_kl_term_is_zero_for_identical_copies() -> None:
+    logits = torch.randn(5, 10)
+    same = torch.stack([logits, logits])  # [m = 2, B, K]
+    assert consistency_loss(same, lam=10.0, eta=0.0).item() == pytest.approx(0.0, abs=1e-7)
+    # What is left with η > 0 is η times the entropy of the (common) prediction.
+    p = logits.softmax(1)
+    entropy = -(p * p.log()).sum(1).mean()
+    assert torch.allclose(consistency_loss(same, lam=10.0, eta=0.5), 0.5 * entropy, atol=1e-6)
+    assert consistency_loss(same, lam=0.0, eta=0.0).item() == 0.0
+
+
+def test_consistency_loss_is_positive_when_copies_disagree_and_matches_its_definition() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 10)  # m = 3 copies
+    kl_only = consistency_loss(logits, lam=1.0, eta=0.0)
+    assert kl_only.item() > 0
+    p_hat = logits.softmax(-1).mean(0)
+    kl = sum(F.kl_div(logits[i].log_softmax(1), p_hat, reduction="none").sum(1) for i in range(3)) / 3
+    entropy = -(p_hat * p_hat.log()).sum(1)
+    assert torch.allclose(kl_only, kl.mean(), atol=1e-6)
+    assert torch.allclose(consistency_loss(logits, lam=5.0, eta=0.5), (5 * kl + 0.5 * entropy).mean(), atol=1e-5)
+    # The gradient pulls the copies together: one step along it lowers the KL term.
+    leaf = logits.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(consistency_loss(leaf, lam=1.0, eta=0.0), leaf)
+    assert consistency_loss(logits - 0.5 * grad, lam=1.0, eta=0.0) < kl_only
+    with pytest.raises(ValueError, match="copies, batch, classes"):
+        consistency_loss(logits[0], lam=1.0, eta=0.5)
+
+
+def test_one_copy_without_consistency_is_exactly_the_dr_training_loss(fcn) -> None:
+    x = torch.rand(6, 1, 28, 28)
+    y = torch.randint(0, 10, (6,))
+    torch.manual_seed(7)
+    plain = reconstruction_training(fcn, x, y)
+    torch.manual_seed(7)
+    one = reconstruction_consistency_training(fcn, x, y, copies=1, lam=0.0, eta=0.0)
+    assert torch.equal(plain.cls_loss, one.cls_loss)
+    assert torch.equal(plain.aux_loss, one.aux_loss)
+    assert torch.equal(plain.logits, one.logits)
+    assert one.consistency_loss is not None
+    assert one.consistency_loss.item() == 0.0
+
+
+def test_consistency_training_uses_independent_noisy_copies(fcn) -> None:
+    x = torch.rand(4, 1, 28, 28)
+    y = torch.randint(0, 10, (4,))
+    torch.manual_seed(3)
+    out = reconstruction_consistency_training(fcn, x, y, copies=2, lam=5.0, eta=0.5)
+    torch.manual_seed(3)
+    noisy = (x.repeat(2, 1, 1, 1) + 0.5 * torch.randn(8, 1, 28, 28)).clamp(0, 1)
+    with torch.no_grad():
+        logits = fcn(noisy)
+        assert torch.allclose(out.cls_loss, F.cross_entropy(logits, y.repeat(2)), atol=1e-5)
+        assert torch.allclose(out.logits, logits[:4], atol=1e-5)
+        assert out.consistency_loss is not None
+        assert torch.allclose(out.consistency_loss, consistency_loss(logits.view(2, 4, 10), 5.0, 0.5), atol=1e-5)
+        assert not torch.allclose(logits[:4], logits[4:])  # the copies' noise differs
+    assert out.consistency_loss.item() > 0

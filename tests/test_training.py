@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
 from models import create_model, load_checkpoint
 from training import train
+from training.baselines import step_losses
 from training.calibration import clean_accuracy
 from training.data import load_image_folder
 from training.presets import PRESETS, get_preset
@@ -118,9 +120,10 @@ def test_wide_resnet_presets_take_a_training_step(preset, cifar100_folder):
     optimizer = train.make_optimizer(network, config)
     before = network.classifier.weight.detach().clone()
     x, y = data.batch(torch.tensor([len(data) - 1]))
-    loss, cls, aux, logits = train.train_step(
+    loss, cls, aux, logits, consistency = train.train_step(
         train.Objective(network, config), network, optimizer, x, y, config, torch.Generator().manual_seed(0)
     )
+    assert consistency.item() == 0
     assert math.isfinite(loss.item())
     assert logits.shape == (1, len(data.class_names))
     assert (aux.item() > 0) == (config.recipe == "soap")
@@ -354,6 +357,85 @@ def test_corrupted_dataset_folder_gives_the_clear_error(tmp_path, capsys):
 def test_unknown_preset_lists_the_known_ones(capsys):
     assert train_cli("--preset", "mnist-mlp") == 2
     assert "mnist-fcn-dr" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- consistency regularisation
+
+
+def tiny_dr_run(out: Path, *extra: object) -> int:
+    return train_cli(
+        "--preset",
+        "mnist-fcn-dr",
+        "--data-root",
+        TESTS / "mnist",
+        "--out",
+        out,
+        "--epochs",
+        1,
+        "--batch-size",
+        16,
+        "--max-steps-per-epoch",
+        3,
+        "--no-calibration",
+        "--device",
+        "cpu",
+        *extra,
+    )
+
+
+def test_consistency_off_leaves_the_dr_loss_bit_identical():
+    """λ = 0 (the default) is today's objective, to the bit: CE + α·MSE on one noisy copy."""
+    config = get_preset("mnist-fcn-dr")
+    assert not config.consistency
+    assert config.consistency_lambda == 0
+    torch.manual_seed(0)
+    network = create_model("mnist-fcn-dr")
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    torch.manual_seed(11)
+    got = step_losses(network, x, x, y, config)
+    torch.manual_seed(11)
+    z = network.encode((x + 0.5 * torch.randn_like(x)).clamp(0.0, 1.0))
+    expected = F.cross_entropy(network.classify(z), y) + config.alpha * F.mse_loss(network.auxiliary(z), x)
+    assert torch.equal(got.total, expected)
+    assert got.consistency_loss is None
+
+
+def test_consistency_lambda_zero_trains_exactly_as_without_the_option(tmp_path):
+    assert tiny_dr_run(tmp_path / "plain") == 0
+    assert tiny_dr_run(tmp_path / "zero", "--consistency-lambda", 0, "--consistency-copies", 4) == 0
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "zero" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    (plain,), (zero,) = metrics(tmp_path / "plain"), metrics(tmp_path / "zero")
+    assert plain["train_loss"] == zero["train_loss"]
+    assert "train_consistency_loss" not in zero
+    training = json.loads((tmp_path / "zero" / "model.json").read_text())["training"]
+    assert "consistency" not in training
+    assert "--consistency" not in training["command"]
+
+
+def test_a_tiny_run_with_consistency_records_it(tmp_path):
+    out = tmp_path / "cons"
+    assert tiny_dr_run(out, "--consistency-lambda", 5, "--consistency-eta", 0.5, "--consistency-copies", 3) == 0
+    (record,) = metrics(out)
+    assert record["train_consistency_loss"] > 0
+    assert record["train_loss"] == pytest.approx(
+        record["train_cls_loss"] + 100.0 * record["train_aux_loss"] + record["train_consistency_loss"], rel=1e-4
+    )
+    training = load_checkpoint(out).meta.training.model_dump(mode="json")
+    assert training["config"]["consistency_lambda"] == 5.0
+    assert training["config"]["consistency_eta"] == 0.5
+    assert training["config"]["consistency_copies"] == 3
+    assert "λ = 5" in training["consistency"]
+    assert "3 noisy copies" in training["consistency"]
+    assert "--consistency-lambda 5 --consistency-eta 0.5 --consistency-copies 3" in training["command"]
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "- consistency: consistency regularisation (Jeong & Shin" in card
+
+
+def test_consistency_is_refused_outside_the_dr_recipe(capsys):
+    assert train_cli("--preset", "mnist-fcn-vanilla", "--consistency-lambda", 5) == 2
+    assert "DR recipe" in capsys.readouterr().err
+    assert train_cli("--preset", "mnist-fcn-dr", "--consistency-lambda", -1) == 2
 
 
 # ----------------------------------------------------------------------------- shipped models

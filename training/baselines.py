@@ -1,6 +1,8 @@
 """The objectives a training step minimises: SOAP's joint loss (paper Eq. 2) and the paper's baselines.
 
-- soap:    L_cls + α·L_aux of the network's own self-supervised task (models.training_losses).
+- soap:    L_cls + α·L_aux of the network's own self-supervised task (models.training_losses); with
+           `consistency_lambda` > 0 (DR networks only) on m noisy copies per image, + the consistency term of
+           Jeong & Shin (NeurIPS 2020, models.tasks.consistency_loss).
 - vanilla: cross-entropy only (no defence).
 - fgsm-at: ½·CE(x) + ½·CE(FGSM(x)) (Goodfellow et al.'s mix of clean and adversarial examples).
 - pgd-at:  CE(PGD(x)) with a random start (Madry et al.); MNIST ε 0.3, 40 steps of 0.01; CIFAR ε 8/255, 7 of 2/255.
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from models import SoapNetwork, training_losses
+from models.tasks import reconstruction_consistency_training
 
 from .presets import TrainConfig
 
@@ -29,6 +32,7 @@ class StepLosses:
     cls_loss: torch.Tensor
     aux_loss: torch.Tensor
     logits: torch.Tensor
+    consistency_loss: torch.Tensor | None = None  # the weighted consistency term, when trained
 
 
 def trains_auxiliary(recipe: str) -> bool:
@@ -61,6 +65,20 @@ def step_losses(
 ) -> StepLosses:
     """The recipe's loss on a batch (`x_adv` from `adversarial_inputs`)."""
     zero = x.new_zeros(())
+    if config.recipe == "soap" and config.consistency:
+        if model.aux_task != "reconstruction":
+            raise ValueError(f"consistency regularisation is implemented for the DR recipe, not {model.aux_task!r}")
+        losses = reconstruction_consistency_training(
+            model, x, y, config.consistency_copies, config.consistency_lambda, config.consistency_eta
+        )
+        assert losses.consistency_loss is not None
+        return StepLosses(
+            losses.cls_loss + config.alpha * losses.aux_loss + losses.consistency_loss,
+            losses.cls_loss,
+            losses.aux_loss,
+            losses.logits,
+            losses.consistency_loss,
+        )
     if config.recipe == "soap":
         losses = training_losses(model, x, y)
         return StepLosses(

@@ -308,6 +308,7 @@ TRAINING_KEYS = (
     "lr_milestones",
     "batch_size",
     "alpha",
+    "consistency",
     "seed",
     "world_size",
     "hardware",

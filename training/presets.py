@@ -39,6 +39,22 @@ class TrainConfig:
         0  # adversarial training: ε grows linearly to attack_eps over these epochs (not in the paper)
     )
     seed: int = 0
+    # Consistency regularisation (Jeong & Shin, NeurIPS 2020) added to the DR recipe: off while the weight λ is 0.
+    # On: `consistency_copies` noisy copies per image, + λ·KL(p̂ ‖ p_i) + η·H(p̂) (models.tasks.consistency_loss).
+    consistency_lambda: float = 0.0
+    consistency_eta: float = 0.5
+    consistency_copies: int = 2
+
+    @property
+    def consistency(self) -> bool:
+        """Whether consistency regularisation is trained (λ > 0)."""
+        return self.consistency_lambda > 0
+
+    def __post_init__(self) -> None:
+        if self.consistency_lambda < 0 or self.consistency_eta < 0:
+            raise ValueError("--consistency-lambda and --consistency-eta must be >= 0")
+        if self.consistency_copies < 1:
+            raise ValueError(f"--consistency-copies must be >= 1, got {self.consistency_copies}")
 
     def attack_eps_at(self, epoch: int) -> float:
         """ε of the adversarial-training attack in `epoch` (0-based): a linear ramp, then `attack_eps`."""

@@ -23,6 +23,7 @@ from .attacks.registry import ATTACKS
 from .records import (
     CERTIFY_FILE,
     RESULTS_FILE,
+    CertifyResult,
     EvaluationResult,
     SanityCheck,
     load_certification,
@@ -378,13 +379,25 @@ def published_certify_block() -> list[str]:
     ]
 
 
+CERTIFY_NOTES = "NOTES.md"  # in a certify folder: Markdown printed below the certified table's command lines
+
+
+def _certify_runs(evaluations: list[Evaluation]) -> list[tuple[Path, CertifyResult]]:
+    """(certify folder, certify.json) of every evaluation folder, then of the folders under the same root that hold
+    certify runs but no results.json (a model certified only, e.g. a training variant compared with a shipped one)."""
+    dirs = [e.folder for e in evaluations]
+    roots = sorted({d.parent for d in dirs})
+    extra = sorted(
+        {p.parent.parent for root in roots for p in root.glob(f"*/certify*/{CERTIFY_FILE}")} - set(dirs),
+        key=lambda d: d.name,
+    )
+    return [(p.parent, load_certification(p)) for d in dirs + extra for p in sorted(d.glob(f"certify*/{CERTIFY_FILE}"))]
+
+
 def certified_section(evaluations: list[Evaluation], page_dir: Path) -> list[str]:
-    """Randomized smoothing: certified L2 accuracy (evaluate --attacks certify) and the SmoothAdv soundness check."""
-    runs = [
-        (p.parent, load_certification(p))
-        for e in evaluations
-        for p in sorted(e.folder.glob(f"certify*/{CERTIFY_FILE}"))
-    ]
+    """Randomized smoothing: certified L2 accuracy (evaluate --attacks certify) and the SmoothAdv soundness check.
+    Rows are named by the evaluation folder (the network's name for the shipped models; variants differ)."""
+    runs = _certify_runs(evaluations)
     if not runs:
         return []
     radii = runs[0][1].radii
@@ -402,23 +415,28 @@ def certified_section(evaluations: list[Evaluation], page_dir: Path) -> list[str
         "| model | base | σ | n (images) | samples | " + " | ".join(f"r = {r}" for r in radii) + " | abstained |",
         "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in radii) + " | --- |",
     ]
-    for _, run in runs:
+    for folder, run in runs:
         sm = run.smoothing
         for kind, b in run.bases.items():
             cells = " | ".join(cell(b.certified_accuracy[str(r)]) for r in radii)
             out.append(
-                f"| {run.network} | {kind} | {sm.sigma} | {b.n} | {sm.n} (α = {sm.alpha}) | {cells} | {b.abstained} |"
+                f"| {folder.parent.name} | {kind} | {sm.sigma} | {b.n} | {sm.n} (α = {sm.alpha}) | {cells} | "
+                f"{b.abstained} |"
             )
     out += ["", *published_certify_block(), ""]
-    for _, run in runs:
+    for folder, run in runs:
         sm = run.smoothing
         timing = "; ".join(f"{k} {b.seconds_per_image:.2f} s/image" for k, b in run.bases.items())
         out.append(
-            f"- `{run.network}` ({', '.join(run.bases)}): n0 = {sm.n0}, clamp = {sm.clamp}, seed "
+            f"- `{folder.parent.name}` ({', '.join(run.bases)}): n0 = {sm.n0}, clamp = {sm.clamp}, seed "
             f"{run.seed} (image i seeded seed + its test index), {run.device}, {run.threads} thread(s), "
             f"shared 2-core machine ({timing}), commit {run.git_commit[:10]}: `{run.command}`"
         )
-    sound = [load_soundness(p) for e in evaluations for p in sorted(e.folder.glob("certify*/soundness-*.json"))]
+    for folder, _ in runs:
+        notes = folder / CERTIFY_NOTES
+        if notes.is_file():
+            out += ["", notes.read_text().strip()]
+    sound = [load_soundness(p) for folder, _ in runs for p in sorted(folder.glob("soundness-*.json"))]
     if sound:
         out += [
             "",
@@ -447,11 +465,11 @@ def certified_section(evaluations: list[Evaluation], page_dir: Path) -> list[str
                 f"per step, PREDICT n = {s.predict.n}, α = {s.predict.alpha}: `{s.command}`"
             )
     out.append("")
-    for folder, run in runs:
+    for folder, _ in runs:
         figure = folder / "certified_accuracy.png"
         if figure.exists():
             link = Path(os.path.relpath(figure.resolve(), page_dir.resolve())).as_posix()
-            out.append(f"![{run.network}: certified accuracy vs L2 radius]({link})")
+            out.append(f"![{folder.parent.name}: certified accuracy vs L2 radius]({link})")
     return out + [""]
 
 

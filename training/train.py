@@ -54,6 +54,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="adversarial-training baselines: grow ε linearly to its preset value over these epochs (default 0)",
     )
+    parser.add_argument(
+        "--consistency-lambda",
+        type=float,
+        help="DR recipe: weight λ of consistency regularisation (Jeong & Shin 2020) over noisy copies; 0 = off "
+        "(default)",
+    )
+    parser.add_argument(
+        "--consistency-eta", type=float, help="weight η of the entropy of the copies' mean prediction (default 0.5)"
+    )
+    parser.add_argument(
+        "--consistency-copies", type=int, help="noisy copies of each image when consistency is on (default 2)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--data-root",
@@ -81,10 +93,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config = get_preset(args.preset)
     overrides = {
         k: getattr(args, k)
-        for k in ("recipe", "epochs", "lr", "batch_size", "warmup_epochs", "attack_eps_ramp_epochs")
+        for k in (
+            "recipe",
+            "epochs",
+            "lr",
+            "batch_size",
+            "warmup_epochs",
+            "attack_eps_ramp_epochs",
+            "consistency_lambda",
+            "consistency_eta",
+            "consistency_copies",
+        )
         if getattr(args, k, None) is not None
     }
-    return replace(config, seed=args.seed, **overrides)
+    config = replace(config, seed=args.seed, **overrides)
+    if config.consistency and (config.recipe != "soap" or get_spec(config.network).aux_task != "reconstruction"):
+        raise ValueError(
+            f"--consistency-lambda applies to the DR recipe (soap on a reconstruction network), not {config.preset!r} "
+            f"with recipe {config.recipe!r}"
+        )
+    return config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         config = config_from_args(args)
-    except KeyError as exc:
+    except (KeyError, ValueError) as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 2
     process = distributed.start(args.device)
@@ -138,7 +166,14 @@ class Objective(nn.Module):
 
     def forward(self, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor):
         losses = step_losses(self.network, x, x_adv, y, self.config)
-        return losses.total, losses.cls_loss.detach(), losses.aux_loss.detach(), losses.logits.detach()
+        consistency = losses.consistency_loss if losses.consistency_loss is not None else x.new_zeros(())
+        return (
+            losses.total,
+            losses.cls_loss.detach(),
+            losses.aux_loss.detach(),
+            losses.logits.detach(),
+            consistency.detach(),
+        )
 
 
 def train_step(
@@ -149,16 +184,17 @@ def train_step(
     y: torch.Tensor,
     config: TrainConfig,
     augment: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One SGD step on a batch: augmentation, the recipe's attack (baselines), loss, update. Returns detached stats."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One SGD step on a batch: augmentation, the recipe's attack (baselines), loss, update. Returns detached stats:
+    loss, cls, aux, logits, consistency (0 when not trained)."""
     if config.crop_flip:
         x = random_crop_flip(x, augment)
     x_adv = adversarial_inputs(network, x, y, config)
-    loss, cls, aux, logits = objective(x, x_adv, y)
+    loss, cls, aux, logits, consistency = objective(x, x_adv, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.detach(), cls, aux, logits
+    return loss.detach(), cls, aux, logits, consistency
 
 
 def make_optimizer(network: SoapNetwork, config: TrainConfig) -> torch.optim.Optimizer:
@@ -187,7 +223,7 @@ def train_one_epoch(
     steps = min(steps, max_steps or steps)
     local_batch = config.batch_size // process.world_size
     network.train()
-    totals = torch.zeros(5, dtype=torch.float64)  # loss, cls, aux, correct, seen
+    totals = torch.zeros(6, dtype=torch.float64)  # loss, cls, aux, correct, seen, consistency
     bar = tqdm(
         range(steps),
         desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -201,12 +237,19 @@ def train_one_epoch(
                 group["lr"] = lr_at(config, epoch, (step + 1) / steps)
         batch = perm[step * config.batch_size : (step + 1) * config.batch_size]
         x, y = data.batch(batch[process.rank * local_batch : (process.rank + 1) * local_batch], process.device)
-        loss, cls, aux, logits = train_step(objective, network, optimizer, x, y, config, augment)
+        loss, cls, aux, logits, consistency = train_step(objective, network, optimizer, x, y, config, augment)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {step}; lower --lr")
         n = len(y)
         totals += torch.tensor(
-            [loss.item() * n, cls.item() * n, aux.item() * n, (logits.argmax(1) == y).sum().item(), n],
+            [
+                loss.item() * n,
+                cls.item() * n,
+                aux.item() * n,
+                (logits.argmax(1) == y).sum().item(),
+                n,
+                consistency.item() * n,
+            ],
             dtype=torch.float64,
         )
         bar.set_postfix(
@@ -218,13 +261,16 @@ def train_one_epoch(
     bar.close()
     totals = distributed.all_reduce_sum(totals, process)
     seen = totals[4].item()
-    return {
+    stats = {
         "train_loss": totals[0].item() / seen,
         "train_cls_loss": totals[1].item() / seen,
         "train_aux_loss": totals[2].item() / seen,
         "train_acc": totals[3].item() / seen,
         "train_steps": steps,
     }
+    if config.consistency:
+        stats["train_consistency_loss"] = totals[5].item() / seen
+    return stats
 
 
 def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Process) -> Path:
@@ -362,6 +408,15 @@ def reproducing_options(config: TrainConfig, args: argparse.Namespace) -> list[s
         options += ["--warmup-epochs", str(config.warmup_epochs)]
     if config.attack_eps_ramp_epochs:
         options += ["--attack-eps-ramp-epochs", str(config.attack_eps_ramp_epochs)]
+    if config.consistency:
+        options += [
+            "--consistency-lambda",
+            f"{config.consistency_lambda:g}",
+            "--consistency-eta",
+            f"{config.consistency_eta:g}",
+            "--consistency-copies",
+            str(config.consistency_copies),
+        ]
     if args.data_root:
         options += ["--data-root", str(args.data_root)]
     if args.download:
@@ -380,7 +435,7 @@ def reproducing_options(config: TrainConfig, args: argparse.Namespace) -> list[s
 
 
 def _provenance(config: TrainConfig, args: argparse.Namespace, data_source: str, process: distributed.Process) -> dict:
-    return {
+    record = {
         "command": provenance.command("train", reproducing_options(config, args), process),
         "preset": config.preset,
         "recipe": config.recipe,
@@ -398,6 +453,17 @@ def _provenance(config: TrainConfig, args: argparse.Namespace, data_source: str,
         "torch": torch.__version__,
         "config": asdict(config),
     }
+    if config.consistency:  # how the weights were trained, in words for the model card (the numbers are in config)
+        record["consistency"] = consistency_description(config)
+    return record
+
+
+def consistency_description(config: TrainConfig) -> str:
+    return (
+        f"consistency regularisation (Jeong & Shin, NeurIPS 2020): {config.consistency_copies} noisy copies per "
+        f"image, λ = {config.consistency_lambda:g} (KL to the copies' mean prediction), "
+        f"η = {config.consistency_eta:g} (its entropy)"
+    )
 
 
 def _save(network, config, splits, out, training, metrics, calibration=None):
