@@ -266,7 +266,10 @@ def certify_request(options: ClassifyOptions, model: ModelRuntime, settings: Ser
 
 def _options(query: dict[str, Any], body: dict[str, Any], query_model: str | None) -> ClassifyOptions:
     """Query options, overridden by body options; but a body may not send the request to another model than the
-    query string names (load shedding judged the request by the query's model before the body was read)."""
+    query string names (load shedding judged the request by the query's model before the body was read). An empty
+    `model` field names no model (a form's unchosen input); other options are validated as sent."""
+    if body.get("model") == "":
+        body = {k: v for k, v in body.items() if k != "model"}
     body_model = body.get("model")
     if query_model and body_model is not None and body_model != query_model:
         raise ServiceError(
@@ -276,6 +279,14 @@ def _options(query: dict[str, Any], body: dict[str, Any], query_model: str | Non
             reason="bad_options",
             model=query_model,
         )
+    try:
+        ClassifyOptions.model_validate(query)
+    except ValidationError as exc:
+        # A malformed query option is refused even where the body overrides it; the rules that tie options
+        # together (no field location) apply to the merged options below.
+        problems = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors(include_url=False) if e["loc"]]
+        if problems:
+            raise ServiceError(422, "bad_options", problems, reason="bad_options", model=query_model) from None
     try:
         return ClassifyOptions.model_validate({**query, **body})
     except ValidationError as exc:

@@ -53,4 +53,15 @@ def test_the_committed_report_is_what_the_command_writes(tmp_path) -> None:
     published_certify.run(argparse.Namespace(n=500, source=SOURCE, out=tmp_path))
     written = json.loads((tmp_path / "published-certify.json").read_text())
     committed = json.loads((SOURCE / "published-certify.json").read_text())
-    assert written == committed
+    assert written["table_markdown"] == committed["table_markdown"]
+    assert _rounded(written) == _rounded(committed)  # interval ends may differ in the last bits across libraries
+
+
+def _rounded(value: object) -> object:
+    if isinstance(value, float):
+        return round(value, 12)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value

@@ -440,3 +440,22 @@ async def test_health_readiness_docs_and_request_id(model_dir):
     assert "multipart/form-data" in str(schema["paths"]["/classify"])
     assert docs.status_code == 200
     assert_error(missing, 404, "not_found")
+
+
+async def test_an_empty_model_field_names_no_model_and_a_second_model_name_is_refused(model_dir):
+    """Forms send an unchosen input as an empty string: an empty `model` field leaves the query's model in charge;
+    a body naming another model than the query is refused (load shedding judged the query's)."""
+    png = mnist_png(3)
+    async with serve_app(settings_for(model_dir)) as (app, client):
+        empty = await client.post(
+            "/classify?model=mnist-fcn-dr",
+            files={"file": ("d.png", png, "image/png")},
+            data={"model": "", "mode": "none"},
+        )
+        other = await client.post(
+            "/classify?model=mnist-fcn-dr", files={"file": ("d.png", png, "image/png")}, data={"model": "other"}
+        )
+    assert empty.status_code == 200, empty.text
+    assert empty.json()["results"][0]["label"] == 3
+    assert empty.json()["results"][0]["epsilon"] == 0
+    assert "name one" in assert_error(other, 422, "bad_options")["detail"]
