@@ -9,7 +9,8 @@ gives a server one clean way to end a keep-alive connection: answer a request wi
 1. At the signal the runtime drains: /readyz says 503, every response carries `Connection: close` and new work
    gets 503 `shutting_down` with Retry-After (both in service.app.RequestContext); queued batches run at once.
 2. Idle keep-alive connections: each has IDLE_GRACE_S, counted from the signal or from its accept, to send a
-   request (which is answered, with `Connection: close`); one still idle then is closed. A client that sends at
+   request (which is answered, with `Connection: close`); one still idle then is closed. A connection that has not
+   carried a request yet gets FRESH_GRACE_S: its client opened it to send one. A client that sends at
    that very instant races the close, as it would race any keep-alive timeout.
 3. After --shutdown-delay-s (at least IDLE_GRACE_S, so the connections open at the signal are gone first) the
    listener stops without resetting anyone: a socket filter makes the kernel drop new SYNs (the client retries its
@@ -42,6 +43,9 @@ log = logging.getLogger("service.server")
 # How long a connection may stay idle during the drain before it is closed: far more than a client's turnaround
 # between two requests on a connection it holds, even on a loaded machine.
 IDLE_GRACE_S = 1.0
+# A connection that has not carried a request yet was opened to send one: on a starved machine the client may take
+# longer than IDLE_GRACE_S between its connect and its request, and closing it then resets that request.
+FRESH_GRACE_S = 5.0
 _SWEEP_S = 0.05
 _ACCEPT_QUEUE_WAIT_S = 1.0
 _SO_ATTACH_FILTER = 26  # Linux; socket.SO_ATTACH_FILTER is not exported by Python
@@ -75,6 +79,11 @@ def _in_request(connection: Any) -> bool:
     """A request is being answered on this uvicorn connection (h11 or httptools protocol)."""
     cycle = getattr(connection, "cycle", None)
     return cycle is not None and not cycle.response_complete
+
+
+def _grace(connection: Any) -> float:
+    """How long this connection may stay idle during the drain (uvicorn sets `cycle` at its first request)."""
+    return FRESH_GRACE_S if getattr(connection, "cycle", None) is None else IDLE_GRACE_S
 
 
 class DrainingServer(uvicorn.Server):
@@ -127,7 +136,7 @@ class DrainingServer(uvicorn.Server):
             for connection in connections:
                 if _in_request(connection):  # its response carries Connection: close
                     idle_since.pop(connection, None)
-                elif now - idle_since.setdefault(connection, now) >= IDLE_GRACE_S:
+                elif now - idle_since.setdefault(connection, now) >= _grace(connection):
                     connection.shutdown()  # uvicorn closes an idle connection's transport
             for gone in idle_since.keys() - set(connections):
                 del idle_since[gone]
