@@ -279,14 +279,15 @@ def _options(query: dict[str, Any], body: dict[str, Any], query_model: str | Non
             reason="bad_options",
             model=query_model,
         )
-    try:
-        ClassifyOptions.model_validate(query)
-    except ValidationError as exc:
-        # A malformed query option is refused even where the body overrides it; the rules that tie options
-        # together (no field location) apply to the merged options below.
-        problems = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors(include_url=False) if e["loc"]]
-        if problems:
-            raise ServiceError(422, "bad_options", problems, reason="bad_options", model=query_model) from None
+    if query.keys() & body.keys():  # otherwise the merged validation below sees every query option as sent
+        try:
+            ClassifyOptions.model_validate(query)
+        except ValidationError as exc:
+            # A malformed query option is refused even where the body overrides it; the rules that tie options
+            # together (no field location) apply to the merged options below.
+            problems = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors(include_url=False) if e["loc"]]
+            if problems:
+                raise ServiceError(422, "bad_options", problems, reason="bad_options", model=query_model) from None
     try:
         return ClassifyOptions.model_validate({**query, **body})
     except ValidationError as exc:
