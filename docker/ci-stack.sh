@@ -7,13 +7,16 @@
 #   docker/ci-stack.sh build          # base image, wheelhouse, soap-serving:cpu, soap-prometheus:debian
 #   docker/ci-stack.sh up             # build, then `docker-compose up -d` (soap-cpu + prometheus)
 #   docker/ci-stack.sh compose ARGS   # docker-compose ARGS against the stack (ps, logs, stop, ...)
+#   docker/ci-stack.sh check-disk     # exit 1, saying why, when the build would run out of disk
 #   docker/ci-stack.sh down           # `docker-compose down -v`, then stop the podman API service
 #
 # Needs root, podman (+ runc, netavark), debootstrap, docker-compose 1.29 (.ci/run installs them) and network
 # access to a Debian mirror. Environment:
 #   SOAP_CI_CACHE        cache folder (git-ignored): rootfs tarball + wheelhouse; default .cache/containers
 #   DEBIAN_MIRROR        default: the first Debian mirror of this machine's apt sources
-#   TORCH_VERSION, TORCHVISION_VERSION   pinned in the wheelhouse (default 2.14.1 / 0.29.1)
+#   TORCH_VERSION        torch pinned in the wheelhouse (default 2.13.0: the CPU build on the CI machines' disk,
+#                        ~190 MB, where 2.14.1 there is the CUDA build, ~3 GB of wheels and a 6 GB image)
+#   SOAP_CI_MIN_FREE_GB  free disk the build needs in the cache and podman's storage (default 5; image ~1.5 GB)
 #   SOAP_PUBLISH_PORT, PROMETHEUS_PORT   host ports (127.0.0.1) of the service and Prometheus (8000 / 9090)
 #   COMPOSE_PROJECT_NAME default soapci
 set -euo pipefail
@@ -25,8 +28,8 @@ SUITE=bookworm
 BASE_IMAGE=localhost/soap-base:$SUITE
 SERVICE_IMAGE=localhost/soap-serving:cpu
 PROMETHEUS_IMAGE=localhost/soap-prometheus:debian
-TORCH_VERSION=${TORCH_VERSION:-2.14.1}
-TORCHVISION_VERSION=${TORCHVISION_VERSION:-0.29.1}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+MIN_FREE_GB=${SOAP_CI_MIN_FREE_GB:-5}
 SOCKET=$CACHE/podman.sock
 export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-soapci}
 
@@ -66,7 +69,7 @@ build_base() {
 # The requirements of the image's `pip install`: pyproject's dependencies (+ the extras the Dockerfile installs),
 # torch/torchvision pinned, and the build backend (pip builds the editable install without an index).
 requirements() {
-  python3 - "$TORCH_VERSION" "$TORCHVISION_VERSION" <<'EOF'
+  python3 - "$TORCH_VERSION" <<'EOF'
 import re, sys, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))
 dockerfile = open("docker/Dockerfile").read()
@@ -74,10 +77,10 @@ extras = sorted({e for group in re.findall(r"-e \"?\.\[([\w,]+)\]", dockerfile) 
 reqs = list(project["project"]["dependencies"])
 for extra in extras:
     reqs += project["project"]["optional-dependencies"][extra]
-pins = {"torch": sys.argv[1], "torchvision": sys.argv[2]}
+# Only torch is pinned: the serving extra has no torchvision (a pin of it would have to match the torch release).
 named = {re.match(r"[\w.-]+", r).group(0) for r in reqs}
-reqs = [r for r in reqs if re.match(r"[\w.-]+", r).group(0) not in pins]
-reqs += [f"{name}=={version}" for name, version in pins.items() if name in named]
+assert "torchvision" not in named, "the image installs torchvision: pin it to match TORCH_VERSION"
+reqs = [r for r in reqs if re.match(r"[\w.-]+", r).group(0) != "torch"] + [f"torch=={sys.argv[1]}"]
 reqs += [*project["build-system"]["requires"], "wheel"]
 print("\n".join(reqs))
 EOF
@@ -99,8 +102,24 @@ build_wheelhouse() {
   fi
 }
 
+# A build that runs out of disk half way fails deep inside podman ("no space left on device" while committing a
+# layer): say so up front instead.
+check_free_disk() {
+  local storage avail_kb
+  storage=$(podman info --format '{{.Store.GraphRoot}}' 2>/dev/null || echo /var/lib/containers/storage)
+  mkdir -p "$storage"
+  for dir in "$CACHE" "$storage"; do
+    avail_kb=$(df -Pk "$dir" | awk 'NR == 2 {print $4}')
+    if (( avail_kb < MIN_FREE_GB * 1024 * 1024 )); then
+      echo "ci-stack: $dir has $((avail_kb / 1024)) MiB free; the build needs ${MIN_FREE_GB} GiB (SOAP_CI_MIN_FREE_GB)" >&2
+      exit 1
+    fi
+  done
+}
+
 build_images() {
   mkdir -p "$CACHE"
+  check_free_disk
   build_base
   build_wheelhouse
   log "build $SERVICE_IMAGE"
@@ -153,6 +172,7 @@ compose() {
 
 case ${1:-} in
   build) build_images ;;
+  check-disk) mkdir -p "$CACHE"; check_free_disk ;;
   up)
     build_images
     # Grafana is not packaged for Debian: the stack runs without it (its dashboard is validated by tests).
@@ -160,5 +180,5 @@ case ${1:-} in
     ;;
   compose) shift; compose "$@" ;;
   down) compose down -v --remove-orphans; stop_api ;;
-  *) sed -n '2,17p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,21p' "$0" >&2; exit 2 ;;
 esac

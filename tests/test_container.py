@@ -49,6 +49,9 @@ def why_podman_cannot_run() -> str | None:
     info = subprocess.run(["podman", "info"], capture_output=True, text=True, timeout=60)
     if info.returncode != 0:
         return f"`podman info` fails: {info.stderr.strip()[-300:]}"
+    disk = subprocess.run([str(SCRIPT), "check-disk"], capture_output=True, text=True, timeout=60)
+    if disk.returncode != 0:
+        return disk.stderr.strip()[-300:]
     return None
 
 
