@@ -78,14 +78,16 @@ def serve_trivial(port: int) -> None:
 
 
 class Server:
-    def __init__(self, args: list[str], ready_path: str) -> None:
+    """A server subprocess; `cwd` is the source tree it runs (`python -m service` imports from there)."""
+
+    def __init__(self, args: list[str], ready_path: str, cwd: Path = ROOT) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # The server's output goes to a temporary file, so that a server that never becomes ready can say why.
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server; closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, *args, "--port", str(self.port)],
-            cwd=ROOT,
+            cwd=cwd,
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
@@ -121,14 +123,14 @@ class Server:
         self.log.close()
 
 
-def service_server(model: str, **options) -> Server:
+def service_server(model: str, cwd: Path = ROOT, **options) -> Server:
     args = ["-m", "service", "--model", model, "--host", "127.0.0.1"]
     for key, value in options.items():
         if value is True:
             args.append("--" + key.replace("_", "-"))
         elif value is not None:
             args += ["--" + key.replace("_", "-"), str(value)]
-    return Server(args, "/readyz")
+    return Server(args, "/readyz", cwd)
 
 
 # ---------------------------------------------------------------------------------------------- load generation

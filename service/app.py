@@ -15,7 +15,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, overload
 from urllib.parse import parse_qs, unquote
@@ -34,7 +34,7 @@ from .batcher import BatchFailed, ClientGone, DeadlineExceeded, ItemResult, Queu
 from .certify import CertifyJob, CertifyRequest, CertifyResult
 from .config import ServiceSettings
 from .decode import DecodeLimits, ImageRejected, decode_opened, encode_png, open_image
-from .errors import ServiceError, error_response, install_error_handlers
+from .errors import ServiceError, error_response, install_error_handlers, service_error_handler
 from .ingest import ACCEPTED_TYPES, check_media_type, media_type, parse_upload, read_body
 from .logs import REQUEST_ID
 from .predict import PurifyRequest
@@ -84,11 +84,18 @@ class RequestContext:
 
     Shedding happens here, before routing, parsing or reading the body: under overload a refusal must cost far
     less than a served request, or the refusals themselves become the overload.
+
+    POST /classify, the hot path, is handed from here straight to its endpoint (`direct_routes`, filled by
+    `_add_routes`): the router and the framework's per-request layers below this one cost about a fifth of the
+    event loop's time per request under load (py-spy, docs/performance.md), and the endpoint needs none of them
+    (no dependencies, no body model; its errors are ServiceErrors, answered by the same handler). The route stays
+    registered for the OpenAPI document and for every other method (405).
     """
 
-    def __init__(self, app: ASGIApp, runtime: ServiceRuntime) -> None:
+    def __init__(self, app: ASGIApp, runtime: ServiceRuntime, direct_routes: dict[str, DirectEndpoint]) -> None:
         self.app = app
         self.runtime = runtime
+        self.direct_routes = direct_routes  # path -> endpoint, for POST only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -121,6 +128,8 @@ class RequestContext:
                 if self.runtime.draining:  # closing a socket with unread bytes would reset it under the response
                     await _discard_body(receive, self.runtime.settings.max_body_bytes)
                 await refusal(scope, receive, send_with_id)
+            elif scope["method"] == "POST" and (endpoint := self.direct_routes.get(scope["path"])) is not None:
+                await _call_direct(endpoint, scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
         except Exception:  # noqa: BLE001 - last line of defence; the log has the traceback, the client does not
@@ -171,6 +180,19 @@ class RequestContext:
         if error.reason:
             runtime.metrics.reject(scope["soap.model"], error.reason)
         return error_response(error.status, error.error, error.detail, error.headers, path=scope["path"])
+
+
+DirectEndpoint = Callable[[Request], Awaitable[Response]]
+
+
+async def _call_direct(endpoint: DirectEndpoint, scope: Scope, receive: Receive, send: Send) -> None:
+    """Run an endpoint without the router: a ServiceError becomes its JSON answer as through the app's handler."""
+    request = Request(scope, receive)
+    try:
+        response: Response = await endpoint(request)
+    except ServiceError as exc:
+        response = await service_error_handler(request, exc)
+    await response(scope, receive, send)
 
 
 async def _discard_body(receive: Receive, limit: int) -> None:
@@ -224,9 +246,10 @@ def create_app(settings: ServiceSettings, tracer_provider: TracerProvider | None
     )
     app.state.runtime = runtime
     app.state.settings = settings
-    app.add_middleware(RequestContext, runtime=runtime)
+    direct_routes: dict[str, DirectEndpoint] = {}
+    app.add_middleware(RequestContext, runtime=runtime, direct_routes=direct_routes)
     install_error_handlers(app)
-    _add_routes(app, runtime)
+    direct_routes["/classify"] = _add_routes(app, runtime)
 
     from service.api_docs import register_docs
     from service.demo import register_demo
@@ -490,7 +513,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
+def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> DirectEndpoint:
+    """Register the routes; returns POST /classify's endpoint, which RequestContext calls directly."""
     settings = runtime.settings
     tracing = runtime.tracing
     limits = DecodeLimits(settings.max_image_pixels, settings.max_image_side)
@@ -642,6 +666,8 @@ def _add_routes(app: FastAPI, runtime: ServiceRuntime) -> None:
     )
     async def metrics() -> Response:
         return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return classify
 
 
 def _model_info(runtime: ServiceRuntime, model: ModelRuntime) -> ModelInfo:

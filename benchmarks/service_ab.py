@@ -1,0 +1,129 @@
+"""Two revisions of the service under the same load, alternating, in one run: what a change to the request path
+gained, measured as a ratio (these machines are shared and noisy: only ratios measured side by side mean much).
+
+    python benchmarks/service_ab.py --base HEAD~1 --json benchmarks/results/service_ab.json
+
+The base revision is checked out into a temporary git worktree; both servers run from the same virtual environment
+(`python -m service` imports the package of its own tree) with the same settings, on loopback, at the same time. Each
+round loads one, then the other (the order alternates between rounds), with service_load.py's closed-loop generator
+and its /proc accounting: images/s, p50/p99, non-200 answers, and the event loop's CPU per request. The report gives
+each round and the median ratio work tree / base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from service_load import ROOT, LevelResult, Server, _payloads, closed_loop, service_server
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _worktree_state() -> str:
+    head = _git("rev-parse", "--short=10", "HEAD")
+    return head + ("+dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+async def _measure(args: argparse.Namespace, servers: dict[str, Server], payloads: list[bytes]) -> list[dict]:
+    import aiohttp
+
+    rounds: list[dict] = []
+    names = list(servers)
+    for index in range(args.rounds):
+        order = names if index % 2 == 0 else names[::-1]
+        for name in order:
+            server = servers[name]
+            connector = aiohttp.TCPConnector(limit=2048)
+            async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as s:
+                await server.wait_ready(s)
+                result: LevelResult = await closed_loop(
+                    s, server.url, "/classify", payloads, args.concurrency, args.duration, args.max_requests,
+                    args.warmup, name, server.proc.pid,
+                )  # fmt: skip
+            row = {"round": index, **asdict(result)}
+            rounds.append(row)
+            print(
+                f"round {index} {name:>4}: {result.throughput_images_s:8.1f} images/s  p50 {result.p50_ms} ms  "
+                f"p99 {result.p99_ms} ms  non-200 {result.requests - result.ok + result.errors}  "
+                f"loop {result.extra.get('event_loop_cpu_us_per_request', '-')} µs/request",
+                file=sys.stderr,
+            )
+    return rounds
+
+
+def _summary(rounds: list[dict]) -> dict:
+    by_round: dict[int, dict[str, dict]] = {}
+    for row in rounds:
+        by_round.setdefault(row["round"], {})[row["name"]] = row
+    ratios = [r["work"]["throughput_images_s"] / r["base"]["throughput_images_s"] for r in by_round.values()]
+    loop = {
+        name: statistics.median(r[name]["extra"].get("event_loop_cpu_us_per_request", 0) for r in by_round.values())
+        for name in ("base", "work")
+    }
+    return {
+        "throughput_ratio_work_over_base": [round(x, 3) for x in ratios],
+        "median_ratio": round(statistics.median(ratios), 3),
+        "median_event_loop_cpu_us_per_request": loop,
+        "non_200": {name: sum(r["requests"] - r["ok"] + r["errors"] for r in rounds if r["name"] == name)
+                    for name in ("base", "work")},
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default="HEAD", help="git revision to compare the work tree with")
+    parser.add_argument("--model", default="models/zoo/mnist-fcn-dr", help="checkpoint (relative to each tree)")
+    parser.add_argument("--images", default=str(ROOT / "tests" / "data" / "mnist"), help="folder of <class>/*.png")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; each measures both servers once")
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per server per round")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--max-requests", type=int, default=50_000)
+    parser.add_argument("--json", type=Path, help="write the report here")
+    args = parser.parse_args()
+    payloads = _payloads(Path(args.images))
+    base_rev = _git("rev-parse", "--short=10", args.base)
+    with tempfile.TemporaryDirectory(prefix="soap-ab-") as tmp:
+        tree = Path(tmp) / "base"
+        _git("worktree", "add", "--detach", "--quiet", str(tree), base_rev)
+        servers: dict[str, Server] = {}
+        try:
+            servers["base"] = service_server(args.model, cwd=tree)
+            servers["work"] = service_server(args.model)
+            started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            rounds = asyncio.run(_measure(args, servers, payloads))
+        finally:
+            for server in servers.values():
+                server.stop()
+            _git("worktree", "remove", "--force", str(tree))
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "started_utc": started,
+        "host": {"cpus": os.cpu_count(), "loadavg_after": os.getloadavg()},
+        "base": base_rev,
+        "work": _worktree_state(),
+        "settings": {k: str(v) for k, v in vars(args).items() if k not in ("json",)},
+        "request": "POST /classify, one PNG per request (raw body, image/png), real MNIST test digits, mode min-aux",
+        "summary": _summary(rounds),
+        "rounds": rounds,
+    }
+    print(json.dumps(report["summary"], indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
