@@ -116,6 +116,15 @@ PLAN = (
         extra=("--batch-size", "50", "--sanity-n", "20", "--beta-n", "50"),
         out="mnist-fcn-dr-detector",
     ),
+    # the attack libraries (AutoAttack standard through trajectory BPDA; Square, gradient-free) on the default model
+    Run(
+        "models/zoo/mnist-fcn-dr",
+        "mnist",
+        1000,
+        "autoattack,square",
+        extra=("--batch-size", "50", "--sanity-n", "20", "--beta-n", "50"),
+        out="mnist-fcn-dr-library",
+    ),
     Run(
         "models/zoo/mnist-cnn-dr",
         "mnist",
