@@ -81,3 +81,25 @@ def test_certify_cannot_be_mixed_with_attacks(tmp_path, capsys):
     code = main(["evaluate", "--model", str(ROOT / "models" / "zoo" / "mnist-fcn-dr"), "--attacks", "pgd,certify"])
     assert code == 2
     assert "certify runs on its own" in capsys.readouterr().err
+
+
+def test_certify_log_is_read_back_typed_and_refuses_what_is_not_one(tmp_path):
+    """The per-image log is one format with one reader (certify resumes from it, soundness attacks it): every
+    committed log reads back, a header survives its round trip, and a log with a missing field is refused by name."""
+    from training.certify import CertifyLogHeader, read_certify_log
+
+    logs = sorted((ROOT / "docs" / "results").rglob("certify-*.jsonl"))
+    assert logs
+    for log in logs:
+        header, images = read_certify_log(log)
+        assert header.base in log.name
+        assert header.smoothing.sigma > 0
+        assert images
+        assert all(r.radius is None or r.radius > 0 for r in images)
+    lines = logs[0].read_text().splitlines()
+    broken = tmp_path / "certify-noisy.jsonl"
+    broken.write_text("\n".join([lines[0], '{"index": 3}']) + "\n")
+    with pytest.raises(ValueError, match="certify-noisy.jsonl is not a certification log"):
+        read_certify_log(broken)
+    header = CertifyLogHeader.from_json(lines[0])
+    assert CertifyLogHeader.from_json(header.to_json()) == header

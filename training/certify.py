@@ -61,13 +61,44 @@ def certified_accuracy(results: list[ImageResult], radius: float) -> Accuracy:
     return Accuracy.of(hits)
 
 
-def _load_done(path: Path, settings: dict) -> list[ImageResult]:
+@dataclass(frozen=True)
+class CertifyLogHeader:
+    """The first line of a `certify-<base>.jsonl` log: what every image below it was certified with."""
+
+    model: str
+    base: str
+    seed: int
+    smoothing: SmoothingConfig
+
+    def to_json(self) -> str:
+        return json.dumps({"model": self.model, "base": self.base, "seed": self.seed} | asdict(self.smoothing))
+
+    @classmethod
+    def from_json(cls, line: str) -> CertifyLogHeader:
+        fields = json.loads(line)
+        model, base, seed = fields.pop("model"), fields.pop("base"), fields.pop("seed")
+        return cls(model, base, seed, SmoothingConfig(**fields))
+
+
+def read_certify_log(path: Path) -> tuple[CertifyLogHeader, list[ImageResult]]:
+    """A per-image certification log (header line, then one ImageResult per line): what `certify_base` appends to
+    and `python -m training soundness` attacks. A malformed log raises ValueError naming the file."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{path} is empty: not a certification log")
+    try:
+        return CertifyLogHeader.from_json(lines[0]), [ImageResult(**json.loads(line)) for line in lines[1:]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path} is not a certification log: {exc}") from None
+
+
+def _load_done(path: Path, header: CertifyLogHeader) -> list[ImageResult]:
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()
-    if not lines or json.loads(lines[0]) != settings:
+    written, done = read_certify_log(path)
+    if written != header:
         raise ValueError(f"{path} was written with other settings; delete it or choose another --out")
-    return [ImageResult(**json.loads(line)) for line in lines[1:] if line.strip()]
+    return done
 
 
 def certify_base(
@@ -84,11 +115,11 @@ def certify_base(
     data, source = load_test_data(meta.dataset, config.data_root, meta.input_shape)
     order, selection = evaluation_order(data, source)
     n = min(config.n, len(data))
-    settings = {"model": str(config.model), "base": kind, "seed": config.seed} | asdict(smoothing)
+    header = CertifyLogHeader(str(config.model), kind, config.seed, smoothing)
     path = out / f"certify-{kind}.jsonl"
-    done = _load_done(path, settings)[:n]  # a rerun with a smaller --n reuses the first n images
+    done = _load_done(path, header)[:n]  # a rerun with a smaller --n reuses the first n images
     if not path.exists():
-        path.write_text(json.dumps(settings) + "\n")
+        path.write_text(header.to_json() + "\n")
     with path.open("a") as log:
         for i in tqdm(range(len(done), n), desc=f"certify {kind}", unit="img", initial=len(done), total=n):
             x, y = data.batch(order[i : i + 1], device)

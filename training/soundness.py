@@ -11,7 +11,6 @@ Success at k > 1 shows that the attack can change the prediction when the guaran
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,29 +23,25 @@ from models.smoothing import SmoothingConfig, base_classifier, predict
 
 from . import provenance
 from .attacks.smoothadv import smoothadv_pgd
+from .certify import read_certify_log
 from .data import load_test_data
 from .records import PredictSettings, SmoothAdvSettings, SoundnessOutcome, SoundnessResult, SoundnessSmoothing
 
 
-def read_log(path: Path) -> tuple[dict, list[dict]]:
-    lines = path.read_text().splitlines()
-    return json.loads(lines[0]), [json.loads(line) for line in lines[1:] if line.strip()]
-
-
 def run_soundness(args: argparse.Namespace) -> SoundnessResult:
-    settings, rows = read_log(args.certified)
-    certified = [r for r in rows if r["radius"] is not None][: args.n]
+    header, rows = read_certify_log(args.certified)
+    certified = [r for r in rows if r.radius is not None][: args.n]
     device = resolve_device(args.device)
-    loaded = load_checkpoint(settings["model"], device)
-    base = base_classifier(loaded.network, settings["base"])
+    loaded = load_checkpoint(header.model, device)
+    base = base_classifier(loaded.network, header.base)
     meta = loaded.meta
     data, source = load_test_data(meta.dataset, args.data_root, meta.input_shape)
-    x, _ = data.batch(torch.tensor([r["index"] for r in certified]), device)
-    c = torch.tensor([r["predicted"] for r in certified], device=device)
-    radius = torch.tensor([r["radius"] for r in certified], device=device, dtype=x.dtype)
-    sigma, clamp = settings["sigma"], settings["clamp"]
+    x, _ = data.batch(torch.tensor([r.index for r in certified]), device)
+    c = torch.tensor([r.predicted for r in certified], device=device)
+    radius = torch.tensor([r.radius for r in certified], device=device, dtype=x.dtype)
+    sigma, clamp = header.smoothing.sigma, header.smoothing.clamp
     check = SmoothingConfig(
-        sigma=sigma, n=args.predict_n, alpha=args.alpha, batch_size=settings["batch_size"], clamp=clamp
+        sigma=sigma, n=args.predict_n, alpha=args.alpha, batch_size=header.smoothing.batch_size, clamp=clamp
     )
     generator = torch.Generator().manual_seed(args.seed)
     outcomes = []
@@ -78,10 +73,12 @@ def run_soundness(args: argparse.Namespace) -> SoundnessResult:
     inside = [o for o in outcomes if o.multiplier <= 1.0]
     result = SoundnessResult(
         certified_log=str(args.certified),
-        model=settings["model"],
-        base=settings["base"],
+        model=header.model,
+        base=header.base,
         data=source,
-        smoothing=SoundnessSmoothing.model_validate({k: settings[k] for k in ("sigma", "n0", "n", "alpha", "clamp")}),
+        smoothing=SoundnessSmoothing.model_validate(
+            {k: getattr(header.smoothing, k) for k in ("sigma", "n0", "n", "alpha", "clamp")}
+        ),
         attack=SmoothAdvSettings(steps=args.steps, samples=args.samples, step_size="2.5·ε/steps", seed=args.seed),
         predict=PredictSettings(n=args.predict_n, alpha=args.alpha),
         images=len(certified),
@@ -94,8 +91,8 @@ def run_soundness(args: argparse.Namespace) -> SoundnessResult:
         wall_seconds=time.time() - started,
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"soundness-{settings['base']}.json").write_text(result.to_json())
-    (args.out / f"soundness-{settings['base']}.md").write_text(markdown(result))
+    (args.out / f"soundness-{header.base}.json").write_text(result.to_json())
+    (args.out / f"soundness-{header.base}.md").write_text(markdown(result))
     return result
 
 
