@@ -36,6 +36,11 @@ def _worktree_state() -> str:
     return head + ("+dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def _non_200(row: dict) -> int:
+    """Requests answered with another status, or not answered (a connection error)."""
+    return int(row["requests"] - row["ok"] + row["errors"])
+
+
 async def _measure(args: argparse.Namespace, servers: dict[str, Server], payloads: list[bytes]) -> list[dict]:
     import aiohttp
 
@@ -56,7 +61,7 @@ async def _measure(args: argparse.Namespace, servers: dict[str, Server], payload
             rounds.append(row)
             print(
                 f"round {index} {name:>4}: {result.throughput_images_s:8.1f} images/s  p50 {result.p50_ms} ms  "
-                f"p99 {result.p99_ms} ms  non-200 {result.requests - result.ok + result.errors}  "
+                f"p99 {result.p99_ms} ms  non-200 {_non_200(row)}  "
                 f"loop {result.extra.get('event_loop_cpu_us_per_request', '-')} µs/request",
                 file=sys.stderr,
             )
@@ -76,9 +81,8 @@ def _summary(rounds: list[dict]) -> dict:
         "throughput_ratio_work_over_base": [round(x, 3) for x in ratios],
         "median_ratio": round(statistics.median(ratios), 3),
         "median_event_loop_cpu_us_per_request": loop,
-        "non_200": {name: sum(r["requests"] - r["ok"] + r["errors"] for r in rounds if r["name"] == name)
-                    for name in ("base", "work")},
-    }  # fmt: skip
+        "non_200": {name: sum(_non_200(r) for r in rounds if r["name"] == name) for name in ("base", "work")},
+    }
 
 
 def main() -> None:

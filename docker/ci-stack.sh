@@ -67,7 +67,7 @@ build_base() {
 }
 
 # The requirements of the image's `pip install`: pyproject's dependencies (+ the extras the Dockerfile installs),
-# torch/torchvision pinned, and the build backend (pip builds the editable install without an index).
+# torch pinned, and the build backend (pip builds the editable install without an index).
 requirements() {
   python3 - "$TORCH_VERSION" <<'EOF'
 import re, sys, tomllib
