@@ -204,11 +204,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+AUX_HEAD_PREFIX = "aux_head."
+
+
 def save_checkpoint(model: SoapNetwork, meta: CheckpointMeta, directory: str | Path) -> Path:
-    """Write weights and metadata (with the weights' sha256) into `directory`; returns it."""
+    """Write weights and metadata (with the weights' sha256) into `directory`; returns it.
+
+    A head that training never used (`aux_head_trained` false: a baseline) is not written: it holds its random
+    initialisation, nothing reads it (purification is refused without a trained head), and on the MNIST CNN it
+    is half the file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if meta.aux_head_trained or not k.startswith(AUX_HEAD_PREFIX)
+    }
     weights = directory / WEIGHTS_FILE
     tmp = weights.with_suffix(".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "network": meta.network})
@@ -317,6 +328,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify
             f"{classifier.shape[0]} outputs"
         )
     network = build_network(meta)
+    if not meta.aux_head_trained and not any(k.startswith(AUX_HEAD_PREFIX) for k in tensors):
+        # an untrained head is not saved (save_checkpoint): zeros, so that it is the same on every load
+        tensors |= {k: torch.zeros_like(v) for k, v in network.state_dict().items() if k.startswith(AUX_HEAD_PREFIX)}
     check_state_dict(network, tensors, str(weights))
     saved_mean, saved_std = tensors["mean"].flatten().tolist(), tensors["std"].flatten().tolist()
     if not (_close(saved_mean, meta.normalization.mean) and _close(saved_std, meta.normalization.std)):

@@ -28,6 +28,7 @@ def _meta(model, network="mnist-fcn-dr", dataset="mnist", classes=DIGITS):
         network=network,
         dataset=dataset,
         class_names=classes,
+        aux_head_trained=True,
         training={
             "command": "python -m training train --preset x",
             "epochs": 3,
@@ -116,6 +117,26 @@ def test_round_trip_keeps_batchnorm_statistics_and_normalisation(tmp_path: Path)
         assert torch.equal(loaded.network.auxiliary(loaded.network.encode(x)), model.auxiliary(model.encode(x)))
     assert loaded.network.num_classes == 3
     assert loaded.meta.normalization.mean == pytest.approx([0.4914, 0.4822, 0.4465])
+
+
+def test_an_untrained_auxiliary_head_is_not_saved_and_loads_as_zeros(tmp_path: Path) -> None:
+    model = _fcn().eval()
+    baseline = save_checkpoint(model, _meta(model).model_copy(update={"aux_head_trained": False}), tmp_path / "b")
+    trained = save_checkpoint(model, _meta(model), tmp_path / "t")
+    assert not any(k.startswith("aux_head.") for k in _tensors(baseline))
+    assert any(k.startswith("aux_head.") for k in _tensors(trained))
+    assert (baseline / "model.safetensors").stat().st_size < (trained / "model.safetensors").stat().st_size
+    loaded = load_checkpoint(baseline)
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded.network(x), model(x))  # the classifier is whole
+    assert all(not v.any() for k, v in loaded.network.state_dict().items() if k.startswith("aux_head."))
+
+
+def test_a_trained_auxiliary_head_may_not_be_missing(ckpt: Path) -> None:
+    _rewrite_weights(ckpt, {k: v for k, v in _tensors(ckpt).items() if not k.startswith("aux_head.")})
+    with pytest.raises(CheckpointError, match=r"missing tensors \['aux_head"):
+        load_checkpoint(ckpt)
 
 
 # ----------------------------------------------------------------------------- failures, each named

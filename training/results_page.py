@@ -90,6 +90,8 @@ BLIND = "noise,fgsm,pgd,cw,df,aux-pgd,blackbox,apgd-ce"
 # and the full gradient, the detector-aware APGD, and the blind attacks for the detector table. Hours per 100 images
 # on 2 shared CPU cores: results.json says how far a run got (n); AutoAttack and Square run separately (SUITE_LIBRARY).
 SUITE = "noise,fgsm,pgd,cw,df,aux-pgd,apgd-ce,apgd-bpda,apgd-dlr-bpda,apgd-full,apgd-dlr-full,apgd-evade"
+PINNED_BASELINE = "noise,fgsm,pgd,cw,df,apgd-ce,apgd-dlr"  # SUITE on a network without a purifier
+PINNED_SUFFIX = "-pinned"  # evaluation folders of the full-strength suite, compared in one table
 SUITE_EXTRA = (
     "--apgd-steps",
     "100",
@@ -124,6 +126,16 @@ PLAN = (
         "autoattack,square",
         extra=("--batch-size", "50", "--sanity-n", "20", "--beta-n", "50"),
         out="mnist-fcn-dr-library",
+    ),
+    # the PGD-AT CNN (preset mnist-cnn-pgd-at) beside the pinned SOAP CNN: the same images, blind attacks and APGD
+    # settings; on the bare network, where the adaptive attacks through the purifier become APGD-CE and APGD-DLR
+    Run(
+        "models/zoo/mnist-cnn-dr-pgd-at",
+        "mnist",
+        200,
+        PINNED_BASELINE,
+        extra=SUITE_EXTRA,
+        out="mnist-cnn-dr-pgd-at-pinned",
     ),
     Run(
         "models/zoo/mnist-cnn-dr",
@@ -175,7 +187,9 @@ def run_plan(args: argparse.Namespace) -> None:
 
     roots = {"mnist": args.mnist_root, "cifar10": args.cifar10_root}
     plan = list(PLAN)
-    for run in PLAN:  # the trained baselines of each SOAP network, when they exist
+    for run in PLAN:  # the trained baselines of each SOAP network's own evaluation, when they exist
+        if run.out is not None:  # an extra suite (its baselines, if any, are PLAN entries of their own)
+            continue
         for suffix in BASELINE_SUFFIXES:
             path = Path(run.model.removesuffix("-official") + f"-{suffix}")
             if path.is_dir():
@@ -297,6 +311,26 @@ def adaptive_table(evaluations: list[Evaluation]) -> str:
             cell(r.accuracy("pgd", "none")),
             cell(r.accuracy("apgd-ce", "none")),
         ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pinned_table(evaluations: list[Evaluation]) -> str:
+    """The full-strength suites side by side: a SOAP network through its purifier (min-aux row) and adversarially
+    trained networks of the same architecture (no purifier), each with its strongest attack and its per-image worst
+    case over every attack it ran."""
+    head = ["evaluation", "defence", "n", "clean", "strongest attack", "worst case per image, every attack"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in evaluations:
+        r = e.result
+        row = "min-aux" if "min-aux" in r.rows else "none"
+        scored = [(a.rows[row], name) for name, a in r.attacks.items() if a.kind != "control" and row in a.rows]
+        if not scored or "all" not in r.worst_case:
+            continue
+        strongest, name = min(scored, key=lambda t: t[0].accuracy)
+        defence = ROW_TITLES[row] if r.recipe is Recipe.SOAP else f"{r.recipe} (no purifier)"
+        worst = r.worst_case["all"].rows[row]
+        cells = [f"`{e.name}`", defence, str(r.n), cell(r.clean[row]), f"{name}: {cell(strongest)}", cell(worst)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -516,6 +550,24 @@ def build_page(results: list[Evaluation], page: Path, notes: str = "") -> str:
         adaptive_table(results),
         "",
     ]
+    pinned = [e for e in results if e.name.endswith(PINNED_SUFFIX)]
+    if pinned:
+        parts += [
+            "## Full-strength suite: SOAP against adversarial training",
+            "",
+            "The same first n MNIST test images, the same blind attacks and the same APGD settings (100 iterations, 2 "
+            "random restarts, CE and DLR losses). SOAP is attacked through its purifier (trajectory BPDA and the full "
+            "gradient, and the detector-aware APGD); the adversarially trained network has no purifier, so its "
+            "APGD attacks are on the bare network. *Worst case*: an image counts as robust only if it survived every "
+            "attack of its evaluation (L∞ ε = 0.3 and the L2 attacks as listed under *Settings of every number*).",
+            "",
+            pinned_table(pinned),
+            "",
+            "Commands:",
+            "",
+            *[f"- `{e.name}`: `{e.result.command}`" for e in pinned],
+            "",
+        ]
     detected = [e for e in results if e.result.detector is not None]
     if detected:
         parts += [

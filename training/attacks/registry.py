@@ -250,6 +250,22 @@ ATTACKS: dict[str, AttackSpec] = {
             ),
         ),
         AttackSpec(
+            "apgd-dlr",
+            "blind",
+            "linf",
+            _apgd_text("APGD-DLR on the bare network"),
+            lambda c, x, y: apgd(
+                c.model,
+                x,
+                y,
+                c.settings.linf_eps,
+                c.settings.apgd_steps,
+                loss="dlr",
+                restarts=c.settings.apgd_restarts,
+                generator=c.rng,
+            ),
+        ),
+        AttackSpec(
             "bpda",
             "adaptive",
             "linf",
