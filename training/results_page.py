@@ -31,7 +31,7 @@ from .records import (
     load_soundness,
 )
 from .report import cell
-from .rows import ROW_TITLES
+from .rows import ROW_TITLES, Row
 from .sanity import run_checks
 from .stats import Accuracy
 
@@ -323,7 +323,7 @@ def pinned_table(evaluations: list[Evaluation]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in evaluations:
         r = e.result
-        row = "min-aux" if "min-aux" in r.rows else "none"
+        row: Row = "min-aux" if "min-aux" in r.rows else "none"
         scored = [(a.rows[row], name) for name, a in r.attacks.items() if a.kind != "control" and row in a.rows]
         if not scored or "all" not in r.worst_case:
             continue

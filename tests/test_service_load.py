@@ -1,0 +1,83 @@
+"""benchmarks/service_load.py on a real server: its raw HTTP client reads every answer a real uvicorn server gives
+(200s and error answers, on one keep-alive connection), and the ceiling comparison reports the compute ceiling at
+the batch size the service formed beside the best one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from service_load import RawHttpClient, _payloads, closed_loop, service_server  # noqa: E402
+
+MODEL = str(ROOT / "models" / "zoo" / "mnist-fcn-dr")
+
+
+def test_the_raw_client_reads_successes_and_errors_on_one_connection() -> None:
+    payloads = _payloads(ROOT / "tests" / "data" / "mnist")
+
+    async def scenario() -> tuple[list[int], dict, dict]:
+        server = service_server(MODEL, compute_workers=1)
+        try:
+            async with aiohttp.ClientSession() as session:
+                await server.wait_ready(session)
+                raw = RawHttpClient(server.url)
+                host = server.url.removeprefix("http://")
+                good = RawHttpClient.request(host, "/classify", payloads[0], "image/png")
+                bad = RawHttpClient.request(host, "/classify", b"not an image", "image/png")
+                missing = RawHttpClient.request(host, "/no-such-route", b"{}", "application/json")
+                statuses = [await raw.send(r) for r in (good, bad, good, missing, good)]
+                connection = raw.writer
+                statuses.append(await raw.send(good))
+                assert raw.writer is connection  # keep-alive held across the error answers
+                raw.close()
+                levels = {}
+                for generator in ("raw", "aiohttp"):
+                    levels[generator] = await closed_loop(
+                        session, server.url, "/classify", payloads, 4, 1.0, 10_000, 0.3, generator,
+                        server.proc.pid, generator=generator,
+                    )  # fmt: skip
+                return statuses, levels["raw"].__dict__, levels["aiohttp"].__dict__
+        finally:
+            server.stop()
+
+    statuses, raw_level, aiohttp_level = asyncio.run(scenario())
+    assert statuses[0] == statuses[2] == statuses[4] == statuses[5] == 200
+    assert 400 <= statuses[1] < 500
+    assert statuses[3] == 404
+    for level in (raw_level, aiohttp_level):
+        assert level["requests"] > 0
+        assert level["status_counts"] == {"200": level["requests"]}
+        assert level["errors"] == 0
+        assert level["mean_batch_size"] >= 1
+        assert level["extra"]["generator_cpu_cores_used"] >= 0
+
+
+def test_the_ceiling_comparison_reports_the_ceiling_at_the_served_batch(tmp_path: Path) -> None:
+    out = tmp_path / "ceiling.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/service_load.py", "--parts", "ceiling", "--ceiling-models", MODEL,
+         "--repeats", "1", "--ceiling-seconds", "0.3", "--ceiling-batches", "8", "--duration", "1", "--warmup", "0.3",
+         "--ceiling-concurrency", "8", "--pool-variants", "pool", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["generator"] == "raw"
+    [comparison] = report["ceiling_comparison"]
+    [level] = comparison["levels"]
+    assert level["status_counts"] == {"200": level["requests"]}
+    served = round(level["mean_batch_size"])
+    assert level["served_batch_ceiling"]["batches"] == [served]
+    assert level["served_batch_ceiling"]["images_s"] > 0
+    assert level["fraction_of_served_batch_ceiling"] == round(
+        level["throughput_images_s"] / level["served_batch_ceiling"]["images_s"], 3
+    )
+    assert "ceiling at the served batch" in report["ceiling_table_markdown"]
