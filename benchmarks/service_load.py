@@ -891,6 +891,14 @@ async def _ceiling_part(session, args, report: dict) -> None:
     print(report["ceiling_table_markdown"], flush=True)
 
 
+def _service_default(setting: str) -> object:
+    """A setting's default in the service (service/config.py), so that the benchmark measures what ships."""
+    sys.path.insert(0, str(ROOT))
+    from service.config import ServiceSettings
+
+    return ServiceSettings.model_fields[setting].default
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the report here")
@@ -901,7 +909,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each level")
     parser.add_argument("--max-requests", type=int, default=50_000, help="count bound per level")
     parser.add_argument("--max-batch-size", type=int, default=64)
-    parser.add_argument("--max-delay-ms", type=float, default=5.0)
+    parser.add_argument(
+        "--max-delay-ms", type=float, default=_service_default("max_delay_ms"), help="(default: the service's)"
+    )
     parser.add_argument("--max-queue", type=int, default=1024)
     parser.add_argument("--overload-queue", type=int, default=32, help="the small queue of the overload test")
     parser.add_argument("--torch-threads", type=int, help="passed to the service (default: the service's default)")

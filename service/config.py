@@ -73,7 +73,7 @@ class ServiceSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     max_batch_size: int = Field(64, ge=1, le=4096, description="images per batch (a batch goes when full ...)")
-    max_delay_ms: float = Field(5.0, ge=0, le=10_000, description="... or when its oldest image has waited this long")
+    max_delay_ms: float = Field(1.0, ge=0, le=10_000, description="... or when its oldest image has waited this long")
     max_queue: int = Field(512, ge=1, description="images waiting per model before new requests get 503")
     request_timeout_s: float = Field(10.0, gt=0, description="deadline for a request's work to start, else 504")
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest request body (413 beyond)")
