@@ -34,7 +34,7 @@ from .batcher import BatchFailed, ClientGone, DeadlineExceeded, ItemResult, Queu
 from .certify import CertifyJob, CertifyRequest, CertifyResult
 from .config import ServiceSettings
 from .decode import DecodeLimits, ImageRejected, decode_opened, encode_png, open_image
-from .errors import ServiceError, error_response, install_error_handlers, service_error_handler
+from .errors import ServiceError, error_response, install_error_handlers, service_error_handler, validation_problems
 from .ingest import ACCEPTED_TYPES, check_media_type, media_type, parse_upload, read_body
 from .logs import REQUEST_ID
 from .predict import PurifyRequest
@@ -308,13 +308,13 @@ def _options(query: dict[str, Any], body: dict[str, Any], query_model: str | Non
         except ValidationError as exc:
             # A malformed query option is refused even where the body overrides it; the rules that tie options
             # together (no field location) apply to the merged options below.
-            problems = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors(include_url=False) if e["loc"]]
+            problems = validation_problems(e for e in exc.errors(include_url=False) if e["loc"])
             if problems:
                 raise ServiceError(422, "bad_options", problems, reason="bad_options", model=query_model) from None
     try:
         return ClassifyOptions.model_validate({**query, **body})
     except ValidationError as exc:
-        problems = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors(include_url=False)]
+        problems = validation_problems(exc.errors(include_url=False))
         raise ServiceError(422, "bad_options", problems, reason="bad_options", model=query_model) from None
 
 

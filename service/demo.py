@@ -29,7 +29,7 @@ from models.attacks import pgd
 
 from .auth import PROTECTED
 from .decode import DecodeLimits, ImageRejected, decode_image, encode_png
-from .errors import ServiceError
+from .errors import ServiceError, validation_problems
 from .ingest import media_type, parse_upload, read_body
 from .schemas import ErrorResponse, image_upload_body, query_parameters
 
@@ -128,7 +128,7 @@ def _options(query: dict[str, Any], body: dict[str, Any], model: str | None) -> 
     try:
         return AttackOptions.model_validate({**query, **body})
     except ValidationError as exc:
-        problems = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors(include_url=False)]
+        problems = validation_problems(exc.errors(include_url=False))
         raise ServiceError(422, "bad_options", problems, reason="bad_options", model=model) from None
 
 

@@ -3,7 +3,7 @@ Open Inference Protocol) the same errors take that protocol's shape, {"error": "
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,6 +11,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
+
+
+def validation_problems(
+    errors: Iterable[Mapping[str, Any]], prefix: tuple[str | int, ...] = ()
+) -> list[dict[str, Any]]:
+    """Pydantic's errors (`exc.errors(include_url=False)`) as the `detail` of a 422: where (`loc`, under `prefix`)
+    and what (`msg`), nothing else."""
+    return [{"loc": [*prefix, *e.get("loc", ())], "msg": e.get("msg", "")} for e in errors]
 
 
 class ServiceError(Exception):
@@ -65,8 +73,7 @@ async def service_error_handler(request: Request, exc: ServiceError) -> JSONResp
 
 
 async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
-    return error_response(422, "bad_options", problems, path=request.url.path)
+    return error_response(422, "bad_options", validation_problems(exc.errors()), path=request.url.path)
 
 
 async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -20,7 +20,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request as StarletteRequest
 from starlette.types import Message
 
-from .errors import ServiceError
+from .errors import ServiceError, validation_problems
 from .schemas import ClassifyJSON
 
 ACCEPTED_TYPES = "multipart/form-data, image/* or application/json"
@@ -154,8 +154,7 @@ def _parse_json(body: bytes, model: str | None) -> Upload:
     try:
         parsed = ClassifyJSON.model_validate(data)
     except ValidationError as exc:
-        problems = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors(include_url=False)]
-        raise _bad_options(problems, model) from None
+        raise _bad_options(validation_problems(exc.errors(include_url=False)), model) from None
     options = dict(parsed.model_extra or {})
     return Upload([_decode_base64(t, i, model) for i, t in enumerate(parsed.images)], options)
 

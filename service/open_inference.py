@@ -28,7 +28,7 @@ from .app import certify_request, decode_all, queue_full, run_certify, run_on_ba
 from .auth import PROTECTED, SECURITY, require_api_key
 from .batcher import ItemResult
 from .certify import CertifyRequest, CertifyResult
-from .errors import ServiceError
+from .errors import ServiceError, validation_problems
 from .inference_protocol import (
     HEADER_LENGTH,
     Datatype,
@@ -224,7 +224,7 @@ def _work(
     try:
         chosen = ClassifyOptions.model_validate(options)
     except ValidationError as exc:
-        problems = [{"loc": ["parameters", *e["loc"]], "msg": e["msg"]} for e in exc.errors(include_url=False)]
+        problems = validation_problems(exc.errors(include_url=False), prefix=("parameters",))
         raise ServiceError(422, "bad_options", problems, reason="bad_options", model=model.name) from None
     if chosen.mode == "certify":
         return certify_request(chosen, model, _runtime(request).settings), binary

@@ -80,6 +80,26 @@ def test_docs_results_page_is_regenerated_exactly():
     assert results_page.build_page(results_page._load(RESULTS), page, notes) == page.read_text()
 
 
+def test_the_full_strength_table_quotes_each_pinned_evaluation_from_its_raw_json():
+    """Each `*-pinned` folder is one row: the row a user meets (min-aux for SOAP, the bare network for a baseline),
+    its strongest single attack and the per-image worst case over every attack, read here from the JSON directly."""
+    pinned = sorted(RESULTS.glob(f"*{results_page.PINNED_SUFFIX}/results.json"))
+    assert pinned, "the pinned CNN suite is committed"
+    evaluations = [e for e in results_page._load(RESULTS) if e.name.endswith(results_page.PINNED_SUFFIX)]
+    table = results_page.pinned_table(evaluations).splitlines()
+    assert len(table) == 2 + len(pinned)
+    for path, line in zip(pinned, table[2:], strict=True):
+        raw = json.loads(path.read_text())
+        row = "min-aux" if "min-aux" in raw["rows"] else "none"
+        accuracies = {name: a["rows"][row]["accuracy"] for name, a in raw["attacks"].items() if a["kind"] != "control"}
+        strongest = min(accuracies, key=accuracies.__getitem__)
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == f"`{path.parent.name}`"
+        assert cells[2] == str(raw["n"])
+        assert cells[4].startswith(f"{strongest}: {100 * accuracies[strongest]:.2f} ")
+        assert cells[5].startswith(f"{100 * raw['worst_case']['all'][row]['accuracy']:.2f} ")
+
+
 def _damaged(tmp_path: Path, change) -> Path:
     data = json.loads((RESULTS / "mnist-fcn-dr" / "results.json").read_text())
     change(data)
