@@ -586,9 +586,12 @@ async def ceiling_comparison(session, args, model_dir: Path) -> dict:
     batches = sorted({b for b in args.ceiling_batches if b <= args.max_batch_size} | {args.max_batch_size})
     ceilings = [machine_ceiling(model_dir, batches, args.ceiling_seconds)]
     print(f"ceiling {model_dir.name}: {json.dumps(ceilings[-1])}", flush=True)
-    # Enough measured time for ~10 full batches per level even for the slow models (CIFAR: ~25 images/s).
-    duration = min(45.0, max(args.duration, 10 * args.max_batch_size / max(ceilings[0]["images_s"], 1e-9)))
-    warmup = max(args.warmup, 2 * args.max_batch_size / max(ceilings[0]["images_s"], 1e-9))
+    # Per level, time in rounds of the whole closed loop (every client answered once, at the ceiling's rate): 5 to
+    # settle (the clients start together and form cohorts; CIFAR measured over 2 s of warm-up and 11 s read 35
+    # images/s where 6 s and 20 s read 60) and 20 measured, within the command's --warmup/--duration and 60 s.
+    rate = max(ceilings[0]["images_s"], 1e-9)
+    warmups = {c: max(args.warmup, 5 * c / rate) for c in args.ceiling_concurrency}
+    durations = {c: min(60.0, max(args.duration, 20 * c / rate)) for c in args.ceiling_concurrency}
     levels = []
     for repeat in range(args.repeats):
         for variant in args.pool_variants:
@@ -605,7 +608,7 @@ async def ceiling_comparison(session, args, model_dir: Path) -> dict:
                 await server.wait_ready(session)
                 for c in args.ceiling_concurrency:
                     level = await closed_loop(
-                        session, server.url, "/classify", payloads, c, duration, args.max_requests, warmup,
+                        session, server.url, "/classify", payloads, c, durations[c], args.max_requests, warmups[c],
                         variant, server.proc.pid, content_type, generator=args.generator)  # fmt: skip
                     record = {"repeat": repeat, "ceiling_index": repeat, **asdict(level)}
                     if level.mean_batch_size:  # the ceiling: the same compute at the batch the service formed
@@ -626,7 +629,13 @@ async def ceiling_comparison(session, args, model_dir: Path) -> dict:
         around = (ceilings[i]["images_s"] + ceilings[i + 1]["images_s"]) / 2
         level["ceiling_images_s"] = round(around, 1)
         level["fraction_of_ceiling"] = round(level["throughput_images_s"] / around, 3)
-    return {"model": model_dir.name, "duration_s": duration, "warmup_s": warmup, "ceilings": ceilings, "levels": levels}
+    return {
+        "model": model_dir.name,
+        "duration_s": durations,
+        "warmup_s": warmups,
+        "ceilings": ceilings,
+        "levels": levels,
+    }
 
 
 def ceiling_table(comparisons: list[dict]) -> str:
