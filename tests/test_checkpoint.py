@@ -308,6 +308,7 @@ ZOO = Path(__file__).resolve().parents[1] / "models" / "zoo"
         ("mnist-fcn-dr-vanilla", False),
         ("mnist-fcn-dr-fgsm-at", False),
         ("mnist-fcn-dr-pgd-at", False),
+        ("mnist-cnn-dr-pgd-at", False),
     ],
 )
 def test_shipped_metadata_says_whether_the_auxiliary_head_was_trained(name: str, trained: bool) -> None:

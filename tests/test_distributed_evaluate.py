@@ -124,4 +124,6 @@ def test_killed_evaluation_resumes(single, tmp_path):
     assert resumed["pgd"] == 7
     assert resumed["apgd-bpda"] >= 2
     assert sum(resumed.values()) < 7 * len(resumed)  # and the rest was computed now
+    # the wall time counts the batches the killed run computed, not only the seconds spent reading them back
+    assert result["wall_seconds"] >= sum(a["seconds_per_image"] * a["n"] for a in result["attacks"].values())
     assert _stable(result) == _stable(single)

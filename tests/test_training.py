@@ -443,7 +443,7 @@ def test_consistency_is_refused_outside_the_dr_recipe(capsys):
 SHIPPED = sorted(p for p in ZOO.iterdir() if (p / "model.json").is_file()) if ZOO.is_dir() else []
 # Paper (no purification): FCN 97.57 %, CNN 99.04 % (issue 3 asks for 97.5 / 98.9). The shipped FCN reaches 97.76 %
 # (paper recipe at 200 epochs, seed sweep in its card); the shipped CNN 99.07 % (lr 0.1, 30 epochs, 1 warm-up epoch).
-MIN_ACCURACY = {"mnist-fcn-dr": 0.975, "mnist-cnn-dr": 0.989, "mnist-fcn-dr-pgd-at": 0.9}
+MIN_ACCURACY = {"mnist-fcn-dr": 0.975, "mnist-cnn-dr": 0.989, "mnist-fcn-dr-pgd-at": 0.9, "mnist-cnn-dr-pgd-at": 0.98}
 
 
 def test_the_default_model_is_shipped():

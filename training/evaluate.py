@@ -289,15 +289,20 @@ def _evaluate(config: EvalConfig, process: Process) -> EvaluationResult | None:
     columns: dict[str, Batchwise] = {}
     kept: dict[str, torch.Tensor] = {}
     resumed: dict[str, int] = {}
+    resumed_seconds = 0.0
     for name in tqdm(attacks, desc="attacks", unit="attack", disable=not process.is_main):
         spec = get_attack(name)
         m = n if spec.kind != "adaptive" or not config.adaptive_n else min(n, config.adaptive_n)
         records, resumed[name] = run_attack(spec, ctx, scorer, x[:m], y[:m], config.batch_size, process, store)
         if process.is_main:
+            resumed_seconds += sum(r.seconds for r in records if r.resumed)
             columns[name] = Batchwise.of(records)
             kept.update((name, r.kept) for r in records if r.kept is not None)
     if not process.is_main:
         return None
+    # A resumed run's wall time includes what its stored batches cost when they ran (spread over the ranks that ran
+    # them), not only the seconds it took to read them back.
+    resumed_attack_seconds = resumed_seconds / process.world_size
 
     parts = [
         scorer.score(xb, yb) for xb, yb in zip(x.split(config.batch_size), y.split(config.batch_size), strict=True)
@@ -349,7 +354,7 @@ def _evaluate(config: EvalConfig, process: Process) -> EvaluationResult | None:
         wall_seconds=0.0,
     )
     result.sanity_checks = sanity.run_checks(result)
-    result.wall_seconds = time.time() - started
+    result.wall_seconds = time.time() - started + resumed_attack_seconds
 
     config.out.mkdir(parents=True, exist_ok=True)
     if config.figures:
@@ -395,6 +400,9 @@ def _worst_cases(columns: dict[str, Batchwise], clean: dict[Row, torch.Tensor]) 
     groups: dict[WorstCaseGroup, list[Batchwise]] = {
         "adaptive": [c for name, c in columns.items() if get_attack(name).kind == "adaptive"],
         "all": [c for name, c in columns.items() if get_attack(name).kind != "control"],
+        "linf": [
+            c for name, c in columns.items() if get_attack(name).kind != "control" and get_attack(name).norm == "linf"
+        ],
     }
     for group, cols in groups.items():
         if not cols:

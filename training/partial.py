@@ -32,6 +32,7 @@ class BatchRecord:
     max_l2: float
     out_of_range: int
     kept: torch.Tensor | None = None  # the first adversarial images of batch 0, for the figures
+    resumed: bool = False  # read back from PartialResults (computed by an earlier run), not computed now
 
 
 def fingerprint(weights: Path, **config: object) -> str:
@@ -55,7 +56,7 @@ class PartialResults:
         path = self._path(attack, start, stop)
         if not path.exists():
             return None
-        return BatchRecord(**torch.load(path, weights_only=True))
+        return BatchRecord(**{**torch.load(path, weights_only=True), "resumed": True})
 
     def save(self, attack: str, record: BatchRecord) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,9 @@ from .stats import Accuracy, wilson_interval
 
 RESULTS_FILE = "results.json"
 CERTIFY_FILE = "certify.json"
-WorstCaseGroup = Literal["adaptive", "all"]  # adaptive attacks only; every attack but the controls
+# adaptive attacks only; every attack but the controls; every L∞ attack but the controls (the threat model of L∞
+# adversarial training, so a SOAP network and a PGD-AT one compare on the same budget)
+WorstCaseGroup = Literal["adaptive", "all", "linf"]
 
 
 class Record(BaseModel):

@@ -319,7 +319,15 @@ def pinned_table(evaluations: list[Evaluation]) -> str:
     """The full-strength suites side by side: a SOAP network through its purifier (min-aux row) and adversarially
     trained networks of the same architecture (no purifier), each with its strongest attack and its per-image worst
     case over every attack it ran."""
-    head = ["evaluation", "defence", "n", "clean", "strongest attack", "worst case per image, every attack"]
+    head = [
+        "evaluation",
+        "defence",
+        "n",
+        "clean",
+        "strongest attack",
+        "worst case per image, L∞ attacks (ε = 0.3)",
+        "worst case per image, every attack",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in evaluations:
         r = e.result
@@ -330,7 +338,16 @@ def pinned_table(evaluations: list[Evaluation]) -> str:
         strongest, name = min(scored, key=lambda t: t[0].accuracy)
         defence = ROW_TITLES[row] if r.recipe is Recipe.SOAP else f"{r.recipe} (no purifier)"
         worst = r.worst_case["all"].rows[row]
-        cells = [f"`{e.name}`", defence, str(r.n), cell(r.clean[row]), f"{name}: {cell(strongest)}", cell(worst)]
+        linf = r.worst_case.get("linf")
+        cells = [
+            f"`{e.name}`",
+            defence,
+            str(r.n),
+            cell(r.clean[row]),
+            f"{name}: {cell(strongest)}",
+            cell(linf.rows[row]) if linf is not None else "–",
+            cell(worst),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -559,7 +576,8 @@ def build_page(results: list[Evaluation], page: Path, notes: str = "") -> str:
             "random restarts, CE and DLR losses). SOAP is attacked through its purifier (trajectory BPDA and the full "
             "gradient, and the detector-aware APGD); the adversarially trained network has no purifier, so its "
             "APGD attacks are on the bare network. *Worst case*: an image counts as robust only if it survived every "
-            "attack of its evaluation (L∞ ε = 0.3 and the L2 attacks as listed under *Settings of every number*).",
+            "attack of its group: the L∞ attacks (ε = 0.3: FGSM, PGD, the APGD attacks and, for SOAP, the "
+            "auxiliary-aware PGD), or every attack, the L2 ones (CW, DeepFool, ε = 4) included.",
             "",
             pinned_table(pinned),
             "",
