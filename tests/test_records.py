@@ -88,7 +88,9 @@ def test_the_full_strength_table_quotes_each_pinned_evaluation_from_its_raw_json
     evaluations = [e for e in results_page._load(RESULTS) if e.name.endswith(results_page.PINNED_SUFFIX)]
     table = results_page.pinned_table(evaluations).splitlines()
     assert len(table) == 2 + len(pinned)
-    for path, line in zip(pinned, table[2:], strict=True):
+    lines = {line.split("|")[1].strip(): line for line in table[2:]}
+    for path in pinned:
+        line = lines[f"`{path.parent.name}`"]
         raw = json.loads(path.read_text())
         row = "min-aux" if "min-aux" in raw["rows"] else "none"
         accuracies = {name: a["rows"][row]["accuracy"] for name, a in raw["attacks"].items() if a["kind"] != "control"}
