@@ -10,7 +10,7 @@
 #   docker/ci-stack.sh check-disk     # exit 1, saying why, when the build would run out of disk
 #   docker/ci-stack.sh down           # `docker-compose down -v`, then stop the podman API service
 #
-# Needs root, podman (+ runc, netavark), debootstrap, docker-compose 1.29 (.ci/run installs them) and network
+# Needs root, podman (+ runc, netavark, iptables), debootstrap, docker-compose 1.29 (.ci/run installs them) and network
 # access to a Debian mirror. Environment:
 #   SOAP_CI_CACHE        cache folder (git-ignored): rootfs tarball + wheelhouse; default .cache/containers
 #   DEBIAN_MIRROR        default: the first Debian mirror of this machine's apt sources
