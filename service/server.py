@@ -49,14 +49,28 @@ FRESH_GRACE_S = 5.0
 _SWEEP_S = 0.05
 _ACCEPT_QUEUE_WAIT_S = 1.0
 _SO_ATTACH_FILTER = 26  # Linux; socket.SO_ATTACH_FILTER is not exported by Python
-_DROP_ALL = struct.pack("=HBBI", 0x06, 0, 0, 0)  # classic BPF: "ret #0", i.e. keep no byte of any packet
+# Classic BPF on the listening socket, run on each TCP segment from its header: drop a segment whose flags have SYN
+# without ACK (a new connection attempt), keep every other. Dropping every segment would also drop the final ACK of
+# a handshake already under way when the filter is attached: its client, which sends its request at once, is reset
+# when the listener closes (seen once in 64-client CI runs). Children accepted from the socket inherit the filter;
+# it never matches their segments.
+_DROP_NEW_SYNS = b"".join(
+    struct.pack("=HBBI", code, jt, jf, k)
+    for code, jt, jf, k in (
+        (0x30, 0, 0, 13),  # ldb [13]: the TCP flags byte
+        (0x54, 0, 0, 0x12),  # and #(SYN | ACK)
+        (0x15, 0, 1, 0x02),  # jeq #SYN: drop, else keep
+        (0x06, 0, 0, 0),  # ret #0: drop
+        (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1: keep the whole segment
+    )
+)
 
 
 def refuse_new_connections(sock: Any) -> bool:
     """Make the kernel drop new connection attempts to a listening TCP socket while it stays open, so its accept
     queue can be emptied before it is closed. False where that is not possible (not Linux, not TCP)."""
-    program = (ctypes.c_ubyte * len(_DROP_ALL)).from_buffer_copy(_DROP_ALL)
-    fprog = struct.pack("HL", 1, ctypes.addressof(program))  # struct sock_fprog {len; filter*}
+    program = (ctypes.c_ubyte * len(_DROP_NEW_SYNS)).from_buffer_copy(_DROP_NEW_SYNS)
+    fprog = struct.pack("HL", len(_DROP_NEW_SYNS) // 8, ctypes.addressof(program))  # struct sock_fprog {len; filter*}
     try:
         with socket.socket(fileno=os.dup(sock.fileno())) as dup:  # works for asyncio's and uvloop's socket wrappers
             if dup.type != socket.SOCK_STREAM or dup.family not in (socket.AF_INET, socket.AF_INET6):

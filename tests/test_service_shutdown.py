@@ -81,3 +81,26 @@ def test_sigterm_under_keep_alive_load_loses_no_request(model_dir, delay):
     assert lost == {}, outcomes
     assert outcomes["refused"] == CLIENTS, outcomes
     assert code == 0, server.output()
+
+
+def test_the_listener_filter_drops_new_connections_and_keeps_established_ones():
+    """refuse_new_connections: a connection attempt after it never completes (its SYNs are dropped, so the client is
+    refused once the socket closes, before it sent anything); a connection accepted before it still carries data both
+    ways, and so does one whose handshake completed before it (the kernel's accept queue)."""
+    from service.server import refuse_new_connections
+
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as listener:
+        port = listener.getsockname()[1]
+        before = socket.create_connection(("127.0.0.1", port), timeout=5)
+        served, _ = listener.accept()
+        queued = socket.create_connection(("127.0.0.1", port), timeout=5)  # in the accept queue at the attach
+        assert refuse_new_connections(listener)
+        with pytest.raises(TimeoutError):
+            socket.create_connection(("127.0.0.1", port), timeout=0.5)
+        late, _ = listener.accept()
+        for client, server in ((before, served), (queued, late)):
+            with client, server:
+                client.sendall(b"request")
+                assert server.recv(16) == b"request"
+                server.sendall(b"answer")
+                assert client.recv(16) == b"answer"
