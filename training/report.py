@@ -18,6 +18,12 @@ def cell(acc: Accuracy | None) -> str:
     return "–" if acc is None else acc.text()
 
 
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: the header, its rule, one line per row of cells."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
 def provenance(result: EvaluationResult) -> str:
     s, purifier = result.settings, result.purifier
     lines = [
@@ -45,14 +51,14 @@ def accuracy_table(result: EvaluationResult, attacks: list[str] | None = None, s
     head = ["row", "no attack"] + [
         a if result.attacks[a].n == result.n else f"{a} (n={result.attacks[a].n})" for a in attacks
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for row in result.rows:
         cells = [ROW_TITLES[row], "–" if success else cell(result.clean[row])]
         for a in attacks:
             acc = result.attacks[a].rows.get(row)
             cells.append(pct(acc.success_rate if acc else None) if success else cell(acc))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(head, rows)
 
 
 def attacks_table(result: EvaluationResult) -> str:

@@ -30,7 +30,7 @@ from .records import (
     load_evaluation,
     load_soundness,
 )
-from .report import cell
+from .report import cell, markdown_table
 from .rows import ROW_TITLES, Row
 from .sanity import run_checks
 from .stats import Accuracy
@@ -263,7 +263,7 @@ def _with_paper(acc: Accuracy | None, paper: float | None) -> str:
 
 def paper_table(evaluations: list[Evaluation]) -> str:
     head = ["model", "row", "n", "no attack"] + [c.upper() if c != "df" else "DeepFool" for c in PAPER_COLUMNS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows: list[list[str]] = []
     for e in evaluations:
         r = e.result
         key = paper_key(r.network, r.recipe)
@@ -278,8 +278,8 @@ def paper_table(evaluations: list[Evaluation]) -> str:
             ]
             for i, col in enumerate(PAPER_COLUMNS, start=1):
                 cells.append(_with_paper(r.accuracy(col, row), paper[i] if paper else None))
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows.append(cells)
+    return markdown_table(head, rows)
 
 
 def adaptive_table(evaluations: list[Evaluation]) -> str:
@@ -294,7 +294,7 @@ def adaptive_table(evaluations: list[Evaluation]) -> str:
         "undefended network: PGD",
         "undefended: APGD-CE",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows: list[list[str]] = []
     for e in evaluations:
         r = e.result
         if "min-aux" not in r.rows:
@@ -311,8 +311,8 @@ def adaptive_table(evaluations: list[Evaluation]) -> str:
             cell(r.accuracy("pgd", "none")),
             cell(r.accuracy("apgd-ce", "none")),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(head, rows)
 
 
 def pinned_table(evaluations: list[Evaluation]) -> str:
@@ -328,7 +328,7 @@ def pinned_table(evaluations: list[Evaluation]) -> str:
         "worst case per image, L∞ attacks (ε = 0.3)",
         "worst case per image, every attack",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows: list[list[str]] = []
     for e in evaluations:
         r = e.result
         row: Row = "min-aux" if "min-aux" in r.rows else "none"
@@ -348,8 +348,8 @@ def pinned_table(evaluations: list[Evaluation]) -> str:
             cell(linf.rows[row]) if linf is not None else "–",
             cell(worst),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(head, rows)
 
 
 def _misclassified(acc: Accuracy) -> Accuracy:
@@ -360,21 +360,21 @@ def _misclassified(acc: Accuracy) -> Accuracy:
 
 def detector_table(evaluations: list[Evaluation]) -> str:
     head = ["evaluation", "attack", "n", "flagged", "misclassified (min-aux)", "misclassified and not flagged"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows: list[list[str]] = []
     for e in evaluations:
         r = e.result
         if r.detector is None:
             continue
-        rows = [("none (clean)", r.detector.clean, _misclassified(r.clean["min-aux"]), r.n)]
-        rows += [
+        measured = [("none (clean)", r.detector.clean, _misclassified(r.clean["min-aux"]), r.n)]
+        measured += [
             (name, a.detector, _misclassified(a.rows["min-aux"]), a.n)
             for name, a in r.attacks.items()
             if a.detector is not None
         ]
-        for name, det, wrong, n in rows:
+        for name, det, wrong, n in measured:
             cells = [f"`{e.name}`", name, str(n), cell(det.flagged), cell(wrong), cell(det.fooled_unflagged)]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows.append(cells)
+    return markdown_table(head, rows)
 
 
 def settings_lines(e: Evaluation) -> list[str]:
