@@ -15,7 +15,7 @@ import torch
 
 from models import PurifierConfig, SoapNetwork
 from models.attacks.linf import fgsm, pgd, uniform_noise
-from models.attacks.losses import Objective
+from models.attacks.losses import LossName, Objective
 from models.attacks.seeding import ImageGenerators
 
 from .adaptive import bpda_objective, bpda_trajectory_objective, defended_logits, full_gradient_objective
@@ -86,6 +86,14 @@ def _adaptive_pgd(objective_factory):
         s = ctx.settings
         objective = eot(objective_factory(ctx), s.eot_samples)
         return pgd(ctx.model, x, y, s.linf_eps, s.adaptive_step, s.adaptive_steps, keep_best=True, objective=objective)
+
+    return run
+
+
+def _bare_apgd(loss: LossName):
+    def run(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:
+        s = ctx.settings
+        return apgd(ctx.model, x, y, s.linf_eps, s.apgd_steps, loss=loss, restarts=s.apgd_restarts, generator=ctx.rng)
 
     return run
 
@@ -239,31 +247,14 @@ ATTACKS: dict[str, AttackSpec] = {
             "blind",
             "linf",
             _apgd_text("APGD-CE on the bare network"),
-            lambda c, x, y: apgd(
-                c.model,
-                x,
-                y,
-                c.settings.linf_eps,
-                c.settings.apgd_steps,
-                restarts=c.settings.apgd_restarts,
-                generator=c.rng,
-            ),
+            _bare_apgd("ce"),
         ),
         AttackSpec(
             "apgd-dlr",
             "blind",
             "linf",
             _apgd_text("APGD-DLR on the bare network"),
-            lambda c, x, y: apgd(
-                c.model,
-                x,
-                y,
-                c.settings.linf_eps,
-                c.settings.apgd_steps,
-                loss="dlr",
-                restarts=c.settings.apgd_restarts,
-                generator=c.rng,
-            ),
+            _bare_apgd("dlr"),
         ),
         AttackSpec(
             "bpda",
