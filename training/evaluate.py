@@ -191,11 +191,11 @@ def run_attack(
     batch_size: int,
     process: Process,
     store: PartialResults | None = None,
-) -> tuple[list[BatchRecord], int]:
+) -> list[BatchRecord]:
     """This process's share of the batches (batch i goes to rank i mod world size), each resumed from `store`
-    when it holds it. Returns the records of every batch on rank 0 (empty elsewhere) and the number resumed."""
+    when it holds it (`BatchRecord.resumed`). Returns the records of every batch on rank 0 (empty elsewhere)."""
     starts = list(range(0, x.shape[0], batch_size))[process.rank :: process.world_size]
-    records, resumed = [], 0
+    records = []
     for start in tqdm(starts, desc=f"{spec.name:>13}", unit="batch", leave=False, disable=not process.is_main):
         stop = min(start + batch_size, x.shape[0])
         record = store.load(spec.name, start, stop) if store is not None else None
@@ -203,17 +203,14 @@ def run_attack(
             record = attack_batch(spec, ctx, scorer, x[start:stop], y[start:stop], start, keep=start == 0)
             if store is not None:
                 store.save(spec.name, record)
-        else:
-            resumed += 1
         records.append(record)
     if process.distributed:
-        gathered: list[tuple[list[BatchRecord], int]] = [([], 0) for _ in range(process.world_size)]
-        dist.gather_object((records, resumed), gathered if process.is_main else None, dst=0)
+        gathered: list[list[BatchRecord]] = [[] for _ in range(process.world_size)]
+        dist.gather_object(records, gathered if process.is_main else None, dst=0)
         if not process.is_main:
-            return [], resumed
-        records = [r for part, _ in gathered for r in part]
-        resumed = sum(k for _, k in gathered)
-    return records, resumed
+            return []
+        records = [r for part in gathered for r in part]
+    return records
 
 
 # ----------------------------------------------------------------------------- the evaluation
@@ -293,8 +290,9 @@ def _evaluate(config: EvalConfig, process: Process) -> EvaluationResult | None:
     for name in tqdm(attacks, desc="attacks", unit="attack", disable=not process.is_main):
         spec = get_attack(name)
         m = n if spec.kind != "adaptive" or not config.adaptive_n else min(n, config.adaptive_n)
-        records, resumed[name] = run_attack(spec, ctx, scorer, x[:m], y[:m], config.batch_size, process, store)
+        records = run_attack(spec, ctx, scorer, x[:m], y[:m], config.batch_size, process, store)
         if process.is_main:
+            resumed[name] = sum(r.resumed for r in records)
             resumed_seconds += sum(r.seconds for r in records if r.resumed)
             columns[name] = Batchwise.of(records)
             kept.update((name, r.kept) for r in records if r.kept is not None)
