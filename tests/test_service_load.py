@@ -81,3 +81,26 @@ def test_the_ceiling_comparison_reports_the_ceiling_at_the_served_batch(tmp_path
         level["throughput_images_s"] / level["served_batch_ceiling"]["images_s"], 3
     )
     assert "ceiling at the served batch" in report["ceiling_table_markdown"]
+
+
+def test_service_options_runs_one_level_per_option_set(tmp_path: Path) -> None:
+    """benchmarks/service_options.py: a server per option set, each measured once, closed loop or open loop."""
+    for extra, name in (([], "closed"), (["--overload-rate", "200"], "open")):
+        out = tmp_path / f"{name}.json"
+        proc = subprocess.run(
+            [sys.executable, "benchmarks/service_options.py", "--options", "max_delay_ms=0",
+             "max_delay_ms=5,max_queue=32", "--concurrency", "4", "--duration", "1", "--warmup", "0.3",
+             "--json", str(out), *extra],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        levels = json.loads(out.read_text())["levels"]
+        assert [lv["options"] for lv in levels] == [{"max_delay_ms": "0"}, {"max_delay_ms": "5", "max_queue": "32"}]
+        for level in levels:
+            assert level["requests"] > 0
+            assert level["errors"] == 0
+            assert sum(level["status_counts"].values()) == level["requests"]
+            if name == "closed":
+                assert level["status_counts"] == {"200": level["requests"]}
+            else:
+                assert level["extra"]["unanswered"] == 0
