@@ -180,7 +180,8 @@ def _fresh_fcn(loaded):
     return create_model("mnist-fcn-dr")
 
 
-# AutoAttack's schedule is fixed (minutes here); tests/test_library_attacks.py runs it on a few digits.
+# AutoAttack's schedule is fixed (minutes through the purifier); tests/test_library_attacks.py runs it on a few
+# digits. On the bare network (autoattack-bare) it takes seconds and is tested here.
 @pytest.mark.parametrize("name", [name for name in ATTACKS if name != "autoattack"])
 def test_attack_properties(name, contexts, batch, model):
     """Within budget and [0, 1]; inputs and parameters untouched; ε = 0 is the identity; success rises with ε."""

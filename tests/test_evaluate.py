@@ -16,6 +16,7 @@ from training import provenance
 from training.__main__ import main
 from training.data import load_test_data
 from training.evaluate import evaluation_order
+from training.records import load_evaluation, pack_images
 from training.rows import ROWS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -297,3 +298,53 @@ def test_certified_section_lists_certify_only_folders_by_name_with_their_notes(t
     assert rows == ["| mnist-fcn-dr"] * 2 + ["| mnist-fcn-dr-variant"] * 2  # noisy and denoised bases each
     assert any(line.startswith("- `mnist-fcn-dr-variant` (noisy, denoised)") for line in lines)
     assert "The variant, compared." in lines
+
+
+def test_results_store_each_images_outcome_and_its_worst_cases_follow_from_them(evaluation):
+    """results.json keeps, per attack and row, which images were right (packed bits): their counts are the table's,
+    and the per-image worst case of every attack is the AND of them with the clean outcome."""
+    _, out, raw = evaluation
+    result = load_evaluation(out / "results.json")
+    for row in result.rows:
+        clean = result.correct_images(None, row)
+        assert int(clean.sum()) == result.clean[row].correct
+        assert len(clean) == result.n
+        survived = clean.clone()
+        m = min(column.n for name, column in result.attacks.items() if column.kind != "control")
+        for name, column in result.attacks.items():
+            mask = result.correct_images(name, row)
+            assert len(mask) == column.n
+            assert int(mask.sum()) == column.rows[row].correct, (name, row)
+            if column.kind != "control":
+                survived = survived[:m] & mask[:m]
+        assert int(survived.sum()) == result.worst_case["all"].rows[row].correct
+    assert set(raw["attacks"]["pgd"]["correct_images"]) == set(result.rows)
+
+
+def test_joint_worst_case_joins_evaluations_of_one_checkpoint_image_by_image(evaluation, tmp_path):
+    """Two evaluations of the same checkpoint and images: the joint worst case is their union of attacks per image,
+    over the images both attacked; an evaluation whose one attack defeats every image brings it to 0."""
+    import shutil
+
+    from training import results_page
+
+    _, out, _ = evaluation
+    for name in ("suite-pinned", "suite-library"):
+        shutil.copytree(out, tmp_path / name)
+    loaded = {e.name: e for e in results_page._load(tmp_path)}
+    pinned, library = loaded["suite-pinned"], loaded["suite-library"]
+    for linf_only, group in ((False, "all"), (True, "linf")):
+        joint = results_page.joint_worst_case(list(loaded.values()), pinned, "min-aux", linf_only)
+        assert joint is not None
+        assert joint.evaluations == ["suite-library", "suite-pinned"]
+        assert joint.accuracy.correct == pinned.result.worst_case[group].rows["min-aux"].correct
+        assert joint.accuracy.n == min(c.n for c in pinned.result.attacks.values() if c.kind != "control")
+    assert results_page.joint_worst_case([pinned], pinned, "min-aux", False) is None  # one evaluation: nothing to join
+
+    column = library.result.attacks["fgsm"]  # the library run's FGSM now defeats every image
+    column.correct_images = {row: pack_images(torch.zeros(column.n, dtype=torch.bool)) for row in column.rows}
+    joint = results_page.joint_worst_case([pinned, library], pinned, "min-aux", True)
+    assert joint is not None
+    assert joint.accuracy.correct == 0
+    table = results_page.pinned_table([pinned], [pinned, library])
+    assert "| 0.00 [0.0, 24.2] (n=12: `suite-library`, `suite-pinned`) |" in table.splitlines()[2]

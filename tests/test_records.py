@@ -8,7 +8,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from training import certify, model_info, report, results_page, soundness
 from training.records import (
@@ -16,6 +18,8 @@ from training.records import (
     load_certification,
     load_evaluation,
     load_soundness,
+    pack_images,
+    unpack_images,
 )
 from training.rows import ROWS
 
@@ -85,8 +89,9 @@ def test_the_full_strength_table_quotes_each_pinned_evaluation_from_its_raw_json
     its strongest single attack and the per-image worst case over every attack, read here from the JSON directly."""
     pinned = sorted(RESULTS.glob(f"*{results_page.PINNED_SUFFIX}/results.json"))
     assert pinned, "the pinned CNN suite is committed"
-    evaluations = [e for e in results_page._load(RESULTS) if e.name.endswith(results_page.PINNED_SUFFIX)]
-    table = results_page.pinned_table(evaluations).splitlines()
+    loaded = results_page._load(RESULTS)
+    evaluations = [e for e in loaded if e.name.endswith(results_page.PINNED_SUFFIX)]
+    table = results_page.pinned_table(evaluations, loaded).splitlines()
     assert len(table) == 2 + len(pinned)
     lines = {line.split("|")[1].strip(): line for line in table[2:]}
     for path in pinned:
@@ -152,3 +157,14 @@ def test_absent_and_null_fields_stay_as_they_were():
     assert baseline["beta_sweep"] is None
     result = load_evaluation(RESULTS / "mnist-fcn-dr" / "results.json").model_copy(update={"figures": None})
     assert "figures" not in json.loads(result.to_json())
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000])
+def test_per_image_outcomes_pack_into_numpys_bit_order_and_back(n):
+    """Image i is bit i of the packed bytes, most significant first: numpy.packbits reads the stored hex as is."""
+    correct = torch.rand(n, generator=torch.Generator().manual_seed(n)) > 0.5
+    packed = pack_images(correct)
+    assert bytes.fromhex(packed) == np.packbits(correct.numpy()).tobytes()
+    assert torch.equal(unpack_images(packed, n), correct)
+    with pytest.raises(ValueError, match="hex digits hold"):
+        unpack_images(packed, 8 * len(bytes.fromhex(packed)) + 1)

@@ -41,6 +41,7 @@ from .records import (
     SettingsRecord,
     WorstCase,
     WorstCaseGroup,
+    pack_images,
 )
 from .report import write_all
 from .rows import ROWS, Row
@@ -339,6 +340,7 @@ def _evaluate(config: EvalConfig, process: Process) -> EvaluationResult | None:
         git_commit=provenance.git_commit(),
         host=f"{platform.machine()} {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
         clean={row: Accuracy.of(c) for row, c in clean.items()},
+        clean_images={row: pack_images(c) for row, c in clean.items()},
         purification_seconds_per_image=scorer.purify_seconds / max(scorer.purified_images, 1) if soap else None,
         attacks={
             name: attack_column(name, col, clean, settings, config.beta, resumed[name]) for name, col in columns.items()
@@ -383,6 +385,7 @@ def attack_column(
         rows={row: Accuracy.of(c, clean[row][: len(c)]) for row, c in col.correct.items()},
         resumed_batches=resumed,
         detector=detector_rates(col.flagged, col.correct["min-aux"]) if col.flagged is not None else None,
+        correct_images={row: pack_images(c) for row, c in col.correct.items()},
     )
 
 

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
+import torch
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -35,6 +36,25 @@ CERTIFY_FILE = "certify.json"
 # adaptive attacks only; every attack but the controls; every L∞ attack but the controls (the threat model of L∞
 # adversarial training, so a SOAP network and a PGD-AT one compare on the same budget)
 WorstCaseGroup = Literal["adaptive", "all", "linf"]
+
+
+def pack_images(correct: torch.Tensor) -> str:
+    """Which images (in evaluation order) a row got right, as hex: bit i of the packed bytes, most significant bit
+    first (numpy.packbits' order), is image i. 250 characters for 1,000 images, so that results.json keeps the
+    per-image outcome that a worst case over several evaluations of the same images needs."""
+    bits = correct.detach().to("cpu", torch.uint8).flatten()
+    bits = torch.cat([bits, bits.new_zeros(-len(bits) % 8)]).view(-1, 8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32)
+    return bytes((bits.int() * weights).sum(1).tolist()).hex()
+
+
+def unpack_images(packed: str, n: int) -> torch.Tensor:
+    """The inverse of `pack_images`: a bool tensor of the first n images."""
+    data = torch.tensor(list(bytes.fromhex(packed)), dtype=torch.int32)
+    if n > 8 * len(data):
+        raise ValueError(f"{len(packed)} hex digits hold {4 * len(packed)} images, not {n}")
+    shifts = torch.arange(7, -1, -1, dtype=torch.int32)
+    return ((data[:, None] >> shifts) & 1).flatten()[:n].bool()
 
 
 class Record(BaseModel):
@@ -108,7 +128,7 @@ class AttackColumn(Record):
     """One attack's column of the table: what it is, what it cost, how large its perturbations were, and each row's
     accuracy (success rates against the same images clean)."""
 
-    omitted_when_none = frozenset({"resumed_batches", "detector"})
+    omitted_when_none = frozenset({"resumed_batches", "detector", "correct_images"})
 
     kind: AttackKind
     norm: Norm
@@ -122,6 +142,8 @@ class AttackColumn(Record):
     rows: dict[Row, Accuracy]
     resumed_batches: int | None = None  # absent from results written before evaluations could resume
     detector: DetectorRates | None = None  # SOAP checkpoints with a calibrated flag only
+    # per row, which of the n images it got right under this attack (pack_images); absent from older results
+    correct_images: dict[Row, str] | None = None
 
 
 class WorstCase(Record):
@@ -190,7 +212,7 @@ class SanityCheck(Record):
 class EvaluationResult(Record):
     """Everything one evaluation measured, and how: results.json."""
 
-    omitted_when_none = frozenset({"detector", "epsilon_zero", "figures"})
+    omitted_when_none = frozenset({"detector", "epsilon_zero", "figures", "clean_images"})
 
     model: str  # the checkpoint folder as given
     network: str
@@ -210,6 +232,7 @@ class EvaluationResult(Record):
     git_commit: str
     host: str
     clean: dict[Row, Accuracy]
+    clean_images: dict[Row, str] | None = None  # per row, which images it got right clean (pack_images)
     purification_seconds_per_image: float | None  # None for baselines (no purification)
     attacks: dict[str, AttackColumn]  # in the order they ran
     detector: Detector | None = None  # absent unless the checkpoint has a calibrated flag
@@ -225,6 +248,15 @@ class EvaluationResult(Record):
         """One row's accuracy under one attack (None where that attack or row did not run)."""
         column = self.attacks.get(attack)
         return None if column is None else column.rows.get(row)
+
+    def correct_images(self, attack: str | None, row: Row) -> torch.Tensor | None:
+        """Which images `row` got right under `attack` (None: clean), as stored; None where not stored."""
+        if attack is None:
+            packed, n = (self.clean_images or {}).get(row), self.n
+        else:
+            column = self.attacks[attack]
+            packed, n = (column.correct_images or {}).get(row), column.n
+        return None if packed is None else unpack_images(packed, n)
 
 
 class CertifiedBase(Record):

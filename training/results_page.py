@@ -17,6 +17,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from models import Recipe
 
 from .attacks.registry import ATTACKS
@@ -136,6 +138,15 @@ PLAN = (
         PINNED_BASELINE,
         extra=SUITE_EXTRA,
         out="mnist-cnn-dr-pgd-at-pinned",
+    ),
+    # the same libraries on the bare PGD-AT CNN, on the pinned suite's 200 images (minutes: no purifier)
+    Run(
+        "models/zoo/mnist-cnn-dr-pgd-at",
+        "mnist",
+        200,
+        "autoattack-bare,square-bare",
+        extra=("--batch-size", "10", "--sanity-n", "10"),
+        out="mnist-cnn-dr-pgd-at-library",
     ),
     Run(
         "models/zoo/mnist-cnn-dr",
@@ -315,10 +326,54 @@ def adaptive_table(evaluations: list[Evaluation]) -> str:
     return markdown_table(head, rows)
 
 
-def pinned_table(evaluations: list[Evaluation]) -> str:
+@dataclass(frozen=True)
+class JointWorstCase:
+    """A worst case per image over several evaluations of one checkpoint on the same images: e.g. the gradient suite
+    on the first 200 test images and AutoAttack on the first 100 of them, over the images all of them attacked."""
+
+    accuracy: Accuracy
+    evaluations: list[str]  # the folders joined
+
+
+def joint_worst_case(evaluations: list[Evaluation], of: Evaluation, row: Row, linf_only: bool) -> JointWorstCase | None:
+    """Per image, correct only if `row` got it right clean and under every attack (controls aside; L∞ ones only with
+    `linf_only`) of every evaluation of `of`'s checkpoint, data and purifier that stored its per-image outcomes.
+    None unless at least two such evaluations exist (one alone is its own worst case)."""
+    r = of.result
+    same = [
+        e
+        for e in evaluations
+        if (e.result.model, e.result.data, e.result.purifier) == (r.model, r.data, r.purifier)
+        and e.result.clean_images is not None
+        and row in e.result.rows
+    ]
+    if len(same) < 2 or not any(e is of for e in same):
+        return None
+    clean: list[torch.Tensor] = []
+    attacked: list[torch.Tensor] = []
+    for e in same:
+        clean.append(_stored(e, None, row))
+        for name, column in e.result.attacks.items():
+            if column.kind != "control" and row in column.rows and (column.norm == "linf" or not linf_only):
+                attacked.append(_stored(e, name, row))
+    m = min(len(mask) for mask in clean + attacked)
+    clean_correct = torch.stack([mask[:m] for mask in clean]).all(0)
+    survived = torch.stack([clean_correct, *(mask[:m] for mask in attacked)]).all(0)
+    return JointWorstCase(Accuracy.of(survived, clean_correct), sorted(e.name for e in same))
+
+
+def _stored(e: Evaluation, attack: str | None, row: Row) -> torch.Tensor:
+    mask = e.result.correct_images(attack, row)
+    if mask is None:
+        raise ValueError(f"{e.folder}: {attack or 'clean'} has no per-image outcomes for row {row} (rerun it)")
+    return mask
+
+
+def pinned_table(pinned: list[Evaluation], evaluations: list[Evaluation]) -> str:
     """The full-strength suites side by side: a SOAP network through its purifier (min-aux row) and adversarially
-    trained networks of the same architecture (no purifier), each with its strongest attack and its per-image worst
-    case over every attack it ran."""
+    trained networks of the same architecture (no purifier), each with its strongest attack, its per-image worst
+    case over every attack it ran, and the per-image worst case over every evaluation of the same checkpoint on the
+    same images (`evaluations`: e.g. its attack-library run)."""
     head = [
         "evaluation",
         "defence",
@@ -327,9 +382,11 @@ def pinned_table(evaluations: list[Evaluation]) -> str:
         "strongest attack",
         "worst case per image, L∞ attacks (ε = 0.3)",
         "worst case per image, every attack",
+        "L∞ worst case with the checkpoint's other evaluations",
+        "every attack, with the other evaluations",
     ]
     rows: list[list[str]] = []
-    for e in evaluations:
+    for e in pinned:
         r = e.result
         row: Row = "min-aux" if "min-aux" in r.rows else "none"
         scored = [(a.rows[row], name) for name, a in r.attacks.items() if a.kind != "control" and row in a.rows]
@@ -348,6 +405,13 @@ def pinned_table(evaluations: list[Evaluation]) -> str:
             cell(linf.rows[row]) if linf is not None else "–",
             cell(worst),
         ]
+        for linf_only in (True, False):
+            joint = joint_worst_case(evaluations, e, row, linf_only)
+            cells.append(
+                "–"
+                if joint is None
+                else f"{cell(joint.accuracy)} (n={joint.accuracy.n}: {', '.join(f'`{n}`' for n in joint.evaluations)})"
+            )
         rows.append(cells)
     return markdown_table(head, rows)
 
@@ -577,9 +641,13 @@ def build_page(results: list[Evaluation], page: Path, notes: str = "") -> str:
             "gradient, and the detector-aware APGD); the adversarially trained network has no purifier, so its "
             "APGD attacks are on the bare network. *Worst case*: an image counts as robust only if it survived every "
             "attack of its group: the L∞ attacks (ε = 0.3: FGSM, PGD, the APGD attacks and, for SOAP, the "
-            "auxiliary-aware PGD), or every attack, the L2 ones (CW, DeepFool, ε = 4) included.",
+            "auxiliary-aware PGD), or every attack, the L2 ones (CW, DeepFool, ε = 4) included. The last two columns "
+            "join, image by image, every evaluation of the same checkpoint on the same images that stored its "
+            "per-image outcomes (here the attack libraries: AutoAttack standard and Square with 5,000 queries, "
+            "through the purifier for SOAP and on the bare network for PGD-AT), over the first n images all of them "
+            "attacked.",
             "",
-            pinned_table(pinned),
+            pinned_table(pinned, results),
             "",
             "Commands:",
             "",

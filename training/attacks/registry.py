@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from torch import nn
 
 from models import PurifierConfig, SoapNetwork
 from models.attacks.linf import fgsm, pgd, uniform_noise
@@ -123,29 +124,47 @@ def _evasion(ctx: AttackContext) -> Objective:
     return evasion_objective(base, ctx.model, ctx.suspicious_threshold)
 
 
-def _autoattack(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:
-    import torchattacks  # noqa: PLC0415  (only when this column is asked for)
+def _autoattack(model: nn.Module, ctx: AttackContext) -> Callable[[Tensor, Tensor], Tensor]:
+    import torchattacks  # noqa: PLC0415  (only when a library column is asked for)
 
-    defended = DefendedClassifier(ctx.model, ctx.purifier, Backward.TRAJECTORY)
-    attack = torchattacks.AutoAttack(
-        defended,
-        norm="Linf",
-        eps=ctx.settings.linf_eps,
-        version="standard",
-        n_classes=ctx.model.num_classes,
+    return torchattacks.AutoAttack(
+        model, norm="Linf", eps=ctx.settings.linf_eps, version="standard", n_classes=ctx.model.num_classes,
         seed=ctx.batch_seed,
-    )
-    return attack(x, y)
+    )  # fmt: skip
 
 
-def _square(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:
+def _square(model: nn.Module, ctx: AttackContext) -> Callable[[Tensor, Tensor], Tensor]:
     import torchattacks  # noqa: PLC0415
 
-    defended = DefendedClassifier(ctx.model, ctx.purifier, Backward.BPDA)  # gradient-free: backward unused
-    attack = torchattacks.Square(
-        defended, norm="Linf", eps=ctx.settings.linf_eps, n_queries=ctx.settings.square_queries, seed=ctx.batch_seed
+    return torchattacks.Square(
+        model, norm="Linf", eps=ctx.settings.linf_eps, n_queries=ctx.settings.square_queries, seed=ctx.batch_seed
     )
-    return attack(x, y)
+
+
+def _library(
+    attack: Callable[[nn.Module, AttackContext], Callable[[Tensor, Tensor], Tensor]],
+    classifier: Callable[[AttackContext], nn.Module],
+):
+    """A torchattacks attack (`_autoattack`, `_square`) on `classifier(ctx)`: the defended model or the bare network."""
+    return lambda ctx, x, y: attack(classifier(ctx), ctx)(x, y)
+
+
+def _through_purifier(backward: Backward) -> Callable[[AttackContext], nn.Module]:
+    return lambda ctx: DefendedClassifier(ctx.model, ctx.purifier, backward)
+
+
+def _bare(ctx: AttackContext) -> nn.Module:
+    return ctx.model
+
+
+_AUTOATTACK = "AutoAttack standard (torchattacks: APGD-CE, APGD-T, FAB-T, Square 5000 queries)"
+
+
+def _square_text(on: str):
+    return lambda s: (
+        f"Square (gradient-free, torchattacks) on {on}, {s.square_queries} queries per image at most; "
+        f"L∞ ε={s.linf_eps:.4g}"
+    )
 
 
 def _pgd_text(s: AttackSettings) -> str:
@@ -309,21 +328,30 @@ ATTACKS: dict[str, AttackSpec] = {
             "autoattack",
             "adaptive",
             "linf",
-            lambda s: (
-                "AutoAttack standard (torchattacks: APGD-CE, APGD-T, FAB-T, Square 5000 queries) on the defended "
-                f"model, trajectory-BPDA backward; L∞ ε={s.linf_eps:.4g}"
-            ),
-            _autoattack,
+            lambda s: f"{_AUTOATTACK} on the defended model, trajectory-BPDA backward; L∞ ε={s.linf_eps:.4g}",
+            _library(_autoattack, _through_purifier(Backward.TRAJECTORY)),
         ),
         AttackSpec(
             "square",
             "adaptive",
             "linf",
-            lambda s: (
-                f"Square (gradient-free, torchattacks) on the defended model, {s.square_queries} queries per "
-                f"image at most; L∞ ε={s.linf_eps:.4g}"
-            ),
-            _square,
+            _square_text("the defended model"),
+            _library(_square, _through_purifier(Backward.BPDA)),  # gradient-free: the backward is unused
+        ),
+        # the same two on the bare network: the library suite of a network without a purifier (a PGD-AT baseline)
+        AttackSpec(
+            "autoattack-bare",
+            "blind",
+            "linf",
+            lambda s: f"{_AUTOATTACK} on the bare network; L∞ ε={s.linf_eps:.4g}",
+            _library(_autoattack, _bare),
+        ),
+        AttackSpec(
+            "square-bare",
+            "blind",
+            "linf",
+            _square_text("the bare network"),
+            _library(_square, _bare),
         ),
         AttackSpec(
             "apgd-evade",
