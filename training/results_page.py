@@ -369,6 +369,21 @@ def _stored(e: Evaluation, attack: str | None, row: Row) -> torch.Tensor:
     return mask
 
 
+def user_row(result: EvaluationResult) -> Row:
+    """The row a user of the checkpoint meets: min-aux purification for SOAP, the bare network for a baseline."""
+    return "min-aux" if "min-aux" in result.rows else "none"
+
+
+def joined_evaluations(pinned: list[Evaluation], evaluations: list[Evaluation]) -> list[Evaluation]:
+    """The pinned evaluations and every evaluation a joint worst case of theirs draws on, for the commands list."""
+    names = {e.name for e in pinned}
+    for e in pinned:
+        for linf_only in (True, False):
+            joint = joint_worst_case(evaluations, e, user_row(e.result), linf_only)
+            names.update(joint.evaluations if joint is not None else ())
+    return [e for e in evaluations if e.name in names]
+
+
 def pinned_table(pinned: list[Evaluation], evaluations: list[Evaluation]) -> str:
     """The full-strength suites side by side: a SOAP network through its purifier (min-aux row) and adversarially
     trained networks of the same architecture (no purifier), each with its strongest attack, its per-image worst
@@ -388,7 +403,7 @@ def pinned_table(pinned: list[Evaluation], evaluations: list[Evaluation]) -> str
     rows: list[list[str]] = []
     for e in pinned:
         r = e.result
-        row: Row = "min-aux" if "min-aux" in r.rows else "none"
+        row = user_row(r)
         scored = [(a.rows[row], name) for name, a in r.attacks.items() if a.kind != "control" and row in a.rows]
         if not scored or "all" not in r.worst_case:
             continue
@@ -651,7 +666,7 @@ def build_page(results: list[Evaluation], page: Path, notes: str = "") -> str:
             "",
             "Commands:",
             "",
-            *[f"- `{e.name}`: `{e.result.command}`" for e in pinned],
+            *[f"- `{e.name}`: `{e.result.command}`" for e in joined_evaluations(pinned, results)],
             "",
         ]
     detected = [e for e in results if e.result.detector is not None]
