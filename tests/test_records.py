@@ -107,6 +107,34 @@ def test_the_full_strength_table_quotes_each_pinned_evaluation_from_its_raw_json
         linf = raw["worst_case"].get("linf")
         assert cells[5] == "–" if linf is None else cells[5].startswith(f"{100 * linf[row]['accuracy']:.2f} ")
         assert cells[6].startswith(f"{100 * raw['worst_case']['all'][row]['accuracy']:.2f} ")
+        for cell, linf_only in ((cells[7], True), (cells[8], False)):
+            correct, n, names = _joint_from_raw_json(raw, row, linf_only)
+            assert cell.startswith(f"{100 * correct / n:.2f} ")
+            assert cell.endswith(f"(n={n}: {', '.join(f'`{name}`' for name in names)})")
+
+
+def _unpack(packed: str, n: int) -> np.ndarray:
+    """docs/evaluation.md's recipe for a stored per-image outcome."""
+    return np.unpackbits(np.frombuffer(bytes.fromhex(packed), np.uint8))[:n].astype(bool)
+
+
+def _joint_from_raw_json(of: dict, row: str, linf_only: bool) -> tuple[int, int, list[str]]:
+    """The joint worst case recomputed with numpy from the stored JSON alone: every committed evaluation of the same
+    checkpoint, data and purifier that stored per-image outcomes, over the images all of its attacks saw."""
+    masks, names = [], []
+    for path in EVALUATIONS:
+        raw = json.loads(path.read_text())
+        same = all(raw[key] == of[key] for key in ("model", "data", "purifier"))
+        if not same or "clean_images" not in raw or row not in raw["rows"]:
+            continue
+        names.append(path.parent.name)
+        masks.append(_unpack(raw["clean_images"][row], raw["n"]))
+        for attack in raw["attacks"].values():
+            if attack["kind"] != "control" and (attack["norm"] == "linf" or not linf_only):
+                masks.append(_unpack(attack["correct_images"][row], attack["n"]))
+    assert len(names) >= 2, "the pinned suites are joined with their attack-library runs"
+    m = min(len(mask) for mask in masks)
+    return int(np.all([mask[:m] for mask in masks], axis=0).sum()), m, sorted(names)
 
 
 def _damaged(tmp_path: Path, change) -> Path:
