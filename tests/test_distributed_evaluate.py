@@ -96,6 +96,8 @@ def test_torchrun_writes_the_single_process_result(single, tmp_path):
     assert shared["attacks"]["apgd-bpda"]["n"] == 26
     assert set(shared["attacks"]) == set(ATTACKS.split(","))
     assert _stable(shared) == _stable(single)
+    assert shared["host"].endswith("1 threads × 2 processes")  # the host line says how it ran
+    assert "processes" not in single["host"]
     assert (tmp_path / "two" / "model_info.json").exists()
     partial = next((tmp_path / "two" / ".partial").iterdir())
     assert len(list(partial.glob("apgd-bpda-*.pt"))) == 7  # every batch once, over both ranks

@@ -338,7 +338,8 @@ def _evaluate(config: EvalConfig, process: Process) -> EvaluationResult | None:
         settings=SettingsRecord.model_validate(asdict(settings)),
         command=command_line(config),
         git_commit=provenance.git_commit(),
-        host=f"{platform.machine()} {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        host=f"{platform.machine()} {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        + (f" × {process.world_size} processes" if process.distributed else ""),
         clean={row: Accuracy.of(c) for row, c in clean.items()},
         clean_images={row: pack_images(c) for row, c in clean.items()},
         purification_seconds_per_image=scorer.purify_seconds / max(scorer.purified_images, 1) if soap else None,
