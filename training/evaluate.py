@@ -45,7 +45,7 @@ from .records import (
 )
 from .report import write_all
 from .rows import ROWS, Row
-from .stats import Accuracy
+from .stats import Accuracy, worst_case
 
 BASELINE_RECIPES = (Recipe.VANILLA, Recipe.FGSM_AT, Recipe.PGD_AT)
 
@@ -409,13 +409,7 @@ def _worst_cases(columns: dict[str, Batchwise], clean: dict[Row, torch.Tensor]) 
     for group, cols in groups.items():
         if not cols:
             continue
-        m = min(len(c.correct["none"]) for c in cols)  # the images every attack of the group saw
-        rows = {}
-        for row in clean:
-            survived = clean[row][:m].clone()
-            for c in cols:
-                survived &= c.correct[row][:m]
-            rows[row] = Accuracy.of(survived, clean[row][:m])
+        rows = {row: worst_case([clean[row]], [c.correct[row] for c in cols]) for row in clean}
         out[group] = WorstCase(rows=rows, attacks=[n for n, c in columns.items() if any(c is x for x in cols)])
     return out
 

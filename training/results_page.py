@@ -35,7 +35,7 @@ from .records import (
 from .report import cell, markdown_table
 from .rows import ROW_TITLES, Row
 from .sanity import run_checks
-from .stats import Accuracy
+from .stats import Accuracy, worst_case
 
 PAPER_COLUMNS = ("fgsm", "pgd", "cw", "df")
 
@@ -335,10 +335,9 @@ class JointWorstCase:
     evaluations: list[str]  # the folders joined
 
 
-def joint_worst_case(evaluations: list[Evaluation], of: Evaluation, row: Row, linf_only: bool) -> JointWorstCase | None:
-    """Per image, correct only if `row` got it right clean and under every attack (controls aside; L∞ ones only with
-    `linf_only`) of every evaluation of `of`'s checkpoint, data and purifier that stored its per-image outcomes.
-    None unless at least two such evaluations exist (one alone is its own worst case)."""
+def same_images(evaluations: list[Evaluation], of: Evaluation, row: Row) -> list[Evaluation]:
+    """The evaluations of `of`'s checkpoint, data and purifier that stored per-image outcomes for `row`, when `of` is
+    one of them and there is at least one other (one evaluation alone is its own worst case); else []."""
     r = of.result
     same = [
         e
@@ -347,19 +346,23 @@ def joint_worst_case(evaluations: list[Evaluation], of: Evaluation, row: Row, li
         and e.result.clean_images is not None
         and row in e.result.rows
     ]
-    if len(same) < 2 or not any(e is of for e in same):
+    return same if len(same) >= 2 and any(e is of for e in same) else []
+
+
+def joint_worst_case(evaluations: list[Evaluation], of: Evaluation, row: Row, linf_only: bool) -> JointWorstCase | None:
+    """Per image, correct only if `row` got it right clean and under every attack (controls aside; L∞ ones only with
+    `linf_only`) of every evaluation in `same_images`; None when there is nothing to join."""
+    same = same_images(evaluations, of, row)
+    if not same:
         return None
-    clean: list[torch.Tensor] = []
-    attacked: list[torch.Tensor] = []
-    for e in same:
-        clean.append(_stored(e, None, row))
-        for name, column in e.result.attacks.items():
-            if column.kind != "control" and row in column.rows and (column.norm == "linf" or not linf_only):
-                attacked.append(_stored(e, name, row))
-    m = min(len(mask) for mask in clean + attacked)
-    clean_correct = torch.stack([mask[:m] for mask in clean]).all(0)
-    survived = torch.stack([clean_correct, *(mask[:m] for mask in attacked)]).all(0)
-    return JointWorstCase(Accuracy.of(survived, clean_correct), sorted(e.name for e in same))
+    clean = [_stored(e, None, row) for e in same]
+    attacked = [
+        _stored(e, name, row)
+        for e in same
+        for name, column in e.result.attacks.items()
+        if column.kind != "control" and row in column.rows and (column.norm == "linf" or not linf_only)
+    ]
+    return JointWorstCase(worst_case(clean, attacked), sorted(e.name for e in same))
 
 
 def _stored(e: Evaluation, attack: str | None, row: Row) -> torch.Tensor:
@@ -378,9 +381,7 @@ def joined_evaluations(pinned: list[Evaluation], evaluations: list[Evaluation]) 
     """The pinned evaluations and every evaluation a joint worst case of theirs draws on, for the commands list."""
     names = {e.name for e in pinned}
     for e in pinned:
-        for linf_only in (True, False):
-            joint = joint_worst_case(evaluations, e, user_row(e.result), linf_only)
-            names.update(joint.evaluations if joint is not None else ())
+        names.update(joined.name for joined in same_images(evaluations, e, user_row(e.result)))
     return [e for e in evaluations if e.name in names]
 
 

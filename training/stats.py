@@ -40,3 +40,12 @@ class Accuracy(BaseModel):
     def text(self) -> str:
         lo, hi = self.ci95
         return f"{100 * self.accuracy:.2f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def worst_case(clean: list[torch.Tensor], attacked: list[torch.Tensor]) -> Accuracy:
+    """Per example, correct only if right in every `clean` outcome and under every attack, over the first m examples
+    all of them saw (an attack may have run on fewer); success rates against the clean-correct ones."""
+    m = min(len(mask) for mask in clean + attacked)
+    clean_correct = torch.stack([mask[:m] for mask in clean]).all(0)
+    survived = torch.stack([clean_correct, *(mask[:m] for mask in attacked)]).all(0)
+    return Accuracy.of(survived, clean_correct)
