@@ -574,13 +574,48 @@ POOL_VARIANTS: dict[str, dict] = {
     "one-worker": {"compute_workers": 1, "torch_threads": "cores-1"},
     "pool-nice10": {"compute_nice": 10},
 }
+# Stripped-down servings (benchmarks/bare_front_end.py), which split the service's distance from the ceiling into
+# what the pool costs and what the HTTP front end costs: the bare front end is a server like the variants above;
+# the pool alone is measured in a process of its own, without HTTP.
+BARE_FRONT_END, POOL_ALONE = "bare-front-end", "pool-alone"
+VARIANTS = (*POOL_VARIANTS, BARE_FRONT_END, POOL_ALONE)
+
+
+def _variant_server(variant: str, model_dir: Path, args) -> Server:
+    if variant == BARE_FRONT_END:
+        return Server([str(ROOT / "benchmarks" / "bare_front_end.py"), "--model", str(model_dir)], "/readyz")
+    cores = len(os.sched_getaffinity(0))
+    options = {k: (max(1, cores - 1) if v == "cores-1" else v) for k, v in POOL_VARIANTS[variant].items()}
+    return service_server(
+        str(model_dir),
+        max_batch_size=args.max_batch_size,
+        max_delay_ms=args.max_delay_ms,
+        max_queue=args.max_queue,
+        request_timeout_s=120,  # CIFAR at concurrency 256 queues for ~10 s: measure throughput, not 504s
+        **options,
+    )
+
+
+def _pool_alone(model_dir: Path, concurrency: int, seconds: float) -> LevelResult:
+    """The service's batcher and compute processes fed in-process (benchmarks/bare_front_end.py --pool-alone)."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "bare_front_end.py"), "--model", str(model_dir)]
+    out = subprocess.run(
+        [*command, "--pool-alone", str(concurrency), "--seconds", str(seconds)],
+        check=True, capture_output=True, text=True, cwd=ROOT,
+    ).stdout  # fmt: skip
+    measured = json.loads(out.strip().splitlines()[-1])
+    done = round(measured["images_s"] * seconds)
+    extra = {"server_cpu_cores_used": measured["cores_used"], "cpu_us_per_image": measured["cpu_us_per_image"]}
+    return LevelResult(
+        POOL_ALONE, concurrency, seconds, done, done, {"200": done}, 0, measured["images_s"], measured["images_s"],
+        None, None, None, measured.get("mean_batch"), extra,
+    )  # fmt: skip
 
 
 async def ceiling_comparison(session, args, model_dir: Path) -> dict:
     """The service against the machine's compute ceiling, measured in the same run and interleaved: ceiling, then
     each server variant at each concurrency, repeated; the ceiling is measured again at the end, and each level is
     compared with the mean of the two ceilings around it (the machine is shared: its load drifts)."""
-    cores = len(os.sched_getaffinity(0))
     folder, suffix, content_type = _dataset_images(model_dir)
     payloads = _payloads(folder, suffix)
     batches = sorted({b for b in args.ceiling_batches if b <= args.max_batch_size} | {args.max_batch_size})
@@ -595,15 +630,13 @@ async def ceiling_comparison(session, args, model_dir: Path) -> dict:
     levels = []
     for repeat in range(args.repeats):
         for variant in args.pool_variants:
-            options = {k: (max(1, cores - 1) if v == "cores-1" else v) for k, v in POOL_VARIANTS[variant].items()}
-            server = service_server(
-                str(model_dir),
-                max_batch_size=args.max_batch_size,
-                max_delay_ms=args.max_delay_ms,
-                max_queue=args.max_queue,
-                request_timeout_s=120,  # CIFAR at concurrency 256 queues for ~10 s: measure throughput, not 504s
-                **options,
-            )
+            if variant == POOL_ALONE:
+                for c in args.ceiling_concurrency:
+                    level = _pool_alone(model_dir, c, durations[c])
+                    levels.append({"repeat": repeat, "ceiling_index": repeat, **asdict(level)})
+                    print(f"{model_dir.name} r{repeat}: {_row(level, args.max_batch_size)}", flush=True)
+                continue
+            server = _variant_server(variant, model_dir, args)
             try:
                 await server.wait_ready(session)
                 for c in args.ceiling_concurrency:
@@ -948,8 +981,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pool-variants",
         type=lambda s: [x.strip() for x in s.split(",")],
-        default=["pool", "one-worker"],
-        help=f"server variants in the ceiling comparison, of {sorted(POOL_VARIANTS)}",
+        default=["pool", BARE_FRONT_END, POOL_ALONE],
+        help=f"server variants in the ceiling comparison, of {sorted(VARIANTS)}",
     )
     parser.add_argument(
         "--generator",

@@ -104,3 +104,55 @@ def test_service_options_runs_one_level_per_option_set(tmp_path: Path) -> None:
                 assert level["status_counts"] == {"200": level["requests"]}
             else:
                 assert level["extra"]["unanswered"] == 0
+
+
+def test_the_bare_front_end_does_the_services_work_and_the_comparison_reports_it_and_the_pool_alone(
+    tmp_path: Path,
+) -> None:
+    """benchmarks/bare_front_end.py is a lower bound on the front end only if it does the service's work: its labels
+    are the predict step's on the same decoded images. The ceiling comparison measures it and the pool alone."""
+    import torch
+    from service_load import Server
+
+    from models import load_checkpoint
+    from service.decode import decode_image
+    from service.predict import PurifyRequest, predict
+
+    payloads = _payloads(ROOT / "tests" / "data" / "mnist")[:12]
+    model = load_checkpoint(MODEL)
+    images = torch.stack([decode_image(p, model.meta.input_shape) for p in payloads])
+    expected = predict(model, images, PurifyRequest()).probs.argmax(dim=1).tolist()
+
+    async def labels() -> list[int]:
+        server = Server([str(ROOT / "benchmarks" / "bare_front_end.py"), "--model", MODEL], "/readyz")
+        try:
+            async with aiohttp.ClientSession() as session:
+                await server.wait_ready(session)
+
+                async def one(body: bytes) -> int:
+                    async with session.post(server.url + "/classify", data=body) as r:
+                        assert r.status == 200
+                        return (await r.json())["label"]
+
+                return list(await asyncio.gather(*(one(p) for p in payloads)))
+        finally:
+            server.stop()
+
+    assert asyncio.run(labels()) == expected
+
+    out = tmp_path / "ceiling.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/service_load.py", "--parts", "ceiling", "--ceiling-models", MODEL,
+         "--repeats", "1", "--ceiling-seconds", "0.3", "--ceiling-batches", "8", "--duration", "1", "--warmup", "0.3",
+         "--ceiling-concurrency", "8", "--pool-variants", "bare-front-end,pool-alone", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    levels = {lv["name"]: lv for lv in json.loads(out.read_text())["ceiling_comparison"][0]["levels"]}
+    assert set(levels) == {"bare-front-end", "pool-alone"}
+    for level in levels.values():
+        assert level["throughput_images_s"] > 0
+        assert level["status_counts"] == {"200": level["requests"]}
+        assert level["mean_batch_size"] >= 1
+        assert level["fraction_of_ceiling"] == round(level["throughput_images_s"] / level["ceiling_images_s"], 3)
+    assert levels["pool-alone"]["extra"]["server_cpu_cores_used"] > 0
