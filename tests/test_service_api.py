@@ -442,6 +442,33 @@ async def test_health_readiness_docs_and_request_id(model_dir):
     assert_error(missing, 404, "not_found")
 
 
+async def test_an_unhandled_error_is_a_json_500_naming_the_request_on_the_hot_path_and_other_routes(
+    model_dir, monkeypatch, caplog
+):
+    """POST /classify is handed straight to its endpoint, every other route goes through FastAPI's own layers; a bug
+    in either is answered the same way (JSON 500, request id, no traceback), logged with its traceback, and the
+    service keeps serving."""
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    async with serve_app(settings_for(model_dir)) as (app, client):
+        with monkeypatch.context() as patch:
+            patch.setattr(app.state.runtime.models["mnist-fcn-dr"], "purify_request", bug)
+            patch.setattr("service.app._model_info", bug)
+            hot = await client.post("/classify", content=mnist_png(1), headers={**PNG, "X-Request-ID": "bug-1"})
+            other = await client.get("/v1/models/mnist-fcn-dr", headers={"X-Request-ID": "bug-2"})
+        after = await client.post("/classify", content=mnist_png(1), headers=PNG)
+    for response, request_id in ((hot, "bug-1"), (other, "bug-2")):
+        body = assert_error(response, 500, "internal_error")
+        assert request_id in body["detail"]
+        assert response.headers["x-request-id"] == request_id
+        assert "a bug" not in response.text
+    logged = [r for r in caplog.records if r.name == "service.app" and r.exc_info]
+    assert {("bug-1" in r.getMessage(), "bug-2" in r.getMessage()) for r in logged} == {(True, False), (False, True)}
+    assert after.status_code == 200
+
+
 async def test_an_empty_model_field_names_no_model_and_a_second_model_name_is_refused(model_dir):
     """Forms send an unchosen input as an empty string: an empty `model` field leaves the query's model in charge;
     a body naming another model than the query is refused (load shedding judged the query's)."""
