@@ -60,10 +60,13 @@ def _pool(model_dir: Path, on_batch: Any = None) -> tuple[Batcher, tuple[int, ..
     return batcher, shape, request
 
 
-def _warm(shape: tuple[int, ...], request: PurifyRequest):
+def _warm(shape: tuple[int, ...], request: PurifyRequest, warmed: set[int]):
+    """The batcher's warm-up for each worker (start, one batch of zeros); `warmed` collects the ready ones."""
+
     def warm(worker: Any) -> None:
         worker.start()
         worker.compute(torch.zeros((2, *shape)), request)
+        warmed.add(worker.index)
 
     return warm
 
@@ -73,6 +76,7 @@ def bare_app(model_dir: Path):
     state: dict[str, Any] = {}
     limits = DecodeLimits()
     batches = {"sum": 0, "count": 0}  # served on /metrics as the service's batch-size histogram's sum and count
+    warmed: set[int] = set()
 
     def count(stats: Any) -> None:
         batches["sum"] += stats.size
@@ -84,7 +88,7 @@ def bare_app(model_dir: Path):
                 message = await receive()
                 if message["type"] == "lifespan.startup":
                     batcher, shape, request = _pool(model_dir, count)
-                    batcher.start(_warm(shape, request))
+                    batcher.start(_warm(shape, request, warmed))
                     state.update(batcher=batcher, shape=shape, request=request)
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
@@ -95,8 +99,7 @@ def bare_app(model_dir: Path):
                     return
         batcher: Batcher = state["batcher"]
         if scope["path"] == "/readyz":
-            ready = bool(batcher._free or batcher._inflight)  # warmed up: workers joined the pool
-            await _answer(send, 200 if ready else 503, b"{}")
+            await _answer(send, 200 if len(warmed) == len(batcher.workers) else 503, b"{}")
             return
         if scope["path"] == "/metrics":
             text = f"soap_batch_size_images_sum {batches['sum']}\nsoap_batch_size_images_count {batches['count']}\n"
@@ -132,9 +135,10 @@ async def pool_alone(model_dir: Path, images: list[torch.Tensor], concurrency: i
             batches["sum"] += stats.size
             batches["count"] += 1
 
+    warmed: set[int] = set()
     batcher, shape, request = _pool(model_dir, count)
-    batcher.start(_warm(shape, request))
-    while not batcher._free:  # warming up
+    batcher.start(_warm(shape, request, warmed))
+    while len(warmed) < len(batcher.workers):
         await asyncio.sleep(0.05)
     stop_at = time.monotonic() + 2.0 + seconds
 
