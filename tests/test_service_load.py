@@ -60,16 +60,21 @@ def test_the_raw_client_reads_successes_and_errors_on_one_connection() -> None:
         assert level["extra"]["generator_cpu_cores_used"] >= 0
 
 
-def test_the_ceiling_comparison_reports_the_ceiling_at_the_served_batch(tmp_path: Path) -> None:
+def _short_ceiling_comparison(tmp_path: Path, variants: str) -> dict:
+    """benchmarks/service_load.py --parts ceiling on MNIST with `variants`, at the smallest settings; its report."""
     out = tmp_path / "ceiling.json"
     proc = subprocess.run(
         [sys.executable, "benchmarks/service_load.py", "--parts", "ceiling", "--ceiling-models", MODEL,
          "--repeats", "1", "--ceiling-seconds", "0.3", "--ceiling-batches", "8", "--duration", "1", "--warmup", "0.3",
-         "--ceiling-concurrency", "8", "--pool-variants", "pool", "--json", str(out)],
+         "--ceiling-concurrency", "8", "--pool-variants", variants, "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_the_ceiling_comparison_reports_the_ceiling_at_the_served_batch(tmp_path: Path) -> None:
+    report = _short_ceiling_comparison(tmp_path, "pool")
     assert report["settings"]["generator"] == "raw"
     [comparison] = report["ceiling_comparison"]
     [level] = comparison["levels"]
@@ -140,15 +145,8 @@ def test_the_bare_front_end_does_the_services_work_and_the_comparison_reports_it
 
     assert asyncio.run(labels()) == expected
 
-    out = tmp_path / "ceiling.json"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/service_load.py", "--parts", "ceiling", "--ceiling-models", MODEL,
-         "--repeats", "1", "--ceiling-seconds", "0.3", "--ceiling-batches", "8", "--duration", "1", "--warmup", "0.3",
-         "--ceiling-concurrency", "8", "--pool-variants", "bare-front-end,pool-alone", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    levels = {lv["name"]: lv for lv in json.loads(out.read_text())["ceiling_comparison"][0]["levels"]}
+    report = _short_ceiling_comparison(tmp_path, "bare-front-end,pool-alone")
+    levels = {lv["name"]: lv for lv in report["ceiling_comparison"][0]["levels"]}
     assert set(levels) == {"bare-front-end", "pool-alone"}
     for level in levels.values():
         assert level["throughput_images_s"] > 0
