@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import orjson  # noqa: E402
 import torch  # noqa: E402
+from service_load import _tree_ticks  # noqa: E402
 
 from models import load_checkpoint  # noqa: E402
 from service.batcher import Batcher  # noqa: E402
@@ -169,22 +170,8 @@ async def pool_alone(model_dir: Path, images: list[torch.Tensor], concurrency: i
 
 
 def _cpu_seconds() -> float:
-    """CPU of this process and its live children (the compute processes), from /proc."""
-    hz = os.sysconf("SC_CLK_TCK")
-    pids = [os.getpid()]
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():  # children are listed under the thread that made them
-        try:
-            pids += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / hz
+    """CPU of this process and its compute processes (service_load's /proc accounting)."""
+    return _tree_ticks(os.getpid()) / os.sysconf("SC_CLK_TCK")
 
 
 def _decoded(folder: Path, shape: tuple[int, ...]) -> list[torch.Tensor]:
