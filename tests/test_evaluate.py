@@ -14,8 +14,7 @@ from models import create_model, load_checkpoint, purify, save_checkpoint
 from models.checkpoint import meta_for
 from training import provenance
 from training.__main__ import main
-from training.data import load_test_data
-from training.evaluate import evaluation_order
+from training.data import evaluation_order, load_test_data
 from training.records import load_evaluation, pack_images
 from training.rows import ROWS
 

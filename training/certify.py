@@ -17,28 +17,15 @@ import torch
 from tqdm import tqdm
 
 from models import load_checkpoint, resolve_device
-from models.smoothing import BASE_CLASSIFIERS, SmoothingConfig, base_classifier, certify
+from models.smoothing import SmoothingConfig, base_classifier, certify
 
 from . import provenance
-from .data import load_test_data
-from .evaluate import EvalConfig, evaluation_order
+from .data import evaluation_order, load_test_data
+from .eval_config import EvalConfig
 from .records import CERTIFY_FILE, CertifiedBase, CertifyResult
 from .stats import Accuracy
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
-
-
-@dataclass
-class CertifyOptions:
-    """The smoothing settings of `evaluate --attacks certify` (σ None: the checkpoint's training noise)."""
-
-    sigma: float | None = None
-    n0: int = 100
-    n: int = 10_000
-    alpha: float = 0.001
-    noise_batch: int = 1_000
-    bases: tuple[str, ...] = BASE_CLASSIFIERS
-    clamp: bool = True
 
 
 @dataclass
@@ -101,9 +88,7 @@ def _load_done(path: Path, header: CertifyLogHeader) -> list[ImageResult]:
     return done
 
 
-def certify_base(
-    kind: str, config: EvalConfig, options: CertifyOptions, smoothing: SmoothingConfig, out: Path
-) -> CertifiedBase:
+def certify_base(kind: str, config: EvalConfig, smoothing: SmoothingConfig, out: Path) -> CertifiedBase:
     """Certify the first n test images with one base classifier; resumable through `certify-<kind>.jsonl`.
 
     The log keeps every image certified so far; a rerun with a larger --n continues it, a smaller one reads its head.
@@ -143,10 +128,12 @@ def certify_base(
     )
 
 
-def evaluate_certify(config: EvalConfig, options: CertifyOptions) -> CertifyResult:
-    """Certify with every requested base classifier; write certify.json, certify.md and the figure."""
+def evaluate_certify(config: EvalConfig) -> CertifyResult:
+    """Certify with every requested base classifier (`config.certify`); write certify.json, certify.md and the
+    figure."""
     from . import figures  # noqa: PLC0415  (matplotlib only when evaluating)
 
+    options = config.certify
     meta = load_checkpoint(config.model, "cpu").meta
     sigma = options.sigma if options.sigma is not None else meta.training_noise_std
     if sigma is None:
@@ -170,9 +157,9 @@ def evaluate_certify(config: EvalConfig, options: CertifyOptions) -> CertifyResu
         device=str(resolve_device(config.device)),
         threads=torch.get_num_threads(),
         git_commit=provenance.git_commit(),
-        command=certify_command(config, options),
+        command=config.command(),
         radii=list(RADII),
-        bases={kind: certify_base(kind, config, options, smoothing, config.out) for kind in options.bases},
+        bases={kind: certify_base(kind, config, smoothing, config.out) for kind in options.bases},
     )
     (config.out / CERTIFY_FILE).write_text(result.to_json())
     (config.out / "certify.md").write_text(markdown(result))
@@ -200,22 +187,3 @@ def markdown(result: CertifyResult) -> str:
         lines.append(f"| {kind} | {b.n} | " + " | ".join(cells) + f" | {b.abstained} | {b.seconds_per_image:.2f} |")
     lines += ["", "Cells: certified accuracy % [Wilson 95 % interval]. The radius is L2 on the [0, 1] pixel scale.", ""]
     return "\n".join(lines)
-
-
-def certify_command(config: EvalConfig, options: CertifyOptions) -> str:
-    parts = ["python -m training evaluate", f"--model {config.model}"]
-    if config.data_root is not None:
-        parts.append(f"--data-root {config.data_root}")
-    parts += [f"--n {config.n}", "--attacks certify", f"--seed {config.seed}", f"--out {config.out}"]
-    if options.sigma is not None:
-        parts.append(f"--sigma {options.sigma}")
-    parts += [
-        f"--n0 {options.n0}",
-        f"--certify-n {options.n}",
-        f"--alpha {options.alpha}",
-        f"--noise-batch {options.noise_batch}",
-        f"--bases {','.join(options.bases)}",
-    ]
-    if not options.clamp:
-        parts.append("--no-clamp")
-    return " ".join(parts)

@@ -257,6 +257,16 @@ def load_test_data(
     raise DatasetError(f"{root} has no test/ ImageFolder. {_how_to_get(dataset)}.")
 
 
+def evaluation_order(data: ImageData, source: str) -> tuple[torch.Tensor, str]:
+    """The order in which test images are taken: canonical for torchvision sets (the first n, as Croce et al.),
+    a fixed random permutation (seed 0) for ImageFolder trees, whose files are sorted by class."""
+    if source.startswith("ImageFolder"):
+        return torch.randperm(
+            len(data), generator=torch.Generator().manual_seed(0)
+        ), "images drawn by a fixed permutation (seed 0) of the folder"
+    return torch.arange(len(data)), "the first n images in canonical order"
+
+
 def interleaved_order(labels: torch.Tensor) -> torch.Tensor:
     """Indices ordering examples by (position within their class, class): 1st of each class, then 2nd, ...
 

@@ -14,8 +14,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -25,12 +24,15 @@ from models import Recipe, create_model, load_checkpoint, oracle_select, purify
 from models.attacks.seeding import ImageGenerators, derive_seed
 from models.checkpoint import LoadedModel
 
-from . import distributed, provenance
+from . import cli, distributed, provenance, sanity
 from .attacks import paper_settings
-from .attacks.registry import ATTACKS, DEFAULT_ATTACKS, AttackContext, AttackSpec, get_attack
+from .attacks.registry import AttackContext, AttackSpec, get_attack
 from .attacks.settings import AttackSettings
-from .data import ImageData, load_test_data
+from .certify import evaluate_certify
+from .data import evaluation_order, load_test_data
 from .distributed import Process
+from .eval_config import EvalConfig
+from .model_info import write as write_model_info
 from .partial import BatchRecord, PartialResults, fingerprint
 from .records import (
     AttackColumn,
@@ -48,25 +50,6 @@ from .rows import ROWS, Row
 from .stats import Accuracy, worst_case
 
 BASELINE_RECIPES = (Recipe.VANILLA, Recipe.FGSM_AT, Recipe.PGD_AT)
-
-
-@dataclass
-class EvalConfig:
-    model: Path
-    data_root: Path | None = None
-    n: int = 1000
-    attacks: tuple[str, ...] = DEFAULT_ATTACKS
-    seed: int = 0
-    device: str = "auto"
-    out: Path = Path("results")
-    batch_size: int = 250
-    beta: float = 0.5
-    settings: dict = field(default_factory=dict)  # overrides of AttackSettings fields
-    figures: bool = True
-    sanity_n: int = 100
-    beta_n: int = 500
-    adaptive_n: int | None = None  # adaptive attacks on the first adaptive_n images only (CPU budget)
-    resume: bool = True  # reuse the per-batch partial results under out/.partial (same configuration only)
 
 
 @dataclass
@@ -95,16 +78,6 @@ class Batchwise:
 
 
 # ----------------------------------------------------------------------------- data and model
-
-
-def evaluation_order(data: ImageData, source: str) -> tuple[torch.Tensor, str]:
-    """The order in which test images are taken: canonical for torchvision sets (the first n, as Croce et al.),
-    a fixed random permutation (seed 0) for ImageFolder trees, whose files are sorted by class."""
-    if source.startswith("ImageFolder"):
-        return torch.randperm(
-            len(data), generator=torch.Generator().manual_seed(0)
-        ), "images drawn by a fixed permutation (seed 0) of the folder"
-    return torch.arange(len(data)), "the first n images in canonical order"
 
 
 def is_soap(loaded: LoadedModel) -> bool:
@@ -220,6 +193,8 @@ def run_attack(
 def evaluate(config: EvalConfig) -> EvaluationResult | None:
     """Run the evaluation; under torchrun the attacks' batches are shared out over the ranks and rank 0 writes
     (and returns) the result, which equals a single process's. Other ranks return None."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
     process = distributed.start(config.device)
     try:
         return _evaluate(config, process)
@@ -228,7 +203,7 @@ def evaluate(config: EvalConfig) -> EvaluationResult | None:
 
 
 def _evaluate(config: EvalConfig, process: Process) -> EvaluationResult | None:
-    from . import figures, sanity  # here, not at the top: matplotlib loads only when evaluating
+    from . import figures  # noqa: PLC0415  (here, not at the top: matplotlib loads only when evaluating)
 
     torch.manual_seed(config.seed)
     device = process.device
@@ -236,7 +211,7 @@ def _evaluate(config: EvalConfig, process: Process) -> EvaluationResult | None:
     model, meta = loaded.network, loaded.meta
     soap = is_soap(loaded)
     rows: tuple[Row, ...] = ROWS if soap else ("none",)
-    settings: AttackSettings = paper_settings(meta.dataset).with_overrides(**config.settings)
+    settings: AttackSettings = paper_settings(meta.dataset).with_overrides(**config.settings.given())
     attacks = [a for a in config.attacks if soap or get_attack(a).kind != "adaptive"]
     for a in config.attacks:
         get_attack(a)
@@ -336,7 +311,7 @@ def _evaluate(config: EvalConfig, process: Process) -> EvaluationResult | None:
         device=str(device),
         rows=list(rows),
         settings=SettingsRecord.model_validate(asdict(settings)),
-        command=command_line(config),
+        command=config.command(),
         git_commit=provenance.git_commit(),
         host=f"{platform.machine()} {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
         + (f" × {process.world_size} processes" if process.distributed else ""),
@@ -360,8 +335,6 @@ def _evaluate(config: EvalConfig, process: Process) -> EvaluationResult | None:
     config.out.mkdir(parents=True, exist_ok=True)
     if config.figures:
         result.figures = figures.make_all(result, loaded, x[:16], y[:16], kept, config.out)
-    from .model_info import write as write_model_info  # noqa: PLC0415  (model_info imports results_page)
-
     write_all(result, config.out)
     write_model_info(result, config.out)
     return result
@@ -414,123 +387,16 @@ def _worst_cases(columns: dict[str, Batchwise], clean: dict[Row, torch.Tensor]) 
     return out
 
 
-def command_line(config: EvalConfig) -> str:
-    """The command that reproduces this evaluation."""
-    parts = ["python -m training evaluate", f"--model {config.model}"]
-    if config.data_root is not None:
-        parts.append(f"--data-root {config.data_root}")
-    parts += [
-        f"--n {config.n}",
-        f"--attacks {','.join(config.attacks)}",
-        f"--seed {config.seed}",
-        f"--out {config.out}",
-        f"--batch-size {config.batch_size}",
-        f"--beta {config.beta}",
-        f"--sanity-n {config.sanity_n}",
-        f"--beta-n {config.beta_n}",
-    ]
-    if config.adaptive_n:
-        parts.append(f"--adaptive-n {config.adaptive_n}")
-    flags = {name: flag for flag, (name, _) in _OVERRIDES.items()}
-    parts += [f"--{flags[k].replace('_', '-')} {v}" for k, v in config.settings.items() if v is not None]
-    return " ".join(parts)
-
-
 # ----------------------------------------------------------------------------- CLI
-
-_OVERRIDES = {  # CLI flag -> AttackSettings field
-    "eps": ("linf_eps", float),
-    "l2_eps": ("l2_eps", float),
-    "pgd_step": ("pgd_step", float),
-    "pgd_steps": ("pgd_steps", int),
-    "cw_steps": ("cw_steps", int),
-    "cw_binary_steps": ("cw_binary_steps", int),
-    "df_steps": ("df_steps", int),
-    "adaptive_steps": ("adaptive_steps", int),
-    "apgd_steps": ("apgd_steps", int),
-    "apgd_restarts": ("apgd_restarts", int),
-    "square_queries": ("square_queries", int),
-    "eot_samples": ("eot_samples", int),
-}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, required=True, help="checkpoint folder (model.safetensors + model.json)")
-    parser.add_argument(
-        "--data-root",
-        type=Path,
-        default=None,
-        help="dataset root: torchvision layout (MNIST/raw/...) or an ImageFolder tree (ROOT/test/<class>/)",
-    )
-    parser.add_argument(
-        "--n",
-        "--images",
-        dest="n",
-        type=int,
-        default=1000,
-        help="number of test images (the first n; default 1000). Under torchrun write --images: torchrun's own "
-        "parser rejects --n as an ambiguous abbreviation of its options",
-    )
-    parser.add_argument(
-        "--attacks", default=",".join(DEFAULT_ATTACKS), help=f"comma-separated subset of: {', '.join(ATTACKS)}"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--out", type=Path, default=Path("results"), help="output folder")
-    parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--beta", type=float, default=0.5, help="β of the aux-aware PGD column (paper scale)")
-    parser.add_argument("--sanity-n", type=int, default=100, help="images for the budget sweep and ε = 0 checks")
-    parser.add_argument("--beta-n", type=int, default=500, help="images for the β sweep (Fig. 5)")
-    parser.add_argument(
-        "--adaptive-n",
-        type=int,
-        default=None,
-        help="run adaptive attacks on the first N of the n images only (they cost ~T·K gradients per step)",
-    )
-    parser.add_argument("--no-figures", action="store_true")
-    parser.add_argument(
-        "--no-resume", action="store_true", help="recompute every batch (default: reuse OUT/.partial of this config)"
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    smooth = parser.add_argument_group("--attacks certify: randomized smoothing (Cohen et al. 2019)")
-    smooth.add_argument("--sigma", type=float, default=None, help="noise σ (default: the checkpoint's training noise)")
-    smooth.add_argument("--n0", type=int, default=100, help="noise samples to select the class")
-    smooth.add_argument("--certify-n", type=int, default=10_000, help="noise samples to estimate p_A")
-    smooth.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate")
-    smooth.add_argument("--noise-batch", type=int, default=1_000, help="noisy copies per forward pass (memory)")
-    smooth.add_argument("--bases", default="noisy,denoised", help="base classifiers: noisy, denoised")
-    smooth.add_argument("--no-clamp", action="store_true", help="do not clamp noisy inputs to [0, 1]")
-    group = parser.add_argument_group("attack settings (defaults: the paper's for the checkpoint's dataset)")
-    for flag, (name, kind) in _OVERRIDES.items():
-        group.add_argument("--" + flag.replace("_", "-"), type=kind, default=None, help=f"override {name}")
-
-
-def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
-    return EvalConfig(
-        model=args.model,
-        data_root=args.data_root,
-        n=args.n,
-        attacks=attacks,
-        seed=args.seed,
-        device=args.device,
-        out=args.out,
-        batch_size=args.batch_size,
-        beta=args.beta,
-        figures=not args.no_figures,
-        sanity_n=args.sanity_n,
-        beta_n=args.beta_n,
-        adaptive_n=args.adaptive_n,
-        resume=not args.no_resume,
-        settings={name: getattr(args, flag) for flag, (name, _) in _OVERRIDES.items()},
-    )
+    cli.add_arguments(parser, EvalConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    config: EvalConfig = cli.from_args(EvalConfig, args)
     try:
-        config = config_from_args(args)
         for name in config.attacks:
             if name != "certify":
                 get_attack(name)
@@ -540,7 +406,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if "certify" in config.attacks:
-        return _run_certify(config, args)
+        return _run_certify(config)
     result = evaluate(config)
     if result is None:  # a torchrun rank other than 0: rank 0 writes the result
         return 0
@@ -553,19 +419,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_certify(config: EvalConfig, args: argparse.Namespace) -> int:
-    from .certify import CertifyOptions, evaluate_certify  # noqa: PLC0415
-
-    options = CertifyOptions(
-        sigma=args.sigma,
-        n0=args.n0,
-        n=args.certify_n,
-        alpha=args.alpha,
-        noise_batch=args.noise_batch,
-        bases=tuple(b.strip() for b in args.bases.split(",") if b.strip()),
-        clamp=not args.no_clamp,
-    )
-    result = evaluate_certify(config, options)
+def _run_certify(config: EvalConfig) -> int:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    result = evaluate_certify(config)
     print(f"wrote {config.out}/certify.md, certify.json")
     for kind, base in result.bases.items():
         cells = ", ".join(f"r={r}: {100 * base.certified_accuracy[str(r)].accuracy:.1f}" for r in result.radii)

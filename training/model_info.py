@@ -19,8 +19,8 @@ from pathlib import Path
 
 from models import Recipe
 
+from .paper import PAPER, paper_key
 from .records import EvaluationResult, load_evaluation
-from .results_page import PAPER, paper_key
 from .rows import Row
 
 MODEL_INFO = "model_info.json"

@@ -14,14 +14,20 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from models import Recipe
 
 from .attacks.registry import ATTACKS
+from .eval_config import AttackOverrides, EvalConfig
+from .evaluate import evaluate
+from .paper import PAPER, PAPER_COLUMNS, paper_key
+from .published_certify import SOURCE
 from .records import (
     CERTIFY_FILE,
     RESULTS_FILE,
@@ -37,42 +43,6 @@ from .rows import ROW_TITLES, Row
 from .sanity import run_checks
 from .stats import Accuracy, worst_case
 
-PAPER_COLUMNS = ("fgsm", "pgd", "cw", "df")
-
-# Paper Tables 1-2 (soap-reference §5): No attack, FGSM, PGD, CW, DeepFool.
-PAPER: dict[tuple[str, str, str], tuple[float, ...]] = {
-    ("mnist-fcn", "vanilla", "none"): (98.10, 16.87, 0.49, 0.01, 1.40),
-    ("mnist-fcn", "fgsm-at", "none"): (79.76, 80.57, 2.95, 6.22, 17.24),
-    ("mnist-fcn", "pgd-at", "none"): (76.82, 60.70, 57.07, 31.68, 13.82),
-    ("mnist-fcn", "soap", "none"): (97.57, 29.15, 0.58, 0.25, 2.32),
-    ("mnist-fcn", "soap", "min-aux"): (97.56, 66.85, 61.88, 86.81, 87.02),
-    ("mnist-fcn", "soap", "oracle"): (98.93, 69.21, 64.76, 97.88, 97.97),
-    ("mnist-cnn", "vanilla", "none"): (99.15, 1.49, 0.00, 0.00, 0.69),
-    ("mnist-cnn", "fgsm-at", "none"): (98.78, 99.50, 33.70, 0.02, 6.16),
-    ("mnist-cnn", "pgd-at", "none"): (98.97, 96.38, 93.22, 90.31, 75.55),
-    ("mnist-cnn", "soap", "none"): (99.04, 65.35, 27.54, 0.35, 0.69),
-    ("mnist-cnn", "soap", "min-aux"): (98.94, 87.78, 84.92, 74.61, 81.27),
-    ("mnist-cnn", "soap", "oracle"): (99.42, 89.40, 86.62, 98.44, 98.47),
-    ("cifar10-resnet18", "vanilla", "none"): (90.54, 15.42, 0.00, 0.00, 6.26),
-    ("cifar10-resnet18", "fgsm-at", "none"): (72.73, 44.16, 37.40, 2.69, 24.58),
-    ("cifar10-resnet18", "pgd-at", "none"): (74.23, 47.43, 42.11, 3.14, 25.84),
-    ("cifar10-resnet18-rp", "soap", "none"): (73.64, 5.77, 0.47, 0.00, 13.65),
-    ("cifar10-resnet18-rp", "soap", "min-aux"): (71.97, 35.80, 38.53, 68.22, 68.44),
-    ("cifar10-resnet18-rp", "soap", "oracle"): (87.57, 37.60, 39.40, 79.80, 84.34),
-    ("cifar10-resnet18-lc", "soap", "none"): (86.36, 22.81, 0.15, 0.00, 8.52),
-    ("cifar10-resnet18-lc", "soap", "min-aux"): (84.07, 51.02, 51.42, 73.95, 74.79),
-    ("cifar10-resnet18-lc", "soap", "oracle"): (94.06, 59.45, 62.29, 86.94, 88.88),
-}
-
-
-def paper_key(network: str, recipe: str) -> str:
-    """Table key of a network: MNIST rows are per architecture; CIFAR SOAP rows per auxiliary task."""
-    if network.startswith("mnist"):
-        return network.rsplit("-", 1)[0]  # mnist-fcn-dr -> mnist-fcn
-    if recipe != "soap":
-        return network.rsplit("-", 1)[0]  # cifar10-resnet18-lc -> cifar10-resnet18
-    return network
-
 
 @dataclass(frozen=True)
 class Run:
@@ -83,8 +53,22 @@ class Run:
     n: int
     attacks: str
     adaptive_n: int | None = None
-    extra: tuple[str, ...] = field(default_factory=tuple)
+    options: Mapping[str, Any] = field(default_factory=dict)  # other EvalConfig fields (batch_size, settings, ...)
     out: str | None = None  # output folder name under docs/results (default: the model's name)
+
+    def config(self, data_root: Path, seed: int, results: Path, threads: int) -> EvalConfig:
+        """The evaluation of this entry with the data, seed and threads of this machine's run."""
+        return EvalConfig(
+            model=Path(self.model),
+            data_root=data_root,
+            n=self.n,
+            attacks=tuple(self.attacks.split(",")),
+            seed=seed,
+            out=results / (self.out or Path(self.model).name),
+            adaptive_n=self.adaptive_n,
+            threads=threads,
+            **self.options,
+        )
 
 
 BLIND = "noise,fgsm,pgd,cw,df,aux-pgd,blackbox,apgd-ce"
@@ -94,30 +78,31 @@ BLIND = "noise,fgsm,pgd,cw,df,aux-pgd,blackbox,apgd-ce"
 SUITE = "noise,fgsm,pgd,cw,df,aux-pgd,apgd-ce,apgd-bpda,apgd-dlr-bpda,apgd-full,apgd-dlr-full,apgd-evade"
 PINNED_BASELINE = "noise,fgsm,pgd,cw,df,apgd-ce,apgd-dlr"  # SUITE on a network without a purifier
 PINNED_SUFFIX = "-pinned"  # evaluation folders of the full-strength suite, compared in one table
-SUITE_EXTRA = (
-    "--apgd-steps",
-    "100",
-    "--apgd-restarts",
-    "2",
-    "--batch-size",
-    "10",
-    "--sanity-n",
-    "10",
-    "--beta-n",
-    "10",
-)
+SUITE_OPTIONS = {
+    "settings": AttackOverrides(apgd_steps=100, apgd_restarts=2),
+    "batch_size": 10,
+    "sanity_n": 10,
+    "beta_n": 10,
+}
 ADAPTIVE = "bpda,bpda-traj,full-grad,apgd-bpda,apgd-dlr-bpda,apgd-full"
 PLAN = (
     Run("models/zoo/mnist-fcn-dr", "mnist", 1000, f"{BLIND},{ADAPTIVE}"),
-    Run("models/zoo/mnist-cnn-dr", "mnist", 1000, f"{BLIND},{ADAPTIVE}", adaptive_n=100, extra=("--apgd-steps", "30")),
-    Run("models/zoo/mnist-cnn-dr", "mnist", 200, SUITE, extra=SUITE_EXTRA, out="mnist-cnn-dr-pinned"),
+    Run(
+        "models/zoo/mnist-cnn-dr",
+        "mnist",
+        1000,
+        f"{BLIND},{ADAPTIVE}",
+        adaptive_n=100,
+        options={"settings": AttackOverrides(apgd_steps=30)},
+    ),
+    Run("models/zoo/mnist-cnn-dr", "mnist", 200, SUITE, options=SUITE_OPTIONS, out="mnist-cnn-dr-pinned"),
     # the detector table on the shipped default model (its blind and adaptive attacks, and the detector-aware APGD)
     Run(
         "models/zoo/mnist-fcn-dr",
         "mnist",
         200,
         "noise,fgsm,pgd,cw,df,aux-pgd,apgd-ce,bpda,bpda-traj,full-grad,apgd-bpda,apgd-dlr-bpda,apgd-full,apgd-evade",
-        extra=("--batch-size", "50", "--sanity-n", "20", "--beta-n", "50"),
+        options={"batch_size": 50, "sanity_n": 20, "beta_n": 50},
         out="mnist-fcn-dr-detector",
     ),
     # the attack libraries (AutoAttack standard through trajectory BPDA; Square, gradient-free) on the default model
@@ -126,7 +111,7 @@ PLAN = (
         "mnist",
         1000,
         "autoattack,square",
-        extra=("--batch-size", "50", "--sanity-n", "20", "--beta-n", "50"),
+        options={"batch_size": 50, "sanity_n": 20, "beta_n": 50},
         out="mnist-fcn-dr-library",
     ),
     # the PGD-AT CNN (preset mnist-cnn-pgd-at) beside the pinned SOAP CNN: the same images, blind attacks and APGD
@@ -136,7 +121,7 @@ PLAN = (
         "mnist",
         200,
         PINNED_BASELINE,
-        extra=SUITE_EXTRA,
+        options=SUITE_OPTIONS,
         out="mnist-cnn-dr-pgd-at-pinned",
     ),
     # the same libraries on the bare PGD-AT CNN, on the pinned suite's 200 images (minutes: no purifier)
@@ -145,7 +130,7 @@ PLAN = (
         "mnist",
         200,
         "autoattack-bare,square-bare",
-        extra=("--batch-size", "10", "--sanity-n", "10"),
+        options={"batch_size": 10, "sanity_n": 10},
         out="mnist-cnn-dr-pgd-at-library",
     ),
     Run(
@@ -153,7 +138,7 @@ PLAN = (
         "mnist",
         100,
         "autoattack,square",
-        extra=("--batch-size", "10", "--sanity-n", "10"),
+        options={"batch_size": 10, "sanity_n": 10},
         out="mnist-cnn-dr-library",
     ),
     Run(
@@ -162,20 +147,11 @@ PLAN = (
         500,
         "noise,fgsm,pgd,cw,df,aux-pgd,bpda,apgd-bpda",
         adaptive_n=100,
-        extra=(
-            "--cw-steps",
-            "30",
-            "--cw-binary-steps",
-            "4",
-            "--apgd-steps",
-            "30",
-            "--adaptive-steps",
-            "10",
-            "--sanity-n",
-            "20",
-            "--beta-n",
-            "50",
-        ),
+        options={
+            "settings": AttackOverrides(cw_steps=30, cw_binary_steps=4, apgd_steps=30, adaptive_steps=10),
+            "sanity_n": 20,
+            "beta_n": 50,
+        },
     ),
     # our CPU-trained CIFAR models (a few epochs): a smaller run
     *(
@@ -185,7 +161,7 @@ PLAN = (
             200,
             "noise,fgsm,pgd,df,bpda",
             adaptive_n=50,
-            extra=("--adaptive-steps", "10", "--sanity-n", "20"),
+            options={"settings": AttackOverrides(adaptive_steps=10), "sanity_n": 20},
         )
         for name in ("cifar10-resnet18-lc", "cifar10-resnet18-rp")
     ),
@@ -194,8 +170,7 @@ BASELINE_SUFFIXES = ("vanilla", "fgsm-at", "pgd-at")
 
 
 def run_plan(args: argparse.Namespace) -> None:
-    from .__main__ import main  # here: the command line imports this module
-
+    """Evaluate every PLAN entry (and the trained baselines of each SOAP network) whose checkpoint and data are here."""
     roots = {"mnist": args.mnist_root, "cifar10": args.cifar10_root}
     plan = list(PLAN)
     for run in PLAN:  # the trained baselines of each SOAP network's own evaluation, when they exist
@@ -204,35 +179,16 @@ def run_plan(args: argparse.Namespace) -> None:
         for suffix in BASELINE_SUFFIXES:
             path = Path(run.model.removesuffix("-official") + f"-{suffix}")
             if path.is_dir():
-                plan.append(Run(str(path), run.dataset, run.n, "fgsm,pgd,cw,df", extra=run.extra))
+                plan.append(Run(str(path), run.dataset, run.n, "fgsm,pgd,cw,df", options=run.options))
     if args.only:
         plan = [run for run in plan if (run.out or Path(run.model).name) in args.only]
     for run in plan:
         if not Path(run.model).is_dir() or roots.get(run.dataset) is None:
             print(f"skipping {run.model}: checkpoint or --{run.dataset}-root missing", file=sys.stderr)
             continue
-        argv = [
-            "evaluate",
-            "--model",
-            run.model,
-            "--data-root",
-            str(roots[run.dataset]),
-            "--n",
-            str(run.n),
-            "--attacks",
-            run.attacks,
-            "--seed",
-            str(args.seed),
-            "--out",
-            str(args.results / (run.out or Path(run.model).name)),
-            "--threads",
-            str(args.threads),
-            *run.extra,
-        ]
-        if run.adaptive_n:
-            argv += ["--adaptive-n", str(run.adaptive_n)]
-        print("python -m training " + " ".join(argv), file=sys.stderr)
-        main(argv)
+        config = run.config(roots[run.dataset], args.seed, args.results, args.threads)
+        print(config.command(), file=sys.stderr)
+        evaluate(config)
 
 
 # ----------------------------------------------------------------------------- the page
@@ -498,8 +454,6 @@ def figures_block(e: Evaluation, page_dir: Path) -> list[str]:
 
 def published_certify_block() -> list[str]:
     """The published MNIST baselines at σ = 0.5, recomputed from the authors' released CERTIFY logs."""
-    from .published_certify import SOURCE  # noqa: PLC0415
-
     path = SOURCE / "published-certify.json"
     if not path.exists():
         return []
