@@ -38,38 +38,16 @@ import torch  # noqa: E402
 from service_load import _tree_ticks  # noqa: E402
 
 from models import load_checkpoint  # noqa: E402
-from service.batcher import Batcher  # noqa: E402
-from service.compute_process import ComputeProcess  # noqa: E402
 from service.config import ServiceSettings  # noqa: E402
 from service.decode import DecodeLimits, decode_image  # noqa: E402
-from service.predict import PurifyRequest  # noqa: E402
+from service.pool import ModelPool, PoolHooks, build_pool  # noqa: E402
 
 
-def _pool(model_dir: Path, on_batch: Any = None) -> tuple[Batcher, tuple[int, ...], PurifyRequest]:
-    """The service's default pool for this model: its worker count, threads, batch size and delay."""
-    settings = ServiceSettings(models=[model_dir])
-    loaded = load_checkpoint(model_dir)
-    shape = tuple(loaded.meta.input_shape)
-    request = PurifyRequest()
-    workers = [
-        ComputeProcess(model_dir.resolve(), torch.device("cpu"), settings.compute_threads, i)
-        for i in range(settings.pool_size(cuda=False))
-    ]
-    batcher = Batcher(
-        "bare", workers, settings.max_batch_size, settings.max_delay_ms / 1000.0, settings.max_queue, on_batch
-    )
-    return batcher, shape, request
-
-
-def _warm(shape: tuple[int, ...], request: PurifyRequest, warmed: set[int]):
-    """The batcher's warm-up for each worker (start, one batch of zeros); `warmed` collects the ready ones."""
-
-    def warm(worker: Any) -> None:
-        worker.start()
-        worker.compute(torch.zeros((2, *shape)), request)
-        warmed.add(worker.index)
-
-    return warm
+def _pool(model_dir: Path, on_batch: Any = None) -> ModelPool:
+    """The service's default CPU pool for this model, built by the service's own pool builder (service/pool.py: its
+    worker count, threads, batch size and delay), without a certify lane."""
+    settings = ServiceSettings(models=[model_dir], device="cpu")
+    return build_pool(model_dir, settings, ModelPool, PoolHooks(on_batch=on_batch), certify=False)
 
 
 def bare_app(model_dir: Path):
@@ -77,7 +55,6 @@ def bare_app(model_dir: Path):
     state: dict[str, Any] = {}
     limits = DecodeLimits()
     batches = {"sum": 0, "count": 0}  # served on /metrics as the service's batch-size histogram's sum and count
-    warmed: set[int] = set()
 
     def count(stats: Any) -> None:
         batches["sum"] += stats.size
@@ -88,19 +65,19 @@ def bare_app(model_dir: Path):
             while True:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
-                    batcher, shape, request = _pool(model_dir, count)
-                    batcher.start(_warm(shape, request, warmed))
-                    state.update(batcher=batcher, shape=shape, request=request)
+                    pool = _pool(model_dir, count)
+                    pool.batcher.start(pool.warmup)
+                    state["pool"] = pool
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
-                    await state["batcher"].close()
-                    for worker in state["batcher"].workers:
+                    await state["pool"].batcher.close()
+                    for worker in state["pool"].workers:
                         worker.close()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
-        batcher: Batcher = state["batcher"]
+        pool: ModelPool = state["pool"]
         if scope["path"] == "/readyz":
-            await _answer(send, 200 if len(warmed) == len(batcher.workers) else 503, b"{}")
+            await _answer(send, 200 if pool.ready else 503, b"{}")
             return
         if scope["path"] == "/metrics":
             text = f"soap_batch_size_images_sum {batches['sum']}\nsoap_batch_size_images_count {batches['count']}\n"
@@ -111,8 +88,8 @@ def bare_app(model_dir: Path):
             message = await receive()
             body += message.get("body", b"")
             more = message.get("more_body", False)
-        image = decode_image(body, state["shape"], limits).unsqueeze(0)
-        item = batcher.submit(image, state["request"], time.monotonic() + 60.0)
+        image = decode_image(body, pool.input_shape, limits).unsqueeze(0)
+        item = pool.batcher.submit(image, pool.warmup_request, time.monotonic() + 60.0)
         probs = (await item.future).predictions.probs[0]
         label = int(probs.argmax())
         await _answer(send, 200, orjson.dumps({"label": label, "confidence": float(probs[label])}))
@@ -136,10 +113,10 @@ async def pool_alone(model_dir: Path, images: list[torch.Tensor], concurrency: i
             batches["sum"] += stats.size
             batches["count"] += 1
 
-    warmed: set[int] = set()
-    batcher, shape, request = _pool(model_dir, count)
-    batcher.start(_warm(shape, request, warmed))
-    while len(warmed) < len(batcher.workers):
+    pool = _pool(model_dir, count)
+    batcher, request = pool.batcher, pool.warmup_request
+    batcher.start(pool.warmup)
+    while not pool.ready:
         await asyncio.sleep(0.05)
     stop_at = time.monotonic() + 2.0 + seconds
 

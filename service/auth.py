@@ -14,7 +14,8 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.security import APIKeyHeader, HTTPBearer
 
-from .errors import ServiceError
+from .dependencies import runtime_of
+from .errors import unauthorized
 
 API_KEY_HEADER = APIKeyHeader(
     name="X-API-Key", scheme_name="ApiKey", auto_error=False, description="the service's API key (when it has one)"
@@ -32,20 +33,12 @@ def presented_key(request: Request) -> str | None:
 
 async def require_api_key(request: Request) -> None:
     """Raise 401 unless the service has no key or the request carries the right one."""
-    runtime = request.app.state.runtime
-    expected = runtime.api_key
+    expected = runtime_of(request).api_key
     if expected is None:
         return
     given = presented_key(request)
     if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
-        raise ServiceError(
-            401,
-            "unauthorized",
-            "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-            reason="unauthorized",
-            model=request.query_params.get("model"),
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        raise unauthorized(request.query_params.get("model"))
 
 
 # The security dependencies only read headers (auto_error=False): require_api_key decides, with the service's errors.

@@ -63,6 +63,7 @@ class CertifyJob:
     request: CertifyRequest
     deadline: float
     future: asyncio.Future[CertifyResult]
+    request_id: str = ""
     enqueued_at: float = field(default_factory=time.monotonic)
     state: str = "queued"  # queued -> running, or queued -> cancelled
 
@@ -80,7 +81,8 @@ class CertifyResult:
 
 
 class CertifyLane:
-    """Queue + one worker thread for one model's certify requests. Create and use it inside a running loop."""
+    """Queue + one worker thread for one model's certify requests (a ComputeQueue of CertifyRequests). Create and use
+    it inside a running loop."""
 
     def __init__(
         self,
@@ -138,10 +140,13 @@ class CertifyLane:
             sigma=self.sigma, n0=request.n0, n=request.samples, alpha=request.alpha, batch_size=self.batch_size
         )
 
-    def submit(self, images: torch.Tensor, request: CertifyRequest, deadline: float) -> CertifyJob:
+    def submit(
+        self, images: torch.Tensor, request: CertifyRequest, deadline: float, request_id: str = ""
+    ) -> CertifyJob:
+        """Queue a request's images (a ComputeQueue, as the purification Batcher), or raise QueueFull / ShuttingDown."""
         if self._closing:
             raise ShuttingDown("the service is shutting down")
-        job = CertifyJob(images, request, deadline, asyncio.get_running_loop().create_future())
+        job = CertifyJob(images, request, deadline, asyncio.get_running_loop().create_future(), request_id)
         if self.queued_samples and self.queued_samples + job.cost > self.max_queue_samples:  # an empty queue takes any
             raise QueueFull(self.retry_after_s())
         self._queue.append(job)

@@ -1,37 +1,82 @@
-"""One exception type for every refusal, rendered as JSON {"error", "detail"} — never a traceback. Under /v2 (the
-Open Inference Protocol) the same errors take that protocol's shape, {"error": "<code>: <message>"}."""
+"""Every refusal the service answers, in one place: the error codes (`ErrorCode`), the factories that build each error
+(`ServiceError`: status, code, message, rejection reason for the metrics, the model it concerns), the one table of
+what each status means (`ERROR_DESCRIPTIONS`, for the OpenAPI document of every route) and how an error is rendered:
+JSON {"error": "<code>", "detail": ...}, or on the Open Inference Protocol's /v2 routes that protocol's shape,
+{"error": "<code>: <message>"} — never a traceback.
+
+Which exception becomes which answer (handlers, domain errors of the runtime) is service/error_handlers.py.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from enum import StrEnum
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match, Route
+from pydantic import BaseModel
+
+from .metrics import Rejection
 
 
-def validation_problems(
-    errors: Iterable[Mapping[str, Any]], prefix: tuple[str | int, ...] = ()
-) -> list[dict[str, Any]]:
-    """Pydantic's errors (`exc.errors(include_url=False)`) as the `detail` of a 422: where (`loc`, under `prefix`)
-    and what (`msg`), nothing else."""
-    return [{"loc": [*prefix, *e.get("loc", ())], "msg": e.get("msg", "")} for e in errors]
+class ErrorCode(StrEnum):
+    """The machine-readable `error` of every refusal (a contract with clients: add codes, do not rename them)."""
+
+    BAD_OPTIONS = "bad_options"
+    BAD_IMAGE = "bad_image"
+    BAD_REQUEST = "bad_request"  # Open Inference Protocol: a message, tensor or output the model cannot take
+    PURIFICATION_UNAVAILABLE = "purification_unavailable"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    BODY_TIMEOUT = "body_timeout"
+    UNAUTHORIZED = "unauthorized"
+    UNKNOWN_MODEL = "unknown_model"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    HTTP_ERROR = "http_error"
+    QUEUE_FULL = "queue_full"
+    SHUTTING_DOWN = "shutting_down"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    NOT_READY = "not_ready"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    CLIENT_GONE = "client_gone"
+    BATCH_FAILED = "batch_failed"
+    ATTACK_DISABLED = "attack_disabled"
+    ATTACK_BUSY = "attack_busy"
+    INTERNAL_ERROR = "internal_error"
+
+
+# What each status means, on every route that can answer it (the OpenAPI `responses` of each operation).
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    401: "missing or wrong API key",
+    403: "the demo attack endpoint is off (start with --enable-attack)",
+    404: "unknown model",
+    408: "the body did not arrive in time",
+    413: "body or image count over the limit",
+    415: "a Content-Type (or Content-Encoding) this route does not accept",
+    422: "bad image, bad options, or a request the model cannot take (e.g. a purification mode it does not serve)",
+    500: "the batch holding this request failed",
+    503: "queue full or busy (see Retry-After), or shutting down",
+    504: "compute did not start before the request's deadline",
+}
+
+
+def documented(body: type[BaseModel], *statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` for these error statuses, each with its body model and its ERROR_DESCRIPTIONS text."""
+    return {status: {"model": body, "description": ERROR_DESCRIPTIONS[status]} for status in statuses}
 
 
 class ServiceError(Exception):
-    """An HTTP error with a machine-readable code. `reason` (one of metrics.REJECTION_REASONS) counts it in
-    soap_rejections_total; `model` is the metrics label."""
+    """A refusal: HTTP status, machine-readable code and message (`detail`: a string, or a list of {"loc", "msg"}).
+    `reason` counts it in soap_rejections_total under `model` (a name; the metrics label is bounded later)."""
 
     def __init__(
         self,
         status: int,
-        error: str,
+        error: ErrorCode,
         detail: Any,
         *,
-        reason: str | None = None,
+        reason: Rejection | None = None,
         model: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
@@ -44,12 +89,177 @@ class ServiceError(Exception):
         self.headers = headers or {}
 
 
+def validation_problems(
+    errors: Iterable[Mapping[str, Any]], prefix: tuple[str | int, ...] = ()
+) -> list[dict[str, Any]]:
+    """Pydantic's errors (`exc.errors(include_url=False)`) as the `detail` of a 422: where (`loc`, under `prefix`)
+    and what (`msg`), nothing else."""
+    return [{"loc": [*prefix, *e.get("loc", ())], "msg": e.get("msg", "")} for e in errors]
+
+
+# ------------------------------------------------------------------------------------------------ the factories
+
+
+def bad_options(detail: Any, model: str | None = None) -> ServiceError:
+    return ServiceError(422, ErrorCode.BAD_OPTIONS, detail, reason=Rejection.BAD_OPTIONS, model=model)
+
+
+def bad_image(detail: str, model: str | None = None) -> ServiceError:
+    return ServiceError(422, ErrorCode.BAD_IMAGE, detail, reason=Rejection.BAD_IMAGE, model=model)
+
+
+def bad_request(detail: str, model: str | None = None) -> ServiceError:
+    """An Open Inference Protocol message the model cannot take (counted as bad options)."""
+    return ServiceError(422, ErrorCode.BAD_REQUEST, detail, reason=Rejection.BAD_OPTIONS, model=model)
+
+
+def purification_unavailable(model: str, mode: str) -> ServiceError:
+    return ServiceError(
+        422,
+        ErrorCode.PURIFICATION_UNAVAILABLE,
+        f"model {model} does not serve mode {mode}: its auxiliary head was not trained "
+        f"(training recipe without the auxiliary loss), so purification would only add noise; "
+        f"use mode=none or a SOAP-trained model",
+        reason=Rejection.BAD_OPTIONS,
+        model=model,
+    )
+
+
+def unsupported_media_type(detail: str, model: str | None = None) -> ServiceError:
+    return ServiceError(
+        415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, detail, reason=Rejection.UNSUPPORTED_MEDIA_TYPE, model=model
+    )
+
+
+def payload_too_large(limit: int, model: str | None = None) -> ServiceError:
+    return ServiceError(
+        413,
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        f"the request body is larger than the limit of {limit} bytes",
+        reason=Rejection.PAYLOAD_TOO_LARGE,
+        model=model,
+    )
+
+
+def too_many_images(limit: int, count: int, model: str | None = None) -> ServiceError:
+    return ServiceError(
+        413,
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        f"at least {count} images in one request; the limit is {limit}",
+        reason=Rejection.PAYLOAD_TOO_LARGE,
+        model=model,
+    )
+
+
+def body_timeout(timeout_s: float | None, model: str | None = None) -> ServiceError:
+    return ServiceError(
+        408,
+        ErrorCode.BODY_TIMEOUT,
+        f"the request body did not arrive within {timeout_s:g} s",
+        reason=Rejection.BODY_TIMEOUT,
+        model=model,
+    )
+
+
+def unauthorized(model: str | None = None) -> ServiceError:
+    return ServiceError(
+        401,
+        ErrorCode.UNAUTHORIZED,
+        "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+        reason=Rejection.UNAUTHORIZED,
+        model=model,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def unknown_model(name: str | None, loaded: list[str]) -> ServiceError:
+    return ServiceError(404, ErrorCode.UNKNOWN_MODEL, f"no model named {name!r}; loaded: {loaded}")
+
+
+def not_found(detail: str) -> ServiceError:
+    return ServiceError(404, ErrorCode.NOT_FOUND, detail)
+
+
+def queue_full(model: str, queued: str, retry_after_s: int) -> ServiceError:
+    """`queued`: what waits, against its limit (e.g. "12 images queued (limit 512)")."""
+    return ServiceError(
+        503,
+        ErrorCode.QUEUE_FULL,
+        f"model {model} has {queued}; retry later",
+        reason=Rejection.QUEUE_FULL,
+        model=model,
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def shutting_down() -> ServiceError:
+    return ServiceError(
+        503,
+        ErrorCode.SHUTTING_DOWN,
+        "the service is shutting down; retry on another replica",
+        headers={"Retry-After": "1"},
+    )
+
+
+def model_unavailable(model: str) -> ServiceError:
+    return ServiceError(
+        503,
+        ErrorCode.MODEL_UNAVAILABLE,
+        f"model {model} is not serving (see the server log)",
+        model=model,
+        headers={"Retry-After": "5"},
+    )
+
+
+def deadline_exceeded(model: str, timeout_s: float) -> ServiceError:
+    return ServiceError(
+        504,
+        ErrorCode.DEADLINE_EXCEEDED,
+        f"the request waited longer than {timeout_s:g} s for compute to start",
+        reason=Rejection.DEADLINE,
+        model=model,
+    )
+
+
+def client_gone(model: str) -> ServiceError:
+    return ServiceError(
+        499,
+        ErrorCode.CLIENT_GONE,
+        "the client went away before compute started",
+        reason=Rejection.CLIENT_GONE,
+        model=model,
+    )
+
+
+def batch_failed(model: str, message: str) -> ServiceError:
+    """`message` names the exception type, no internals (service.batcher.BatchFailed)."""
+    return ServiceError(500, ErrorCode.BATCH_FAILED, message, model=model)
+
+
+def attack_disabled() -> ServiceError:
+    return ServiceError(
+        403,
+        ErrorCode.ATTACK_DISABLED,
+        "the demo attack endpoint is off; start the service with --enable-attack (or SOAP_ENABLE_ATTACK=1) to use it",
+    )
+
+
+def attack_busy() -> ServiceError:
+    return ServiceError(
+        503, ErrorCode.ATTACK_BUSY, "another attack is running; try again in a moment", headers={"Retry-After": "1"}
+    )
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+
+
 def is_open_inference(path: str) -> bool:
     """Whether `path` is an Open Inference Protocol (KServe v2) route."""
     return path == "/v2" or path.startswith("/v2/")
 
 
-def _message(detail: Any) -> str:
+def message(detail: Any) -> str:
+    """The detail as one line: a list of validation problems as 'loc: msg; ...'."""
     if isinstance(detail, list) and all(isinstance(p, dict) and "msg" in p for p in detail):
         return "; ".join(f"{'.'.join(map(str, p.get('loc', ()))) or 'request'}: {p['msg']}" for p in detail)
     return str(detail)
@@ -61,43 +271,9 @@ def error_response(
     """The JSON error for a request to `path`: {"error": code, "detail": ...}, or the protocol's {"error": "..."}
     on the /v2 routes."""
     if is_open_inference(path):
-        return JSONResponse({"error": f"{error}: {_message(detail)}"}, status_code=status, headers=headers)
+        return JSONResponse({"error": f"{error}: {message(detail)}"}, status_code=status, headers=headers)
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
-async def service_error_handler(request: Request, exc: ServiceError) -> JSONResponse:
-    if exc.reason is not None:
-        runtime = request.app.state.runtime
-        runtime.metrics.reject(runtime.metrics_label(exc.model), exc.reason)
-    return error_response(exc.status, exc.error, exc.detail, exc.headers, path=request.url.path)
-
-
-async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(422, "bad_options", validation_problems(exc.errors()), path=request.url.path)
-
-
-async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    codes = {404: "not_found", 405: "method_not_allowed"}
-    headers = exc.headers
-    if exc.status_code == 405:
-        headers = {**(headers or {}), "Allow": allowed_methods(request)}
-    return error_response(
-        exc.status_code, codes.get(exc.status_code, "http_error"), exc.detail, headers, path=request.url.path
-    )
-
-
-def allowed_methods(request: Request) -> str:
-    """Every method some route serves at this path. (Starlette's 405 names only the first route whose path matches,
-    so GET and POST /v1/attack, two routes, answered `Allow: GET`.)"""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
-            methods |= route.methods
-    return ", ".join(sorted(methods))
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    # FastAPI's decorator form, because Starlette types add_exception_handler's handler as taking any Exception
-    app.exception_handler(ServiceError)(service_error_handler)
-    app.exception_handler(RequestValidationError)(validation_error_handler)
-    app.exception_handler(StarletteHTTPException)(http_error_handler)
+def render(exc: ServiceError, path: str) -> JSONResponse:
+    return error_response(exc.status, exc.error, exc.detail, exc.headers, path=path)

@@ -20,7 +20,15 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request as StarletteRequest
 from starlette.types import Message
 
-from .errors import ServiceError, validation_problems
+from .errors import (
+    bad_image,
+    bad_options,
+    body_timeout,
+    payload_too_large,
+    too_many_images,
+    unsupported_media_type,
+    validation_problems,
+)
 from .schemas import ClassifyJSON
 
 ACCEPTED_TYPES = "multipart/form-data, image/* or application/json"
@@ -39,23 +47,7 @@ def media_type(request: Request) -> str:
 def check_media_type(kind: str) -> None:
     if kind in ("multipart/form-data", "application/json") or kind.startswith("image/"):
         return
-    shown = kind or "none"
-    raise ServiceError(
-        415,
-        "unsupported_media_type",
-        f"Content-Type {shown} is not accepted; send {ACCEPTED_TYPES}",
-        reason="unsupported_media_type",
-    )
-
-
-def _too_large(limit: int, model: str | None) -> ServiceError:
-    return ServiceError(
-        413,
-        "payload_too_large",
-        f"the request body is larger than the limit of {limit} bytes",
-        reason="payload_too_large",
-        model=model,
-    )
+    raise unsupported_media_type(f"Content-Type {kind or 'none'} is not accepted; send {ACCEPTED_TYPES}")
 
 
 async def read_body(request: Request, limit: int, model: str | None = None, timeout_s: float | None = None) -> bytes:
@@ -64,7 +56,7 @@ async def read_body(request: Request, limit: int, model: str | None = None, time
     connection and its buffers forever)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit, model)
+        raise payload_too_large(limit, model)
     chunks: list[bytes] = []
 
     async def collect() -> None:
@@ -72,29 +64,15 @@ async def read_body(request: Request, limit: int, model: str | None = None, time
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise _too_large(limit, model)
+                raise payload_too_large(limit, model)
             chunks.append(chunk)
 
     try:
         async with asyncio.timeout(timeout_s):
             await collect()
     except TimeoutError:
-        raise ServiceError(
-            408,
-            "body_timeout",
-            f"the request body did not arrive within {timeout_s:g} s",
-            reason="body_timeout",
-            model=model,
-        ) from None
+        raise body_timeout(timeout_s, model) from None
     return b"".join(chunks)
-
-
-def _bad_image(detail: str, model: str | None) -> ServiceError:
-    return ServiceError(422, "bad_image", detail, reason="bad_image", model=model)
-
-
-def _bad_options(detail: Any, model: str | None) -> ServiceError:
-    return ServiceError(422, "bad_options", detail, reason="bad_options", model=model)
 
 
 async def _parse_multipart(request: Request, body: bytes, max_images: int, model: str | None) -> Upload:
@@ -115,23 +93,23 @@ async def _parse_multipart(request: Request, body: bytes, max_images: int, model
         detail = str(getattr(exc, "detail", None) or exc or type(exc).__name__)
         if "too many files" in detail.lower():
             raise too_many_images(max_images, max_images + 1, model) from None
-        raise _bad_image(f"malformed multipart body: {detail}", model) from None
+        raise bad_image(f"malformed multipart body: {detail}", model) from None
     try:
         payloads: list[bytes] = []
         options: dict[str, Any] = {}
         for key, value in form.multi_items():
             if key == "file":
                 if not isinstance(value, UploadFile):
-                    raise _bad_image("a 'file' part must be a file upload, not a text field", model)
+                    raise bad_image("a 'file' part must be a file upload, not a text field", model)
                 payloads.append(await value.read())
             elif isinstance(value, UploadFile):
-                raise _bad_options(f"unexpected file part {key!r}; images go in parts named 'file'", model)
+                raise bad_options(f"unexpected file part {key!r}; images go in parts named 'file'", model)
             else:
                 options[key] = value
     finally:
         await form.close()
     if not payloads:
-        raise _bad_image("the multipart body has no 'file' part", model)
+        raise bad_image("the multipart body has no 'file' part", model)
     return Upload(payloads, options)
 
 
@@ -141,20 +119,20 @@ def _decode_base64(text: str, index: int, model: str | None) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise _bad_image(f"images[{index}] is not valid base64", model) from None
+        raise bad_image(f"images[{index}] is not valid base64", model) from None
 
 
 def _parse_json(body: bytes, model: str | None) -> Upload:
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _bad_options(f"the body is not valid JSON: {exc}", model) from None
+        raise bad_options(f"the body is not valid JSON: {exc}", model) from None
     if not isinstance(data, dict):
-        raise _bad_options('the JSON body must be an object {"images": [...], ...options}', model)
+        raise bad_options('the JSON body must be an object {"images": [...], ...options}', model)
     try:
         parsed = ClassifyJSON.model_validate(data)
     except ValidationError as exc:
-        raise _bad_options(validation_problems(exc.errors(include_url=False)), model) from None
+        raise bad_options(validation_problems(exc.errors(include_url=False)), model) from None
     options = dict(parsed.model_extra or {})
     return Upload([_decode_base64(t, i, model) for i, t in enumerate(parsed.images)], options)
 
@@ -167,18 +145,8 @@ async def parse_upload(request: Request, kind: str, body: bytes, max_images: int
         upload = _parse_json(body, model)
     else:
         if not body:
-            raise _bad_image("the request body is empty", model)
+            raise bad_image("the request body is empty", model)
         upload = Upload([body])
     if len(upload.payloads) > max_images:
         raise too_many_images(max_images, len(upload.payloads), model)
     return upload
-
-
-def too_many_images(limit: int, count: int, model: str | None) -> ServiceError:
-    return ServiceError(
-        413,
-        "payload_too_large",
-        f"at least {count} images in one request; the limit is {limit}",
-        reason="payload_too_large",
-        model=model,
-    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from enum import StrEnum
 from functools import cache
 from pathlib import Path
 
@@ -28,17 +29,22 @@ AUX_LOSS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 RADIUS_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
 CERTIFY_OUTCOMES = ("certified", "abstained")
 
-REJECTION_REASONS = (
-    "queue_full",
-    "deadline",
-    "client_gone",
-    "payload_too_large",
-    "bad_image",
-    "unsupported_media_type",
-    "bad_options",
-    "unauthorized",
-    "body_timeout",
-)
+
+class Rejection(StrEnum):
+    """The `reason` label of soap_rejections_total: why a request was refused (service/errors.py sets it)."""
+
+    QUEUE_FULL = "queue_full"
+    DEADLINE = "deadline"
+    CLIENT_GONE = "client_gone"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    BAD_IMAGE = "bad_image"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    BAD_OPTIONS = "bad_options"
+    UNAUTHORIZED = "unauthorized"
+    BODY_TIMEOUT = "body_timeout"
+
+
+REJECTION_REASONS = tuple(str(reason) for reason in Rejection)
 
 
 class ServiceMetrics:
@@ -189,9 +195,7 @@ class ServiceMetrics:
             histogram.labels(model)
         self.queue_depth.labels(model).set(0)
 
-    def reject(self, model: str, reason: str) -> None:
-        if reason not in REJECTION_REASONS:
-            raise ValueError(f"unknown rejection reason {reason!r}")
+    def reject(self, model: str, reason: Rejection) -> None:
         self.rejections.labels(model, reason).inc()
 
 

@@ -1,69 +1,85 @@
-"""What a running service holds: its settings, metrics and, per model, the loaded network and its batcher.
+"""What a running service holds: its settings, metrics, tracing and, per model, its pool (service/pool.py) and the
+serving policy on top of it (modes, budgets, classes); readiness and draining; the domain errors it raises
+(`Refused`: an unknown model, a mode or budget the model does not serve), which the HTTP layer maps.
 
-`create_app` puts one ServiceRuntime on `app.state.runtime`. Other parts of the app (the demo page) reach the
-models through it:
+`create_app` puts one ServiceRuntime on `app.state.runtime`; routes reach it typed through
+`service.dependencies.runtime_of(request)`:
 
-    runtime = request.app.state.runtime
-    model = runtime.get(name)          # ModelRuntime; name None -> the default model; unknown -> 404 ServiceError
+    runtime = runtime_of(request)
+    model = runtime.get(name)          # ModelRuntime; name None -> the default model; unknown -> UnknownModel
     model.loaded                       # models.LoadedModel (network in eval mode, meta, path)
-    model.batcher                      # service.batcher.Batcher (submit work like POST /classify does)
-    model.workers                      # its compute pool: ComputeProcess children, or one InlineWorker
+    model.batcher                      # service.batcher.Batcher (a ComputeQueue; service/pipeline.py submits to it)
+    model.workers                      # its compute pool: ComputeProcess children, or InlineWorkers
     runtime.settings                   # service.config.ServiceSettings (e.g. enable_attack)
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import functools
 import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
+import anyio
 import torch
 
-from models import LoadedModel, Mode, load_checkpoint, resolve_device
+from models import Mode, resolve_device
 
-from .batcher import Batcher, BatchStats, Worker
-from .certify import CertifyLane, CertifyResult
+from .batcher import BatchStats, Worker
+from .certify import CertifyResult
 from .compute_process import ComputeProcess
 from .config import ServiceSettings
-from .errors import ServiceError
+from .decode import DecodeLimits
 from .metrics import ServiceMetrics
-from .predict import InlineWorker, Predictions, PurifyRequest
+from .pool import ModelPool, PoolHooks, build_pool
+from .predict import Predictions, PurifyRequest
 from .process_metrics import ProcessCollector, ProcessTarget
 from .tracing import RequestTracing
 
 log = logging.getLogger("service.runtime")
+DECODE_THREADS = 4  # large images decode in threads, at most this many at once (bounds a burst's memory)
 
 
-@dataclass
-class ModelRuntime:
-    """One served model: the checkpoint, its compute workers and batcher, and which workers are warmed up."""
+class Refused(Exception):
+    """A request the runtime refuses. The HTTP layer (service/error_handlers.py) maps each kind to its answer; the
+    runtime knows no status codes."""
 
-    name: str
-    loaded: LoadedModel
-    device: torch.device
-    workers: list[Worker]
-    batcher: Batcher = field(init=False)
-    certify: CertifyLane | None = None  # mode=certify; None when the checkpoint records no training noise σ
-    warm: set[int] = field(default_factory=set)  # indices of the workers that have been warmed up
 
-    @property
-    def ready(self) -> bool:
-        return len(self.warm) == len(self.workers)
+class UnknownModel(Refused, LookupError):
+    def __init__(self, name: str | None, loaded: list[str]) -> None:
+        super().__init__(f"no model named {name!r}")
+        self.name = name
+        self.loaded = loaded
+
+
+class ModeUnavailable(Refused):
+    """A purification mode the model does not serve (its auxiliary head is untrained)."""
+
+    def __init__(self, model: str, mode: Mode) -> None:
+        super().__init__(f"model {model} does not serve mode {mode}")
+        self.model = model
+        self.mode = mode
+
+
+class BudgetTooLarge(Refused):
+    """A fixed purification budget beyond the model's largest."""
+
+    def __init__(self, model: str, epsilon: float, max_budget: float) -> None:
+        super().__init__(f"epsilon {epsilon} exceeds model {model}'s largest budget {max_budget:g}")
+        self.model = model
+        self.epsilon = epsilon
+        self.max_budget = max_budget
+
+
+class ModelRuntime(ModelPool):
+    """One served model: its pool (service/pool.py) and what the model serves (modes, budgets, classes, threshold)."""
 
     @functools.cached_property
     def max_budget(self) -> float:
         """The largest purification budget. Checked on every request: `loaded.purifier` builds its config anew."""
         return self.loaded.purifier.max_budget
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.loaded.meta.input_shape
-        return c, h, w
 
     @property
     def class_names(self) -> list[str]:
@@ -89,42 +105,24 @@ class ModelRuntime:
     def default_mode(self) -> Mode:
         return Mode.MIN_AUX if self.purifies else Mode.NONE
 
+    @property
+    def warmup_request(self) -> PurifyRequest:
+        return PurifyRequest(self.default_mode)
+
     def purify_request(self, mode: Mode | None, epsilon: float | None) -> PurifyRequest:
-        """What a request asks of this model's batches (mode None: the model's default); 422 ServiceError for a mode
-        the model does not serve or a budget beyond its grid."""
+        """What a request asks of this model's batches (mode None: the model's default). Raises ModeUnavailable for a
+        mode the model does not serve, BudgetTooLarge for a budget beyond its grid."""
         mode = mode or self.default_mode
         if mode not in self.modes:
-            raise ServiceError(
-                422,
-                "purification_unavailable",
-                f"model {self.name} does not serve mode {mode}: its auxiliary head was not trained "
-                f"(training recipe without the auxiliary loss), so purification would only add noise; "
-                f"use mode=none or a SOAP-trained model",
-                reason="bad_options",
-                model=self.name,
-            )
+            raise ModeUnavailable(self.name, mode)
         max_budget = self.max_budget
         if epsilon is not None and epsilon > max_budget + 1e-9:
-            raise ServiceError(
-                422,
-                "bad_options",
-                f"epsilon {epsilon} exceeds model {self.name}'s largest budget {max_budget:g}",
-                reason="bad_options",
-                model=self.name,
-            )
+            raise BudgetTooLarge(self.name, epsilon, max_budget)
         return PurifyRequest(mode, epsilon)
 
     def compute(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
         """The predict step for one batch on the first worker, outside the batcher (tools and tests)."""
         return self.workers[0].compute(images, request)
-
-    def warmup(self, worker: Worker) -> None:
-        """(Re)start a worker, then one batch of zeros in the model's default mode, so its first real batch pays no
-        start-up, allocation or kernel-selection cost. Runs in the batcher's thread for that worker."""
-        worker.start()
-        worker.compute(torch.zeros((2, *self.input_shape)), PurifyRequest(self.default_mode))
-        self.warm.add(worker.index)
-        log.info("model %s worker %d warmed up on %s", self.name, worker.index, self.device)
 
 
 class ServiceRuntime:
@@ -138,44 +136,35 @@ class ServiceRuntime:
         self.tracing = tracing or RequestTracing()
         self.api_key = settings.api_key  # raises now if --api-key-env names an empty variable
         self.device = resolve_device(settings.device)
-        self.models: dict[str, ModelRuntime] = {}
-        # With compute processes the parent's copy of each model only answers metadata and the demo's attacks: it
-        # stays on the CPU, so the parent never opens a CUDA context of its own next to the children's.
-        home = torch.device("cpu") if settings.compute_process else self.device
-        workers = settings.pool_size(cuda=self.device.type == "cuda")
-        for path in settings.models:
-            loaded = load_checkpoint(path, home)
-            restarts = [self.metrics.compute_restarts.labels(path.name, str(i)) for i in range(workers)]
-            pool: list[Worker] = (
-                [
-                    ComputeProcess(
-                        path.resolve(),
-                        self.device,
-                        settings.compute_threads,
-                        i,
-                        settings.compute_nice,
-                        settings.acceleration,
-                        on_restart=restarts[i].inc,
-                    )
-                    for i in range(workers)
-                ]
-                if settings.compute_process
-                else [InlineWorker(loaded, i, settings.acceleration) for i in range(workers)]
-            )
-            self.models[path.name] = ModelRuntime(path.name, loaded, self.device, pool)
+        self.decode_limits = DecodeLimits(settings.max_image_pixels, settings.max_image_side)
+        self.decode_threads = anyio.CapacityLimiter(DECODE_THREADS)
+        self.models: dict[str, ModelRuntime] = {
+            path.name: build_pool(path, settings, ModelRuntime, self._hooks(path.name)) for path in settings.models
+        }
         self.default = settings.model_names[0]
         self.draining = False
         self._started = False
         for model in self.models.values():
-            model.batcher = self._make_batcher(model)
-            model.certify = self._make_certify_lane(model)
             meta = model.loaded.meta
             self.metrics.model_info.labels(model.name, meta.network, meta.dataset, meta.aux_task, str(self.device)).set(
                 1
             )
             self.metrics.declare_model(model.name, tuple(Mode))
+            for worker in model.workers:
+                self.metrics.compute_restarts.labels(model.name, str(worker.index))
         self.metrics.ready.set(0)
         self.metrics.registry.register(ProcessCollector(self.processes))
+
+    def _hooks(self, name: str) -> PoolHooks:
+        """The pool of model `name` reports into the service's metrics."""
+        m = self.metrics
+        return PoolHooks(
+            on_batch=lambda stats: self._record_batch(self.models[name], stats),
+            on_depth=m.queue_depth.labels(name).set,
+            on_restart=lambda index: m.compute_restarts.labels(name, str(index)).inc(),
+            on_certify=lambda result: self._record_certify(self.models[name], result),
+            on_certify_queue=m.certify_queue.labels(name).set,
+        )
 
     def processes(self) -> list[ProcessTarget]:
         """The server and its live compute children, for the per-process metrics."""
@@ -187,54 +176,15 @@ class ServiceRuntime:
                     targets.append(ProcessTarget(pid, "compute", model.name, str(worker.index)))
         return targets
 
-    def _make_batcher(self, model: ModelRuntime) -> Batcher:
-        s = self.settings
-        depth = self.metrics.queue_depth.labels(model.name)
-        return Batcher(
-            model.name,
-            model.workers,
-            s.max_batch_size,
-            s.max_delay_ms / 1000.0,
-            s.max_queue,
-            on_batch=lambda stats: self._record_batch(model, stats),
-            on_depth=depth.set,
-        )
-
-    def _make_certify_lane(self, model: ModelRuntime) -> CertifyLane | None:
-        sigma = model.loaded.meta.training_noise_std
-        if sigma is None:
-            return None
-        s = self.settings
-        network = model.loaded.network
-        if next(network.parameters()).device != self.device:
-            # Compute processes keep the parent's copy on the CPU; certification is thousands of forward passes per
-            # image, so on a GPU deployment the lane gets its own copy on the device (children are spawned, so the
-            # parent's CUDA context is safe for them).
-            network = copy.deepcopy(network).to(self.device).eval()
-        return CertifyLane(
-            model.name,
-            network,
-            sigma,
-            s.max_certify_queue_samples,
-            s.certify_slice_samples,
-            s.certify_share,
-            s.certify_batch,
-            purification_waiting=lambda: model.batcher.depth > 0,
-            on_done=lambda result: self._record_certify(model, result),
-            on_queue=self.metrics.certify_queue.labels(model.name).set,
-        )
-
     # ------------------------------------------------------------------ lookups
 
     def get(self, name: str | None) -> ModelRuntime:
-        """The model called `name` (the default one for None); 404 ServiceError if there is none."""
+        """The model called `name` (the default one for None); UnknownModel if there is none."""
         key = self.default if name is None else name
         try:
             return self.models[key]
         except KeyError:
-            raise ServiceError(
-                404, "unknown_model", f"no model named {name!r}; loaded: {sorted(self.models)}"
-            ) from None
+            raise UnknownModel(name, sorted(self.models)) from None
 
     def metrics_label(self, name: str | None) -> str:
         """A bounded label for metrics: a loaded model's name, else 'unknown'."""

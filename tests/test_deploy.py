@@ -909,7 +909,7 @@ def test_kserve_inference_service_example_runs_the_open_inference_routes():
     validated as a Kubernetes container, its environment accepted by the service, its probes on real /v2 routes."""
     kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (dev extra) validates the schemas")
     from service.config import load_settings
-    from service.open_inference import router
+    from service.routes.open_inference import router
 
     (isvc,) = [d for d in yaml.safe_load_all(KSERVE.read_text()) if d]
     assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")

@@ -455,7 +455,7 @@ async def test_an_unhandled_error_is_a_json_500_naming_the_request_on_the_hot_pa
     async with serve_app(settings_for(model_dir)) as (app, client):
         with monkeypatch.context() as patch:
             patch.setattr(app.state.runtime.models["mnist-fcn-dr"], "purify_request", bug)
-            patch.setattr("service.app._model_info", bug)
+            patch.setattr("service.routes.models.describe", bug)
             hot = await client.post("/classify", content=mnist_png(1), headers={**PNG, "X-Request-ID": "bug-1"})
             other = await client.get("/v1/models/mnist-fcn-dr", headers={"X-Request-ID": "bug-2"})
         after = await client.post("/classify", content=mnist_png(1), headers=PNG)
@@ -464,7 +464,7 @@ async def test_an_unhandled_error_is_a_json_500_naming_the_request_on_the_hot_pa
         assert request_id in body["detail"]
         assert response.headers["x-request-id"] == request_id
         assert "a bug" not in response.text
-    logged = [r for r in caplog.records if r.name == "service.app" and r.exc_info]
+    logged = [r for r in caplog.records if r.name == "service.middleware" and r.exc_info]
     assert {("bug-1" in r.getMessage(), "bug-2" in r.getMessage()) for r in logged} == {(True, False), (False, True)}
     assert after.status_code == 200
 

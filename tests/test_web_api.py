@@ -20,7 +20,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.config import ServiceSettings
-from service.demo import MAX_ATTACK_BYTES, MAX_ATTACK_STEPS, STATIC_DIR
+from service.routes.demo import MAX_ATTACK_BYTES, MAX_ATTACK_STEPS, STATIC_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "zoo" / "mnist-fcn-dr"

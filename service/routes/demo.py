@@ -11,15 +11,15 @@ attack at a time (503 when busy).
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -27,13 +27,23 @@ from starlette.concurrency import run_in_threadpool
 
 from models.attacks import pgd
 
-from .auth import PROTECTED
-from .decode import DecodeLimits, ImageRejected, decode_image, encode_png
-from .errors import ServiceError, validation_problems
-from .ingest import media_type, parse_upload, read_body
-from .schemas import ErrorResponse, image_upload_body, query_parameters
+from ..auth import PROTECTED
+from ..decode import DecodeLimits, ImageRejected, decode_image, encode_png
+from ..dependencies import Runtime
+from ..errors import (
+    attack_busy,
+    attack_disabled,
+    bad_image,
+    bad_options,
+    documented,
+    unsupported_media_type,
+    validation_problems,
+)
+from ..ingest import media_type, parse_upload, read_body
+from ..runtime import ServiceRuntime
+from ..schemas import ErrorResponse, image_upload_body, query_parameters
 
-STATIC_DIR = Path(__file__).parent / "static"
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 
 MAX_ATTACK_STEPS = 100
 MAX_ATTACK_EPSILON = 0.5
@@ -128,122 +138,103 @@ def _options(query: dict[str, Any], body: dict[str, Any], model: str | None) -> 
     try:
         return AttackOptions.model_validate({**query, **body})
     except ValidationError as exc:
-        problems = validation_problems(exc.errors(include_url=False))
-        raise ServiceError(422, "bad_options", problems, reason="bad_options", model=model) from None
+        raise bad_options(validation_problems(exc.errors(include_url=False)), model) from None
 
 
-def register_demo(app: FastAPI) -> None:
-    """Mount the demo page (GET /, /static) and the attack endpoint (GET/POST /v1/attack) on `app`.
+def static_files() -> StaticFiles:
+    """The page's files, which create_app mounts at /static (a router cannot carry a mount)."""
+    return StaticFiles(directory=STATIC_DIR)
 
-    Reads the runtime from `app.state.runtime` at request time (service.runtime.ServiceRuntime).
-    """
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+router = APIRouter()
+# One attack at a time in this process (they take the CPU the service needs); a thread lock, taken without waiting,
+# so that it belongs to no event loop.
+_ONE_AT_A_TIME = threading.Lock()
 
-    @app.get("/v1/attack", response_model=AttackInfo, dependencies=PROTECTED, tags=["demo"])
-    async def attack_info(request: Request) -> AttackInfo:
-        """Whether POST /v1/attack is enabled, its limits and the default PGD settings per model."""
-        runtime = request.app.state.runtime
-        return AttackInfo(
-            enabled=runtime.settings.enable_attack,
-            max_steps=MAX_ATTACK_STEPS,
-            max_epsilon=MAX_ATTACK_EPSILON,
-            max_image_bytes=_byte_limit(runtime),
-            defaults={name: attack_defaults(m.loaded.meta.dataset) for name, m in runtime.models.items()},
-        )
 
-    one_at_a_time = asyncio.Lock()
+@router.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
-    @app.post(
-        "/v1/attack",
-        response_model=AttackResponse,
-        dependencies=PROTECTED,
-        tags=["demo"],
-        responses={
-            status: {"model": ErrorResponse, "description": text}
-            for status, text in {
-                401: "missing or wrong API key",
-                403: "the attack endpoint is off (start with --enable-attack)",
-                404: "unknown model",
-                408: "the body did not arrive in time",
-                413: "body over the limit",
-                415: "Content-Type is not multipart/form-data or image/*",
-                422: "bad image or bad options",
-                503: "another attack is running, or shutting down (see Retry-After)",
-            }.items()
-        },
-        openapi_extra={
-            "parameters": query_parameters(AttackOptions),
-            "requestBody": image_upload_body(1, AttackOptions),
-        },
+
+@router.get("/v1/attack", response_model=AttackInfo, dependencies=PROTECTED, tags=["demo"])
+async def attack_info(runtime: Runtime) -> AttackInfo:
+    """Whether POST /v1/attack is enabled, its limits and the default PGD settings per model."""
+    return AttackInfo(
+        enabled=runtime.settings.enable_attack,
+        max_steps=MAX_ATTACK_STEPS,
+        max_epsilon=MAX_ATTACK_EPSILON,
+        max_image_bytes=_byte_limit(runtime),
+        defaults={name: attack_defaults(m.loaded.meta.dataset) for name, m in runtime.models.items()},
     )
-    async def attack(request: Request) -> AttackResponse:
-        """PGD adversarial version of one image against the undefended classifier (demo; off by default).
 
-        Body: multipart with one `file` part, or a raw image (`Content-Type: image/*`). Options (query or
-        multipart fields): model, epsilon, step_size, steps.
-        """
-        runtime = request.app.state.runtime
-        query_model = request.query_params.get("model")
-        if not runtime.settings.enable_attack:
-            raise ServiceError(
-                403,
-                "attack_disabled",
-                "the demo attack endpoint is off; start the service with --enable-attack "
-                "(or SOAP_ENABLE_ATTACK=1) to use it",
-            )
-        kind = media_type(request)
-        if kind != "multipart/form-data" and not kind.startswith("image/"):
-            raise ServiceError(
-                415,
-                "unsupported_media_type",
-                f"Content-Type {kind or 'none'} is not accepted; send multipart/form-data (one 'file' "
-                "part) or a raw image/*",
-                reason="unsupported_media_type",
-                model=query_model,
-            )
-        limit = _byte_limit(runtime)
-        body = await read_body(request, limit, query_model, runtime.settings.body_timeout_s)
-        upload = await parse_upload(request, kind, body, max_images=1, model=query_model)
-        options = _options(dict(request.query_params), upload.options, query_model)
-        model = runtime.get(options.model)
-        request.scope["soap.model"] = model.name
-        settings = attack_defaults(model.loaded.meta.dataset).model_copy(
-            update={k: v for k, v in options.model_dump().items() if k != "model" and v is not None}
+
+@router.post(
+    "/v1/attack",
+    response_model=AttackResponse,
+    dependencies=PROTECTED,
+    tags=["demo"],
+    responses=documented(ErrorResponse, 401, 403, 404, 408, 413, 415, 422, 503),
+    openapi_extra={
+        "parameters": query_parameters(AttackOptions),
+        "requestBody": image_upload_body(1, AttackOptions),
+    },
+)
+async def attack(request: Request, runtime: Runtime) -> AttackResponse:
+    """PGD adversarial version of one image against the undefended classifier (demo; off by default).
+
+    Body: multipart with one `file` part, or a raw image (`Content-Type: image/*`). Options (query or
+    multipart fields): model, epsilon, step_size, steps.
+    """
+    query_model = request.query_params.get("model")
+    if not runtime.settings.enable_attack:
+        raise attack_disabled()
+    kind = media_type(request)
+    if kind != "multipart/form-data" and not kind.startswith("image/"):
+        raise unsupported_media_type(
+            f"Content-Type {kind or 'none'} is not accepted; "
+            "send multipart/form-data (one 'file' part) or a raw image/*",
+            query_model,
         )
-        limits = DecodeLimits(
-            max_pixels=min(MAX_ATTACK_PIXELS, runtime.settings.max_image_pixels),
-            max_side=runtime.settings.max_image_side,
-        )
-        try:  # up to MAX_ATTACK_PIXELS: decode off the event loop
-            x = await run_in_threadpool(decode_image, upload.payloads[0], model.input_shape, limits)
-        except ImageRejected as exc:
-            raise ServiceError(exc.status, exc.error, exc.detail, reason=exc.error, model=model.name) from None
-        if one_at_a_time.locked():  # checked and taken on the event loop with no await between: no race
-            raise ServiceError(
-                503, "attack_busy", "another attack is running; try again in a moment", headers={"Retry-After": "1"}
-            )
+    limit = _byte_limit(runtime)
+    body = await read_body(request, limit, query_model, runtime.settings.body_timeout_s)
+    upload = await parse_upload(request, kind, body, max_images=1, model=query_model)
+    options = _options(dict(request.query_params), upload.options, query_model)
+    model = runtime.get(options.model)
+    request.scope["soap.model"] = model.name
+    settings = attack_defaults(model.loaded.meta.dataset).model_copy(
+        update={k: v for k, v in options.model_dump().items() if k != "model" and v is not None}
+    )
+    limits = DecodeLimits(
+        max_pixels=min(MAX_ATTACK_PIXELS, runtime.settings.max_image_pixels),
+        max_side=runtime.settings.max_image_side,
+    )
+    try:  # up to MAX_ATTACK_PIXELS: decode off the event loop
+        x = await run_in_threadpool(decode_image, upload.payloads[0], model.input_shape, limits)
+    except ImageRejected as exc:
+        raise bad_image(exc.detail, model.name) from None
+    if not _ONE_AT_A_TIME.acquire(blocking=False):
+        raise attack_busy()
+    try:
         start = time.perf_counter()
-        async with one_at_a_time:
-            result = await run_in_threadpool(adversarial_example, model.loaded.network, x, settings)
-        names = model.class_names
-        return AttackResponse(
-            model=model.name,
-            epsilon=settings.epsilon,
-            step_size=settings.step_size,
-            steps=settings.steps,
-            clean_label=result.clean_label,
-            clean_class_name=names[result.clean_label],
-            adversarial_label=result.adversarial_label,
-            adversarial_class_name=names[result.adversarial_label],
-            linf=result.linf,
-            adversarial_png=base64.b64encode(encode_png(result.image)).decode("ascii"),
-            compute_ms=(time.perf_counter() - start) * 1000.0,
-        )
+        result = await run_in_threadpool(adversarial_example, model.loaded.network, x, settings)
+    finally:
+        _ONE_AT_A_TIME.release()
+    names = model.class_names
+    return AttackResponse(
+        model=model.name,
+        epsilon=settings.epsilon,
+        step_size=settings.step_size,
+        steps=settings.steps,
+        clean_label=result.clean_label,
+        clean_class_name=names[result.clean_label],
+        adversarial_label=result.adversarial_label,
+        adversarial_class_name=names[result.adversarial_label],
+        linf=result.linf,
+        adversarial_png=base64.b64encode(encode_png(result.image)).decode("ascii"),
+        compute_ms=(time.perf_counter() - start) * 1000.0,
+    )
 
 
-def _byte_limit(runtime: Any) -> int:
+def _byte_limit(runtime: ServiceRuntime) -> int:
     return min(MAX_ATTACK_BYTES, runtime.settings.max_body_bytes)

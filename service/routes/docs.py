@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import fastapi_swagger
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
@@ -18,19 +18,24 @@ from fastapi.staticfiles import StaticFiles
 ASSETS = Path(fastapi_swagger.__file__).parent / "resources"
 ASSETS_PATH = "/docs/assets"
 
+router = APIRouter()
 
-def register_docs(app: FastAPI) -> None:
-    """GET /docs (Swagger UI; its Authorize button takes the API key) and its assets under /docs/assets."""
-    app.mount(ASSETS_PATH, StaticFiles(directory=ASSETS), name="docs-assets")
 
-    @app.get("/docs", include_in_schema=False)
-    async def swagger_ui(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "").rstrip("/")  # behind a path-prefix proxy
-        return get_swagger_ui_html(
-            openapi_url=root + (app.openapi_url or "/openapi.json"),
-            title=f"{app.title} - API",
-            swagger_js_url=f"{root}{ASSETS_PATH}/swagger-ui-bundle.js",
-            swagger_css_url=f"{root}{ASSETS_PATH}/swagger-ui.css",
-            swagger_favicon_url=f"{root}{ASSETS_PATH}/favicon-32x32.png",
-            swagger_ui_parameters={"persistAuthorization": True, "validatorUrl": None},
-        )
+def assets() -> StaticFiles:
+    """The Swagger UI files, which create_app mounts at ASSETS_PATH (a router cannot carry a mount)."""
+    return StaticFiles(directory=ASSETS)
+
+
+@router.get("/docs", include_in_schema=False)
+async def swagger_ui(request: Request) -> HTMLResponse:
+    """GET /docs (Swagger UI; its Authorize button takes the API key), its assets under /docs/assets."""
+    app = request.app
+    root = request.scope.get("root_path", "").rstrip("/")  # behind a path-prefix proxy
+    return get_swagger_ui_html(
+        openapi_url=root + (app.openapi_url or "/openapi.json"),
+        title=f"{app.title} - API",
+        swagger_js_url=f"{root}{ASSETS_PATH}/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}{ASSETS_PATH}/swagger-ui.css",
+        swagger_favicon_url=f"{root}{ASSETS_PATH}/favicon-32x32.png",
+        swagger_ui_parameters={"persistAuthorization": True, "validatorUrl": None},
+    )

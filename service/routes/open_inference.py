@@ -8,12 +8,15 @@ errors (in the protocol's shape, {"error": "..."}, with /classify's status codes
                                       `pixels` (FP32 [N, C, H, W] in [0, 1]); parameters: mode, epsilon
                                       (mode=certify: samples, alpha, seed; certificate outputs instead)
 
-The wire format (JSON and binary tensor data) is service/inference_protocol.py; this module is the thin HTTP layer.
+The wire format (JSON and binary tensor data) is service/inference_protocol.py; the inference request goes through
+the same pipeline as POST /classify (service/pipeline.py: this module is its Front for the protocol) and, like it, is
+handed straight to `infer_endpoint` by the middleware (service/middleware.py). This module is the thin HTTP layer.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,12 +27,12 @@ from pydantic import BaseModel, ValidationError
 
 from models import __version__
 
-from .app import certify_request, decode_all, queue_full, run_certify, run_on_batcher
-from .auth import PROTECTED, SECURITY, require_api_key
-from .batcher import ItemResult
-from .certify import CertifyRequest, CertifyResult
-from .errors import ServiceError, validation_problems
-from .inference_protocol import (
+from ..auth import PROTECTED, SECURITY
+from ..batcher import ItemResult
+from ..certify import CertifyRequest, CertifyResult
+from ..dependencies import Runtime
+from ..errors import bad_options, bad_request, documented, unsupported_media_type, validation_problems
+from ..inference_protocol import (
     HEADER_LENGTH,
     Datatype,
     InferRequest,
@@ -44,10 +47,10 @@ from .inference_protocol import (
     encode_response,
     parse_request,
 )
-from .ingest import read_body, too_many_images
-from .predict import PurifyRequest
-from .runtime import ModelRuntime, ServiceRuntime
-from .schemas import ClassifyOptions
+from ..ingest import read_body
+from ..pipeline import Job, Result, Work, serve, work_for
+from ..runtime import ModelRuntime, ServiceRuntime
+from ..schemas import ClassifyOptions
 
 IMAGES, PIXELS = "images", "pixels"
 OUTPUTS = ("label", "class_name", "probabilities", "epsilon", "aux_loss", "aux_loss_before", "suspicious")
@@ -66,31 +69,7 @@ class ModelReady(BaseModel):
     ready: bool
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ProtocolErrorBody, "description": text}
-    for status, text in {
-        401: "missing or wrong API key",
-        404: "unknown model",
-        408: "the body did not arrive in time",
-        413: "body or image count over the limit",
-        415: "compressed request bodies (Content-Encoding) are not accepted",
-        422: "a request, tensor, image or parameter the model cannot take",
-        500: "the batch holding this request failed",
-        503: "queue full (see Retry-After) or shutting down",
-        504: "compute did not start before the request's deadline",
-    }.items()
-}
-
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
-
-
-def _runtime(request: Request) -> ServiceRuntime:
-    runtime: ServiceRuntime = request.app.state.runtime
-    return runtime
-
-
-def _bad_request(detail: str, model: ModelRuntime) -> ServiceError:
-    return ServiceError(422, "bad_request", detail, reason="bad_options", model=model.name)
 
 
 # ------------------------------------------------------------------------------------------------ metadata
@@ -139,31 +118,30 @@ async def server_live() -> Live:
     responses={503: {"model": Ready}},
     summary="Readiness: every model loaded and warmed up, not shutting down",
 )
-async def server_ready(request: Request) -> Response:
-    ready = _runtime(request).ready
+async def server_ready(runtime: Runtime) -> Response:
+    ready = runtime.ready
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
 @router.get(
     "/models/{name}",
     response_model=ModelMetadata,
-    responses={k: _ERRORS[k] for k in (401, 404)},
+    responses=documented(ProtocolErrorBody, 401, 404),
     dependencies=PROTECTED,
     summary="Model metadata: its inputs (send one) and outputs",
 )
-async def get_model_metadata(name: str, request: Request) -> ModelMetadata:
-    return model_metadata(_runtime(request).get(name))
+async def get_model_metadata(name: str, runtime: Runtime) -> ModelMetadata:
+    return model_metadata(runtime.get(name))
 
 
 @router.get(
     "/models/{name}/ready",
     response_model=ModelReady,
-    responses={503: {"model": ModelReady}, **{k: _ERRORS[k] for k in (401, 404)}},
+    responses={503: {"model": ModelReady}, **documented(ProtocolErrorBody, 401, 404)},
     dependencies=PROTECTED,
     summary="Model readiness: warmed up, its batcher running, not shutting down",
 )
-async def get_model_ready(name: str, request: Request) -> Response:
-    runtime = _runtime(request)
+async def get_model_ready(name: str, runtime: Runtime) -> Response:
     model = runtime.get(name)
     ready = model.ready and model.batcher.running and not runtime.draining
     return JSONResponse({"name": model.name, "ready": ready}, status_code=200 if ready else 503)
@@ -205,30 +183,26 @@ def _header_length(request: Request, model: ModelRuntime) -> int | None:
     if value is None:
         return None
     if not value.strip().isdigit():
-        raise _bad_request(f"{HEADER_LENGTH} must be a byte count, not {value!r}", model)
+        raise bad_request(f"{HEADER_LENGTH} must be a byte count, not {value!r}", model.name)
     return int(value)
 
 
-def _work(
-    parameters: dict[str, Any], model: ModelRuntime, request: Request
-) -> tuple[PurifyRequest | CertifyRequest, bool]:
+def _work(parameters: dict[str, Any], model: ModelRuntime, runtime: ServiceRuntime) -> tuple[Work, bool]:
     """What the request parameters ask of the model (the same options and rules as /classify's): a purification
     or, for mode=certify, a certification; and whether all outputs go as binary data."""
     options = dict(parameters)
     binary = options.pop("binary_data_output", False)
     if not isinstance(binary, bool):
-        raise _bad_request("parameter binary_data_output must be true or false", model)
+        raise bad_request("parameter binary_data_output must be true or false", model.name)
     unknown = sorted(set(options) - PARAMETERS)
     if unknown:
-        raise _bad_request(f"unknown parameters {unknown}; this model takes {sorted(PARAMETERS)}", model)
+        raise bad_request(f"unknown parameters {unknown}; this model takes {sorted(PARAMETERS)}", model.name)
     try:
         chosen = ClassifyOptions.model_validate(options)
     except ValidationError as exc:
         problems = validation_problems(exc.errors(include_url=False), prefix=("parameters",))
-        raise ServiceError(422, "bad_options", problems, reason="bad_options", model=model.name) from None
-    if chosen.mode == "certify":
-        return certify_request(chosen, model, _runtime(request).settings), binary
-    return model.purify_request(chosen.mode, chosen.epsilon), binary
+        raise bad_options(problems, model.name) from None
+    return work_for(chosen, model, runtime.settings), binary
 
 
 def _requested(
@@ -243,58 +217,39 @@ def _requested(
     for out in message.outputs:
         if out.name not in known:
             mode = "mode=certify" if certify else "this mode"
-            raise _bad_request(f"unknown output {out.name!r}; {mode} answers {list(known)}", model)
+            raise bad_request(f"unknown output {out.name!r}; {mode} answers {list(known)}", model.name)
         names.append(out.name)
         if out.parameters.get("binary_data", binary_all):
             binary.add(out.name)
     return names, binary
 
 
-def _count_images(n: int, request: Request, model: ModelRuntime, purify: bool) -> None:
-    settings = _runtime(request).settings
-    if n < 1:
-        raise _bad_request("the input holds no image", model)
-    if n > settings.max_images_per_request:
-        raise too_many_images(settings.max_images_per_request, n, model.name)
-    if purify and not model.batcher.has_room(n):  # refuse before decoding, as /classify does
-        raise queue_full(model, model.batcher.retry_after_s())
-
-
-async def _batch(tensor: Tensor, request: Request, model: ModelRuntime, purify: bool) -> torch.Tensor:
-    """The input tensor as a [N, C, H, W] batch in [0, 1]: encoded images decoded like /classify's, or pixels
-    checked against the model's input shape and range."""
+def _inputs(tensor: Tensor, model: ModelRuntime) -> list[bytes] | torch.Tensor:
+    """The input tensor as the pipeline's inputs: encoded image files (decoded like /classify's), or pixels of the
+    model's input shape (their range is the pipeline's decode step to check)."""
     if tensor.name == IMAGES:
         if tensor.datatype is not Datatype.BYTES or not (
             tensor.values.ndim == 1 or (tensor.values.ndim == 2 and tensor.values.shape[1] == 1)
         ):
-            raise _bad_request(f"input {IMAGES!r} must be BYTES of shape [N] (encoded image files)", model)
-        payloads = list(tensor.values.reshape(-1))
-        _count_images(len(payloads), request, model, purify)
-        state = request.app.state
-        images = await decode_all(payloads, model, state.decode_limits, state.decode_limiter)
-        return torch.stack(images)
+            raise bad_request(f"input {IMAGES!r} must be BYTES of shape [N] (encoded image files)", model.name)
+        payloads: list[bytes] = list(tensor.values.reshape(-1))
+        if not payloads:
+            raise bad_request("the input holds no image", model.name)
+        return payloads
     if tensor.name == PIXELS:
         expected = [-1, *model.input_shape]
         if tensor.datatype is not Datatype.FP32 or tensor.values.ndim != 4 or tensor.shape[1:] != expected[1:]:
-            raise _bad_request(
-                f"input {PIXELS!r} must be FP32 of shape {expected}; got {tensor.datatype} {tensor.shape}", model
+            raise bad_request(
+                f"input {PIXELS!r} must be FP32 of shape {expected}; got {tensor.datatype} {tensor.shape}", model.name
             )
-        _count_images(tensor.shape[0], request, model, purify)
-        values = tensor.values
-        if not np.isfinite(values).all() or values.min() < 0.0 or values.max() > 1.0:
-            raise ServiceError(
-                422,
-                "bad_image",
-                f"input {PIXELS!r} must hold finite values in [0, 1]",
-                reason="bad_image",
-                model=model.name,
-            )
-        return torch.from_numpy(np.array(values, dtype=np.float32))  # a copy: binary input is a read-only view
-    raise _bad_request(f"unknown input {tensor.name!r}; send one input, {IMAGES!r} or {PIXELS!r}", model)
+        if tensor.shape[0] < 1:
+            raise bad_request("the input holds no image", model.name)
+        return torch.from_numpy(np.array(tensor.values, dtype=np.float32))  # a copy: binary input is a read-only view
+    raise bad_request(f"unknown input {tensor.name!r}; send one input, {IMAGES!r} or {PIXELS!r}", model.name)
 
 
 def _outputs(model: ModelRuntime, result: ItemResult, names: list[str]) -> list[Tensor]:
-    """The encode step: the batch's rows as named output tensors."""
+    """The batch's rows as named output tensors."""
     p = result.predictions
     labels = p.probs.argmax(dim=1)
     class_names = np.empty(len(labels), dtype=object)
@@ -329,52 +284,70 @@ def _certificate_outputs(model: ModelRuntime, result: CertifyResult, names: list
     return [Tensor(name, *values[name]) for name in names]
 
 
+@dataclass(slots=True)
+class Answer:
+    """What an infer request's answer needs: its id, the outputs asked for, those that go as binary data."""
+
+    id: str | None
+    outputs: list[str]
+    binary: set[str]
+
+
+class InferFront:
+    """The pipeline's Front for POST /v2/models/{name}/infer (the path names the model)."""
+
+    async def read(self, request: Request, runtime: ServiceRuntime) -> Job[Answer]:
+        settings = runtime.settings
+        model = runtime.get(request.path_params["name"])
+        request.scope["soap.model"] = model.name
+        if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
+            raise unsupported_media_type("compressed request bodies (Content-Encoding) are not accepted", model.name)
+        header_length = _header_length(request, model)
+        body = await read_body(request, settings.max_body_bytes, model.name, settings.body_timeout_s)
+        try:
+            message, tensors = parse_request(body, header_length)
+        except ProtocolError as exc:
+            raise bad_request(str(exc), model.name) from None
+        if len(tensors) != 1:
+            raise bad_request(f"send exactly one input ({IMAGES!r} or {PIXELS!r}), not {len(tensors)}", model.name)
+        work, binary_all = _work(message.parameters, model, runtime)
+        names, binary = _requested(message, binary_all, isinstance(work, CertifyRequest), model)
+        inputs = _inputs(tensors[0], model)
+        return Job(model, work, inputs, Answer(message.id, names, binary))
+
+    def respond(self, request: Request, job: Job[Answer], result: Result, started: float) -> Response:
+        model, answer = job.model, job.answer
+        info: dict[str, Any] = {"request_id": request.scope["soap.request_id"]}
+        if isinstance(result, CertifyResult):
+            work = job.work
+            assert isinstance(work, CertifyRequest)
+            outputs = _certificate_outputs(model, result, answer.outputs)
+            info |= {"alpha": work.alpha, "seed": work.seed, "queue_ms": result.queue_s * 1000}
+            info |= {"compute_ms": result.compute_s * 1000, "paused_ms": result.paused_s * 1000}
+        else:
+            outputs = _outputs(model, result, answer.outputs)
+            info |= {"queue_ms": result.queue_s * 1000, "compute_ms": result.compute_s * 1000}
+        info["total_ms"] = (time.perf_counter() - started) * 1000
+        content, json_length = encode_response(model.name, answer.id, outputs, answer.binary, info)
+        if json_length is None:
+            return Response(content, media_type="application/json")
+        return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(json_length)})
+
+
+FRONT = InferFront()
+
+
+async def infer_endpoint(request: Request) -> Response:
+    """POST /v2/models/{name}/infer (the middleware calls it directly, with the path's name in path_params)."""
+    return await serve(request, FRONT)
+
+
 @router.post(
     "/models/{name}/infer",
     response_model=InferResponse,
-    responses=_ERRORS,
+    responses=documented(ProtocolErrorBody, 401, 404, 408, 413, 415, 422, 500, 503, 504),
     openapi_extra=_INFER_OPENAPI,
     summary="Purify each image with SOAP, then classify it (Open Inference Protocol)",
 )
 async def infer(name: str, request: Request) -> Response:
-    started = time.perf_counter()
-    await require_api_key(request)
-    runtime = _runtime(request)
-    settings = runtime.settings
-    model = runtime.get(name)
-    request.scope["soap.model"] = model.name
-    if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
-        raise ServiceError(
-            415,
-            "unsupported_media_type",
-            "compressed request bodies (Content-Encoding) are not accepted",
-            reason="unsupported_media_type",
-            model=model.name,
-        )
-    header_length = _header_length(request, model)
-    body = await read_body(request, settings.max_body_bytes, model.name, settings.body_timeout_s)
-    try:
-        message, tensors = parse_request(body, header_length)
-    except ProtocolError as exc:
-        raise _bad_request(str(exc), model) from None
-    if len(tensors) != 1:
-        raise _bad_request(f"send exactly one input ({IMAGES!r} or {PIXELS!r}), not {len(tensors)}", model)
-    work, binary_all = _work(message.parameters, model, request)
-    certify = isinstance(work, CertifyRequest)
-    names, binary = _requested(message, binary_all, certify, model)
-    batch = await _batch(tensors[0], request, model, purify=not certify)
-    info: dict[str, Any] = {"request_id": request.scope["soap.request_id"]}
-    if isinstance(work, CertifyRequest):
-        certified = await run_certify(request, model, batch, work)
-        outputs = _certificate_outputs(model, certified, names)
-        info |= {"alpha": work.alpha, "seed": work.seed, "queue_ms": certified.queue_s * 1000}
-        info |= {"compute_ms": certified.compute_s * 1000, "paused_ms": certified.paused_s * 1000}
-    else:
-        result = await run_on_batcher(request, model, batch, work)
-        outputs = _outputs(model, result, names)
-        info |= {"queue_ms": result.queue_s * 1000, "compute_ms": result.compute_s * 1000}
-    info["total_ms"] = (time.perf_counter() - started) * 1000
-    content, json_length = encode_response(model.name, message.id, outputs, binary, info)
-    if json_length is None:
-        return Response(content, media_type="application/json")
-    return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(json_length)})
+    return await infer_endpoint(request)
