@@ -1,4 +1,4 @@
-"""The four SOAP networks (soap-reference §1): encoder f, classifier g, auxiliary head h.
+"""The SOAP networks (soap-reference §1): encoder f, classifier g, auxiliary head h.
 
 Every network takes pixels in [0, 1]; per-channel normalisation is a saved buffer applied inside
 `encode`. Forward passes only return values and never store state on the module, so one model can
@@ -115,6 +115,30 @@ def cnn_dr(num_classes: int, input_shape: Sequence[int], mean: Sequence[float], 
         nn.Sigmoid(),
     )
     return SoapNetwork(encoder, nn.Linear(1024, num_classes), decoder, "reconstruction", input_shape, mean, std)
+
+
+def lenet_dr(num_classes: int, input_shape: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> SoapNetwork:
+    """MNIST LeNet-DR: the LeNet of the randomized-smoothing papers (Cohen et al. 2019; Jeong & Shin 2020; Jeong et al.
+    2021: conv 20 and 50 channels of 5x5, each followed by 2x2 max-pooling, FC 500) as encoder f, its last layer as the
+    classifier g, and an FCN-DR-style decoder 500-256-784 as the reconstruction head h. Comparing certified accuracy
+    with those papers needs their network; the head adds denoised smoothing and SOAP's purification."""
+    c, h, w = input_shape
+    if (h - 12) % 4 or (w - 12) % 4 or h < 16 or w < 16:
+        raise ValueError(f"lenet-dr needs input sides of 16 + 4k pixels (28 for MNIST), got {h}x{w}")
+    flat = 50 * ((h - 12) // 4) * ((w - 12) // 4)
+    encoder = nn.Sequential(
+        nn.Conv2d(c, 20, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(20, 50, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(flat, 500),
+        nn.ReLU(),
+    )
+    decoder = nn.Sequential(nn.Linear(500, 256), nn.ReLU(), nn.Linear(256, c * h * w), nn.Sigmoid(), _Reshape(c, h, w))
+    return SoapNetwork(encoder, nn.Linear(500, num_classes), decoder, "reconstruction", input_shape, mean, std)
 
 
 class _BasicBlock(nn.Module):

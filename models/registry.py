@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .networks import SoapNetwork, cnn_dr, fcn_dr, resnet18_thin, wrn28_10
+from .networks import SoapNetwork, cnn_dr, fcn_dr, lenet_dr, resnet18_thin, wrn28_10
 from .purifier import PurifierConfig
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -80,7 +80,11 @@ def create_model(
 
 
 def _register_defaults() -> None:
-    builders: tuple[tuple[str, Callable[..., SoapNetwork]], ...] = (("fcn-dr", fcn_dr), ("cnn-dr", cnn_dr))
+    builders: tuple[tuple[str, Callable[..., SoapNetwork]], ...] = (
+        ("fcn-dr", fcn_dr),
+        ("cnn-dr", cnn_dr),
+        ("lenet-dr", lenet_dr),
+    )
     for arch, builder in builders:
         register_model(
             ModelSpec(

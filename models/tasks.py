@@ -194,9 +194,14 @@ _PURIFICATION = {
 }
 
 
-def training_losses(model: SoapNetwork, x: torch.Tensor, y: torch.Tensor) -> TrainingLosses:
-    """Classification and auxiliary losses of the model's own task, with its training-time corruption."""
-    return _TRAINING[model.aux_task](model, x, y)
+def training_losses(
+    model: SoapNetwork, x: torch.Tensor, y: torch.Tensor, noise_std: float | None = None
+) -> TrainingLosses:
+    """Classification and auxiliary losses of the model's own task, with its training-time corruption (input noise
+    of σ `noise_std`; None: the task's default, `TRAINING_NOISE_STD`)."""
+    if noise_std is None:
+        return _TRAINING[model.aux_task](model, x, y)
+    return _TRAINING[model.aux_task](model, x, y, noise_std)
 
 
 def aux_loss(model: SoapNetwork, x: torch.Tensor) -> torch.Tensor:

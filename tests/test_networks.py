@@ -13,6 +13,8 @@ from models.tasks import aux_loss
 PARAMETER_COUNTS = {
     "mnist-fcn-dr": 469_658,
     "mnist-cnn-dr": 6_474_507,
+    # LeNet of the smoothing papers (431,080) + the 500-256-784 decoder (329,744)
+    "mnist-lenet-dr": 760_824,
     "cifar10-resnet18-lc": 175_818,
     "cifar10-resnet18-rp": 176_078,
     "cifar10-wrn28-lc": 36_489_290,
@@ -41,6 +43,19 @@ def test_unknown_network_is_a_clear_error() -> None:
 @pytest.mark.parametrize("name", sorted(PARAMETER_COUNTS))
 def test_parameter_count_matches_reference(name: str) -> None:
     assert n_params(create_model(name)) == PARAMETER_COUNTS[name]
+
+
+def test_lenet_dr_is_the_smoothing_papers_lenet_plus_a_decoder() -> None:
+    """Encoder + classifier are jh-jeong/smoothing-consistency's LeNet layer for layer: conv 20 and 50 of 5x5, each
+    with 2x2 max-pooling, FC 500, FC 10 (431,080 parameters); the head reconstructs a 28x28 image."""
+    model = create_model("mnist-lenet-dr")
+    convs = [m for m in model.encoder if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(1, 20, (5, 5)), (20, 50, (5, 5))]
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model.encoder) == 2
+    assert n_params(model.encoder) + n_params(model.classifier) == 431_080
+    x = torch.rand(3, 1, 28, 28)
+    assert model(x).shape == (3, 10)
+    assert model.auxiliary(model.encode(x)).shape == (3, 1, 28, 28)
 
 
 def test_cifar100_classifier_is_the_only_difference() -> None:

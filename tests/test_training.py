@@ -432,6 +432,48 @@ def test_a_tiny_run_with_consistency_records_it(tmp_path):
     assert "- consistency: consistency regularisation (Jeong & Shin" in card
 
 
+def test_noise_std_sets_the_dr_training_noise_and_the_recorded_sigma(tmp_path):
+    """--noise-std trains on clamp(x + N(0, σ²)) and records σ (certification's default) in the checkpoint."""
+    config = replace(get_preset("mnist-fcn-dr"), noise_std=0.25)
+    torch.manual_seed(0)
+    network = create_model("mnist-fcn-dr")
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    torch.manual_seed(11)
+    got = step_losses(network, x, x, y, config)
+    torch.manual_seed(11)
+    z = network.encode((x + 0.25 * torch.randn_like(x)).clamp(0.0, 1.0))
+    expected = F.cross_entropy(network.classify(z), y) + config.alpha * F.mse_loss(network.auxiliary(z), x)
+    assert torch.equal(got.total, expected)
+    out = tmp_path / "s025"
+    assert tiny_dr_run(out, "--noise-std", 0.25) == 0
+    meta = load_checkpoint(out).meta
+    assert meta.noise_std == 0.25
+    assert "--noise-std 0.25" in meta.training.model_dump(mode="json")["command"]
+
+
+def test_a_tiny_run_with_smoothmix_records_it(tmp_path):
+    out = tmp_path / "smix"
+    assert tiny_dr_run(out, "--smoothmix-eta", 5, "--smoothmix-steps", 2, "--smoothmix-mix-step", 1) == 0
+    (record,) = metrics(out)
+    assert record["train_smoothmix_loss"] >= 0
+    assert record["train_loss"] == pytest.approx(
+        record["train_cls_loss"] + 100.0 * record["train_aux_loss"] + record["train_smoothmix_loss"], rel=1e-4
+    )
+    training = load_checkpoint(out).meta.training.model_dump(mode="json")
+    assert training["config"]["smoothmix_eta"] == 5.0
+    assert "SmoothMix (Jeong et al." in training["smoothmix"]
+    assert "--smoothmix-eta 5 --smoothmix-steps 2 --smoothmix-mix-step 1" in training["command"]
+    assert "- smoothmix: SmoothMix" in (out / "MODEL_CARD.md").read_text()
+
+
+def test_smoothmix_is_refused_outside_the_dr_recipe_and_beside_consistency(capsys):
+    assert train_cli("--preset", "mnist-fcn-vanilla", "--smoothmix-eta", 5) == 2
+    assert "DR recipe" in capsys.readouterr().err
+    assert train_cli("--preset", "mnist-fcn-dr", "--smoothmix-eta", 5, "--consistency-lambda", 5) == 2
+    assert "separate recipes" in capsys.readouterr().err
+    assert train_cli("--preset", "mnist-fcn-dr", "--smoothmix-eta", 5, "--smoothmix-mix-step", 4) == 2
+
+
 def test_consistency_is_refused_outside_the_dr_recipe(capsys):
     assert train_cli("--preset", "mnist-fcn-vanilla", "--consistency-lambda", 5) == 2
     assert "DR recipe" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 - soap:    L_cls + α·L_aux of the network's own self-supervised task (models.training_losses); with
            `consistency_lambda` > 0 (DR networks only) on m noisy copies per image, + the consistency term of
-           Jeong & Shin (NeurIPS 2020, models.tasks.consistency_loss).
+           Jeong & Shin (NeurIPS 2020, models.tasks.consistency_loss); with `smoothmix_eta` > 0 (DR networks only)
+           on m noisy copies, + SmoothMix's mixup term (Jeong et al., NeurIPS 2021, training.smoothmix).
 - vanilla: cross-entropy only (no defence).
 - fgsm-at: ½·CE(x) + ½·CE(FGSM(x)) (Goodfellow et al.'s mix of clean and adversarial examples).
 - pgd-at:  CE(PGD(x)) with a random start (Madry et al.); MNIST ε 0.3, 40 steps of 0.01; CIFAR ε 8/255, 7 of 2/255.
@@ -19,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from models import SoapNetwork, training_losses
-from models.tasks import reconstruction_consistency_training
+from models.tasks import TRAINING_NOISE_STD, reconstruction_consistency_training
 
 from .presets import TrainConfig
+from .smoothmix import SmoothMixSettings, reconstruction_smoothmix_training
 
 
 @dataclass
@@ -33,6 +35,7 @@ class StepLosses:
     aux_loss: torch.Tensor
     logits: torch.Tensor
     consistency_loss: torch.Tensor | None = None  # the weighted consistency term, when trained
+    smoothmix_loss: torch.Tensor | None = None  # the weighted SmoothMix mixup term, when trained
 
 
 def trains_auxiliary(recipe: str) -> bool:
@@ -61,15 +64,33 @@ def adversarial_inputs(model: SoapNetwork, x: torch.Tensor, y: torch.Tensor, con
 
 
 def step_losses(
-    model: SoapNetwork, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, config: TrainConfig
+    model: SoapNetwork, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, config: TrainConfig, epoch: int = 0
 ) -> StepLosses:
-    """The recipe's loss on a batch (`x_adv` from `adversarial_inputs`)."""
+    """The recipe's loss on a batch (`x_adv` from `adversarial_inputs`) in `epoch` (0-based: warm-ups)."""
     zero = x.new_zeros(())
+    if config.recipe == "soap" and (config.consistency or config.smoothmix) and model.aux_task != "reconstruction":
+        raise ValueError(f"consistency and SmoothMix are implemented for the DR recipe, not {model.aux_task!r}")
+    noise_std = config.noise_std if config.noise_std is not None else TRAINING_NOISE_STD[model.aux_task]
+    if config.recipe == "soap" and config.smoothmix:
+        settings = SmoothMixSettings(
+            copies=config.smoothmix_copies,
+            steps=config.smoothmix_steps,
+            step_size=config.smoothmix_step_size,
+            mix_step=config.smoothmix_mix_step,
+            eta=config.smoothmix_eta,
+            ramp=config.smoothmix_ramp(epoch),
+        )
+        mixed = reconstruction_smoothmix_training(model, x, y, noise_std, settings)
+        return StepLosses(
+            mixed.cls_loss + config.alpha * mixed.aux_loss + mixed.mixup_loss,
+            mixed.cls_loss,
+            mixed.aux_loss,
+            mixed.logits,
+            smoothmix_loss=mixed.mixup_loss,
+        )
     if config.recipe == "soap" and config.consistency:
-        if model.aux_task != "reconstruction":
-            raise ValueError(f"consistency regularisation is implemented for the DR recipe, not {model.aux_task!r}")
         losses = reconstruction_consistency_training(
-            model, x, y, config.consistency_copies, config.consistency_lambda, config.consistency_eta
+            model, x, y, config.consistency_copies, config.consistency_lambda, config.consistency_eta, noise_std
         )
         assert losses.consistency_loss is not None
         return StepLosses(
@@ -80,7 +101,7 @@ def step_losses(
             losses.consistency_loss,
         )
     if config.recipe == "soap":
-        losses = training_losses(model, x, y)
+        losses = training_losses(model, x, y, noise_std)
         return StepLosses(
             losses.cls_loss + config.alpha * losses.aux_loss, losses.cls_loss, losses.aux_loss, losses.logits
         )

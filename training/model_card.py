@@ -309,6 +309,7 @@ TRAINING_KEYS = (
     "batch_size",
     "alpha",
     "consistency",
+    "smoothmix",
     "seed",
     "world_size",
     "hardware",

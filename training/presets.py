@@ -44,17 +44,48 @@ class TrainConfig:
     consistency_lambda: float = 0.0
     consistency_eta: float = 0.5
     consistency_copies: int = 2
+    # σ of the DR recipe's Gaussian input noise (the σ a smoothed classifier is then certified at); None: the task's
+    # default (models.tasks.TRAINING_NOISE_STD, 0.5 for reconstruction).
+    noise_std: float | None = None
+    # SmoothMix (Jeong et al., NeurIPS 2021) added to the DR recipe: off while its weight η is 0 (training.smoothmix).
+    smoothmix_eta: float = 0.0
+    smoothmix_copies: int = 4
+    smoothmix_steps: int = 4
+    smoothmix_step_size: float = 1.0
+    smoothmix_mix_step: int = 0
+    smoothmix_warmup_epochs: int = 10
 
     @property
     def consistency(self) -> bool:
         """Whether consistency regularisation is trained (λ > 0)."""
         return self.consistency_lambda > 0
 
+    @property
+    def smoothmix(self) -> bool:
+        """Whether SmoothMix is trained (η > 0)."""
+        return self.smoothmix_eta > 0
+
+    def smoothmix_ramp(self, epoch: int) -> float:
+        """SmoothMix's warm-up in `epoch` (0-based): η and the mix start's radius grow linearly over the first
+        `smoothmix_warmup_epochs` epochs, as in the authors' code."""
+        return min(1.0, (epoch + 1) / max(self.smoothmix_warmup_epochs, 1))
+
     def __post_init__(self) -> None:
         if self.consistency_lambda < 0 or self.consistency_eta < 0:
             raise ValueError("--consistency-lambda and --consistency-eta must be >= 0")
         if self.consistency_copies < 1:
             raise ValueError(f"--consistency-copies must be >= 1, got {self.consistency_copies}")
+        if self.noise_std is not None and not self.noise_std > 0:
+            raise ValueError(f"--noise-std must be > 0, got {self.noise_std}")
+        if self.smoothmix_eta < 0:
+            raise ValueError("--smoothmix-eta must be >= 0")
+        if self.smoothmix and self.consistency:
+            raise ValueError("SmoothMix and consistency regularisation are separate recipes: set one of their weights")
+        if self.smoothmix and not 0 <= self.smoothmix_mix_step < self.smoothmix_steps:
+            raise ValueError(
+                f"--smoothmix-mix-step must be in [0, --smoothmix-steps), got {self.smoothmix_mix_step} "
+                f"of {self.smoothmix_steps}"
+            )
 
     def attack_eps_at(self, epoch: int) -> float:
         """ε of the adversarial-training attack in `epoch` (0-based): a linear ramp, then `attack_eps`."""
@@ -71,6 +102,19 @@ class TrainConfig:
 
 def _soap_preset(network: str) -> TrainConfig:
     spec = get_spec(network)
+    if network == "mnist-lenet-dr":
+        # The smoothing papers' LeNet schedule (Cohen et al.; Jeong & Shin; Jeong et al.: lr 0.01, ÷10 every 30 of 90
+        # epochs, batch 256), with SOAP's DR weight α = 100.
+        return TrainConfig(
+            preset=network,
+            network=network,
+            dataset="mnist",
+            epochs=90,
+            lr=0.01,
+            lr_milestones=(1 / 3, 2 / 3),
+            batch_size=256,
+            alpha=ALPHA[spec.aux_task],
+        )
     if spec.dataset == "mnist":
         cnn = "cnn" in network
         return TrainConfig(

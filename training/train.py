@@ -39,6 +39,21 @@ METRICS_FILE = "metrics.jsonl"
 
 # ----------------------------------------------------------------------------- command line
 
+# The DR recipe's smoothing options (TrainConfig fields): each one's flag, override and recorded option come from here.
+SMOOTHING_OPTIONS: tuple[tuple[str, type, str], ...] = (
+    ("noise_std", float, "DR recipe: σ of the Gaussian training noise, the σ to certify at (default 0.5)"),
+    ("smoothmix_eta", float, "DR recipe: weight η of SmoothMix (Jeong et al. 2021); 0 = off (default)"),
+    ("smoothmix_copies", int, "SmoothMix: noise draws per image (default 4)"),
+    ("smoothmix_steps", int, "SmoothMix: L2 steps of its adversary on the smoothed classifier (default 4)"),
+    ("smoothmix_step_size", float, "SmoothMix: L2 size of each adversary step (default 1.0)"),
+    (
+        "smoothmix_mix_step",
+        int,
+        "SmoothMix: the step whose point starts the mix; 1 = the one-step adversary (default 0)",
+    ),
+    ("smoothmix_warmup_epochs", int, "SmoothMix: epochs over which η and the mix start grow to full (default 10)"),
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", required=True, help=f"one of: {', '.join(sorted(PRESETS))}")
@@ -66,6 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--consistency-copies", type=int, help="noisy copies of each image when consistency is on (default 2)"
     )
+    for name, kind, help_text in SMOOTHING_OPTIONS:
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, help=help_text)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--data-root",
@@ -103,6 +120,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "consistency_lambda",
             "consistency_eta",
             "consistency_copies",
+            *(name for name, _, _ in SMOOTHING_OPTIONS),
         )
         if getattr(args, k, None) is not None
     }
@@ -110,6 +128,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if config.consistency and (config.recipe != "soap" or get_spec(config.network).aux_task != "reconstruction"):
         raise ValueError(
             f"--consistency-lambda applies to the DR recipe (soap on a reconstruction network), not {config.preset!r} "
+            f"with recipe {config.recipe!r}"
+        )
+    if config.smoothmix and (config.recipe != "soap" or get_spec(config.network).aux_task != "reconstruction"):
+        raise ValueError(
+            f"--smoothmix-eta applies to the DR recipe (soap on a reconstruction network), not {config.preset!r} "
             f"with recipe {config.recipe!r}"
         )
     return config
@@ -164,9 +187,10 @@ class Objective(nn.Module):
         super().__init__()
         self.network, self.config = network, config
 
-    def forward(self, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor):
-        losses = step_losses(self.network, x, x_adv, y, self.config)
-        consistency = losses.consistency_loss if losses.consistency_loss is not None else x.new_zeros(())
+    def forward(self, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, epoch: int):
+        losses = step_losses(self.network, x, x_adv, y, self.config, epoch)
+        regulariser = losses.consistency_loss if losses.consistency_loss is not None else losses.smoothmix_loss
+        consistency = regulariser if regulariser is not None else x.new_zeros(())
         return (
             losses.total,
             losses.cls_loss.detach(),
@@ -184,13 +208,14 @@ def train_step(
     y: torch.Tensor,
     config: TrainConfig,
     augment: torch.Generator,
+    epoch: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One SGD step on a batch: augmentation, the recipe's attack (baselines), loss, update. Returns detached stats:
-    loss, cls, aux, logits, consistency (0 when not trained)."""
+    loss, cls, aux, logits, and the smoothing regulariser (consistency or SmoothMix; 0 when neither is trained)."""
     if config.crop_flip:
         x = random_crop_flip(x, augment)
     x_adv = adversarial_inputs(network, x, y, config)
-    loss, cls, aux, logits, consistency = objective(x, x_adv, y)
+    loss, cls, aux, logits, consistency = objective(x, x_adv, y, epoch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -237,7 +262,7 @@ def train_one_epoch(
                 group["lr"] = lr_at(config, epoch, (step + 1) / steps)
         batch = perm[step * config.batch_size : (step + 1) * config.batch_size]
         x, y = data.batch(batch[process.rank * local_batch : (process.rank + 1) * local_batch], process.device)
-        loss, cls, aux, logits, consistency = train_step(objective, network, optimizer, x, y, config, augment)
+        loss, cls, aux, logits, consistency = train_step(objective, network, optimizer, x, y, config, augment, epoch)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {step}; lower --lr")
         n = len(y)
@@ -270,6 +295,8 @@ def train_one_epoch(
     }
     if config.consistency:
         stats["train_consistency_loss"] = totals[5].item() / seen
+    if config.smoothmix:
+        stats["train_smoothmix_loss"] = totals[5].item() / seen
     return stats
 
 
@@ -417,6 +444,11 @@ def reproducing_options(config: TrainConfig, args: argparse.Namespace) -> list[s
             "--consistency-copies",
             str(config.consistency_copies),
         ]
+    preset = get_preset(config.preset)
+    for name, _, _ in SMOOTHING_OPTIONS:
+        value = getattr(config, name)
+        if value != getattr(preset, name) and (config.smoothmix or not name.startswith("smoothmix_")):
+            options += ["--" + name.replace("_", "-"), f"{value:g}" if isinstance(value, float) else str(value)]
     if args.data_root:
         options += ["--data-root", str(args.data_root)]
     if args.download:
@@ -455,6 +487,8 @@ def _provenance(config: TrainConfig, args: argparse.Namespace, data_source: str,
     }
     if config.consistency:  # how the weights were trained, in words for the model card (the numbers are in config)
         record["consistency"] = consistency_description(config)
+    if config.smoothmix:
+        record["smoothmix"] = smoothmix_description(config)
     return record
 
 
@@ -464,6 +498,22 @@ def consistency_description(config: TrainConfig) -> str:
         f"image, λ = {config.consistency_lambda:g} (KL to the copies' mean prediction), "
         f"η = {config.consistency_eta:g} (its entropy)"
     )
+
+
+def smoothmix_description(config: TrainConfig) -> str:
+    return (
+        f"SmoothMix (Jeong et al., NeurIPS 2021): {config.smoothmix_copies} noise draws per image, an adversary of "
+        f"{config.smoothmix_steps} L2 steps of {config.smoothmix_step_size:g} on the smoothed classifier, mix "
+        f"from step {config.smoothmix_mix_step}, η = {config.smoothmix_eta:g} "
+        f"(warm-up {config.smoothmix_warmup_epochs} epochs)"
+    )
+
+
+def training_noise_std(config: TrainConfig, aux_task: str) -> float | None:
+    """σ of the noise the weights were trained on (None for baselines, which train on clean images)."""
+    if not trains_auxiliary(config.recipe):
+        return None
+    return config.noise_std if config.noise_std is not None else TRAINING_NOISE_STD[aux_task]
 
 
 def _save(network, config, splits, out, training, metrics, calibration=None):
@@ -476,7 +526,7 @@ def _save(network, config, splits, out, training, metrics, calibration=None):
         training=training,
         metrics=metrics,
         calibration=calibration,
-        noise_std=TRAINING_NOISE_STD[network.aux_task] if trains_auxiliary(config.recipe) else None,
+        noise_std=training_noise_std(config, network.aux_task),
     )
     save_checkpoint(network, meta, out)
     return meta
