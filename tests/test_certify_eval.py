@@ -1,6 +1,9 @@
 """`python -m training evaluate --attacks certify` end to end on the zoo FCN and real test digits (small n)."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +106,46 @@ def test_certify_log_is_read_back_typed_and_refuses_what_is_not_one(tmp_path):
         read_certify_log(broken)
     header = CertifyLogHeader.from_json(lines[0])
     assert CertifyLogHeader.from_json(header.to_json()) == header
+
+
+def _certify_cli(out: Path, n: int, processes: int = 1) -> list[dict]:
+    """`evaluate --attacks certify` in real processes (torchrun with Gloo when processes > 1); the noisy log's rows."""
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    args = ["-m", "training", "evaluate", "--model", str(ROOT / "models" / "zoo" / "mnist-fcn-dr")]
+    args += ["--data-root", str(ROOT / "tests" / "data" / "mnist"), "--images", str(n), "--attacks", "certify"]
+    args += ["--bases", "noisy", "--n0", "20", "--certify-n", "300", "--noise-batch", "128", "--threads", "1"]
+    args += ["--device", "cpu", "--no-figures", "--out", str(out)]
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launcher, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = (out / "certify-noisy.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines[1:]]
+
+
+def _stable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_torchrun_certification_equals_one_process_and_resumes_from_part_logs(tmp_path):
+    """Two ranks share the images and rank 0 merges their part logs: the same per-image certificates as one process
+    (an image's noise depends on its index only). Part logs left by an interrupted run count as done."""
+    single = _certify_cli(tmp_path / "one", 6)
+    shared = _certify_cli(tmp_path / "two", 6, processes=2)
+    assert _stable(shared) == _stable(single)
+    assert not list((tmp_path / "two").glob("*.part*.jsonl"))  # merged into the one log
+    result = json.loads((tmp_path / "two" / "certify.json").read_text())
+    assert result["processes"] == 2
+    assert "2 x 1 threads" in (tmp_path / "two" / "certify.md").read_text()
+
+    # an interrupted sharded run: rank 1's part holds images 4 and 6 only; a single process certifies the rest
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    header = (tmp_path / "two" / "certify-noisy.jsonl").read_text().splitlines()[0]
+    forged = [dict(single[3], seconds=-1.0), dict(single[5], seconds=-1.0)]  # marked: must be read, not redone
+    (resumed / "certify-noisy.part1.jsonl").write_text("\n".join([header, *map(json.dumps, forged)]) + "\n")
+    rows = _certify_cli(resumed, 6)
+    assert _stable(rows) == _stable(single)
+    assert [r["seconds"] for r in rows].count(-1.0) == 2
+    assert not list(resumed.glob("*.part*.jsonl"))

@@ -19,8 +19,9 @@ from tqdm import tqdm
 from models import load_checkpoint, resolve_device
 from models.smoothing import SmoothingConfig, base_classifier, certify
 
-from . import provenance
+from . import distributed, provenance
 from .data import evaluation_order, load_test_data
+from .distributed import Process
 from .eval_config import EvalConfig
 from .records import CERTIFY_FILE, CertifiedBase, CertifyResult
 from .stats import Accuracy
@@ -88,49 +89,90 @@ def _load_done(path: Path, header: CertifyLogHeader) -> list[ImageResult]:
     return done
 
 
-def certify_base(kind: str, config: EvalConfig, smoothing: SmoothingConfig, out: Path) -> CertifiedBase:
+def _part_logs(out: Path, kind: str) -> list[Path]:
+    """The shard logs of an unfinished torchrun certification (`certify-<kind>.part<rank>.jsonl`)."""
+    return sorted(out.glob(f"certify-{kind}.part*.jsonl"))
+
+
+def _append(path: Path, header: CertifyLogHeader, result: ImageResult) -> None:
+    """One image's line, flushed at once (a log is read back after any interruption)."""
+    new = not path.exists()
+    with path.open("a") as log:
+        if new:
+            log.write(header.to_json() + "\n")
+        log.write(json.dumps(asdict(result)) + "\n")
+
+
+def certify_base(
+    kind: str, config: EvalConfig, smoothing: SmoothingConfig, out: Path, process: Process | None = None
+) -> CertifiedBase:
     """Certify the first n test images with one base classifier; resumable through `certify-<kind>.jsonl`.
 
     The log keeps every image certified so far; a rerun with a larger --n continues it, a smaller one reads its head.
+    Under torchrun the images still to certify are dealt out over the ranks; each appends to its own part log
+    (`certify-<kind>.part<rank>.jsonl`), and rank 0 merges the parts into the log at the end. An interrupted run leaves
+    the parts, which any later run (any number of processes, CPU or GPU) reads as done: an image's noise depends only
+    on the seed and its index, never on which process certified it.
     """
-    device = resolve_device(config.device)
-    loaded = load_checkpoint(config.model, device)
+    process = process or Process(0, 1, 0, resolve_device(config.device))
+    loaded = load_checkpoint(config.model, process.device)
     meta = loaded.meta
-    base = base_classifier(loaded.network, kind)
+    # channels_last: oneDNN's faster convolution layout on CPU (2x on LeNet); the same function, so the same certificate
+    network = loaded.network.to(memory_format=torch.channels_last)
+    base = base_classifier(network, kind)
     data, source = load_test_data(meta.dataset, config.data_root, meta.input_shape)
     order, selection = evaluation_order(data, source)
     n = min(config.n, len(data))
     header = CertifyLogHeader(str(config.model), kind, config.seed, smoothing)
     path = out / f"certify-{kind}.jsonl"
-    done = _load_done(path, header)[:n]  # a rerun with a smaller --n reuses the first n images
-    if not path.exists():
-        path.write_text(header.to_json() + "\n")
-    with path.open("a") as log:
-        for i in tqdm(range(len(done), n), desc=f"certify {kind}", unit="img", initial=len(done), total=n):
-            x, y = data.batch(order[i : i + 1], device)
-            start = time.perf_counter()
-            cert = certify(base, x, smoothing, len(meta.class_names), seed=config.seed + int(order[i]))[0]
-            result = ImageResult(int(order[i]), int(y[0]), cert.label, cert.radius, cert.p_lower, 0.0)
-            result.seconds = time.perf_counter() - start
-            done.append(result)
-            log.write(json.dumps(asdict(result)) + "\n")
-            log.flush()
-    seconds = sum(r.seconds for r in done)
+    done = {r.index: r for log in [path, *_part_logs(out, kind)] for r in _load_done(log, header)}
+    todo = [i for i in range(n) if int(order[i]) not in done]
+    mine = todo[process.rank :: process.world_size]
+    part = out / f"certify-{kind}.part{process.rank}.jsonl" if process.distributed else path
+    for i in tqdm(mine, desc=f"certify {kind}", unit="img", disable=not process.is_main):
+        x, y = data.batch(order[i : i + 1], process.device)
+        start = time.perf_counter()
+        cert = certify(base, x, smoothing, len(meta.class_names), seed=config.seed + int(order[i]))[0]
+        result = ImageResult(int(order[i]), int(y[0]), cert.label, cert.radius, cert.p_lower, 0.0)
+        result.seconds = time.perf_counter() - start
+        _append(part, header, result)
+    distributed.barrier(process)
+    parts = _part_logs(out, kind)
+    done = {r.index: r for log in [path, *parts] for r in _load_done(log, header)}
+    if process.is_main and parts:  # one log again, in evaluation order: what soundness and the report read
+        merged = [done[int(i)] for i in order if int(i) in done]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join([header.to_json() + "\n", *(json.dumps(asdict(r)) + "\n" for r in merged)]))
+        tmp.replace(path)
+        for log in parts:
+            log.unlink()
+    distributed.barrier(process)
+    results = [done[int(order[i])] for i in range(n) if int(order[i]) in done]
+    seconds = sum(r.seconds for r in results)
     return CertifiedBase(
         base=kind,
         data=f"{source}; {selection}",
-        n=len(done),
-        abstained=sum(r.predicted is None for r in done),
-        certified_accuracy={str(r): certified_accuracy(done, r) for r in RADII},
-        seconds_per_image=seconds / max(len(done), 1),
-        forward_passes_per_second=len(done) * (smoothing.n0 + smoothing.n) / max(seconds, 1e-9),
-        radii=[r.radius if r.correct else None for r in done],
+        n=len(results),
+        abstained=sum(r.predicted is None for r in results),
+        certified_accuracy={str(r): certified_accuracy(results, r) for r in RADII},
+        seconds_per_image=seconds / max(len(results), 1),
+        forward_passes_per_second=len(results) * (smoothing.n0 + smoothing.n) / max(seconds, 1e-9),
+        radii=[r.radius if r.correct else None for r in results],
     )
 
 
-def evaluate_certify(config: EvalConfig) -> CertifyResult:
+def evaluate_certify(config: EvalConfig) -> CertifyResult | None:
     """Certify with every requested base classifier (`config.certify`); write certify.json, certify.md and the
-    figure."""
+    figure. Under torchrun the images are shared out over the ranks; rank 0 writes and returns the result, the
+    others return None."""
+    process = distributed.start(config.device)
+    try:
+        return _evaluate_certify(config, process)
+    finally:
+        distributed.stop(process)
+
+
+def _evaluate_certify(config: EvalConfig, process: Process) -> CertifyResult | None:
     from . import figures  # noqa: PLC0415  (matplotlib only when evaluating)
 
     options = config.certify
@@ -147,6 +189,9 @@ def evaluate_certify(config: EvalConfig) -> CertifyResult:
         clamp=options.clamp,
     )
     config.out.mkdir(parents=True, exist_ok=True)
+    bases = {kind: certify_base(kind, config, smoothing, config.out, process) for kind in options.bases}
+    if not process.is_main:
+        return None
     result = CertifyResult(
         model=str(config.model),
         network=meta.network,
@@ -154,12 +199,13 @@ def evaluate_certify(config: EvalConfig) -> CertifyResult:
         smoothing=smoothing,
         sigma_source="--sigma" if options.sigma is not None else "checkpoint training noise",
         seed=config.seed,
-        device=str(resolve_device(config.device)),
+        device=str(process.device),
         threads=torch.get_num_threads(),
+        processes=process.world_size,
         git_commit=provenance.git_commit(),
         command=config.command(),
         radii=list(RADII),
-        bases={kind: certify_base(kind, config, smoothing, config.out) for kind in options.bases},
+        bases=bases,
     )
     (config.out / CERTIFY_FILE).write_text(result.to_json())
     (config.out / "certify.md").write_text(markdown(result))
@@ -175,7 +221,7 @@ def markdown(result: CertifyResult) -> str:
         "",
         f"Randomized smoothing (Cohen et al. 2019), σ = {s.sigma} ({result.sigma_source}), n0 = {s.n0}, "
         f"n = {s.n}, α = {s.alpha}, clamp to [0, 1] = {s.clamp}, seed {result.seed}, "
-        f"device {result.device} ({result.threads} threads), commit {result.git_commit}.",
+        f"device {result.device} ({result.processes} x {result.threads} threads), commit {result.git_commit}.",
         "",
         f"Command: `{result.command}`",
         "",

@@ -423,6 +423,8 @@ def _run_certify(config: EvalConfig) -> int:
     if config.threads:
         torch.set_num_threads(config.threads)
     result = evaluate_certify(config)
+    if result is None:  # a torchrun rank other than 0: rank 0 writes the result
+        return 0
     print(f"wrote {config.out}/certify.md, certify.json")
     for kind, base in result.bases.items():
         cells = ", ".join(f"r={r}: {100 * base.certified_accuracy[str(r)].accuracy:.1f}" for r in result.radii)

@@ -282,7 +282,8 @@ class CertifyResult(Record):
     sigma_source: str
     seed: int
     device: str
-    threads: int
+    threads: int  # per process
+    processes: int = 1  # torchrun processes that shared the images
     git_commit: str
     command: str
     radii: list[float]
