@@ -24,10 +24,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The rules and the formatting live in pyproject.toml ([tool.ruff]); .pre-commit-config.yaml runs the same checks.
+# The rules and the formatting live in pyproject.toml ([tool.ruff]), the import contract (models/ imports neither
+# training/ nor service/, service/ not training/, no import cycle) in .importlinter; .pre-commit-config.yaml runs the
+# same checks.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 # mypy: strict on models/ and service/, checked on training/ ([tool.mypy] in pyproject.toml says what and why).
 typecheck: $(STAMP)
