@@ -1,16 +1,28 @@
-# Everything runs from the repository's own virtual environment (.venv), created on first use.
+# Everything runs from the repository's own virtual environment (.venv), created on first use. Two installs, each
+# with its stamp: `make run` installs what serving needs (the `serve` extra), `make test` and the tools the dev set.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
 MODEL ?= models/zoo/mnist-fcn-dr
+# make run PORT=8080 (unset: --port's default 8000, or SOAP_PORT)
+PORT ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint typecheck bench gpu-check results clean
+.PHONY: install run wait-ready test lint typecheck bench gpu-check results clean
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+
+# Serving only: no test tools, no training packages.
+$(SERVE_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[serve]'
+	touch $(SERVE_STAMP)
+
+# The dev set: serving, training, the client, the test tools, ruff and mypy.
+$(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e '.[dev]'
 	# torchattacks (the `attacks` extra) pins an old `requests` no resolver can satisfy: installed without deps.
 	$(PY) -m pip install -q --no-deps torchattacks
@@ -18,8 +30,32 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-run: $(STAMP)
-	$(PY) -m service --model $(MODEL)
+# Serves in the foreground; it logs "ready: ..." once /readyz answers 200 (models loaded and warmed up).
+run: $(SERVE_STAMP)
+	$(PY) -m service --model $(MODEL) $(if $(PORT),--port $(PORT))
+
+# Returns once the service on localhost answers /readyz with 200 (e.g. after `make run &`: the first run installs
+# for a few minutes, then loads and warms up the model); exit status 1 after WAIT_S seconds. Python's standard
+# library only, so it needs no venv.
+WAIT_S ?= 900
+define WAIT_READY
+import sys, time, urllib.request
+url, wait_s = sys.argv[1], float(sys.argv[2])
+deadline = time.monotonic() + wait_s
+while True:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            if answer.status == 200:
+                sys.exit(print("ready:", url))
+    except OSError:  # refused while installing or loading, 503 while warming up
+        pass
+    if time.monotonic() > deadline:
+        sys.exit(f"not ready after {wait_s:.0f} s: {url}")
+    time.sleep(1)
+endef
+export WAIT_READY
+wait-ready:
+	@$(PYTHON) -c "$$WAIT_READY" http://localhost:$(or $(PORT),$(SOAP_PORT),8000)/readyz $(WAIT_S)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

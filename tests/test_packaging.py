@@ -1,6 +1,7 @@
-"""Packaging: each package's third-party imports are declared in the right place (models/ in the base install,
-service/ in the `serve` extra, training/ in `train`), the console scripts resolve and print the version, and the
-license metadata names the LICENSE file. Reads pyproject.toml and the source; builds nothing (fast)."""
+"""Packaging: each package's third-party imports are declared in the right place (models/ in the `core` extra,
+service/ in `serve`, training/ in `train`, the client in `client`, which pulls no torch), the console scripts resolve
+and print the version, and the license metadata names the LICENSE file. Reads pyproject.toml and the source; builds
+nothing (fast). tests/test_client_install.py installs the client for real."""
 
 from __future__ import annotations
 
@@ -26,11 +27,27 @@ def _name(requirement: str) -> str:
     return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement).group(0)).lower()
 
 
+def _self_extras(requirement: str) -> list[str]:
+    """The extras a requirement on this package itself names ("soap-serving[core]" -> ["core"]), else []."""
+    if _name(requirement) != _name(PROJECT["name"]):
+        return []
+    return [e.strip() for e in requirement.split("[", 1)[1].split("]", 1)[0].split(",")]
+
+
 def _declared(*extras: str) -> set[str]:
+    """The distributions an install with these extras pulls (the base dependencies, each extra, and the extras
+    that an extra names through this package itself, such as `serve` -> `core`)."""
     names = {_name(r) for r in PROJECT["dependencies"]}
-    for extra in extras:
-        names |= {_name(r) for r in PROJECT["optional-dependencies"][extra]}
-    return names
+    todo, seen = list(extras), set()
+    while todo:
+        extra = todo.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for requirement in PROJECT["optional-dependencies"][extra]:
+            todo += _self_extras(requirement)
+            names.add(_name(requirement))
+    return names - {_name(PROJECT["name"])}
 
 
 def _imports(paths: list[Path]) -> dict[str, tuple[set[str], set[str]]]:
@@ -60,7 +77,7 @@ CLIENT = ROOT / "service" / "client.py"  # the `client` extra; the rest of servi
 @pytest.mark.parametrize(
     ("where", "extras"),
     [
-        ("models", ()),
+        ("models", ("core",)),
         ("service", ("serve", "tracing")),
         ("service/client.py", ("client",)),
         ("training", ("train", "attacks")),
@@ -91,6 +108,14 @@ def test_extras_split_serving_from_training_and_dev_installs_everything():
         and {"serve", "train"} <= set(r.split("[", 1)[1].split("]", 1)[0].split(","))
         for r in dev
     ), "make test installs .[dev]: it must pull serve and train"
+
+
+def test_the_client_needs_no_torch_and_serving_and_training_include_the_core():
+    """`pip install '.[client]'` must not pull torch (the base dependencies are empty; torch is in `core`)."""
+    client = _declared("client")
+    assert client == {"httpx"}
+    assert "torch" not in _declared()
+    assert {"torch", "safetensors", "pydantic", "scipy"} <= _declared("serve") & _declared("train")
 
 
 def test_console_scripts_resolve_and_print_the_version(capsys):
