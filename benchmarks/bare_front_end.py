@@ -2,8 +2,8 @@
 what the compute pool costs and what the HTTP front end costs (benchmarks/service_load.py --parts ceiling runs both
 beside the service, in the same run):
 
-    python benchmarks/bare_front_end.py --model models/zoo/mnist-fcn-dr --port 8123        # serve
-    python benchmarks/bare_front_end.py --model models/zoo/mnist-fcn-dr --pool-alone 64    # measure, print JSON
+    python -m benchmarks.bare_front_end --model models/zoo/mnist-fcn-dr --port 8123        # serve
+    python -m benchmarks.bare_front_end --model models/zoo/mnist-fcn-dr --pool-alone 64    # measure, print JSON
 
 - **Bare front end** (`--port`): uvicorn with httptools and uvloop, as the service, calling one raw ASGI function:
   read the body, decode it with the service's decoder, queue it on the service's Batcher, whose workers are the
@@ -31,12 +31,11 @@ from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the service
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import orjson  # noqa: E402
 import torch  # noqa: E402
-from service_load import _tree_ticks  # noqa: E402
 
+from benchmarks.harness.cpu import tree_cpu_seconds  # noqa: E402
 from models import load_checkpoint  # noqa: E402
 from service.config import ServiceSettings  # noqa: E402
 from service.decode import DecodeLimits, decode_image  # noqa: E402
@@ -147,8 +146,8 @@ async def pool_alone(model_dir: Path, images: list[torch.Tensor], concurrency: i
 
 
 def _cpu_seconds() -> float:
-    """CPU of this process and its compute processes (service_load's /proc accounting)."""
-    return _tree_ticks(os.getpid()) / os.sysconf("SC_CLK_TCK")
+    """CPU of this process and its compute processes (the harness's /proc accounting)."""
+    return tree_cpu_seconds(os.getpid())
 
 
 def _decoded(folder: Path, shape: tuple[int, ...]) -> list[torch.Tensor]:

@@ -5,7 +5,7 @@ samples per image, noise batches of --noise-batch rows), and forward passes/s of
 of --noise-batch images (no noise, no counting). The ratio says what the sampling, clamping and vote counting cost
 on top of the network itself. Timed runs alternate between the two and medians are reported.
 
-    .venv/bin/python benchmarks/certify.py --json benchmarks/results/certify.json
+    .venv/bin/python -m benchmarks.certify --json benchmarks/results/certify.json
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from models import load_checkpoint  # noqa: E402
 from models.smoothing import SmoothingConfig, certify, noisy_classifier  # noqa: E402
@@ -66,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     x = digits(args.images)
     out: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": "python benchmarks/certify.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.certify " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores visible, torch "
         f"{torch.__version__}, {args.threads} thread(s)",
         "load_average": os.getloadavg(),

@@ -1,7 +1,7 @@
 """One prepared device run: validate and measure the CUDA path in at most ~8 minutes, writing JSON and a log.
 
-    python benchmarks/gpu_check.py --out OUT              # on a GPU machine (make gpu-check OUT=...)
-    python benchmarks/gpu_check.py --out OUT --dry-run    # every step on the CPU at tiny sizes (CI runs this)
+    python -m benchmarks.gpu_check --out OUT              # on a GPU machine (make gpu-check OUT=...)
+    python -m benchmarks.gpu_check --out OUT --dry-run    # every step on the CPU at tiny sizes (CI runs this)
 
 A GPU is lent rarely and briefly, so everything the device should tell us is one command, and its dry run keeps the
 script from rotting in between. Steps (each timed, each failure recorded without stopping the others; the JSON is
@@ -46,11 +46,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from purifier import CASES, matmul_gflops, synchronize  # noqa: E402
-
+from benchmarks.harness import ROOT  # noqa: E402
+from benchmarks.purifier import CASES, matmul_gflops, synchronize  # noqa: E402
 from models import Acceleration, Precision, aux_loss_fn, create_model, load_checkpoint, purify  # noqa: E402
 
 ZOO = ROOT / "models" / "zoo"
@@ -253,7 +250,8 @@ def step_service_load(plan: Plan, out: Path) -> dict[str, Any]:
     report = out / "service_load.json"
     cmd = [
         sys.executable,
-        "benchmarks/service_load.py",
+        "-m",
+        "benchmarks.service_load",
         "--parts",
         "load",  # the CPU compute-ceiling comparison belongs to the CPU pool, not to the device check
         "--json",
@@ -371,7 +369,7 @@ def run(plan: Plan, out: Path, only: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "benchmarks/gpu_check.py", *sys.argv[1:]]),
+        "command": " ".join(["python", "-m", "benchmarks.gpu_check", *sys.argv[1:]]),
         "dry_run": plan.dry_run,
         "device": str(plan.device),
         "steps": {},

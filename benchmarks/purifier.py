@@ -5,8 +5,8 @@ images per second of `purify` and of `purify_naive`, auxiliary-gradient evaluati
 speed-up, and the achieved float32 FLOP rate as a fraction of this machine's float32 matmul rate
 (measured in the same run; purifier FLOPs counted with torch.utils.flop_counter.FlopCounterMode).
 
-    python benchmarks/purifier.py --quick --json benchmarks/results/purifier-quick.json
-    python benchmarks/purifier.py --json benchmarks/results/purifier.json
+    python -m benchmarks.purifier --quick --json benchmarks/results/purifier-quick.json
+    python -m benchmarks.purifier --json benchmarks/results/purifier.json
 
 Timings interleave ours and naive (so both see the same machine load) and report the median run.
 """
@@ -31,7 +31,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import PurifierConfig, create_model, purify, purify_naive
 
 
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "benchmarks/purifier.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "-m", "benchmarks.purifier", *(argv if argv is not None else sys.argv[1:])]),
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),

@@ -1,11 +1,11 @@
 """Two revisions of the service under the same load, alternating, in one run: what a change to the request path
 gained, measured as a ratio (these machines are shared and noisy: only ratios measured side by side mean much).
 
-    python benchmarks/service_ab.py --base HEAD~1 --json benchmarks/results/service_ab.json
+    python -m benchmarks.service_ab --base HEAD~1 --json benchmarks/results/service_ab.json
 
 The base revision is checked out into a temporary git worktree; both servers run from the same virtual environment
 (`python -m service` imports the package of its own tree) with the same settings, on loopback, at the same time. Each
-round loads one, then the other (the order alternates between rounds), with service_load.py's closed-loop generator
+round loads one, then the other (the order alternates between rounds), with the harness's closed-loop generator
 and its /proc accounting: images/s, p50/p99, non-200 answers, and the event loop's CPU per request. The report gives
 each round and the median ratio work tree / base.
 """
@@ -24,7 +24,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from service_load import ROOT, LevelResult, Server, _payloads, closed_loop, service_server
+from benchmarks.harness import ROOT
+from benchmarks.harness.load import LevelResult, closed_loop, read_payloads
+from benchmarks.harness.server import ServiceProcess, service_server
 
 
 def _git(*args: str) -> str:
@@ -41,7 +43,7 @@ def _non_200(row: dict) -> int:
     return int(row["requests"] - row["ok"] + row["errors"])
 
 
-async def _measure(args: argparse.Namespace, servers: dict[str, Server], payloads: list[bytes]) -> list[dict]:
+async def _measure(args: argparse.Namespace, servers: dict[str, ServiceProcess], payloads: list[bytes]) -> list[dict]:
     import aiohttp
 
     rounds: list[dict] = []
@@ -52,7 +54,7 @@ async def _measure(args: argparse.Namespace, servers: dict[str, Server], payload
             server = servers[name]
             connector = aiohttp.TCPConnector(limit=2048)
             async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as s:
-                await server.wait_ready(s)
+                await server.wait_ready_async()
                 result: LevelResult = await closed_loop(
                     s, server.url, "/classify", payloads, args.concurrency, args.duration, args.max_requests,
                     args.warmup, name, server.proc.pid,
@@ -97,12 +99,12 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=50_000)
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args()
-    payloads = _payloads(Path(args.images))
+    payloads = read_payloads(Path(args.images))
     base_rev = _git("rev-parse", "--short=10", args.base)
     with tempfile.TemporaryDirectory(prefix="soap-ab-") as tmp:
         tree = Path(tmp) / "base"
         _git("worktree", "add", "--detach", "--quiet", str(tree), base_rev)
-        servers: dict[str, Server] = {}
+        servers: dict[str, ServiceProcess] = {}
         try:
             servers["base"] = service_server(args.model, cwd=tree)
             servers["work"] = service_server(args.model)

@@ -1,6 +1,6 @@
 """Load benchmark of the SOAP service: a real uvicorn server on loopback driven by a closed-loop load generator.
 
-    python benchmarks/service_load.py --json benchmarks/results/service_load.json
+    python -m benchmarks.service_load --json benchmarks/results/service_load.json
 
 In one run it measures:
 1. the generator's own ceiling against a trivial FastAPI endpoint (same uvicorn stack), so a slow client cannot
@@ -28,36 +28,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import functools
-import gc
 import json
 import os
 import platform
-import random
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.parse
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-ROOT = Path(__file__).resolve().parents[1]
-
+from benchmarks.harness import ROOT
+from benchmarks.harness.cpu import CLOCK_TICKS_PER_S, machine_busy_ticks
+from benchmarks.harness.load import GENERATORS, LevelResult, closed_loop, open_loop, read_payloads
+from benchmarks.harness.server import ServerProcess, service_server
 
 # ---------------------------------------------------------------------------------------------- servers
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_trivial(port: int) -> None:
@@ -78,367 +66,6 @@ def serve_trivial(port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-class Server:
-    """A server subprocess; `cwd` is the source tree it runs (`python -m service` imports from there)."""
-
-    def __init__(self, args: list[str], ready_path: str, cwd: Path = ROOT) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        # The server's output goes to a temporary file, so that a server that never becomes ready can say why.
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server; closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, *args, "--port", str(self.port)],
-            cwd=cwd,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        self.ready_path = ready_path
-
-    def log_tail(self, chars: int = 3000) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-chars:]
-
-    async def wait_ready(self, session, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        last = "none"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                async with session.get(self.url + self.ready_path) as r:
-                    if r.status == 200:
-                        return
-                    last = f"HTTP {r.status}: {(await r.text())[:300]}"
-            except Exception as exc:  # noqa: BLE001 - not listening yet
-                last = repr(exc)
-            await asyncio.sleep(0.2)
-        raise TimeoutError(f"server did not become ready in {timeout:.0f} s (last answer: {last}):\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
-
-
-def service_server(model: str, cwd: Path = ROOT, **options) -> Server:
-    args = ["-m", "service", "--model", model, "--host", "127.0.0.1"]
-    for key, value in options.items():
-        if value is True:
-            args.append("--" + key.replace("_", "-"))
-        elif value is not None:
-            args += ["--" + key.replace("_", "-"), str(value)]
-    return Server(args, "/readyz", cwd)
-
-
-# ---------------------------------------------------------------------------------------------- load generation
-
-
-class RawHttpClient:
-    """One keep-alive HTTP/1.1 connection that POSTs prebuilt requests and reads the answers by Content-Length.
-
-    The load generator shares the machine's cores with the server, so its CPU per request is taken from the server:
-    aiohttp's client spends ~130 µs per request here, this one a fraction of it (`generator_cpu_cores_used` in each
-    level says how much). It speaks only what the benchmark needs: POST, a Content-Length body, a Content-Length
-    answer; anything else raises."""
-
-    def __init__(self, url: str) -> None:
-        parsed = urllib.parse.urlsplit(url)
-        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 80
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    @staticmethod
-    def request(host: str, path: str, body: bytes, content_type: str) -> bytes:
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        )
-        return head.encode() + body
-
-    async def send(self, request: bytes) -> int:
-        """Send one prebuilt request, read its whole answer; the HTTP status."""
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        assert self.reader is not None
-        try:
-            self.writer.write(request)
-            head = await self.reader.readuntil(b"\r\n\r\n")
-            status = int(head[9:12])
-            lower = head.lower()
-            at = lower.find(b"\r\ncontent-length:")
-            if at < 0:
-                raise ValueError(f"answer without Content-Length: {head[:200]!r}")
-            length = int(lower[at + 17 : lower.index(b"\r\n", at + 2)])
-            await self.reader.readexactly(length)
-            if b"\r\nconnection: close" in lower:
-                self.close()
-            return status
-        except BaseException:
-            self.close()  # a half-read answer leaves the connection unusable
-            raise
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
-
-
-GENERATORS = ("raw", "aiohttp")  # the load generator's HTTP client (RawHttpClient, or aiohttp's)
-
-
-@dataclass
-class LevelResult:
-    name: str
-    concurrency: int | None
-    duration_s: float
-    requests: int
-    ok: int
-    status_counts: dict[str, int]
-    errors: int
-    throughput_images_s: float
-    requests_s: float
-    p50_ms: float | None
-    p90_ms: float | None
-    p99_ms: float | None
-    mean_batch_size: float | None = None
-    extra: dict = field(default_factory=dict)
-
-
-def _cpu_ticks(pid: int, tid: int | None = None) -> int:
-    """utime + stime of a process (or one of its threads) in clock ticks, from /proc."""
-    stat = Path(f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat").read_text()
-    fields = stat.rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def _tree_ticks(pid: int) -> int:
-    """CPU ticks of a process and its child processes (the service's compute processes)."""
-    total = _cpu_ticks(pid)
-    children = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):  # a child belongs to the thread that started it
-        with contextlib.suppress(OSError):
-            children += (task / "children").read_text().split()
-    for child in children:
-        with contextlib.suppress(OSError):  # exited meanwhile
-            total += _tree_ticks(int(child))
-    return total
-
-
-def _machine_busy_ticks() -> int:
-    """Non-idle CPU ticks of the whole machine (all processes, everyone's), from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(fields) - fields[3] - fields[4]  # minus idle and iowait
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 2)
-
-
-async def _metric_sums(session, url: str, name: str) -> tuple[float, float]:
-    """(sum, count) of a histogram on the server's /metrics."""
-    total = count = 0.0
-    async with session.get(url + "/metrics") as r:
-        for line in (await r.text()).splitlines():
-            if line.startswith(name + "_sum"):
-                total += float(line.rsplit(" ", 1)[1])
-            elif line.startswith(name + "_count"):
-                count += float(line.rsplit(" ", 1)[1])
-    return total, count
-
-
-def _without_gc_pauses(level):
-    """The generator must not be the bottleneck: a full collection of its heap stalls its event loop for tens
-    of milliseconds, which would show up as server latency. No collection during a level (bounded in time and
-    count, so its garbage is bounded too); collect between levels."""
-
-    @functools.wraps(level)
-    async def run_level(*args, **kwargs):
-        gc.collect()
-        gc.freeze()
-        gc.disable()
-        try:
-            return await level(*args, **kwargs)
-        finally:
-            gc.enable()
-            gc.unfreeze()
-            gc.collect()
-
-    return run_level
-
-
-@_without_gc_pauses
-async def closed_loop(
-    session,
-    url: str,
-    path: str,
-    payloads: list[bytes],
-    concurrency: int,
-    duration: float,
-    max_requests: int,
-    warmup: float,
-    name: str,
-    server_pid: int | None = None,
-    content_type: str = "image/png",
-    generator: str = "raw",
-) -> LevelResult:
-    """`concurrency` clients, each sending its next request as soon as the previous one is answered, each on its own
-    keep-alive connection (`generator`: RawHttpClient, or an aiohttp session's pool)."""
-    latencies: list[float] = []
-    statuses: dict[str, int] = {}
-    errors = 0
-    sent = 0
-    measuring = False
-    stop_at = time.monotonic() + warmup + duration
-
-    if generator not in GENERATORS:
-        raise ValueError(f"unknown generator {generator!r}; one of {GENERATORS}")
-    host = urllib.parse.urlsplit(url).netloc
-    requests = [RawHttpClient.request(host, path, body, content_type) for body in payloads]
-
-    async def send(raw: RawHttpClient, i: int) -> int:
-        if generator == "raw":
-            return await raw.send(requests[i % len(requests)])
-        body = payloads[i % len(payloads)]
-        async with session.post(url + path, data=body, headers={"Content-Type": content_type}) as r:
-            await r.read()
-            return r.status
-
-    async def client(k: int) -> None:
-        nonlocal errors, sent
-        i = k
-        raw = RawHttpClient(url)
-        try:
-            while time.monotonic() < stop_at and sent < max_requests:
-                start = time.perf_counter()
-                try:
-                    status = await send(raw, i)
-                except Exception:  # noqa: BLE001 - counted, reported
-                    if measuring:
-                        errors += 1
-                    continue
-                finally:
-                    i += concurrency
-                if measuring:
-                    sent += 1
-                    latencies.append(time.perf_counter() - start)
-                    statuses[str(status)] = statuses.get(str(status), 0) + 1
-        finally:
-            raw.close()
-
-    tasks = [asyncio.create_task(client(k)) for k in range(concurrency)]
-    await asyncio.sleep(warmup)
-    before = await _metric_sums(session, url, "soap_batch_size_images") if path == "/classify" else None
-    cpu_before = (_cpu_ticks(server_pid, server_pid), _tree_ticks(server_pid)) if server_pid else None
-    machine_before, generator_before = _machine_busy_ticks(), time.process_time()
-    measuring = True
-    began = time.monotonic()
-    await asyncio.gather(*tasks)
-    elapsed = time.monotonic() - began
-    extra = {}
-    if cpu_before is not None and sent:
-        hz = os.sysconf("SC_CLK_TCK")
-        loop_s = (_cpu_ticks(server_pid, server_pid) - cpu_before[0]) / hz  # the main thread runs the event loop
-        total_s = (_tree_ticks(server_pid) - cpu_before[1]) / hz  # with the compute processes
-        generator_s = time.process_time() - generator_before
-        machine_s = (_machine_busy_ticks() - machine_before) / hz
-        extra = {
-            "server_cpu_cores_used": round(total_s / elapsed, 2),
-            "event_loop_cpu_us_per_request": round(loop_s / sent * 1e6),
-            "other_threads_cpu_us_per_request": round((total_s - loop_s) / sent * 1e6),
-            "generator_cpu_cores_used": round(generator_s / elapsed, 2),
-            "others_cpu_cores_used": round(max(0.0, machine_s - total_s - generator_s) / elapsed, 2),
-        }
-    mean_batch = None
-    if before is not None:
-        after = await _metric_sums(session, url, "soap_batch_size_images")
-        batches = after[1] - before[1]
-        mean_batch = round((after[0] - before[0]) / batches, 2) if batches else None
-    ok = statuses.get("200", 0)
-    ok_latencies = latencies  # every request is a single image; report all answered requests
-    return LevelResult(
-        name,
-        concurrency,
-        round(elapsed, 2),
-        sent,
-        ok,
-        statuses,
-        errors,
-        round(ok / elapsed, 1),
-        round(sent / elapsed, 1),
-        _pct(ok_latencies, 0.5),
-        _pct(ok_latencies, 0.9),
-        _pct(ok_latencies, 0.99),
-        mean_batch,
-        extra,
-    )
-
-
-@_without_gc_pauses
-async def open_loop(
-    session, url: str, payloads: list[bytes], rate: float, duration: float, max_requests: int, seed: int = 0
-) -> LevelResult:
-    """Poisson arrivals at `rate` requests/s, whatever the server does: the overload test."""
-    rng = random.Random(seed)
-    by_status: dict[str, list[float]] = {}
-    errors = 0
-    tasks = []
-
-    async def one(body: bytes) -> None:
-        nonlocal errors
-        start = time.perf_counter()
-        try:
-            async with session.post(url + "/classify", data=body, headers={"Content-Type": "image/png"}) as r:
-                await r.read()
-                by_status.setdefault(str(r.status), []).append(time.perf_counter() - start)
-        except Exception:  # noqa: BLE001 - any failure of a request counts as an error
-            errors += 1
-
-    began = time.monotonic()
-    next_at = began
-    i = 0
-    while next_at < began + duration and i < max_requests:
-        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-        tasks.append(asyncio.create_task(one(payloads[i % len(payloads)])))
-        i += 1
-        next_at += rng.expovariate(rate)
-    offered_s = time.monotonic() - began
-    await asyncio.gather(*tasks)
-    elapsed = time.monotonic() - began
-    ok = len(by_status.get("200", []))
-    all_lat = [x for v in by_status.values() for x in v]
-    shed = by_status.get("503", [])
-    return LevelResult(
-        "overload",
-        None,
-        round(elapsed, 2),
-        i,
-        ok,
-        {k: len(v) for k, v in by_status.items()},
-        errors,
-        round(ok / elapsed, 1),
-        round(i / offered_s, 1),
-        _pct(all_lat, 0.5),
-        _pct(all_lat, 0.9),
-        _pct(all_lat, 0.99),
-        extra={
-            "offered_rate_target": round(rate, 1),
-            "offered_rate_achieved": round(i / offered_s, 1),
-            "answered": sum(len(v) for v in by_status.values()),
-            "unanswered": errors,
-            "p99_ms_200": _pct(by_status.get("200", []), 0.99),
-            "p50_ms_503": _pct(shed, 0.5),
-            "p99_ms_503": _pct(shed, 0.99),
-        },
-    )
-
-
 # ---------------------------------------------------------------------------------------------- the run
 
 
@@ -448,7 +75,6 @@ def compute_alone(model_dir: Path, threads: int | None, seconds: float = 3.0) ->
 
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from models import load_checkpoint
     from service.config import ServiceSettings
     from service.predict import PurifyRequest, predict
@@ -483,13 +109,6 @@ def compute_alone(model_dir: Path, threads: int | None, seconds: float = 3.0) ->
     return out
 
 
-def _payloads(images: Path, suffix: str = "png") -> list[bytes]:
-    files = sorted(images.glob(f"*/*.{suffix}"))
-    if not files:
-        raise SystemExit(f"no {suffix} images under {images}/<class>/")
-    return [f.read_bytes() for f in files]
-
-
 def _row(r: LevelResult, batch: int | str) -> str:
     return (
         f"| {r.name} | {r.concurrency if r.concurrency is not None else '-'} | {batch} | {r.requests} | "
@@ -507,7 +126,6 @@ def _ceiling_worker(model_dir: str, batch: int, threads: int, seconds: float, ba
     """One process of the ceiling: the predict step on one batch of uniform random images, again and again."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from models import load_checkpoint
     from service.predict import PurifyRequest, predict
 
@@ -535,7 +153,7 @@ def machine_ceiling(model_dir: Path, batches: list[int], seconds: float) -> dict
     layouts = {f"{cores} processes x 1 thread": (cores, 1), f"1 process x {cores} threads": (1, cores)}
     context = multiprocessing.get_context("spawn")
     out: dict = {"batches": batches, "cores": cores, "layouts": {}, "others_cpu_cores_used": {}}
-    hz = os.sysconf("SC_CLK_TCK")
+    hz = CLOCK_TICKS_PER_S
     for batch, (layout, (processes, threads)) in ((b, item) for b in batches for item in layouts.items()):
         name = f"batch {batch}, {layout}"
         barrier, results = context.Barrier(processes + 1), context.Queue()
@@ -546,14 +164,14 @@ def machine_ceiling(model_dir: Path, batches: list[int], seconds: float) -> dict
         for proc in procs:
             proc.start()
         barrier.wait()  # every process loaded and warmed up: measure from here
-        machine, ours, began = _machine_busy_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
+        machine, ours, began = machine_busy_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
         rate = sum(results.get() for _ in procs)
         for proc in procs:
             proc.join()
         elapsed = time.monotonic() - began
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         ours_s = after.ru_utime + after.ru_stime - ours.ru_utime - ours.ru_stime  # includes their warm-up: a bound
-        others = max(0.0, (_machine_busy_ticks() - machine) / hz - ours_s) / elapsed
+        others = max(0.0, (machine_busy_ticks() - machine) / hz - ours_s) / elapsed
         out["layouts"][name] = round(rate, 1)
         out["others_cpu_cores_used"][name] = round(others, 2)
     out["images_s"] = max(out["layouts"].values())
@@ -581,9 +199,9 @@ BARE_FRONT_END, POOL_ALONE = "bare-front-end", "pool-alone"
 VARIANTS = (*POOL_VARIANTS, BARE_FRONT_END, POOL_ALONE)
 
 
-def _variant_server(variant: str, model_dir: Path, args) -> Server:
+def _variant_server(variant: str, model_dir: Path, args) -> ServerProcess:
     if variant == BARE_FRONT_END:
-        return Server([str(ROOT / "benchmarks" / "bare_front_end.py"), "--model", str(model_dir)], "/readyz")
+        return ServerProcess(["-m", "benchmarks.bare_front_end", "--model", str(model_dir)], "/readyz")
     cores = len(os.sched_getaffinity(0))
     options = {k: (max(1, cores - 1) if v == "cores-1" else v) for k, v in POOL_VARIANTS[variant].items()}
     return service_server(
@@ -598,7 +216,7 @@ def _variant_server(variant: str, model_dir: Path, args) -> Server:
 
 def _pool_alone(model_dir: Path, concurrency: int, seconds: float) -> LevelResult:
     """The service's batcher and compute processes fed in-process (benchmarks/bare_front_end.py --pool-alone)."""
-    command = [sys.executable, str(ROOT / "benchmarks" / "bare_front_end.py"), "--model", str(model_dir)]
+    command = [sys.executable, "-m", "benchmarks.bare_front_end", "--model", str(model_dir)]
     out = subprocess.run(
         [*command, "--pool-alone", str(concurrency), "--seconds", str(seconds)],
         check=True, capture_output=True, text=True, cwd=ROOT,
@@ -617,7 +235,7 @@ async def ceiling_comparison(session, args, model_dir: Path) -> dict:
     each server variant at each concurrency, repeated; the ceiling is measured again at the end, and each level is
     compared with the mean of the two ceilings around it (the machine is shared: its load drifts)."""
     folder, suffix, content_type = _dataset_images(model_dir)
-    payloads = _payloads(folder, suffix)
+    payloads = read_payloads(folder, suffix)
     batches = sorted({b for b in args.ceiling_batches if b <= args.max_batch_size} | {args.max_batch_size})
     ceilings = [machine_ceiling(model_dir, batches, args.ceiling_seconds)]
     print(f"ceiling {model_dir.name}: {json.dumps(ceilings[-1])}", flush=True)
@@ -638,7 +256,7 @@ async def ceiling_comparison(session, args, model_dir: Path) -> dict:
                 continue
             server = _variant_server(variant, model_dir, args)
             try:
-                await server.wait_ready(session)
+                await server.wait_ready_async()
                 for c in args.ceiling_concurrency:
                     level = await closed_loop(
                         session, server.url, "/classify", payloads, c, durations[c], args.max_requests, warmups[c],
@@ -707,7 +325,7 @@ def ceiling_table(comparisons: list[dict]) -> str:
 async def run(args) -> dict:
     import aiohttp
 
-    payloads = _payloads(Path(args.images))
+    payloads = read_payloads(Path(args.images))
 
     def new_session() -> aiohttp.ClientSession:
         # A session closes its connector when it ends, so each session gets its own.
@@ -746,9 +364,9 @@ async def run(args) -> dict:
         return report
     async with new_session() as session:
         # 1. generator ceiling
-        trivial = Server([str(Path(__file__).resolve()), "--serve-trivial"], "/healthz")
+        trivial = ServerProcess(["-m", "benchmarks.service_load", "--serve-trivial"], "/healthz")
         try:
-            await trivial.wait_ready(session)
+            await trivial.wait_ready_async()
             ceiling = await closed_loop(
                 session,
                 trivial.url,
@@ -778,7 +396,7 @@ async def run(args) -> dict:
         )
         levels = []
         try:
-            await server.wait_ready(session)
+            await server.wait_ready_async()
             for c in args.concurrency:
                 level = await closed_loop(
                     session,
@@ -811,7 +429,7 @@ async def run(args) -> dict:
                 **options,
             )
             try:
-                await server.wait_ready(session)
+                await server.wait_ready_async()
                 level = await closed_loop(
                     session,
                     server.url,
@@ -858,7 +476,7 @@ async def run(args) -> dict:
             torch_threads=args.torch_threads,
         )
         try:
-            await server.wait_ready(session)
+            await server.wait_ready_async()
             over = await open_loop(session, server.url, payloads, 4 * capacity, args.duration, args.max_requests * 4)
             after = await closed_loop(
                 session,
@@ -935,7 +553,6 @@ async def _ceiling_part(session, args, report: dict) -> None:
 
 def _service_default(setting: str) -> object:
     """A setting's default in the service (service/config.py), so that the benchmark measures what ships."""
-    sys.path.insert(0, str(ROOT))
     from service.config import ServiceSettings
 
     return ServiceSettings.model_fields[setting].default

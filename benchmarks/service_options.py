@@ -1,11 +1,11 @@
 """One load level per server option set, in one run: what a serving option does to throughput and latency.
 
-    python benchmarks/service_options.py --options max_delay_ms=0 max_delay_ms=1 max_delay_ms=5 --concurrency 64
-    python benchmarks/service_options.py --options compute_workers=2 compute_workers=3 --concurrency 64
-    python benchmarks/service_options.py --options max_delay_ms=1,max_queue=32 --overload-rate 6294
+    python -m benchmarks.service_options --options max_delay_ms=0 max_delay_ms=1 max_delay_ms=5 --concurrency 64
+    python -m benchmarks.service_options --options compute_workers=2 compute_workers=3 --concurrency 64
+    python -m benchmarks.service_options --options max_delay_ms=1,max_queue=32 --overload-rate 6294
 
 Each option set (comma-separated key=value pairs of `python -m service` options, underscores for dashes) gets a
-server of its own and one closed-loop level (benchmarks/service_load.py's generator), or with --overload-rate one
+server of its own and one closed-loop level (benchmarks/harness/load.py), or with --overload-rate one
 open-loop level at that many requests/s. One level each: a screen for which settings deserve an A/B
 (benchmarks/service_ab.py), not a comparison to quote on its own.
 """
@@ -19,7 +19,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from service_load import ROOT, _payloads, closed_loop, open_loop, service_server
+from benchmarks.harness import ROOT
+from benchmarks.harness.load import closed_loop, open_loop, read_payloads
+from benchmarks.harness.server import service_server
 
 
 def parse_options(text: str) -> dict[str, str]:
@@ -33,14 +35,14 @@ def parse_options(text: str) -> dict[str, str]:
 async def _measure(args: argparse.Namespace) -> list[dict]:
     import aiohttp
 
-    payloads = _payloads(Path(args.images))
+    payloads = read_payloads(Path(args.images))
     levels = []
     connector = aiohttp.TCPConnector(limit=2048)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
         for options in args.options:
             server = service_server(args.model, **options)
             try:
-                await server.wait_ready(session)
+                await server.wait_ready_async()
                 if args.overload_rate:
                     level = await open_loop(session, server.url, payloads, args.overload_rate, args.duration, 10**6)
                 else:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_service_support import SHIPPED, train_tiny_checkpoint
+from support import SHIPPED, train_tiny_checkpoint
 
 from models import load_checkpoint
 

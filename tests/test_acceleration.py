@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_service_support import mnist_files, serve_app, settings_for
+from support import mnist_files, serve_app, settings_for
 
 from models import Acceleration, Precision, aux_loss, aux_loss_fn, load_checkpoint, purify
 from service.predict import InlineWorker, PurifyRequest

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from test_service_support import ServerProcess, serve_app, settings_for
+from support import ServiceProcess, serve_app, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -85,7 +85,7 @@ def test_swagger_ui_renders_offline_and_authorize_sends_the_key(model_dir):
     """Headless chromium on /docs of a keyed real server: the OpenAPI 3.1 document renders, nothing is fetched from
     outside the service, and after Authorize (X-API-Key) "Try it out" on GET /v1/models answers 200."""
     sync_api = pytest.importorskip("playwright.sync_api")
-    server = ServerProcess(
+    server = ServiceProcess(
         ["--model", str(model_dir)], {"SOAP_API_KEY_ENV": "SOAP_DOCS_UI_KEY", "SOAP_DOCS_UI_KEY": "ui-key"}
     )
     external: list[str] = []

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_service_support import ServerProcess, mnist_files, truncated_png
+from support import ServiceProcess, mnist_files, truncated_png
 
 from service.client import (
     AsyncSoapClient,
@@ -30,7 +30,7 @@ KEY = "client-test-key"
 @pytest.fixture(scope="module")
 def server(model_dir):
     """A tiny queue (4 images) that holds batches 300 ms: a burst of requests must meet 503s."""
-    proc = ServerProcess(
+    proc = ServiceProcess(
         ["--model", str(model_dir), "--max-queue", "4", "--max-batch-size", "4", "--max-delay-ms", "300"],
         {"SOAP_API_KEY_ENV": "SOAP_CLIENT_TEST_KEY", "SOAP_CLIENT_TEST_KEY": KEY},
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_service_support import ServerProcess, metric_value, mnist_png, serve_app, settings_for
+from support import ServiceProcess, metric_value, mnist_png, serve_app, settings_for
 
 from models import load_checkpoint
 from service.batcher import Batcher, WorkerDied
@@ -147,7 +147,7 @@ def test_sigkill_of_a_worker_under_load_costs_no_request(model_dir):
     load goes on for 4 s more (the retried batch, the restart and what follows)."""
     import aiohttp
 
-    srv = ServerProcess(["--model", str(model_dir), "--compute-workers", "2", "--max-batch-size", "32"])
+    srv = ServiceProcess(["--model", str(model_dir), "--compute-workers", "2", "--max-batch-size", "32"])
     try:
         srv.wait_ready(timeout=300)  # three interpreters importing torch: slow on a busy 2-core machine
         workers = _children(srv.proc.pid)

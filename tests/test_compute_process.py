@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from test_service_support import mnist_png, serve_app, settings_for
+from support import mnist_png, serve_app, settings_for
 
 from models import load_checkpoint
 from service.compute_process import ComputeProcess, ComputeProcessError, reply_to_predictions

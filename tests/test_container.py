@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_service_support import ROOT, mnist_files, mnist_png
+from support import ROOT, free_port, mnist_files, mnist_png
 
 SCRIPT = ROOT / "docker" / "ci-stack.sh"
 PROJECT = "soaptest"
@@ -30,12 +29,6 @@ SERVICE = "soap-cpu"
 PNG = {"Content-Type": "image/png"}
 # Building from scratch on 2 cores takes several minutes; the fixture's setup counts against the first test.
 pytestmark = pytest.mark.timeout(1800)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def why_podman_cannot_run() -> str | None:

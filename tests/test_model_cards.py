@@ -151,7 +151,7 @@ def test_card_on_disk_is_what_the_generator_makes(name):
 async def test_service_serves_the_card_and_states_the_robustness_truth(model_dir):
     """GET /v1/models/{name} says what purification resists (blind attacks) and what not (adaptive), and
     GET /v1/models/{name}/card serves the shipped card as is; a baseline resists nothing."""
-    from test_service_support import serve_app, settings_for
+    from support import serve_app, settings_for
 
     baseline = ZOO / "mnist-fcn-dr-vanilla"
     async with serve_app(settings_for(model_dir, baseline)) as (_, client):

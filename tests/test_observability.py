@@ -20,7 +20,7 @@ import httpx
 import pytest
 import torch
 from fastapi import FastAPI
-from test_service_support import ROOT, ServerProcess, metric_value, mnist_png, serve_app, settings_for
+from support import ROOT, ServiceProcess, metric_value, mnist_png, serve_app, settings_for
 
 import models
 from service.app import create_app
@@ -149,7 +149,7 @@ async def test_build_info_names_version_and_commit(model_dir):
 def test_json_logs_carry_the_request_id_on_every_line_of_a_request(model_dir):
     """The real server with --log-format json --access-log: every line is one JSON object; the lines of a request
     (uvicorn's access line included) carry its id; lines outside requests carry an empty id."""
-    server = ServerProcess(["--model", str(model_dir), "--log-format", "json", "--access-log", "--no-compute-process"])
+    server = ServiceProcess(["--model", str(model_dir), "--log-format", "json", "--access-log", "--no-compute-process"])
     try:
         server.wait_ready()
         r = httpx.post(server.url + "/classify", content=mnist_png(7), headers={**PNG, "X-Request-ID": "trace-me-1"})

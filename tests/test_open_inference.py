@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 from PIL import Image
-from test_service_support import ServerProcess, mnist_files, serve_app, settings_for
+from support import ServiceProcess, mnist_files, serve_app, settings_for
 from tritonclient.utils import InferenceServerException
 
 from models import __version__
@@ -34,7 +34,7 @@ MAX_IMAGES = 12
 def server(model_dir, tmp_path_factory):
     secret = tmp_path_factory.mktemp("secrets") / "soap_api_key"
     secret.write_text(KEY + "\n")
-    proc = ServerProcess(
+    proc = ServiceProcess(
         ["--model", str(model_dir), "--max-images-per-request", str(MAX_IMAGES)],
         {"SOAP_API_KEY_FILE": str(secret)},
     )

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_service_ab_loads_both_revisions_and_reports_the_ratio(tmp_path: Path) -> None:
     out = tmp_path / "ab.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/service_ab.py", "--base", "HEAD", "--rounds", "2", "--duration", "1",
+        [sys.executable, "-m", "benchmarks.service_ab", "--base", "HEAD", "--rounds", "2", "--duration", "1",
          "--warmup", "0.5", "--concurrency", "4", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

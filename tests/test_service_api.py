@@ -7,7 +7,7 @@ import json
 
 import pytest
 from PIL import Image
-from test_service_support import (
+from support import (
     bad_images,
     encode,
     metric_value,

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 from prometheus_client import generate_latest
-from test_service_support import metric_value, mnist_png, serve_app, settings_for
+from support import metric_value, mnist_png, serve_app, settings_for
 
 from service.app import create_app
 from service.predict import Predictions, PurifyRequest, predict, predict_in_chunks

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_service_support import (
-    ServerProcess,
+from support import (
+    ServiceProcess,
     metric_value,
     mnist_image,
     mnist_png,
@@ -154,7 +154,7 @@ async def test_certify_yields_to_queued_purification(model_dir):
 
 
 def test_certify_through_a_real_server(model_dir):
-    srv = ServerProcess(["--model", str(model_dir), "--max-certify-samples", "3000"])
+    srv = ServiceProcess(["--model", str(model_dir), "--max-certify-samples", "3000"])
     try:
         srv.wait_ready()
         with httpx.Client(base_url=srv.url, timeout=60) as client:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from test_service_support import ROOT
+from support import ROOT
 
 from models import __version__
 from service.config import ServiceSettings, _env_name, load_settings

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_service_support import bad_images, encode, mnist_image, mnist_png
+from support import bad_images, encode, mnist_image, mnist_png
 
 from service.decode import DecodeLimits, ImageRejected, decode_image, encode_png
 

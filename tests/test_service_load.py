@@ -1,6 +1,6 @@
-"""benchmarks/service_load.py on a real server: its raw HTTP client reads every answer a real uvicorn server gives
-(200s and error answers, on one keep-alive connection), and the ceiling comparison reports the compute ceiling at
-the batch size the service formed beside the best one."""
+"""benchmarks/service_load.py and its harness (benchmarks/harness/) on a real server: the raw HTTP client reads
+every answer a real uvicorn server gives (200s and error answers, on one keep-alive connection), and the ceiling
+comparison reports the compute ceiling at the batch size the service formed beside the best one."""
 
 from __future__ import annotations
 
@@ -12,22 +12,21 @@ from pathlib import Path
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from service_load import RawHttpClient, _payloads, closed_loop, service_server  # noqa: E402
+from benchmarks.harness import ROOT
+from benchmarks.harness.load import RawHttpClient, closed_loop, read_payloads
+from benchmarks.harness.server import ServerProcess, service_server
 
 MODEL = str(ROOT / "models" / "zoo" / "mnist-fcn-dr")
 
 
 def test_the_raw_client_reads_successes_and_errors_on_one_connection() -> None:
-    payloads = _payloads(ROOT / "tests" / "data" / "mnist")
+    payloads = read_payloads(ROOT / "tests" / "data" / "mnist")
 
     async def scenario() -> tuple[list[int], dict, dict]:
         server = service_server(MODEL, compute_workers=1)
         try:
             async with aiohttp.ClientSession() as session:
-                await server.wait_ready(session)
+                await server.wait_ready_async()
                 raw = RawHttpClient(server.url)
                 host = server.url.removeprefix("http://")
                 good = RawHttpClient.request(host, "/classify", payloads[0], "image/png")
@@ -64,7 +63,7 @@ def _short_ceiling_comparison(tmp_path: Path, variants: str) -> dict:
     """benchmarks/service_load.py --parts ceiling on MNIST with `variants`, at the smallest settings; its report."""
     out = tmp_path / "ceiling.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/service_load.py", "--parts", "ceiling", "--ceiling-models", MODEL,
+        [sys.executable, "-m", "benchmarks.service_load", "--parts", "ceiling", "--ceiling-models", MODEL,
          "--repeats", "1", "--ceiling-seconds", "0.3", "--ceiling-batches", "8", "--duration", "1", "--warmup", "0.3",
          "--ceiling-concurrency", "8", "--pool-variants", variants, "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -93,7 +92,7 @@ def test_service_options_runs_one_level_per_option_set(tmp_path: Path) -> None:
     for extra, name in (([], "closed"), (["--overload-rate", "200"], "open")):
         out = tmp_path / f"{name}.json"
         proc = subprocess.run(
-            [sys.executable, "benchmarks/service_options.py", "--options", "max_delay_ms=0",
+            [sys.executable, "-m", "benchmarks.service_options", "--options", "max_delay_ms=0",
              "max_delay_ms=5,max_queue=32", "--concurrency", "4", "--duration", "1", "--warmup", "0.3",
              "--json", str(out), *extra],
             cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -117,22 +116,21 @@ def test_the_bare_front_end_does_the_services_work_and_the_comparison_reports_it
     """benchmarks/bare_front_end.py is a lower bound on the front end only if it does the service's work: its labels
     are the predict step's on the same decoded images. The ceiling comparison measures it and the pool alone."""
     import torch
-    from service_load import Server
 
     from models import load_checkpoint
     from service.decode import decode_image
     from service.predict import PurifyRequest, predict
 
-    payloads = _payloads(ROOT / "tests" / "data" / "mnist")[:12]
+    payloads = read_payloads(ROOT / "tests" / "data" / "mnist")[:12]
     model = load_checkpoint(MODEL)
     images = torch.stack([decode_image(p, model.meta.input_shape) for p in payloads])
     expected = predict(model, images, PurifyRequest()).probs.argmax(dim=1).tolist()
 
     async def labels() -> list[int]:
-        server = Server([str(ROOT / "benchmarks" / "bare_front_end.py"), "--model", MODEL], "/readyz")
+        server = ServerProcess(["-m", "benchmarks.bare_front_end", "--model", MODEL], "/readyz")
         try:
             async with aiohttp.ClientSession() as session:
-                await server.wait_ready(session)
+                await server.wait_ready_async()
 
                 async def one(body: bytes) -> int:
                     async with session.post(server.url + "/classify", data=body) as r:

@@ -8,7 +8,7 @@ import base64
 import threading
 
 import pytest
-from test_service_support import ROOT, metric_value, mnist_png, serve_app, settings_for
+from support import ROOT, metric_value, mnist_png, serve_app, settings_for
 
 pytestmark = pytest.mark.anyio
 PNG = {"Content-Type": "image/png"}

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from schemathesis.checks import negative_data_rejection
 from schemathesis.generation.meta import ParameterLocation
 from schemathesis.generation.modes import GenerationMode
-from test_service_support import SHIPPED, ServerProcess, mnist_png, settings_for
+from support import SHIPPED, ServiceProcess, mnist_png, settings_for
 
 from service.app import create_app
 
@@ -77,7 +77,7 @@ def _final(case: schemathesis.Case, name: str) -> Any:
 
 @pytest.fixture(scope="module")
 def server():
-    process = ServerProcess(["--model", str(SHIPPED), *OPTIONS])
+    process = ServiceProcess(["--model", str(SHIPPED), *OPTIONS])
     try:
         process.wait_ready()
         assert httpx.get(process.url + "/openapi.json").json() == DOCUMENT

@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from test_service_support import ROOT, ServerProcess, bad_images, metric_value, mnist_files, mnist_png
+from support import ROOT, ServiceProcess, bad_images, metric_value, mnist_files, mnist_png
 
 from service.config import ServiceSettings, load_settings
 
@@ -23,10 +23,10 @@ PNG = {"Content-Type": "image/png"}
 
 @pytest.fixture
 def server(model_dir):
-    started: list[ServerProcess] = []
+    started: list[ServiceProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
-        proc = ServerProcess(["--model", str(model_dir), *args], env)
+    def start(*args: str, env: dict[str, str] | None = None) -> ServiceProcess:
+        proc = ServiceProcess(["--model", str(model_dir), *args], env)
         started.append(proc)
         proc.wait_ready()
         return proc

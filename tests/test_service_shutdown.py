@@ -12,7 +12,7 @@ import time
 
 import aiohttp
 import pytest
-from test_service_support import ServerProcess, mnist_png
+from support import ServiceProcess, mnist_png
 
 CLIENTS = 64
 
@@ -39,7 +39,7 @@ async def _client(session: aiohttp.ClientSession, url: str, body: bytes, outcome
             outcomes[f"lost {type(exc).__name__}"] += 1
 
 
-async def _run(server: ServerProcess, started: int) -> collections.Counter:
+async def _run(server: ServiceProcess, started: int) -> collections.Counter:
     """The clients, SIGTERM once they have `started` answers, then until every client has been refused."""
     outcomes: collections.Counter = collections.Counter()
     body = mnist_png(7)
@@ -63,7 +63,7 @@ def test_sigterm_under_keep_alive_load_loses_no_request(model_dir, delay):
     # In-process compute: the drain is the HTTP layer's; a compute child would only add seconds of start-up here
     # (tests/test_service_server.py drains one).
     options = ["--max-batch-size", "64", "--max-delay-ms", "20", "--no-compute-process", "--shutdown-delay-s", delay]
-    server = ServerProcess(["--model", str(model_dir), *options])
+    server = ServiceProcess(["--model", str(model_dir), *options])
     try:
         server.wait_ready()
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as idle:

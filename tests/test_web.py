@@ -8,18 +8,13 @@ Screenshots go to test-artifacts/ (git-ignored).
 from __future__ import annotations
 
 import base64
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from test_service_support import mnist_path
+from support import ServiceProcess, mnist_path
 
 from models import create_model, load_checkpoint, save_checkpoint
 from models.checkpoint import Calibration, meta_for
@@ -54,67 +49,18 @@ sync_api = pytest.importorskip("playwright.sync_api")
 # ----------------------------------------------------------------------------- servers and browser
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(ServiceProcess):
+    """The service with the shipped model on the CPU (one OpenMP thread), optionally behind an API key; its log is
+    kept in test-artifacts/."""
 
-
-class Server:
     def __init__(self, *extra: str, api_key: str | None = None) -> None:
         self.api_key = api_key
         self.headers = {"X-API-Key": api_key} if api_key else {}
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SOAP_")}
-        env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env = {"OMP_NUM_THREADS": "1"}
         if api_key:
             env["WEB_TEST_API_KEY"] = api_key
             extra = (*extra, "--api-key-env", "WEB_TEST_API_KEY")
-        self.log = ARTIFACTS / f"server-{self.port}.log"
-        self._log_file = self.log.open("wb")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service",
-                "--model",
-                str(MODEL),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--device",
-                "cpu",
-                *extra,
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log_file.close()
+        super().__init__(["--model", str(MODEL), "--device", "cpu", *extra], env, log_dir=ARTIFACTS)
 
 
 @pytest.fixture(scope="module")
