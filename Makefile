@@ -73,14 +73,14 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)
-	$(PY) benchmarks/purifier.py --json benchmarks/results/purifier.json
-	$(PY) benchmarks/service_load.py --json benchmarks/results/service_load.json
+	$(PY) -m benchmarks.purifier --json benchmarks/results/purifier.json
+	$(PY) -m benchmarks.service_load --json benchmarks/results/service_load.json
 
 # The prepared GPU run (benchmarks/gpu_check.py): at most ~8 minutes on one GPU; JSON and a log under OUT.
 # `make gpu-check DRY_RUN=1` runs every step on the CPU at tiny sizes (the test suite does this too).
 OUT ?= out/gpu-check
 gpu-check: $(STAMP)
-	$(PY) benchmarks/gpu_check.py --out $(OUT) $(if $(DRY_RUN),--dry-run)
+	$(PY) -m benchmarks.gpu_check --out $(OUT) $(if $(DRY_RUN),--dry-run)
 
 # Evaluate the shipped models (long; CPU) and rewrite docs/results.md. Point the roots at your data, e.g.
 # make results MNIST_ROOT=../shared/data CIFAR10_ROOT=../shared/data/cifar10-jpeg

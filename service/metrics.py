@@ -1,5 +1,5 @@
 """Prometheus metrics of the service. Names and labels are a contract (listed in docs/service.md, "Metrics") with the
-deployment's dashboards and alert rules and the demo page: change them only together (tests/test_deploy.py checks
+deployment's dashboards and alert rules and the demo page: change them only together (tests/test_deploy_live.py checks
 the dashboards and rules against what the running service exports).
 
 Each app gets its own CollectorRegistry, so several apps (tests) can live in one process.

@@ -5,7 +5,7 @@ docker/prometheus/rules/soap-alerts.yml and docker/grafana/dashboards/soap-servi
     python deploy/k8s/components/monitoring/generate.py --check  # exit 1 if either is out of date
 
 kustomize cannot read files outside a kustomization's folder (its load restrictor), so the two manifests are
-generated copies; tests/test_deploy.py fails when they drift from their sources.
+generated copies; tests/test_deploy_kubernetes.py fails when they drift from their sources.
 """
 
 from __future__ import annotations
