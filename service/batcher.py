@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Protocol
 
 import torch
 
@@ -81,28 +81,6 @@ class Worker(Protocol):
 
     def close(self) -> None:
         """Stop the worker for good (the service is stopping)."""
-
-
-RequestT = TypeVar("RequestT", contravariant=True)
-ResultT = TypeVar("ResultT")
-TicketT = TypeVar("TicketT", bound="Ticket[Any]")
-
-
-class Ticket(Protocol[ResultT]):
-    """A piece of work handed to a ComputeQueue: its future ends with the result (or the error that ended it)."""
-
-    @property
-    def future(self) -> asyncio.Future[ResultT]: ...
-
-
-class ComputeQueue(Protocol[RequestT, TicketT]):
-    """What the request path hands work to: the purification Batcher and the CertifyLane (service/certify.py).
-    `submit` queues one request's images under a deadline or raises QueueFull / ShuttingDown at once; `cancel`
-    takes a still-queued ticket out (deadline passed, client gone), False once its compute started."""
-
-    def submit(self, images: torch.Tensor, request: RequestT, deadline: float, request_id: str = "", /) -> TicketT: ...
-
-    def cancel(self, ticket: TicketT, error: BaseException | None = None, /) -> bool: ...
 
 
 @dataclass
@@ -160,8 +138,8 @@ class BatchStats:
 
 
 class Batcher:
-    """Queue + dispatcher for one model's pool of workers (a ComputeQueue of PurifyRequests). Create and use it inside
-    one running event loop."""
+    """Queue + dispatcher for one model's pool of workers (a compute_queue.ComputeQueue of PurifyRequests). Create and
+    use it inside one running event loop."""
 
     def __init__(
         self,

@@ -81,8 +81,8 @@ class CertifyResult:
 
 
 class CertifyLane:
-    """Queue + one worker thread for one model's certify requests (a ComputeQueue of CertifyRequests). Create and use
-    it inside a running loop."""
+    """Queue + one worker thread for one model's certify requests (a compute_queue.ComputeQueue of CertifyRequests).
+    Create and use it inside a running loop."""
 
     def __init__(
         self,

@@ -23,17 +23,9 @@ from fastapi.responses import Response
 from starlette.types import Receive
 
 from .auth import require_api_key
-from .batcher import (
-    BatchFailed,
-    ClientGone,
-    ComputeQueue,
-    DeadlineExceeded,
-    ItemResult,
-    QueueFull,
-    ShuttingDown,
-    Ticket,
-)
+from .batcher import BatchFailed, ClientGone, DeadlineExceeded, ItemResult, QueueFull, ShuttingDown
 from .certify import CertifyRequest, CertifyResult
+from .compute_queue import ComputeQueue, TicketT
 from .config import ServiceSettings
 from .decode import ImageRejected, decode_opened, open_image
 from .dependencies import runtime_of
@@ -211,9 +203,6 @@ async def _client_gone(receive: Receive) -> None:
     """Returns when the client disconnects (the body has been read, so only http.disconnect can come)."""
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-TicketT = TypeVar("TicketT", bound=Ticket[Any])
 
 
 async def _await_result(

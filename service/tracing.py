@@ -1,5 +1,6 @@
-"""Optional OpenTelemetry tracing of POST /classify (`--tracing`, the `tracing` extra): one span per request with
-children for its steps — read (body and form), decode, queue wait, compute, encode.
+"""Optional OpenTelemetry tracing of the inference requests, POST /classify and POST /v2/models/{name}/infer
+(`--tracing`, the `tracing` extra; service/pipeline.py records them): one span per request with children for its
+steps — read (body, form or tensors, and options), decode, queue wait, compute, encode.
 
 Off by default, and then free: `span()` hands back one shared no-op context manager and nothing of OpenTelemetry is
 imported. Queue wait and compute happen in the batcher for a whole batch; their spans are placed after the fact
