@@ -46,7 +46,12 @@ def test_certify_writes_table_figure_and_resumes(tmp_path):
     assert (tmp_path / "certified_accuracy.png").stat().st_size > 1000
     table = (tmp_path / "certify.md").read_text()
     assert "r = 0.5" in table
-    assert "--attacks certify" in table
+    assert first["command"] == (
+        f"python -m training evaluate --model {ROOT / 'models' / 'zoo' / 'mnist-fcn-dr'} --data-root "
+        f"{ROOT / 'tests' / 'data' / 'mnist'} --n 3 --attacks certify --seed 0 --out {tmp_path} --n0 20 "
+        "--certify-n 300 --alpha 0.001 --noise-batch 128 --bases noisy,denoised"
+    )
+    assert f"Command: `{first['command']}`" in table
     noisy = first["bases"]["noisy"]
     acc = [noisy["certified_accuracy"][str(r)]["accuracy"] for r in first["radii"]]
     assert acc == sorted(acc, reverse=True)  # certified accuracy cannot grow with the radius
@@ -64,6 +69,11 @@ def test_certify_writes_table_figure_and_resumes(tmp_path):
     assert main(argv) == 0
     sound = json.loads((tmp_path / "soundness-noisy.json").read_text())
     assert sound["passed"]
+    assert sound["command"] == (  # what ran, spelled out (not the test runner's own argv)
+        f"python -m training soundness --certified {tmp_path / 'certify-noisy.jsonl'} --data-root "
+        f"{ROOT / 'tests' / 'data' / 'mnist'} --n 2 --multipliers 1.0,3.0 --steps 5 --samples 8 --predict-n 200 "
+        f"--alpha 0.001 --batch-size 25 --seed 0 --out {tmp_path}"
+    )
     assert [o["multiplier"] for o in sound["outcomes"]] == [1.0, 3.0]
     assert sound["outcomes"][0]["max_l2_over_radius"] <= 1.0 + 1e-5
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -12,9 +14,10 @@ from PIL import Image
 
 from models import create_model, load_checkpoint, purify, save_checkpoint
 from models.checkpoint import meta_for
-from training import provenance
+from training import cli, evaluate, provenance
 from training.__main__ import main
 from training.data import evaluation_order, load_test_data
+from training.eval_config import EvalConfig
 from training.records import load_evaluation, pack_images
 from training.rows import ROWS
 
@@ -240,6 +243,64 @@ def test_baseline_checkpoint_gets_only_the_unpurified_row(tmp_path):
     assert code == 0
     assert result["rows"] == ["none"]
     assert list(result["attacks"]) == ["fgsm"]
+
+
+def test_the_recorded_command_is_the_one_that_ran_and_parses_back_to_it(evaluation):
+    """The options are declared once (training/eval_config.py): the command written into results.json spells out
+    what the run used, in the format the committed results cite, and parsing it gives the same evaluation."""
+    _, out, result = evaluation
+    assert result["command"] == (
+        f"python -m training evaluate --model {MODEL} --data-root {DIGITS} --n 24 "
+        f"--attacks noise,fgsm,pgd,cw,aux-pgd,bpda,full-grad --seed 3 --out {out} --batch-size 16 --beta 0.5 "
+        "--sanity-n 16 --beta-n 16 --adaptive-n 12 --pgd-steps 10 --cw-steps 10 --cw-binary-steps 2 --df-steps 10 "
+        "--adaptive-steps 3 --apgd-steps 4"
+    )
+    config = parse_evaluate(result["command"])
+    assert config.command() == result["command"]
+    assert (config.n, config.adaptive_n, config.settings.apgd_steps, config.settings.linf_eps) == (24, 12, 4, None)
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (
+            [
+                "--model",
+                "m",
+                "--images",
+                "7",
+                "--attacks",
+                "certify",
+                "--sigma",
+                "0.25",
+                "--no-clamp",
+                "--bases",
+                "noisy",
+            ],
+            "python -m training evaluate --model m --n 7 --attacks certify --seed 0 --out results --sigma 0.25 "
+            "--n0 100 --certify-n 10000 --alpha 0.001 --noise-batch 1000 --bases noisy --no-clamp",
+        ),
+        (
+            ["--model", "m", "--attacks", "certify", "--batch-size", "5", "--threads", "2", "--eps", "0.1"],
+            "python -m training evaluate --model m --n 1000 --attacks certify --seed 0 --out results --n0 100 "
+            "--certify-n 10000 --alpha 0.001 --noise-batch 1000 --bases noisy,denoised",
+        ),
+    ],
+)
+def test_a_certification_records_only_what_it_depends_on(argv, command):
+    """`--attacks certify` records the evaluation's data options and the smoothing options (not the attacks')."""
+    config = parse_evaluate("python -m training evaluate " + " ".join(argv))
+    assert config.command() == command
+    assert parse_evaluate(command).certify == config.certify
+
+
+def parse_evaluate(command: str) -> EvalConfig:
+    """The EvalConfig `python -m training evaluate ...` runs with: the real command-line parser."""
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    words = shlex.split(command)
+    assert words[:4] == ["python", "-m", "training", "evaluate"]
+    return cli.from_args(EvalConfig, parser.parse_args(words[4:]))
 
 
 def test_unknown_attack_is_a_clear_error(tmp_path, capsys):

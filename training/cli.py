@@ -21,7 +21,7 @@ from typing import Any
 OPTION = "cli_option"  # the key of a field's Option in its dataclass metadata
 
 
-class Record(Enum):
+class Recorded(Enum):
     """Whether an option is written into the recorded command line."""
 
     ALWAYS = "always"  # spelled out even at its default, so the command reads without the defaults
@@ -35,7 +35,7 @@ class Option:
 
     help: str | None = None  # for a nested settings field: the title of its argument group
     names: tuple[str, ...] = ()  # default: --field-name; the first is the one written in recorded commands
-    record: Record = Record.CHANGED
+    record: Recorded = Recorded.CHANGED
     metavar: str | None = None
     choices: Sequence[Any] | None = None
     show: Callable[[Any], str] | None = None  # the value as written in a recorded command (default: `show`)
@@ -161,7 +161,7 @@ def from_args(cls: type, args: argparse.Namespace, prefix: str = "") -> Any:
 
 def recorded(settings: Any, only: Iterable[str] | None = None, skip: Iterable[str] = ()) -> list[str]:
     """The options that reproduce `settings`, in field order (top-level fields restricted to `only` / not in `skip`),
-    each as its Record says."""
+    each as its `Recorded` says."""
     keep = set(only) if only is not None else None
     out: list[str] = []
     for flag in flags(type(settings)):
@@ -170,6 +170,8 @@ def recorded(settings: Any, only: Iterable[str] | None = None, skip: Iterable[st
         value = getattr(settings, flag.field)
         if flag.nested:
             out += recorded(value)
-        elif flag.option.record is Record.ALWAYS or (flag.option.record is Record.CHANGED and value != flag.default):
+        elif flag.option.record is Recorded.ALWAYS or (
+            flag.option.record is Recorded.CHANGED and value != flag.default
+        ):
             out += flag.words(value)
     return out

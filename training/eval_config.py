@@ -12,7 +12,7 @@ from typing import Any
 from models.smoothing import BASE_CLASSIFIERS
 
 from .attacks.registry import ATTACKS, DEFAULT_ATTACKS
-from .cli import Record, option, recorded
+from .cli import Recorded, option, recorded
 
 _OVERRIDE = "override {field}"
 
@@ -45,12 +45,12 @@ class CertifyOptions:
     """The smoothing settings of `evaluate --attacks certify` (σ None: the checkpoint's training noise)."""
 
     sigma: float | None = option(None, help="noise σ (default: the checkpoint's training noise)")
-    n0: int = option(100, record=Record.ALWAYS, help="noise samples to select the class")
-    n: int = option(10_000, names=("--certify-n",), record=Record.ALWAYS, help="noise samples to estimate p_A")
-    alpha: float = option(0.001, record=Record.ALWAYS, help="failure probability of each certificate")
-    noise_batch: int = option(1_000, record=Record.ALWAYS, help="noisy copies per forward pass (memory)")
+    n0: int = option(100, record=Recorded.ALWAYS, help="noise samples to select the class")
+    n: int = option(10_000, names=("--certify-n",), record=Recorded.ALWAYS, help="noise samples to estimate p_A")
+    alpha: float = option(0.001, record=Recorded.ALWAYS, help="failure probability of each certificate")
+    noise_batch: int = option(1_000, record=Recorded.ALWAYS, help="noisy copies per forward pass (memory)")
     bases: tuple[str, ...] = option(
-        BASE_CLASSIFIERS, record=Record.ALWAYS, help=f"base classifiers: {', '.join(BASE_CLASSIFIERS)}"
+        BASE_CLASSIFIERS, record=Recorded.ALWAYS, help=f"base classifiers: {', '.join(BASE_CLASSIFIERS)}"
     )
     clamp: bool = option(True, names=("--no-clamp",), help="do not clamp noisy inputs to [0, 1]")
 
@@ -63,38 +63,38 @@ CERTIFY_RECORDS = ("model", "data_root", "n", "attacks", "seed", "out", "certify
 class EvalConfig:
     """One evaluation (or, with `attacks == ("certify",)`, one certification) of a checkpoint."""
 
-    model: Path = option(record=Record.ALWAYS, help="checkpoint folder (model.safetensors + model.json)")
+    model: Path = option(record=Recorded.ALWAYS, help="checkpoint folder (model.safetensors + model.json)")
     data_root: Path | None = option(
         None, help="dataset root: torchvision layout (MNIST/raw/...) or an ImageFolder tree (ROOT/test/<class>/)"
     )
     n: int = option(
         1000,
         names=("--n", "--images"),
-        record=Record.ALWAYS,
+        record=Recorded.ALWAYS,
         help="number of test images (the first n; default 1000). Under torchrun write --images: torchrun's own "
         "parser rejects --n as an ambiguous abbreviation of its options",
     )
     attacks: tuple[str, ...] = option(
-        DEFAULT_ATTACKS, record=Record.ALWAYS, help=f"comma-separated subset of: {', '.join(ATTACKS)}"
+        DEFAULT_ATTACKS, record=Recorded.ALWAYS, help=f"comma-separated subset of: {', '.join(ATTACKS)}"
     )
-    seed: int = option(0, record=Record.ALWAYS)
-    device: str = option("auto", record=Record.NEVER, help="auto | cpu | cuda | cuda:N")
-    out: Path = option(Path("results"), record=Record.ALWAYS, help="output folder")
-    batch_size: int = option(250, record=Record.ALWAYS)
-    beta: float = option(0.5, record=Record.ALWAYS, help="β of the aux-aware PGD column (paper scale)")
-    sanity_n: int = option(100, record=Record.ALWAYS, help="images for the budget sweep and ε = 0 checks")
-    beta_n: int = option(500, record=Record.ALWAYS, help="images for the β sweep (Fig. 5)")
+    seed: int = option(0, record=Recorded.ALWAYS)
+    device: str = option("auto", record=Recorded.NEVER, help="auto | cpu | cuda | cuda:N")
+    out: Path = option(Path("results"), record=Recorded.ALWAYS, help="output folder")
+    batch_size: int = option(250, record=Recorded.ALWAYS)
+    beta: float = option(0.5, record=Recorded.ALWAYS, help="β of the aux-aware PGD column (paper scale)")
+    sanity_n: int = option(100, record=Recorded.ALWAYS, help="images for the budget sweep and ε = 0 checks")
+    beta_n: int = option(500, record=Recorded.ALWAYS, help="images for the β sweep (Fig. 5)")
     adaptive_n: int | None = option(  # adaptive attacks on the first adaptive_n images only (CPU budget)
         None, help="run adaptive attacks on the first N of the n images only (they cost ~T·K gradients per step)"
     )
-    figures: bool = option(True, names=("--no-figures",), record=Record.NEVER)
+    figures: bool = option(True, names=("--no-figures",), record=Recorded.NEVER)
     resume: bool = option(  # reuse the per-batch partial results under out/.partial (same configuration only)
         True,
         names=("--no-resume",),
-        record=Record.NEVER,
+        record=Recorded.NEVER,
         help="recompute every batch (default: reuse OUT/.partial of this config)",
     )
-    threads: int | None = option(None, record=Record.NEVER, help="torch CPU threads")
+    threads: int | None = option(None, record=Recorded.NEVER, help="torch CPU threads")
     certify: CertifyOptions = option(
         factory=CertifyOptions, help="--attacks certify: randomized smoothing (Cohen et al. 2019)"
     )

@@ -11,8 +11,8 @@ Success at k > 1 shows that the attack can change the prediction when the guaran
 from __future__ import annotations
 
 import argparse
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,78 +21,101 @@ from tqdm import tqdm
 from models import load_checkpoint, resolve_device
 from models.smoothing import SmoothingConfig, base_classifier, predict
 
-from . import provenance
+from . import cli, provenance
 from .attacks.smoothadv import smoothadv_pgd
 from .certify import read_certify_log
+from .cli import Recorded, option, recorded
 from .data import load_test_data
 from .records import PredictSettings, SmoothAdvSettings, SoundnessOutcome, SoundnessResult, SoundnessSmoothing
 
 
-def run_soundness(args: argparse.Namespace) -> SoundnessResult:
-    header, rows = read_certify_log(args.certified)
-    certified = [r for r in rows if r.radius is not None][: args.n]
-    device = resolve_device(args.device)
+@dataclass(frozen=True, kw_only=True)
+class SoundnessConfig:
+    """The settings of `python -m training soundness`; each field is its flag (`training.cli`)."""
+
+    certified: Path = option(record=Recorded.ALWAYS, help="certify-<base>.jsonl of evaluate --attacks certify")
+    data_root: Path | None = option(None)
+    n: int = option(100, record=Recorded.ALWAYS, help="certified images to attack (the first n)")
+    multipliers: tuple[float, ...] = option((1.0, 1.5, 2.0, 3.0), record=Recorded.ALWAYS)
+    steps: int = option(20, record=Recorded.ALWAYS)
+    samples: int = option(32, record=Recorded.ALWAYS, help="noise samples per attack step")
+    predict_n: int = option(10_000, record=Recorded.ALWAYS)
+    alpha: float = option(0.001, record=Recorded.ALWAYS)
+    batch_size: int = option(25, record=Recorded.ALWAYS)
+    seed: int = option(0, record=Recorded.ALWAYS)
+    device: str = option("auto", record=Recorded.NEVER)
+    out: Path = option(record=Recorded.ALWAYS)
+    threads: int | None = option(None)  # recorded when given: the thread count changes floating-point sums
+
+    def command(self) -> str:
+        return " ".join(["python -m training soundness", *recorded(self)])
+
+
+def run_soundness(config: SoundnessConfig) -> SoundnessResult:
+    header, rows = read_certify_log(config.certified)
+    certified = [r for r in rows if r.radius is not None][: config.n]
+    device = resolve_device(config.device)
     loaded = load_checkpoint(header.model, device)
     base = base_classifier(loaded.network, header.base)
     meta = loaded.meta
-    data, source = load_test_data(meta.dataset, args.data_root, meta.input_shape)
+    data, source = load_test_data(meta.dataset, config.data_root, meta.input_shape)
     x, _ = data.batch(torch.tensor([r.index for r in certified]), device)
     c = torch.tensor([r.predicted for r in certified], device=device)
     radius = torch.tensor([r.radius for r in certified], device=device, dtype=x.dtype)
     sigma, clamp = header.smoothing.sigma, header.smoothing.clamp
     check = SmoothingConfig(
-        sigma=sigma, n=args.predict_n, alpha=args.alpha, batch_size=header.smoothing.batch_size, clamp=clamp
+        sigma=sigma, n=config.predict_n, alpha=config.alpha, batch_size=header.smoothing.batch_size, clamp=clamp
     )
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(config.seed)
     outcomes = []
     started = time.time()
-    for k in args.multipliers:
+    for k in config.multipliers:
         changed = abstained = 0
         l2s, ratios = [], []
-        for lo in tqdm(range(0, len(certified), args.batch_size), desc=f"k={k}", unit="batch"):
-            sl = slice(lo, lo + args.batch_size)
+        for lo in tqdm(range(0, len(certified), config.batch_size), desc=f"k={k}", unit="batch"):
+            sl = slice(lo, lo + config.batch_size)
             adv = smoothadv_pgd(
                 base,
                 x[sl],
                 c[sl],
                 k * radius[sl],
                 sigma,
-                steps=args.steps,
-                samples=args.samples,
+                steps=config.steps,
+                samples=config.samples,
                 generator=generator,
                 clamp=clamp,
             )
             dist = (adv - x[sl]).flatten(1).norm(dim=1)
             l2s += dist.tolist()
             ratios += (dist / radius[sl]).tolist()
-            preds = predict(base, adv, check, len(meta.class_names), seed=args.seed + 1_000_000 + lo)
+            preds = predict(base, adv, check, len(meta.class_names), seed=config.seed + 1_000_000 + lo)
             for p, target in zip(preds, c[sl].tolist(), strict=True):
                 changed += p.label is not None and p.label != target
                 abstained += p.abstained
         outcomes.append(SoundnessOutcome.of(k, len(certified), changed, abstained, sum(l2s) / len(l2s), max(ratios)))
     inside = [o for o in outcomes if o.multiplier <= 1.0]
     result = SoundnessResult(
-        certified_log=str(args.certified),
+        certified_log=str(config.certified),
         model=header.model,
         base=header.base,
         data=source,
         smoothing=SoundnessSmoothing.model_validate(
             {k: getattr(header.smoothing, k) for k in ("sigma", "n0", "n", "alpha", "clamp")}
         ),
-        attack=SmoothAdvSettings(steps=args.steps, samples=args.samples, step_size="2.5·ε/steps", seed=args.seed),
-        predict=PredictSettings(n=args.predict_n, alpha=args.alpha),
+        attack=SmoothAdvSettings(steps=config.steps, samples=config.samples, step_size="2.5·ε/steps", seed=config.seed),
+        predict=PredictSettings(n=config.predict_n, alpha=config.alpha),
         images=len(certified),
         outcomes=outcomes,
         passed=all(o.changed == 0 for o in inside),
-        command=" ".join(["python -m training soundness", *sys.argv[2:]]),
+        command=config.command(),
         git_commit=provenance.git_commit(),
         threads=torch.get_num_threads(),
         device=str(device),
         wall_seconds=time.time() - started,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"soundness-{header.base}.json").write_text(result.to_json())
-    (args.out / f"soundness-{header.base}.md").write_text(markdown(result))
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / f"soundness-{header.base}.json").write_text(result.to_json())
+    (config.out / f"soundness-{header.base}.md").write_text(markdown(result))
     return result
 
 
@@ -126,26 +149,13 @@ def markdown(result: SoundnessResult) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--certified", type=Path, required=True, help="certify-<base>.jsonl of evaluate --attacks certify"
-    )
-    parser.add_argument("--data-root", type=Path, default=None)
-    parser.add_argument("--n", type=int, default=100, help="certified images to attack (the first n)")
-    parser.add_argument("--multipliers", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 1.5, 2.0, 3.0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--samples", type=int, default=32, help="noise samples per attack step")
-    parser.add_argument("--predict-n", type=int, default=10_000)
-    parser.add_argument("--alpha", type=float, default=0.001)
-    parser.add_argument("--batch-size", type=int, default=25)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--threads", type=int, default=None)
+    cli.add_arguments(parser, SoundnessConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run_soundness(args)
+    config: SoundnessConfig = cli.from_args(SoundnessConfig, args)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    result = run_soundness(config)
     print(markdown(result))
     return 0 if result.passed else 1
