@@ -36,16 +36,12 @@ Image.init()
 _PLUGINS = [f for f in (*SUPPORTED_FORMATS, "MPO") if f in Image.OPEN]
 
 
-@dataclass
-class ImageRejected(Exception):
-    """Why an upload cannot be used. `status` is the HTTP status; `error` the machine-readable code."""
+class ImageRejected(ValueError):
+    """Why an upload cannot be used as an image; the HTTP layer answers it as 422 `bad_image` with `detail`."""
 
-    status: int
-    error: str
-    detail: str
-
-    def __str__(self) -> str:
-        return self.detail
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -55,7 +51,7 @@ class DecodeLimits:
 
 
 def _bad(detail: str) -> ImageRejected:
-    return ImageRejected(422, "bad_image", detail)
+    return ImageRejected(detail)
 
 
 def _open(data: bytes, limits: DecodeLimits) -> Image.Image:

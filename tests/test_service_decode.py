@@ -110,8 +110,6 @@ def test_bad_images_are_refused_with_a_reason(name):
     payload, word = bad_images()[name]
     with pytest.raises(ImageRejected) as info:
         decode_image(payload, MNIST_SHAPE)
-    assert info.value.status == 422
-    assert info.value.error == "bad_image"
     assert word in info.value.detail
 
 
