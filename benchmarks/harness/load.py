@@ -204,7 +204,7 @@ async def closed_loop(
     await asyncio.gather(*tasks)
     elapsed = time.monotonic() - began
     extra = {}
-    if cpu_before is not None and sent:
+    if server_pid and cpu_before is not None and sent:
         hz = CLOCK_TICKS_PER_S
         loop_s = (cpu_ticks(server_pid, server_pid) - cpu_before[0]) / hz  # the main thread runs the event loop
         total_s = (tree_ticks(server_pid) - cpu_before[1]) / hz  # with the compute processes
