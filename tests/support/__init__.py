@@ -22,7 +22,7 @@ from support.images import (
     multipage_tiff,
     truncated_png,
 )
-from support.metrics import MissingSeries, counter_value, metric_value, samples
+from support.metrics import MissingSeries, metric_value, samples
 
 __all__ = [
     "MNIST",
@@ -34,7 +34,6 @@ __all__ = [
     "animated_gif",
     "bad_images",
     "bomb_png",
-    "counter_value",
     "encode",
     "free_port",
     "metric_value",

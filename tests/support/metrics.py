@@ -32,15 +32,3 @@ def metric_value(text: str, name: str, **labels: str) -> float:
             return value
     shown = ", ".join(str(s) for s, _ in every[:20]) or "none: no sample has that name"
     raise MissingSeries(f"no sample {name} with labels {labels} on /metrics; the samples of {name}: {shown}")
-
-
-def counter_value(text: str, name: str, **labels: str) -> float:
-    """A counter's value, 0 if it is declared but has not counted for these labels: a labelled counter is declared
-    (`# TYPE name counter`) from the start but shows a series only from its first increment. MissingSeries if the
-    counter is not declared at all (renamed, or never exported)."""
-    try:
-        return metric_value(text, name, **labels)
-    except MissingSeries:
-        if f"# TYPE {name} counter" not in text.splitlines():
-            raise
-        return 0.0
