@@ -19,6 +19,8 @@
 #   SOAP_CI_MIN_FREE_GB  free disk the build needs in the cache and podman's storage (default 5; image ~1.5 GB)
 #   SOAP_PUBLISH_PORT, PROMETHEUS_PORT   host ports (127.0.0.1) of the service and Prometheus (8000 / 9090)
 #   COMPOSE_PROJECT_NAME default soapci
+#   SOAP_NOFILE          the serving container's open-file limit (compose `ulimits`); default 1024 here: the CI
+#                        sandbox refuses to raise limits (docker/podman/containers.conf), and 1,024 is enough
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
@@ -32,6 +34,7 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 MIN_FREE_GB=${SOAP_CI_MIN_FREE_GB:-5}
 SOCKET=$CACHE/podman.sock
 export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-soapci}
+export SOAP_NOFILE=${SOAP_NOFILE:-1024}
 
 log() { printf '[ci-stack %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
@@ -75,8 +78,17 @@ project = tomllib.load(open("pyproject.toml", "rb"))
 dockerfile = open("docker/Dockerfile").read()
 extras = sorted({e for group in re.findall(r"-e \"?\.\[([\w,]+)\]", dockerfile) for e in group.split(",")})
 reqs = list(project["project"]["dependencies"])
-for extra in extras:
-    reqs += project["project"]["optional-dependencies"][extra]
+seen = set()
+while extras:  # an extra may name others through the package itself: serve = ["soap-serving[core]", ...]
+    extra = extras.pop()
+    if extra in seen:
+        continue
+    seen.add(extra)
+    for req in project["project"]["optional-dependencies"][extra]:
+        if req.startswith(project["project"]["name"] + "["):
+            extras += req.split("[", 1)[1].split("]", 1)[0].split(",")
+        else:
+            reqs.append(req)
 # Only torch is pinned: the serving extra has no torchvision (a pin of it would have to match the torch release).
 named = {re.match(r"[\w.-]+", r).group(0) for r in reqs}
 assert "torchvision" not in named, "the image installs torchvision: pin it to match TORCH_VERSION"

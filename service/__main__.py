@@ -27,6 +27,7 @@ from models import CheckpointError
 
 from .app import create_app
 from .config import ServiceSettings, load_settings
+from .connection_guard import ConnectionGuard, raise_open_file_limit
 from .logs import LogFormat, configure_logging
 from .server import DrainingServer
 
@@ -35,6 +36,8 @@ log = logging.getLogger("service")
 
 def serve(app: FastAPI) -> None:
     settings: ServiceSettings = app.state.settings
+    # Slow clients: a deadline for each request head, a cap on connections below the open-file limit.
+    guard = ConnectionGuard(settings.head_timeout_s, settings.max_connections, raise_open_file_limit())
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -46,8 +49,10 @@ def serve(app: FastAPI) -> None:
         # uvicorn annotates int, but waits with asyncio.wait_for, which takes fractional seconds
         timeout_graceful_shutdown=settings.graceful_timeout_s,  # type: ignore[arg-type]
         lifespan="on",
+        http=guard.protocol_class(),
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # call_later takes a float
     )
-    DrainingServer(config, app.state.runtime, settings.shutdown_delay_s).run()
+    DrainingServer(config, app.state.runtime, settings.shutdown_delay_s, guard).run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,6 +91,23 @@ class ServiceSettings(BaseSettings):
     )
     protect_metrics: bool = Field(False, description="require the API key on /metrics too")
     enable_attack: bool = Field(False, description="enable the demo attack endpoint POST /v1/attack")
+    head_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="longest time a client may take to send a request's head (line and headers), from its connect "
+        "or from the first byte of its next request; then 408 and the connection is closed",
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, le=3600, description="an idle keep-alive connection is closed after this long without a request"
+    )
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="most open connections (default, and never more than: what the open-file limit leaves); at "
+        "the cap a new connection replaces the one waiting longest for a request head, or gets a fast 503 when all "
+        "are carrying requests",
+    )
     shutdown_delay_s: float = Field(
         0.0, ge=0, description="on SIGTERM, report not-ready this long before closing the listener"
     )
@@ -280,12 +297,16 @@ def cgroup_memory_bytes(root: Path = CGROUP) -> int | None:
     return None
 
 
+def usable_cores(affinity: int, cpu_limit: float | None) -> int:
+    """Cores a process may use: its CPU affinity, capped by a container's CPU limit rounded to the nearest core
+    (at least one). A pod limited to 4 CPUs on a 64-core node sees 64 cores in its affinity mask."""
+    return max(1, min(affinity, int(cpu_limit + 0.5))) if cpu_limit is not None else affinity
+
+
 def _cores() -> int:
-    """Cores this process may use: its CPU affinity, capped by a container's CPU limit (a pod limited to 2 CPUs on
-    a 64-core node sees 64 cores in its affinity mask)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    limit = cgroup_cpus()
-    return max(1, min(cores, int(limit + 0.5))) if limit is not None else cores
+    """Cores this process may use (usable_cores of its affinity and its container's CPU quota)."""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return usable_cores(affinity, cgroup_cpus())
 
 
 def _memory_bytes() -> int:

@@ -36,6 +36,7 @@ from typing import Any
 
 import uvicorn
 
+from .connection_guard import ConnectionGuard
 from .runtime import ServiceRuntime
 
 log = logging.getLogger("service.server")
@@ -103,11 +104,34 @@ def _grace(connection: Any) -> float:
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose shutdown follows the module docstring's four steps."""
 
-    def __init__(self, config: uvicorn.Config, runtime: ServiceRuntime, delay_s: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, runtime: ServiceRuntime, delay_s: float, guard: ConnectionGuard | None = None
+    ) -> None:
         super().__init__(config)
         self.runtime = runtime
         self.delay_s = delay_s
+        self.guard = guard  # the connection guard of config.http, if any (service/connection_guard.py)
         self._drain_started: float | None = None
+        self._announcer: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's startup (lifespan, then listening); then, once the models are warmed up, one line that says the
+        service is ready, for whoever started it by hand (`make run`)."""
+        await super().startup(sockets)
+        if not self.should_exit and self.servers:
+            self._announcer = asyncio.create_task(self._announce_ready())
+
+    async def _announce_ready(self) -> None:
+        while not self.runtime.ready:
+            if self.should_exit or self.runtime.draining:
+                return
+            await asyncio.sleep(_SWEEP_S)
+        if self.guard is not None:
+            self.guard.refit()  # the compute processes hold descriptors now
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        shown = "localhost" if host in ("0.0.0.0", "::") else host
+        cap = f"; at most {self.guard.limit} connections" if self.guard is not None else ""
+        log.info("ready: http://%s:%d (/readyz answers 200%s)", shown, port, cap)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._begin_drain()
