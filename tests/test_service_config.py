@@ -56,3 +56,27 @@ def test_process_environment_is_read_when_no_mapping_is_given(monkeypatch):
     assert settings.max_queue == 9
     assert settings.compute_process is False
     assert load_settings([], {"SOAP_MODELS": "c/three"}).model_names == ["three"]  # a given mapping replaces it
+
+
+def test_the_pool_is_sized_from_the_containers_cpu_quota(tmp_path, monkeypatch):
+    """A pod limited to 4 CPUs on a 64-core node (cgroup v2 cpu.max, v1 cfs quota) gets 4 compute workers."""
+    from service import config
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("400000 100000\n")
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("50000")  # half a CPU
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert config.usable_cores(64, config.cgroup_cpus(v2)) == 4
+    assert config.usable_cores(2, config.cgroup_cpus(v2)) == 2  # the affinity is smaller
+    assert config.usable_cores(64, config.cgroup_cpus(v1)) == 1  # never none
+    assert config.usable_cores(64, config.cgroup_cpus(tmp_path / "no-cgroup")) == 64
+
+    # Through the settings: a 64-core affinity mask, the quota's 4 CPUs, 8 GiB of memory.
+    read_quota = config.cgroup_cpus
+    monkeypatch.setattr(config, "cgroup_cpus", lambda: read_quota(v2))
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(config, "_memory_bytes", lambda: 8 << 30)
+    assert ServiceSettings(models=[tmp_path]).pool_size() == 4
