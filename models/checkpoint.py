@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -205,6 +206,7 @@ def _sha256(path: Path) -> str:
 
 
 AUX_HEAD_PREFIX = "aux_head."
+CHECKPOINT_FILE_MODE = 0o644  # readable by the user a container runs as, whoever wrote the files
 
 
 def save_checkpoint(model: SoapNetwork, meta: CheckpointMeta, directory: str | Path) -> Path:
@@ -223,9 +225,13 @@ def save_checkpoint(model: SoapNetwork, meta: CheckpointMeta, directory: str | P
     weights = directory / WEIGHTS_FILE
     tmp = weights.with_suffix(".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "network": meta.network})
+    # safetensors writes 0600: a checkpoint mounted read-only into a container that runs as another user (uid
+    # 10001 in docker/Dockerfile) could not be read. Weights are not secrets; the folder's mode guards access.
+    tmp.chmod(CHECKPOINT_FILE_MODE)
     tmp.replace(weights)
     meta = meta.model_copy(update={"weights_sha256": _sha256(weights)})
     (directory / META_FILE).write_text(json.dumps(meta.model_dump(mode="json"), indent=2) + "\n")
+    (directory / META_FILE).chmod(CHECKPOINT_FILE_MODE)
     return directory
 
 
@@ -238,6 +244,13 @@ def _resolve(path: str | Path) -> Path:
     for name in (WEIGHTS_FILE, META_FILE):
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} has no {name}")
+        try:
+            (path / name).open("rb").close()
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot read {path / name}: {exc.strerror} (this process runs as uid {os.getuid()}; "
+                "make the checkpoint's files readable, e.g. chmod a+r)"
+            ) from None
     return path
 
 

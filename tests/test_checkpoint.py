@@ -249,6 +249,23 @@ def test_aux_task_does_not_match_the_network(ckpt: Path) -> None:
         load_checkpoint(ckpt)
 
 
+def test_saved_files_are_readable_by_every_user(ckpt: Path) -> None:
+    """0644 whoever saves (safetensors alone writes 0600): a container's user must read a mounted checkpoint."""
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in ckpt.iterdir()} == {
+        "model.safetensors": "0o644",
+        "model.json": "0o644",
+    }
+
+
+def test_unreadable_file_names_the_file_and_the_fix(ckpt: Path) -> None:
+    weights = ckpt / "model.safetensors"
+    if os.geteuid() == 0:
+        pytest.skip("root reads any file; tests/test_service_server.py checks this without the capability")
+    weights.chmod(0o000)
+    with pytest.raises(CheckpointError, match=r"cannot read .*model.safetensors: Permission denied .*chmod a\+r"):
+        load_checkpoint(ckpt)
+
+
 def test_missing_files(tmp_path: Path, ckpt: Path) -> None:
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "nowhere")
