@@ -56,6 +56,10 @@ def test_certify_writes_table_figure_and_resumes(tmp_path):
     acc = [noisy["certified_accuracy"][str(r)]["accuracy"] for r in first["radii"]]
     assert acc == sorted(acc, reverse=True)  # certified accuracy cannot grow with the radius
     assert acc[-1] == 0.0  # n = 300, alpha = 0.001: no radius can reach 2.0
+    # ACR: each image's radius when correct, else 0, averaged over the 3 images; a column of the table
+    assert noisy["average_certified_radius"] == pytest.approx(sum(r or 0.0 for r in noisy["radii"]) / 3)
+    assert noisy["average_certified_radius"] > 0
+    assert f"| noisy | 3 | {noisy['average_certified_radius']:.3f} |" in table
     logged = (tmp_path / "certify-noisy.jsonl").read_text().splitlines()
     assert len(logged) == 1 + 3
     second = run(tmp_path, 5)  # resumes: the first 3 images are read back, 2 more are certified
@@ -159,3 +163,45 @@ def test_torchrun_certification_equals_one_process_and_resumes_from_part_logs(tm
     assert _stable(rows) == _stable(single)
     assert [r["seconds"] for r in rows].count(-1.0) == 2
     assert not list(resumed.glob("*.part*.jsonl"))
+
+
+def test_average_certified_radius_counts_wrong_and_abstained_images_as_zero():
+    from training.certify import ImageResult, average_certified_radius
+
+    images = [
+        ImageResult(0, 7, 7, 1.5, 0.99, 0.0),  # correct, R = 1.5
+        ImageResult(1, 2, 2, 0.5, 0.8, 0.0),  # correct, R = 0.5
+        ImageResult(2, 1, 3, 1.9, 0.99, 0.0),  # wrong: its radius does not count
+        ImageResult(3, 0, None, None, 0.4, 0.0),  # abstained
+    ]
+    assert average_certified_radius(images) == pytest.approx((1.5 + 0.5) / 4)
+    assert average_certified_radius(images[:2]) == pytest.approx(1.0)
+    assert average_certified_radius([]) == 0.0
+
+
+def test_stored_certifications_carry_their_acr_and_older_files_still_load(tmp_path):
+    """Every committed certify.json records the ACR of its per-image log; a file written before the ACR was recorded
+    loads (ACR None, shown as –) and dumps back without the key; σ = 0.5 keeps the columns it always had."""
+    from training.certify import markdown, read_certify_log, table_radii
+    from training.records import CERTIFY_FILE, load_certification
+
+    stored = sorted((ROOT / "docs" / "results").glob(f"*/certify*/{CERTIFY_FILE}"))
+    assert stored
+    for path in stored:
+        result = load_certification(path)
+        for kind, base in result.bases.items():
+            _, images = read_certify_log(path.parent / f"certify-{kind}.jsonl")
+            certified = sum(r.radius or 0.0 for r in images[: base.n] if r.correct)
+            assert base.average_certified_radius == pytest.approx(certified / base.n), (path, kind)
+    text = stored[0].read_text()
+    old = json.loads(text)
+    for base in old["bases"].values():
+        del base["average_certified_radius"]
+    (tmp_path / CERTIFY_FILE).write_text(json.dumps(old, indent=2) + "\n")
+    loaded = load_certification(tmp_path / CERTIFY_FILE)
+    assert all(b.average_certified_radius is None for b in loaded.bases.values())
+    assert "average_certified_radius" not in loaded.to_json()
+    assert f"| {next(iter(loaded.bases))} | {loaded.bases[next(iter(loaded.bases))].n} | – |" in markdown(loaded)
+    assert table_radii(0.5) == (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+    assert table_radii(0.25)[-1] == 1.0
+    assert table_radii(1.0)[-1] == 4.0

@@ -1,11 +1,12 @@
-"""`python -m training published-certify`: certified accuracy of published MNIST smoothing baselines.
+"""`python -m training published-certify`: certified accuracy and ACR of the published MNIST smoothing baselines.
 
-Jeong & Shin (NeurIPS 2020, "Consistency Regularization for Certified Robustness of Smoothed Classifiers")
-released the per-image CERTIFY logs of their MNIST runs (github.com/jh-jeong/smoothing-consistency, MIT licence;
-extracts under docs/results/published/jeong-shin-2020/). Recomputing the certified accuracy from those logs, on the
-same first n test images as our own runs and on the whole test set, gives a comparison we can check rather than a
-number copied from a table. Their setting differs from ours in ways the report states: LeNet base classifiers
-trained for 90 epochs, noise not clamped to [0, 1], n = 100,000 Monte-Carlo samples (ours 10,000), α = 0.001.
+The smoothing papers released the per-image CERTIFY logs of their MNIST runs: Gaussian augmentation (Cohen et al.
+2019) and consistency regularisation (Jeong & Shin, NeurIPS 2020) in github.com/jh-jeong/smoothing-consistency,
+SmoothMix (Jeong et al., NeurIPS 2021) in github.com/jh-jeong/smoothmix (both MIT; extracts under
+docs/results/published/). Recomputing certified accuracy and the average certified radius from those logs, on the same
+first n test images as our own runs and on the whole test set, at σ = 0.25, 0.5 and 1.0, gives a comparison we can
+check rather than a number copied from a table. Their setting differs from ours in ways the report states: LeNet base
+classifiers trained for 90 epochs, noise not clamped to [0, 1], n = 100,000 Monte-Carlo samples, α = 0.001.
 """
 
 from __future__ import annotations
@@ -17,57 +18,163 @@ import json
 import math
 import statistics
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
-from .certify import RADII, ImageResult, certified_accuracy
+from .certify import ImageResult, average_certified_radius, certified_accuracy, table_radii
 from .records import Record
-from .stats import Accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "docs" / "results" / "published" / "jeong-shin-2020"
-UPSTREAM = "github.com/jh-jeong/smoothing-consistency @ a11954aa91adb9924eecf49aaca74051e79bbb86"
+PUBLISHED = ROOT / "docs" / "results" / "published"  # one folder of extracts per upstream repository, and the report
+REPORT = "published-certify.json"
+SIGMAS = (0.25, 0.5, 1.0)
+ALPHA, SAMPLES = 0.001, 100_000  # the logs' CERTIFY settings (N0 = 100)
+TEST_IMAGES = 10_000
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A repository the logs come from, at the commit they were extracted from, and the folder of the extracts."""
+
+    repo: str
+    commit: str
+    folder: str  # under PUBLISHED
+
+    def __str__(self) -> str:
+        return f"{self.repo} @ {self.commit}"
+
+
+SMOOTHING_CONSISTENCY = Upstream(
+    "github.com/jh-jeong/smoothing-consistency", "a11954aa91adb9924eecf49aaca74051e79bbb86", "jeong-shin-2020"
+)
+SMOOTHMIX = Upstream(
+    "github.com/jh-jeong/smoothmix", "cb1fd33055a29d0c41bbc429a982fdec709e993c", "jeong-2021-smoothmix"
+)
+
+
+class PublishedRecipe(StrEnum):
+    GAUSSIAN = "gaussian"  # Cohen et al. 2019
+    CONSISTENCY = "consistency"  # Jeong & Shin 2020
+    SMOOTHMIX = "smoothmix"  # Jeong et al. 2021
 
 
 @dataclass(frozen=True)
 class PublishedRun:
-    """One training recipe of the paper, certified once per training seed."""
+    """One training recipe at one σ, certified once per released training run (seed)."""
 
+    recipe: PublishedRecipe
+    sigma: float
     name: str
-    recipe: str
-    logs: tuple[str, ...]  # relative to SOURCE; upstream: data/certify/mnist/<upstream_dir>/<file>
-    upstream_dir: str
+    command: str  # the authors' training command (code/<script> in their repository)
+    upstream: Upstream
+    upstream_dir: str  # the logs' folder upstream: data/certify/mnist/<upstream_dir>
+    logs: tuple[str, ...]  # relative to PUBLISHED / upstream.folder
+
+    @property
+    def source(self) -> str:
+        return f"{self.upstream}: data/certify/mnist/{self.upstream_dir}/"
 
 
-RUNS = (
-    PublishedRun(
+LENET = "mnist lenet --lr 0.01 --lr_step_size 30 --epochs 90"
+GAUSSIAN_SEEDS = {
+    0.25: (3870, 4067, 6298, 919, 9555),
+    0.5: (1801, 393, 4490, 4608, 880),
+    1.0: (2110, 5510, 5991, 8335, 9609),
+}
+# The λ that the authors' EXPERIMENTS.MD trains each σ with, and the runs released for it (seed 0 only at σ = 1.0)
+CONSISTENCY_LAMBDA = {0.25: 10, 0.5: 5, 1.0: 5}
+CONSISTENCY_SEEDS = {0.25: (1, 2, 3, 4, 5), 0.5: (1, 2, 3, 4, 5), 1.0: (0, 1, 2, 3, 4, 5)}
+# SmoothMix: (adversary steps, η) per σ as in smoothmix's EXPERIMENTS.MD; each with and without the one-step
+# adversary (mix_step 1 / 0). These are the configurations released with several runs (ids 0 and 21-25); the others
+# (η = 2, and the other step count at σ = 0.25) have one run each and are not reported.
+SMOOTHMIX_SETTINGS = {0.25: ((3, 1.0), (2, 5.0)), 0.5: ((4, 1.0), (4, 5.0)), 1.0: ((8, 1.0), (8, 5.0))}
+SMOOTHMIX_SEEDS = (0, 21, 22, 23, 24, 25)
+
+
+def _log(sigma: float, seed: int) -> str:
+    return f"noise_{sigma:.2f}_{seed}.tsv.gz"
+
+
+def _gaussian(sigma: float) -> PublishedRun:
+    return PublishedRun(
+        PublishedRecipe.GAUSSIAN,
+        sigma,
         "Gaussian augmentation (Cohen et al. 2019)",
-        "train_cohen.py mnist lenet --lr 0.01 --lr_step_size 30 --epochs 90 --noise 0.50",
-        tuple(f"gaussian/noise_0.50_{s}.tsv.gz" for s in (1801, 393, 4490, 4608, 880)),
+        f"train_cohen.py {LENET} --noise {sigma:.2f}",
+        SMOOTHING_CONSISTENCY,
         "cohen",
-    ),
-    PublishedRun(
-        "Gaussian + consistency (Jeong & Shin 2020, m = 2, λ = 5, η = 0.5)",
-        "train_consistency.py mnist lenet --lr 0.01 --lr_step_size 30 --epochs 90 --noise 0.50 --num-noise-vec 2 "
-        "--lbd 5",
-        tuple(f"consistency/noise_0.50_{s}.tsv.gz" for s in (1, 2, 3, 4, 5)),
-        "consistency/cohen/num_2/lbd_5.0/eta_0.5",
-    ),
+        tuple(f"gaussian/{_log(sigma, s)}" for s in GAUSSIAN_SEEDS[sigma]),
+    )
+
+
+def _consistency(sigma: float) -> PublishedRun:
+    lbd = CONSISTENCY_LAMBDA[sigma]
+    return PublishedRun(
+        PublishedRecipe.CONSISTENCY,
+        sigma,
+        f"Gaussian + consistency (Jeong & Shin 2020, m = 2, λ = {lbd}, η = 0.5)",
+        f"train_consistency.py {LENET} --noise {sigma:.2f} --num-noise-vec 2 --lbd {lbd}",
+        SMOOTHING_CONSISTENCY,
+        f"consistency/cohen/num_2/lbd_{lbd:.1f}/eta_0.5",
+        tuple(f"consistency/{_log(sigma, s)}" for s in CONSISTENCY_SEEDS[sigma]),
+    )
+
+
+def _smoothmix(sigma: float, steps: int, eta: float, one_step_adversary: bool) -> PublishedRun:
+    mix_step = int(one_step_adversary)
+    folder = f"smix_1.0_{steps}_m{mix_step}/tau_{eta:.1f}"
+    variant = "SmoothMix + one-step adversary" if one_step_adversary else "SmoothMix"
+    return PublishedRun(
+        PublishedRecipe.SMOOTHMIX,
+        sigma,
+        f"{variant} (Jeong et al. 2021, m = 4, {steps} steps, η = {eta:g})",
+        f"train.py {LENET} --noise {sigma} --num-noise-vec 4 --num-steps {steps} --alpha 1.0 --mix_step {mix_step} "
+        f"--eta {eta}",
+        SMOOTHMIX,
+        f"smoothmix/{folder}/num_4/<seed>/noise_{sigma}",
+        tuple(f"{folder}/{_log(sigma, s)}" for s in SMOOTHMIX_SEEDS),
+    )
+
+
+RUNS = tuple(
+    run
+    for sigma in SIGMAS
+    for run in (
+        _gaussian(sigma),
+        _consistency(sigma),
+        *(
+            _smoothmix(sigma, steps, eta, adversary)
+            for adversary in (False, True)
+            for steps, eta in SMOOTHMIX_SETTINGS[sigma]
+        ),
+    )
 )
 
 
 class SeedResult(Record):
+    """One released run: how many images it certifies correctly at each radius, and its ACR."""
+
     log: str
-    first_n: dict[str, Accuracy]  # radius -> certified accuracy on the first n test images
-    test_set: dict[str, Accuracy]  # radius -> on all images of the log
+    first_n: dict[str, int]  # radius -> images correct and certified at ≥ radius, of the first n test images
+    test_set: dict[str, int]  # radius -> of all 10,000
+    acr_first_n: float  # average certified radius on the first n test images
+    acr_test_set: float
 
 
 class RunResult(Record):
+    recipe: PublishedRecipe
+    sigma: float
     name: str
-    recipe: str
+    command: str
     upstream: str
+    radii: list[float]
+    n: int  # the first n test images
+    test_images: int
     seeds: list[SeedResult]
     mean_first_n: dict[str, float]  # radius -> mean certified accuracy over seeds (first n)
     sd_first_n: dict[str, float]  # radius -> standard deviation over seeds (first n)
+    mean_acr_first_n: float
+    mean_acr_test_set: float
 
 
 def read_log(path: Path) -> list[ImageResult]:
@@ -91,57 +198,94 @@ def read_log(path: Path) -> list[ImageResult]:
     return sorted(out, key=lambda r: r.index)
 
 
-def evaluate_run(run: PublishedRun, n: int, source: Path = SOURCE) -> RunResult:
+def _complete(images: list[ImageResult], n: int, log: str) -> list[ImageResult]:
+    """The first n images of a log, each exactly once: a missing (or repeated) image would bias every rate."""
+    first = [r.index for r in images if r.index < n]
+    if first != list(range(n)):
+        missing = sorted(set(range(n)) - set(first))
+        raise ValueError(
+            f"{log}: {len(first)} of the first {n} test images, expected each once"
+            + (f" (missing {missing[:5]}{' ...' if len(missing) > 5 else ''})" if missing else " (repeated)")
+        )
+    return images[:n]
+
+
+def evaluate_run(run: PublishedRun, n: int, source: Path = PUBLISHED) -> RunResult:
+    radii = table_radii(run.sigma)
     seeds = []
     for log in run.logs:
-        images = read_log(source / log)
-        first = [r for r in images if r.index < n]
-        if len(first) != n:
-            raise ValueError(f"{log}: {len(first)} of the first {n} test images, expected all of them")
+        images = _complete(read_log(source / run.upstream.folder / log), TEST_IMAGES, log)
+        first = images[:n]
         seeds.append(
             SeedResult(
                 log=log,
-                first_n={str(r): certified_accuracy(first, r) for r in RADII},
-                test_set={str(r): certified_accuracy(images, r) for r in RADII},
+                first_n={str(r): certified_accuracy(first, r).correct for r in radii},
+                test_set={str(r): certified_accuracy(images, r).correct for r in radii},
+                acr_first_n=average_certified_radius(first),
+                acr_test_set=average_certified_radius(images),
             )
         )
-    per_radius = {str(r): [s.first_n[str(r)].accuracy for s in seeds] for r in RADII}
+    per_radius = {str(r): [s.first_n[str(r)] / n for s in seeds] for r in radii}
     return RunResult(
-        name=run.name,
         recipe=run.recipe,
-        upstream=f"{UPSTREAM}: data/certify/mnist/{run.upstream_dir}/",
+        sigma=run.sigma,
+        name=run.name,
+        command=run.command,
+        upstream=run.source,
+        radii=list(radii),
+        n=n,
+        test_images=TEST_IMAGES,
         seeds=seeds,
         mean_first_n={r: statistics.fmean(v) for r, v in per_radius.items()},
         sd_first_n={r: statistics.stdev(v) if len(v) > 1 else 0.0 for r, v in per_radius.items()},
+        mean_acr_first_n=statistics.fmean(s.acr_first_n for s in seeds),
+        mean_acr_test_set=statistics.fmean(s.acr_test_set for s in seeds),
     )
 
 
+def max_radius(sigma: float, n: int = SAMPLES, alpha: float = ALPHA) -> float:
+    """The largest radius CERTIFY can give with n samples: every sample correct, p_lower = α^(1/n)."""
+    return sigma * statistics.NormalDist().inv_cdf(alpha ** (1 / n))
+
+
+def _spread(values: list[float], digits: int, scale: float = 1.0) -> str:
+    values = [scale * v for v in values]
+    return f"{statistics.fmean(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
 def table(results: list[RunResult], n: int) -> str:
-    """Markdown: per recipe, the seeds' certified accuracy on the first n images (mean, range) and on all 10,000."""
-    radii = [str(r) for r in RADII]
-    lines = [
-        "| published recipe (LeNet, σ = 0.5, n = 100,000) | images | " + " | ".join(f"r = {r}" for r in radii) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in radii) + " |",
-    ]
-    for res in results:
-        cells = []
-        for r in radii:
-            values = [100 * s.first_n[r].accuracy for s in res.seeds]
-            cells.append(f"{statistics.fmean(values):.1f} ({min(values):.1f}–{max(values):.1f})")
-        lines.append(f"| {res.name}, {len(res.seeds)} seeds | first {n} | " + " | ".join(cells) + " |")
-        cells = []
-        for r in radii:
-            values = [100 * s.test_set[r].accuracy for s in res.seeds]
-            cells.append(f"{statistics.fmean(values):.1f} ({min(values):.1f}–{max(values):.1f})")
-        total = res.seeds[0].test_set[radii[0]].n
-        lines.append(f"| {res.name}, {len(res.seeds)} seeds | all {total:,} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """Markdown, one table per σ: per recipe, the seeds' ACR and certified accuracy on the first n images and on all
+    10,000 (mean over the released runs, range)."""
+    blocks = []
+    for sigma in sorted({r.sigma for r in results}):
+        group = [r for r in results if r.sigma == sigma]
+        radii = [str(r) for r in group[0].radii]
+        lines = [
+            f"**σ = {sigma}** (n = 100,000 certifies at most R = {max_radius(sigma):.2f})",
+            "",
+            "| published recipe (LeNet) | runs | images | ACR | " + " | ".join(f"r = {r}" for r in radii) + " |",
+            "| --- | --- | --- | --- | " + " | ".join("---" for _ in radii) + " |",
+        ]
+        for res in group:
+            for label, images, acr, part in (
+                (f"first {n}", res.n, [s.acr_first_n for s in res.seeds], [s.first_n for s in res.seeds]),
+                (
+                    f"all {res.test_images:,}",
+                    res.test_images,
+                    [s.acr_test_set for s in res.seeds],
+                    [s.test_set for s in res.seeds],
+                ),
+            ):
+                cells = [_spread(acr, 3)] + [_spread([p[r] / images for p in part], 1, 100) for r in radii]
+                lines.append(f"| {res.name} | {len(res.seeds)} | {label} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=500, help="the first n test images (as our certify runs)")
-    parser.add_argument("--source", type=Path, default=SOURCE, help="folder of the log extracts")
-    parser.add_argument("--out", type=Path, default=SOURCE, help="writes published-certify.json and .md here")
+    parser.add_argument("--source", type=Path, default=PUBLISHED, help="folder of the log extracts' folders")
+    parser.add_argument("--out", type=Path, default=PUBLISHED, help=f"writes {REPORT} and .md here")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,12 +294,14 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "command": f"python -m training published-certify --n {args.n}",
         "n": args.n,
-        "radii": list(RADII),
-        "upstream": UPSTREAM,
+        "sigmas": list(SIGMAS),
+        "alpha": ALPHA,
+        "samples": SAMPLES,
+        "upstream": [str(u) for u in (SMOOTHING_CONSISTENCY, SMOOTHMIX)],
         "runs": [r.model_dump(mode="json") for r in results],
         "table_markdown": table(results, args.n),
     }
-    (args.out / "published-certify.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "published-certify.md").write_text(report["table_markdown"] + "\n")
+    (args.out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / REPORT.replace(".json", ".md")).write_text(report["table_markdown"] + "\n")
     print(report["table_markdown"])
     return 0

@@ -262,6 +262,8 @@ class EvaluationResult(Record):
 class CertifiedBase(Record):
     """Randomized smoothing with one base classifier: certified accuracy at each radius, and each image's radius."""
 
+    omitted_when_none = frozenset({"average_certified_radius"})
+
     base: str  # one of models.smoothing.BASE_CLASSIFIERS
     data: str
     n: int
@@ -270,6 +272,8 @@ class CertifiedBase(Record):
     seconds_per_image: float
     forward_passes_per_second: float
     radii: list[float | None]  # per image: its certified radius when correctly classified, else None
+    # training.certify.average_certified_radius; absent from certify.json files written before it was recorded
+    average_certified_radius: float | None = None
 
 
 class CertifyResult(Record):
