@@ -8,6 +8,12 @@ The base revision is checked out into a temporary git worktree; both servers run
 round loads one, then the other (the order alternates between rounds), with the harness's closed-loop generator
 and its /proc accounting: images/s, p50/p99, non-200 answers, and the event loop's CPU per request. The report gives
 each round and the median ratio work tree / base.
+
+    python -m benchmarks.service_ab --against-v2 --json benchmarks/results/service_ab_v2.json
+
+`--against-v2` compares the two protocols instead, on one server of the work tree: POST /classify (one raw PNG) and
+POST /v2/models/{name}/infer with the same PNG as the `images` BYTES input in the binary tensor data extension
+(binary outputs too, as tritonclient sends it); the ratio is v2 / classify.
 """
 
 from __future__ import annotations
@@ -17,11 +23,12 @@ import asyncio
 import json
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.harness import ROOT
@@ -43,21 +50,57 @@ def _non_200(row: dict) -> int:
     return int(row["requests"] - row["ok"] + row["errors"])
 
 
-async def _measure(args: argparse.Namespace, servers: dict[str, ServiceProcess], payloads: list[bytes]) -> list[dict]:
+@dataclass
+class Leg:
+    """One side of the comparison: a server and the requests it gets."""
+
+    server: ServiceProcess
+    path: str
+    payloads: list[bytes]
+    content_type: str = "image/png"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def v2_bodies(pngs: list[bytes]) -> tuple[list[bytes], int]:
+    """Each PNG as an Open Inference Protocol request with binary tensor data (one BYTES element: a 4-byte length,
+    then the file), binary outputs; the JSON part padded to one length, so one Inference-Header-Content-Length fits
+    all of them (JSON allows trailing whitespace)."""
+    heads = [
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "images",
+                        "shape": [1],
+                        "datatype": "BYTES",
+                        "parameters": {"binary_data_size": 4 + len(png)},
+                    }
+                ],
+                "parameters": {"binary_data_output": True},
+            }
+        ).encode()
+        for png in pngs
+    ]
+    width = max(len(h) for h in heads)
+    return [h.ljust(width) + struct.pack("<I", len(png)) + png for h, png in zip(heads, pngs, strict=True)], width
+
+
+async def _measure(args: argparse.Namespace, legs: dict[str, Leg]) -> list[dict]:
     import aiohttp
 
     rounds: list[dict] = []
-    names = list(servers)
+    names = list(legs)
     for index in range(args.rounds):
         order = names if index % 2 == 0 else names[::-1]
         for name in order:
-            server = servers[name]
+            leg = legs[name]
+            server = leg.server
             connector = aiohttp.TCPConnector(limit=2048)
             async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as s:
                 await server.wait_ready_async()
                 result: LevelResult = await closed_loop(
-                    s, server.url, "/classify", payloads, args.concurrency, args.duration, args.max_requests,
-                    args.warmup, name, server.proc.pid,
+                    s, server.url, leg.path, leg.payloads, args.concurrency, args.duration, args.max_requests,
+                    args.warmup, name, server.proc.pid, content_type=leg.content_type, headers=leg.headers,
                 )  # fmt: skip
             row = {"round": index, **asdict(result)}
             rounds.append(row)
@@ -70,20 +113,20 @@ async def _measure(args: argparse.Namespace, servers: dict[str, ServiceProcess],
     return rounds
 
 
-def _summary(rounds: list[dict]) -> dict:
+def _summary(rounds: list[dict], base: str = "base", work: str = "work") -> dict:
     by_round: dict[int, dict[str, dict]] = {}
     for row in rounds:
         by_round.setdefault(row["round"], {})[row["name"]] = row
-    ratios = [r["work"]["throughput_images_s"] / r["base"]["throughput_images_s"] for r in by_round.values()]
+    ratios = [r[work]["throughput_images_s"] / r[base]["throughput_images_s"] for r in by_round.values()]
     loop = {
         name: statistics.median(r[name]["extra"].get("event_loop_cpu_us_per_request", 0) for r in by_round.values())
-        for name in ("base", "work")
+        for name in (base, work)
     }
     return {
-        "throughput_ratio_work_over_base": [round(x, 3) for x in ratios],
+        f"throughput_ratio_{work}_over_{base}": [round(x, 3) for x in ratios],
         "median_ratio": round(statistics.median(ratios), 3),
         "median_event_loop_cpu_us_per_request": loop,
-        "non_200": {name: sum(_non_200(r) for r in rounds if r["name"] == name) for name in ("base", "work")},
+        "non_200": {name: sum(_non_200(r) for r in rounds if r["name"] == name) for name in (base, work)},
     }
 
 
@@ -98,8 +141,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--max-requests", type=int, default=50_000)
     parser.add_argument("--json", type=Path, help="write the report here")
+    parser.add_argument(
+        "--against-v2", action="store_true", help="compare /v2/models/{name}/infer with /classify on the work tree"
+    )
     args = parser.parse_args()
     payloads = read_payloads(Path(args.images))
+    if args.against_v2:
+        _protocols(args, payloads)
+        return
     base_rev = _git("rev-parse", "--short=10", args.base)
     with tempfile.TemporaryDirectory(prefix="soap-ab-") as tmp:
         tree = Path(tmp) / "base"
@@ -109,7 +158,8 @@ def main() -> None:
             servers["base"] = service_server(args.model, cwd=tree)
             servers["work"] = service_server(args.model)
             started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            rounds = asyncio.run(_measure(args, servers, payloads))
+            legs = {name: Leg(server, "/classify", payloads) for name, server in servers.items()}
+            rounds = asyncio.run(_measure(args, legs))
         finally:
             for server in servers.values():
                 server.stop()
@@ -125,6 +175,43 @@ def main() -> None:
         "summary": _summary(rounds),
         "rounds": rounds,
     }
+    _report(args, report)
+
+
+def _protocols(args: argparse.Namespace, payloads: list[bytes]) -> None:
+    """--against-v2: the two protocols on one server of the work tree, alternating."""
+    bodies, json_length = v2_bodies(payloads)
+    server = service_server(args.model)
+    try:
+        legs = {
+            "classify": Leg(server, "/classify", payloads),
+            "v2": Leg(
+                server,
+                f"/v2/models/{Path(args.model).name}/infer",
+                bodies,
+                "application/octet-stream",
+                {"Inference-Header-Content-Length": str(json_length)},
+            ),
+        }
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        rounds = asyncio.run(_measure(args, legs))
+    finally:
+        server.stop()
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "started_utc": started,
+        "host": {"cpus": os.cpu_count(), "loadavg_after": os.getloadavg()},
+        "work": _worktree_state(),
+        "settings": {k: str(v) for k, v in vars(args).items() if k not in ("json",)},
+        "request": "one PNG per request, real MNIST test digits, mode min-aux: POST /classify (raw body, image/png) "
+        "and POST /v2/models/{name}/infer (images BYTES input, binary tensor data extension, binary outputs)",
+        "summary": _summary(rounds, base="classify", work="v2"),
+        "rounds": rounds,
+    }
+    _report(args, report)
+
+
+def _report(args: argparse.Namespace, report: dict) -> None:
     print(json.dumps(report["summary"], indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

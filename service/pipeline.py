@@ -53,6 +53,7 @@ _INLINE_DECODE_PIXELS = 256 * 256
 # this much queue time before it is dropped.
 _WATCH_DISCONNECT_AFTER_S = 0.1
 
+DEFAULT_OPTIONS = ClassifyOptions()  # a request that names no option shares this one (validating nothing costs ~20 µs)
 Work = PurifyRequest | CertifyRequest
 Result = ItemResult | CertifyResult
 AnswerT = TypeVar("AnswerT")

@@ -42,9 +42,10 @@ class RawHttpClient:
         self.writer: asyncio.StreamWriter | None = None
 
     @staticmethod
-    def request(host: str, path: str, body: bytes, content_type: str) -> bytes:
+    def request(host: str, path: str, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> bytes:
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         head = (
-            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n{extra}"
             f"Content-Length: {len(body)}\r\n\r\n"
         )
         return head.encode() + body
@@ -149,9 +150,11 @@ async def closed_loop(
     server_pid: int | None = None,
     content_type: str = "image/png",
     generator: str = "raw",
+    headers: dict[str, str] | None = None,
 ) -> LevelResult:
     """`concurrency` clients, each sending its next request as soon as the previous one is answered, each on its own
-    keep-alive connection (`generator`: RawHttpClient, or an aiohttp session's pool)."""
+    keep-alive connection (`generator`: RawHttpClient, or an aiohttp session's pool); `headers`: sent with every
+    request besides Content-Type."""
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     errors = 0
@@ -162,13 +165,13 @@ async def closed_loop(
     if generator not in GENERATORS:
         raise ValueError(f"unknown generator {generator!r}; one of {GENERATORS}")
     host = urllib.parse.urlsplit(url).netloc
-    requests = [RawHttpClient.request(host, path, body, content_type) for body in payloads]
+    requests = [RawHttpClient.request(host, path, body, content_type, headers) for body in payloads]
 
     async def send(raw: RawHttpClient, i: int) -> int:
         if generator == "raw":
             return await raw.send(requests[i % len(requests)])
         body = payloads[i % len(payloads)]
-        async with session.post(url + path, data=body, headers={"Content-Type": content_type}) as r:
+        async with session.post(url + path, data=body, headers={"Content-Type": content_type, **(headers or {})}) as r:
             await r.read()
             return r.status
 
