@@ -1,6 +1,6 @@
 """The Open Inference Protocol (KServe v2 REST) on the wire: typed messages and tensor (de)serialisation, JSON and
 the binary tensor data extension (a JSON header, then raw tensor bytes; `Inference-Header-Content-Length` says where
-the JSON ends). Pure functions of bytes and arrays, no HTTP: service/open_inference.py is the HTTP layer.
+the JSON ends). Pure functions of bytes and arrays, no HTTP: service/routes/open_inference.py is the HTTP layer.
 
 Binary layout per datatype (little-endian, row-major): FP32 4 bytes, INT64 8 bytes, BOOL 1 byte, BYTES each element
 as a 4-byte length then its bytes. In JSON a BYTES input element is base64 (KServe's convention for binary content,

@@ -1,6 +1,7 @@
-"""Read a /classify request body (bounded while streaming) and split it into image payloads and options.
+"""Read a request body, bounded in size while streaming and in time (`read_body`: every route that takes a body), and
+split a /classify body into image payloads and options (`parse_upload`).
 
-Three body shapes: multipart/form-data (`file` parts; other text fields are options), a raw image
+Three /classify body shapes: multipart/form-data (`file` parts; other text fields are options), a raw image
 (`Content-Type: image/*`), or JSON {"images": [base64, ...], ...options}. Query parameters are options too;
 the body's options override the query's.
 """

@@ -7,7 +7,7 @@ does a client whose new connection was still in the kernel's accept queue when t
 gives a server one clean way to end a keep-alive connection: answer a request with `Connection: close`. So:
 
 1. At the signal the runtime drains: /readyz says 503, every response carries `Connection: close` and new work
-   gets 503 `shutting_down` with Retry-After (both in service.app.RequestContext); queued batches run at once.
+   gets 503 `shutting_down` with Retry-After (both in service.middleware.RequestContext); queued batches run at once.
 2. Idle keep-alive connections: each has IDLE_GRACE_S, counted from the signal or from its accept, to send a
    request (which is answered, with `Connection: close`); one still idle then is closed. A connection that has not
    carried a request yet gets FRESH_GRACE_S: its client opened it to send one. A client that sends at
