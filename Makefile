@@ -83,7 +83,7 @@ gpu-check: $(STAMP)
 	$(PY) -m benchmarks.gpu_check --out $(OUT) $(if $(DRY_RUN),--dry-run)
 
 # Evaluate the shipped models (long; CPU) and rewrite docs/results.md. Point the roots at your data, e.g.
-# make results MNIST_ROOT=../shared/data CIFAR10_ROOT=../shared/data/cifar10-jpeg
+# make results MNIST_ROOT=DATA CIFAR10_ROOT=DATA
 results: $(STAMP)
 	$(PY) -m training.results_page --run $(if $(MNIST_ROOT),--mnist-root $(MNIST_ROOT)) \
 		$(if $(CIFAR10_ROOT),--cifar10-root $(CIFAR10_ROOT)) --notes docs/results-notes.md

@@ -320,6 +320,17 @@ TRAINING_KEYS = (
 )
 
 
+def _serving_path(directory: Path | None, name: str) -> str:
+    """The --model path of the card's own checkpoint: models/zoo/NAME for a shipped model, else the folder the card
+    is written to (relative to the working directory when inside it: `runs/tiny`, not models/zoo/tiny)."""
+    if directory is None or directory.resolve().parent.parts[-2:] == ("models", "zoo"):
+        return f"models/zoo/{name}"
+    try:
+        return directory.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(directory)
+
+
 def render(
     meta: CheckpointMeta,
     name: str,
@@ -341,8 +352,8 @@ def render(
         "## Intended use",
         "",
         "Research and demonstration of test-time adversarial purification (Shi, Holtz & Mishne, ICLR 2021): "
-        "served by this repository's service (`python -m service --model models/zoo/"
-        + name
+        "served by this repository's service (`python -m service --model "
+        + _serving_path(directory, name)
         + "`), which "
         + (
             "classifies without purification."
