@@ -10,7 +10,7 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +21,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from models import create_model, load_checkpoint
-from training import train
+from training import cli, train
 from training.baselines import step_losses
 from training.calibration import clean_accuracy
 from training.data import load_image_folder
-from training.presets import PRESETS, get_preset
+from training.presets import PRESETS, TrainConfig, get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests" / "data"
@@ -472,6 +472,44 @@ def test_smoothmix_is_refused_outside_the_dr_recipe_and_beside_consistency(capsy
     assert train_cli("--preset", "mnist-fcn-dr", "--smoothmix-eta", 5, "--consistency-lambda", 5) == 2
     assert "separate recipes" in capsys.readouterr().err
     assert train_cli("--preset", "mnist-fcn-dr", "--smoothmix-eta", 5, "--smoothmix-mix-step", 4) == 2
+
+
+def test_every_training_setting_is_a_flag_and_the_recorded_command_parses_back_to_the_run():
+    """The flags come from TrainConfig's fields (a field added there gets its flag and its recorded option), and the
+    command written into a checkpoint (`training.command`) reproduces the configuration it trained with."""
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    flags = {option for action in parser._actions for option in action.option_strings}
+    settings = [f.name for f in fields(TrainConfig) if f.name not in ("network", "dataset")]
+    assert {"--" + name.replace("_", "-") for name in settings} <= flags
+    runs = [
+        ["--preset", "mnist-cnn-pgd-at", "--lr", "1e-05", "--lr-milestones", "0.3,0.6", "--no-calibration"],
+        ["--preset", "cifar10-resnet18-lc", "--recipe", "pgd-at", "--crop-flip", "--alpha", "50", "--threads", "1"],
+        ["--preset", "mnist-fcn-dr", "--consistency-lambda", "5", "--consistency-copies", "3", "--data-root", "d"],
+        ["--preset", "mnist-lenet-dr", "--noise-std", "0.25", "--smoothmix-eta", "5", "--smoothmix-mix-step", "1"],
+    ]
+    for argv in runs:
+        args = parser.parse_args(argv)
+        config, options = train.config_from_args(args), cli.from_args(train.TrainOptions, args)
+        recorded = train.reproducing_options(config, options)
+        again = parser.parse_args(recorded)
+        assert train.config_from_args(again) == config, recorded
+        assert cli.from_args(train.TrainOptions, again) == options, recorded
+    # the options of a part of the recipe that is off change nothing, and are left out
+    args = parser.parse_args(["--preset", "mnist-fcn-dr", "--consistency-lambda", "0", "--consistency-copies", "4"])
+    recorded = train.reproducing_options(train.config_from_args(args), cli.from_args(train.TrainOptions, args))
+    assert recorded == [
+        "--preset",
+        "mnist-fcn-dr",
+        "--epochs",
+        "100",
+        "--lr",
+        "0.01",
+        "--batch-size",
+        "128",
+        "--seed",
+        "0",
+    ]
 
 
 def test_consistency_is_refused_outside_the_dr_recipe(capsys):

@@ -16,7 +16,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -27,9 +27,10 @@ from models import SoapNetwork, create_model, get_spec, save_checkpoint
 from models.checkpoint import meta_for
 from models.tasks import TRAINING_NOISE_STD
 
-from . import distributed, model_card, provenance
+from . import cli, distributed, model_card, provenance
 from .baselines import adversarial_inputs, step_losses, trains_auxiliary
 from .calibration import calibrate, clean_accuracy
+from .cli import Recorded, option
 from .data import DatasetError, ImageData, interleaved_order, load_splits, random_crop_flip
 from .presets import PRESETS, RECIPES, TrainConfig, get_preset
 
@@ -39,92 +40,102 @@ METRICS_FILE = "metrics.jsonl"
 
 # ----------------------------------------------------------------------------- command line
 
-# The DR recipe's smoothing options (TrainConfig fields): each one's flag, override and recorded option come from here.
-SMOOTHING_OPTIONS: tuple[tuple[str, type, str], ...] = (
-    ("noise_std", float, "DR recipe: σ of the Gaussian training noise, the σ to certify at (default 0.5)"),
-    ("smoothmix_eta", float, "DR recipe: weight η of SmoothMix (Jeong et al. 2021); 0 = off (default)"),
-    ("smoothmix_copies", int, "SmoothMix: noise draws per image (default 4)"),
-    ("smoothmix_steps", int, "SmoothMix: L2 steps of its adversary on the smoothed classifier (default 4)"),
-    ("smoothmix_step_size", float, "SmoothMix: L2 size of each adversary step (default 1.0)"),
-    (
-        "smoothmix_mix_step",
-        int,
-        "SmoothMix: the step whose point starts the mix; 1 = the one-step adversary (default 0)",
-    ),
-    ("smoothmix_warmup_epochs", int, "SmoothMix: epochs over which η and the mix start grow to full (default 10)"),
+
+@dataclass(frozen=True, kw_only=True)
+class TrainOptions:
+    """How a run is carried out, beside what it trains (TrainConfig); each field is its flag (`training.cli`)."""
+
+    preset: str = option(record=Recorded.ALWAYS, help=f"one of: {', '.join(sorted(PRESETS))}")
+    data_root: str | None = option(
+        None,
+        help="dataset folder: torchvision layout, or an ImageFolder tree (train/ + test/, or one tree split 90/10)",
+    )
+    download: bool = option(False, help="let torchvision download MNIST/CIFAR into --data-root")
+    device: str = option("auto", record=Recorded.NEVER, help="auto | cpu | cuda | cuda:N")
+    out: str | None = option(None, help="output folder (default runs/<preset>)")
+    resume: bool = option(False, record=Recorded.NEVER, help="continue from --out/train_state.pt")
+    # recorded when given: the CPU thread count changes floating-point sums, so bit-exact reproduction needs the same
+    threads: int | None = option(None, help="torch CPU threads per process")
+    stop_after: int | None = option(
+        None,
+        record=Recorded.NEVER,
+        metavar="N",
+        help="stop after N epochs of this invocation (time-sliced jobs); continue with --resume",
+    )
+    max_steps_per_epoch: int | None = option(None, help="cap the steps of each epoch (smoke tests)")
+    calibration_images: int = option(1000, help="images for the per-budget purification curve")
+    no_calibration: bool = option(False, help="skip the calibration block at the end")
+
+
+def _number(value: object) -> str:
+    """A TrainConfig value as the recorded command writes it (floats in %g: 0.01, 5, 1e-05)."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(_number(v) for v in value)
+    return cli.show(value)
+
+
+# Every TrainConfig field but those the preset names is a flag that overrides the preset's value (unset: the
+# preset's); a field added to TrainConfig gets its flag, its override and its place in the recorded command from here.
+NAMED_BY_PRESET = ("preset", "network", "dataset")
+CONFIG_HELP = {
+    "recipe": "override the preset's recipe (soap or a baseline)",
+    "epochs": "override the preset's epochs (the lr schedule scales with it)",
+    "lr": "override the initial learning rate",
+    "batch_size": "global batch size (split over processes)",
+    "warmup_epochs": "raise lr linearly over these first epochs (default 0, as the paper)",
+    "attack_eps_ramp_epochs": "adversarial-training baselines: grow ε linearly to its preset value over these epochs "
+    "(default 0)",
+    "consistency_lambda": "DR recipe: weight λ of consistency regularisation (Jeong & Shin 2020) over noisy copies; "
+    "0 = off (default)",
+    "consistency_eta": "weight η of the entropy of the copies' mean prediction (default 0.5)",
+    "consistency_copies": "noisy copies of each image when consistency is on (default 2)",
+    "noise_std": "DR recipe: σ of the Gaussian training noise, the σ to certify at (default 0.5)",
+    "smoothmix_eta": "DR recipe: weight η of SmoothMix (Jeong et al. 2021); 0 = off (default)",
+    "smoothmix_copies": "SmoothMix: noise draws per image (default 4)",
+    "smoothmix_steps": "SmoothMix: L2 steps of its adversary on the smoothed classifier (default 4)",
+    "smoothmix_step_size": "SmoothMix: L2 size of each adversary step (default 1.0)",
+    "smoothmix_mix_step": "SmoothMix: the step whose point starts the mix; 1 = the one-step adversary (default 0)",
+    "smoothmix_warmup_epochs": "SmoothMix: epochs over which η and the mix start grow to full (default 10)",
+}
+CONFIG_FLAGS = cli.flags(
+    TrainConfig,
+    {
+        f.name: cli.Option(
+            help=CONFIG_HELP.get(f.name, "override the preset's {field}"),
+            choices=RECIPES if f.name == "recipe" else None,
+            show=_number,
+        )
+        for f in fields(TrainConfig)
+        if f.name not in NAMED_BY_PRESET
+    },
+)
+
+# When a TrainConfig field is written into the recorded command. By default when it differs from the preset's value
+# (an override); the options of a part of the recipe that is off (a field named after the part) never, bar its weight.
+SPELLED_OUT = ("epochs", "lr", "batch_size", "seed")  # always, the preset's values included
+PARTS = {"consistency_": "consistency_lambda", "smoothmix_": "smoothmix_eta"}  # field prefix -> its weight (off at 0)
+# also at the preset's value while they are on (non-zero, or their part on): how such runs have always been recorded
+SPELLED_OUT_WHILE_ON = (
+    "warmup_epochs",
+    "attack_eps_ramp_epochs",
+    "consistency_lambda",
+    "consistency_eta",
+    "consistency_copies",
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", required=True, help=f"one of: {', '.join(sorted(PRESETS))}")
-    parser.add_argument("--recipe", choices=RECIPES, help="override the preset's recipe (soap or a baseline)")
-    parser.add_argument("--epochs", type=int, help="override the preset's epochs (the lr schedule scales with it)")
-    parser.add_argument("--lr", type=float, help="override the initial learning rate")
-    parser.add_argument("--batch-size", type=int, help="global batch size (split over processes)")
-    parser.add_argument(
-        "--warmup-epochs", type=int, help="raise lr linearly over these first epochs (default 0, as the paper)"
-    )
-    parser.add_argument(
-        "--attack-eps-ramp-epochs",
-        type=int,
-        help="adversarial-training baselines: grow ε linearly to its preset value over these epochs (default 0)",
-    )
-    parser.add_argument(
-        "--consistency-lambda",
-        type=float,
-        help="DR recipe: weight λ of consistency regularisation (Jeong & Shin 2020) over noisy copies; 0 = off "
-        "(default)",
-    )
-    parser.add_argument(
-        "--consistency-eta", type=float, help="weight η of the entropy of the copies' mean prediction (default 0.5)"
-    )
-    parser.add_argument(
-        "--consistency-copies", type=int, help="noisy copies of each image when consistency is on (default 2)"
-    )
-    for name, kind, help_text in SMOOTHING_OPTIONS:
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, help=help_text)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--data-root",
-        help="dataset folder: torchvision layout, or an ImageFolder tree (train/ + test/, or one tree split 90/10)",
-    )
-    parser.add_argument("--download", action="store_true", help="let torchvision download MNIST/CIFAR into --data-root")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--out", help="output folder (default runs/<preset>)")
-    parser.add_argument("--resume", action="store_true", help="continue from --out/train_state.pt")
-    parser.add_argument("--threads", type=int, help="torch CPU threads per process")
-    parser.add_argument(
-        "--stop-after",
-        type=int,
-        metavar="N",
-        help="stop after N epochs of this invocation (time-sliced jobs); continue with --resume",
-    )
-    parser.add_argument("--max-steps-per-epoch", type=int, help="cap the steps of each epoch (smoke tests)")
-    parser.add_argument(
-        "--calibration-images", type=int, default=1000, help="images for the per-budget purification curve"
-    )
-    parser.add_argument("--no-calibration", action="store_true", help="skip the calibration block at the end")
+    cli.add_arguments(parser, TrainOptions)
+    group = parser.add_argument_group("overrides of the preset (TrainConfig; unset: the preset's value)")
+    for flag in CONFIG_FLAGS:
+        flag.add_to(group, None)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    config = get_preset(args.preset)
-    overrides = {
-        k: getattr(args, k)
-        for k in (
-            "recipe",
-            "epochs",
-            "lr",
-            "batch_size",
-            "warmup_epochs",
-            "attack_eps_ramp_epochs",
-            "consistency_lambda",
-            "consistency_eta",
-            "consistency_copies",
-            *(name for name, _, _ in SMOOTHING_OPTIONS),
-        )
-        if getattr(args, k, None) is not None
-    }
-    config = replace(config, seed=args.seed, **overrides)
+    overrides = {f.field: getattr(args, f.dest) for f in CONFIG_FLAGS if getattr(args, f.dest, None) is not None}
+    config = replace(get_preset(args.preset), **overrides)
     if config.consistency and (config.recipe != "soap" or get_spec(config.network).aux_task != "reconstruction"):
         raise ValueError(
             f"--consistency-lambda applies to the DR recipe (soap on a reconstruction network), not {config.preset!r} "
@@ -139,16 +150,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    options: TrainOptions = cli.from_args(TrainOptions, args)
+    if options.threads:
+        torch.set_num_threads(options.threads)
     try:
         config = config_from_args(args)
     except (KeyError, ValueError) as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 2
-    process = distributed.start(args.device)
+    process = distributed.start(options.device)
     try:
-        train(config, args, process)
+        train(config, options, process)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -300,15 +312,15 @@ def train_one_epoch(
     return stats
 
 
-def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Process) -> Path:
-    out = Path(args.out or Path("runs") / config.preset)
+def train(config: TrainConfig, options: TrainOptions, process: distributed.Process) -> Path:
+    out = Path(options.out or Path("runs") / config.preset)
     if config.batch_size % process.world_size:
         raise SystemExit(f"--batch-size {config.batch_size} is not divisible by {process.world_size} processes")
     spec = get_spec(config.network)
-    splits = load_splits(config.dataset, args.data_root, spec.input_shape, download=args.download)
+    splits = load_splits(config.dataset, options.data_root, spec.input_shape, download=options.download)
     train_data = splits.train
     if train_data is None:
-        raise SystemExit(f"{args.data_root} holds no training split for {config.dataset}")
+        raise SystemExit(f"{options.data_root} holds no training split for {config.dataset}")
     if process.device.type == "cuda":
         train_data = train_data.to(process.device)
         splits = replace(splits, train=train_data, test=splits.test.to(process.device))
@@ -318,7 +330,7 @@ def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Pr
     optimizer = make_optimizer(network, config)
     start_epoch, elapsed = 0, 0.0
     state_file = out / STATE_FILE
-    if args.resume and state_file.is_file():
+    if options.resume and state_file.is_file():
         state = torch.load(state_file, map_location=process.device, weights_only=True)
         if state["config"] != asdict(config):
             raise SystemExit(f"{state_file} was written with a different configuration; resume with the same options")
@@ -338,16 +350,16 @@ def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Pr
             objective, device_ids=ids, find_unused_parameters=config.recipe != "soap"
         )
 
-    record_base = _provenance(config, args, splits.source, process)
+    record_base = _provenance(config, options, splits.source, process)
     test_acc = float("nan")
-    last_epoch = min(config.epochs, start_epoch + args.stop_after) if args.stop_after else config.epochs
+    last_epoch = min(config.epochs, start_epoch + options.stop_after) if options.stop_after else config.epochs
     for epoch in range(start_epoch, last_epoch):
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(config, epoch)
         epoch_config = replace(config, attack_eps=config.attack_eps_at(epoch))  # the ε ramp, when one is set
         stats = train_one_epoch(
-            objective, network, optimizer, train_data, epoch_config, epoch, process, args.max_steps_per_epoch
+            objective, network, optimizer, train_data, epoch_config, epoch, process, options.max_steps_per_epoch
         )
         if config.recipe in ("fgsm-at", "pgd-at"):
             stats["attack_eps"] = epoch_config.attack_eps
@@ -398,10 +410,12 @@ def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Pr
             "finished_utc": provenance.now_utc(),
         }
         metrics, calibration = {"clean_accuracy": test_acc, "test_images": len(splits.test)}, None
-        if not args.no_calibration:
+        if not options.no_calibration:
             # Class-balanced order, so the curve's first N images are not all of one class (ImageFolder sorts by class).
             balanced = splits.test.subset(interleaved_order(splits.test.labels))
-            report = calibrate(network, balanced, spec.purifier, process.device, curve_images=args.calibration_images)
+            report = calibrate(
+                network, balanced, spec.purifier, process.device, curve_images=options.calibration_images
+            )
             calibration = report.calibration
             metrics |= {"min_aux_accuracy": report.min_aux_accuracy, "min_aux_images": report.curve_images}
             training["calibration_curve_images"] = report.curve_images
@@ -415,60 +429,34 @@ def train(config: TrainConfig, args: argparse.Namespace, process: distributed.Pr
 # ----------------------------------------------------------------------------- records
 
 
-def reproducing_options(config: TrainConfig, args: argparse.Namespace) -> list[str]:
-    """Options that reproduce this run, with the preset's values spelled out (options that do not change the result
-    left out)."""
-    options = ["--preset", config.preset]
-    if config.recipe != get_preset(config.preset).recipe:
-        options += ["--recipe", config.recipe]
-    options += [
-        "--epochs",
-        str(config.epochs),
-        "--lr",
-        f"{config.lr:g}",
-        "--batch-size",
-        str(config.batch_size),
-        "--seed",
-        str(config.seed),
-    ]
-    if config.warmup_epochs:
-        options += ["--warmup-epochs", str(config.warmup_epochs)]
-    if config.attack_eps_ramp_epochs:
-        options += ["--attack-eps-ramp-epochs", str(config.attack_eps_ramp_epochs)]
-    if config.consistency:
-        options += [
-            "--consistency-lambda",
-            f"{config.consistency_lambda:g}",
-            "--consistency-eta",
-            f"{config.consistency_eta:g}",
-            "--consistency-copies",
-            str(config.consistency_copies),
-        ]
+def reproducing_options(config: TrainConfig, options: TrainOptions) -> list[str]:
+    """Options that reproduce this run: the preset, its overrides (SPELLED_OUT and SPELLED_OUT_WHILE_ON with the
+    preset's values too), and how it ran where that changes the result."""
     preset = get_preset(config.preset)
-    for name, _, _ in SMOOTHING_OPTIONS:
-        value = getattr(config, name)
-        if value != getattr(preset, name) and (config.smoothmix or not name.startswith("smoothmix_")):
-            options += ["--" + name.replace("_", "-"), f"{value:g}" if isinstance(value, float) else str(value)]
-    if args.data_root:
-        options += ["--data-root", str(args.data_root)]
-    if args.download:
-        options.append("--download")
-    if args.out:
-        options += ["--out", str(args.out)]
-    if args.threads:  # the CPU thread count changes floating-point sums, so bit-exact reproduction needs the same one
-        options += ["--threads", str(args.threads)]
-    if args.max_steps_per_epoch:
-        options += ["--max-steps-per-epoch", str(args.max_steps_per_epoch)]
-    if args.no_calibration:
-        options.append("--no-calibration")
-    elif args.calibration_images != 1000:
-        options += ["--calibration-images", str(args.calibration_images)]
-    return options
+    first = ("recipe", *SPELLED_OUT)
+    words = cli.recorded(options, only=("preset",))
+    for flag in sorted(CONFIG_FLAGS, key=lambda f: first.index(f.field) if f.field in first else len(first)):
+        if _records(flag.field, config, preset):
+            words += flag.words(getattr(config, flag.field))
+    return words + cli.recorded(options, skip=("preset",))
 
 
-def _provenance(config: TrainConfig, args: argparse.Namespace, data_source: str, process: distributed.Process) -> dict:
+def _records(field: str, config: TrainConfig, preset: TrainConfig) -> bool:
+    """Whether the recorded command carries this TrainConfig field (the rules above CONFIG_FLAGS' use)."""
+    if field in SPELLED_OUT:
+        return True
+    part = next((prefix for prefix in PARTS if field.startswith(prefix)), None)
+    on = getattr(config, PARTS[part]) > 0 if part else bool(getattr(config, field))
+    if field in SPELLED_OUT_WHILE_ON and on:
+        return True
+    if part and not on and field != PARTS[part]:
+        return False
+    return getattr(config, field) != getattr(preset, field)
+
+
+def _provenance(config: TrainConfig, options: TrainOptions, data_source: str, process: distributed.Process) -> dict:
     record = {
-        "command": provenance.command("train", reproducing_options(config, args), process),
+        "command": provenance.command("train", reproducing_options(config, options), process),
         "preset": config.preset,
         "recipe": config.recipe,
         "epochs_planned": config.epochs,
