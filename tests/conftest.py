@@ -1,5 +1,6 @@
-"""Suite-wide settings and the fixtures several test modules share. OpenMP threads that spin while waiting waste a
-busy 2-core CI machine (the service sets the same policy); this must happen before torch is imported."""
+"""Suite-wide settings and the fixtures several test modules share (helpers that are not fixtures: tests/support,
+the real service in a subprocess: benchmarks/harness). OpenMP threads that spin while waiting waste a busy 2-core CI
+machine (the service sets the same policy); this must happen before torch is imported."""
 
 import os
 
