@@ -140,6 +140,7 @@ def certify_base(
     path = out / f"certify-{kind}.jsonl"
     done = {r.index: r for log in [path, *_part_logs(out, kind)] for r in _load_done(log, header)}
     todo = [i for i in range(n) if int(order[i]) not in done]
+    distributed.barrier(process)  # every rank has read the same logs before any rank appends to them
     mine = todo[process.rank :: process.world_size]
     part = out / f"certify-{kind}.part{process.rank}.jsonl" if process.distributed else path
     for i in tqdm(mine, desc=f"certify {kind}", unit="img", disable=not process.is_main):
@@ -150,9 +151,9 @@ def certify_base(
         result.seconds = time.perf_counter() - start
         _append(part, header, result)
     distributed.barrier(process)
-    parts = _part_logs(out, kind)
-    done = {r.index: r for log in [path, *parts] for r in _load_done(log, header)}
-    if process.is_main and parts:  # one log again, in evaluation order: what soundness and the report read
+    parts = _part_logs(out, kind) if process.is_main else []
+    if parts:  # one log again, in evaluation order: what soundness and the report read
+        done = {r.index: r for log in [path, *parts] for r in _load_done(log, header)}
         merged = [done[int(i)] for i in order if int(i) in done]
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join([header.to_json() + "\n", *(json.dumps(asdict(r)) + "\n" for r in merged)]))
@@ -160,6 +161,7 @@ def certify_base(
         for log in parts:
             log.unlink()
     distributed.barrier(process)
+    done = {r.index: r for r in _load_done(path, header)}
     results = [done[int(order[i])] for i in range(n) if int(order[i]) in done]
     seconds = sum(r.seconds for r in results)
     return CertifiedBase(
