@@ -588,3 +588,20 @@ def test_warmup_and_eps_ramp_follow_their_schedules(tmp_path):
     command = load_checkpoint(out).meta.training.command
     assert "--warmup-epochs 1" in command
     assert "--attack-eps-ramp-epochs 2" in command
+
+
+def test_init_from_fine_tunes_the_given_weights_and_records_it(tmp_path):
+    """--init-from starts from a checkpoint's weights: with lr 0 the result is those weights exactly; the option is in
+    the recorded command; a checkpoint of another network is refused."""
+    zoo = Path(__file__).resolve().parents[1] / "models" / "zoo" / "mnist-fcn-dr"
+    out = tmp_path / "tuned"
+    assert tiny_dr_run(out, "--init-from", zoo, "--lr", 0) == 0
+    tuned, shipped = load_file(out / "model.safetensors"), load_file(zoo / "model.safetensors")
+    assert all(torch.equal(tuned[k], shipped[k]) for k in shipped)
+    assert f"--init-from {zoo}" in load_checkpoint(out).meta.training.model_dump(mode="json")["command"]
+    assert tiny_dr_run(tmp_path / "fresh", "--lr", 0) == 0
+    fresh = load_file(tmp_path / "fresh" / "model.safetensors")
+    assert not all(torch.equal(fresh[k], shipped[k]) for k in shipped)
+    cnn = Path(__file__).resolve().parents[1] / "models" / "zoo" / "mnist-cnn-dr"
+    with pytest.raises(SystemExit, match="holds a mnist-cnn-dr"):
+        tiny_dr_run(tmp_path / "wrong", "--init-from", cnn)

@@ -54,6 +54,8 @@ class TrainConfig:
     smoothmix_step_size: float = 1.0
     smoothmix_mix_step: int = 0
     smoothmix_warmup_epochs: int = 10
+    # Fine-tuning: start from the weights of this checkpoint folder (the same network) instead of random ones.
+    init_from: str | None = None
 
     @property
     def consistency(self) -> bool:

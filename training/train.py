@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models import SoapNetwork, create_model, get_spec, save_checkpoint
+from models import SoapNetwork, create_model, get_spec, load_checkpoint, save_checkpoint
 from models.checkpoint import meta_for
 from models.tasks import TRAINING_NOISE_STD
 
@@ -98,6 +98,7 @@ CONFIG_HELP = {
     "smoothmix_step_size": "SmoothMix: L2 size of each adversary step (default 1.0)",
     "smoothmix_mix_step": "SmoothMix: the step whose point starts the mix; 1 = the one-step adversary (default 0)",
     "smoothmix_warmup_epochs": "SmoothMix: epochs over which η and the mix start grow to full (default 10)",
+    "init_from": "fine-tune: start from this checkpoint folder's weights (the same network) instead of random ones",
 }
 CONFIG_FLAGS = cli.flags(
     TrainConfig,
@@ -327,6 +328,11 @@ def train(config: TrainConfig, options: TrainOptions, process: distributed.Proce
 
     torch.manual_seed(config.seed)
     network = create_model(config.network, num_classes=len(train_data.class_names)).to(process.device)
+    if config.init_from is not None:
+        start = load_checkpoint(config.init_from, process.device)
+        if start.meta.network != config.network:
+            raise SystemExit(f"--init-from {config.init_from} holds a {start.meta.network}, not a {config.network}")
+        network.load_state_dict(start.network.state_dict())
     optimizer = make_optimizer(network, config)
     start_epoch, elapsed = 0, 0.0
     state_file = out / STATE_FILE
