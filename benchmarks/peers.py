@@ -230,6 +230,18 @@ def summarize(rows: list[dict], images: list[LabelledImage]) -> dict:
                 **image_accuracy(labels, images),
                 "server_cpu_cores_used": [r["extra"]["server_cpu_cores_used"] for r in mine],
             }
+    # Where some images went unanswered by some server (a short level on a slow model), the accuracies above cover
+    # different images: this one covers the images every server answered.
+    answered = [{i for i, label in enumerate(r["labels"]) if label is not None} for r in rows]
+    common = sorted(set.intersection(*answered)) if answered else []
+    for name, record in out["servers"].items():
+        server, protocol = name.split(" ")
+        mine = [r for r in rows if r["server"] == server and r["protocol"] == protocol]
+        labels = [next(r["labels"][i] for r in mine if r["labels"][i] is not None) for i in common]
+        record["served_accuracy_on_common_images"] = image_accuracy(labels, [images[i] for i in common])[
+            "served_accuracy"
+        ]
+    out["common_images"] = len(common)
     served = {}  # image index -> the set of labels any server served for it
     for r in rows:
         for i, label in enumerate(r["labels"]):
