@@ -89,9 +89,13 @@ class Flag:
                 "default": None if default is dataclasses.MISSING else default,
                 "required": default is dataclasses.MISSING,
                 "choices": self.option.choices,
-                "metavar": self.option.metavar or self.names[0].removeprefix("--").replace("-", "_").upper(),
+                "metavar": self.option.metavar or self._metavar(),
             }
         parser.add_argument(*self.names, **how)
+
+    def _metavar(self) -> str | None:
+        """argparse's own: the choices for a closed set, else the flag's name (not the dotted dest) in capitals."""
+        return None if self.option.choices else self.names[0].removeprefix("--").replace("-", "_").upper()
 
     def words(self, value: Any) -> list[str]:
         """The option with `value` as written in a recorded command: a boolean as its flag alone (`--no-x` for an
