@@ -229,6 +229,7 @@ def summarize(rows: list[dict], images: list[LabelledImage]) -> dict:
                 "answers_checked": sum(r["answers_checked"] for r in mine),
                 **image_accuracy(labels, images),
                 "server_cpu_cores_used": [r["extra"]["server_cpu_cores_used"] for r in mine],
+                "others_cpu_cores_used": [r["extra"]["others_cpu_cores_used"] for r in mine],  # the machine's noise
             }
     # Where some images went unanswered by some server (a short level on a slow model), the accuracies above cover
     # different images: this one covers the images every server answered.
@@ -275,14 +276,16 @@ def with_ceiling(report: dict, ceilings: list[dict]) -> None:
 def table(summary: dict) -> str:
     """The summary as a markdown table (the one docs/performance.md shows)."""
     lines = [
-        "| server | protocol | images/s (median) | per round | non-200 | served accuracy | fraction of ceiling |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| server | protocol | images/s (median) | per round | non-200 | served accuracy | fraction of ceiling | "
+        "server CPU cores | others' CPU cores |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in summary["servers"].items():
         server, protocol = name.split(" ")
         lines.append(
             f"| {server} | {protocol} | {r['images_s_median']} | {', '.join(map(str, r['images_s_per_round']))} | "
-            f"{r['non_200']} | {r['served_accuracy']} | {r.get('fraction_of_ceiling_median', '-')} |"
+            f"{r['non_200']} | {r['served_accuracy']} | {r.get('fraction_of_ceiling_median', '-')} | "
+            f"{', '.join(map(str, r['server_cpu_cores_used']))} | {', '.join(map(str, r['others_cpu_cores_used']))} |"
         )
     lines.append("")
     for name, r in summary["ratios"].items():
