@@ -19,8 +19,6 @@
 #   SOAP_CI_MIN_FREE_GB  free disk the build needs in the cache and podman's storage (default 5; image ~1.5 GB)
 #   SOAP_PUBLISH_PORT, PROMETHEUS_PORT   host ports (127.0.0.1) of the service and Prometheus (8000 / 9090)
 #   COMPOSE_PROJECT_NAME default soapci
-#   SOAP_NOFILE          the serving container's open-file limit (compose `ulimits`); default 1024 here: the CI
-#                        sandbox refuses to raise limits (docker/podman/containers.conf), and 1,024 is enough
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
@@ -34,7 +32,6 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 MIN_FREE_GB=${SOAP_CI_MIN_FREE_GB:-5}
 SOCKET=$CACHE/podman.sock
 export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-soapci}
-export SOAP_NOFILE=${SOAP_NOFILE:-1024}
 
 log() { printf '[ci-stack %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
@@ -177,7 +174,8 @@ stop_api() {
 
 compose() {
   start_api
-  COMPOSE_FILE=docker-compose.yml:docker/compose.cpu.yml COMPOSE_PROFILES=cpu \
+  # docker/podman/compose.sandbox.yml: the resource limits the CI sandbox allows (it refuses to raise them).
+  COMPOSE_FILE=docker-compose.yml:docker/compose.cpu.yml:docker/podman/compose.sandbox.yml COMPOSE_PROFILES=cpu \
     SOAP_CPU_IMAGE=$SERVICE_IMAGE PROMETHEUS_IMAGE=$PROMETHEUS_IMAGE \
     docker-compose "$@"
 }

@@ -83,3 +83,13 @@ def test_compose_builds_pass_the_args_that_pick_stages():
     assert builds
     for name, build in builds:
         assert _stage_selecting_args() <= set(build.get("args", {})), name
+
+
+def test_deploy_docs_time_the_default_image_the_ci_script_builds():
+    """docs/deploy.md's build timings are for the image ci-stack.sh builds by default (the CPU torch build), not the
+    CUDA one they once described."""
+    script = (ROOT / "docker" / "ci-stack.sh").read_text()
+    torch = re.search(r"TORCH_VERSION=\$\{TORCH_VERSION:-([\d.]+)\}", script).group(1)
+    timings = (ROOT / "docs" / "deploy.md").read_text().split("**Timings**", 1)[1].split("\n\n", 1)[0]
+    assert f"torch {torch} CPU build" in timings
+    assert "CPU image" in timings
