@@ -243,7 +243,7 @@ def summarize(rows: list[dict], images: list[LabelledImage]) -> dict:
             "served_accuracy"
         ]
     out["common_images"] = len(common)
-    served = {}  # image index -> the set of labels any server served for it
+    served: dict[int, set[int]] = {}  # image index -> the set of labels any server served for it
     for r in rows:
         for i, label in enumerate(r["labels"]):
             if label is not None:
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     load = Load(args.concurrency, args.duration, args.warmup, args.max_requests)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     loadavg_before = os.getloadavg()
-    ceilings = []
+    ceilings: list[dict] = []
     if not args.quick:
         from benchmarks.service_load import machine_ceiling
 
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += asyncio.run(measure_server(server, model_dir, images, load, peers, index, args.log_dir))
     if not args.quick:
         ceilings.append(machine_ceiling(model_dir, [16, 32, peers.max_batch_size], args.ceiling_seconds))
-    report = {
+    report: dict = {
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.peers", *(argv or sys.argv[1:])]),
         "started_utc": started,
         "host": {

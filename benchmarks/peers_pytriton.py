@@ -67,7 +67,7 @@ def patch_proxy_model_files() -> None:
         files[key] = prelude + files[key]
         return files
 
-    Model.get_proxy_model_files = with_prelude  # type: ignore[method-assign]
+    Model.get_proxy_model_files = with_prelude
 
 
 def infer_function(job: PeerJob):
