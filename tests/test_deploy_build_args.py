@@ -93,3 +93,12 @@ def test_deploy_docs_time_the_default_image_the_ci_script_builds():
     timings = (ROOT / "docs" / "deploy.md").read_text().split("**Timings**", 1)[1].split("\n\n", 1)[0]
     assert f"torch {torch} CPU build" in timings
     assert "CPU image" in timings
+
+
+def test_base_images_are_fully_qualified():
+    """podman resolves `python:3.11-slim-bookworm` only through registries.conf's unqualified-search registries,
+    which Debian's podman leaves empty: the defaults name their registry."""
+    defaults = dict(re.findall(r"^ARG (\w+_BASE)=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE))
+    assert set(defaults) == {"GPU_BASE", "CPU_BASE"}
+    for name, image in defaults.items():
+        assert image.split("/", 1)[0] == "docker.io", f"{name}={image}"
