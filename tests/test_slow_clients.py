@@ -7,69 +7,40 @@ every connection carries a request a new one gets a fast 503."""
 from __future__ import annotations
 
 import json
-import os
 import resource
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from support import ROOT, free_port, mnist_png
+from support import ServiceProcess, mnist_png
 
 SLOW_CONNECTIONS = 1100
 OPEN_FILE_LIMIT = 1024
 SLOW_HEAD = b"POST /classify HTTP/1.1\r\nHost: soap\r\nContent-Type: image/png\r\n"  # no blank line: never complete
 
 
-class LimitedServer:
-    """`python -m service` on a free loopback port, its open-file limit (soft and hard) set before it starts."""
+class LimitedServer(ServiceProcess):
+    """`python -m service` on a free loopback port (benchmarks.harness), its open-file limit (soft and hard) set before
+    it starts."""
 
     def __init__(self, model_dir: Path, *args: str, open_files: int | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
-
         def limit() -> None:
             if open_files is not None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
 
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--model", str(model_dir), "--host", "127.0.0.1"]
-            + ["--port", str(self.port), *args],
-            cwd=ROOT,
-            env={k: v for k, v in os.environ.items() if not k.startswith("SOAP_")},  # settings from the arguments
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=limit,  # noqa: PLW1509 - setrlimit only, no threads in the child yet
-        )
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")
+        super().__init__(["--model", str(model_dir), *args], before_exec=limit)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Until the service's own "ready:" line is logged; /readyz must then answer 200 at once."""
         deadline = time.monotonic() + timeout
-        while "ready: http://" not in self.output():
+        while "ready: http://" not in self.output(chars=1_000_000):
             assert self.proc.poll() is None, self.output()
             assert time.monotonic() < deadline, "no ready line: " + self.output()[-3000:]
             time.sleep(0.1)
         assert httpx.get(self.url + "/readyz", timeout=5).status_code == 200
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture

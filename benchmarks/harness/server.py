@@ -19,7 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -35,7 +35,8 @@ class ServerProcess:
     """`python ARGS --port N` in a subprocess, for any Python program that serves HTTP on 127.0.0.1:N.
 
     `env` adds to (or overrides) this process's environment; the child runs unbuffered so that its output is in
-    the log when it dies. `cwd` is the source tree it runs: `python -m service` imports the package found there."""
+    the log when it dies. `cwd` is the source tree it runs: `python -m service` imports the package found there.
+    `before_exec` runs in the child before the program starts (a resource limit, say)."""
 
     def __init__(
         self,
@@ -45,6 +46,7 @@ class ServerProcess:
         cwd: Path = ROOT,
         env: Mapping[str, str] | None = None,
         log_dir: Path | None = None,
+        before_exec: Callable[[], None] | None = None,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -60,6 +62,7 @@ class ServerProcess:
             env={**self._base_environment(), "PYTHONUNBUFFERED": "1", **(env or {})},
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            preexec_fn=before_exec,  # a resource limit and the like (see the docstring)
         )
 
     @staticmethod
@@ -153,8 +156,11 @@ class ServiceProcess(ServerProcess):
         *,
         cwd: Path = ROOT,
         log_dir: Path | None = None,
+        before_exec: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__(["-m", "service", "--host", "127.0.0.1", *args], cwd=cwd, env=env, log_dir=log_dir)
+        super().__init__(
+            ["-m", "service", "--host", "127.0.0.1", *args], cwd=cwd, env=env, log_dir=log_dir, before_exec=before_exec
+        )
 
     @staticmethod
     def _base_environment() -> dict[str, str]:
