@@ -1,0 +1,225 @@
+"""Soak and chaos benchmark of the SOAP service (not a CI test): a real server at 80 % of its measured capacity for
+an hour, with a compute process killed at random every few seconds for part of it. What must hold: zero answers
+other than 200, p99 latency and resident memory flat from the first windows to the last.
+
+    python -m benchmarks.soak --json benchmarks/results/soak.json      # 1 hour (the result in docs/performance.md)
+    python -m benchmarks.soak --short --json /tmp/soak.json            # ~2 minutes, the same steps
+
+1. capacity: closed-loop clients (--concurrency) for --capacity-s seconds: images/s answered 200.
+2. soak: open-loop Poisson arrivals at --load-share x capacity for --duration-s seconds, measured in windows of
+   --window-s seconds: answers by status, errors, p50/p99, and the resident memory of the server and of each of its
+   compute processes (/proc).
+3. chaos: between --chaos-from and --chaos-to (shares of the soak) a compute process picked at random is killed
+   (SIGKILL) every --kill-every-s seconds; the service starts it again and computes its batch again.
+
+The JSON has every window; the summary compares the first and the last windows outside the chaos phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from benchmarks.harness import ROOT
+from benchmarks.harness.load import closed_loop, open_loop, read_payloads
+from benchmarks.harness.server import service_server
+
+
+def _children(pid: int) -> list[int]:
+    """The direct child processes of `pid` (every thread's children list)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def compute_processes(server_pid: int) -> list[int]:
+    """The server's compute processes: its multiprocessing "spawn" children (not the resource tracker)."""
+    pids = []
+    for child in _children(server_pid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                pids.append(child)
+        except OSError:
+            continue
+    return pids
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass
+class Window:
+    started_s: float  # since the soak began
+    chaos: bool
+    requests: int
+    statuses: dict[str, int]
+    errors: int
+    p50_ms: float | None
+    p99_ms: float | None
+    server_rss_mb: float
+    compute_rss_mb: list[float]
+    kills: int = 0
+
+
+@dataclass
+class Chaos:
+    """Kills a random compute process every `every_s` seconds while `active`."""
+
+    server_pid: int
+    every_s: float
+    rng: random.Random
+    active: bool = False
+    kills: int = 0
+    log: list[dict] = field(default_factory=list)
+
+    async def run(self, began: float) -> None:
+        while True:
+            await asyncio.sleep(self.every_s)
+            if not self.active:
+                continue
+            victims = compute_processes(self.server_pid)
+            if not victims:
+                continue
+            victim = self.rng.choice(victims)
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            self.kills += 1
+            self.log.append({"at_s": round(time.monotonic() - began, 1), "pid": victim})
+
+
+async def soak(args: argparse.Namespace) -> dict:
+    import aiohttp
+
+    payloads = read_payloads(Path(args.images))
+    rng = random.Random(args.seed)
+    with service_server(args.model, max_queue=args.max_queue) as server:
+        timeout = aiohttp.ClientTimeout(total=60)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            capacity = await closed_loop(
+                session,
+                server.url,
+                "/classify",
+                payloads,
+                args.concurrency,
+                args.capacity_s,
+                10**7,
+                warmup=2.0,
+                name="capacity",
+                server_pid=server.pid,
+            )
+            rate = max(1.0, args.load_share * capacity.throughput_images_s)
+            print(
+                f"capacity {capacity.throughput_images_s} images/s at {args.concurrency} clients; soak at {rate:.1f}/s"
+            )
+
+            chaos = Chaos(server.pid, args.kill_every_s, rng)
+            began = time.monotonic()
+            killer = asyncio.create_task(chaos.run(began))
+            windows: list[Window] = []
+            try:
+                while (elapsed := time.monotonic() - began) < args.duration_s:
+                    share = elapsed / args.duration_s
+                    chaos.active = args.chaos_from <= share < args.chaos_to
+                    kills_before = chaos.kills
+                    level = await open_loop(
+                        session, server.url, payloads, rate, args.window_s, 10**7, seed=rng.randrange(1 << 30)
+                    )
+                    computes = compute_processes(server.pid)
+                    window = Window(
+                        round(elapsed, 1),
+                        chaos.active,
+                        level.requests,
+                        level.status_counts,
+                        level.errors,
+                        level.p50_ms,
+                        level.p99_ms,
+                        round(rss_bytes(server.pid) / 2**20, 1),
+                        [round(rss_bytes(pid) / 2**20, 1) for pid in computes],
+                        chaos.kills - kills_before,
+                    )
+                    windows.append(window)
+                    print(
+                        f"{window.started_s:7.1f} s {'chaos' if window.chaos else 'calm '} {window.requests:6d} req "
+                        f"{window.statuses} errors {window.errors} p50 {window.p50_ms} p99 {window.p99_ms} ms "
+                        f"rss server {window.server_rss_mb} MB compute {window.compute_rss_mb} kills {window.kills}",
+                        flush=True,
+                    )
+            finally:
+                killer.cancel()
+    calm = [w for w in windows if not w.chaos]
+    first, last = (calm[0], calm[-1]) if calm else (None, None)
+    non_200 = sum(n for w in windows for s, n in w.statuses.items() if s != "200") + sum(w.errors for w in windows)
+    return {
+        "benchmark": "soak",
+        "command": "python -m benchmarks.soak " + " ".join(args.argv),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_after": os.getloadavg()},
+        "capacity": asdict(capacity),
+        "offered_rate": round(rate, 1),
+        "kills": chaos.kills,
+        "summary": {
+            "requests": sum(w.requests for w in windows),
+            "non_200_or_errors": non_200,
+            "p99_ms_first_calm_window": first.p99_ms if first else None,
+            "p99_ms_last_calm_window": last.p99_ms if last else None,
+            "server_rss_mb_first_last": [first.server_rss_mb, last.server_rss_mb] if first and last else None,
+            "compute_rss_mb_first_last": [first.compute_rss_mb, last.compute_rss_mb] if first and last else None,
+        },
+        "windows": [asdict(w) for w in windows],
+        "kill_log": chaos.log,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--short", action="store_true", help="~2 minutes: 90 s soak in 10 s windows, 10 s capacity")
+    parser.add_argument("--model", default=str(ROOT / "models" / "zoo" / "mnist-fcn-dr"))
+    parser.add_argument("--images", default=str(ROOT / "tests" / "data" / "mnist"), help="folder of <class>/*.png")
+    parser.add_argument("--concurrency", type=int, default=64, help="clients of the capacity measurement")
+    parser.add_argument("--capacity-s", type=float, default=30.0)
+    parser.add_argument("--duration-s", type=float, default=3600.0)
+    parser.add_argument("--window-s", type=float, default=60.0)
+    parser.add_argument("--load-share", type=float, default=0.8, help="offered load as a share of the capacity")
+    parser.add_argument("--chaos-from", type=float, default=1 / 3, help="share of the soak when the kills start")
+    parser.add_argument("--chaos-to", type=float, default=2 / 3, help="share of the soak when they stop")
+    parser.add_argument("--kill-every-s", type=float, default=5.0)
+    parser.add_argument("--max-queue", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    raw = list(argv) if argv is not None else sys.argv[1:]
+    args = parser.parse_args(raw)
+    args.argv = raw
+    if args.short:
+        args.capacity_s, args.duration_s, args.window_s = 10.0, 90.0, 10.0
+    report = asyncio.run(soak(args))
+    print(json.dumps(report["summary"], indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if report["summary"]["non_200_or_errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
