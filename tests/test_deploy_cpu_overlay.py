@@ -4,6 +4,8 @@ memory for that many compute processes. Built with `kubectl kustomize`, as a use
 
 from __future__ import annotations
 
+import yaml
+from support import ROOT
 from support.deploy import OVERLAYS, kustomize
 
 from service.config import WORKER_MEMORY_BYTES
@@ -46,3 +48,14 @@ def test_every_overlay_sets_the_slow_client_limits():
         ]
         assert int(config["data"]["SOAP_MAX_CONNECTIONS"]) >= 1024, name
         assert float(config["data"]["SOAP_HEAD_TIMEOUT_S"]) > 0, name
+
+
+def test_kserve_cpu_predictor_limits_cpu_and_sets_one_worker_per_cpu():
+    service = yaml.safe_load((ROOT / "deploy" / "k8s" / "kserve" / "inferenceservice.yaml").read_text())
+    container = service["spec"]["predictor"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    resources = container["resources"]
+    cpus = _cpus(resources["limits"]["cpu"])
+    assert _cpus(resources["requests"]["cpu"]) == cpus
+    assert int(env["SOAP_COMPUTE_WORKERS"]) == cpus
+    assert int(env["SOAP_MAX_CONNECTIONS"]) >= 1024
