@@ -153,6 +153,7 @@ def metric_names(expr: str) -> set[str]:
     text = re.sub(r"\{[^}]*\}", "{}", text)  # label matchers
     text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
     text = re.sub(r"\[[^\]]*\]", "[]", text)  # ranges
+    text = re.sub(r"\boffset\s+-?(\d+[a-z]+)+", " ", text)  # `offset 70m`: its duration is no metric
     names = set()
     for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
         word = m.group(0)
