@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import resource
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -36,6 +37,7 @@ FD_HEADROOM = 64
 # The open-file limit the service raises its soft limit to, when the hard limit allows (the fd limit in the image,
 # compose file and manifests is this value too).
 WANTED_OPEN_FILES = 65536
+WARN_EVERY_S = 60.0
 
 
 def _plain_response(status: str, error: str, detail: str, *headers: str) -> bytes:
@@ -96,9 +98,7 @@ class ConnectionGuard:
     limit: int = 1
     waiting: dict[GuardedHttpToolsProtocol, None] = field(default_factory=dict)
     open: int = 0
-    refused: int = 0
-    evicted: int = 0
-    timed_out: int = 0
+    _warned_at: float = float("-inf")
 
     def __post_init__(self) -> None:
         self.refit()
@@ -120,8 +120,15 @@ class ConnectionGuard:
             return False
         victim = next(iter(self.waiting))
         victim.close_waiting()
-        self.evicted += 1
+        self.warn_at_cap("closing the connection that has waited longest for a request head")
         return True
+
+    def warn_at_cap(self, action: str) -> None:
+        """Say in the log that the cap is reached, at most once a minute (a flood would otherwise flood the log)."""
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_EVERY_S:
+            self._warned_at = now
+            log.warning("%d connections open, the cap (--max-connections): %s", self.open, action)
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -140,7 +147,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         guard = self.guard
         if guard.open >= guard.limit and not guard.make_room():
             self._refused = True
-            guard.refused += 1
+            guard.warn_at_cap("every connection carries a request; refusing new ones with 503")
             transport.write(_TOO_MANY_CONNECTIONS)
             transport.close()
             return
@@ -206,7 +213,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer = None
         if self.transport.is_closing():
             return
-        self.guard.timed_out += 1
         if self._head_started:
             self.transport.write(_HEAD_TIMEOUT)
         self._stop_waiting()

@@ -158,6 +158,7 @@ def test_at_the_connection_cap_slow_heads_make_room_and_busy_connections_refuse_
             assert client.get("/healthz").status_code == 200  # made room by closing the oldest slow connection
         time.sleep(0.3)
         assert [_closed_by_server(sock) for sock in slow] == [True, False, False]
+        assert "the cap (--max-connections): closing the connection that has waited longest" in srv.output()
     finally:
         for sock in slow:
             sock.close()
