@@ -42,14 +42,18 @@ from .batcher import BatchFailed, DeadlineExceeded, QueueFull, ShuttingDown
 log = logging.getLogger("service.certify")
 
 
+DEFAULT_ALPHA = 0.001  # a request's failure probability when it names none (Cohen et al.'s)
+SELECTION_SAMPLES = 100  # n0: the noise samples that pick the top class before the n that estimate p_A
+
+
 @dataclass(frozen=True)
 class CertifyRequest:
     """What one certify request asks for: n estimation samples per image, the level α, the seed."""
 
     samples: int
-    alpha: float
+    alpha: float = DEFAULT_ALPHA
     seed: int = 0
-    n0: int = 100
+    n0: int = SELECTION_SAMPLES
 
     @property
     def forward_passes(self) -> int:

@@ -7,7 +7,9 @@ Policy (docs/service.md "Input images"):
    caller meant is ambiguous, and silently classifying one of them is how a robustness service gets fooled.
    A GIF therefore decodes from its first (only) frame.
 3. The header is checked before any pixel is decoded: a side longer than `max_side` or more than `max_pixels`
-   pixels (decompression bomb) is refused, so a 50 kB PNG cannot make the server allocate gigabytes.
+   pixels (decompression bomb) is refused, so a 50 kB PNG cannot make the server allocate gigabytes. A JPEG is
+   decoded at reduced scale (libjpeg's 1/2, 1/4, 1/8; Pillow's draft mode) when the model's input is small, and
+   the pixel limit applies to what is decoded: a 6000x4000 phone photo for a 28x28 model decodes 750x500 pixels.
 4. EXIF orientation is applied (a phone photo is classified the way it is displayed).
 5. Transparent pixels are composited onto black; the image is converted to the model's channels (L or RGB;
    16-bit greyscale is rescaled, not clipped).
@@ -50,28 +52,47 @@ class DecodeLimits:
     max_side: int = 8192
 
 
+# The service options that raise each limit, named in the refusal (service/config.py's max_image_pixels, ...).
+_RAISE_PIXELS = "the server's --max-image-pixels (SOAP_MAX_IMAGE_PIXELS) raises the limit"
+_RAISE_SIDE = "the server's --max-image-side (SOAP_MAX_IMAGE_SIDE) raises the limit"
+
+
 def _bad(detail: str) -> ImageRejected:
     return ImageRejected(detail)
 
 
-def _open(data: bytes, limits: DecodeLimits) -> Image.Image:
-    """Identify the file from its header only; refuse what the policy refuses before decoding pixels."""
+def _open(data: bytes, limits: DecodeLimits, input_shape: tuple[int, int, int] | list[int] | None) -> Image.Image:
+    """Identify the file from its header only; refuse what the policy refuses before decoding pixels. With the
+    model's `input_shape`, a JPEG is set to decode at the smallest libjpeg scale that still covers it."""
     if not data:
         raise _bad("the image is empty (0 bytes)")
     try:
         # Only the supported plugins may parse the bytes: less attack surface than every format Pillow knows.
         image = Image.open(io.BytesIO(data), formats=_PLUGINS)
     except Image.DecompressionBombError:
-        raise _bad(f"decompression bomb: the image declares more than {limits.max_pixels} pixels") from None
+        raise _bad(
+            f"decompression bomb: the image declares more than {limits.max_pixels} pixels; {_RAISE_PIXELS}"
+        ) from None
     except UnidentifiedImageError:
         raise _bad(f"not an image in a supported format ({', '.join(SUPPORTED_FORMATS)})") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise _bad(f"corrupt image header: {exc}") from None
     width, height = image.size
     if width < 1 or height < 1 or width > limits.max_side or height > limits.max_side:
-        raise _bad(f"absurd dimensions {width}x{height}: each side must be between 1 and {limits.max_side} pixels")
+        raise _bad(
+            f"absurd dimensions {width}x{height}: each side must be between 1 and {limits.max_side} pixels; "
+            f"{_RAISE_SIDE}"
+        )
+    if input_shape is not None and image.format in ("JPEG", "MPO"):
+        channels, height_in, width_in = input_shape
+        side = max(height_in, width_in)
+        image.draft("L" if channels == 1 else "RGB", (side, side))  # sets `size` to what will be decoded
+        width, height = image.size
     if width * height > limits.max_pixels:
-        raise _bad(f"decompression bomb: {width}x{height} = {width * height} pixels is more than {limits.max_pixels}")
+        raise _bad(
+            f"decompression bomb: {width}x{height} = {width * height} pixels is more than {limits.max_pixels}; "
+            f"{_RAISE_PIXELS}"
+        )
     frames = getattr(image, "n_frames", 1)
     if frames > 1 and image.format not in _FIRST_FRAME_FORMATS:
         raise _bad(f"animated or multi-page {image.format} with {frames} frames; send a single still image")
@@ -118,13 +139,16 @@ def decode_image(
     data: bytes, input_shape: tuple[int, int, int] | list[int], limits: DecodeLimits = DecodeLimits()
 ) -> torch.Tensor:
     """Bytes of one uploaded file -> float32 tensor [C, H, W] in [0, 1]. Raises ImageRejected."""
-    return decode_opened(open_image(data, limits), input_shape)
+    return decode_opened(open_image(data, limits, input_shape), input_shape)
 
 
-def open_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
+def open_image(
+    data: bytes, limits: DecodeLimits = DecodeLimits(), input_shape: tuple[int, int, int] | list[int] | None = None
+) -> Image.Image:
     """Step 1, cheap: read and check the header only (format, size, frames). Raises ImageRejected.
-    `image.size` then tells the caller how expensive `decode_opened` will be."""
-    return _open(data, limits)
+    `image.size` then tells the caller how expensive `decode_opened` will be (for a JPEG opened with the model's
+    `input_shape`: the reduced size its pixels will be decoded at)."""
+    return _open(data, limits, input_shape)
 
 
 def decode_opened(source: Image.Image, input_shape: tuple[int, int, int] | list[int]) -> torch.Tensor:
@@ -134,7 +158,7 @@ def decode_opened(source: Image.Image, input_shape: tuple[int, int, int] | list[
         source.seek(0)
         if source.format in ("JPEG", "MPO"):  # let libjpeg downscale by 2/4/8 while decoding a large photo
             side = max(height, width)
-            source.draft("L" if channels == 1 else "RGB", (side, side))
+            source.draft("L" if channels == 1 else "RGB", (side, side))  # (a no-op when open_image set it)
         source.load()  # decodes the pixels; raises on truncated data
         image = source
         # exif_transpose reads the same tag but copies every image, rotated or not (~30 µs of event loop per

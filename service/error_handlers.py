@@ -18,10 +18,10 @@ from .errors import (
     ServiceError,
     bad_options,
     error_response,
+    option_problems,
     purification_unavailable,
     render,
     unknown_model,
-    validation_problems,
 )
 from .runtime import BudgetTooLarge, ModeUnavailable, Refused, UnknownModel
 
@@ -55,7 +55,7 @@ async def refused_handler(request: Request, exc: Refused) -> JSONResponse:
 
 
 async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(422, ErrorCode.BAD_OPTIONS, validation_problems(exc.errors()), path=request.url.path)
+    return error_response(422, ErrorCode.BAD_OPTIONS, option_problems(exc.errors()), path=request.url.path)
 
 
 async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:

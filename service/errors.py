@@ -9,6 +9,7 @@ Which exception becomes which answer (handlers, domain errors of the runtime) is
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from typing import Any
@@ -67,14 +68,15 @@ def documented(body: type[BaseModel], *statuses: int) -> dict[int | str, dict[st
 
 
 class ServiceError(Exception):
-    """A refusal: HTTP status, machine-readable code and message (`detail`: a string, or a list of {"loc", "msg"}).
+    """A refusal: HTTP status, machine-readable code and message (`detail`: one plain-language string, on every
+    route and protocol).
     `reason` counts it in soap_rejections_total under `model` (a name; the metrics label is bounded later)."""
 
     def __init__(
         self,
         status: int,
         error: ErrorCode,
-        detail: Any,
+        detail: str,
         *,
         reason: Rejection | None = None,
         model: str | None = None,
@@ -89,18 +91,49 @@ class ServiceError(Exception):
         self.headers = headers or {}
 
 
-def validation_problems(
-    errors: Iterable[Mapping[str, Any]], prefix: tuple[str | int, ...] = ()
-) -> list[dict[str, Any]]:
-    """Pydantic's errors (`exc.errors(include_url=False)`) as the `detail` of a 422: where (`loc`, under `prefix`)
-    and what (`msg`), nothing else."""
-    return [{"loc": [*prefix, *e.get("loc", ())], "msg": e.get("msg", "")} for e in errors]
+# Where FastAPI's RequestValidationError puts a problem before the option's own name.
+_REQUEST_PARTS = frozenset({"query", "body", "path", "header", "cookie"})
+
+
+def option_problems(errors: Iterable[Mapping[str, Any]], noun: str = "option") -> str:
+    """Pydantic's errors (`exc.errors(include_url=False)`) as one plain sentence per option: the option's name, the
+    value sent and what is allowed, never pydantic's internal locations (`str-enum[Mode]`, `literal['certify']`).
+    A union field's several errors (mode: the Mode enum or 'certify') become one sentence with all allowed values;
+    a rule tying options together (a model validator, no location) speaks for itself, naming its options."""
+    by_option: dict[str | None, list[Mapping[str, Any]]] = {}
+    for e in errors:
+        loc = [part for part in e.get("loc", ()) if isinstance(part, str | int)]
+        if loc and loc[0] in _REQUEST_PARTS:
+            loc = loc[1:]
+        name = str(loc[0]) if loc else None
+        by_option.setdefault(name, []).append(e)
+    sentences = []
+    for name, problems in by_option.items():
+        if name is None:
+            sentences += [str(e.get("msg", "")).removeprefix("Value error, ") for e in problems]
+            continue
+        first = problems[0]
+        kinds = {str(e.get("type", "")) for e in problems}
+        value = first.get("input")
+        if "extra_forbidden" in kinds:
+            sentences.append(f"unknown {noun} {name!r}")
+        elif "missing" in kinds:
+            sentences.append(f"{noun} {name} is required")
+        elif kinds & {"enum", "literal_error"}:
+            allowed = [v for e in problems for v in re.findall(r"'([^']*)'", str(e.get("ctx", {}).get("expected", "")))]
+            sentences.append(f"{noun} {name}={value!r} is not allowed; allowed values: {', '.join(allowed)}")
+        elif "bool_parsing" in kinds or "bool_type" in kinds:
+            sentences.append(f"{noun} {name}={value!r} is not allowed; allowed values: true, false")
+        else:
+            what = str(first.get("msg", "")).replace("Input should be", "must be")
+            sentences.append(f"{noun} {name}={value!r}: {what}")
+    return "; ".join(sentences)
 
 
 # ------------------------------------------------------------------------------------------------ the factories
 
 
-def bad_options(detail: Any, model: str | None = None) -> ServiceError:
+def bad_options(detail: str, model: str | None = None) -> ServiceError:
     return ServiceError(422, ErrorCode.BAD_OPTIONS, detail, reason=Rejection.BAD_OPTIONS, model=model)
 
 
@@ -258,20 +291,13 @@ def is_open_inference(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
 
-def message(detail: Any) -> str:
-    """The detail as one line: a list of validation problems as 'loc: msg; ...'."""
-    if isinstance(detail, list) and all(isinstance(p, dict) and "msg" in p for p in detail):
-        return "; ".join(f"{'.'.join(map(str, p.get('loc', ()))) or 'request'}: {p['msg']}" for p in detail)
-    return str(detail)
-
-
 def error_response(
-    status: int, error: str, detail: Any, headers: Mapping[str, str] | None = None, *, path: str = ""
+    status: int, error: str, detail: str, headers: Mapping[str, str] | None = None, *, path: str = ""
 ) -> JSONResponse:
     """The JSON error for a request to `path`: {"error": code, "detail": ...}, or the protocol's {"error": "..."}
     on the /v2 routes."""
     if is_open_inference(path):
-        return JSONResponse({"error": f"{error}: {message(detail)}"}, status_code=status, headers=headers)
+        return JSONResponse({"error": f"{error}: {detail}"}, status_code=status, headers=headers)
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 

@@ -21,6 +21,8 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .schemas import CertifyInfo
+
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
@@ -61,6 +63,9 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[TensorMetadata] = Field(description="send exactly one of these per request")
     outputs: list[TensorMetadata]
+    certify: CertifyInfo | None = Field(
+        None, description="this service's extension: mode=certify's σ and sample limits (null: cannot certify)"
+    )
 
 
 class Ready(BaseModel):

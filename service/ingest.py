@@ -25,10 +25,10 @@ from .errors import (
     bad_image,
     bad_options,
     body_timeout,
+    option_problems,
     payload_too_large,
     too_many_images,
     unsupported_media_type,
-    validation_problems,
 )
 from .schemas import ClassifyJSON
 
@@ -133,7 +133,7 @@ def _parse_json(body: bytes, model: str | None) -> Upload:
     try:
         parsed = ClassifyJSON.model_validate(data)
     except ValidationError as exc:
-        raise bad_options(validation_problems(exc.errors(include_url=False)), model) from None
+        raise bad_options(option_problems(exc.errors(include_url=False)), model) from None
     options = dict(parsed.model_extra or {})
     return Upload([_decode_base64(t, i, model) for i, t in enumerate(parsed.images)], options)
 

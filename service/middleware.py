@@ -109,8 +109,8 @@ class RequestContext:
                 )
                 await response(scope, receive, send_with_id)
         finally:
-            route = route or getattr(scope.get("route"), "path", None) or "unmatched"
-            runtime.metrics.request_duration.labels(scope.get("soap.model", ""), route, str(status)).observe(
+            route = route or route_label(scope)
+            runtime.metrics.request_duration.labels(model_label(scope, runtime), route, str(status)).observe(
                 time.perf_counter() - start
             )
             if counted:
@@ -188,12 +188,46 @@ async def _discard_body(receive: Receive, limit: int) -> None:
 def _model_before_body(scope: Scope, runtime: ServiceRuntime) -> ModelRuntime | None:
     """The model a /classify request is for, as far as its head tells (see RequestContext._shed); None when only the
     body can tell, or when the query names no loaded model (the pipeline answers 404)."""
-    query = scope.get("query_string", b"")
-    if b"model=" in query:
-        name = parse_qs(query.decode("latin-1")).get("model", [None])[-1]
-        if name:
-            return runtime.models.get(name)
+    name = _query_model(scope)
+    if name:
+        return runtime.models.get(name)
     content_type = dict(scope.get("headers") or ()).get(b"content-type", b"")
     if len(runtime.models) == 1 or content_type.strip().lower().startswith(b"image/"):
         return runtime.models[runtime.default]
     return None
+
+
+def _query_model(scope: Scope) -> str | None:
+    """The `model` the query string names, if any."""
+    query = scope.get("query_string", b"")
+    if b"model=" not in query:
+        return None
+    return parse_qs(query.decode("latin-1")).get("model", [None])[-1]
+
+
+def route_label(scope: Scope) -> str:
+    """The request's route for metrics: the matched route's template, a mount's path for the files under it
+    (`/static`, the docs assets), else "unmatched" (a bounded label: never the raw path)."""
+    route = getattr(scope.get("route"), "path", None)
+    if route is not None:
+        return str(route)
+    if "app_root_path" in scope:  # set by a Mount that matched (starlette.routing.Mount.matches)
+        return str(scope["root_path"])[len(scope["app_root_path"]) :] or "unmatched"
+    return "unmatched"
+
+
+def model_label(scope: Scope, runtime: ServiceRuntime) -> str:
+    """The one model-label rule of every route and protocol: the model the request was served by or refused for
+    (`soap.model`, set by the pipeline whether the name came from the query, a form field or the v2 path, the
+    default model's name when the request named none), else the model a route's path names (`{name}`, bounded by
+    `metrics_label`), for a /classify refused before it was read (e.g. 401) the query's model or the default,
+    else "" (a request about no model: /metrics, /healthz, the page)."""
+    model = scope.get("soap.model")
+    if model is not None:
+        return str(model)
+    name = scope.get("path_params", {}).get("name")
+    if isinstance(name, str):
+        return runtime.metrics_label(name)
+    if scope["path"] == CLASSIFY:
+        return runtime.metrics_label(_query_model(scope) or None)
+    return ""

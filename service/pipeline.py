@@ -24,7 +24,7 @@ from starlette.types import Receive
 
 from .auth import require_api_key
 from .batcher import BatchFailed, ClientGone, DeadlineExceeded, ItemResult, QueueFull, ShuttingDown
-from .certify import CertifyRequest, CertifyResult
+from .certify import DEFAULT_ALPHA, CertifyRequest, CertifyResult
 from .compute_queue import ComputeQueue, TicketT
 from .config import ServiceSettings
 from .decode import ImageRejected, decode_opened, open_image
@@ -120,13 +120,18 @@ def work_for(options: ClassifyOptions, model: ModelRuntime, settings: ServiceSet
     if options.mode != "certify":
         return model.purify_request(options.mode, options.epsilon)
     if model.certify is None:
-        raise bad_options(f"model {model.name} records no training noise σ: it cannot certify", model.name)
+        raise bad_options(
+            f"option mode=certify is not served by model {model.name}: its checkpoint records no training noise σ",
+            model.name,
+        )
     samples = options.samples if options.samples is not None else settings.default_certify_samples
     if samples > settings.max_certify_samples:
         raise bad_options(
-            f"samples {samples} exceeds this server's limit of {settings.max_certify_samples}", model.name
+            f"option samples={samples} is above this server's limit; allowed: 1 to {settings.max_certify_samples} "
+            "(the server's --max-certify-samples)",
+            model.name,
         )
-    return CertifyRequest(samples, options.alpha if options.alpha is not None else 0.001, options.seed)
+    return CertifyRequest(samples, options.alpha if options.alpha is not None else DEFAULT_ALPHA, options.seed)
 
 
 # ------------------------------------------------------------------------------------------------ decode
@@ -142,7 +147,7 @@ async def decode_all(inputs: list[bytes] | torch.Tensor, model: ModelRuntime, ru
     images: list[torch.Tensor] = []
     for index, data in enumerate(inputs):
         try:
-            source = open_image(data, runtime.decode_limits)
+            source = open_image(data, runtime.decode_limits, model.input_shape)
             if source.width * source.height <= _INLINE_DECODE_PIXELS:
                 images.append(decode_opened(source, model.input_shape))
             else:

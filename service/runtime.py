@@ -23,6 +23,7 @@ import os
 from collections.abc import Callable
 
 import anyio
+import numpy
 import torch
 
 from models import Mode, resolve_device
@@ -67,10 +68,19 @@ class BudgetTooLarge(Refused):
     """A fixed purification budget beyond the model's largest."""
 
     def __init__(self, model: str, epsilon: float, max_budget: float) -> None:
-        super().__init__(f"epsilon {epsilon} exceeds model {model}'s largest budget {max_budget:g}")
+        super().__init__(
+            f"option epsilon={epsilon:g} is above model {model}'s largest budget; allowed: 0 to {max_budget:g}"
+        )
         self.model = model
         self.epsilon = epsilon
         self.max_budget = max_budget
+
+
+def as_written(value: float) -> float:
+    """A budget as its decimal is written: the shortest decimal that a float32 of it rounds back to, as a float64
+    (0.05 for the float32 0.0500000007 of a grid value, 0.15 for the grid's 3 * 0.05 = 0.15000000000000002), so that
+    answers say 0.05 and the ε histogram counts 0.05 in its le="0.05" bucket."""
+    return float(str(numpy.float32(value)))
 
 
 class ModelRuntime(ModelPool):
@@ -80,6 +90,11 @@ class ModelRuntime(ModelPool):
     def max_budget(self) -> float:
         """The largest purification budget. Checked on every request: `loaded.purifier` builds its config anew."""
         return self.loaded.purifier.max_budget
+
+    @functools.cached_property
+    def budgets(self) -> list[float]:
+        """The purification budget grid as its values are written (0.15, not 0.15000000000000002)."""
+        return [as_written(b) for b in self.loaded.purifier.budgets()]
 
     @property
     def class_names(self) -> list[str]:
@@ -250,7 +265,7 @@ class ServiceRuntime:
         threshold = model.suspicious_threshold
         suspicious = 0
         for e, b, a in zip(p.epsilon.tolist(), p.aux_before.tolist(), p.aux_after.tolist(), strict=True):
-            eps.observe(e)
+            eps.observe(as_written(e))
             before.observe(b)
             after.observe(a)
             suspicious += b > threshold

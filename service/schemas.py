@@ -41,12 +41,17 @@ class ClassifyOptions(BaseModel):
     @model_validator(mode="after")
     def _epsilon_goes_with_fixed(self) -> ClassifyOptions:
         if self.mode == "fixed" and self.epsilon is None:
-            raise ValueError("mode=fixed needs epsilon")
+            raise ValueError(
+                "option epsilon is required with mode=fixed: the L-inf budget, from 0 to the model's largest"
+            )
         if self.mode != "fixed" and self.epsilon is not None:
-            raise ValueError(f"epsilon is only used with mode=fixed (mode is {self.mode or 'the model default'})")
+            raise ValueError(
+                f"option epsilon is only used with mode=fixed (mode is {self.mode or 'the model default'})"
+            )
         if self.mode != "certify" and (self.samples is not None or self.alpha is not None):
             raise ValueError(
-                f"samples and alpha are only used with mode=certify (mode is {self.mode or 'the model default'})"
+                "options samples and alpha are only used with mode=certify "
+                f"(mode is {self.mode or 'the model default'})"
             )
         return self
 
@@ -131,7 +136,10 @@ class CertifyResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: str = Field(description="machine-readable code, e.g. bad_image, queue_full")
-    detail: Any = Field(description="human-readable explanation (or a list of validation problems)")
+    detail: str = Field(
+        description="what was wrong, in plain language; for options: each option's name, the value sent and the "
+        "allowed values"
+    )
 
 
 RESULTS_PAGE = "docs/results.md"
@@ -153,7 +161,7 @@ class RobustnessInfo(BaseModel):
     resists: str | None = Field(description="what purification resists (None when the model does not purify)")
     does_not_resist: str = Field(description="what it does not resist: the model is not robust against these")
     results: str = Field(description="where the measured accuracies are, in the source repository")
-    model_card: str = Field(description="the model's card with its measured accuracies (relative URL on this service)")
+    model_card: str = Field(description="the model's card with its measured accuracies (a URL path on this service)")
 
 
 class PurifierInfo(BaseModel):
@@ -172,6 +180,17 @@ class BatchingInfo(BaseModel):
     queue_depth: int
 
 
+class CertifyInfo(BaseModel):
+    """How mode=certify certifies with this model: the model picks σ (its checkpoint's training noise), so a client
+    picks σ by picking the model."""
+
+    sigma: float = Field(description="standard deviation of the smoothing noise: the checkpoint's training noise")
+    n0: int = Field(description="noise samples per image that select the top class (before `samples` estimate it)")
+    default_samples: int = Field(description="estimation samples per image when a request names none")
+    max_samples: int = Field(description="most estimation samples per image a request may ask for")
+    default_alpha: float = Field(description="failure probability of each certificate when a request names none")
+
+
 class ModelInfo(BaseModel):
     name: str
     default: bool
@@ -186,9 +205,14 @@ class ModelInfo(BaseModel):
     aux_head_trained: bool = Field(
         description="training minimised the auxiliary loss; when false, purification is refused (mode none only)"
     )
-    modes: list[Mode] = Field(description="purification modes this model serves")
+    modes: list[Mode | Literal["certify"]] = Field(
+        description="modes this model serves: the purification modes, and certify when it records its training noise"
+    )
     default_mode: Mode = Field(description="the mode of a request that names none")
     purifier: PurifierInfo
+    certify: CertifyInfo | None = Field(
+        description="mode=certify's σ and sample limits; null: the model cannot certify"
+    )
     robustness: RobustnessInfo = Field(description="which attacks purification resists and which it does not")
     calibration: dict[str, Any] | None = Field(
         description="clean-data auxiliary-loss quantiles and the suspicious threshold, if the checkpoint has them"

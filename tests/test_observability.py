@@ -5,6 +5,7 @@ batch-failure and compute-restart counters, and build information."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -218,3 +219,37 @@ async def test_tracing_spans_cover_the_steps_of_a_request(model_dir):
     async with serve_app(settings_for(model_dir)) as (app, client):  # tracing off (the default)
         assert (await client.post("/classify", content=mnist_png(7), headers=PNG)).status_code == 200
     assert exporter.get_finished_spans() == ()
+
+
+@pytest.mark.anyio
+async def test_metrics_label_epsilon_models_and_static_files_by_one_rule(model_dir):
+    """Issue 28 point 6: ε is observed as the grid's value (mode=fixed&epsilon=0.05 counts in le="0.05", not one
+    bucket up as the float32 0.0500000007 did); the model label is the model's real name wherever the request named
+    it (query, form field, JSON body, v2 path) or the default model's when it named none; files under /static have
+    their own route label."""
+    name = model_dir.name
+    png = mnist_png(7)
+    fixed = {"mode": "fixed", "epsilon": "0.05"}
+    image_input = {"name": "images", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(png).decode()]}
+    async with serve_app(settings_for(model_dir)) as (app, client):
+        answers = [
+            await client.post("/classify", params={"model": name, **fixed}, content=png, headers=PNG),
+            await client.post("/classify", data={"model": name, **fixed}, files={"file": ("d.png", png, "image/png")}),
+            await client.post("/classify", json={"images": [base64.b64encode(png).decode()], "model": name, **fixed}),
+            await client.post("/classify", params=fixed, content=png, headers=PNG),
+            await client.post(f"/v2/models/{name}/infer", json={"inputs": [image_input], "parameters": fixed}),
+            await client.get(f"/v1/models/{name}"),
+            await client.get("/static/app.js"),
+        ]
+        metrics = (await client.get("/metrics")).text
+    assert [r.status_code for r in answers] == [200] * 7, [r.text for r in answers]
+    assert metric_value(metrics, "soap_purification_epsilon_bucket", model=name, le="0.03") == 0
+    assert metric_value(metrics, "soap_purification_epsilon_bucket", model=name, le="0.05") == 5
+    duration = "soap_request_duration_seconds_count"
+    assert metric_value(metrics, duration, model=name, route="/classify", status="200") == 4
+    assert metric_value(metrics, duration, model=name, route="/v2/models/{name}/infer", status="200") == 1
+    assert metric_value(metrics, duration, model=name, route="/v1/models/{name}", status="200") == 1
+    assert metric_value(metrics, duration, model="", route="/static", status="200") == 1
+    labels = {line.split("{", 1)[1].split("}")[0] for line in metrics.splitlines() if line.startswith(duration)}
+    assert not any('route="unmatched"' in ls for ls in labels), labels
+    assert not any('model="unknown"' in ls for ls in labels), labels

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import shutil
 from collections.abc import Callable
 
 import httpx
@@ -81,7 +83,7 @@ async def test_noise_image_abstains(model_dir):
 @pytest.mark.parametrize(
     ("query", "needle"),
     [
-        ("mode=certify&samples=5001", "limit of 5000"),
+        ("mode=certify&samples=5001", "allowed: 1 to 5000"),
         ("mode=certify&samples=0", "greater than or equal to 1"),
         ("mode=certify&alpha=0.5", "less than 0.5"),
         ("mode=min-aux&samples=100", "only used with mode=certify"),
@@ -202,3 +204,29 @@ async def test_on_cuda_with_compute_processes_the_lane_certifies_on_the_gpu(mode
     (offline,) = certify(noisy_classifier(load_checkpoint(model_dir).network), pixels(7), config, 10, seed=5)
     assert result["label"] == offline.label == 7
     assert result["p_lower"] == pytest.approx(offline.p_lower, abs=0.01)
+
+
+async def test_a_certify_request_certifies_with_the_sigma_of_the_model_it_names(model_dir, tmp_path):
+    """Issue 26: two models of different training σ behind one service; `?model=NAME&mode=certify` certifies with
+    that model's σ (the client picks σ by picking the model), as /v1/models says."""
+    quarter = tmp_path / "mnist-fcn-dr-s025"
+    shutil.copytree(model_dir, quarter)
+    meta = json.loads((quarter / "model.json").read_text())
+    meta["noise_std"] = 0.25
+    (quarter / "model.json").write_text(json.dumps(meta))
+    settings = settings_for(model_dir, quarter, certify_slice_samples=500, certify_batch=250)
+    async with serve_app(settings) as (app, client):
+        answers = {
+            name: await client.post(
+                f"/classify?model={name}&mode=certify&samples=500", content=mnist_png(7), headers=PNG
+            )
+            for name in ("mnist-fcn-dr", quarter.name)
+        }
+        listed = {m["name"]: m["certify"]["sigma"] for m in (await client.get("/v1/models")).json()["models"]}
+    sigmas = {}
+    for name, r in answers.items():
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == name
+        (result,) = r.json()["results"]
+        sigmas[name] = result["sigma"]
+    assert sigmas == listed == {"mnist-fcn-dr": 0.5, quarter.name: 0.25}

@@ -143,7 +143,28 @@ async def test_a_model_without_a_trained_auxiliary_head_is_served_without_purifi
     baseline, trained = listing[PGD_AT.name], listing[SOAP]
     assert (baseline["aux_head_trained"], baseline["modes"], baseline["default_mode"]) == (False, ["none"], "none")
     assert (trained["aux_head_trained"], trained["default_mode"]) == (True, "min-aux")
-    assert trained["modes"] == ["min-aux", "fixed", "none"]
+    assert trained["modes"] == ["min-aux", "fixed", "none", "certify"]  # certify: it records its training σ
     assert metric_value(metrics, "soap_images_total", model=PGD_AT.name, mode="none") == 2  # warm-up is not counted
     assert metric_value(metrics, "soap_images_total", model=PGD_AT.name, mode="min-aux") == 0
     assert metric_value(metrics, "soap_rejections_total", model=PGD_AT.name, reason="bad_options") == 3
+
+
+async def test_model_endpoints_say_what_the_model_serves_in_clean_values(model_dir):
+    """Issue 28 point 5 and issue 26: certify is among the modes of a model that records its training σ, and its σ
+    and sample limits are a typed field of /v1/models, /v1/models/{name} and the v2 metadata; the card's URL is a
+    path that answers; the budgets are the grid's values as written (0.15, not 0.15000000000000002)."""
+    async with serve_app(settings_for(model_dir, PGD_AT)) as (app, client):
+        one = (await client.get(f"/v1/models/{SOAP}")).json()
+        listed = {m["name"]: m for m in (await client.get("/v1/models")).json()["models"]}
+        card = await client.get(one["robustness"]["model_card"])
+        v2 = (await client.get(f"/v2/models/{SOAP}")).json()
+        v2_baseline = (await client.get(f"/v2/models/{PGD_AT.name}")).json()
+    assert one["modes"] == ["min-aux", "fixed", "none", "certify"]
+    certify = {"sigma": 0.5, "n0": 100, "default_samples": 10_000, "max_samples": 100_000, "default_alpha": 0.001}
+    assert one["certify"] == listed[SOAP]["certify"] == v2["certify"] == certify
+    baseline = listed[PGD_AT.name]
+    assert (baseline["modes"], baseline["certify"], v2_baseline["certify"]) == (["none"], None, None)
+    assert one["robustness"]["model_card"] == f"/v1/models/{SOAP}/card"
+    assert card.status_code == 200
+    assert card.headers["content-type"].startswith("text/markdown")
+    assert one["purifier"]["budgets"] == [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5]

@@ -20,7 +20,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import mnist_png, settings_for
 
 from service.app import create_app
-from service.errors import message
 
 MODEL = "mnist-fcn-dr"
 PNG = {"Content-Type": "image/png"}
@@ -141,9 +140,7 @@ async def test_both_protocols_take_the_same_steps_count_the_same_and_refuse_alik
     assert junk_v.json() == {"error": f"bad_image: {junk_c.json()['detail']}"}
     assert mode_c.status_code == mode_v.status_code == 422
     assert mode_c.json()["error"] == "bad_options"
-    problems = mode_c.json()["detail"]
-    assert problems
-    assert all(p["loc"][0] == "mode" for p in problems)
-    # the option's place differs (query string / the request's parameters), the problems do not
-    in_parameters = [{"loc": ["parameters", *p["loc"]], "msg": p["msg"]} for p in problems]
-    assert mode_v.json() == {"error": f"bad_options: {message(in_parameters)}"}
+    problem = mode_c.json()["detail"]
+    assert problem.startswith("option mode='sideways' is not allowed")
+    # the option's place differs (an option of the query string / a parameter of the request), the problem does not
+    assert mode_v.json() == {"error": f"bad_options: {problem.replace('option', 'parameter', 1)}"}

@@ -21,10 +21,10 @@ from ..auth import SECURITY
 from ..batcher import ItemResult
 from ..certify import CertifyRequest
 from ..decode import encode_png
-from ..errors import bad_options, documented, validation_problems
+from ..errors import bad_options, documented, option_problems
 from ..ingest import check_media_type, media_type, parse_upload, read_body
 from ..pipeline import DEFAULT_OPTIONS, Job, Result, serve, work_for
-from ..runtime import ModelRuntime, ServiceRuntime
+from ..runtime import ModelRuntime, ServiceRuntime, as_written
 from ..schemas import (
     CertifyResponse,
     ClassifyOptions,
@@ -117,13 +117,13 @@ def classify_options(query: dict[str, Any], body: dict[str, Any], query_model: s
         except ValidationError as exc:
             # A malformed query option is refused even where the body overrides it; the rules that tie options
             # together (no field location) apply to the merged options below.
-            problems = validation_problems(e for e in exc.errors(include_url=False) if e["loc"])
+            problems = option_problems(e for e in exc.errors(include_url=False) if e["loc"])
             if problems:
                 raise bad_options(problems, query_model) from None
     try:
         return ClassifyOptions.model_validate({**query, **body})
     except ValidationError as exc:
-        raise bad_options(validation_problems(exc.errors(include_url=False)), query_model) from None
+        raise bad_options(option_problems(exc.errors(include_url=False)), query_model) from None
 
 
 def _results(model: ModelRuntime, result: ItemResult, options: ClassifyOptions) -> list[dict[str, Any]]:
@@ -147,7 +147,7 @@ def _results(model: ModelRuntime, result: ItemResult, options: ClassifyOptions) 
                 "top_k": [
                     {"label": c, "class_name": names[c], "probability": q} for c, q in zip(labels, probs, strict=True)
                 ],
-                "epsilon": round(eps, 7),  # float32 of a grid value: 0.05 rather than 0.05000000074505806
+                "epsilon": as_written(eps),  # 0.05 rather than the float32 0.05000000074505806
                 "aux_loss": after,
                 "aux_loss_before": before,
                 "suspicious": before > threshold,

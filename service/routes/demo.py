@@ -36,8 +36,8 @@ from ..errors import (
     bad_image,
     bad_options,
     documented,
+    option_problems,
     unsupported_media_type,
-    validation_problems,
 )
 from ..ingest import media_type, parse_upload, read_body
 from ..runtime import ServiceRuntime
@@ -138,7 +138,7 @@ def _options(query: dict[str, Any], body: dict[str, Any], model: str | None) -> 
     try:
         return AttackOptions.model_validate({**query, **body})
     except ValidationError as exc:
-        raise bad_options(validation_problems(exc.errors(include_url=False)), model) from None
+        raise bad_options(option_problems(exc.errors(include_url=False)), model) from None
 
 
 def static_files() -> StaticFiles:

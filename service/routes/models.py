@@ -7,6 +7,8 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from ..auth import PROTECTED
+from ..certify import DEFAULT_ALPHA, SELECTION_SAMPLES
+from ..config import ServiceSettings
 from ..dependencies import Runtime
 from ..errors import documented, not_found
 from ..runtime import ModelRuntime, ServiceRuntime
@@ -15,6 +17,7 @@ from ..schemas import (
     BLIND_ATTACKS,
     RESULTS_PAGE,
     BatchingInfo,
+    CertifyInfo,
     ErrorResponse,
     ModelInfo,
     ModelList,
@@ -76,22 +79,23 @@ def describe(runtime: ServiceRuntime, model: ModelRuntime) -> ModelInfo:
         device=str(model.device),
         ready=model.ready,
         aux_head_trained=model.purifies,
-        modes=list(model.modes),
+        modes=[*model.modes, "certify"] if model.certify is not None else list(model.modes),
         default_mode=model.default_mode,
         purifier=PurifierInfo(
             step_size=purifier.step_size,
             steps=purifier.steps,
             budget_step=purifier.budget_step,
             num_budgets=purifier.num_budgets,
-            budgets=purifier.budgets(),
+            budgets=model.budgets,
             max_budget=purifier.max_budget,
         ),
+        certify=certify_info(model, s),
         robustness=RobustnessInfo(
             purifies=model.purifies,
             resists=BLIND_ATTACKS if model.purifies else None,
             does_not_resist=ADAPTIVE_ATTACKS if model.purifies else "adversarial examples of any kind (no defence)",
             results=RESULTS_PAGE,
-            model_card=f"v1/models/{model.name}/card",
+            model_card=f"/v1/models/{model.name}/card",
         ),
         calibration=calibration,
         metrics=meta.metrics,
@@ -102,4 +106,17 @@ def describe(runtime: ServiceRuntime, model: ModelRuntime) -> ModelInfo:
             max_queue=s.max_queue,
             queue_depth=model.batcher.depth,
         ),
+    )
+
+
+def certify_info(model: ModelRuntime, settings: ServiceSettings) -> CertifyInfo | None:
+    """How mode=certify certifies with this model (GET /v1/models and the v2 model metadata); None: it cannot."""
+    if model.certify is None:
+        return None
+    return CertifyInfo(
+        sigma=model.certify.sigma,
+        n0=SELECTION_SAMPLES,
+        default_samples=settings.default_certify_samples,
+        max_samples=settings.max_certify_samples,
+        default_alpha=DEFAULT_ALPHA,
     )

@@ -30,8 +30,9 @@ from models import __version__
 from ..auth import PROTECTED, SECURITY
 from ..batcher import ItemResult
 from ..certify import CertifyRequest, CertifyResult
+from ..config import ServiceSettings
 from ..dependencies import Runtime
-from ..errors import bad_options, bad_request, documented, unsupported_media_type, validation_problems
+from ..errors import bad_options, bad_request, documented, option_problems, unsupported_media_type
 from ..inference_protocol import (
     HEADER_LENGTH,
     Datatype,
@@ -51,6 +52,7 @@ from ..ingest import read_body
 from ..pipeline import DEFAULT_OPTIONS, Job, Result, Work, serve, work_for
 from ..runtime import ModelRuntime, ServiceRuntime
 from ..schemas import ClassifyOptions
+from .models import certify_info
 
 IMAGES, PIXELS = "images", "pixels"
 OUTPUTS = ("label", "class_name", "probabilities", "epsilon", "aux_loss", "aux_loss_before", "suspicious")
@@ -75,7 +77,7 @@ router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
 # ------------------------------------------------------------------------------------------------ metadata
 
 
-def model_metadata(model: ModelRuntime) -> ModelMetadata:
+def model_metadata(model: ModelRuntime, settings: ServiceSettings) -> ModelMetadata:
     c, h, w = model.input_shape
     return ModelMetadata(
         name=model.name,
@@ -99,6 +101,7 @@ def model_metadata(model: ModelRuntime) -> ModelMetadata:
             TensorMetadata(name="sigma", datatype=Datatype.FP32, shape=[-1]),
             TensorMetadata(name="samples", datatype=Datatype.INT64, shape=[-1]),
         ],
+        certify=certify_info(model, settings),
     )
 
 
@@ -131,7 +134,7 @@ async def server_ready(runtime: Runtime) -> Response:
     summary="Model metadata: its inputs (send one) and outputs",
 )
 async def get_model_metadata(name: str, runtime: Runtime) -> ModelMetadata:
-    return model_metadata(runtime.get(name))
+    return model_metadata(runtime.get(name), runtime.settings)
 
 
 @router.get(
@@ -203,7 +206,7 @@ def _work(parameters: dict[str, Any], model: ModelRuntime, runtime: ServiceRunti
     try:  # most requests name no option: they share the validated default, as /classify's do
         chosen = ClassifyOptions.model_validate(options) if options else DEFAULT_OPTIONS
     except ValidationError as exc:
-        problems = validation_problems(exc.errors(include_url=False), prefix=("parameters",))
+        problems = option_problems(exc.errors(include_url=False), noun="parameter")
         raise bad_options(problems, model.name) from None
     return work_for(chosen, model, runtime.settings), binary
 
