@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from support import (
+    ROOT,
     ServiceProcess,
     metric_value,
     mnist_image,
@@ -230,3 +231,29 @@ async def test_a_certify_request_certifies_with_the_sigma_of_the_model_it_names(
         (result,) = r.json()["results"]
         sigmas[name] = result["sigma"]
     assert sigmas == listed == {"mnist-fcn-dr": 0.5, quarter.name: 0.25}
+
+
+# The LeNet-DR model of issue 26 (σ 0.5): in the zoo once it ships, under candidates/ while it is being evaluated.
+LENET = next(
+    (p for p in (ROOT / d / "mnist-lenet-dr-gaussian-s05" for d in ("models/zoo", "candidates")) if p.is_dir()),
+    ROOT / "models" / "zoo" / "mnist-lenet-dr-gaussian-s05",
+)
+
+
+async def test_the_lenet_dr_model_is_served_and_certifies_a_digit(one_torch_thread):
+    """Issue 26: the service loads the LeNet-DR network (the smoothing papers' LeNet with SOAP's DR head), says its σ,
+    classifies and certifies a real digit with it (small n)."""
+    settings = settings_for(LENET, certify_slice_samples=500, certify_batch=250)
+    async with serve_app(settings) as (app, client):
+        info = (await client.get(f"/v1/models/{LENET.name}")).json()
+        purified = await client.post("/classify", content=mnist_png(3), headers=PNG)
+        certified = await client.post("/classify?mode=certify&samples=500", content=mnist_png(3), headers=PNG)
+    assert info["network"] == "mnist-lenet-dr"
+    assert info["certify"]["sigma"] == 0.5
+    assert "certify" in info["modes"]
+    assert purified.status_code == 200, purified.text
+    assert purified.json()["results"][0]["label"] == 3
+    assert certified.status_code == 200, certified.text
+    (result,) = certified.json()["results"]
+    assert (result["label"], result["sigma"], result["samples"]) == (3, 0.5, 600)
+    assert result["certified_radius"] > 0
