@@ -42,7 +42,7 @@ class ComputeProcessError(RuntimeError):
 
 
 class ComputeProcessDied(ComputeProcessError, WorkerDied):
-    """The child exited (killed, crashed) while computing a batch."""
+    """The child exited (killed, crashed) while computing a batch or while starting for one."""
 
 
 class ComputeProcess:
@@ -93,8 +93,11 @@ class ComputeProcess:
         except (EOFError, OSError):
             parent.close()  # a restart loop must not leak the pipe's descriptors
             proc.join(5)
-            raise ComputeProcessError(
-                f"the compute process exited while starting (exit code {proc.exitcode})"
+            # Died, not refused: a child killed while it starts (SIGKILL, the OOM killer) is a worker that died, so
+            # a batch that was waiting for this restart is computed again on another worker, as if the child had
+            # died during the batch (the soak's 500s under kills every 5 s came from here).
+            raise ComputeProcessDied(
+                f"the compute process (worker {self.index}) exited while starting (exit code {proc.exitcode})"
             ) from None
         if status != "ready":
             parent.close()
