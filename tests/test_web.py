@@ -256,7 +256,9 @@ def test_attack_button_disabled_and_endpoint_403_when_off(page, servers):
     page.set_input_files("#file", str(mnist_path(2)))
     wait_for_result(page)
     assert page.locator("#attack").is_disabled()
-    assert "switched off" in page.locator("#attack-note").inner_text()
+    note = page.locator("#attack-note").inner_text()
+    assert "switched off" in note
+    assert "SOAP_ENABLE_ATTACK=1 make run" in note  # says why it is off under `make run` and how to switch it on
     r = httpx.post(f"{server.url}/v1/attack", files={"file": ("x.png", mnist_path(2).read_bytes(), "image/png")})
     assert r.status_code == 403
     assert r.json()["error"] == "attack_disabled"
@@ -380,17 +382,44 @@ def test_page_states_what_purification_resists_and_what_it_does_not(page, server
     (served by the service) and docs/results.md for the numbers."""
     server = servers["off"]
     open_page(page, server)
-    truth = page.locator("#robustness-truth").inner_text()
-    assert "purifier-blind" in truth
-    assert "does not resist adaptive attacks" in truth
-    assert "docs/results.md" in truth
     page.wait_for_function("() => document.getElementById('model-robustness').textContent.includes('Does not resist')")
     robustness = page.locator("#model-robustness").inner_text()
     assert "Resists: purifier-blind attacks" in robustness
+    assert "adaptive attacks" in robustness
     assert "docs/results.md" in robustness
+    # The caveat is said once on the page (it was in the header and again under the model).
+    text = page.locator("body").inner_text().lower()
+    assert text.count("does not resist") == 1
+    assert text.count("adaptive attacks") == 1
     href = page.locator("#model-robustness a").get_attribute("href")
     assert href == "v1/models/mnist-fcn-dr/card"
     card = page.request.get(f"{server.url}/{href}")
     assert card.status == 200
     assert card.headers["content-type"].startswith("text/markdown")
     assert "## Limitations" in card.text()
+
+
+def test_sections_are_numbered_in_order_and_the_certificate_sits_under_the_result(page, servers):
+    """Issue 28 point 7: the sections are numbered 1..N; after Certify the certificate appears in the result
+    section, after the min-aux result of the same image, and a new image's result hides the old certificate."""
+    server = servers["off"]
+    open_page(page, server)
+    headings = page.locator("main h2").all_inner_texts()
+    assert [h.split(".")[0] for h in headings] == [str(i) for i in range(1, len(headings) + 1)], headings
+    page.set_input_files("#file", str(mnist_path(7)))
+    wait_for_result(page)
+    page.fill("#certify-samples", "200")
+    page.click("#certify")
+    page.wait_for_selector("#certificate-panel:not([hidden])")
+    assert "certified L2 radius" in page.locator("#certificate").inner_text()
+    placed = page.evaluate("""() => {
+        const result = document.getElementById('result'), cert = document.getElementById('certificate-panel');
+        return {
+          inResultSection: document.getElementById('result-heading').closest('section').contains(cert),
+          afterResult: Boolean(result.compareDocumentPosition(cert) & Node.DOCUMENT_POSITION_FOLLOWING),
+        };
+    }""")
+    assert placed == {"inResultSection": True, "afterResult": True}
+    page.screenshot(path=str(ARTIFACTS / "web-certify.png"), full_page=True)
+    page.set_input_files("#file", str(mnist_path(1)))
+    page.wait_for_selector("#certificate-panel", state="hidden")

@@ -189,14 +189,16 @@
     const box = $("model-robustness");
     box.textContent = "";
     if (!r) return;
+    const what = document.createElement("strong");
+    what.textContent = "What it defends against: ";
+    box.append(what);
     if (r.resists) box.append(`Resists: ${r.resists}. `);
     box.append(`Does not resist: ${r.does_not_resist}. `);
     const card = document.createElement("a");
     card.id = "model-robustness-card";
-    card.href = r.model_card;
+    card.href = r.model_card.replace(/^\//, "");  // relative, so the page works behind a path prefix
     card.textContent = "model card";
     box.append("Measured accuracies: ", card, ` and ${r.results} in the repository.`);
-    $("model-card-link").href = r.model_card;
   }
 
   // ------------------------------------------------------------------ drawing
@@ -438,10 +440,10 @@
         : `Smoothed prediction ${labelText(c.label, c.class_name)}, certified L2 radius ${fmt(c.certified_radius, 3)} ` +
           `(pixels in [0, 1]; σ = ${c.sigma}, p_lower = ${fmt(c.p_lower, 4)}, α = ${c.alpha}, ` +
           `${c.samples} forward passes, seed ${c.seed}; compute ${fmt(t.compute, 0)} ms).`;
-      out.hidden = false;
+      $("certificate-panel").hidden = false;
       setStatus(c.abstained ? "Certify: abstained." : `Certified: ${labelText(c.label, c.class_name)} within L2 ${fmt(c.certified_radius, 3)}.`);
     } catch (err) {
-      out.hidden = true;
+      $("certificate-panel").hidden = true;
       showError(err);
     } finally {
       setBusy(false);
@@ -473,6 +475,7 @@
 
   function showResult(body, {inputUrl, attack = null, adversarialUrl = null}) {
     const r = body.results[0];
+    $("certificate-panel").hidden = true;  // a certificate belongs to the image it was made for
     $("pred-label").textContent = labelText(r.label, r.class_name);
     $("pred-confidence").textContent = `with probability ${(100 * r.confidence).toFixed(1)} %`;
     $("pred-eps").textContent = fmt(r.epsilon);
@@ -638,8 +641,9 @@
     $("attack-note").textContent = state.attack.enabled
       ? `The attack endpoint is on (at most ${state.attack.max_steps} steps and ε ≤ ${fmt(state.attack.max_epsilon)}). ` +
         "It attacks the image last classified."
-      : "The attack endpoint is switched off on this server (it costs compute). Start the service with " +
-        "--enable-attack or SOAP_ENABLE_ATTACK=1 to use it.";
+      : "The attack endpoint is switched off on this server (it costs compute and hands out adversarial " +
+        "examples, so it is off by default, `make run` included). Start the service with --enable-attack, or " +
+        "run SOAP_ENABLE_ATTACK=1 make run, to use it.";
     applyAttackDefaults();
   }
 
