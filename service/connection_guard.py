@@ -29,6 +29,8 @@ from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .errors import ErrorCode
+
 log = logging.getLogger("service.connections")
 
 # Descriptors kept free beside the connections: the listener, the compute processes' pipes, temporary files of
@@ -40,19 +42,20 @@ WANTED_OPEN_FILES = 65536
 WARN_EVERY_S = 60.0
 
 
-def _plain_response(status: str, error: str, detail: str, *headers: str) -> bytes:
-    """A complete HTTP/1.1 response that closes the connection, written before any request was read."""
+def _plain_response(status: str, error: ErrorCode, detail: str, *headers: str) -> bytes:
+    """A complete HTTP/1.1 response that closes the connection, written before any request was read: the same
+    {"error", "detail"} body as every other refusal (service/errors.py)."""
     body = json.dumps({"error": error, "detail": detail}).encode()
     head = [f"HTTP/1.1 {status}", "content-type: application/json", "connection: close", *headers]
     return ("\r\n".join([*head, f"content-length: {len(body)}", "", ""])).encode() + body
 
 
 _HEAD_TIMEOUT = _plain_response(
-    "408 Request Timeout", "head_timeout", "the request head did not arrive in time (--head-timeout-s)"
+    "408 Request Timeout", ErrorCode.HEAD_TIMEOUT, "the request head did not arrive in time (--head-timeout-s)"
 )
 _TOO_MANY_CONNECTIONS = _plain_response(
     "503 Service Unavailable",
-    "too_many_connections",
+    ErrorCode.TOO_MANY_CONNECTIONS,
     "every connection is carrying a request (--max-connections); retry shortly",
     "retry-after: 1",
 )

@@ -30,12 +30,14 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     BODY_TIMEOUT = "body_timeout"
+    HEAD_TIMEOUT = "head_timeout"  # written by service/connection_guard.py before any route
     UNAUTHORIZED = "unauthorized"
     UNKNOWN_MODEL = "unknown_model"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     HTTP_ERROR = "http_error"
     QUEUE_FULL = "queue_full"
+    TOO_MANY_CONNECTIONS = "too_many_connections"  # written by service/connection_guard.py before any route
     SHUTTING_DOWN = "shutting_down"
     MODEL_UNAVAILABLE = "model_unavailable"
     NOT_READY = "not_ready"
@@ -52,12 +54,12 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
     401: "missing or wrong API key",
     403: "the demo attack endpoint is off (start with --enable-attack)",
     404: "unknown model",
-    408: "the body did not arrive in time",
+    408: "the request head or body did not arrive in time",
     413: "body or image count over the limit",
     415: "a Content-Type (or Content-Encoding) this route does not accept",
     422: "bad image, bad options, or a request the model cannot take (e.g. a purification mode it does not serve)",
     500: "the batch holding this request failed",
-    503: "queue full or busy (see Retry-After), or shutting down",
+    503: "queue full or busy (see Retry-After), shutting down, or every connection carrying a request",
     504: "compute did not start before the request's deadline",
 }
 

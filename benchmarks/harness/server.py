@@ -53,7 +53,7 @@ class ServerProcess:
         self.ready_path = ready_path
         self.log_path = log_dir / f"server-{self.port}.log" if log_dir else None
         self._log: IO[bytes] = (
-            self.log_path.open("wb") if self.log_path else tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
+            self.log_path.open("w+b") if self.log_path else tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         )
         self._final_output: str | None = None
         self.proc = subprocess.Popen(
