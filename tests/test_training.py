@@ -383,21 +383,26 @@ def tiny_dr_run(out: Path, *extra: object) -> int:
     )
 
 
-def test_consistency_off_leaves_the_dr_loss_bit_identical():
-    """λ = 0 (the default) is today's objective, to the bit: CE + α·MSE on one noisy copy."""
-    config = get_preset("mnist-fcn-dr")
-    assert not config.consistency
-    assert config.consistency_lambda == 0
+def dr_loss_is_ce_plus_alpha_mse(config, sigma: float):
+    """Asserts the DR recipe's step loss is CE + α·MSE on one noisy copy clamp(x + N(0, σ²), 0, 1), to the bit."""
     torch.manual_seed(0)
     network = create_model("mnist-fcn-dr")
     x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
     torch.manual_seed(11)
     got = step_losses(network, x, x, y, config)
     torch.manual_seed(11)
-    z = network.encode((x + 0.5 * torch.randn_like(x)).clamp(0.0, 1.0))
+    z = network.encode((x + sigma * torch.randn_like(x)).clamp(0.0, 1.0))
     expected = F.cross_entropy(network.classify(z), y) + config.alpha * F.mse_loss(network.auxiliary(z), x)
     assert torch.equal(got.total, expected)
-    assert got.consistency_loss is None
+    return got
+
+
+def test_consistency_off_leaves_the_dr_loss_bit_identical():
+    """λ = 0 (the default) is today's objective, to the bit: CE + α·MSE on one noisy copy."""
+    config = get_preset("mnist-fcn-dr")
+    assert not config.consistency
+    assert config.consistency_lambda == 0
+    assert dr_loss_is_ce_plus_alpha_mse(config, 0.5).consistency_loss is None
 
 
 def test_consistency_lambda_zero_trains_exactly_as_without_the_option(tmp_path):
@@ -434,16 +439,7 @@ def test_a_tiny_run_with_consistency_records_it(tmp_path):
 
 def test_noise_std_sets_the_dr_training_noise_and_the_recorded_sigma(tmp_path):
     """--noise-std trains on clamp(x + N(0, σ²)) and records σ (certification's default) in the checkpoint."""
-    config = replace(get_preset("mnist-fcn-dr"), noise_std=0.25)
-    torch.manual_seed(0)
-    network = create_model("mnist-fcn-dr")
-    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
-    torch.manual_seed(11)
-    got = step_losses(network, x, x, y, config)
-    torch.manual_seed(11)
-    z = network.encode((x + 0.25 * torch.randn_like(x)).clamp(0.0, 1.0))
-    expected = F.cross_entropy(network.classify(z), y) + config.alpha * F.mse_loss(network.auxiliary(z), x)
-    assert torch.equal(got.total, expected)
+    dr_loss_is_ce_plus_alpha_mse(replace(get_preset("mnist-fcn-dr"), noise_std=0.25), 0.25)
     out = tmp_path / "s025"
     assert tiny_dr_run(out, "--noise-std", 0.25) == 0
     meta = load_checkpoint(out).meta
