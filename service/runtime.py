@@ -76,6 +76,7 @@ class BudgetTooLarge(Refused):
         self.max_budget = max_budget
 
 
+@functools.lru_cache(maxsize=4096)  # twice per image (answer and metric); the grid's few values repeat
 def as_written(value: float) -> float:
     """A budget as its decimal is written: the shortest decimal that a float32 of it rounds back to, as a float64
     (0.05 for the float32 0.0500000007 of a grid value, 0.15 for the grid's 3 * 0.05 = 0.15000000000000002), so that

@@ -196,15 +196,17 @@ def _header_length(value: str | None, model: ModelRuntime) -> int | None:
 def _work(parameters: dict[str, Any], model: ModelRuntime, runtime: ServiceRuntime) -> tuple[Work, bool]:
     """What the request parameters ask of the model (the same options and rules as /classify's): a purification
     or, for mode=certify, a certification; and whether all outputs go as binary data."""
-    options = dict(parameters)
-    binary = options.pop("binary_data_output", False)
+    binary = parameters.get("binary_data_output", False)
     if not isinstance(binary, bool):
         raise bad_request("parameter binary_data_output must be true or false", model.name)
+    options = {k: v for k, v in parameters.items() if k != "binary_data_output"} if parameters else parameters
+    if not options:  # most requests name no option: they share the validated default, as /classify's do
+        return work_for(DEFAULT_OPTIONS, model, runtime.settings), binary
     unknown = sorted(set(options) - PARAMETERS)
     if unknown:
         raise bad_request(f"unknown parameters {unknown}; this model takes {sorted(PARAMETERS)}", model.name)
-    try:  # most requests name no option: they share the validated default, as /classify's do
-        chosen = ClassifyOptions.model_validate(options) if options else DEFAULT_OPTIONS
+    try:
+        chosen = ClassifyOptions.model_validate(options)
     except ValidationError as exc:
         problems = option_problems(exc.errors(include_url=False), noun="parameter")
         raise bad_options(problems, model.name) from None
@@ -259,11 +261,11 @@ def _outputs(model: ModelRuntime, result: ItemResult, names: list[str]) -> list[
     costs microseconds of the event loop each, and this runs on every request."""
     p = result.predictions
     probs = p.probs.numpy()
-    labels = probs.argmax(axis=1)
+    labels = probs.argmax(axis=1)  # int64
     out = []
     for name in names:
         if name == "label":
-            out.append(Tensor(name, Datatype.INT64, labels.astype(np.int64)))
+            out.append(Tensor(name, Datatype.INT64, labels))
         elif name == "class_name":
             class_names = np.empty(len(labels), dtype=object)
             class_names[:] = [model.class_names[i].encode() for i in labels.tolist()]
