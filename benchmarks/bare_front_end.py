@@ -70,8 +70,7 @@ def bare_app(model_dir: Path):
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
                     await state["pool"].batcher.close()
-                    for worker in state["pool"].workers:
-                        worker.close()
+                    state["pool"].close()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         pool: ModelPool = state["pool"]
@@ -134,8 +133,7 @@ async def pool_alone(model_dir: Path, images: list[torch.Tensor], concurrency: i
     await asyncio.gather(*tasks)
     elapsed, cpu = time.monotonic() - started, _cpu_seconds() - cpu
     await batcher.close()
-    for worker in batcher.workers:
-        worker.close()
+    pool.close()
     return {
         "concurrency": concurrency,
         "images_s": round(done / elapsed, 1),
