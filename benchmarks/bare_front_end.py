@@ -70,7 +70,8 @@ def bare_app(model_dir: Path):
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
                     await state["pool"].batcher.close()
-                    state["pool"].close()
+                    for worker in state["pool"].workers:
+                        worker.close()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         pool: ModelPool = state["pool"]
@@ -133,7 +134,8 @@ async def pool_alone(model_dir: Path, images: list[torch.Tensor], concurrency: i
     await asyncio.gather(*tasks)
     elapsed, cpu = time.monotonic() - started, _cpu_seconds() - cpu
     await batcher.close()
-    pool.close()
+    for worker in batcher.workers:
+        worker.close()
     return {
         "concurrency": concurrency,
         "images_s": round(done / elapsed, 1),

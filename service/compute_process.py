@@ -11,11 +11,6 @@ drains its queue on a signal and then closes the child. A model's pool holds sev
 (service/batcher.py hands each batch to a free one); each has a stable `index` for logs and metrics. If a child
 dies during a batch, the call raises ComputeProcessDied (a batcher.WorkerDied: the batcher restarts the child and
 computes the batch again); a child found dead before a batch is restarted first.
-
-A restart takes seconds (the child imports torch and loads the checkpoint). So a pool keeps one `SpareProcess`: a
-child started ahead of need, which the worker that lost its child adopts at once; a new spare then starts in the
-background. Under a kill every few seconds at 80 % load, restarts that each took seconds filled the queue (503s);
-the spare makes a restart cost one warm-up batch.
 """
 
 from __future__ import annotations
@@ -50,122 +45,9 @@ class ComputeProcessDied(ComputeProcessError, WorkerDied):
     """The child exited (killed, crashed) while computing a batch or while starting for one."""
 
 
-Child = tuple[multiprocessing.process.BaseProcess, "Connection[Any, Any]"]  # a started child and its pipe
-ChildArgs = tuple[str, str, int, int, Acceleration]  # checkpoint, device, threads, nice, acceleration
-
-
-def _child_args(
-    checkpoint: Path, device: torch.device, threads: int, nice: int, acceleration: Acceleration | None
-) -> ChildArgs:
-    return str(checkpoint), str(device), threads, nice, acceleration or Acceleration()
-
-
-def _launch(args: ChildArgs, name: str) -> Child:
-    """Spawn a compute child and wait until it has loaded the model."""
-    context = multiprocessing.get_context("spawn")
-    parent, child = context.Pipe()
-    proc = context.Process(target=_child_main, args=(child, *args), name=name, daemon=True)
-    proc.start()
-    child.close()
-    try:
-        status, detail = parent.recv()
-    except (EOFError, OSError):
-        parent.close()  # a restart loop must not leak the pipe's descriptors
-        proc.join(5)
-        # Died, not refused: a child killed while it starts (SIGKILL, the OOM killer) is a worker that died, so a
-        # batch that was waiting for this restart is computed again on another worker, as if the child had died
-        # during the batch (the soak's 500s under kills every 5 s came from here).
-        raise ComputeProcessDied(
-            f"the compute process ({name}) exited while starting (exit code {proc.exitcode})"
-        ) from None
-    if status != "ready":
-        parent.close()
-        proc.join(5)
-        raise ComputeProcessError(f"the compute process could not start: {detail}")
-    return proc, parent
-
-
-def _stop(child: Child) -> None:
-    """Ask the child to exit, kill it if it does not, close its pipe."""
-    proc, conn = child
-    with contextlib.suppress(OSError):
-        conn.send(None)
-    proc.join(5)
-    if proc.is_alive():
-        proc.kill()
-        proc.join(5)
-    conn.close()
-
-
-class SpareProcess:
-    """One compute child started ahead of need, shared by a model's workers (they all run the same child): a worker
-    whose child died adopts it (`take`) instead of starting one, and a new spare starts in a background thread."""
-
-    def __init__(
-        self,
-        checkpoint: Path,
-        device: torch.device,
-        threads: int,
-        nice: int = 0,
-        acceleration: Acceleration | None = None,
-    ) -> None:
-        self._args = _child_args(checkpoint, device, threads, nice, acceleration)
-        self._lock = threading.Lock()
-        self._child: Child | None = None
-        self._filling: threading.Thread | None = None
-        self._closed = False
-
-    @property
-    def pid(self) -> int | None:
-        child = self._child
-        return child[0].pid if child is not None else None
-
-    def fill(self) -> None:
-        """Start a spare in the background unless one is ready or starting."""
-        with self._lock:
-            if self._closed or self._child is not None or self._filling is not None:
-                return
-            self._filling = threading.Thread(target=self._fill, name="soap-compute-spare", daemon=True)
-            self._filling.start()
-
-    def _fill(self) -> None:
-        child: Child | None = None
-        try:
-            child = _launch(self._args, "soap-compute-spare")
-        except ComputeProcessError as exc:  # the next take() finds no spare, starts a child itself, and refills
-            log.warning("the spare compute process did not start: %s", exc)
-        with self._lock:
-            self._filling = None
-            if not self._closed:
-                self._child, child = child, None
-        if child is not None:  # closed meanwhile
-            _stop(child)
-
-    def take(self) -> Child | None:
-        """The spare if one is ready and alive (a new one starts), else None."""
-        with self._lock:
-            child, self._child = self._child, None
-        self.fill()
-        if child is not None and not child[0].is_alive():  # killed while it waited
-            _stop(child)
-            return None
-        return child
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            child, self._child = self._child, None
-            filling = self._filling
-        if child is not None:
-            _stop(child)
-        if filling is not None:
-            filling.join(30)  # it stops the child it was starting
-
-
 class ComputeProcess:
     """One worker of a model's pool (batcher.Worker): `process.compute(images, request) -> Predictions` like
-    `predict`, in the child. Thread-safe. `nice` lowers the child's scheduling priority (added to the parent's).
-    `spare`: the pool's SpareProcess, adopted on a restart when it has one ready."""
+    `predict`, in the child. Thread-safe. `nice` lowers the child's scheduling priority (added to the parent's)."""
 
     def __init__(
         self,
@@ -176,20 +58,18 @@ class ComputeProcess:
         nice: int = 0,
         acceleration: Acceleration | None = None,
         on_restart: Callable[[], None] | None = None,
-        spare: SpareProcess | None = None,
     ) -> None:
         self.index = index
-        self._args = _child_args(checkpoint, device, threads, nice, acceleration)
-        self._child: Child | None = None
+        self._args = (str(checkpoint), str(device), threads, nice, acceleration or Acceleration())
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._conn: Connection[Any, Any] | None = None  # set together with _proc
         self._lock = threading.Lock()
         self._on_restart = on_restart or (lambda: None)  # metrics: soap_compute_restarts_total
-        self._spare = spare
         self._starts = 0
 
     @property
     def pid(self) -> int | None:
-        child = self._child
-        return child[0].pid if child is not None and child[0].is_alive() else None
+        return self._proc.pid if self._proc is not None and self._proc.is_alive() else None
 
     def start(self) -> None:
         """Start the child and wait until it has loaded the model (seconds: it imports torch)."""
@@ -199,27 +79,44 @@ class ComputeProcess:
     def _start_locked(self) -> Connection[Any, Any]:
         self._stop_locked()
         self._starts += 1
-        restart = self._starts > 1
-        if restart:  # every start after the first (successful or not) is a restart: crash loops count
+        if self._starts > 1:  # every start after the first (successful or not) is a restart: crash loops count
             self._on_restart()
-        spare = self._spare.take() if restart and self._spare is not None else None
-        self._child = spare or _launch(self._args, f"soap-compute-{self.index}")
-        proc = self._child[0]
-        log.info(
-            "compute process %d (worker %d%s) serving %s", proc.pid, self.index, ", the spare" if spare else "",
-            self._args[0],
-        )  # fmt: skip
-        return self._child[1]
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe()
+        proc = context.Process(
+            target=_child_main, args=(child, *self._args), name=f"soap-compute-{self.index}", daemon=True
+        )
+        proc.start()
+        child.close()
+        try:
+            status, detail = parent.recv()
+        except (EOFError, OSError):
+            parent.close()  # a restart loop must not leak the pipe's descriptors
+            proc.join(5)
+            # Died, not refused: a child killed while it starts (SIGKILL, the OOM killer) is a worker that died, so
+            # a batch that was waiting for this restart is computed again on another worker, as if the child had
+            # died during the batch (the soak's 500s under kills every 5 s came from here).
+            raise ComputeProcessDied(
+                f"the compute process (worker {self.index}) exited while starting (exit code {proc.exitcode})"
+            ) from None
+        if status != "ready":
+            parent.close()
+            proc.join(5)
+            raise ComputeProcessError(f"the compute process could not start: {detail}")
+        self._proc, self._conn = proc, parent
+        log.info("compute process %d (worker %d) serving %s", proc.pid, self.index, self._args[0])
+        return parent
 
     def compute(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
         with self._lock:
-            child = self._child
-            conn = child[1] if child is not None and child[0].is_alive() else self._start_locked()
+            conn = self._conn
+            if conn is None or self._proc is None or not self._proc.is_alive():
+                conn = self._start_locked()
             try:
                 conn.send((images.numpy(), request.mode, request.epsilon))
                 status, payload = conn.recv()
             except (EOFError, OSError):
-                proc = self._child[0] if self._child is not None else None
+                proc = self._proc
                 self._stop_locked()  # reaps the child: its exit code is known after this
                 code = proc.exitcode if proc is not None else None
                 raise ComputeProcessDied(
@@ -232,9 +129,17 @@ class ComputeProcess:
             self._stop_locked()
 
     def _stop_locked(self) -> None:
-        child, self._child = self._child, None
-        if child is not None:
-            _stop(child)
+        proc, conn = self._proc, self._conn
+        self._proc = self._conn = None
+        if proc is None or conn is None:
+            return
+        with contextlib.suppress(OSError):
+            conn.send(None)
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+        conn.close()
 
 
 def reply_to_predictions(status: str, payload: Any) -> Predictions:

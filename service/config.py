@@ -126,13 +126,6 @@ class ServiceSettings(BaseSettings):
         description="compute workers per model, each a child process fed batches by the batcher (default: one per "
         "CPU core on the CPU, one on a GPU, one with --no-compute-process)",
     )
-    spare_compute_process: bool = Field(
-        False,
-        description="keep one spare compute process per model (started beside the workers), which a worker whose "
-        "process died adopts at once: a restart then costs a warm-up batch, not the seconds a new process takes to "
-        "import torch and load the model (for hosts where workers get killed, e.g. by the OOM killer; costs the "
-        "memory of one more process)",
-    )
     compute_nice: int = Field(
         0, ge=0, le=19, description="niceness added to the compute processes (higher: the event loop goes first)"
     )

@@ -21,7 +21,7 @@ from models import LoadedModel, load_checkpoint, resolve_device
 
 from .batcher import Batcher, BatchStats, Worker
 from .certify import CertifyLane, CertifyResult
-from .compute_process import ComputeProcess, SpareProcess
+from .compute_process import ComputeProcess
 from .config import ServiceSettings
 from .predict import InlineWorker, PurifyRequest
 
@@ -50,7 +50,6 @@ class ModelPool:
     workers: list[Worker]
     batcher: Batcher
     certify: CertifyLane | None
-    spare: SpareProcess | None = None  # compute processes: the child a worker adopts when its own died
     warm: set[int] = field(default_factory=set)  # indices of the workers that have been warmed up
 
     @property
@@ -69,21 +68,11 @@ class ModelPool:
 
     def warmup(self, worker: Worker) -> None:
         """(Re)start a worker, then one batch of zeros, so its first real batch pays no start-up, allocation or
-        kernel-selection cost. The batcher runs it in its thread for that worker (Batcher.start). The first warm-up
-        also starts the spare (in the background: readiness does not wait for it)."""
-        if self.spare is not None:
-            self.spare.fill()
+        kernel-selection cost. The batcher runs it in its thread for that worker (Batcher.start)."""
         worker.start()
         worker.compute(torch.zeros((2, *self.input_shape)), self.warmup_request)
         self.warm.add(worker.index)
         log.info("model %s worker %d warmed up on %s", self.name, worker.index, self.device)
-
-    def close(self) -> None:
-        """Stop the workers and the spare for good (after the batcher and the certify lane have closed)."""
-        for worker in self.workers:
-            worker.close()
-        if self.spare is not None:
-            self.spare.close()
 
 
 PoolT = TypeVar("PoolT", bound=ModelPool)
@@ -104,7 +93,7 @@ def build_pool(
     # With compute processes the parent's copy of the model only answers metadata and the demo's attacks: it stays on
     # the CPU, so the parent never opens a CUDA context of its own next to the children's.
     loaded = load_checkpoint(path, torch.device("cpu") if settings.compute_process else device)
-    workers, spare = _workers(path, loaded, device, settings, hooks.on_restart)
+    workers = _workers(path, loaded, device, settings, hooks.on_restart)
     batcher = Batcher(
         path.name,
         workers,
@@ -115,7 +104,7 @@ def build_pool(
         on_depth=hooks.on_depth,
     )
     lane = _certify_lane(path.name, loaded, device, settings, batcher, hooks) if certify else None
-    return kind(path.name, loaded, device, workers, batcher, lane, spare)
+    return kind(path.name, loaded, device, workers, batcher, lane)
 
 
 def _workers(
@@ -124,21 +113,15 @@ def _workers(
     device: torch.device,
     settings: ServiceSettings,
     on_restart: Callable[[int], None] | None,
-) -> tuple[list[Worker], SpareProcess | None]:
-    """The pool's workers, and with compute processes (and --spare-compute-process) their shared spare."""
+) -> list[Worker]:
     count = settings.pool_size(cuda=device.type == "cuda")
     if not settings.compute_process:
-        return [InlineWorker(loaded, i, settings.acceleration) for i in range(count)], None
+        return [InlineWorker(loaded, i, settings.acceleration) for i in range(count)]
 
     def restarted(index: int) -> Callable[[], None] | None:
         return None if on_restart is None else lambda: on_restart(index)
 
-    spare = (
-        SpareProcess(path.resolve(), device, settings.compute_threads, settings.compute_nice, settings.acceleration)
-        if settings.spare_compute_process
-        else None
-    )
-    workers: list[Worker] = [
+    return [
         ComputeProcess(
             path.resolve(),
             device,
@@ -147,11 +130,9 @@ def _workers(
             settings.compute_nice,
             settings.acceleration,
             on_restart=restarted(i),
-            spare=spare,
         )
         for i in range(count)
     ]
-    return workers, spare
 
 
 def _certify_lane(

@@ -245,7 +245,8 @@ class ServiceRuntime:
         await asyncio.gather(*(m.batcher.close() for m in self.models.values()))
         await asyncio.gather(*(m.certify.close() for m in self.models.values() if m.certify is not None))
         for model in self.models.values():
-            model.close()
+            for worker in model.workers:
+                worker.close()
 
     # ------------------------------------------------------------------ metrics
 

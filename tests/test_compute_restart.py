@@ -91,36 +91,3 @@ async def _until(condition, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError
         await asyncio.sleep(0.01)
-
-
-@pytest.mark.anyio
-async def test_a_worker_whose_child_died_adopts_the_spare_and_a_new_spare_starts(model_dir):
-    """--spare-compute-process: the pool starts one spare child beside its workers; a worker whose child is killed
-    takes the spare's running child (no new process to wait for: the next request is answered in well under the
-    seconds a start takes) and a new spare starts in the background."""
-    settings = settings_for(model_dir, compute_process=True, compute_workers=1, spare_compute_process=True)
-    async with serve_app(settings, timeout=180) as (app, client):
-        pool = app.state.runtime.models[model_dir.name]
-        worker, spare = pool.workers[0], pool.spare
-        assert spare is not None
-        await _until(lambda: spare.pid is not None, timeout=120)
-        spare_pid, first = spare.pid, worker.pid
-        os.kill(first, signal.SIGKILL)
-        await _until(lambda: worker.pid is None)  # (reaps the child)
-        started = time.monotonic()
-        answer = await client.post("/classify", content=mnist_png(3), headers={"Content-Type": "image/png"})
-        answered_in = time.monotonic() - started
-        assert answer.status_code == 200, answer.text
-        assert answer.json()["results"][0]["label"] == 3
-        assert worker.pid == spare_pid  # the spare's child, already running, serves the worker now
-        assert answered_in < 2.0, answered_in  # a new child takes seconds to import torch and load the model
-        await _until(lambda: spare.pid not in (None, spare_pid), timeout=120)  # and a new spare was started
-    assert spare.pid is None  # closed with the pool
-
-
-def test_without_the_option_a_pool_has_no_spare(model_dir):
-    from service.pool import ModelPool, build_pool
-
-    pool = build_pool(model_dir, settings_for(model_dir, compute_process=True, compute_workers=1), ModelPool)
-    assert pool.spare is None
-    pool.close()
