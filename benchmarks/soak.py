@@ -31,30 +31,8 @@ from pathlib import Path
 
 from benchmarks.harness import ROOT
 from benchmarks.harness.load import closed_loop, open_loop, read_payloads
+from benchmarks.harness.processes import compute_processes
 from benchmarks.harness.server import service_server
-
-
-def _children(pid: int) -> list[int]:
-    """The direct child processes of `pid` (every thread's children list)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
-
-
-def compute_processes(server_pid: int) -> list[int]:
-    """The server's compute processes: its multiprocessing "spawn" children (not the resource tracker)."""
-    pids = []
-    for child in _children(server_pid):
-        try:
-            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
-                pids.append(child)
-        except OSError:
-            continue
-    return pids
 
 
 def rss_bytes(pid: int) -> int:

@@ -57,6 +57,28 @@ def read_process_stats(pid: int, proc: Path = PROC) -> ProcessStats | None:
     return ProcessStats(rss_pages * _PAGE, (utime + stime) / _TICKS, fds)
 
 
+def fork_server_pid(proc: Path = PROC) -> int | None:
+    """The pid of this process's multiprocessing fork server (the parent of the compute children on the CPU,
+    service/compute_process.py; it holds torch in memory too), or None when there is none."""
+    me = os.getpid()
+    try:
+        tasks = list((proc / str(me) / "task").iterdir())
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            kids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for kid in kids:
+            try:
+                if b"forkserver" in (proc / kid / "cmdline").read_bytes():
+                    return int(kid)
+            except OSError:
+                continue
+    return None
+
+
 class ProcessCollector(Collector):
     """Exports soap_process_* for every process `targets()` names at scrape time."""
 

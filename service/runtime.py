@@ -36,7 +36,7 @@ from .decode import DecodeLimits
 from .metrics import ServiceMetrics
 from .pool import ModelPool, PoolHooks, build_pool
 from .predict import Predictions, PurifyRequest
-from .process_metrics import ProcessCollector, ProcessTarget
+from .process_metrics import ProcessCollector, ProcessTarget, fork_server_pid
 from .tracing import RequestTracing
 
 log = logging.getLogger("service.runtime")
@@ -183,8 +183,11 @@ class ServiceRuntime:
         )
 
     def processes(self) -> list[ProcessTarget]:
-        """The server and its live compute children, for the per-process metrics."""
+        """The server, its fork server and its live compute children, for the per-process metrics."""
         targets = [ProcessTarget(os.getpid(), "server")]
+        fork_server = fork_server_pid()
+        if fork_server is not None:
+            targets.append(ProcessTarget(fork_server, "fork_server"))
         for model in self.models.values():
             for worker in model.workers:
                 pid = worker.pid if isinstance(worker, ComputeProcess) else None

@@ -16,6 +16,7 @@ import pytest
 import torch
 from support import ServiceProcess, metric_value, mnist_png, serve_app, settings_for
 
+from benchmarks.harness.processes import compute_processes
 from models import load_checkpoint
 from service.batcher import Batcher, WorkerDied
 from service.config import ServiceSettings
@@ -131,12 +132,6 @@ async def test_a_batch_that_kills_workers_twice_fails_alone_with_its_request_ids
     assert "poison-1" in failed[0]
 
 
-def _children(pid: int) -> list[int]:
-    """The compute processes of a server (multiprocessing's resource tracker is a child too)."""
-    kids = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
-    return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
-
-
 def _running(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
 
@@ -150,7 +145,7 @@ def test_sigkill_of_a_worker_under_load_costs_no_request(model_dir):
     srv = ServiceProcess(["--model", str(model_dir), "--compute-workers", "2", "--max-batch-size", "32"])
     try:
         srv.wait_ready(timeout=300)  # three interpreters importing torch: slow on a busy 2-core machine
-        workers = _children(srv.proc.pid)
+        workers = compute_processes(srv.proc.pid)
         assert len(workers) == 2
         statuses: list[int] = []
         killed: list[int] = []
@@ -180,9 +175,9 @@ def test_sigkill_of_a_worker_under_load_costs_no_request(model_dir):
 
         asyncio.run(load())
         deadline = time.monotonic() + 120
-        while len(set(_children(srv.proc.pid)) - set(workers)) < 1 and time.monotonic() < deadline:
+        while len(set(compute_processes(srv.proc.pid)) - set(workers)) < 1 and time.monotonic() < deadline:
             time.sleep(0.1)
-        replaced = set(_children(srv.proc.pid)) - set(workers)
+        replaced = set(compute_processes(srv.proc.pid)) - set(workers)
     finally:
         srv.stop()
     output = srv.output()

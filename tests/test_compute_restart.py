@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,3 +92,30 @@ async def _until(condition, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError
         await asyncio.sleep(0.01)
+
+
+def test_cpu_children_are_forked_from_a_fork_server_that_has_torch_loaded(model_dir):
+    """A restart forks a child from the fork server, which has imported torch and the model code already (~50 ms,
+    against ~2 s for a fresh interpreter: benchmarks/soak.py), so a killed worker is back before its queue fills."""
+    from service.process_metrics import fork_server_pid
+
+    process = ComputeProcess(model_dir, torch.device("cpu"), threads=1, index=3)
+    process.start()
+    try:
+        server = fork_server_pid()
+        assert server is not None
+        maps = Path(f"/proc/{server}/maps").read_text()
+        assert "libtorch" in maps  # imported before any fork
+        for _ in range(2):
+            child = process.pid
+            assert _parent(child) == server
+            os.kill(child, signal.SIGKILL)
+            time.sleep(0.1)
+            assert process.compute(torch.rand(1, 1, 28, 28), PurifyRequest()).probs.shape == (1, 10)  # restarted
+            assert process.pid not in (None, child)
+    finally:
+        process.close()
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])

@@ -116,7 +116,11 @@ async def test_process_metrics_cover_server_and_compute_children_and_restarts_ar
         text = (await client.get("/metrics")).text
         children = sorted(compute_children(text), key=lambda labels: labels["worker"])
         assert children == [{"role": "compute", "model": "mnist-fcn-dr", "worker": w} for w in ("0", "1")]
-        for role, labels in (("server", {"model": "", "worker": ""}), ("compute", {"worker": "1"})):
+        for role, labels in (
+            ("server", {"model": "", "worker": ""}),
+            ("fork_server", {"model": "", "worker": ""}),  # the compute children's parent holds torch too
+            ("compute", {"worker": "1"}),
+        ):
             assert metric_value(text, "soap_process_resident_memory_bytes", role=role, **labels) > 50e6, role
             assert metric_value(text, "soap_process_open_fds", role=role, **labels) > 3, role
             assert metric_value(text, "soap_process_cpu_seconds_total", role=role, **labels) > 0, role
