@@ -136,6 +136,12 @@ def test_fp32_inference_matches_bytes_and_honours_fixed_epsilon(client, digits):
     result = client.infer(MODEL, [pixels], headers=auth(), parameters={"mode": "fixed", "epsilon": 0.1})
     np.testing.assert_array_equal(result.as_numpy("label"), labels)
     np.testing.assert_allclose(result.as_numpy("epsilon"), 0.1, rtol=1e-6)
+    # JSON outputs write FP32 values as float32 (0.1, not the float64 of a float32: 0.10000000149011612)
+    as_json = [triton.InferRequestedOutput("epsilon", binary_data=False)]
+    result = client.infer(
+        MODEL, [pixels], outputs=as_json, headers=auth(), parameters={"mode": "fixed", "epsilon": 0.1}
+    )
+    assert result.get_response()["outputs"][0]["data"] == [0.1] * len(pngs)
     wanted = [triton.InferRequestedOutput("purified"), triton.InferRequestedOutput("label")]
     result = client.infer(MODEL, [pixels], outputs=wanted, headers=auth(), parameters={"mode": "none"})
     purified = result.as_numpy("purified")

@@ -40,6 +40,7 @@ from ..inference_protocol import (
     InferResponse,
     Live,
     ModelMetadata,
+    OutputTensor,
     ProtocolError,
     Ready,
     ServerMetadata,
@@ -256,50 +257,47 @@ def _inputs(tensor: Tensor, model: ModelRuntime) -> list[bytes] | torch.Tensor:
     raise bad_request(f"unknown input {tensor.name!r}; send one input, {IMAGES!r} or {PIXELS!r}", model.name)
 
 
-def _outputs(model: ModelRuntime, result: ItemResult, names: list[str]) -> list[Tensor]:
-    """The batch's rows as the named output tensors, only those asked for. In numpy from the start: a torch operation
-    costs microseconds of the event loop each, and this runs on every request."""
+def _outputs(model: ModelRuntime, result: ItemResult, names: list[str]) -> list[OutputTensor]:
+    """The batch's rows as the named output tensors, only those asked for: one tolist() per tensor, then Python."""
     p = result.predictions
-    probs = p.probs.numpy()
-    labels = probs.argmax(axis=1)  # int64
+    probs = p.probs.tolist()
+    n, classes = len(probs), len(model.class_names)
+    labels = [row.index(max(row)) for row in probs]  # argmax: the first of equal maxima, as torch and numpy
     out = []
     for name in names:
         if name == "label":
-            out.append(Tensor(name, Datatype.INT64, labels))
+            out.append(OutputTensor(name, Datatype.INT64, [n], labels))
         elif name == "class_name":
-            class_names = np.empty(len(labels), dtype=object)
-            class_names[:] = [model.class_names[i].encode() for i in labels.tolist()]
-            out.append(Tensor(name, Datatype.BYTES, class_names))
+            out.append(OutputTensor(name, Datatype.BYTES, [n], [model.class_names[i] for i in labels]))
         elif name == "probabilities":
-            out.append(Tensor(name, Datatype.FP32, probs))
+            out.append(OutputTensor(name, Datatype.FP32, [n, classes], [q for row in probs for q in row]))
         elif name == "epsilon":
-            out.append(Tensor(name, Datatype.FP32, p.epsilon.numpy()))
+            out.append(OutputTensor(name, Datatype.FP32, [n], p.epsilon.tolist()))
         elif name == "aux_loss":
-            out.append(Tensor(name, Datatype.FP32, p.aux_after.numpy()))
+            out.append(OutputTensor(name, Datatype.FP32, [n], p.aux_after.tolist()))
         elif name == "aux_loss_before":
-            out.append(Tensor(name, Datatype.FP32, p.aux_before.numpy()))
+            out.append(OutputTensor(name, Datatype.FP32, [n], p.aux_before.tolist()))
         elif name == "suspicious":
-            out.append(Tensor(name, Datatype.BOOL, p.aux_before.numpy() > model.suspicious_threshold))
+            threshold = model.suspicious_threshold
+            out.append(OutputTensor(name, Datatype.BOOL, [n], [b > threshold for b in p.aux_before.tolist()]))
         else:  # PURIFIED (_requested let no other name through)
-            out.append(Tensor(name, Datatype.FP32, p.purified.numpy()))
+            out.append(OutputTensor(name, Datatype.FP32, list(p.purified.shape), p.purified.flatten().tolist()))
     return out
 
 
-def _certificate_outputs(model: ModelRuntime, result: CertifyResult, names: list[str]) -> list[Tensor]:
+def _certificate_outputs(model: ModelRuntime, result: CertifyResult, names: list[str]) -> list[OutputTensor]:
     certificates = result.certificates
-    labels = np.array([-1 if c.label is None else c.label for c in certificates], dtype=np.int64)
-    class_names = np.empty(len(certificates), dtype=object)
-    class_names[:] = [b"" if c.label is None else model.class_names[c.label].encode() for c in certificates]
-    values = {
-        "label": (Datatype.INT64, labels),
-        "class_name": (Datatype.BYTES, class_names),
-        "certified_radius": (Datatype.FP32, np.array([c.radius or 0.0 for c in certificates], dtype=np.float32)),
-        "abstained": (Datatype.BOOL, np.array([c.abstained for c in certificates], dtype=bool)),
-        "p_lower": (Datatype.FP32, np.array([c.p_lower for c in certificates], dtype=np.float32)),
-        "sigma": (Datatype.FP32, np.array([c.sigma for c in certificates], dtype=np.float32)),
-        "samples": (Datatype.INT64, np.array([c.samples for c in certificates], dtype=np.int64)),
+    n = len(certificates)
+    values: dict[str, tuple[Datatype, list[Any]]] = {
+        "label": (Datatype.INT64, [-1 if c.label is None else c.label for c in certificates]),
+        "class_name": (Datatype.BYTES, ["" if c.label is None else model.class_names[c.label] for c in certificates]),
+        "certified_radius": (Datatype.FP32, [c.radius or 0.0 for c in certificates]),
+        "abstained": (Datatype.BOOL, [bool(c.abstained) for c in certificates]),
+        "p_lower": (Datatype.FP32, [float(c.p_lower) for c in certificates]),
+        "sigma": (Datatype.FP32, [float(c.sigma) for c in certificates]),
+        "samples": (Datatype.INT64, [int(c.samples) for c in certificates]),
     }
-    return [Tensor(name, *values[name]) for name in names]
+    return [OutputTensor(name, values[name][0], [n], values[name][1]) for name in names]
 
 
 @dataclass(slots=True)
