@@ -237,17 +237,19 @@ def _inputs(tensor: Tensor, model: ModelRuntime) -> list[bytes] | torch.Tensor:
     """The input tensor as the pipeline's inputs: encoded image files (decoded like /classify's), or pixels of the
     model's input shape (their range is the pipeline's decode step to check)."""
     if tensor.name == IMAGES:
-        if tensor.datatype is not Datatype.BYTES or not (
-            tensor.values.ndim == 1 or (tensor.values.ndim == 2 and tensor.values.shape[1] == 1)
+        shape, payloads = tensor.shape, tensor.values
+        if (
+            tensor.datatype is not Datatype.BYTES
+            or not isinstance(payloads, list)
+            or not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1))
         ):
             raise bad_request(f"input {IMAGES!r} must be BYTES of shape [N] (encoded image files)", model.name)
-        payloads: list[bytes] = list(tensor.values.reshape(-1))
         if not payloads:
             raise bad_request("the input holds no image", model.name)
         return payloads
     if tensor.name == PIXELS:
         expected = [-1, *model.input_shape]
-        if tensor.datatype is not Datatype.FP32 or tensor.values.ndim != 4 or tensor.shape[1:] != expected[1:]:
+        if tensor.datatype is not Datatype.FP32 or len(tensor.shape) != 4 or tensor.shape[1:] != expected[1:]:
             raise bad_request(
                 f"input {PIXELS!r} must be FP32 of shape {expected}; got {tensor.datatype} {tensor.shape}", model.name
             )
