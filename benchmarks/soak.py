@@ -32,7 +32,7 @@ from pathlib import Path
 from benchmarks.harness import ROOT
 from benchmarks.harness.load import closed_loop, open_loop, read_payloads
 from benchmarks.harness.processes import compute_processes
-from benchmarks.harness.server import service_server
+from benchmarks.harness.server import ServiceProcess, service_options
 
 
 def rss_bytes(pid: int) -> int:
@@ -92,7 +92,11 @@ async def soak(args: argparse.Namespace) -> dict:
 
     payloads = read_payloads(Path(args.images))
     rng = random.Random(args.seed)
-    with service_server(args.model, max_queue=args.max_queue) as server:
+    log_dir = Path(args.server_log_dir) if args.server_log_dir else None
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    options = ["--model", args.model, *service_options(max_queue=args.max_queue, log_format="json")]
+    with ServiceProcess(options, log_dir=log_dir) as server:
         timeout = aiohttp.ClientTimeout(total=60)
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
@@ -186,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-every-s", type=float, default=5.0)
     parser.add_argument("--max-queue", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--server-log-dir", help="keep the server's log (JSON lines) here as server-PORT.log: why a window refused"
+    )
     raw = list(argv) if argv is not None else sys.argv[1:]
     args = parser.parse_args(raw)
     args.argv = raw
