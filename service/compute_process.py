@@ -10,12 +10,11 @@ already: a start or restart takes ~50 ms, not the ~2 s (more under load) of a fr
 so a worker killed under load (the OOM killer, benchmarks/soak.py's chaos) is back before its queue fills. The fork
 server is a fresh process that never computes, so forking it is safe where forking the threaded server would not be.
 On a GPU the child is started with "spawn" (a new interpreter: no CUDA state can be inherited). Either way it loads
-the checkpoint itself
-(the model's warm-up batch then goes through the pipe like any other) and ignores SIGINT/SIGTERM: the parent
-drains its queue on a signal and then closes the child. A model's pool holds several such children
-(service/batcher.py hands each batch to a free one); each has a stable `index` for logs and metrics. If a child
-dies during a batch, the call raises ComputeProcessDied (a batcher.WorkerDied: the batcher restarts the child and
-computes the batch again); a child found dead before a batch is restarted first.
+the checkpoint itself (the model's warm-up batch then goes through the pipe like any other) and ignores
+SIGINT/SIGTERM: the parent drains its queue on a signal and then closes the child. A model's pool holds several
+such children (service/batcher.py hands each batch to a free one); each has a stable `index` for logs and metrics.
+If a child dies during a batch, the call raises ComputeProcessDied (a batcher.WorkerDied: the batcher restarts the
+child and computes the batch again); a child found dead before a batch is restarted first.
 """
 
 from __future__ import annotations
