@@ -211,7 +211,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_deadline = None  # a pending timer finds no deadline and lapses
 
     def _cancel_head_timer(self) -> None:
-        self._head_deadline = None
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -234,13 +233,3 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._counted:
             self._counted = False
             self.guard.open -= 1
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if self.transport.is_closing():
-            return
-        if self._head_started:
-            self.transport.write(_HEAD_TIMEOUT)
-        self._stop_waiting()
-        self._uncount()
-        self.transport.close()

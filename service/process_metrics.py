@@ -57,25 +57,35 @@ def read_process_stats(pid: int, proc: Path = PROC) -> ProcessStats | None:
     return ProcessStats(rss_pages * _PAGE, (utime + stime) / _TICKS, fds)
 
 
-def fork_server_pid(proc: Path = PROC) -> int | None:
-    """The pid of this process's multiprocessing fork server (the parent of the compute children on the CPU,
-    service/compute_process.py; it holds torch in memory too), or None when there is none."""
-    me = os.getpid()
+def child_pids(pid: int, proc: Path = PROC) -> list[int]:
+    """The direct child processes of `pid` (a child belongs to the thread that started it: every thread's list)."""
+    found: list[int] = []
     try:
-        tasks = list((proc / str(me) / "task").iterdir())
+        tasks = list((proc / str(pid) / "task").iterdir())
     except OSError:
-        return None
+        return found
     for task in tasks:
         try:
-            kids = (task / "children").read_text().split()
+            found += [int(c) for c in (task / "children").read_text().split()]
         except OSError:
             continue
-        for kid in kids:
-            try:
-                if b"forkserver" in (proc / kid / "cmdline").read_bytes():
-                    return int(kid)
-            except OSError:
-                continue
+    return found
+
+
+def cmdline(pid: int, proc: Path = PROC) -> bytes:
+    """The process's command line (NUL-separated), or b"" when it is gone."""
+    try:
+        return (proc / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def fork_server_pid(parent: int | None = None, proc: Path = PROC) -> int | None:
+    """The pid of the multiprocessing fork server of `parent` (default: this process), the parent of the compute
+    children on the CPU (service/compute_process.py; it holds torch in memory too), or None when there is none."""
+    for kid in child_pids(os.getpid() if parent is None else parent, proc):
+        if b"forkserver" in cmdline(kid, proc):
+            return kid
     return None
 
 
