@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	# The peers of benchmarks/peers.py (the `bench` extra, same versions) without PyTriton's numpy<2 pin, which would
 	# downgrade the dev set's numpy: PyTriton without dependencies, the others by name, numpy<2 for its stub alone.
 	$(PY) -m pip install -q 'litserve>=0.2.19,<0.3' pyzmq sh 'grpcio>=1.64.3' typing_inspect wrapt typer \
-		'importlib_metadata>=7.0.1' 'tritonclient[grpc,http]'
+		'importlib_metadata>=7.0.1' 'tritonclient[grpc,http]' 'granian>=2.0'
 	$(PY) -m pip install -q --no-deps 'nvidia-pytriton==0.7.0'
 	$(PY) -m pip install -q --upgrade --target $(VENV)/pytriton-numpy1 'numpy<2'
 	touch $(STAMP)

@@ -14,6 +14,13 @@ each round and the median ratio work tree / base.
 `--against-v2` compares the two protocols instead, on one server of the work tree: POST /classify (one raw PNG) and
 POST /v2/models/{name}/infer with the same PNG as the `images` BYTES input in the binary tensor data extension
 (binary outputs too, as tritonclient sends it); the ratio is v2 / classify.
+
+    python -m benchmarks.service_ab --against-granian --json benchmarks/results/service_ab_granian.json
+
+`--against-granian` compares HTTP servers instead: the work tree's app under the service's uvicorn server
+(`python -m service`) and the same app under Granian (benchmarks/granian_app.py, one worker, uvloop, one runtime
+thread), POST /classify on both. Granian's worker is a child of its main process: its CPU is what is counted, and
+its HTTP threads are not the event loop's, so compare throughput, not the loop column.
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ from pathlib import Path
 
 from benchmarks.harness import ROOT
 from benchmarks.harness.load import LevelResult, closed_loop, read_payloads
-from benchmarks.harness.server import ServiceProcess, service_server
+from benchmarks.harness.server import ServerProcess, ServiceProcess, service_server
+from service.process_metrics import child_pids
 
 
 def _git(*args: str) -> str:
@@ -54,7 +62,7 @@ def _non_200(row: dict) -> int:
 class Leg:
     """One side of the comparison: a server and the requests it gets."""
 
-    server: ServiceProcess
+    server: ServerProcess
     path: str
     payloads: list[bytes]
     content_type: str = "image/png"
@@ -100,7 +108,7 @@ async def _measure(args: argparse.Namespace, legs: dict[str, Leg]) -> list[dict]
                 await server.wait_ready_async()
                 result: LevelResult = await closed_loop(
                     s, server.url, leg.path, leg.payloads, args.concurrency, args.duration, args.max_requests,
-                    args.warmup, name, server.proc.pid, content_type=leg.content_type, headers=leg.headers,
+                    args.warmup, name, _app_pid(server), content_type=leg.content_type, headers=leg.headers,
                 )  # fmt: skip
             row = {"round": index, **asdict(result)}
             rounds.append(row)
@@ -111,6 +119,30 @@ async def _measure(args: argparse.Namespace, legs: dict[str, Leg]) -> list[dict]
                 file=sys.stderr,
             )
     return rounds
+
+
+def _app_pid(server: ServerProcess) -> int:
+    """The process that runs the app: the server itself, or Granian's one worker (its main process's child)."""
+    if isinstance(server, GranianProcess):
+        workers = child_pids(server.pid)
+        if workers:
+            return workers[0]
+    return server.pid
+
+
+class GranianProcess(ServerProcess):
+    """The work tree's app (benchmarks/granian_app.py) under Granian: one worker, uvloop, one runtime thread."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            ["-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--workers", "1", "--loop", "uvloop",
+             "--runtime-threads", "1", "--no-ws", "--log-level", "warning", "benchmarks.granian_app:app"],
+            env={"SOAP_MODELS": model},
+        )  # fmt: skip
+
+    @staticmethod
+    def _base_environment() -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if not k.startswith("SOAP_")}
 
 
 def _summary(rounds: list[dict], base: str = "base", work: str = "work") -> dict:
@@ -144,10 +176,16 @@ def main() -> None:
     parser.add_argument(
         "--against-v2", action="store_true", help="compare /v2/models/{name}/infer with /classify on the work tree"
     )
+    parser.add_argument(
+        "--against-granian", action="store_true", help="compare the work tree's app under Granian with the service"
+    )
     args = parser.parse_args()
     payloads = read_payloads(Path(args.images))
     if args.against_v2:
         _protocols(args, payloads)
+        return
+    if args.against_granian:
+        _servers(args, payloads)
         return
     base_rev = _git("rev-parse", "--short=10", args.base)
     with tempfile.TemporaryDirectory(prefix="soap-ab-") as tmp:
@@ -206,6 +244,35 @@ def _protocols(args: argparse.Namespace, payloads: list[bytes]) -> None:
         "request": "one PNG per request, real MNIST test digits, mode min-aux: POST /classify (raw body, image/png) "
         "and POST /v2/models/{name}/infer (images BYTES input, binary tensor data extension, binary outputs)",
         "summary": _summary(rounds, base="classify", work="v2"),
+        "rounds": rounds,
+    }
+    _report(args, report)
+
+
+def _servers(args: argparse.Namespace, payloads: list[bytes]) -> None:
+    """--against-granian: the work tree's app under uvicorn (the service) and under Granian, alternating."""
+    servers: dict[str, ServerProcess] = {}
+    try:
+        servers["uvicorn"] = service_server(args.model)
+        servers["granian"] = GranianProcess(args.model)
+        legs = {name: Leg(server, "/classify", payloads) for name, server in servers.items()}
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        rounds = asyncio.run(_measure(args, legs))
+    finally:
+        for server in servers.values():
+            server.stop()
+    import granian
+
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "started_utc": started,
+        "host": {"cpus": os.cpu_count(), "loadavg_after": os.getloadavg()},
+        "work": _worktree_state(),
+        "granian": granian.__version__,
+        "settings": {k: str(v) for k, v in vars(args).items() if k not in ("json",)},
+        "request": "POST /classify, one PNG per request (raw body, image/png), real MNIST test digits, mode min-aux; "
+        "the same app under the service's uvicorn server and under Granian (1 worker, uvloop, 1 runtime thread)",
+        "summary": _summary(rounds, base="uvicorn", work="granian"),
         "rounds": rounds,
     }
     _report(args, report)
