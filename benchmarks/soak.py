@@ -57,6 +57,8 @@ class Window:
     server_rss_mb: float
     compute_rss_mb: list[float]
     kills: int = 0
+    generator_max_lag_ms: float = 0.0  # the load generator's own delay: above ~100 ms its arrivals came in a burst
+    generator_late: int = 0  # requests sent more than 100 ms after their arrival time
 
 
 @dataclass
@@ -141,12 +143,15 @@ async def soak(args: argparse.Namespace) -> dict:
                         round(rss_bytes(server.pid) / 2**20, 1),
                         [round(rss_bytes(pid) / 2**20, 1) for pid in computes],
                         chaos.kills - kills_before,
+                        level.extra["generator_max_lag_ms"],
+                        level.extra["generator_late_over_100ms"],
                     )
                     windows.append(window)
                     print(
                         f"{window.started_s:7.1f} s {'chaos' if window.chaos else 'calm '} {window.requests:6d} req "
                         f"{window.statuses} errors {window.errors} p50 {window.p50_ms} p99 {window.p99_ms} ms "
-                        f"rss server {window.server_rss_mb} MB compute {window.compute_rss_mb} kills {window.kills}",
+                        f"rss server {window.server_rss_mb} MB compute {window.compute_rss_mb} kills {window.kills} "
+                        f"generator lag max {window.generator_max_lag_ms} ms, late {window.generator_late}",
                         flush=True,
                     )
             finally:
@@ -168,6 +173,7 @@ async def soak(args: argparse.Namespace) -> dict:
             "p99_ms_last_calm_window": last.p99_ms if last else None,
             "server_rss_mb_first_last": [first.server_rss_mb, last.server_rss_mb] if first and last else None,
             "compute_rss_mb_first_last": [first.compute_rss_mb, last.compute_rss_mb] if first and last else None,
+            "generator_max_lag_ms": max((w.generator_max_lag_ms for w in windows), default=None),
         },
         "windows": [asdict(w) for w in windows],
         "kill_log": chaos.log,

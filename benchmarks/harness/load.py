@@ -245,6 +245,9 @@ async def closed_loop(
     )
 
 
+LATE_S = 0.1  # open_loop counts the requests it sent later than this after their arrival time
+
+
 @without_gc_pauses
 async def open_loop(
     session, url: str, payloads: list[bytes], rate: float, duration: float, max_requests: int, seed: int = 0
@@ -268,8 +271,15 @@ async def open_loop(
     began = time.monotonic()
     next_at = began
     i = 0
+    # How late each request left against its arrival time: a generator that stalls (its own GC, a starved core)
+    # catches up by sending what it owed at once, a burst that Poisson arrivals would not have made.
+    max_lag = 0.0
+    late = 0
     while next_at < began + duration and i < max_requests:
         await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        lag = time.monotonic() - next_at
+        max_lag = max(max_lag, lag)
+        late += lag > LATE_S
         tasks.append(asyncio.create_task(one(payloads[i % len(payloads)])))
         i += 1
         next_at += rng.expovariate(rate)
@@ -300,5 +310,7 @@ async def open_loop(
             "p99_ms_200": percentile_ms(by_status.get("200", []), 0.99),
             "p50_ms_503": percentile_ms(shed, 0.5),
             "p99_ms_503": percentile_ms(shed, 0.99),
+            "generator_max_lag_ms": round(max_lag * 1000, 1),
+            f"generator_late_over_{int(LATE_S * 1000)}ms": late,
         },
     )
