@@ -5,7 +5,8 @@ other than 200, p99 latency and resident memory flat from the first windows to t
     python -m benchmarks.soak --json benchmarks/results/soak.json      # 1 hour (the result in docs/performance.md)
     python -m benchmarks.soak --short --json /tmp/soak.json            # ~2 minutes, the same steps
 
-1. capacity: closed-loop clients (--concurrency) for --capacity-s seconds: images/s answered 200.
+1. capacity: closed-loop clients (--concurrency) for --capacity-s seconds: images/s answered 200; then the same
+   with the chaos phase's kills (what a kill every --kill-every-s seconds costs; the load stays 80 % of the first).
 2. soak: open-loop Poisson arrivals at --load-share x capacity for --duration-s seconds, measured in windows of
    --window-s seconds: answers by status, errors, p50/p99, and the resident memory of the server and of each of its
    compute processes (/proc).
@@ -115,8 +116,22 @@ async def soak(args: argparse.Namespace) -> dict:
                 server_pid=server.pid,
             )
             rate = max(1.0, args.load_share * capacity.throughput_images_s)
+            # The same measurement while the chaos phase's killer runs: what the kills cost (a lost batch, a restart,
+            # a warm-up), so a window that refuses can be read against the capacity left under kills.
+            probe = Chaos(server.pid, args.kill_every_s, rng, active=True)
+            prober = asyncio.create_task(probe.run(time.monotonic()))
+            try:
+                capacity_under_kills = await closed_loop(
+                    session, server.url, "/classify", payloads, args.concurrency, args.capacity_s, 10**7,
+                    warmup=2.0, name="capacity under kills", server_pid=server.pid,
+                )  # fmt: skip
+            finally:
+                prober.cancel()
             print(
-                f"capacity {capacity.throughput_images_s} images/s at {args.concurrency} clients; soak at {rate:.1f}/s"
+                f"capacity {capacity.throughput_images_s} images/s at {args.concurrency} clients, "
+                f"{capacity_under_kills.throughput_images_s} with a kill every {args.kill_every_s:g} s "
+                f"({probe.kills} kills); soak at {rate:.1f}/s",
+                flush=True,
             )
 
             chaos = Chaos(server.pid, args.kill_every_s, rng)
@@ -164,6 +179,7 @@ async def soak(args: argparse.Namespace) -> dict:
         "command": "python -m benchmarks.soak " + " ".join(args.argv),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_after": os.getloadavg()},
         "capacity": asdict(capacity),
+        "capacity_under_kills": asdict(capacity_under_kills),
         "offered_rate": round(rate, 1),
         "kills": chaos.kills,
         "summary": {
