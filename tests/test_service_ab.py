@@ -45,7 +45,8 @@ def test_service_ab_against_granian_serves_the_same_app_under_both_servers(tmp_p
     report = json.loads(out.read_text())
     assert [r["name"] for r in report["rounds"]] == ["uvicorn", "granian"]
     for row in report["rounds"]:
-        assert row["ok"] > 0 and row["ok"] == row["requests"], row
+        assert row["ok"] > 0, row
+        assert row["ok"] == row["requests"], row
         # the CPU is counted in the process that runs the app (Granian's worker, not its idle main process)
         assert row["extra"]["event_loop_cpu_us_per_request"] > 0
     assert report["summary"]["non_200"] == {"uvicorn": 0, "granian": 0}
