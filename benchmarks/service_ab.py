@@ -203,12 +203,9 @@ def main() -> None:
                 server.stop()
             _git("worktree", "remove", "--force", str(tree))
     report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "started_utc": started,
-        "host": {"cpus": os.cpu_count(), "loadavg_after": os.getloadavg()},
+        **_run_record(args, started),
         "base": base_rev,
         "work": _worktree_state(),
-        "settings": {k: str(v) for k, v in vars(args).items() if k not in ("json",)},
         "request": "POST /classify, one PNG per request (raw body, image/png), real MNIST test digits, mode min-aux",
         "summary": _summary(rounds),
         "rounds": rounds,
@@ -236,11 +233,8 @@ def _protocols(args: argparse.Namespace, payloads: list[bytes]) -> None:
     finally:
         server.stop()
     report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "started_utc": started,
-        "host": {"cpus": os.cpu_count(), "loadavg_after": os.getloadavg()},
+        **_run_record(args, started),
         "work": _worktree_state(),
-        "settings": {k: str(v) for k, v in vars(args).items() if k not in ("json",)},
         "request": "one PNG per request, real MNIST test digits, mode min-aux: POST /classify (raw body, image/png) "
         "and POST /v2/models/{name}/infer (images BYTES input, binary tensor data extension, binary outputs)",
         "summary": _summary(rounds, base="classify", work="v2"),
@@ -264,18 +258,25 @@ def _servers(args: argparse.Namespace, payloads: list[bytes]) -> None:
     import granian
 
     report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "started_utc": started,
-        "host": {"cpus": os.cpu_count(), "loadavg_after": os.getloadavg()},
+        **_run_record(args, started),
         "work": _worktree_state(),
         "granian": granian.__version__,
-        "settings": {k: str(v) for k, v in vars(args).items() if k not in ("json",)},
         "request": "POST /classify, one PNG per request (raw body, image/png), real MNIST test digits, mode min-aux; "
         "the same app under the service's uvicorn server and under Granian (1 worker, uvloop, 1 runtime thread)",
         "summary": _summary(rounds, base="uvicorn", work="granian"),
         "rounds": rounds,
     }
     _report(args, report)
+
+
+def _run_record(args: argparse.Namespace, started: str) -> dict:
+    """What every report of this script starts with: how it was run, when, on what machine, with which settings."""
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "started_utc": started,
+        "host": {"cpus": os.cpu_count(), "loadavg_after": os.getloadavg()},
+        "settings": {k: str(v) for k, v in vars(args).items() if k not in ("json",)},
+    }
 
 
 def _report(args: argparse.Namespace, report: dict) -> None:
