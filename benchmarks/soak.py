@@ -13,7 +13,10 @@ other than 200, p99 latency and resident memory flat from the first windows to t
 3. chaos: between --chaos-from and --chaos-to (shares of the soak) a compute process picked at random is killed
    (SIGKILL) every --kill-every-s seconds; the service starts it again and computes its batch again.
 
-The JSON has every window; the summary compares the first and the last windows outside the chaos phase.
+The JSON has every window; the summary compares the first and the last windows outside the chaos phase. Each window
+also says what a drift in its latency came from: the server's CPU per request and its compute time per image (from
+its own /metrics) rise if the server got slower; the CPU of every other process on the machine rises if the machine
+got busier.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.harness import ROOT
-from benchmarks.harness.load import closed_loop, open_loop, read_payloads
+from benchmarks.harness.cpu import CLOCK_TICKS_PER_S, cpu_ticks, machine_busy_ticks, tree_ticks
+from benchmarks.harness.load import closed_loop, metric_sums, open_loop, read_payloads
 from benchmarks.harness.processes import compute_processes
 from benchmarks.harness.server import ServiceProcess, service_options
 
@@ -60,6 +64,43 @@ class Window:
     kills: int = 0
     generator_max_lag_ms: float = 0.0  # the load generator's own delay: above ~100 ms its arrivals came in a burst
     generator_late: int = 0  # requests sent more than 100 ms after their arrival time
+    # Where a latency drift comes from: the server (its CPU per request, its compute time per image: both rise if
+    # it got slower) or the machine (the CPU cores every other process used meanwhile).
+    server_cpu_us_per_request: float | None = None  # server + compute processes; None in a window with kills
+    compute_us_per_image: float | None = None  # soap_batch_compute_seconds / images, wall time inside the workers
+    others_cpu_cores: float | None = None  # the machine's busy CPU minus the server's and this generator's (ditto)
+
+
+@dataclass
+class Usage:
+    """CPU counters read at a window's start and end (clock ticks) and the server's compute-time metric."""
+
+    server_ticks: int
+    generator_ticks: int
+    machine_ticks: int
+    compute_s: float
+    computed_images: float
+    at: float
+
+    @classmethod
+    async def read(cls, session, url: str, server_pid: int) -> Usage:
+        compute_s, _ = await metric_sums(session, url, "soap_batch_compute_seconds")
+        images, _ = await metric_sums(session, url, "soap_batch_size_images")  # the histogram's sum: images computed
+        return cls(
+            tree_ticks(server_pid), cpu_ticks(os.getpid()), machine_busy_ticks(), compute_s, images, time.monotonic()
+        )
+
+    def since(self, start: Usage, requests: int) -> tuple[float | None, float | None, float | None]:
+        """(server CPU µs per request, compute µs per image, other processes' CPU cores) between start and self."""
+        server_s = (self.server_ticks - start.server_ticks) / CLOCK_TICKS_PER_S
+        generator_s = (self.generator_ticks - start.generator_ticks) / CLOCK_TICKS_PER_S
+        machine_s = (self.machine_ticks - start.machine_ticks) / CLOCK_TICKS_PER_S
+        images = self.computed_images - start.computed_images
+        return (
+            round(server_s / requests * 1e6, 1) if requests else None,
+            round((self.compute_s - start.compute_s) / images * 1e6, 1) if images else None,
+            round(max(0.0, machine_s - server_s - generator_s) / max(1e-9, self.at - start.at), 2),
+        )
 
 
 @dataclass
@@ -143,9 +184,14 @@ async def soak(args: argparse.Namespace) -> dict:
                     share = elapsed / args.duration_s
                     chaos.active = args.chaos_from <= share < args.chaos_to
                     kills_before = chaos.kills
+                    usage_before = await Usage.read(session, server.url, server.pid)
                     level = await open_loop(
                         session, server.url, payloads, rate, args.window_s, 10**7, seed=rng.randrange(1 << 30)
                     )
+                    usage = await Usage.read(session, server.url, server.pid)
+                    server_cpu, compute_per_image, others = usage.since(usage_before, level.requests)
+                    if chaos.kills > kills_before:  # a killed process takes its CPU ticks with it: not measurable
+                        server_cpu = others = None
                     computes = compute_processes(server.pid)
                     window = Window(
                         round(elapsed, 1),
@@ -160,13 +206,18 @@ async def soak(args: argparse.Namespace) -> dict:
                         chaos.kills - kills_before,
                         level.extra["generator_max_lag_ms"],
                         level.extra["generator_late_over_100ms"],
+                        server_cpu,
+                        compute_per_image,
+                        others,
                     )
                     windows.append(window)
                     print(
                         f"{window.started_s:7.1f} s {'chaos' if window.chaos else 'calm '} {window.requests:6d} req "
                         f"{window.statuses} errors {window.errors} p50 {window.p50_ms} p99 {window.p99_ms} ms "
                         f"rss server {window.server_rss_mb} MB compute {window.compute_rss_mb} kills {window.kills} "
-                        f"generator lag max {window.generator_max_lag_ms} ms, late {window.generator_late}",
+                        f"generator lag max {window.generator_max_lag_ms} ms, late {window.generator_late}; "
+                        f"server {window.server_cpu_us_per_request} µs CPU/request, compute "
+                        f"{window.compute_us_per_image} µs/image, others {window.others_cpu_cores} cores",
                         flush=True,
                     )
             finally:
