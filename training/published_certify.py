@@ -3,10 +3,15 @@
 The smoothing papers released the per-image CERTIFY logs of their MNIST runs: Gaussian augmentation (Cohen et al.
 2019) and consistency regularisation (Jeong & Shin, NeurIPS 2020) in github.com/jh-jeong/smoothing-consistency,
 SmoothMix (Jeong et al., NeurIPS 2021) in github.com/jh-jeong/smoothmix (both MIT; extracts under
-docs/results/published/). Recomputing certified accuracy and the average certified radius from those logs, on the same
-first n test images as our own runs and on the whole test set, at σ = 0.25, 0.5 and 1.0, gives a comparison we can
-check rather than a number copied from a table. Their setting differs from ours in ways the report states: LeNet base
-classifiers trained for 90 epochs, noise not clamped to [0, 1], n = 100,000 Monte-Carlo samples, α = 0.001.
+docs/results/published/). The consistency paper's other MNIST runs are in an older commit of its repository (bc2b1a7,
+October 2020): SmoothAdv (Salman et al. 2019), stability training (Li et al. 2019), MACER (Zhai et al. 2020), and
+consistency as first released (Gaussian + consistency at λ = 20, SmoothAdv + consistency at λ = 5), trained with that
+commit's loss λ·(KL + an entropy term the authors later called incorrectly implemented) rather than the later
+λ·KL + η·H of the consistency recipe above; the later commits dropped those two. Recomputing certified accuracy and
+the average certified radius from those logs, on the same first n test images as our own runs and on the whole test
+set, at σ = 0.25, 0.5 and 1.0, gives a comparison we can check rather than a number copied from a table. Their setting
+differs from ours in ways the report states: LeNet base classifiers trained for 90 epochs, noise not clamped to
+[0, 1], n = 100,000 Monte-Carlo samples, α = 0.001.
 """
 
 from __future__ import annotations
@@ -50,12 +55,25 @@ SMOOTHING_CONSISTENCY = Upstream(
 SMOOTHMIX = Upstream(
     "github.com/jh-jeong/smoothmix", "cb1fd33055a29d0c41bbc429a982fdec709e993c", "jeong-2021-smoothmix"
 )
+# The consistency paper's baselines and first-release consistency runs: the commit that added them (the MACER,
+# SmoothAdv and stability logs are byte-identical at SMOOTHING_CONSISTENCY's commit; the consistency ones are not there)
+CONSISTENCY_BASELINES = Upstream(
+    "github.com/jh-jeong/smoothing-consistency", "bc2b1a7e2226a4af7b8e107c57634ff2775e947f", "jeong-shin-2020-baselines"
+)
+UPSTREAMS = (SMOOTHING_CONSISTENCY, SMOOTHMIX, CONSISTENCY_BASELINES)
 
 
 class PublishedRecipe(StrEnum):
+    """A training recipe; the values of CONSISTENCY_BASELINES' recipes also name their folders of extracts."""
+
     GAUSSIAN = "gaussian"  # Cohen et al. 2019
-    CONSISTENCY = "consistency"  # Jeong & Shin 2020
+    CONSISTENCY = "consistency"  # Jeong & Shin 2020, the loss and λ of their repository's head
     SMOOTHMIX = "smoothmix"  # Jeong et al. 2021
+    SMOOTHADV = "smoothadv"  # Salman et al. 2019
+    STABILITY = "stability"  # Li et al. 2019
+    MACER = "macer"  # Zhai et al. 2020
+    CONSISTENCY_L20 = "consistency-lbd20"  # Jeong & Shin 2020 as first released: another loss, one λ for every σ
+    SMOOTHADV_CONSISTENCY = "smoothadv-consistency"  # the same loss on SmoothAdv's adversarial examples
 
 
 @dataclass(frozen=True)
@@ -89,6 +107,38 @@ CONSISTENCY_SEEDS = {0.25: (1, 2, 3, 4, 5), 0.5: (1, 2, 3, 4, 5), 1.0: (0, 1, 2,
 # (η = 2, and the other step count at σ = 0.25) have one run each and are not reported.
 SMOOTHMIX_SETTINGS = {0.25: ((3, 1.0), (2, 5.0)), 0.5: ((4, 1.0), (4, 5.0)), 1.0: ((8, 1.0), (8, 5.0))}
 SMOOTHMIX_SEEDS = (0, 21, 22, 23, 24, 25)
+# CONSISTENCY_BASELINES: every run released for each recipe and σ (five each; upstream's names for the training runs)
+BASELINE_SEEDS = {
+    PublishedRecipe.SMOOTHADV: {
+        0.25: (3762, 4448, 4935, 7656, 9914),
+        0.5: (3916, 4372, 5218, 5947, 647),
+        1.0: (1099, 1316, 2083, 5533, 8071),
+    },
+    PublishedRecipe.STABILITY: {
+        0.25: (4654, 5123, 7691, 8971, 9926),
+        0.5: (1297, 1590, 4945, 5843, 6664),
+        1.0: (1944, 6029, 6211, 6878, 7840),
+    },
+    PublishedRecipe.MACER: {
+        0.25: (12, 1576, 3256, 6753, 8651),
+        0.5: (1221, 149, 2869, 4292, 4711),
+        1.0: (1549, 4153, 505, 508, 7191),
+    },
+    PublishedRecipe.CONSISTENCY_L20: {
+        0.25: (3104, 3981, 746, 8248, 9179),
+        0.5: (1172, 1700, 5063, 7370, 8137),
+        1.0: (3082, 4562, 5281, 7622, 9939),
+    },
+    PublishedRecipe.SMOOTHADV_CONSISTENCY: {
+        0.25: (2210, 3424, 8158, 8709, 9741),
+        0.5: (1716, 2546, 2804, 4951, 6072),
+        1.0: (1405, 4214, 5952, 6414, 7305),
+    },
+}
+# SmoothAdv's adversary as bc2b1a7's EXPERIMENTS.MD trains both SmoothAdv recipes: 10 PGD steps within an L2 ball of
+# 255/256 (the scripts divide --epsilon by 256), grown linearly over the first 10 epochs
+SMOOTHADV_ATTACK = "--epsilon 255 --num-steps 10 --warmup 10"
+MACER_LAMBDA = {0.25: 16, 0.5: 16, 1.0: 6}  # bc2b1a7's EXPERIMENTS.MD lowers λ at σ = 1.0
 
 
 def _log(sigma: float, seed: int) -> str:
@@ -136,6 +186,64 @@ def _smoothmix(sigma: float, steps: int, eta: float, one_step_adversary: bool) -
     )
 
 
+def _baseline(recipe: PublishedRecipe, sigma: float, name: str, command: str, upstream_dir: str) -> PublishedRun:
+    return PublishedRun(
+        recipe,
+        sigma,
+        name,
+        command,
+        CONSISTENCY_BASELINES,
+        upstream_dir,
+        tuple(f"{recipe}/{_log(sigma, s)}" for s in BASELINE_SEEDS[recipe][sigma]),
+    )
+
+
+def _baselines(sigma: float) -> tuple[PublishedRun, ...]:
+    """The consistency paper's other MNIST recipes at one σ, in the order and with the commands of bc2b1a7's
+    EXPERIMENTS.MD. Its consistency script was then code/train.py (train_consistency.py from December 2020), whose loss
+    is λ·(KL + entropy of softmax(p̄)), not the λ·KL + η·H that CONSISTENCY's logs were trained with: hence a recipe of
+    its own, named "as first released"."""
+    lenet = f"{LENET} --noise {sigma:.2f}"
+    macer_lbd = MACER_LAMBDA[sigma]
+    return (
+        _baseline(
+            PublishedRecipe.SMOOTHADV,
+            sigma,
+            "SmoothAdv (Salman et al. 2019, m = 4, PGD 10 steps, ε = 255/256)",
+            f"train_salman.py {lenet} --attack PGD {SMOOTHADV_ATTACK} --num-noise-vec 4",
+            "salman/pgd_255.0_10_10/num_4",
+        ),
+        _baseline(
+            PublishedRecipe.STABILITY,
+            sigma,
+            "Stability training (Li et al. 2019, λ = 2)",
+            f"train_stab.py {lenet} --lbd 2",
+            "stab/lbd_2",  # upstream spells σ 0.25, 0.5, 1.0 in these file names
+        ),
+        _baseline(
+            PublishedRecipe.MACER,
+            sigma,
+            f"MACER (Zhai et al. 2020, m = 16, λ = {macer_lbd} after epoch 30, γ = 8, β = 16)",
+            f"train_macer.py {lenet} --num-noise-vec 16 --beta 16.0 --margin 8.0 --lbd {macer_lbd:.1f} --deferred",
+            f"macer_deferred30/num_16/lbd_{macer_lbd:.1f}/gamma_8.0/beta_16.0",
+        ),
+        _baseline(
+            PublishedRecipe.CONSISTENCY_L20,
+            sigma,
+            "Gaussian + consistency as first released (Jeong & Shin 2020, m = 2, λ = 20)",
+            f"train.py {lenet} --num-noise-vec 2 --lbd 20",
+            "consistency/cohen/num_2/lbd_20.0",
+        ),
+        _baseline(
+            PublishedRecipe.SMOOTHADV_CONSISTENCY,
+            sigma,
+            "SmoothAdv + consistency as first released (Jeong & Shin 2020, m = 4, λ = 5)",
+            f"train.py {lenet} --num-noise-vec 4 --lbd 5 --adv-training {SMOOTHADV_ATTACK}",
+            "consistency/salman_255.0_10_10/num_4/lbd_5.0",
+        ),
+    )
+
+
 RUNS = tuple(
     run
     for sigma in SIGMAS
@@ -147,6 +255,7 @@ RUNS = tuple(
             for adversary in (False, True)
             for steps, eta in SMOOTHMIX_SETTINGS[sigma]
         ),
+        *_baselines(sigma),
     )
 )
 
@@ -297,7 +406,7 @@ def run(args: argparse.Namespace) -> int:
         "sigmas": list(SIGMAS),
         "alpha": ALPHA,
         "samples": SAMPLES,
-        "upstream": [str(u) for u in (SMOOTHING_CONSISTENCY, SMOOTHMIX)],
+        "upstream": [str(u) for u in UPSTREAMS],
         "runs": [r.model_dump(mode="json") for r in results],
         "table_markdown": table(results, args.n),
     }

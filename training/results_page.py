@@ -458,18 +458,23 @@ def published_certify_block() -> list[str]:
     if not path.exists():
         return []
     report = json.loads(path.read_text())
-    smoothing_consistency, smoothmix = report["upstream"]
+    smoothing_consistency, smoothmix, baselines = report["upstream"]
     return [
         "**Published baselines, recomputed.** The smoothing papers released the per-image CERTIFY logs of their MNIST "
         "runs: Gaussian augmentation (Cohen et al. 2019) and consistency regularisation (Jeong & Shin, NeurIPS 2020) "
-        f"in {smoothing_consistency}, SmoothMix (Jeong et al., NeurIPS 2021) in {smoothmix}. All are LeNet trained "
-        "90 epochs at the σ they are certified at, noise not clamped to [0, 1], CERTIFY with n0 = 100, n = 100,000, "
-        "α = 0.001 on all 10,000 test images. Recomputed from those logs (extracts and the choice of runs: "
-        "docs/results/published/) on the same first "
+        f"in {smoothing_consistency}, SmoothMix (Jeong et al., NeurIPS 2021) in {smoothmix}, and the consistency "
+        f"paper's other MNIST runs in {baselines}: SmoothAdv (Salman et al. 2019), stability training (Li et al. "
+        "2019), MACER (Zhai et al. 2020) and consistency as first released (Gaussian + consistency at λ = 20, "
+        "SmoothAdv + consistency at λ = 5, trained with that commit's loss λ·(KL + H′), H′ an entropy term its "
+        "authors later called incorrectly implemented; later commits replace it with λ·KL + η·H and drop these two "
+        "recipes' logs). All are LeNet trained 90 epochs at the σ they are certified at, noise not clamped to "
+        "[0, 1], CERTIFY with n0 = 100, n = 100,000, α = 0.001 on all 10,000 test images. Recomputed from those logs "
+        "(extracts and the choice of runs: docs/results/published/) on the same first "
         f"{report['n']} images as our runs and on the whole test set: ACR (average certified radius: the radius "
         "when correct, else 0) and certified accuracy in %, each the mean over the released training runs (range). "
-        "Consistency uses the λ its authors train each σ with; SmoothMix the configurations released with six "
-        "runs each, with and without its one-step adversary. n = 100,000 certifies radii up to σ·Φ⁻¹(α^(1/n)) "
+        "Consistency (λ·KL + η·H, η = 0.5) uses the λ its authors train each σ with; SmoothMix the configurations "
+        "released with six runs each, with and without its one-step adversary; the older commit's recipes the five "
+        "runs released for each. n = 100,000 certifies radii up to σ·Φ⁻¹(α^(1/n)) "
         f"(≈ {max_radius(0.5):.2f} at σ = 0.5), n = 10,000 only up to ≈ {max_radius(0.5, 10_000):.2f}, so at "
         "r ≥ 1.25 part of a gap to a row certified with 10,000 samples is the sample count, not the network. "
         f"Command: `{report['command']}`.",
