@@ -89,9 +89,8 @@ def bare_app(model_dir: Path):
             more = message.get("more_body", False)
         image = decode_image(body, pool.input_shape, limits).unsqueeze(0)
         item = pool.batcher.submit(image, pool.warmup_request, time.monotonic() + 60.0)
-        probs = (await item.future).predictions.probs[0]
-        label = int(probs.argmax())
-        await _answer(send, 200, orjson.dumps({"label": label, "confidence": float(probs[label])}))
+        (probs,), (labels,) = (await item.future).predictions.ranked()
+        await _answer(send, 200, orjson.dumps({"label": labels[0], "confidence": probs[0]}))
 
     return app
 

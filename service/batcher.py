@@ -30,7 +30,7 @@ from typing import Protocol
 
 import torch
 
-from .predict import Predictions, PurifyRequest, predict_in_chunks
+from .predict import PredictionRows, Predictions, PurifyRequest, predict_in_chunks
 
 log = logging.getLogger("service.batcher")
 
@@ -119,7 +119,7 @@ class Batch:
 
 @dataclass
 class ItemResult:
-    predictions: Predictions
+    predictions: PredictionRows  # this request's rows of its batch's predictions
     queue_s: float
     compute_s: float
     batch_images: int

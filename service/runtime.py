@@ -268,7 +268,7 @@ class ServiceRuntime:
         eps, before, after = m.epsilon.labels(name), m.aux_before.labels(name), m.aux_after.labels(name)
         threshold = model.suspicious_threshold
         suspicious = 0
-        for e, b, a in zip(p.epsilon.tolist(), p.aux_before.tolist(), p.aux_after.tolist(), strict=True):
+        for e, b, a in zip(p.epsilon_listed, p.aux_before_listed, p.aux_after_listed, strict=True):
             eps.observe(as_written(e))
             before.observe(b)
             after.observe(a)

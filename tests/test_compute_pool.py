@@ -70,7 +70,7 @@ async def test_work_queued_while_several_workers_are_free_is_split_between_them(
     await batcher.close()
     assert sorted(sizes) == [(0, 4), (1, 4)]
     expected = InlineWorker(model, 0).compute(x, PurifyRequest()).probs
-    assert torch.allclose(torch.cat([r.predictions.probs for r in results]), expected, atol=1e-5)
+    assert torch.allclose(torch.cat([r.predictions.tensors().probs for r in results]), expected, atol=1e-5)
 
 
 @pytest.mark.anyio

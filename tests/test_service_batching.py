@@ -12,7 +12,7 @@ from prometheus_client import generate_latest
 from support import metric_value, mnist_png, serve_app, settings_for
 
 from service.app import create_app
-from service.predict import Predictions, PurifyRequest, predict, predict_in_chunks
+from service.predict import PredictionRows, Predictions, PurifyRequest, predict, predict_in_chunks
 
 pytestmark = pytest.mark.anyio
 PNG = {"Content-Type": "image/png"}
@@ -254,7 +254,7 @@ async def test_stopping_the_runtime_finishes_the_queue_first(model_dir):
         batcher = runtime.models["mnist-fcn-dr"].batcher
         items = [batcher.submit(torch.zeros(1, 1, 28, 28), PurifyRequest(), 1e12) for _ in range(3)]
     # leaving the lifespan stopped the runtime: queued work was computed (not after 5 s of delay) and answered
-    assert all(isinstance(it.future.result().predictions, Predictions) for it in items)
+    assert all(isinstance(it.future.result().predictions, PredictionRows) for it in items)
     assert [it.future.result().batch_images for it in items] == [3, 3, 3]
     assert not batcher.running
 

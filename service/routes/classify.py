@@ -131,14 +131,14 @@ def _results(model: ModelRuntime, result: ItemResult, options: ClassifyOptions) 
     p = result.predictions
     names = model.class_names
     k = min(options.top_k, len(names))
-    top_p, top_i = p.probs.topk(k, dim=1)
+    ranked_probs, ranked_labels = p.ranked()
+    tensors = p.tensors() if options.return_purified or options.return_curve else None
     threshold = model.suspicious_threshold
     rows = []
-    for j, (probs, labels, eps, after, before) in enumerate(
-        zip(
-            top_p.tolist(), top_i.tolist(), p.epsilon.tolist(), p.aux_after.tolist(), p.aux_before.tolist(), strict=True
-        )
+    for j, (ranked, ranked_by, eps, after, before) in enumerate(
+        zip(ranked_probs, ranked_labels, p.epsilon(), p.aux_after(), p.aux_before(), strict=True)
     ):
+        probs, labels = ranked[:k], ranked_by[:k]
         rows.append(
             {
                 "label": labels[0],
@@ -151,10 +151,10 @@ def _results(model: ModelRuntime, result: ItemResult, options: ClassifyOptions) 
                 "aux_loss": after,
                 "aux_loss_before": before,
                 "suspicious": before > threshold,
-                "purified_png": base64.b64encode(encode_png(p.purified[j])).decode()
-                if options.return_purified
+                "purified_png": base64.b64encode(encode_png(tensors.purified[j])).decode()
+                if tensors is not None and options.return_purified
                 else None,
-                "aux_curve": p.curve[j].tolist() if options.return_curve else None,
+                "aux_curve": tensors.curve[j].tolist() if tensors is not None and options.return_curve else None,
             }
         )
     return rows

@@ -260,9 +260,9 @@ def _inputs(tensor: Tensor, model: ModelRuntime) -> list[bytes] | torch.Tensor:
 
 
 def _outputs(model: ModelRuntime, result: ItemResult, names: list[str]) -> list[OutputTensor]:
-    """The batch's rows as the named output tensors, only those asked for: one tolist() per tensor, then Python."""
+    """The request's rows as the named output tensors, only those asked for, from the batch's lists (Python)."""
     p = result.predictions
-    probs = p.probs.tolist()
+    probs = p.probs()
     n, classes = len(probs), len(model.class_names)
     labels = [row.index(max(row)) for row in probs]  # argmax: the first of equal maxima, as torch and numpy
     out = []
@@ -274,16 +274,17 @@ def _outputs(model: ModelRuntime, result: ItemResult, names: list[str]) -> list[
         elif name == "probabilities":
             out.append(OutputTensor(name, Datatype.FP32, [n, classes], [q for row in probs for q in row]))
         elif name == "epsilon":
-            out.append(OutputTensor(name, Datatype.FP32, [n], p.epsilon.tolist()))
+            out.append(OutputTensor(name, Datatype.FP32, [n], p.epsilon()))
         elif name == "aux_loss":
-            out.append(OutputTensor(name, Datatype.FP32, [n], p.aux_after.tolist()))
+            out.append(OutputTensor(name, Datatype.FP32, [n], p.aux_after()))
         elif name == "aux_loss_before":
-            out.append(OutputTensor(name, Datatype.FP32, [n], p.aux_before.tolist()))
+            out.append(OutputTensor(name, Datatype.FP32, [n], p.aux_before()))
         elif name == "suspicious":
             threshold = model.suspicious_threshold
-            out.append(OutputTensor(name, Datatype.BOOL, [n], [b > threshold for b in p.aux_before.tolist()]))
+            out.append(OutputTensor(name, Datatype.BOOL, [n], [b > threshold for b in p.aux_before()]))
         else:  # PURIFIED (_requested let no other name through)
-            out.append(OutputTensor(name, Datatype.FP32, list(p.purified.shape), p.purified.flatten().tolist()))
+            purified = p.tensors().purified
+            out.append(OutputTensor(name, Datatype.FP32, list(purified.shape), purified.flatten().tolist()))
     return out
 
 
