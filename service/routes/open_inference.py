@@ -262,9 +262,8 @@ def _inputs(tensor: Tensor, model: ModelRuntime) -> list[bytes] | torch.Tensor:
 def _outputs(model: ModelRuntime, result: ItemResult, names: list[str]) -> list[OutputTensor]:
     """The request's rows as the named output tensors, only those asked for, from the batch's lists (Python)."""
     p = result.predictions
-    probs = p.probs()
-    n, classes = len(probs), len(model.class_names)
-    labels = [row.index(max(row)) for row in probs]  # argmax: the first of equal maxima, as torch and numpy
+    n, classes = len(p), len(model.class_names)
+    labels = [ranked[0] for ranked in p.ranked()[1]]  # the batch's one ranking: the first of equal maxima, as argmax
     out = []
     for name in names:
         if name == "label":
@@ -272,7 +271,7 @@ def _outputs(model: ModelRuntime, result: ItemResult, names: list[str]) -> list[
         elif name == "class_name":
             out.append(OutputTensor(name, Datatype.BYTES, [n], [model.class_names[i] for i in labels]))
         elif name == "probabilities":
-            out.append(OutputTensor(name, Datatype.FP32, [n, classes], [q for row in probs for q in row]))
+            out.append(OutputTensor(name, Datatype.FP32, [n, classes], [q for row in p.probs() for q in row]))
         elif name == "epsilon":
             out.append(OutputTensor(name, Datatype.FP32, [n], p.epsilon()))
         elif name == "aux_loss":
