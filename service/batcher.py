@@ -8,9 +8,11 @@ so that requests arriving together keep every worker busy instead of one. Only r
 settings (mode, epsilon) share a batch. A request is never split between batches; one larger than `max_batch_size`
 forms a batch alone (and is computed in chunks).
 
-Failure isolation: images were decoded before they were queued, so a batch only fails on a compute error or a
-result without exactly one row per image (WrongRowCount), and then only that batch's requests fail (BatchFailed,
-their request ids logged); the workers keep going. A worker that dies during a batch (WorkerDied: killed, crashed)
+Failure isolation: a queued image is pixels, or an image file whose header was checked before it was queued
+(service/batch_images.py); a file whose pixels then fail to decode in the worker fails its own request only
+(ImageUndecodable, a 422), while its batch-mates get their answers. A batch fails on a compute error or a result
+without exactly one row per image (WrongRowCount), and then only that batch's requests fail (BatchFailed, their
+request ids logged); the workers keep going. A worker that dies during a batch (WorkerDied: killed, crashed)
 is restarted, and its batch — purification is a pure function — is computed again first thing by the next free
 worker; a batch during which workers died twice fails alone, so one poisonous input cannot take the pool down.
 Requests cancelled while queued (deadline passed, client gone) leave the queue at once and are never computed.
@@ -30,6 +32,7 @@ from typing import Protocol
 
 import torch
 
+from .batch_images import BatchImages, RequestImages
 from .predict import PredictionRows, Predictions, PurifyRequest, predict_in_chunks
 
 log = logging.getLogger("service.batcher")
@@ -56,6 +59,15 @@ class WrongRowCount(RuntimeError):
     fails rather than hand anyone another request's result (Ray Serve and LitServe check the same)."""
 
 
+class ImageUndecodable(Exception):
+    """An image file of this request passed its header check but its pixels could not be decoded in the worker
+    (truncated, corrupt): `row` is its index in the request, of `count` images."""
+
+    def __init__(self, row: int, count: int, detail: str) -> None:
+        super().__init__(detail)
+        self.row, self.count, self.detail = row, count, detail
+
+
 class DeadlineExceeded(Exception):
     """The request was still queued at its deadline (set on its future by the batcher's one deadline timer)."""
 
@@ -76,8 +88,9 @@ class Worker(Protocol):
     def start(self) -> None:
         """(Re)start the worker, blocking until it can compute (a process: spawned, model loaded)."""
 
-    def compute(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
-        """Purify and classify one batch (or raise; WorkerDied when the worker itself died meanwhile)."""
+    def compute(self, images: torch.Tensor | BatchImages, request: PurifyRequest) -> Predictions:
+        """Purify and classify one batch, decoding its image files first (or raise; WorkerDied when the worker
+        itself died meanwhile)."""
 
     def close(self) -> None:
         """Stop the worker for good (the service is stopping)."""
@@ -87,7 +100,7 @@ class Worker(Protocol):
 class WorkItem:
     """One request's images waiting for, or going through, compute."""
 
-    images: torch.Tensor
+    images: RequestImages
     request: PurifyRequest
     deadline: float
     future: asyncio.Future[ItemResult]
@@ -97,7 +110,7 @@ class WorkItem:
 
     @property
     def size(self) -> int:
-        return self.images.shape[0]
+        return len(self.images)
 
 
 @dataclass
@@ -113,8 +126,13 @@ class Batch:
     def size(self) -> int:
         return sum(item.size for item in self.items)
 
-    def images(self) -> torch.Tensor:
-        return self.items[0].images if len(self.items) == 1 else torch.cat([it.images for it in self.items])
+    def images(self) -> torch.Tensor | BatchImages:
+        """One tensor when every request sent pixels (or was decoded before queueing), else a BatchImages."""
+        parts = [it.images for it in self.items]
+        if all(isinstance(part, torch.Tensor) for part in parts):
+            tensors = [part for part in parts if isinstance(part, torch.Tensor)]
+            return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+        return BatchImages(parts)
 
 
 @dataclass
@@ -189,11 +207,11 @@ class Batcher:
         """Whole seconds until the current queue has probably drained (at least 1)."""
         return max(1, math.ceil(self._depth * self._seconds_per_image / len(self.workers)))
 
-    def submit(self, images: torch.Tensor, request: PurifyRequest, deadline: float, request_id: str = "") -> WorkItem:
-        """Queue a request's images, or raise QueueFull / ShuttingDown at once."""
+    def submit(self, images: RequestImages, request: PurifyRequest, deadline: float, request_id: str = "") -> WorkItem:
+        """Queue a request's images (pixels, or header-checked files), or raise QueueFull / ShuttingDown at once."""
         if self._closing or self._draining:
             raise ShuttingDown("the service is shutting down")
-        if not self.has_room(images.shape[0]):
+        if not self.has_room(len(images)):
             raise QueueFull(self.retry_after_s())
         item = WorkItem(images, request, deadline, asyncio.get_running_loop().create_future(), request_id)
         self._queue.append(item)
@@ -421,7 +439,7 @@ class Batcher:
             self._fail(batch, self._batch_failed(exc), worker)
             return
         compute_s = time.monotonic() - started
-        n = images.shape[0]
+        n = len(images)
         per_image = compute_s / n
         self._seconds_per_image = (
             0.8 * self._seconds_per_image + 0.2 * per_image if self._seconds_per_image else per_image
@@ -431,7 +449,12 @@ class Batcher:
         offset = 0
         for item, wait in zip(batch.items, waits, strict=True):
             if not item.future.done():
-                item.future.set_result(ItemResult(predictions.rows(offset, offset + item.size), wait, compute_s, n))
+                bad = [row for row in range(item.size) if offset + row in predictions.rejected]
+                if bad:
+                    detail = predictions.rejected[offset + bad[0]]
+                    item.future.set_exception(ImageUndecodable(bad[0], item.size, detail))
+                else:
+                    item.future.set_result(ItemResult(predictions.rows(offset, offset + item.size), wait, compute_s, n))
             offset += item.size
 
     async def _after_death(self, worker: Worker, batch: Batch, exc: WorkerDied) -> None:
@@ -472,9 +495,9 @@ class Batcher:
             stats.worker = worker.index
         self._on_batch(stats)
 
-    def _compute(self, worker: Worker, images: torch.Tensor, request: PurifyRequest) -> Predictions:
+    def _compute(self, worker: Worker, images: torch.Tensor | BatchImages, request: PurifyRequest) -> Predictions:
         predictions, self.chunk_size = predict_in_chunks(lambda x: worker.compute(x, request), images, self.chunk_size)
         rows = sorted({t.shape[0] if t.ndim else -1 for t in predictions.tensors()})
-        if rows != [images.shape[0]]:
-            raise WrongRowCount(f"the compute returned {rows} rows for {images.shape[0]} images")
+        if rows != [len(images)] or any(not 0 <= row < len(images) for row in predictions.rejected):
+            raise WrongRowCount(f"the compute returned {rows} rows for {len(images)} images")
         return predictions

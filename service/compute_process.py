@@ -35,6 +35,7 @@ import torch
 
 from models import Acceleration
 
+from .batch_images import BatchImages
 from .batcher import WorkerDied
 from .predict import Predictions, PurifyRequest, is_out_of_memory, predict
 
@@ -111,13 +112,16 @@ class ComputeProcess:
         log.info("compute process %d (worker %d) serving %s", proc.pid, self.index, self._args[0])
         return parent
 
-    def compute(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
+    def compute(self, images: torch.Tensor | BatchImages, request: PurifyRequest) -> Predictions:
+        # Pixels go as an array, a batch with image files as its parts (the child decodes the files); never as
+        # tensors, which multiprocessing would send through shared memory.
+        wire = images.numpy() if isinstance(images, torch.Tensor) else images.to_wire()
         with self._lock:
             conn = self._conn
             if conn is None or self._proc is None or not self._proc.is_alive():
                 conn = self._start_locked()
             try:
-                conn.send((images.numpy(), request.mode, request.epsilon))
+                conn.send((wire, request.mode, request.epsilon))
                 status, payload = conn.recv()
             except (EOFError, OSError):
                 proc = self._proc
@@ -163,7 +167,8 @@ def reply_to_predictions(status: str, payload: Any) -> Predictions:
     """The child's reply as the parent's result: predictions, or the error to raise. An out-of-memory error in the
     child becomes torch.OutOfMemoryError here, so predict_in_chunks halves the batch and retries as in-process."""
     if status == "ok":
-        return Predictions(*(torch.from_numpy(array) for array in payload))
+        arrays, rejected = payload
+        return Predictions.of((torch.from_numpy(array) for array in arrays), rejected)
     kind, message = payload
     if kind == "out_of_memory":
         raise torch.OutOfMemoryError(message)
@@ -195,10 +200,12 @@ def _child_main(
             return
         if message is None:
             return
-        images, mode, epsilon = message
+        wire, mode, epsilon = message
+        images = torch.from_numpy(wire) if isinstance(wire, np.ndarray) else BatchImages.from_wire(wire)
         try:
-            p = predict(loaded, torch.from_numpy(images), PurifyRequest(mode, epsilon), loss_fn)
-            reply: tuple[str, object] = ("ok", tuple(np.ascontiguousarray(t.numpy()) for t in p.tensors()))
+            p = predict(loaded, images, PurifyRequest(mode, epsilon), loss_fn)
+            arrays = tuple(np.ascontiguousarray(t.numpy()) for t in p.tensors())
+            reply: tuple[str, object] = ("ok", (arrays, p.rejected))
         except Exception as exc:  # noqa: BLE001 - this batch only; the child keeps serving
             kind = "out_of_memory" if is_out_of_memory(exc) else type(exc).__name__
             reply = ("error", (kind, str(exc)[:500]))

@@ -20,10 +20,12 @@ import anyio
 import torch
 from fastapi import Request
 from fastapi.responses import Response
+from PIL import Image
 from starlette.types import Receive
 
 from .auth import require_api_key
-from .batcher import BatchFailed, ClientGone, DeadlineExceeded, ItemResult, QueueFull, ShuttingDown
+from .batch_images import ImageFiles, RequestImages
+from .batcher import BatchFailed, ClientGone, DeadlineExceeded, ImageUndecodable, ItemResult, QueueFull, ShuttingDown
 from .certify import DEFAULT_ALPHA, CertifyRequest, CertifyResult
 from .compute_queue import ComputeQueue, TicketT
 from .config import ServiceSettings
@@ -45,8 +47,9 @@ from .predict import PurifyRequest
 from .runtime import ModelRuntime, ServiceRuntime
 from .schemas import ClassifyOptions
 
-# Images up to this many pixels decode on the event loop (tens of microseconds); larger ones in a thread, at most
-# ServiceRuntime.decode_threads at once, which bounds the memory a burst of huge images can take.
+# Images up to this many pixels decode in the compute process (a purification) or on the event loop (a
+# certification; tens of microseconds); larger ones in a thread, at most ServiceRuntime.decode_threads at once,
+# which bounds the memory a burst of huge images can take.
 _INLINE_DECODE_PIXELS = 256 * 256
 # A queued request's disconnect watcher (a task per request, ~30 µs of event loop: ablation at 64 clients) starts only
 # once it has waited this long; most requests are answered sooner, and one whose client left meanwhile costs at most
@@ -101,10 +104,11 @@ async def serve(request: Request, front: Front[Any]) -> Response:
         if purify and not model.batcher.has_room(count):  # refuse before decoding (the middleware could not)
             raise full_queue(model)
         with tracing.span("decode", images=count):
-            batch = await decode_all(job.inputs, model, runtime)
+            batch = await decode_all(job.inputs, model, runtime, defer_small=purify)
         if isinstance(job.work, PurifyRequest):
             result: Result = await purify_batch(request, runtime, model, batch, job.work)
         else:
+            assert isinstance(batch, torch.Tensor)  # (nothing is deferred for a certification)
             result = await certify_batch(request, runtime, model, batch, job.work)
         if tracing.enabled:  # measured for the whole batch; the batch ended just now
             tracing.record("queue_wait", result.compute_s + result.queue_s, result.compute_s, model=model.name)
@@ -137,17 +141,25 @@ def work_for(options: ClassifyOptions, model: ModelRuntime, settings: ServiceSet
 # ------------------------------------------------------------------------------------------------ decode
 
 
-async def decode_all(inputs: list[bytes] | torch.Tensor, model: ModelRuntime, runtime: ServiceRuntime) -> torch.Tensor:
+async def decode_all(
+    inputs: list[bytes] | torch.Tensor, model: ModelRuntime, runtime: ServiceRuntime, *, defer_small: bool = False
+) -> RequestImages:
     """The decode step: encoded image files to a [N, C, H, W] batch of the model's input shape, or pixels checked;
-    422 for a bad image."""
+    422 for a bad image. Every file's header is checked here (format, size, frames). With `defer_small` (a
+    purification), a request whose images are all small is queued as its files, header-checked: their pixels are
+    decoded in the compute process (service/batch_images.py says why)."""
     if isinstance(inputs, torch.Tensor):
         if not bool(torch.isfinite(inputs).all()) or inputs.min() < 0.0 or inputs.max() > 1.0:
             raise bad_image("pixel values must be finite and in [0, 1]", model.name)
         return inputs
+    sources = [_opened(data, index, len(inputs), model, runtime) for index, data in enumerate(inputs)]
+    if defer_small and all(source.width * source.height <= _INLINE_DECODE_PIXELS for source in sources):
+        for source in sources:
+            source.close()
+        return ImageFiles(tuple(inputs), model.input_shape, runtime.decode_limits)
     images: list[torch.Tensor] = []
-    for index, data in enumerate(inputs):
+    for index, source in enumerate(sources):
         try:
-            source = open_image(data, runtime.decode_limits, model.input_shape)
             if source.width * source.height <= _INLINE_DECODE_PIXELS:
                 images.append(decode_opened(source, model.input_shape))
             else:
@@ -157,9 +169,21 @@ async def decode_all(inputs: list[bytes] | torch.Tensor, model: ModelRuntime, ru
                     )
                 )
         except ImageRejected as exc:
-            where = f"image {index}: " if len(inputs) > 1 else ""
-            raise bad_image(where + exc.detail, model.name) from None
+            for rest in sources[index + 1 :]:
+                rest.close()
+            raise bad_image(_where(index, len(inputs)) + exc.detail, model.name) from None
     return images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
+
+
+def _where(index: int, count: int) -> str:
+    return f"image {index}: " if count > 1 else ""
+
+
+def _opened(data: bytes, index: int, count: int, model: ModelRuntime, runtime: ServiceRuntime) -> Image.Image:
+    try:
+        return open_image(data, runtime.decode_limits, model.input_shape)
+    except ImageRejected as exc:
+        raise bad_image(_where(index, count) + exc.detail, model.name) from None
 
 
 # ------------------------------------------------------------------------------------------------ submit and await
@@ -171,7 +195,7 @@ def full_queue(model: ModelRuntime) -> ServiceError:
 
 
 async def purify_batch(
-    request: Request, runtime: ServiceRuntime, model: ModelRuntime, batch: torch.Tensor, work: PurifyRequest
+    request: Request, runtime: ServiceRuntime, model: ModelRuntime, batch: RequestImages, work: PurifyRequest
 ) -> ItemResult:
     """Queue `batch` on the model's batcher under the request's deadline and wait for its rows; every way this can
     fail becomes a ServiceError (503, 504, 499, 500)."""
@@ -238,6 +262,8 @@ async def _await_result(
         raise client_gone(model.name) from None
     except BatchFailed as exc:  # this batch only; the message names the exception type, no internals
         raise batch_failed(model.name, str(exc)) from None
+    except ImageUndecodable as exc:  # its header passed here, its pixels failed in the worker
+        raise bad_image(_where(exc.row, exc.count) + exc.detail, model.name) from None
     except asyncio.CancelledError:  # the server cancelled the handler: do not compute for nobody
         queue.cancel(ticket)
         raise

@@ -8,13 +8,15 @@ all use the same code; `predict_in_chunks` adds the CUDA out-of-memory policy (h
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 
 from models import Acceleration, AuxLossFn, LoadedModel, Mode, aux_loss_fn, purify
+
+from .batch_images import BatchImages, pixels_of
 
 log = logging.getLogger("service.predict")
 
@@ -29,7 +31,9 @@ class PurifyRequest:
 
 @dataclass
 class Predictions:
-    """One row per image, on the CPU. `curve` is the auxiliary loss at each budget the mode evaluated."""
+    """One row per image, on the CPU. `curve` is the auxiliary loss at each budget the mode evaluated. `rejected`:
+    the rows whose image files the worker could not decode (service/batch_images.py), with the reason for each;
+    their other columns are the prediction for a blank image and are not an answer."""
 
     probs: torch.Tensor  # [n, classes]
     epsilon: torch.Tensor  # [n]
@@ -37,6 +41,7 @@ class Predictions:
     aux_after: torch.Tensor  # [n]
     curve: torch.Tensor  # [n, budgets]
     purified: torch.Tensor  # [n, C, H, W] in [0, 1]
+    rejected: dict[int, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.probs.shape[0]
@@ -48,10 +53,21 @@ class Predictions:
         return self.probs, self.epsilon, self.aux_before, self.aux_after, self.curve, self.purified
 
     @staticmethod
+    def of(tensors: Iterable[torch.Tensor], rejected: dict[int, str] | None = None) -> Predictions:
+        """From the six columns in `tensors()` order (a slice, a concatenation, the compute process's reply)."""
+        probs, epsilon, aux_before, aux_after, curve, purified = tensors
+        return Predictions(probs, epsilon, aux_before, aux_after, curve, purified, rejected or {})
+
+    @staticmethod
     def concat(parts: list[Predictions]) -> Predictions:
         if len(parts) == 1:
             return parts[0]
-        return Predictions(*(torch.cat(ts) for ts in zip(*(p.tensors() for p in parts), strict=True)))
+        rejected: dict[int, str] = {}
+        offset = 0
+        for part in parts:
+            rejected.update({offset + row: detail for row, detail in part.rejected.items()})
+            offset += len(part)
+        return Predictions.of((torch.cat(ts) for ts in zip(*(p.tensors() for p in parts), strict=True)), rejected)
 
     # The batch's columns as Python lists, each converted once per batch on first use: every request of the batch
     # and the metrics read the same lists. (Slicing six tensors per request, then topk and tolist() on each slice,
@@ -110,16 +126,18 @@ class PredictionRows:
 
     def tensors(self) -> Predictions:
         """These rows as tensors (a copy of each slice): the purified images, the curves, tests."""
-        return Predictions(*(t[self.start : self.stop] for t in self.batch.tensors()))
+        return Predictions.of(t[self.start : self.stop] for t in self.batch.tensors())
 
 
 def predict(
-    model: LoadedModel, images: torch.Tensor, request: PurifyRequest, loss_fn: AuxLossFn | None = None
+    model: LoadedModel, images: torch.Tensor | BatchImages, request: PurifyRequest, loss_fn: AuxLossFn | None = None
 ) -> Predictions:
-    """Purify `images` ([n, C, H, W] in [0, 1], any device) and classify the purified images. `loss_fn`: an
-    accelerated auxiliary loss (models.aux_loss_fn), built once per worker; None is the model's own."""
+    """Purify `images` ([n, C, H, W] in [0, 1], any device; or a batch with image files, decoded first) and classify
+    the purified images. `loss_fn`: an accelerated auxiliary loss (models.aux_loss_fn), built once per worker; None
+    is the model's own."""
+    pixels, rejected = pixels_of(images)
     device = next(model.network.buffers()).device
-    x = images.to(device, non_blocking=True)
+    x = pixels.to(device, non_blocking=True)
     result = purify(model.network, x, model.purifier, mode=request.mode, epsilon=request.epsilon, loss_fn=loss_fn)
     with torch.no_grad():
         probs = model.network(result.images).softmax(dim=1)
@@ -130,6 +148,7 @@ def predict(
         aux_after=result.aux_after.float().cpu(),
         curve=result.curve.float().cpu(),
         purified=result.images.float().cpu(),
+        rejected=rejected,
     )
 
 
@@ -144,7 +163,7 @@ class InlineWorker:
     def start(self) -> None:
         """Nothing to start: the model is loaded in this process."""
 
-    def compute(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
+    def compute(self, images: torch.Tensor | BatchImages, request: PurifyRequest) -> Predictions:
         return predict(self.model, images, request, self.loss_fn)
 
     def close(self) -> None:
@@ -156,7 +175,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def predict_in_chunks(
-    fn: Callable[[torch.Tensor], Predictions], images: torch.Tensor, chunk: int
+    fn: Callable[[torch.Tensor | BatchImages], Predictions], images: torch.Tensor | BatchImages, chunk: int
 ) -> tuple[Predictions, int]:
     """Run `fn` on slices of at most `chunk` images. On out-of-memory, halve the chunk and retry the slice;
     give up (re-raise) only when one image alone does not fit. Returns the predictions and the chunk size
@@ -164,7 +183,7 @@ def predict_in_chunks(
     parts: list[Predictions] = []
     start = 0
     chunk = max(1, chunk)
-    while start < images.shape[0]:
+    while start < len(images):
         try:
             parts.append(fn(images[start : start + chunk]))
         except (torch.OutOfMemoryError, RuntimeError) as exc:

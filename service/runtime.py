@@ -264,11 +264,13 @@ class ServiceRuntime:
         if p is None:
             m.batch_failures.labels(name).inc()
             return
-        m.images.labels(name, stats.request.mode).inc(len(p))
+        m.images.labels(name, stats.request.mode).inc(len(p) - len(p.rejected))
         eps, before, after = m.epsilon.labels(name), m.aux_before.labels(name), m.aux_after.labels(name)
         threshold = model.suspicious_threshold
         suspicious = 0
-        for e, b, a in zip(p.epsilon_listed, p.aux_before_listed, p.aux_after_listed, strict=True):
+        for row, (e, b, a) in enumerate(zip(p.epsilon_listed, p.aux_before_listed, p.aux_after_listed, strict=True)):
+            if p.rejected and row in p.rejected:  # an undecodable file: its row is a blank image's, no answer
+                continue
             eps.observe(as_written(e))
             before.observe(b)
             after.observe(a)

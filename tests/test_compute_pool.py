@@ -18,6 +18,7 @@ from support import ServiceProcess, metric_value, mnist_png, serve_app, settings
 
 from benchmarks.harness.processes import compute_processes
 from models import load_checkpoint
+from service.batch_images import BatchImages
 from service.batcher import Batcher, WorkerDied
 from service.config import ServiceSettings
 from service.predict import InlineWorker, Predictions, PurifyRequest
@@ -57,8 +58,8 @@ async def test_work_queued_while_several_workers_are_free_is_split_between_them(
     sizes: list[tuple[int, int]] = []
 
     class Recording(InlineWorker):
-        def compute(self, images: torch.Tensor, request: PurifyRequest) -> Predictions:
-            sizes.append((self.index, images.shape[0]))
+        def compute(self, images: torch.Tensor | BatchImages, request: PurifyRequest) -> Predictions:
+            sizes.append((self.index, len(images)))
             return super().compute(images, request)
 
     batcher = Batcher("m", [Recording(model, 0), Recording(model, 1)], 8, max_delay_s=10.0, max_queue=64)
@@ -82,7 +83,7 @@ async def test_a_batch_whose_worker_died_is_computed_again_and_the_worker_restar
         real_start = worker.start
 
         def dies_once(images, request):
-            calls.append(images.shape[0])
+            calls.append(len(images))
             if len(calls) == 1:
                 raise WorkerDied("compute process exited during a batch (exit code -9)")
             return real(images, request)

@@ -66,7 +66,7 @@ def test_out_of_memory_in_the_child_halves_the_batch_like_in_process():
             torch.zeros(n, 11).numpy(),
             images.numpy(),
         )
-        return reply_to_predictions("ok", arrays)
+        return reply_to_predictions("ok", (arrays, {}))
 
     predictions, chunk = predict_in_chunks(child, torch.rand(7, 1, 28, 28), 8)
     assert chunk == 2

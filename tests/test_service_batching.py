@@ -127,7 +127,7 @@ async def test_a_failing_batch_fails_only_its_requests_and_the_worker_survives(m
         calls = []
 
         def explode_once(images, request):
-            calls.append(images.shape[0])
+            calls.append(len(images))
             if len(calls) == 1:
                 raise RuntimeError("simulated kernel failure in /secret/path")
             return real(images, request)
@@ -155,12 +155,12 @@ async def test_a_result_without_one_row_per_image_fails_its_batch_and_names_the_
         calls = []
 
         def wrong_rows_once(images, request):
-            calls.append(images.shape[0])
+            calls.append(len(images))
             p = real(images, request)
             if len(calls) > 1:
                 return p
-            rows = torch.arange(images.shape[0] + extra_rows) % images.shape[0]
-            return Predictions(*(t[rows] for t in p.tensors()))
+            rows = torch.arange(len(images) + extra_rows) % len(images)
+            return Predictions.of(t[rows] for t in p.tensors())
 
         worker.compute = wrong_rows_once
         ids = [f"d7-{d}" for d in range(3)]
@@ -214,7 +214,7 @@ async def test_out_of_memory_inside_the_service_is_retried_in_halves(model_dir):
         real = worker.compute
 
         def small_gpu(images, request):
-            if images.shape[0] > 2:
+            if len(images) > 2:
                 raise torch.OutOfMemoryError("CUDA out of memory")
             return real(images, request)
 
@@ -265,7 +265,7 @@ async def test_requests_with_different_settings_never_share_a_batch(model_dir):
         real, seen = worker.compute, []
 
         def spy(images, request):
-            seen.append((request.mode, request.epsilon, images.shape[0]))
+            seen.append((request.mode, request.epsilon, len(images)))
             return real(images, request)
 
         worker.compute = spy
