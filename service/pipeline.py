@@ -198,7 +198,7 @@ async def purify_batch(
     request: Request, runtime: ServiceRuntime, model: ModelRuntime, batch: RequestImages, work: PurifyRequest
 ) -> ItemResult:
     """Queue `batch` on the model's batcher under the request's deadline and wait for its rows; every way this can
-    fail becomes a ServiceError (503, 504, 499, 500)."""
+    fail becomes a ServiceError (503, 504, 499, 500, and 422 for a file whose pixels the worker could not decode)."""
     deadline = time.monotonic() + runtime.settings.request_timeout_s
     try:
         item = model.batcher.submit(batch, work, deadline, request.scope["soap.request_id"])
