@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .decode import DecodeLimits, ImageRejected, decode_opened, open_image
+from .decode import DecodeLimits, ImageRejected, decode_image
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +39,7 @@ class ImageFiles:
         rejected: dict[int, str] = {}
         for row, data in enumerate(self.files):
             try:
-                pixels[row] = decode_opened(open_image(data, self.limits, self.input_shape), self.input_shape).numpy()
+                pixels[row] = decode_image(data, self.input_shape, self.limits).numpy()
             except ImageRejected as exc:
                 rejected[row] = exc.detail
         return pixels, rejected

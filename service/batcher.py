@@ -129,10 +129,10 @@ class Batch:
     def images(self) -> torch.Tensor | BatchImages:
         """One tensor when every request sent pixels (or was decoded before queueing), else a BatchImages."""
         parts = [it.images for it in self.items]
-        if all(isinstance(part, torch.Tensor) for part in parts):
-            tensors = [part for part in parts if isinstance(part, torch.Tensor)]
-            return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
-        return BatchImages(parts)
+        tensors = [part for part in parts if isinstance(part, torch.Tensor)]
+        if len(tensors) < len(parts):
+            return BatchImages(parts)
+        return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 @dataclass
@@ -449,7 +449,11 @@ class Batcher:
         offset = 0
         for item, wait in zip(batch.items, waits, strict=True):
             if not item.future.done():
-                bad = [row for row in range(item.size) if offset + row in predictions.rejected]
+                bad = (
+                    [row for row in range(item.size) if offset + row in predictions.rejected]
+                    if predictions.rejected
+                    else []
+                )
                 if bad:
                     detail = predictions.rejected[offset + bad[0]]
                     item.future.set_exception(ImageUndecodable(bad[0], item.size, detail))
