@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from .ensemble import ensemble_builder
 from .networks import SoapNetwork, cnn_dr, fcn_dr, lenet_dr, resnet18_thin, wrn28_10
 from .purifier import PurifierConfig
 
@@ -19,6 +20,7 @@ CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 MNIST_MEAN, MNIST_STD = (0.0,), (1.0,)
 
 MNIST_PURIFIER = PurifierConfig(step_size=0.1, steps=5, budget_step=0.05, num_budgets=11)
+ENSEMBLE_SIZES = (2, 3, 4, 5)  # `mnist-lenet-dr-x<k>`: k LeNet-DR members as one network (models/ensemble.py)
 CIFAR_PURIFIER = PurifierConfig(step_size=4 / 255, steps=5, budget_step=4 / 255, num_budgets=11)
 
 
@@ -84,6 +86,7 @@ def _register_defaults() -> None:
         ("fcn-dr", fcn_dr),
         ("cnn-dr", cnn_dr),
         ("lenet-dr", lenet_dr),
+        *((f"lenet-dr-x{k}", ensemble_builder(lenet_dr, k)) for k in ENSEMBLE_SIZES),
     )
     for arch, builder in builders:
         register_model(

@@ -20,6 +20,7 @@ COMMANDS = {
         "training.published_certify",
         "certified accuracy of published MNIST smoothing baselines, from the authors' released logs",
     ),
+    "ensemble": ("training.ensemble", "join trained checkpoints into one ensemble checkpoint (mean of logits)"),
     "import-reference": ("training.import_reference", "convert the authors' checkpoint into our format"),
 }
 
