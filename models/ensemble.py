@@ -90,9 +90,7 @@ def ensemble(members: Sequence[SoapNetwork]) -> SoapNetwork:
 def ensemble_builder(member: Callable[..., SoapNetwork], size: int) -> Callable[..., SoapNetwork]:
     """A registry builder: `size` randomly initialised members of `member`'s architecture as one ensemble."""
 
-    def build(
-        num_classes: int, input_shape: Sequence[int], mean: Sequence[float], std: Sequence[float]
-    ) -> SoapNetwork:
+    def build(num_classes: int, input_shape: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> SoapNetwork:
         return ensemble([member(num_classes, input_shape, mean, std) for _ in range(size)])
 
     build.__name__ = f"{member.__name__}_x{size}"
