@@ -121,18 +121,22 @@ def lenet_dr(num_classes: int, input_shape: Sequence[int], mean: Sequence[float]
     """MNIST LeNet-DR: the LeNet of the randomized-smoothing papers (Cohen et al. 2019; Jeong & Shin 2020; Jeong et al.
     2021: conv 20 and 50 channels of 5x5, each followed by 2x2 max-pooling, FC 500) as encoder f, its last layer as the
     classifier g, and an FCN-DR-style decoder 500-256-784 as the reconstruction head h. Comparing certified accuracy
-    with those papers needs their network; the head adds denoised smoothing and SOAP's purification."""
+    with those papers needs their network; the head adds denoised smoothing and SOAP's purification.
+
+    Each pooling comes before its ReLU: max(relu(a), relu(b)) = relu(max(a, b)) exactly, so the function (and every
+    certificate) is the papers', but the ReLU touches a quarter of the values (about a fifth off a forward pass on
+    CPU, where certifying with n = 100,000 samples is forward passes and little else)."""
     c, h, w = input_shape
     if (h - 12) % 4 or (w - 12) % 4 or h < 16 or w < 16:
         raise ValueError(f"lenet-dr needs input sides of 16 + 4k pixels (28 for MNIST), got {h}x{w}")
     flat = 50 * ((h - 12) // 4) * ((w - 12) // 4)
     encoder = nn.Sequential(
         nn.Conv2d(c, 20, 5),
-        nn.ReLU(),
         nn.MaxPool2d(2),
+        nn.ReLU(),
         nn.Conv2d(20, 50, 5),
-        nn.ReLU(),
         nn.MaxPool2d(2),
+        nn.ReLU(),
         nn.Flatten(),
         nn.Linear(flat, 500),
         nn.ReLU(),

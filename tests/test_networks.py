@@ -58,6 +58,24 @@ def test_lenet_dr_is_the_smoothing_papers_lenet_plus_a_decoder() -> None:
     assert model.auxiliary(model.encode(x)).shape == (3, 1, 28, 28)
 
 
+def test_lenet_dr_pools_before_its_relu_and_computes_the_papers_order_exactly() -> None:
+    """The encoder pools before each ReLU (cheaper); the papers' LeNet applies ReLU first. Max and ReLU commute, so
+    the logits and their gradients are bit for bit those of the papers' order on the same weights."""
+    torch.manual_seed(0)
+    model = create_model("mnist-lenet-dr")
+    kinds = [type(m).__name__ for m in model.encoder]
+    assert kinds[:6] == ["Conv2d", "MaxPool2d", "ReLU", "Conv2d", "MaxPool2d", "ReLU"]
+    e = model.encoder
+    papers = torch.nn.Sequential(e[0], e[2], e[1], e[3], e[5], e[4], *e[6:])  # conv, ReLU, pool, conv, ReLU, pool
+    x = torch.randn(16, 1, 28, 28)  # pixels outside [0, 1] too: negative pre-activations in every window
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, ref = model.classify(model.encode(ours)), model.classify(papers(theirs))
+    assert torch.equal(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    assert torch.equal(ours.grad, theirs.grad)
+
+
 def test_cifar100_classifier_is_the_only_difference() -> None:
     # 100 classes: the classifier grows by 90 rows (64 or 640 inputs + bias).
     assert n_params(create_model("cifar100-resnet18-lc")) == 175_818 + 90 * 65
