@@ -27,6 +27,7 @@ from support import (
 from models import load_checkpoint
 from models.smoothing import SmoothingConfig, certify, noisy_classifier
 from service.certify import CertifyJob
+from training.__main__ import main as training_main
 
 pytestmark = pytest.mark.anyio
 PNG = {"Content-Type": "image/png"}
@@ -256,4 +257,27 @@ async def test_the_lenet_dr_model_is_served_and_certifies_a_digit(one_torch_thre
     assert certified.status_code == 200, certified.text
     (result,) = certified.json()["results"]
     assert (result["label"], result["sigma"], result["samples"]) == (3, 0.5, 600)
+    assert result["certified_radius"] > 0
+
+
+async def test_an_ensemble_checkpoint_is_served_and_certifies_a_digit(tmp_path, one_torch_thread):
+    """Issue 26: an ensemble of LeNet-DR checkpoints (`python -m training ensemble`) is a model like any other: the
+    service loads it by its registered network, says its σ, purifies through the mean DR head and certifies."""
+    members = [
+        ROOT / "candidates" / n for n in ("mnist-lenet-dr-consistency-a10-s05", "mnist-lenet-dr-gaussian-a10-s05")
+    ]
+    joined = tmp_path / "mnist-lenet-dr-x2-test"
+    assert training_main(["ensemble", *map(str, members), "--out", str(joined), "--device", "cpu"]) == 0
+    settings = settings_for(joined, certify_slice_samples=500, certify_batch=250)
+    async with serve_app(settings) as (app, client):
+        info = (await client.get(f"/v1/models/{joined.name}")).json()
+        purified = await client.post("/classify", content=mnist_png(4), headers=PNG)
+        certified = await client.post("/classify?mode=certify&samples=500", content=mnist_png(4), headers=PNG)
+    assert info["network"] == "mnist-lenet-dr-x2"
+    assert info["certify"]["sigma"] == 0.5
+    assert purified.status_code == 200, purified.text
+    assert purified.json()["results"][0]["label"] == 4
+    assert certified.status_code == 200, certified.text
+    (result,) = certified.json()["results"]
+    assert (result["label"], result["sigma"]) == (4, 0.5)
     assert result["certified_radius"] > 0
