@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from models import CheckpointError
 from training.__main__ import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -92,6 +93,20 @@ def test_certify_writes_table_figure_and_resumes(tmp_path):
     argv[argv.index("--out") + 1] = str(tmp_path / "forged")
     assert main(argv) == 1
     assert not json.loads((tmp_path / "forged" / "soundness-noisy.json").read_text())["passed"]
+
+    # a checkpoint that moved after its certification (candidates/ to models/zoo/): --model says where it is now
+    header = json.loads(lines[0]) | {"model": str(tmp_path / "moved-away")}
+    (tmp_path / "moved" / "certify-noisy.jsonl").parent.mkdir()
+    (tmp_path / "moved" / "certify-noisy.jsonl").write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    argv[argv.index("--certified") + 1] = str(tmp_path / "moved" / "certify-noisy.jsonl")
+    argv[argv.index("--out") + 1] = str(tmp_path / "moved")
+    with pytest.raises(CheckpointError, match="moved-away"):
+        main(argv)
+    assert main([*argv, "--model", str(ROOT / "models" / "zoo" / "mnist-fcn-dr")]) == 0
+    moved = json.loads((tmp_path / "moved" / "soundness-noisy.json").read_text())
+    assert moved["passed"]
+    assert moved["model"] == str(ROOT / "models" / "zoo" / "mnist-fcn-dr")
+    assert f"--model {ROOT / 'models' / 'zoo' / 'mnist-fcn-dr'}" in moved["command"]
 
 
 def test_certify_cannot_be_mixed_with_attacks(tmp_path, capsys):

@@ -34,6 +34,11 @@ class SoundnessConfig:
     """The settings of `python -m training soundness`; each field is its flag (`training.cli`)."""
 
     certified: Path = option(record=Recorded.ALWAYS, help="certify-<base>.jsonl of evaluate --attacks certify")
+    model: Path | None = option(
+        None,
+        record=Recorded.CHANGED,
+        help="the checkpoint the log certified, where it is now (default: the path in the log's header)",
+    )
     data_root: Path | None = option(None)
     n: int = option(100, record=Recorded.ALWAYS, help="certified images to attack (the first n)")
     multipliers: tuple[float, ...] = option((1.0, 1.5, 2.0, 3.0), record=Recorded.ALWAYS)
@@ -55,7 +60,7 @@ def run_soundness(config: SoundnessConfig) -> SoundnessResult:
     header, rows = read_certify_log(config.certified)
     certified = [r for r in rows if r.radius is not None][: config.n]
     device = resolve_device(config.device)
-    loaded = load_checkpoint(header.model, device)
+    loaded = load_checkpoint(config.model or header.model, device)
     base = base_classifier(loaded.network, header.base)
     meta = loaded.meta
     data, source = load_test_data(meta.dataset, config.data_root, meta.input_shape)
@@ -96,7 +101,7 @@ def run_soundness(config: SoundnessConfig) -> SoundnessResult:
     inside = [o for o in outcomes if o.multiplier <= 1.0]
     result = SoundnessResult(
         certified_log=str(config.certified),
-        model=header.model,
+        model=str(config.model or header.model),
         base=header.base,
         data=source,
         smoothing=SoundnessSmoothing.model_validate(
