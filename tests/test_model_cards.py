@@ -118,9 +118,15 @@ def test_card_sections_state_the_limitations(name):
     if evaluated.certified is None:
         assert "No certified robustness result" in limitations
     else:
-        noisy = evaluated.certified.bases["noisy"].certified_accuracy["0.5"]
         assert "**Certified**" in limitations
-        assert f"r = 0.5: {100 * noisy.accuracy:.1f} %" in limitations
+        for base, b in evaluated.certified.bases.items():  # the table: one row per base, every radius, the ACR
+            row = next(line for line in limitations.splitlines() if line.strip().startswith(f"| {base} | {b.n} |"))
+            cells = [c.strip() for c in row.strip().strip("|").split("|")]
+            radii = [str(r) for r in evaluated.certified.radii if str(r) in b.certified_accuracy]
+            expected = [f"{100 * b.certified_accuracy[r].accuracy:.1f} %" for r in radii]
+            assert [c.split(" [")[0] for c in cells[3:]] == expected
+            if b.average_certified_radius is not None:
+                assert cells[2] == f"{b.average_certified_radius:.3f}"
         assert evaluated.certified.command in limitations
 
 

@@ -236,35 +236,30 @@ def _limitations_section(meta: CheckpointMeta, evaluated: Evaluated | None) -> l
     return [*lines, ""]
 
 
-CERTIFIED_RADII = ("0.5", "1.0")
-
-
 def _pct_ci(acc: Accuracy) -> str:
     lo, hi = acc.ci95
     return f"{100 * acc.accuracy:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 def _certified_lines(certified: CertifyResult) -> list[str]:
-    """Randomized smoothing's certified L2 accuracy (docs/results/<name>/certify/certify.json), per base classifier."""
+    """Randomized smoothing's certified table (docs/results/<name>/certify/certify.json): one row per base classifier,
+    certified accuracy at every radius the run recorded, and the average certified radius."""
     sm = certified.smoothing
-    per_base = "; ".join(
-        f"{base}: "
-        + ", ".join(
-            f"r = {r}: {_pct_ci(b.certified_accuracy[r])}" for r in CERTIFIED_RADII if r in b.certified_accuracy
-        )
-        + f" (n = {b.n})"
-        for base, b in certified.bases.items()
-    )
-    return [
-        f"- **Certified** (randomized smoothing, σ = {sm.sigma:g}, n = {sm.n}, α = {sm.alpha:g}; served as "
-        "`mode=certify`, without purification): an L2 guarantee, not an L∞ one (L∞ ε = 0.3 can be an L2 norm of 8 "
-        f"on MNIST). Certified accuracy at L2 radius {per_base}.",
-        "  Reproduce with:",
+    radii = [str(r) for r in certified.radii if any(str(r) in b.certified_accuracy for b in certified.bases.values())]
+    lines = [
+        f"- **Certified** (randomized smoothing, σ = {sm.sigma:g}, n0 = {sm.n0}, n = {sm.n}, α = {sm.alpha:g}; served "
+        "as `mode=certify`, without purification): an L2 guarantee on the [0, 1] pixel scale, not an L∞ one (L∞ "
+        "ε = 0.3 can be an L2 norm of 8 on MNIST). Certified accuracy in % [Wilson 95 % interval] on the first n test "
+        "images; ACR: the average certified radius (the radius when correct, else 0).",
         "",
-        "  ```",
-        f"  {certified.command}",
-        "  ```",
+        "  | base | n | ACR | " + " | ".join(f"r = {r}" for r in radii) + " |",
+        "  | --- | --- | --- | " + " | ".join("---" for _ in radii) + " |",
     ]
+    for base, b in certified.bases.items():
+        acr = "–" if b.average_certified_radius is None else f"{b.average_certified_radius:.3f}"
+        cells = " | ".join(_pct_ci(b.certified_accuracy[r]) if r in b.certified_accuracy else "–" for r in radii)
+        lines.append(f"  | {base} | {b.n} | {acr} | {cells} |")
+    return [*lines, "", "  Reproduce with:", "", "  ```", f"  {certified.command}", "  ```"]
 
 
 def _licence_section(meta: CheckpointMeta, directory: Path | None) -> list[str]:
