@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "models" / "zoo"
 DATA = ROOT / "tests" / "data"
 # Models trained to convergence; the CPU-trained CIFAR models (1-5 epochs) are pipeline checks, see their cards.
-CONVERGED = ["mnist-fcn-dr", "mnist-cnn-dr", "cifar10-resnet18-lc-official"]
+CONVERGED = ["mnist-fcn-dr", "mnist-cnn-dr", "mnist-lenet-dr-consistency-s05", "cifar10-resnet18-lc-official"]
 MAX_DROP = 0.03
 
 
