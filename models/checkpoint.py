@@ -149,6 +149,8 @@ class CheckpointMeta(BaseModel):
     metrics: dict[str, float] = {}
     calibration: Calibration | None = None
     noise_std: float | None = Field(default=None, gt=0)  # σ of the training input noise (smoothing's default σ)
+    # The training noise was clamped to [0, 1] (SOAP's DR recipe); smoothing adds its noise the same way by default.
+    noise_clamp: bool = True
     weights_sha256: str = ""
 
     @model_validator(mode="before")

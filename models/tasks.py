@@ -17,6 +17,8 @@ from .networks import SoapNetwork
 # The reference's "90°" is clockwise: rotation r is rot90(k=-r) on (H, W).
 ROTATIONS = (0, 1, 2, 3)
 # σ of the Gaussian input noise each task trains on (clamp(x + N(0, σ²), 0, 1)); randomized smoothing's default σ.
+# The DR recipe can also train on x + N(0, σ²) unclamped (`clamp=False`): clamping discards what the noise below 0 and
+# above 1 says about the image, which costs certified radius at large σ (docs/results.md, issue 26).
 TRAINING_NOISE_STD = {"reconstruction": 0.5, "rotation": 0.1, "label_consistency": 0.1}
 
 
@@ -35,17 +37,23 @@ def rotate(x: torch.Tensor, r: int) -> torch.Tensor:
     return torch.rot90(x, k=-r, dims=(2, 3))
 
 
-def _noisy(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    return (x + sigma * torch.randn_like(x)).clamp(0.0, 1.0)
+def _noisy(x: torch.Tensor, sigma: float, clamp: bool = True) -> torch.Tensor:
+    noisy = x + sigma * torch.randn_like(x)
+    return noisy.clamp(0.0, 1.0) if clamp else noisy
 
 
 # ----------------------------------------------------------------------------- data reconstruction
 
 
 def reconstruction_training(
-    model: SoapNetwork, x: torch.Tensor, y: torch.Tensor, noise_std: float = TRAINING_NOISE_STD["reconstruction"]
+    model: SoapNetwork,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    noise_std: float = TRAINING_NOISE_STD["reconstruction"],
+    clamp: bool = True,
 ) -> TrainingLosses:
-    z = model.encode(_noisy(x, noise_std))
+    """The DR loss on one noisy view: clamp(x + δ, 0, 1), or x + δ with `clamp` off (the smoothing papers' noise)."""
+    z = model.encode(_noisy(x, noise_std, clamp))
     logits = model.classify(z)
     recon = model.auxiliary(z)
     return TrainingLosses(F.cross_entropy(logits, y), F.mse_loss(recon, x), logits)
@@ -76,6 +84,7 @@ def reconstruction_consistency_training(
     lam: float,
     eta: float,
     noise_std: float = TRAINING_NOISE_STD["reconstruction"],
+    clamp: bool = True,
 ) -> TrainingLosses:
     """The DR training loss on `copies` independent noisy copies of each image, plus the consistency term.
 
@@ -85,7 +94,7 @@ def reconstruction_consistency_training(
     if copies < 1:
         raise ValueError(f"copies must be >= 1, got {copies}")
     b = x.shape[0]
-    z = model.encode(_noisy(x.repeat(copies, *([1] * (x.dim() - 1))), noise_std))
+    z = model.encode(_noisy(x.repeat(copies, *([1] * (x.dim() - 1))), noise_std, clamp))
     logits = model.classify(z)
     targets = x.repeat(copies, *([1] * (x.dim() - 1)))
     cls = F.cross_entropy(logits, y.repeat(copies))

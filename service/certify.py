@@ -93,6 +93,7 @@ class CertifyLane:
         name: str,
         network: SoapNetwork,
         sigma: float,
+        clamp: bool,
         max_queue_samples: int,
         slice_samples: int,
         share: float,
@@ -108,6 +109,7 @@ class CertifyLane:
         self.device = next(network.parameters()).device  # the service's device, also with compute processes
         self.num_classes = network.num_classes
         self.sigma = sigma
+        self.clamp = clamp  # the base classifier's noisy input is clamped to [0, 1], as the model was trained
         self.max_queue_samples = max_queue_samples
         self.batch_size = batch_size
         self.slice_samples = max(batch_size, slice_samples // batch_size * batch_size)  # whole pieces: see below
@@ -141,7 +143,12 @@ class CertifyLane:
 
     def config(self, request: CertifyRequest) -> SmoothingConfig:
         return SmoothingConfig(
-            sigma=self.sigma, n0=request.n0, n=request.samples, alpha=request.alpha, batch_size=self.batch_size
+            sigma=self.sigma,
+            n0=request.n0,
+            n=request.samples,
+            alpha=request.alpha,
+            batch_size=self.batch_size,
+            clamp=self.clamp,
         )
 
     def submit(
@@ -240,14 +247,16 @@ class CertifyLane:
         gens = generators(job.request.seed, x.shape[0])
         compute_s = paused_s = 0.0
         t0 = time.perf_counter()
-        select = sample_counts(self.base, x, config.n0, self.sigma, self.num_classes, gens, self.batch_size)
+        select = sample_counts(self.base, x, config.n0, self.sigma, self.num_classes, gens, self.batch_size, self.clamp)
         estimate = torch.zeros_like(select)
         compute_s += time.perf_counter() - t0
         done = 0
         while done < config.n:
             piece = min(self.slice_samples, config.n - done)
             t0 = time.perf_counter()
-            estimate += sample_counts(self.base, x, piece, self.sigma, self.num_classes, gens, self.batch_size)
+            estimate += sample_counts(
+                self.base, x, piece, self.sigma, self.num_classes, gens, self.batch_size, self.clamp
+            )
             slice_s = time.perf_counter() - t0
             compute_s += slice_s
             done += piece

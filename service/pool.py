@@ -156,6 +156,7 @@ def _certify_lane(
         name,
         network,
         sigma,
+        loaded.meta.noise_clamp,
         settings.max_certify_queue_samples,
         settings.certify_slice_samples,
         settings.certify_share,

@@ -185,6 +185,9 @@ class CertifyInfo(BaseModel):
     picks σ by picking the model."""
 
     sigma: float = Field(description="standard deviation of the smoothing noise: the checkpoint's training noise")
+    clamp: bool = Field(
+        description="the noisy copies are clamped to [0, 1] before the base classifier (as the checkpoint was trained)"
+    )
     n0: int = Field(description="noise samples per image that select the top class (before `samples` estimate it)")
     default_samples: int = Field(description="estimation samples per image when a request names none")
     max_samples: int = Field(description="most estimation samples per image a request may ask for")

@@ -85,3 +85,16 @@ def test_the_command_refuses_members_trained_at_other_noise_levels(tmp_path, cap
     assert training_main(["ensemble", str(SIGMA_05[0]), str(SIGMA_025), "--out", str(out), "--device", "cpu"]) == 2
     assert "σ = 0.25" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_command_refuses_members_trained_on_clamped_and_unclamped_noise(tmp_path, capsys) -> None:
+    unclamped = tmp_path / "unclamped"
+    unclamped.mkdir()
+    for name in ("model.safetensors", "model.json"):
+        (unclamped / name).write_bytes((SIGMA_05[1] / name).read_bytes())
+    meta = json.loads((unclamped / "model.json").read_text())
+    (unclamped / "model.json").write_text(json.dumps(meta | {"noise_clamp": False}))
+    out = tmp_path / "mixed"
+    assert training_main(["ensemble", str(SIGMA_05[0]), str(unclamped), "--out", str(out), "--device", "cpu"]) == 2
+    assert "clamped" in capsys.readouterr().err
+    assert not out.exists()

@@ -234,6 +234,40 @@ async def test_a_certify_request_certifies_with_the_sigma_of_the_model_it_names(
     assert sigmas == listed == {"mnist-fcn-dr": 0.5, quarter.name: 0.25}
 
 
+async def test_a_model_trained_on_unclamped_noise_is_certified_with_unclamped_noise(model_dir, tmp_path):
+    """A checkpoint trained on x + δ unclamped (`--no-noise-clamp`) is certified with the same noise: the service's
+    certificate is the offline one with clamp off (not the clamped one), and /v1/models says which noise it adds."""
+    unclamped = tmp_path / "mnist-fcn-dr-unclamped"
+    shutil.copytree(model_dir, unclamped)
+    meta = json.loads((unclamped / "model.json").read_text())
+    meta |= {"noise_clamp": False, "noise_std": 1.0}  # at σ = 1 the vote is not unanimous: the clamp shows
+    (unclamped / "model.json").write_text(json.dumps(meta))
+    settings = settings_for(model_dir, unclamped, certify_slice_samples=500, certify_batch=250)
+    async with serve_app(settings) as (app, client):
+        r = await client.post(
+            f"/classify?model={unclamped.name}&mode=certify&samples=1000&alpha=0.01&seed=5",
+            content=mnist_png(7),
+            headers=PNG,
+        )
+        listed = {m["name"]: m["certify"]["clamp"] for m in (await client.get("/v1/models")).json()["models"]}
+    assert listed == {"mnist-fcn-dr": True, unclamped.name: False}
+    assert r.status_code == 200, r.text
+    (result,) = r.json()["results"]
+    network = load_checkpoint(unclamped).network
+    offline = {
+        clamp: certify(
+            noisy_classifier(network),
+            pixels(7),
+            SmoothingConfig(sigma=1.0, n0=100, n=1000, alpha=0.01, batch_size=250, clamp=clamp),
+            10,
+            seed=5,
+        )[0]
+        for clamp in (True, False)
+    }
+    assert offline[True].p_lower != offline[False].p_lower  # the two noises give different certificates
+    assert result["p_lower"] == pytest.approx(offline[False].p_lower, abs=1e-6)
+
+
 # The LeNet-DR model of issue 26 (σ 0.5): in the zoo once it ships, under candidates/ while it is being evaluated.
 LENET = next(
     (p for p in (ROOT / d / "mnist-lenet-dr-gaussian-s05" for d in ("models/zoo", "candidates")) if p.is_dir()),

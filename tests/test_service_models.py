@@ -160,7 +160,14 @@ async def test_model_endpoints_say_what_the_model_serves_in_clean_values(model_d
         v2 = (await client.get(f"/v2/models/{SOAP}")).json()
         v2_baseline = (await client.get(f"/v2/models/{PGD_AT.name}")).json()
     assert one["modes"] == ["min-aux", "fixed", "none", "certify"]
-    certify = {"sigma": 0.5, "n0": 100, "default_samples": 10_000, "max_samples": 100_000, "default_alpha": 0.001}
+    certify = {
+        "sigma": 0.5,
+        "clamp": True,
+        "n0": 100,
+        "default_samples": 10_000,
+        "max_samples": 100_000,
+        "default_alpha": 0.001,
+    }
     assert one["certify"] == listed[SOAP]["certify"] == v2["certify"] == certify
     baseline = listed[PGD_AT.name]
     assert (baseline["modes"], baseline["certify"], v2_baseline["certify"]) == (["none"], None, None)

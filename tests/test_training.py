@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from models import create_model, load_checkpoint
 from training import cli, train
+from training.__main__ import main as training_main
 from training.baselines import step_losses
 from training.calibration import clean_accuracy
 from training.data import load_image_folder
@@ -383,15 +384,17 @@ def tiny_dr_run(out: Path, *extra: object) -> int:
     )
 
 
-def dr_loss_is_ce_plus_alpha_mse(config, sigma: float):
-    """Asserts the DR recipe's step loss is CE + α·MSE on one noisy copy clamp(x + N(0, σ²), 0, 1), to the bit."""
+def dr_loss_is_ce_plus_alpha_mse(config, sigma: float, clamp: bool = True):
+    """Asserts the DR recipe's step loss is CE + α·MSE on one noisy copy clamp(x + N(0, σ²), 0, 1) (x + N(0, σ²)
+    without `clamp`), to the bit."""
     torch.manual_seed(0)
     network = create_model("mnist-fcn-dr")
     x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
     torch.manual_seed(11)
     got = step_losses(network, x, x, y, config)
     torch.manual_seed(11)
-    z = network.encode((x + sigma * torch.randn_like(x)).clamp(0.0, 1.0))
+    noisy = x + sigma * torch.randn_like(x)
+    z = network.encode(noisy.clamp(0.0, 1.0) if clamp else noisy)
     expected = F.cross_entropy(network.classify(z), y) + config.alpha * F.mse_loss(network.auxiliary(z), x)
     assert torch.equal(got.total, expected)
     return got
@@ -445,6 +448,35 @@ def test_noise_std_sets_the_dr_training_noise_and_the_recorded_sigma(tmp_path):
     meta = load_checkpoint(out).meta
     assert meta.noise_std == 0.25
     assert "--noise-std 0.25" in meta.training.model_dump(mode="json")["command"]
+
+
+def test_no_noise_clamp_trains_on_unclamped_noise_and_certification_follows_it(tmp_path):
+    """--no-noise-clamp trains on x + N(0, σ²) as the smoothing papers do (issue 26: clamping cost certified radius
+    at σ = 1.0), is recorded in the checkpoint, and certification then adds its noise the same way by default."""
+    unclamped = replace(get_preset("mnist-fcn-dr"), noise_clamp=False)
+    dr_loss_is_ce_plus_alpha_mse(unclamped, 0.5, clamp=False)
+    with pytest.raises(AssertionError):  # the clamp makes a difference the check sees
+        dr_loss_is_ce_plus_alpha_mse(unclamped, 0.5, clamp=True)
+    with pytest.raises(ValueError, match="--no-noise-clamp"):
+        replace(get_preset("mnist-cnn-vanilla"), noise_clamp=False)
+    out = tmp_path / "unclamped"
+    assert tiny_dr_run(out, "--no-noise-clamp", "--consistency-lambda", 5) == 0
+    meta = load_checkpoint(out).meta
+    assert meta.noise_clamp is False
+    assert "--no-noise-clamp" in meta.training.model_dump(mode="json")["command"]
+    assert load_checkpoint(ROOT / "models" / "zoo" / "mnist-fcn-dr").meta.noise_clamp is True  # older metadata
+
+    argv = ["evaluate", "--model", str(out), "--data-root", str(ROOT / "tests" / "data" / "mnist"), "--n", "1"]
+    argv += ["--attacks", "certify", "--n0", "10", "--certify-n", "50", "--bases", "noisy", "--noise-batch", "50"]
+    assert training_main([*argv, "--out", str(tmp_path / "default")]) == 0
+    assert training_main([*argv, "--clamp", "--out", str(tmp_path / "forced")]) == 0
+    default = json.loads((tmp_path / "default" / "certify.json").read_text())
+    forced = json.loads((tmp_path / "forced" / "certify.json").read_text())
+    assert default["smoothing"]["clamp"] is False
+    assert forced["smoothing"]["clamp"] is True
+    assert " --clamp" in forced["command"]
+    assert "--clamp" not in default["command"]  # the checkpoint's own noise needs no flag
+    assert "--no-clamp" not in default["command"]
 
 
 def test_a_tiny_run_with_smoothmix_records_it(tmp_path):

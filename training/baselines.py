@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from models import SoapNetwork, training_losses
-from models.tasks import TRAINING_NOISE_STD, reconstruction_consistency_training
+from models.tasks import TRAINING_NOISE_STD, reconstruction_consistency_training, reconstruction_training
 
 from .presets import TrainConfig
 from .smoothmix import SmoothMixSettings, reconstruction_smoothmix_training
@@ -79,6 +79,7 @@ def step_losses(
             mix_step=config.smoothmix_mix_step,
             eta=config.smoothmix_eta,
             ramp=config.smoothmix_ramp(epoch),
+            clamp=config.noise_clamp,
         )
         mixed = reconstruction_smoothmix_training(model, x, y, noise_std, settings)
         return StepLosses(
@@ -90,7 +91,14 @@ def step_losses(
         )
     if config.recipe == "soap" and config.consistency:
         losses = reconstruction_consistency_training(
-            model, x, y, config.consistency_copies, config.consistency_lambda, config.consistency_eta, noise_std
+            model,
+            x,
+            y,
+            config.consistency_copies,
+            config.consistency_lambda,
+            config.consistency_eta,
+            noise_std,
+            clamp=config.noise_clamp,
         )
         assert losses.consistency_loss is not None
         return StepLosses(
@@ -100,7 +108,14 @@ def step_losses(
             losses.logits,
             losses.consistency_loss,
         )
+    if config.recipe == "soap" and model.aux_task == "reconstruction":
+        losses = reconstruction_training(model, x, y, noise_std, clamp=config.noise_clamp)
+        return StepLosses(
+            losses.cls_loss + config.alpha * losses.aux_loss, losses.cls_loss, losses.aux_loss, losses.logits
+        )
     if config.recipe == "soap":
+        if not config.noise_clamp:
+            raise ValueError(f"--no-noise-clamp applies to the DR recipe, not {model.aux_task!r}")
         losses = training_losses(model, x, y, noise_std)
         return StepLosses(
             losses.cls_loss + config.alpha * losses.aux_loss, losses.cls_loss, losses.aux_loss, losses.logits

@@ -202,7 +202,7 @@ def _evaluate_certify(config: EvalConfig, process: Process) -> CertifyResult | N
         n=options.n,
         alpha=options.alpha,
         batch_size=options.noise_batch,
-        clamp=options.clamp,
+        clamp=options.clamp if options.clamp is not None else meta.noise_clamp,
     )
     config.out.mkdir(parents=True, exist_ok=True)
     bases = {kind: certify_base(kind, config, smoothing, config.out, process) for kind in options.bases}

@@ -61,6 +61,11 @@ def _check_compatible(members: list[LoadedModel]) -> None:
                 f"{m.path} was trained at σ = {m.meta.training_noise_std}, {members[0].path} at "
                 f"σ = {first.training_noise_std}: an ensemble is certified at one σ"
             )
+        if m.meta.noise_clamp != first.noise_clamp:
+            raise ValueError(
+                f"{m.path} and {members[0].path} differ in whether their training noise was clamped to [0, 1]: "
+                "an ensemble is certified with one kind of noise"
+            )
 
 
 def join(args: argparse.Namespace) -> Path:
@@ -108,6 +113,7 @@ def join(args: argparse.Namespace) -> Path:
         metrics=metrics,
         calibration=calibration,
         noise_std=first.training_noise_std,
+        noise_clamp=first.noise_clamp,
     )
     save_checkpoint(network, meta, args.out)
     model_card.write(

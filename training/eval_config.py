@@ -52,7 +52,9 @@ class CertifyOptions:
     bases: tuple[str, ...] = option(
         BASE_CLASSIFIERS, record=Recorded.ALWAYS, help=f"base classifiers: {', '.join(BASE_CLASSIFIERS)}"
     )
-    clamp: bool = option(True, names=("--no-clamp",), help="do not clamp noisy inputs to [0, 1]")
+    clamp: bool | None = option(
+        None, names=("--clamp",), help="clamp noisy inputs to [0, 1] (default: as the checkpoint's training noise)"
+    )
 
 
 # The options of an evaluation that a certification depends on (its recorded command carries these and its own).

@@ -47,6 +47,8 @@ class TrainConfig:
     # σ of the DR recipe's Gaussian input noise (the σ a smoothed classifier is then certified at); None: the task's
     # default (models.tasks.TRAINING_NOISE_STD, 0.5 for reconstruction).
     noise_std: float | None = None
+    # Clamp the DR recipe's noisy inputs to [0, 1] (SOAP's DR training); off: x + δ unclamped, as the smoothing papers.
+    noise_clamp: bool = True
     # SmoothMix (Jeong et al., NeurIPS 2021) added to the DR recipe: off while its weight η is 0 (training.smoothmix).
     smoothmix_eta: float = 0.0
     smoothmix_copies: int = 4
@@ -79,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"--consistency-copies must be >= 1, got {self.consistency_copies}")
         if self.noise_std is not None and not self.noise_std > 0:
             raise ValueError(f"--noise-std must be > 0, got {self.noise_std}")
+        if not self.noise_clamp and self.recipe != "soap":
+            raise ValueError("--no-noise-clamp applies to the noise of the DR recipe (soap), not to a baseline")
         if self.smoothmix_eta < 0:
             raise ValueError("--smoothmix-eta must be >= 0")
         if self.smoothmix and self.consistency:

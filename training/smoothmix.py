@@ -11,8 +11,8 @@ For each image x with m noise draws δ_1..δ_m (shared by the adversary and the 
 3. The loss: the DR loss on the m noisy copies of x (cross-entropy + α·MSE of the reconstruction, in `step_losses`)
    + η·ramp · KL(target ‖ f(x_mix + δ_i)), averaged over copies, counted only for images F classifies correctly.
 
-The base classifier is ours: f(clamp(x + δ, 0, 1)), the same clamp as training noise and certification
-(models.smoothing), so the adversary attacks the classifier that is certified.
+The base classifier is ours: f(clamp(x + δ, 0, 1)) (or f(x + δ) with `--no-noise-clamp`), the same noise as training
+and certification (models.smoothing), so the adversary attacks the classifier that is certified.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class SmoothMixSettings:
     mix_step: int
     eta: float
     ramp: float = 1.0
+    clamp: bool = True  # the noisy copies are clamp(x + δ, 0, 1); off: x + δ (the model's training noise)
 
     def __post_init__(self) -> None:
         if self.copies < 1 or self.steps < 1:
@@ -53,14 +54,15 @@ class SmoothMixLosses:
     logits: torch.Tensor
 
 
-def _noisy_copies(x: torch.Tensor, noises: torch.Tensor) -> torch.Tensor:
-    """[m·B, ...]: clamp(x + δ_i, 0, 1) for each of the m noise draws in `noises` [m, B, ...]."""
-    return (x.unsqueeze(0) + noises).clamp(0.0, 1.0).flatten(0, 1)
+def _noisy_copies(x: torch.Tensor, noises: torch.Tensor, clamp: bool) -> torch.Tensor:
+    """[m·B, ...]: clamp(x + δ_i, 0, 1) (or x + δ_i) for each of the m noise draws in `noises` [m, B, ...]."""
+    noisy = x.unsqueeze(0) + noises
+    return (noisy.clamp(0.0, 1.0) if clamp else noisy).flatten(0, 1)
 
 
-def _smoothed_probs(model: SoapNetwork, x: torch.Tensor, noises: torch.Tensor) -> torch.Tensor:
+def _smoothed_probs(model: SoapNetwork, x: torch.Tensor, noises: torch.Tensor, clamp: bool) -> torch.Tensor:
     """F(x): the mean over the m noise draws of the base classifier's softmax, [B, K]."""
-    logits = model(_noisy_copies(x, noises))
+    logits = model(_noisy_copies(x, noises, clamp))
     return logits.softmax(dim=1).view(noises.shape[0], x.shape[0], -1).mean(dim=0)
 
 
@@ -87,7 +89,7 @@ def smoothmix_adversary(
             if i == settings.mix_step:
                 start = adv
             adv = adv.clone().requires_grad_(True)
-            probs = _smoothed_probs(model, adv, noises)
+            probs = _smoothed_probs(model, adv, noises, settings.clamp)
             loss = F.nll_loss(probs.clamp_min(1e-20).log(), y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, [adv])
             grad = grad / (grad.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1))) + 1e-8)
@@ -106,7 +108,7 @@ def reconstruction_smoothmix_training(
     noises = noise_std * torch.randn(m, *x.shape, device=x.device, dtype=x.dtype)
     start, end = smoothmix_adversary(model, x, y, noises, settings)
 
-    z = model.encode(_noisy_copies(x, noises))
+    z = model.encode(_noisy_copies(x, noises, settings.clamp))
     logits = model.classify(z)
     cls = F.cross_entropy(logits, y.repeat(m))
     aux = F.mse_loss(model.auxiliary(z), x.repeat(m, *([1] * (x.dim() - 1))))
@@ -117,7 +119,7 @@ def reconstruction_smoothmix_training(
     mixed = (1 - lam_img) * start + lam_img * end
     uniform = torch.full_like(clean_probs, 1.0 / clean_probs.shape[1])
     target = (1 - lam[:, None]) * clean_probs + lam[:, None] * uniform
-    log_mixed = model(_noisy_copies(mixed, noises)).log_softmax(dim=1)
+    log_mixed = model(_noisy_copies(mixed, noises, settings.clamp)).log_softmax(dim=1)
     kl = F.kl_div(log_mixed, target.repeat(m, 1), reduction="none").sum(dim=1)
     correct = (clean_probs.argmax(dim=1) == y).to(x.dtype).repeat(m)
     mixup = settings.eta * settings.ramp * (correct * kl).mean()

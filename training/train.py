@@ -92,6 +92,8 @@ CONFIG_HELP = {
     "consistency_eta": "weight η of the entropy of the copies' mean prediction (default 0.5)",
     "consistency_copies": "noisy copies of each image when consistency is on (default 2)",
     "noise_std": "DR recipe: σ of the Gaussian training noise, the σ to certify at (default 0.5)",
+    "noise_clamp": "DR recipe: clamp the noisy training inputs to [0, 1] (default; --no-noise-clamp: x + δ as the "
+    "smoothing papers train)",
     "smoothmix_eta": "DR recipe: weight η of SmoothMix (Jeong et al. 2021); 0 = off (default)",
     "smoothmix_copies": "SmoothMix: noise draws per image (default 4)",
     "smoothmix_steps": "SmoothMix: L2 steps of its adversary on the smoothed classifier (default 4)",
@@ -521,6 +523,7 @@ def _save(network, config, splits, out, training, metrics, calibration=None):
         metrics=metrics,
         calibration=calibration,
         noise_std=training_noise_std(config, network.aux_task),
+        noise_clamp=config.noise_clamp,
     )
     save_checkpoint(network, meta, out)
     return meta

@@ -115,6 +115,7 @@ def certify_info(model: ModelRuntime, settings: ServiceSettings) -> CertifyInfo 
         return None
     return CertifyInfo(
         sigma=model.certify.sigma,
+        clamp=model.certify.clamp,
         n0=SELECTION_SAMPLES,
         default_samples=settings.default_certify_samples,
         max_samples=settings.max_certify_samples,
