@@ -13,8 +13,9 @@ from training.smoothmix import SmoothMixSettings, reconstruction_smoothmix_train
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def smoothed_nll(model, x, y, noises) -> torch.Tensor:
-    probs = model((x.unsqueeze(0) + noises).clamp(0, 1).flatten(0, 1)).softmax(1).view(noises.shape[0], len(x), -1)
+def smoothed_nll(model, x, y, noises, clamp: bool = True) -> torch.Tensor:
+    noisy = x.unsqueeze(0) + noises
+    probs = model((noisy.clamp(0, 1) if clamp else noisy).flatten(0, 1)).softmax(1).view(noises.shape[0], len(x), -1)
     return F.nll_loss(probs.mean(0).log(), y, reduction="none")
 
 
@@ -65,6 +66,26 @@ def test_the_mixup_term_counts_only_correctly_classified_images(batch):
     assert right.mixup_loss > 0
     assert losses.mixup_loss == 0  # no image is correct under F: no term
     assert losses.cls_loss > right.cls_loss
+
+
+def test_unclamped_noise_is_the_noise_the_adversary_attacks_and_the_loss_trains_on(batch):
+    """`clamp=False` (a `--no-noise-clamp` model): the adversary climbs the smoothed loss of f(x + δ) unclamped, and
+    the DR loss is taken on x + δ unclamped (its cross-entropy differs from the clamped one on the same draws)."""
+    model, x, y, noises = batch
+    settings = SmoothMixSettings(copies=4, steps=3, step_size=0.5, mix_step=0, eta=1.0, clamp=False)
+    _, end = smoothmix_adversary(model, x, y, noises, settings)
+    with torch.no_grad():
+        assert (smoothed_nll(model, end, y, noises, clamp=False) > smoothed_nll(model, x, y, noises, clamp=False)).all()
+    torch.manual_seed(1)
+    unclamped = reconstruction_smoothmix_training(model, x, y, 0.5, settings)
+    torch.manual_seed(1)
+    noises = 0.5 * torch.randn(4, *x.shape)  # the draws the loss makes first under the same seed
+    with torch.no_grad():
+        logits = model((x.unsqueeze(0) + noises).flatten(0, 1))
+    assert unclamped.cls_loss.item() == pytest.approx(F.cross_entropy(logits, y.repeat(4)).item(), rel=1e-5)
+    torch.manual_seed(1)
+    clamped = reconstruction_smoothmix_training(model, x, y, 0.5, SmoothMixSettings(4, 3, 0.5, 0, 1.0))
+    assert clamped.cls_loss != unclamped.cls_loss
 
 
 def test_settings_are_checked():
