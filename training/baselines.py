@@ -108,15 +108,13 @@ def step_losses(
             losses.logits,
             losses.consistency_loss,
         )
-    if config.recipe == "soap" and model.aux_task == "reconstruction":
-        losses = reconstruction_training(model, x, y, noise_std, clamp=config.noise_clamp)
-        return StepLosses(
-            losses.cls_loss + config.alpha * losses.aux_loss, losses.cls_loss, losses.aux_loss, losses.logits
-        )
     if config.recipe == "soap":
-        if not config.noise_clamp:
+        if model.aux_task == "reconstruction":
+            losses = reconstruction_training(model, x, y, noise_std, clamp=config.noise_clamp)
+        elif config.noise_clamp:
+            losses = training_losses(model, x, y, noise_std)
+        else:
             raise ValueError(f"--no-noise-clamp applies to the DR recipe, not {model.aux_task!r}")
-        losses = training_losses(model, x, y, noise_std)
         return StepLosses(
             losses.cls_loss + config.alpha * losses.aux_loss, losses.cls_loss, losses.aux_loss, losses.logits
         )
