@@ -512,14 +512,17 @@ def certified_section(evaluations: list[Evaluation], page_dir: Path) -> list[str
         "radius R such that no L2 perturbation of norm < R changes it, except with probability α per image. Cells: "
         "certified accuracy (correct, not abstained, R ≥ r) in %, Wilson 95 % interval (– where a run's table stops "
         "at a smaller radius); ACR: average certified radius (R when correct, else 0, over the images; – for runs "
-        "stored before it was recorded). *noisy*: the network on "
-        "clamp(x + δ, 0, 1) (the DR models are trained on exactly that); *denoised*: the classifier on the DR "
+        "stored before it was recorded). *noisy*: the network on the noisy input, which the noise column says: "
+        "clamp(x + δ, 0, 1) or x + δ unclamped, as the smoothing papers (each DR model is trained on exactly the "
+        "noise it is certified with); *denoised*: the classifier on the DR "
         "head's reconstruction of the noisy input (denoised smoothing, Salman et al. 2020). This is an **L2** "
         "guarantee on the [0, 1] pixel scale; it says nothing about the L∞ ε = 0.3 threat model of the tables above "
         "(an L∞ ball of 0.3 on 28×28 pixels reaches L2 norm 8.4).",
         "",
-        "| model | base | σ | n (images) | samples | ACR | " + " | ".join(f"r = {r}" for r in radii) + " | abstained |",
-        "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in radii) + " | --- |",
+        "| model | base | σ | noise | n (images) | samples | ACR | "
+        + " | ".join(f"r = {r}" for r in radii)
+        + " | abstained |",
+        "| --- | --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in radii) + " | --- |",
     ]
     for folder, run in runs:
         sm = run.smoothing
@@ -528,9 +531,10 @@ def certified_section(evaluations: list[Evaluation], page_dir: Path) -> list[str
                 cell(b.certified_accuracy[str(r)]) if str(r) in b.certified_accuracy else "–" for r in radii
             )
             acr = "–" if b.average_certified_radius is None else f"{b.average_certified_radius:.3f}"
+            noise = "clamp(x + δ)" if sm.clamp else "x + δ"
             out.append(
-                f"| {folder.parent.name} | {kind} | {sm.sigma} | {b.n} | {sm.n} (α = {sm.alpha}) | {acr} | {cells} | "
-                f"{b.abstained} |"
+                f"| {folder.parent.name} | {kind} | {sm.sigma} | {noise} | {b.n} | {sm.n} (α = {sm.alpha}) | {acr} | "
+                f"{cells} | {b.abstained} |"
             )
     out += ["", *published_certify_block(), ""]
     for folder, run in runs:
