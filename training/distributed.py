@@ -6,6 +6,7 @@ DistributedDataParallel on NCCL (CUDA) or Gloo (CPU). A plain `python -m trainin
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -48,7 +49,11 @@ def start(device_name: str = "auto") -> Process:
 
 
 def stop(process: Process) -> None:
+    """Leave the process group. DistributedDataParallel's reducer sits in reference cycles (its hooks), so it can
+    outlive `train` until the interpreter's final collection, after the group is gone; collecting first frees it
+    (and gloo's pending work) while everything it points at still exists."""
     if process.distributed and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
