@@ -20,6 +20,10 @@ COMMANDS = {
         "training.published_certify",
         "certified accuracy of published MNIST smoothing baselines, from the authors' released logs",
     ),
+    "compare-certify": (
+        "training.compare_certify",
+        "two certification logs of the same images compared image by image (McNemar, ACR difference)",
+    ),
     "ensemble": ("training.ensemble", "join trained checkpoints into one ensemble checkpoint (mean of logits)"),
     "import-reference": ("training.import_reference", "convert the authors' checkpoint into our format"),
 }
