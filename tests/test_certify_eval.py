@@ -137,14 +137,25 @@ def test_certify_log_is_read_back_typed_and_refuses_what_is_not_one(tmp_path):
     assert CertifyLogHeader.from_json(header.to_json()) == header
 
 
-def _certify_cli(out: Path, n: int, processes: int = 1) -> list[dict]:
+def _certify_cli(out: Path, n: int, processes: int = 1, noise_batch: int = 128) -> list[dict]:
     """`evaluate --attacks certify` in real processes (torchrun with Gloo when processes > 1); the noisy log's rows."""
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     args = ["-m", "training", "evaluate", "--model", str(ROOT / "models" / "zoo" / "mnist-fcn-dr")]
     args += ["--data-root", str(ROOT / "tests" / "data" / "mnist"), "--images", str(n), "--attacks", "certify"]
-    args += ["--bases", "noisy", "--n0", "20", "--certify-n", "300", "--noise-batch", "128", "--threads", "1"]
+    args += [
+        "--bases",
+        "noisy",
+        "--n0",
+        "20",
+        "--certify-n",
+        "300",
+        "--noise-batch",
+        str(noise_batch),
+        "--threads",
+        "1",
+    ]
     args += ["--device", "cpu", "--no-figures", "--out", str(out)]
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*launcher, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -168,13 +179,14 @@ def test_torchrun_certification_equals_one_process_and_resumes_from_part_logs(tm
     assert result["processes"] == 2
     assert "2 x 1 threads" in (tmp_path / "two" / "certify.md").read_text()
 
-    # an interrupted sharded run: rank 1's part holds images 4 and 6 only; a single process certifies the rest
+    # an interrupted sharded run: rank 1's part holds images 4 and 6 only; a single process certifies the rest, with
+    # another noise batch (a memory setting: the same noise, so the same certificates, and the log continues)
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     header = (tmp_path / "two" / "certify-noisy.jsonl").read_text().splitlines()[0]
     forged = [dict(single[3], seconds=-1.0), dict(single[5], seconds=-1.0)]  # marked: must be read, not redone
     (resumed / "certify-noisy.part1.jsonl").write_text("\n".join([header, *map(json.dumps, forged)]) + "\n")
-    rows = _certify_cli(resumed, 6)
+    rows = _certify_cli(resumed, 6, noise_batch=64)
     assert _stable(rows) == _stable(single)
     assert [r["seconds"] for r in rows].count(-1.0) == 2
     assert not list(resumed.glob("*.part*.jsonl"))

@@ -39,3 +39,13 @@ def test_asking_for_cuda_without_one_is_an_error_not_a_cpu_run() -> None:
 def test_cuda_without_an_index_is_this_process_gpu() -> None:
     assert resolve_device("cuda", local_rank=0) == torch.device("cuda", 0)
     assert resolve_device("cuda:0") == torch.device("cuda", 0)
+
+
+def test_processes_share_gpus_over_gloo_and_own_one_over_nccl(monkeypatch) -> None:
+    """More processes on a node than GPUs (certification's noise drawn on many CPU cores for one GPU) need Gloo."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cuda = torch.device("cuda", 0)
+    for local_world_size, expected in (("1", "nccl"), ("2", "nccl"), ("3", "gloo")):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+        assert training.distributed.backend(cuda) == expected
+        assert training.distributed.backend(torch.device("cpu")) == "gloo"

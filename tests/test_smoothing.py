@@ -18,6 +18,7 @@ from models.smoothing import (
     denoised_classifier,
     generators,
     lower_confidence_bound,
+    noise_rows,
     predict,
     radius_of,
     sample_counts,
@@ -129,6 +130,31 @@ def test_sample_counts_groups_small_pieces_without_changing_them(hyperplane):
     assert sum(calls) == 1200
     alone = sample_counts(f, x[2:3], 300, 0.5, 2, generators(2, 1), batch_size=700, clamp=False)
     assert torch.equal(alone[0], counts[2])
+
+
+def test_the_noise_batch_changes_no_count(hyperplane):
+    """`batch_size` bounds memory only: each image's noise stream is the same in pieces of any size, which is why a
+    certification log may be continued with another batch (training.certify.CertifyLogHeader.continued_by)."""
+    weight, bias = hyperplane
+    x = torch.cat([point_at(d, weight, bias) for d in (0.05, 0.1, 0.2)])
+    counts = [
+        sample_counts(linear(weight, bias), x, 1_000, 0.5, 2, generators(3, 3), batch_size=b, clamp=False)
+        for b in (1_000, 256, 7)
+    ]
+    assert torch.equal(counts[0], counts[1])
+    assert torch.equal(counts[0], counts[2])
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 3, 3), (3, 5, 5)])
+def test_noise_rows_are_one_stream_however_they_are_split(shape):
+    """Also for rows whose size is not a multiple of 16 (torch's sampler block), where plain torch.randn pieces of 7
+    rows would differ from one call of 14; MNIST and CIFAR rows get exactly torch.randn's values."""
+    one = noise_rows(14, torch.Size(shape), torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    split = torch.cat([noise_rows(m, torch.Size(shape), gen) for m in (7, 3, 4)])
+    assert torch.equal(one, split)
+    if torch.Size(shape).numel() % 16 == 0:
+        assert torch.equal(one, torch.randn((14, *shape), generator=torch.Generator().manual_seed(5)))
 
 
 def test_statistics_match_scipy_definitions():

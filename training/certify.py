@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -74,6 +74,17 @@ class CertifyLogHeader:
     def to_json(self) -> str:
         return json.dumps({"model": self.model, "base": self.base, "seed": self.seed} | asdict(self.smoothing))
 
+    def continued_by(self, other: CertifyLogHeader) -> bool:
+        """Whether a run with header `other` may append to this log: the same model, base, seed and smoothing, the
+        batch aside. `batch_size` only bounds memory: image i's noise comes from its own generator in rows, and the
+        stream is the same in pieces of any size (tests/test_smoothing.py), so a run may continue a log with another
+        batch (a GPU with a far larger one)."""
+        return replace(self.smoothing, batch_size=other.smoothing.batch_size) == other.smoothing and (
+            self.model,
+            self.base,
+            self.seed,
+        ) == (other.model, other.base, other.seed)
+
     @classmethod
     def from_json(cls, line: str) -> CertifyLogHeader:
         fields = json.loads(line)
@@ -97,7 +108,7 @@ def _load_done(path: Path, header: CertifyLogHeader) -> list[ImageResult]:
     if not path.exists():
         return []
     written, done = read_certify_log(path)
-    if written != header:
+    if not written.continued_by(header):
         raise ValueError(f"{path} was written with other settings; delete it or choose another --out")
     return done
 

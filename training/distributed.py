@@ -1,7 +1,8 @@
 """Devices and processes: pick the device, and join a torchrun process group when launched by torchrun.
 
 `torchrun --nproc_per_node N -m training train ...` sets RANK/WORLD_SIZE/LOCAL_RANK; we then train with
-DistributedDataParallel on NCCL (CUDA) or Gloo (CPU). A plain `python -m training train` is world size 1.
+DistributedDataParallel on NCCL (CUDA) or Gloo (CPU, or more processes than GPUs). A plain `python -m training train`
+is world size 1.
 """
 
 from __future__ import annotations
@@ -44,8 +45,17 @@ def start(device_name: str = "auto") -> Process:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend(device))
     return Process(rank, world_size, local_rank, device)
+
+
+def backend(device: torch.device) -> str:
+    """NCCL when every process on this node has a GPU of its own, else Gloo. Certification may run more processes
+    than GPUs (each draws its images' noise on a CPU core and shares the GPU), which NCCL refuses."""
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.type == "cuda" and local_world_size <= torch.cuda.device_count():
+        return "nccl"
+    return "gloo"
 
 
 def stop(process: Process) -> None:
