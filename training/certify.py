@@ -79,11 +79,8 @@ class CertifyLogHeader:
         batch aside. `batch_size` only bounds memory: image i's noise comes from its own generator in rows, and the
         stream is the same in pieces of any size (tests/test_smoothing.py), so a run may continue a log with another
         batch (a GPU with a far larger one)."""
-        return replace(self.smoothing, batch_size=other.smoothing.batch_size) == other.smoothing and (
-            self.model,
-            self.base,
-            self.seed,
-        ) == (other.model, other.base, other.seed)
+        same_run = (self.model, self.base, self.seed) == (other.model, other.base, other.seed)
+        return same_run and replace(self.smoothing, batch_size=other.smoothing.batch_size) == other.smoothing
 
     @classmethod
     def from_json(cls, line: str) -> CertifyLogHeader:
