@@ -49,6 +49,11 @@ class ImageResult:
     def correct(self) -> bool:
         return self.predicted == self.label
 
+    @property
+    def certified_radius(self) -> float:
+        """The radius ACR counts: the certified radius when the prediction is correct, else 0."""
+        return self.radius if self.correct and self.radius is not None else 0.0
+
 
 def certified_accuracy(results: list[ImageResult], radius: float) -> Accuracy:
     """Correct and certified at ≥ radius (radius 0: correct and not abstained)."""
@@ -59,7 +64,7 @@ def certified_accuracy(results: list[ImageResult], radius: float) -> Accuracy:
 def average_certified_radius(results: Sequence[ImageResult]) -> float:
     """ACR (Zhai et al. 2020, the smoothing papers' summary): the mean over images of the certified radius when the
     smoothed prediction is correct, 0 when it is wrong or abstains. 0 for no images."""
-    return sum(r.radius for r in results if r.correct and r.radius is not None) / max(len(results), 1)
+    return sum(r.certified_radius for r in results) / max(len(results), 1)
 
 
 @dataclass(frozen=True)

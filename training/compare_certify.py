@@ -20,7 +20,7 @@ from pathlib import Path
 
 from scipy.stats import binomtest, t
 
-from .certify import CertifyLogHeader, ImageResult, read_certify_log, table_radii
+from .certify import CertifyLogHeader, ImageResult, average_certified_radius, read_certify_log, table_radii
 from .published_certify import read_log
 from .records import Record
 
@@ -92,11 +92,6 @@ def read_any_log(path: Path) -> tuple[CertifyLogHeader | None, list[ImageResult]
     return None, read_log(path)
 
 
-def certified_radius(result: ImageResult) -> float:
-    """The radius ACR counts: the certified radius when the prediction is correct, else 0."""
-    return result.radius if result.correct and result.radius is not None else 0.0
-
-
 def compare(
     a: list[ImageResult], b: list[ImageResult], sigma: float, names: tuple[str, str], first_n: int | None = None
 ) -> CertifyComparison:
@@ -114,7 +109,7 @@ def compare(
     radii = []
     for radius in table_radii(sigma):
         hit = [
-            (certified_radius(x) >= radius and x.correct, certified_radius(y) >= radius and y.correct) for x, y in pairs
+            (x.correct and x.certified_radius >= radius, y.correct and y.certified_radius >= radius) for x, y in pairs
         ]
         a_only = sum(p and not q for p, q in hit)
         b_only = sum(q and not p for p, q in hit)
@@ -128,7 +123,7 @@ def compare(
                 p_value=binomtest(a_only, a_only + b_only).pvalue if a_only + b_only else 1.0,
             )
         )
-    differences = [certified_radius(x) - certified_radius(y) for x, y in pairs]
+    differences = [x.certified_radius - y.certified_radius for x, y in pairs]
     n = len(differences)
     mean = sum(differences) / n
     sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1)) if n > 1 else 0.0
@@ -144,8 +139,8 @@ def compare(
         sigma=sigma,
         images=n,
         radii=radii,
-        acr_a=sum(certified_radius(x) for x, _ in pairs) / n,
-        acr_b=sum(certified_radius(y) for _, y in pairs) / n,
+        acr_a=average_certified_radius([x for x, _ in pairs]),
+        acr_b=average_certified_radius([y for _, y in pairs]),
         acr_difference=mean,
         acr_difference_ci95=(mean - half, mean + half),
         p_lower_higher=higher,
